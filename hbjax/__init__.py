@@ -1,0 +1,38 @@
+"""hbjax: fast, pure-JAX variational inference for large hierarchical Bayesian models."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from . import layers as layers
+from .data import DataValidationError as DataValidationError
+from .data import Encoding as Encoding
+from .data import Panel as Panel
+from .data import from_file as from_file
+from .data import from_frame as from_frame
+from .data import read_table as read_table
+from .fit import FitResult as FitResult
+from .fit import NonFiniteLossError as NonFiniteLossError
+from .fit import default_optimizer as default_optimizer
+from .fit import fit as fit
+from .fit import make_step as make_step
+from .guide import AbstractGuide as AbstractGuide
+from .guide import MeanFieldNormal as MeanFieldNormal
+from .likelihood import elasticity_log_likelihood as elasticity_log_likelihood
+from .likelihood import poisson_log_likelihood as poisson_log_likelihood
+from .model import AbstractModel as AbstractModel
+from .model import ElasticityLatents as ElasticityLatents
+from .model import ElasticityModel as ElasticityModel
+from .objectives import elbo as elbo
+from .objectives import log_weights as log_weights
+from .objectives import renyi_bound as renyi_bound
+from .objectives import renyi_elbo as renyi_elbo
+from .posterior import Summary as Summary
+from .posterior import sample_posterior as sample_posterior
+from .posterior import summarize as summarize
+from .simulate import SimulatedPanel as SimulatedPanel
+from .simulate import SimulationConfig as SimulationConfig
+from .simulate import simulate as simulate
+
+try:
+    __version__ = version("hbjax")
+except PackageNotFoundError:  # running from a source tree without installation
+    __version__ = "0.0.0+unknown"

@@ -1,0 +1,42 @@
+"""jaxtyping aliases with named dimensions.
+
+Dimension names used across hbjax:
+
+* ``obs``: observation rows (unit × period cells that were observed, plus padding);
+* ``unit``: units (products);
+* ``group``: groups (categories);
+* ``period``: periods;
+* ``cell``: flattened (group, period) pairs, ``group * n_periods + period``;
+* ``particle``: importance-sampling particles / posterior draws.
+"""
+
+import numpy as np
+from jax import Array
+from jaxtyping import Bool, Float, Int, PRNGKeyArray, PyTree, Scalar
+
+#: Host (numpy) or device (jax) array: a Panel starts on the host and moves to devices.
+AnyArray = Array | np.ndarray
+
+ObsFloat = Float[AnyArray, "obs"]
+ObsInt = Int[AnyArray, "obs"]
+UnitInt = Int[AnyArray, "unit"]
+UnitFloat = Float[Array, "unit"]
+CellFloat = Float[Array, "cell"]
+ParticleFloat = Float[Array, "particle"]
+
+__all__ = [
+    "AnyArray",
+    "Array",
+    "Bool",
+    "CellFloat",
+    "Float",
+    "Int",
+    "ObsFloat",
+    "ObsInt",
+    "PRNGKeyArray",
+    "ParticleFloat",
+    "PyTree",
+    "Scalar",
+    "UnitFloat",
+    "UnitInt",
+]

@@ -1,0 +1,318 @@
+"""The ``hbjax`` command: ``demo``, ``simulate`` and ``fit``, on top of the public API.
+
+A user mistake (bad file, column, value or flag) prints one line ``error: ...`` to stderr
+and exits with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+import jax
+import numpy as np
+import pandas as pd
+
+from . import __version__
+from .data import DataValidationError, Encoding, Panel, from_frame, read_table
+from .fit import FitResult, NonFiniteLossError, default_optimizer, fit
+from .guide import MeanFieldNormal
+from .model import ElasticityModel
+from .objectives import renyi_elbo
+from .posterior import Summary, summarize
+from .simulate import simulate
+
+USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A mistake in the command line or its inputs; printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line ``error: ...`` and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``error: message`` (with the sub-command) and exit 2."""
+        self.exit(USER_ERROR, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not np.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _finite_float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hbjax`` argument parser."""
+    parser = _Parser(prog="hbjax", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"hbjax {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    demo = commands.add_parser("demo", help="simulate a catalogue, fit it, report recovery")
+    demo.add_argument("--products", type=_positive_int, default=2000)
+    demo.add_argument("--periods", type=_positive_int, default=52)
+    demo.add_argument("--categories", type=_positive_int, default=10)
+    demo.add_argument("--steps", type=_positive_int, default=6000)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    sim = commands.add_parser("simulate", help="write a synthetic panel and its truth")
+    sim.add_argument("--products", type=_positive_int, required=True)
+    sim.add_argument("--periods", type=_positive_int, default=156)
+    sim.add_argument("--categories", type=_positive_int, default=10)
+    sim.add_argument("--missing", type=_fraction, default=0.15)
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--out", required=True, help="output file, .csv or .parquet")
+
+    fit_cmd = commands.add_parser("fit", help="fit the elasticity model to a CSV/Parquet file")
+    fit_cmd.add_argument("file", help="long table: one row per (unit, period)")
+    fit_cmd.add_argument("--unit", default="product", help="unit column (default: product)")
+    fit_cmd.add_argument("--group", default="category", help="group column")
+    fit_cmd.add_argument("--period", default="period", help="period column (integers or dates)")
+    fit_cmd.add_argument("--price", default="price", help="price column (> 0)")
+    fit_cmd.add_argument("--units", default="units_sold", help="counts column (integers >= 0)")
+    fit_cmd.add_argument("--steps", type=_positive_int, default=20000)
+    fit_cmd.add_argument("--particles", type=_positive_int, default=4)
+    fit_cmd.add_argument("--alpha", type=_finite_float, default=0.0, help="Rényi alpha (0: IW)")
+    fit_cmd.add_argument("--lr", type=_positive_float, default=0.01, help="initial learning rate")
+    fit_cmd.add_argument("--seed", type=int, default=0)
+    fit_cmd.add_argument("--clip", action="store_true", help="clip the log-rate to [-4, 20]")
+    fit_cmd.add_argument("--samples", type=_positive_int, default=1000, help="posterior draws")
+    fit_cmd.add_argument("--out", default="hbjax-out", help="output folder (default: hbjax-out)")
+    fit_cmd.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def _fit_panel(
+    panel: Panel,
+    encoding: Encoding,
+    *,
+    steps: int,
+    seed: int,
+    particles: int = 4,
+    alpha: float = 0.0,
+    learning_rate: float = 0.01,
+    clip: bool = False,
+    num_samples: int = 1000,
+    progress: bool = True,
+) -> tuple[FitResult, Summary]:
+    """The standard pipeline: model, data-informed mean-field guide, fit, summary."""
+    model = ElasticityModel.from_panel(panel, clip_log_rate=(-4.0, 20.0) if clip else None)
+    guide = MeanFieldNormal.from_shapes(model.latent_shapes(), loc=model.init_latents(panel))
+    key, summary_key = jax.random.split(jax.random.key(seed))
+
+    def objective(model, guide, panel, *, key):  # noqa: ANN001, ANN202
+        return renyi_elbo(model, guide, panel, key=key, alpha=alpha, num_particles=particles)
+
+    result = fit(
+        model,
+        guide,
+        panel,
+        key=key,
+        steps=steps,
+        optimizer=default_optimizer(learning_rate),
+        objective=objective,
+        progress=progress,
+    )
+    return result, summarize(result, encoding, num_samples=num_samples, key=summary_key)
+
+
+def _interval(row: pd.Series) -> str:
+    return f"{row['mean']:7.3f}  [{row['q05']:7.3f}, {row['q95']:7.3f}]"
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """``hbjax demo``: simulate, fit, and report recovery of the known truth."""
+    sim = simulate(
+        n_units=args.products, n_periods=args.periods, n_groups=args.categories, seed=args.seed
+    )
+    panel, encoding = from_frame(sim.frame)
+    print(
+        f"hbjax {__version__} demo: {panel.n_units} products x {panel.n_periods} periods x "
+        f"{panel.n_groups} categories = {panel.n_rows} observations "
+        f"({len(jax.devices())} {jax.default_backend()} device(s))"
+    )
+    result, summary = _fit_panel(
+        panel, encoding, steps=args.steps, seed=args.seed, progress=not args.no_progress
+    )
+    units = summary.units.merge(sim.truth, on=["product", "category"])
+    error = units["mean"] - units["elasticity"]
+    covered = (units["q05"] <= units["elasticity"]) & (units["elasticity"] <= units["q95"])
+    print(
+        f"fit: {result.steps} steps in {result.wall_seconds:.1f} s "
+        f"(compile {result.compile_seconds:.1f} s, {result.iterations_per_second:.0f} it/s), "
+        f"final loss {result.final_loss:.6g}"
+    )
+    print(
+        f"recovery of product elasticities: RMSE {np.sqrt(np.mean(error**2)):.3f} "
+        f"(truth sd {units['elasticity'].std():.3f}), "
+        f"90% interval coverage {covered.mean():.1%}"
+    )
+    print("\nelasticity          mean  [   5%,    95%]   truth")
+    print(f"global           {_interval(summary.overall.iloc[0])}  {sim.global_elasticity:7.3f}")
+    groups = summary.groups.merge(sim.group_truth, on="category")
+    for _, row in groups.iterrows():
+        print(f"  {row['category']:<14} {_interval(row)}  {row['elasticity']:7.3f}")
+    ranked = units.sort_values("mean")
+    for title, rows in (
+        ("most elastic products", ranked.head(5)),
+        ("least elastic products", ranked.tail(5).iloc[::-1]),
+    ):
+        print(f"\n{title}:")
+        for _, row in rows.iterrows():
+            print(
+                f"  {row['product']:<8} {row['category']:<6} {_interval(row)}  "
+                f"{row['elasticity']:7.3f}"
+            )
+    return 0
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    """``hbjax simulate``: write a synthetic panel and ``FILE.truth.csv``."""
+    out = Path(args.out)
+    if not out.name.lower().endswith((".csv", ".parquet")):
+        raise UserError(f"--out must end in .csv or .parquet; got {args.out!r}.")
+    if not out.parent.is_dir():
+        raise UserError(f"--out: folder {str(out.parent)!r} does not exist.")
+    sim = simulate(
+        n_units=args.products,
+        n_periods=args.periods,
+        n_groups=args.categories,
+        missing=args.missing,
+        seed=args.seed,
+    )
+    if out.name.lower().endswith(".csv"):
+        sim.frame.to_csv(out, index=False)
+    else:
+        sim.frame.to_parquet(out, index=False)
+    truth_path = out.with_name(out.name + ".truth.csv")
+    sim.truth[["product", "category", "elasticity"]].to_csv(truth_path, index=False)
+    print(f"wrote {len(sim.frame)} rows to {out} and the truth to {truth_path}")
+    return 0
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    """``hbjax fit``: fit a file and write elasticities, groups, losses and a summary."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {args.out!r} exists and is not a folder.")
+    frame = read_table(args.file)
+    panel, encoding = from_frame(
+        frame,
+        unit=args.unit,
+        group=args.group,
+        period=args.period,
+        price=args.price,
+        units=args.units,
+    )
+    start = time.perf_counter()
+    result, summary = _fit_panel(
+        panel,
+        encoding,
+        steps=args.steps,
+        seed=args.seed,
+        particles=args.particles,
+        alpha=args.alpha,
+        learning_rate=args.lr,
+        clip=args.clip,
+        num_samples=args.samples,
+        progress=not args.no_progress,
+    )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create --out folder {args.out!r}: {exc.strerror}.") from None
+    summary.units.to_csv(out / "elasticities.csv", index=False)
+    summary.groups.to_csv(out / "groups.csv", index=False)
+    pd.DataFrame({"step": np.arange(len(result.losses)), "loss": result.losses}).to_csv(
+        out / "losses.csv", index=False
+    )
+    overall = summary.overall.iloc[0]
+    report = {
+        "input": str(args.file),
+        "n_obs": int(len(frame)),
+        "n_units": panel.n_units,
+        "n_groups": panel.n_groups,
+        "n_periods": panel.n_periods,
+        "steps": result.steps,
+        "particles": args.particles,
+        "alpha": args.alpha,
+        "learning_rate": args.lr,
+        "seed": args.seed,
+        "final_loss": result.final_loss,
+        "wall_seconds": time.perf_counter() - start,
+        "compile_seconds": result.compile_seconds,
+        "iterations_per_second": result.iterations_per_second,
+        "devices": len(jax.devices()),
+        "backend": jax.default_backend(),
+        "global_elasticity": {k: float(overall[k]) for k in ("mean", "sd", "q05", "q50", "q95")},
+        "hbjax_version": __version__,
+        "jax_version": jax.__version__,
+        "python_version": platform.python_version(),
+    }
+    (out / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(
+        f"fitted {panel.n_units} units x {panel.n_periods} periods ({len(frame)} rows) in "
+        f"{report['wall_seconds']:.1f} s; global elasticity {_interval(overall)}; "
+        f"wrote {out}/elasticities.csv, groups.csv, losses.csv, summary.json"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hbjax`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    commands = {"demo": run_demo, "simulate": run_simulate, "fit": run_fit}
+    try:
+        return commands[args.command](args)
+    except (UserError, DataValidationError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return USER_ERROR
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,359 @@
+"""From a long-format table to a :class:`Panel` of arrays plus an :class:`Encoding` of labels.
+
+This is the only module (with :mod:`hbjax.posterior` on the way back) that touches pandas.
+Every check here raises :class:`DataValidationError` naming the column, the first offending
+rows (by the frame's index) and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import equinox as eqx
+import numpy as np
+import pandas as pd
+
+from ._types import ObsFloat, ObsInt, UnitInt
+
+#: Largest count that float32 represents exactly (2**24); the kernel works in float32.
+MAX_COUNT = 2**24
+_SHOW_ROWS = 5
+
+
+class DataValidationError(ValueError):
+    """A table cannot be turned into a panel; the message names the column, rows and fix."""
+
+
+class Panel(eqx.Module):
+    """Observation arrays of a unit × period panel, ready to go to devices.
+
+    Rows are sorted by unit then period, so each unit's rows are contiguous. Padding rows
+    (added by :mod:`hbjax.sharding`) carry ``weight == 0`` and valid indices, never a
+    sentinel, so they change no sum.
+
+    Attributes:
+        unit_idx: unit of each row, in ``[0, n_units)``.
+        cell_idx: (group, period) cell of each row, ``group * n_periods + period``.
+        log_price: natural log of the price.
+        counts: observed units sold (float32; exact below 2**24).
+        weight: 1.0 for observed rows, 0.0 for padding.
+        unit_group: group of each unit, in ``[0, n_groups)``.
+        n_units: number of units.
+        n_groups: number of groups.
+        n_periods: number of periods.
+    """
+
+    unit_idx: ObsInt
+    cell_idx: ObsInt
+    log_price: ObsFloat
+    counts: ObsFloat
+    weight: ObsFloat
+    unit_group: UnitInt
+    n_units: int = eqx.field(static=True)
+    n_groups: int = eqx.field(static=True)
+    n_periods: int = eqx.field(static=True)
+
+    @property
+    def n_rows(self) -> int:
+        """Number of rows including padding."""
+        return int(self.unit_idx.shape[0])
+
+    @property
+    def n_cells(self) -> int:
+        """Number of (group, period) cells."""
+        return self.n_groups * self.n_periods
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoding:
+    """Host-side labels for the indices of a :class:`Panel`.
+
+    Attributes:
+        units: unit labels; ``units[i]`` is unit index ``i``.
+        groups: group labels.
+        periods: period labels (sorted).
+        unit_group: group index of each unit.
+        columns: the column names used, keyed by role
+            (``unit, group, period, price, units``).
+    """
+
+    units: pd.Index
+    groups: pd.Index
+    periods: pd.Index
+    unit_group: np.ndarray
+    columns: Mapping[str, str]
+
+    @property
+    def unit_column(self) -> str:
+        """Name of the unit column in the input (e.g. ``"product"``)."""
+        return self.columns["unit"]
+
+    @property
+    def group_column(self) -> str:
+        """Name of the group column in the input (e.g. ``"category"``)."""
+        return self.columns["group"]
+
+    def unit_frame(self) -> pd.DataFrame:
+        """One row per unit: its label and its group's label, in index order."""
+        return pd.DataFrame(
+            {
+                self.unit_column: self.units,
+                self.group_column: self.groups[self.unit_group],
+            }
+        )
+
+
+def _rows(frame: pd.DataFrame, mask: np.ndarray) -> str:
+    """Describe the first offending rows of ``frame`` (by index label)."""
+    labels = frame.index[np.asarray(mask)]
+    shown = ", ".join(repr(x) for x in labels[:_SHOW_ROWS].tolist())
+    more = f" and {len(labels) - _SHOW_ROWS} more" if len(labels) > _SHOW_ROWS else ""
+    return f"{len(labels)} row(s), first at index {shown}{more}"
+
+
+def _numeric(frame: pd.DataFrame, column: str) -> np.ndarray:
+    """Column as float64, with a clear error for text that is not a number."""
+    raw = frame[column]
+    if pd.api.types.is_bool_dtype(raw):
+        raise DataValidationError(f"column {column!r} holds booleans; it must hold numbers.")
+    values = pd.to_numeric(raw, errors="coerce")
+    bad = values.isna().to_numpy() & raw.notna().to_numpy()
+    if bad.any():
+        example = raw[bad].iloc[0]
+        raise DataValidationError(
+            f"column {column!r} holds text that is not a number ({example!r}) in "
+            f"{_rows(frame, bad)}; clean or drop those rows."
+        )
+    return values.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _encode_periods(frame: pd.DataFrame, column: str) -> tuple[np.ndarray, pd.Index]:
+    """Period codes in sorted order; periods must be integers or dates."""
+    raw = frame[column]
+    if raw.isna().any():
+        raise DataValidationError(
+            f"column {column!r} has missing periods in {_rows(frame, raw.isna().to_numpy())}; "
+            "every row needs a period."
+        )
+    if pd.api.types.is_datetime64_any_dtype(raw):
+        values = raw
+    elif pd.api.types.is_numeric_dtype(raw) and not pd.api.types.is_bool_dtype(raw):
+        floats = raw.to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(floats) | (floats != np.round(floats))
+        if bad.any():
+            raise DataValidationError(
+                f"column {column!r} must hold integer periods or dates; found "
+                f"{raw[bad].iloc[0]!r} in {_rows(frame, bad)}."
+            )
+        values = raw.astype(np.int64)
+    else:
+        try:
+            values = pd.to_datetime(raw, format="ISO8601")
+        except (ValueError, TypeError) as exc:
+            raise DataValidationError(
+                f"column {column!r} must hold integer periods or dates (e.g. 2024-01-31); "
+                f"could not read it ({exc})."
+            ) from None
+    codes, labels = pd.factorize(values, sort=True)
+    return codes.astype(np.int32), pd.Index(labels, name=column)
+
+
+def _encode_labels(values: pd.Series) -> tuple[np.ndarray, pd.Index]:
+    """Integer codes for labels, sorted where the labels can be ordered."""
+    try:
+        codes, labels = pd.factorize(values, sort=True)
+    except TypeError:  # mixed label types cannot be sorted
+        codes, labels = pd.factorize(values, sort=False)
+    return codes.astype(np.int32), pd.Index(labels, name=values.name)
+
+
+def from_frame(
+    frame: pd.DataFrame,
+    *,
+    unit: str = "product",
+    group: str = "category",
+    period: str = "period",
+    price: str = "price",
+    units: str = "units_sold",
+) -> tuple[Panel, Encoding]:
+    """Validate a long-format table and encode it as a :class:`Panel` plus :class:`Encoding`.
+
+    One row per (unit, period): the unit's group, its price and the units sold. Other
+    columns are ignored.
+
+    Args:
+        frame: the table.
+        unit: column of unit (product) labels.
+        group: column of group (category) labels; each unit belongs to exactly one group.
+        period: column of periods (integers or dates).
+        price: column of prices (> 0).
+        units: column of counts sold (non-negative integers).
+
+    Returns:
+        ``(panel, encoding)``: host arrays sorted by unit and period, and the labels.
+
+    Raises:
+        DataValidationError: with the column, the first offending rows and the fix.
+
+    Example:
+        >>> import pandas as pd, hbjax
+        >>> df = pd.DataFrame({"product": ["a", "a", "b", "b"], "category": ["x"] * 4,
+        ...                    "period": [1, 2, 1, 2], "price": [2.0, 2.5, 3.0, 2.9],
+        ...                    "units_sold": [10, 8, 4, 5]})
+        >>> panel, encoding = hbjax.from_frame(df)
+        >>> panel.n_units, panel.n_periods
+        (2, 2)
+    """
+    if not isinstance(frame, pd.DataFrame):
+        raise DataValidationError(
+            f"expected a pandas DataFrame, got {type(frame).__name__}; "
+            "use hbjax.read_table(path) for CSV or Parquet files."
+        )
+    roles = {"unit": unit, "group": group, "period": period, "price": price, "units": units}
+    seen: dict[str, str] = {}
+    for role, name in roles.items():
+        if name in seen:
+            raise DataValidationError(
+                f"column {name!r} is given for both {seen[name]}= and {role}=; "
+                "each role needs its own column."
+            )
+        seen[name] = role
+    if frame.columns.duplicated().any():
+        dup = frame.columns[frame.columns.duplicated()][0]
+        raise DataValidationError(f"the table has two columns named {dup!r}; rename one of them.")
+    missing = [f"{role}={name!r}" for role, name in roles.items() if name not in frame.columns]
+    if missing:
+        raise DataValidationError(
+            f"missing column(s) {', '.join(missing)}; the table has columns "
+            f"{list(map(str, frame.columns))}. Pass the right names, e.g. "
+            f"from_frame(df, {missing[0].split('=')[0]}='your_column')."
+        )
+    if len(frame) == 0:
+        raise DataValidationError("the table is empty; it needs at least one row per unit.")
+
+    for role in ("unit", "group"):
+        column = roles[role]
+        na = frame[column].isna().to_numpy()
+        if na.any():
+            raise DataValidationError(
+                f"column {column!r} has missing labels in {_rows(frame, na)}; "
+                "fill or drop those rows."
+            )
+
+    price_values = _numeric(frame, price)
+    bad = ~np.isfinite(price_values) | ~(price_values > 0)
+    if bad.any():
+        first = price_values[bad][0]
+        raise DataValidationError(
+            f"column {price!r} must be finite and > 0 (log price is used); found {first!r} in "
+            f"{_rows(frame, bad)}. Drop those rows or fix the prices."
+        )
+
+    count_values = _numeric(frame, units)
+    checks = [
+        (np.isnan(count_values), "missing (NaN)", "drop those rows or fill them"),
+        (np.isinf(count_values), "infinite", "drop or fix those rows"),
+        (count_values < 0, "negative", "counts sold cannot be negative; fix or drop them"),
+        (
+            np.isfinite(count_values) & (count_values != np.round(count_values)),
+            "not whole numbers",
+            "the Poisson model needs integer counts; round them or fix the column",
+        ),
+        (
+            count_values > MAX_COUNT,
+            f"above {MAX_COUNT} (not exact in float32)",
+            "rescale the counts (e.g. thousands of units) before fitting",
+        ),
+    ]
+    for mask, what, fix in checks:
+        if mask.any():
+            raise DataValidationError(
+                f"column {units!r} has values that are {what} "
+                f"({count_values[mask][0]!r}) in {_rows(frame, mask)}; {fix}."
+            )
+
+    unit_codes, unit_labels = _encode_labels(frame[unit])
+    group_codes, group_labels = _encode_labels(frame[group])
+    period_codes, period_labels = _encode_periods(frame, period)
+
+    n_units, n_groups, n_periods = len(unit_labels), len(group_labels), len(period_labels)
+    unit_group = np.full(n_units, -1, dtype=np.int32)
+    unit_group[unit_codes] = group_codes
+    conflict = group_codes != unit_group[unit_codes]
+    if conflict.any():
+        bad_unit = unit_labels[unit_codes[conflict][0]]
+        in_groups = sorted(map(str, frame.loc[frame[unit] == bad_unit, group].unique()))
+        raise DataValidationError(
+            f"unit {bad_unit!r} (column {unit!r}) appears in more than one group "
+            f"(column {group!r}: {in_groups}) in {_rows(frame, conflict)}; "
+            "each unit must belong to exactly one group."
+        )
+
+    key = unit_codes.astype(np.int64) * n_periods + period_codes
+    duplicated = pd.Series(key).duplicated(keep=False).to_numpy()
+    if duplicated.any():
+        first = np.flatnonzero(duplicated)[0]
+        raise DataValidationError(
+            f"({unit!r}, {period!r}) = ({unit_labels[unit_codes[first]]!r}, "
+            f"{period_labels[period_codes[first]]!r}) appears more than once: "
+            f"{_rows(frame, duplicated)} are duplicates. Aggregate them to one row per "
+            "unit and period (e.g. df.groupby([unit, period]).agg(...))."
+        )
+
+    order = np.argsort(key, kind="stable")
+    panel = Panel(
+        unit_idx=unit_codes[order],
+        cell_idx=(unit_group[unit_codes] * n_periods + period_codes)[order].astype(np.int32),
+        log_price=np.log(price_values[order]).astype(np.float32),
+        counts=count_values[order].astype(np.float32),
+        weight=np.ones(len(order), dtype=np.float32),
+        unit_group=unit_group,
+        n_units=n_units,
+        n_groups=n_groups,
+        n_periods=n_periods,
+    )
+    encoding = Encoding(
+        units=unit_labels,
+        groups=group_labels,
+        periods=period_labels,
+        unit_group=unit_group,
+        columns=dict(roles),
+    )
+    return panel, encoding
+
+
+def read_table(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read a CSV (``.csv``, ``.csv.gz``) or Parquet (``.parquet``, ``.pq``) file.
+
+    Raises:
+        DataValidationError: the path does not exist, cannot be read, or has another suffix.
+    """
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith((".csv", ".csv.gz", ".txt")):
+        reader = pd.read_csv
+    elif name.endswith((".parquet", ".pq")):
+        reader = pd.read_parquet
+    else:
+        raise DataValidationError(f"cannot read {str(path)!r}: expected a .csv or .parquet file.")
+    if not path.exists():
+        raise DataValidationError(f"no such file: {str(path)!r}.")
+    if path.is_dir():
+        raise DataValidationError(f"{str(path)!r} is a folder; pass a .csv or .parquet file.")
+    try:
+        return reader(path)
+    except PermissionError:
+        raise DataValidationError(f"cannot read {str(path)!r}: permission denied.") from None
+    except Exception as exc:  # noqa: BLE001 - any parser failure is a user-facing bad file
+        kind = "CSV" if reader is pd.read_csv else "Parquet"
+        raise DataValidationError(
+            f"cannot read {str(path)!r} as {kind}: {type(exc).__name__}: {exc}".splitlines()[0]
+        ) from None
+
+
+def from_file(path: str | os.PathLike[str], **columns: str) -> tuple[Panel, Encoding]:
+    """Read a CSV/Parquet file and encode it: ``from_frame(read_table(path), **columns)``."""
+    return from_frame(read_table(path), **columns)

@@ -1,0 +1,301 @@
+"""Fitting: an optax step jitted once, chunks of steps under ``lax.scan``, a progress bar.
+
+:func:`make_step` builds one optimisation step (plain, un-jitted); :func:`fit` compiles a
+chunk of steps once (ahead of time, with buffer donation), runs it until ``steps`` are
+done, and returns a :class:`FitResult`. Step ``i`` uses ``fold_in(key, i)``, so results do
+not depend on the chunk size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from ._types import PRNGKeyArray, PyTree, Scalar
+from .guide import AbstractGuide
+from .model import AbstractModel
+from .objectives import renyi_elbo
+
+
+class Objective(Protocol):
+    """A loss to minimise: ``(model, guide, panel, *, key) -> scalar``."""
+
+    def __call__(  # noqa: D102
+        self, model: AbstractModel, guide: AbstractGuide, panel: PyTree, *, key: PRNGKeyArray
+    ) -> Scalar: ...
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or its gradient became NaN/inf; ``result`` holds the last good state."""
+
+    def __init__(self, message: str, step: int, result: FitResult):
+        super().__init__(message)
+        self.step = step
+        self.result = result
+
+
+@dataclasses.dataclass(frozen=True)
+class FitResult:
+    """What :func:`fit` returns.
+
+    Attributes:
+        model: the model that was fitted.
+        guide: the fitted guide.
+        losses: ``[steps]`` loss of each step (before its update).
+        opt_state: the optimiser state after the last step.
+        steps: steps done.
+        wall_seconds: total time of the fit, compilation included.
+        compile_seconds: time to trace and compile the step.
+        iterations_per_second: steps per second after compilation.
+        num_traces: times the step was traced (1: compiled once).
+    """
+
+    model: AbstractModel
+    guide: AbstractGuide
+    losses: np.ndarray
+    opt_state: Any
+    steps: int
+    wall_seconds: float
+    compile_seconds: float
+    iterations_per_second: float
+    num_traces: int
+
+    @property
+    def final_loss(self) -> float:
+        """Mean loss over the last 1% of steps (at least one step): less noisy than the last."""
+        tail = max(1, len(self.losses) // 100)
+        return float(np.mean(self.losses[-tail:]))
+
+
+def default_optimizer(learning_rate: float = 0.01) -> optax.GradientTransformation:
+    """The article's optimiser: AdamW with ``exponential_decay(lr, 1000, 0.99, end_value=1e-5)``."""
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate must be > 0; got {learning_rate}.")
+    schedule = optax.exponential_decay(
+        init_value=learning_rate,
+        transition_steps=1000,
+        decay_rate=0.99,
+        end_value=1e-5,
+    )
+    return optax.adamw(learning_rate=schedule)
+
+
+_TRUE = np.True_
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """Whether every inexact array in ``tree`` is finite (a scalar bool)."""
+    arrays = jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))
+    return functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(x)) for x in arrays], _TRUE)
+
+
+def make_step(
+    objective: Objective, optimizer: optax.GradientTransformation
+) -> Callable[..., tuple[AbstractGuide, Any, Scalar, jax.Array]]:
+    """One optimisation step of ``objective`` with ``optimizer``.
+
+    The step maps ``(guide, opt_state, model, panel, key)`` to
+    ``(guide, opt_state, loss, finite)``, where ``finite`` says whether the loss, every
+    gradient and every updated parameter are finite. Not jitted: compose or jit it as you
+    like (:func:`fit` jits it once inside a ``lax.scan``).
+    """
+
+    def step(
+        guide: AbstractGuide,
+        opt_state: Any,
+        model: AbstractModel,
+        panel: PyTree,
+        key: PRNGKeyArray,
+    ) -> tuple[AbstractGuide, Any, Scalar, jax.Array]:
+        def loss_fn(g: AbstractGuide) -> Scalar:
+            return objective(model, g, panel, key=key)
+
+        loss, grads = eqx.filter_value_and_grad(loss_fn)(guide)
+        params = eqx.filter(guide, eqx.is_inexact_array)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        guide = eqx.apply_updates(guide, updates)
+        finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(guide)
+        return guide, opt_state, loss, finite
+
+    return step
+
+
+def _check_fit_arguments(
+    model: AbstractModel, guide: AbstractGuide, panel: PyTree, steps: int, chunk_size: int
+) -> None:
+    if not isinstance(model, AbstractModel):
+        raise TypeError(f"model must be an hbjax AbstractModel; got {type(model).__name__}.")
+    if not isinstance(guide, AbstractGuide):
+        raise TypeError(f"guide must be an hbjax AbstractGuide; got {type(guide).__name__}.")
+    leaves = jax.tree.leaves(panel)
+    if not leaves or not all(isinstance(x, jax.Array | np.ndarray) for x in leaves):
+        raise TypeError(
+            "panel must be an hbjax Panel (from hbjax.from_frame) or a pytree of arrays for a "
+            f"model of your own; got {type(panel).__name__}."
+        )
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer; got {steps!r}.")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}.")
+    loc = getattr(guide, "loc", None)
+    if loc is not None:
+        expected = jax.tree.map(lambda s: s.shape, model.latent_shapes())
+        got = jax.tree.map(lambda x: jnp.shape(x), loc)
+        if jax.tree.structure(expected) != jax.tree.structure(got) or expected != got:
+            raise ValueError(
+                "the guide does not match the model's latents; build it with "
+                "MeanFieldNormal.from_shapes(model.latent_shapes())."
+            )
+
+
+def fit(
+    model: AbstractModel,
+    guide: AbstractGuide,
+    panel: PyTree,
+    *,
+    key: PRNGKeyArray,
+    steps: int,
+    optimizer: optax.GradientTransformation | None = None,
+    objective: Objective | None = None,
+    chunk_size: int = 100,
+    progress: bool = True,
+) -> FitResult:
+    """Fit ``guide`` to the posterior of ``model`` given ``panel`` by stochastic optimisation.
+
+    Args:
+        model: the model.
+        guide: the starting guide (e.g. ``MeanFieldNormal.from_shapes(...)``).
+        panel: the data (host or device arrays).
+        key: PRNG key; step ``i`` uses ``jax.random.fold_in(key, i)``.
+        steps: number of optimisation steps.
+        optimizer: any ``optax.GradientTransformation``; default :func:`default_optimizer`.
+        objective: ``(model, guide, panel, *, key) -> loss``; default
+            :func:`hbjax.renyi_elbo` (alpha=0, 4 particles).
+        chunk_size: steps per compiled ``lax.scan`` call (the progress bar's granularity).
+        progress: show a tqdm progress bar with iterations/s and the running loss.
+
+    Returns:
+        A :class:`FitResult`.
+
+    Raises:
+        NonFiniteLossError: a step's loss or gradient was NaN/inf (names the step; the
+            error's ``result`` holds the last good guide).
+
+    Example:
+        >>> import jax, hbjax
+        >>> sim = hbjax.simulate(n_units=30, n_periods=10, n_groups=3)
+        >>> panel, encoding = hbjax.from_frame(sim.frame)
+        >>> model = hbjax.ElasticityModel.from_panel(panel)
+        >>> guide = hbjax.MeanFieldNormal.from_shapes(
+        ...     model.latent_shapes(), loc=model.init_latents(panel))
+        >>> result = hbjax.fit(model, guide, panel, key=jax.random.key(0), steps=50,
+        ...                    progress=False)
+        >>> result.losses.shape
+        (50,)
+    """
+    chunk_size = min(chunk_size, steps) if isinstance(steps, int) and steps > 0 else chunk_size
+    _check_fit_arguments(model, guide, panel, steps, chunk_size)
+    optimizer = default_optimizer() if optimizer is None else optimizer
+    objective = renyi_elbo if objective is None else objective
+    start = time.perf_counter()
+
+    panel = jax.device_put(panel)
+    params, guide_static = eqx.partition(guide, eqx.is_inexact_array)
+    model_arrays, model_static = eqx.partition(model, eqx.is_array)
+    opt_state = optimizer.init(params)
+    step = make_step(objective, optimizer)
+    traces = 0
+
+    def run_chunk(params, opt_state, first_step, num_active, key, model_arrays, panel):  # noqa: ANN001, ANN202
+        nonlocal traces
+        traces += 1
+        model = eqx.combine(model_arrays, model_static)
+
+        def body(carry, i):  # noqa: ANN001, ANN202
+            params, opt_state, ok = carry
+            active = (i < num_active) & ok
+
+            def run(operand):  # noqa: ANN001, ANN202
+                params, opt_state = operand
+                guide = eqx.combine(params, guide_static)
+                step_key = jax.random.fold_in(key, first_step + i)
+                guide, new_state, loss, finite = step(guide, opt_state, model, panel, step_key)
+                new_params = eqx.filter(guide, eqx.is_inexact_array)
+                keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+                new_params = jax.tree.map(keep, new_params, params)
+                new_state = jax.tree.map(keep, new_state, opt_state)
+                return (new_params, new_state), loss.astype(jnp.float32), finite
+
+            def skip(operand):  # noqa: ANN001, ANN202
+                return operand, jnp.float32(jnp.nan), _TRUE
+
+            (params, opt_state), loss, finite = jax.lax.cond(active, run, skip, (params, opt_state))
+            return (params, opt_state, ok & finite), (loss, finite)
+
+        (params, opt_state, _), (losses, finite) = jax.lax.scan(
+            body, (params, opt_state, _TRUE), jnp.arange(chunk_size)
+        )
+        return params, opt_state, losses, finite
+
+    args = (params, opt_state, jnp.int32(0), jnp.int32(chunk_size), key, model_arrays, panel)
+    compiled = jax.jit(run_chunk, donate_argnums=(0, 1)).lower(*args).compile()
+    compile_seconds = time.perf_counter() - start
+
+    losses: list[np.ndarray] = []
+    done = 0
+    bar = tqdm(total=steps, unit="it", disable=not progress, desc="hbjax fit", leave=True)
+    loop_start = time.perf_counter()
+    failed_at = None
+    try:
+        while done < steps:
+            n = min(chunk_size, steps - done)
+            params, opt_state, chunk_losses, finite = compiled(
+                params, opt_state, jnp.int32(done), jnp.int32(n), key, model_arrays, panel
+            )
+            chunk_losses = np.asarray(chunk_losses)[:n]
+            finite = np.asarray(finite)[:n]
+            if not finite.all():
+                bad = int(np.flatnonzero(~finite)[0])
+                losses.append(chunk_losses[:bad])
+                failed_at = done + bad
+                break
+            losses.append(chunk_losses)
+            done += n
+            bar.update(n)
+            bar.set_postfix(loss=f"{float(np.mean(chunk_losses)):.6g}", refresh=False)
+    finally:
+        bar.close()
+    loop_seconds = time.perf_counter() - loop_start
+    done_steps = done if failed_at is None else failed_at
+    result = FitResult(
+        model=model,
+        guide=eqx.combine(params, guide_static),
+        losses=np.concatenate(losses) if losses else np.zeros(0, np.float32),
+        opt_state=opt_state,
+        steps=done_steps,
+        wall_seconds=time.perf_counter() - start,
+        compile_seconds=compile_seconds,
+        iterations_per_second=done_steps / loop_seconds if loop_seconds > 0 else math.inf,
+        num_traces=traces,
+    )
+    if failed_at is not None:
+        raise NonFiniteLossError(
+            f"the loss or its gradient became non-finite at step {failed_at} "
+            f"(0-based; {failed_at} good steps kept). Try a smaller learning rate "
+            "(e.g. fit(..., optimizer=hbjax.default_optimizer(1e-3)) or --lr 0.001), "
+            "or clip gradients with optax.clip_by_global_norm.",
+            step=failed_at,
+            result=result,
+        )
+    return result

@@ -1,0 +1,100 @@
+"""Hierarchical building blocks as Equinox modules.
+
+A layer owns one block of latent variables. It is *non-centred*: the latent ``z`` is
+standard normal a priori, and the layer maps it to the natural scale:
+
+* :class:`Normal`: ``value = loc + scale * z`` (an effect with a fixed prior);
+* :class:`Nested`: ``value = parent[index] + scale * z`` (an effect drawn around a parent
+  effect, e.g. products around their category).
+
+Layers are plain pytrees, usable inside any JAX/Equinox code::
+
+    category = hbjax.layers.Nested(scale=1.0, shape=(10,))
+    product = hbjax.layers.Nested(scale=2.0, index=product_to_category)
+    beta_c = category(z_c, beta_g)        # [10]
+    beta_i = product(z_i, beta_c)         # [n_products]
+    log_p = category.log_prior(z_c) + product.log_prior(z_i)
+"""
+
+from __future__ import annotations
+
+import distrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, Scalar
+
+_STANDARD_NORMAL = distrax.Normal(0.0, 1.0)
+
+
+def standard_normal_log_prob(z: Float[Array, "*shape"]) -> Scalar:
+    """Sum of standard-normal log densities of all entries of ``z``."""
+    return jnp.sum(_STANDARD_NORMAL.log_prob(z))
+
+
+class AbstractEffect(eqx.Module):
+    """A block of non-centred latents with a standard-normal prior on ``z``.
+
+    Subclasses define a static ``shape`` field: the shape of ``z``.
+    """
+
+    def latent_shape(self) -> jax.ShapeDtypeStruct:
+        """Shape and dtype of ``z``, known before any data is seen."""
+        return jax.ShapeDtypeStruct(self.shape, jnp.float32)  # type: ignore[attr-defined]
+
+    def log_prior(self, z: Float[Array, "*shape"]) -> Scalar:
+        """Log density of ``z`` under its N(0, 1) prior."""
+        return standard_normal_log_prob(z)
+
+
+class Normal(AbstractEffect):
+    """An effect with prior ``N(loc, scale)``: ``value = loc + scale * z``.
+
+    Attributes:
+        loc: prior mean.
+        scale: prior standard deviation.
+        shape: shape of the effect, e.g. ``()`` or ``(n_units,)``.
+    """
+
+    loc: float
+    scale: float
+    shape: tuple[int, ...] = eqx.field(static=True, default=())
+
+    def __call__(self, z: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
+        """Natural-scale value of the effect."""
+        return self.loc + self.scale * z
+
+
+class Nested(AbstractEffect):
+    """An effect with prior ``N(parent[index], scale)``: ``value = parent[index] + scale * z``.
+
+    Attributes:
+        scale: prior standard deviation around the parent.
+        index: parent of each element (``None``: the parent is broadcast, e.g. a scalar).
+        shape: shape of the effect; taken from ``index`` when given.
+    """
+
+    scale: float
+    index: Int[Array, " n"] | None
+    shape: tuple[int, ...] = eqx.field(static=True)
+
+    def __init__(
+        self,
+        scale: float,
+        index: Int[Array, " n"] | None = None,
+        shape: tuple[int, ...] | None = None,
+    ):
+        self.scale = scale
+        self.index = None if index is None else jnp.asarray(index, dtype=jnp.int32)
+        if shape is None:
+            if index is None:
+                raise ValueError("Nested needs `index` or `shape` to know its size.")
+            shape = tuple(self.index.shape)
+        self.shape = tuple(shape)
+
+    def __call__(
+        self, z: Float[Array, "*shape"], parent: Float[Array, "*parent"]
+    ) -> Float[Array, "*shape"]:
+        """Natural-scale value given the parent's natural-scale value."""
+        centre = parent if self.index is None else parent[self.index]
+        return centre + self.scale * z

@@ -1,0 +1,216 @@
+"""Models: a prior over latents (built from layers) and a log-likelihood of a panel.
+
+A model is an Equinox module whose latents' structure is declared up front
+(:meth:`AbstractModel.latent_shapes`), so a guide can be built before any data is seen.
+``log_joint(latents, panel)`` is a pure scalar function of one set of latents.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PyTree, Scalar
+
+from .data import Panel
+from .layers import Nested, Normal
+from .likelihood import elasticity_log_likelihood
+
+
+class AbstractModel(eqx.Module):
+    """Interface of a model: latent structure, prior, likelihood, natural-scale values.
+
+    The data argument (``panel``) is a :class:`~hbjax.Panel` for hbjax's models and any
+    pytree of arrays for a model of your own.
+    """
+
+    @abc.abstractmethod
+    def latent_shapes(self) -> PyTree[jax.ShapeDtypeStruct]:
+        """Structure, shapes and dtypes of the (non-centred) latents."""
+
+    @abc.abstractmethod
+    def log_prior(self, latents: PyTree[Float[Array, ...]]) -> Scalar:
+        """Log prior density of one set of latents."""
+
+    @abc.abstractmethod
+    def log_likelihood(self, latents: PyTree[Float[Array, ...]], panel: PyTree) -> Scalar:
+        """Log-likelihood of the panel given one set of latents."""
+
+    def log_joint(self, latents: PyTree[Float[Array, ...]], panel: PyTree) -> Scalar:
+        """``log p(latents) + log p(panel | latents)``."""
+        return self.log_prior(latents) + self.log_likelihood(latents, panel)
+
+    def natural(self, latents: PyTree[Float[Array, ...]]) -> PyTree[Float[Array, ...]]:
+        """Latents on the natural (reported) scale; the identity unless overridden."""
+        return latents
+
+    def init_latents(self, panel: PyTree) -> PyTree[Float[Array, ...]]:
+        """A starting point for a guide's location; zeros unless overridden."""
+        del panel
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.latent_shapes())
+
+
+class ElasticityLatents(eqx.Module):
+    """Latents of :class:`ElasticityModel` (non-centred ``z``, or natural values).
+
+    A leading particle/sample axis may precede every shape below.
+
+    Attributes:
+        global_elasticity: ``[]``, the global elasticity.
+        group_elasticity: ``[group]``, category elasticities.
+        unit_elasticity: ``[unit]``, product elasticities.
+        unit_effect: ``[unit]``, product intercepts.
+        group_period_effect: ``[group * period]``, (category, period) effects, flattened
+            as ``group * n_periods + period``.
+    """
+
+    global_elasticity: Float[Array, "*p"]
+    group_elasticity: Float[Array, "*p group"]
+    unit_elasticity: Float[Array, "*p unit"]
+    unit_effect: Float[Array, "*p unit"]
+    group_period_effect: Float[Array, "*p cell"]
+
+
+class ElasticityModel(AbstractModel):
+    """The article's model of log demand.
+
+    ``log E[units_it] = beta_i log(price_it) + gamma_{c(i),t} + delta_i``, Poisson counts, with
+    ``beta_g ~ N(-2, 1)``, ``beta_c ~ N(beta_g, 1)``, ``beta_i ~ N(beta_c(i), 2)``,
+    ``delta_i ~ N(0, 3)``, ``gamma_ct ~ N(0, 3)``; all non-centred.
+
+    Attributes:
+        global_elasticity: the global layer.
+        group_elasticity: categories around the global elasticity.
+        unit_elasticity: products around their category.
+        unit_effect: product intercepts.
+        group_period_effect: (category, period) effects.
+        clip_log_rate: ``(lo, hi)`` to clip the log-rate as the article did
+            (``(-4.0, 20.0)``), or ``None`` for the exact Poisson model.
+    """
+
+    global_elasticity: Normal
+    group_elasticity: Nested
+    unit_elasticity: Nested
+    unit_effect: Normal
+    group_period_effect: Normal
+    clip_log_rate: tuple[float, float] | None = eqx.field(static=True)
+
+    def __init__(
+        self,
+        unit_group: Array,
+        n_groups: int,
+        n_periods: int,
+        *,
+        clip_log_rate: tuple[float, float] | None = None,
+        global_prior: tuple[float, float] = (-2.0, 1.0),
+        group_scale: float = 1.0,
+        unit_scale: float = 2.0,
+        effect_scale: float = 3.0,
+        group_period_scale: float = 3.0,
+    ):
+        """Build the model from the unit → group map and the sizes.
+
+        Args:
+            unit_group: ``[unit]`` group index of each unit.
+            n_groups: number of groups.
+            n_periods: number of periods.
+            clip_log_rate: see the class attributes.
+            global_prior: ``(mean, sd)`` of the global elasticity.
+            group_scale: prior sd of categories around the global elasticity.
+            unit_scale: prior sd of products around their category.
+            effect_scale: prior sd of product intercepts.
+            group_period_scale: prior sd of (category, period) effects.
+        """
+        unit_group = jnp.asarray(unit_group, dtype=jnp.int32)
+        self.global_elasticity = Normal(global_prior[0], global_prior[1], ())
+        self.group_elasticity = Nested(group_scale, shape=(n_groups,))
+        self.unit_elasticity = Nested(unit_scale, index=unit_group)
+        self.unit_effect = Normal(0.0, effect_scale, (int(unit_group.shape[0]),))
+        self.group_period_effect = Normal(0.0, group_period_scale, (n_groups * n_periods,))
+        if clip_log_rate is not None:
+            lo, hi = (float(v) for v in clip_log_rate)
+            if not lo < hi:
+                raise ValueError(
+                    f"clip_log_rate must be (lo, hi) with lo < hi; got {clip_log_rate}."
+                )
+            clip_log_rate = (lo, hi)
+        self.clip_log_rate = clip_log_rate
+
+    @classmethod
+    def from_panel(cls, panel: Panel, **options: object) -> ElasticityModel:
+        """The model for a panel's units, groups and periods (options as in ``__init__``)."""
+        return cls(panel.unit_group, panel.n_groups, panel.n_periods, **options)  # type: ignore[arg-type]
+
+    def latent_shapes(self) -> ElasticityLatents:
+        """Shapes of the non-centred latents."""
+        return ElasticityLatents(
+            self.global_elasticity.latent_shape(),  # type: ignore[arg-type]
+            self.group_elasticity.latent_shape(),  # type: ignore[arg-type]
+            self.unit_elasticity.latent_shape(),  # type: ignore[arg-type]
+            self.unit_effect.latent_shape(),  # type: ignore[arg-type]
+            self.group_period_effect.latent_shape(),  # type: ignore[arg-type]
+        )
+
+    def log_prior(self, latents: ElasticityLatents) -> Scalar:
+        """Sum of the layers' standard-normal log priors on ``z``."""
+        return (
+            self.global_elasticity.log_prior(latents.global_elasticity)
+            + self.group_elasticity.log_prior(latents.group_elasticity)
+            + self.unit_elasticity.log_prior(latents.unit_elasticity)
+            + self.unit_effect.log_prior(latents.unit_effect)
+            + self.group_period_effect.log_prior(latents.group_period_effect)
+        )
+
+    def natural(self, latents: ElasticityLatents) -> ElasticityLatents:
+        """Natural-scale values (elasticities, effects) of one set of ``z``."""
+        beta_g = self.global_elasticity(latents.global_elasticity)
+        beta_c = self.group_elasticity(latents.group_elasticity, beta_g)
+        beta_i = self.unit_elasticity(latents.unit_elasticity, beta_c)
+        return ElasticityLatents(
+            global_elasticity=beta_g,
+            group_elasticity=beta_c,
+            unit_elasticity=beta_i,
+            unit_effect=self.unit_effect(latents.unit_effect),
+            group_period_effect=self.group_period_effect(latents.group_period_effect),
+        )
+
+    def log_likelihood(self, latents: ElasticityLatents, panel: Panel) -> Scalar:
+        """Poisson log-likelihood of the panel's rows."""
+        values = self.natural(latents)
+        return elasticity_log_likelihood(
+            values.unit_elasticity,
+            values.unit_effect,
+            values.group_period_effect,
+            panel.unit_idx,
+            panel.cell_idx,
+            panel.log_price,
+            panel.counts,
+            panel.weight,
+            self.clip_log_rate,
+        )
+
+    def init_latents(self, panel: Panel) -> ElasticityLatents:
+        """A data-informed start: elasticities at their prior means, intercepts fitted.
+
+        Each unit's intercept starts where the model, at its prior-mean elasticity, matches
+        the unit's mean log demand: ``delta_i = log(mean units_i + 0.5) - beta_0 mean log p_i``.
+        """
+        weight = jnp.asarray(panel.weight)
+        unit_idx = jnp.asarray(panel.unit_idx)
+        n_units = self.unit_effect.shape[0]
+        rows = jax.ops.segment_sum(weight, unit_idx, n_units)
+        mean_units = jax.ops.segment_sum(weight * jnp.asarray(panel.counts), unit_idx, n_units)
+        mean_log_price = jax.ops.segment_sum(
+            weight * jnp.asarray(panel.log_price), unit_idx, n_units
+        )
+        rows = jnp.maximum(rows, 1.0)
+        beta_0 = self.global_elasticity.loc
+        delta = jnp.log(mean_units / rows + 0.5) - beta_0 * mean_log_price / rows
+        zeros = super().init_latents(panel)
+        return eqx.tree_at(
+            lambda z: z.unit_effect,
+            zeros,
+            ((delta - self.unit_effect.loc) / self.unit_effect.scale).astype(jnp.float32),
+        )
