@@ -10,12 +10,16 @@ Dimension names used across hbjax:
 * ``particle``: importance-sampling particles / posterior draws.
 """
 
+import jax
 import numpy as np
 from jax import Array
 from jaxtyping import Bool, Float, Int, PRNGKeyArray, PyTree, Scalar
 
 #: Host (numpy) or device (jax) array: a Panel starts on the host and moves to devices.
 AnyArray = Array | np.ndarray
+
+#: What a latent pytree's leaves may hold: device or host values, or just shapes.
+LatentLeaf = Array | np.ndarray | jax.ShapeDtypeStruct
 
 ObsFloat = Float[AnyArray, "obs"]
 ObsInt = Int[AnyArray, "obs"]
@@ -31,6 +35,7 @@ __all__ = [
     "CellFloat",
     "Float",
     "Int",
+    "LatentLeaf",
     "ObsFloat",
     "ObsInt",
     "PRNGKeyArray",

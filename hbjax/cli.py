@@ -299,7 +299,10 @@ def run_fit(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hbjax`` command; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # bad flags (status 2, one line) or --help/--version (0)
+        return int(exit_.code or 0)
     commands = {"demo": run_demo, "simulate": run_simulate, "fit": run_fit}
     try:
         return commands[args.command](args)

@@ -13,7 +13,7 @@ import functools
 import math
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -27,13 +27,8 @@ from .guide import AbstractGuide
 from .model import AbstractModel
 from .objectives import renyi_elbo
 
-
-class Objective(Protocol):
-    """A loss to minimise: ``(model, guide, panel, *, key) -> scalar``."""
-
-    def __call__(  # noqa: D102
-        self, model: AbstractModel, guide: AbstractGuide, panel: PyTree, *, key: PRNGKeyArray
-    ) -> Scalar: ...
+#: A loss to minimise: ``objective(model, guide, panel, *, key) -> scalar``.
+Objective = Callable[..., Scalar]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -212,6 +207,7 @@ def fit(
 
     panel = jax.device_put(panel)
     params, guide_static = eqx.partition(guide, eqx.is_inexact_array)
+    params = jax.tree.map(jnp.copy, params)  # the step donates its buffers; keep the caller's
     model_arrays, model_static = eqx.partition(model, eqx.is_array)
     opt_state = optimizer.init(params)
     step = make_step(objective, optimizer)

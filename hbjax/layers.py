@@ -22,6 +22,7 @@ import distrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int, Scalar
 
 _STANDARD_NORMAL = distrax.Normal(0.0, 1.0)
@@ -81,7 +82,7 @@ class Nested(AbstractEffect):
     def __init__(
         self,
         scale: float,
-        index: Int[Array, " n"] | None = None,
+        index: Int[Array | np.ndarray, " n"] | None = None,
         shape: tuple[int, ...] | None = None,
     ):
         self.scale = scale

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree, Scalar
 
+from ._types import LatentLeaf, UnitInt
 from .data import Panel
 from .layers import Nested, Normal
 from .likelihood import elasticity_log_likelihood
@@ -66,11 +67,11 @@ class ElasticityLatents(eqx.Module):
             as ``group * n_periods + period``.
     """
 
-    global_elasticity: Float[Array, "*p"]
-    group_elasticity: Float[Array, "*p group"]
-    unit_elasticity: Float[Array, "*p unit"]
-    unit_effect: Float[Array, "*p unit"]
-    group_period_effect: Float[Array, "*p cell"]
+    global_elasticity: Float[LatentLeaf, "*p"]
+    group_elasticity: Float[LatentLeaf, "*p group"]
+    unit_elasticity: Float[LatentLeaf, "*p unit"]
+    unit_effect: Float[LatentLeaf, "*p unit"]
+    group_period_effect: Float[LatentLeaf, "*p cell"]
 
 
 class ElasticityModel(AbstractModel):
@@ -99,7 +100,7 @@ class ElasticityModel(AbstractModel):
 
     def __init__(
         self,
-        unit_group: Array,
+        unit_group: UnitInt,
         n_groups: int,
         n_periods: int,
         *,

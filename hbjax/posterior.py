@@ -48,9 +48,13 @@ def sample_posterior(
 
 def _describe(draws: np.ndarray) -> dict[str, np.ndarray]:
     """Mean, sd and quantiles over the leading (sample) axis."""
-    stats = {"mean": draws.mean(axis=0), "sd": draws.std(axis=0, ddof=1 if len(draws) > 1 else 0)}
+    draws = np.asarray(draws, dtype=np.float64)
+    stats = {
+        "mean": np.asarray(draws.mean(axis=0)),
+        "sd": np.asarray(draws.std(axis=0, ddof=1 if len(draws) > 1 else 0)),
+    }
     quantiles = np.quantile(draws, list(QUANTILES.values()), axis=0)
-    stats.update(dict(zip(QUANTILES, quantiles, strict=True)))
+    stats.update({name: np.asarray(q) for name, q in zip(QUANTILES, quantiles, strict=True)})
     return stats
 
 

@@ -70,7 +70,7 @@ class SimulatedPanel:
     config: SimulationConfig
 
 
-def simulate(config: SimulationConfig | None = None, **overrides: float) -> SimulatedPanel:
+def simulate(config: SimulationConfig | None = None, **overrides: float | int) -> SimulatedPanel:
     """Simulate a panel with known elasticities.
 
     Args:

@@ -1,0 +1,56 @@
+"""Shared fixtures. Four virtual CPU devices (for sharding tests) and strict dtype promotion.
+
+XLA_FLAGS must be set before JAX initialises its backend, so it is set at import time here.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+).strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+import hbjax  # noqa: E402
+
+
+@pytest.fixture
+def standard_promotion():
+    """Standard dtype promotion, for tests that run optax (its Adam computes ``b1 ** count``
+    with an int32 count, which strict promotion rejects). hbjax's own maths is checked under
+    strict promotion by the tests that call it directly."""
+    with jax.numpy_dtype_promotion("standard"):
+        yield
+
+
+@pytest.fixture(scope="session")
+def small_sim():
+    """A small simulated panel (120 products x 20 periods x 4 categories) and its truth."""
+    return hbjax.simulate(n_units=120, n_periods=20, n_groups=4, seed=11)
+
+
+@pytest.fixture(scope="session")
+def small_panel(small_sim):
+    """``(panel, encoding)`` of :func:`small_sim`."""
+    return hbjax.from_frame(small_sim.frame)
+
+
+@pytest.fixture(scope="session")
+def small_model(small_panel):
+    """The elasticity model of :func:`small_panel`."""
+    return hbjax.ElasticityModel.from_panel(small_panel[0])
+
+
+@pytest.fixture(scope="session")
+def recovery_fit():
+    """A fit of a few hundred products, shared by the recovery and posterior tests."""
+    sim = hbjax.simulate(n_units=300, n_periods=52, n_groups=6, seed=5)
+    panel, encoding = hbjax.from_frame(sim.frame)
+    model = hbjax.ElasticityModel.from_panel(panel)
+    guide = hbjax.MeanFieldNormal.from_shapes(model.latent_shapes(), loc=model.init_latents(panel))
+    with jax.numpy_dtype_promotion("standard"):
+        result = hbjax.fit(model, guide, panel, key=jax.random.key(0), steps=4000, progress=False)
+    return sim, panel, encoding, result

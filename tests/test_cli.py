@@ -1,0 +1,202 @@
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from test_data import BAD_INPUTS, frame
+
+from hbjax.cli import main
+
+pytestmark = pytest.mark.usefixtures("standard_promotion")
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *words):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+@pytest.fixture(scope="module")
+def simulated_csv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "panel.csv"
+    assert (
+        main(
+            [
+                "simulate",
+                "--products",
+                "40",
+                "--periods",
+                "12",
+                "--categories",
+                "3",
+                "--out",
+                str(path),
+            ]
+        )
+        == 0
+    )
+    return path
+
+
+def test_simulate_writes_panel_and_truth(simulated_csv, tmp_path, capsys):
+    df = pd.read_csv(simulated_csv)
+    assert list(df.columns) == ["product", "category", "period", "price", "units_sold"]
+    truth = pd.read_csv(str(simulated_csv) + ".truth.csv")
+    assert list(truth.columns) == ["product", "category", "elasticity"] and len(truth) == 40
+    code, out, _ = run(
+        capsys,
+        "simulate",
+        "--products",
+        "10",
+        "--periods",
+        "5",
+        "--out",
+        str(tmp_path / "p.parquet"),
+    )
+    assert code == 0 and len(pd.read_parquet(tmp_path / "p.parquet")) > 0
+
+
+def test_fit_end_to_end_writes_outputs(simulated_csv, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    code, out, err = run(
+        capsys,
+        "fit",
+        str(simulated_csv),
+        "--steps",
+        "60",
+        "--samples",
+        "50",
+        "--out",
+        str(out_dir),
+        "--no-progress",
+    )
+    assert code == 0, err
+    units = pd.read_csv(out_dir / "elasticities.csv")
+    assert list(units.columns) == ["product", "category", "mean", "sd", "q05", "q50", "q95"]
+    assert len(units) == 40
+    groups = pd.read_csv(out_dir / "groups.csv")
+    assert list(groups.columns) == ["category", "mean", "sd", "q05", "q50", "q95"]
+    losses = pd.read_csv(out_dir / "losses.csv")
+    assert list(losses.columns) == ["step", "loss"] and len(losses) == 60
+    summary = json.loads((out_dir / "summary.json").read_text())
+    for field in (
+        "n_obs",
+        "n_units",
+        "n_groups",
+        "steps",
+        "final_loss",
+        "wall_seconds",
+        "iterations_per_second",
+        "devices",
+        "hbjax_version",
+        "jax_version",
+    ):
+        assert field in summary, field
+    assert summary["n_units"] == 40 and summary["steps"] == 60
+    assert "elasticities.csv" in out
+
+
+def test_fit_with_custom_column_names(simulated_csv, tmp_path, capsys):
+    df = pd.read_csv(simulated_csv).rename(columns={"product": "sku", "units_sold": "qty"})
+    df.to_csv(tmp_path / "renamed.csv", index=False)
+    code, _, err = run(
+        capsys,
+        "fit",
+        str(tmp_path / "renamed.csv"),
+        "--unit",
+        "sku",
+        "--units",
+        "qty",
+        "--steps",
+        "20",
+        "--samples",
+        "20",
+        "--out",
+        str(tmp_path / "o"),
+        "--no-progress",
+    )
+    assert code == 0, err
+    assert pd.read_csv(tmp_path / "o" / "elasticities.csv").columns[0] == "sku"
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_every_validation_error_through_the_cli(case, tmp_path, capsys):
+    make, words = BAD_INPUTS[case]
+    path = tmp_path / "bad.csv"
+    extra = []
+    if case == "column given twice":
+        frame().to_csv(path, index=False)
+        extra = ["--group", "product"]
+    else:
+        make().to_csv(path, index=False)
+    code, _, err = run(capsys, "fit", str(path), "--steps", "5", "--no-progress", *extra)
+    assert_one_line_error(code, err, *[w for w in words if "index" not in w])
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["fit", "missing.csv"], ["no such file"]),
+        (["fit", "data.xlsx"], [".csv or .parquet"]),
+        (["fit", "x.csv", "--steps", "0"], ["--steps", "positive integer"]),
+        (["fit", "x.csv", "--lr", "abc"], ["--lr"]),
+        (["fit", "x.csv", "--bogus"], ["--bogus"]),
+        (["simulate", "--products", "5", "--out", "x.txt"], [".csv or .parquet"]),
+        (["launch"], ["invalid choice"]),
+    ],
+)
+def test_bad_flags_and_files_are_one_line_errors(argv, words, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, *argv)
+    assert_one_line_error(code, err, *words)
+
+
+def test_demo_prints_the_report(capsys):
+    code, out, _ = run(
+        capsys,
+        "demo",
+        "--products",
+        "60",
+        "--periods",
+        "10",
+        "--categories",
+        "3",
+        "--steps",
+        "30",
+        "--no-progress",
+    )
+    assert code == 0
+    for words in (
+        "it/s",
+        "final loss",
+        "RMSE",
+        "coverage",
+        "global",
+        "most elastic",
+        "least elastic",
+    ):
+        assert words in out, words
+
+
+def test_console_script_gives_one_line_and_exit_2_without_traceback(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "hbjax.cli", "fit", str(tmp_path / "nope.csv")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: ") and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

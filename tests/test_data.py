@@ -1,0 +1,116 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+import hbjax
+from hbjax import DataValidationError, from_frame
+
+
+def frame(**changes):
+    df = pd.DataFrame(
+        {
+            "product": ["a", "a", "a", "b", "b", "c"],
+            "category": ["x", "x", "x", "y", "y", "x"],
+            "period": [3, 1, 2, 1, 2, 2],
+            "price": [2.0, 2.5, 2.2, 3.0, 2.9, 1.0],
+            "units_sold": [10, 8, 9, 4, 5, 0],
+        }
+    )
+    for column, (row, value) in changes.items():
+        df[column] = df[column].astype(object)
+        df.loc[row, column] = value
+        df[column] = pd.Series(df[column].tolist(), index=df.index).infer_objects()
+    return df
+
+
+def test_valid_frame_is_encoded_sorted_and_round_trips():
+    df = frame()
+    panel, enc = from_frame(df)
+    assert (panel.n_units, panel.n_groups, panel.n_periods) == (3, 2, 3)
+    assert panel.n_rows == len(df)
+    # rows sorted by unit then period
+    key = panel.unit_idx.astype(int) * 3 + (panel.cell_idx % 3)
+    assert np.all(np.diff(key) > 0)
+    # decoded labels round-trip exactly
+    decoded = pd.DataFrame(
+        {
+            "product": enc.units[panel.unit_idx],
+            "category": enc.groups[panel.cell_idx // panel.n_periods],
+            "period": enc.periods[panel.cell_idx % panel.n_periods],
+            "price": np.exp(panel.log_price.astype(np.float64)),
+            "units_sold": panel.counts.astype(int),
+        }
+    )
+    expected = df.sort_values(["product", "period"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(decoded, expected, check_dtype=False, rtol=1e-6)
+    assert list(enc.groups[panel.unit_group]) == ["x", "y", "x"]
+    assert np.all(panel.weight == 1.0)
+    assert panel.log_price.dtype == np.float32 and panel.unit_idx.dtype == np.int32
+
+
+def test_custom_column_names_and_dates():
+    df = frame().rename(columns={"product": "sku", "units_sold": "qty"})
+    df["period"] = pd.to_datetime("2024-01-01") + pd.to_timedelta(df["period"] * 7, unit="D")
+    panel, enc = from_frame(df, unit="sku", units="qty")
+    assert enc.unit_column == "sku" and panel.n_periods == 3
+    assert enc.periods[0] == pd.Timestamp("2024-01-08")
+    df["period"] = df["period"].dt.strftime("%Y-%m-%d")  # ISO text dates, as read from CSV
+    panel2, enc2 = from_frame(df, unit="sku", units="qty")
+    np.testing.assert_array_equal(panel.cell_idx, panel2.cell_idx)
+
+
+# (changes to the valid frame or a replacement frame, words the message must contain)
+BAD_INPUTS = {
+    "missing column": (lambda: frame().drop(columns="price"), ["price", "missing column"]),
+    "empty frame": (lambda: frame().iloc[:0], ["empty"]),
+    "nan price": (lambda: frame(price=(2, np.nan)), ["'price'", "index 2"]),
+    "infinite price": (lambda: frame(price=(1, np.inf)), ["'price'", "index 1"]),
+    "zero price": (lambda: frame(price=(4, 0.0)), ["'price'", "> 0", "index 4"]),
+    "negative price": (lambda: frame(price=(0, -1.0)), ["'price'", "index 0"]),
+    "negative units": (lambda: frame(units_sold=(3, -2)), ["'units_sold'", "negative", "index 3"]),
+    "fractional units": (lambda: frame(units_sold=(1, 2.5)), ["whole numbers", "index 1"]),
+    "nan units": (lambda: frame(units_sold=(5, np.nan)), ["NaN", "index 5"]),
+    "text in numeric column": (lambda: frame(price=(2, "cheap")), ["'price'", "cheap", "index 2"]),
+    "unit in two groups": (lambda: frame(category=(2, "y")), ["'a'", "more than one group"]),
+    "duplicated unit-period": (lambda: frame(period=(1, 3)), ["more than once", "Aggregate"]),
+    "column given twice": (None, ["given for both"]),
+    "huge counts": (lambda: frame(units_sold=(0, 2**25)), ["float32"]),
+    "bad period": (lambda: frame(period=(0, 1.5)), ["'period'", "integer periods or dates"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_validation_errors_name_the_problem(case):
+    make, words = BAD_INPUTS[case]
+    with pytest.raises(DataValidationError) as info:
+        if case == "column given twice":
+            from_frame(frame(), group="product")
+        else:
+            from_frame(make())
+    message = str(info.value)
+    for word in words:
+        assert word in message, (word, message)
+    assert isinstance(info.value, ValueError)
+
+
+def test_not_a_dataframe():
+    # The test-time type checker would reject the call first; users without it get this error.
+    unchecked = getattr(from_frame, "__wrapped__", from_frame)
+    with pytest.raises(DataValidationError, match="read_table"):
+        unchecked({"product": [1]})
+
+
+def test_read_table_csv_parquet_and_errors(tmp_path):
+    df = frame()
+    df.to_csv(tmp_path / "p.csv", index=False)
+    df.to_parquet(tmp_path / "p.parquet", index=False)
+    a, _ = hbjax.from_file(tmp_path / "p.csv")
+    b, _ = hbjax.from_file(tmp_path / "p.parquet")
+    np.testing.assert_array_equal(a.counts, b.counts)
+    with pytest.raises(DataValidationError, match="no such file"):
+        hbjax.read_table(tmp_path / "nope.csv")
+    with pytest.raises(DataValidationError, match=r"\.csv or \.parquet"):
+        hbjax.read_table(tmp_path / "p.xlsx")
+    (tmp_path / "broken.parquet").write_text("not parquet")
+    with pytest.raises(DataValidationError, match="as Parquet"):
+        hbjax.read_table(tmp_path / "broken.parquet")

@@ -1,0 +1,101 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import stats
+
+import hbjax
+from hbjax import layers
+
+
+def test_layers_are_non_centred_and_compose():
+    top = layers.Normal(-2.0, 1.0)
+    mid = layers.Nested(1.0, shape=(3,))
+    low = layers.Nested(2.0, index=jnp.array([0, 0, 2, 1]))
+    z_top, z_mid, z_low = jnp.float32(0.5), jnp.array([0.1, -0.2, 0.3]), jnp.arange(4.0)
+    beta_g = top(z_top)
+    beta_c = mid(z_mid, beta_g)
+    beta_i = low(z_low, beta_c)
+    np.testing.assert_allclose(beta_g, -1.5)
+    np.testing.assert_allclose(beta_c, -1.5 + np.array([0.1, -0.2, 0.3]), rtol=1e-6)
+    np.testing.assert_allclose(beta_i, np.asarray(beta_c)[[0, 0, 2, 1]] + 2 * np.arange(4.0))
+    assert low.latent_shape().shape == (4,) and mid.latent_shape().shape == (3,)
+    # log prior of z equals the natural-scale density up to the constant log-Jacobian
+    natural = stats.norm(np.asarray(beta_c)[[0, 0, 2, 1]], 2.0).logpdf(np.asarray(beta_i)).sum()
+    np.testing.assert_allclose(float(low.log_prior(z_low)), natural + 4 * np.log(2.0), rtol=1e-5)
+
+
+def test_layers_inside_user_jax_code():
+    mid = layers.Nested(1.0, shape=(3,))
+
+    @jax.jit
+    def f(z):
+        return mid.log_prior(z) + jnp.sum(mid(z, jnp.float32(1.0)))
+
+    g = jax.grad(f)(jnp.ones(3))
+    np.testing.assert_allclose(g, -jnp.ones(3) + 1.0)
+
+
+def test_model_latent_shapes_and_natural(small_panel, small_model):
+    panel, _ = small_panel
+    shapes = small_model.latent_shapes()
+    assert shapes.unit_elasticity.shape == (panel.n_units,)
+    assert shapes.group_period_effect.shape == (panel.n_groups * panel.n_periods,)
+    z = jax.tree.map(lambda s: jnp.full(s.shape, 0.5, s.dtype), shapes)
+    values = small_model.natural(z)
+    np.testing.assert_allclose(values.global_elasticity, -1.5)
+    np.testing.assert_allclose(values.group_elasticity, -1.0)
+    np.testing.assert_allclose(values.unit_elasticity, 0.0, atol=1e-6)
+    np.testing.assert_allclose(values.unit_effect, 1.5)
+    np.testing.assert_allclose(values.group_period_effect, 1.5)
+
+
+def test_log_joint_is_prior_plus_kernel(small_panel, small_model):
+    panel, _ = small_panel
+    z = jax.tree.map(
+        lambda s: jnp.asarray(np.random.default_rng(0).normal(0, 0.3, s.shape), s.dtype),
+        small_model.latent_shapes(),
+    )
+    flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(z)])
+    prior = stats.norm.logpdf(flat).sum()
+    v = small_model.natural(z)
+    lik = hbjax.elasticity_log_likelihood(
+        v.unit_elasticity,
+        v.unit_effect,
+        v.group_period_effect,
+        panel.unit_idx,
+        panel.cell_idx,
+        panel.log_price,
+        panel.counts,
+        panel.weight,
+    )
+    np.testing.assert_allclose(
+        float(small_model.log_joint(z, panel)), prior + float(lik), rtol=1e-5
+    )
+
+
+def test_init_latents_match_mean_demand(small_panel, small_model):
+    panel, _ = small_panel
+    z0 = small_model.init_latents(panel)
+    v = small_model.natural(z0)
+    rate = np.exp(
+        np.asarray(v.unit_elasticity)[panel.unit_idx] * panel.log_price
+        + np.asarray(v.unit_effect)[panel.unit_idx]
+    )
+    # at the start, each unit's geometric-mean predicted demand matches its mean demand
+    log_rate = np.bincount(panel.unit_idx, np.log(rate)) / np.bincount(panel.unit_idx)
+    mean = np.bincount(panel.unit_idx, panel.counts) / np.bincount(panel.unit_idx)
+    np.testing.assert_allclose(log_rate, np.log(mean + 0.5), rtol=1e-4, atol=1e-4)
+    again = small_model.init_latents(panel)
+    np.testing.assert_array_equal(z0.unit_effect, again.unit_effect)
+
+
+def test_clip_option_validated(small_panel):
+    panel, _ = small_panel
+    m = hbjax.ElasticityModel.from_panel(panel, clip_log_rate=(-4, 20))
+    assert m.clip_log_rate == (-4.0, 20.0)
+    try:
+        hbjax.ElasticityModel.from_panel(panel, clip_log_rate=(3.0, 1.0))
+    except ValueError as e:
+        assert "lo < hi" in str(e)
+    else:
+        raise AssertionError("expected ValueError")

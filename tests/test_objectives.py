@@ -1,0 +1,154 @@
+import functools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.scipy.special import logsumexp
+from scipy import stats
+
+import hbjax
+from hbjax import MeanFieldNormal, elbo, layers, log_weights, renyi_bound, renyi_elbo
+
+
+class NormalMean(hbjax.AbstractModel):
+    """y_n ~ N(mu, noise), mu = m0 + s0 * z, z ~ N(0, 1): conjugate, evidence in closed form."""
+
+    prior: layers.Normal
+    noise: float
+
+    def latent_shapes(self):
+        return {"mu": self.prior.latent_shape()}
+
+    def log_prior(self, latents):
+        return self.prior.log_prior(latents["mu"])
+
+    def log_likelihood(self, latents, y):
+        return jnp.sum(jax.scipy.stats.norm.logpdf(y, self.prior(latents["mu"]), self.noise))
+
+
+M0, S0, NOISE = 0.5, 2.0, 1.5
+Y = jnp.array([1.2, 0.3, 2.5, 1.9, 0.8])
+MODEL = NormalMean(layers.Normal(M0, S0), NOISE)
+
+
+def exact_posterior_guide():
+    precision = 1 / S0**2 + len(Y) / NOISE**2
+    mean = (M0 / S0**2 + float(Y.sum()) / NOISE**2) / precision
+    z_mean, z_sd = (mean - M0) / S0, 1 / (S0 * np.sqrt(precision))
+    guide = MeanFieldNormal.from_shapes(MODEL.latent_shapes(), loc={"mu": z_mean}, scale=z_sd)
+    return guide
+
+
+def log_evidence():
+    cov = NOISE**2 * np.eye(len(Y)) + S0**2
+    return stats.multivariate_normal(np.full(len(Y), M0), cov).logpdf(np.asarray(Y))
+
+
+def test_exact_posterior_bound_equals_log_evidence():
+    guide = exact_posterior_guide()
+    key = jax.random.key(0)
+    for loss in (
+        elbo(MODEL, guide, Y, key=key, num_particles=16),
+        renyi_elbo(MODEL, guide, Y, key=key, alpha=0.0, num_particles=16),
+        renyi_elbo(MODEL, guide, Y, key=key, alpha=0.5, num_particles=16),
+    ):
+        # every log weight equals log p(y) exactly; only float32 rounding remains
+        np.testing.assert_allclose(-float(loss), log_evidence(), rtol=1e-5)
+    log_w = log_weights(MODEL, guide, Y, key=key, num_particles=16)
+    assert float(jnp.std(log_w)) < 1e-4
+
+
+def offset_guide(model, panel=None):
+    shapes = model.latent_shapes()
+    loc = jax.tree.map(lambda s: jnp.full(s.shape, 0.3, s.dtype), shapes)
+    return MeanFieldNormal.from_shapes(shapes, loc=loc, scale=0.5)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 2.0, -1.0])
+def test_one_particle_is_the_elbo_for_any_alpha(alpha, small_panel, small_model):
+    panel, _ = small_panel
+    guide = offset_guide(small_model)
+    key = jax.random.key(3)
+    renyi = jax.jit(functools.partial(renyi_elbo, alpha=alpha, num_particles=1))
+    got = renyi(small_model, guide, panel, key=key)
+    np.testing.assert_array_equal(got, jax.jit(elbo)(small_model, guide, panel, key=key))
+
+
+def test_alpha_one_is_the_elbo_and_the_limit_is_continuous():
+    log_w = jnp.array([-10.0, -12.5, -9.0, -11.0], jnp.float32)
+    mean, var = float(log_w.mean()), float(log_w.var())
+    assert float(renyi_bound(log_w, 1.0)) == pytest.approx(mean, abs=0)
+    for delta in (1e-3, -1e-3, 1e-5):
+        # L_alpha = mean + (1 - alpha) var / 2 + O((1 - alpha)^2)
+        expected = mean + delta * var / 2
+        assert float(renyi_bound(log_w, 1.0 - delta)) == pytest.approx(expected, abs=1e-4)
+
+
+def test_stable_formula_equals_the_textbook_one(small_panel, small_model):
+    panel, _ = small_panel
+    guide = offset_guide(small_model)
+    key = jax.random.key(4)
+    log_w = log_weights(small_model, guide, panel, key=key, num_particles=8)
+    for alpha in (0.0, 0.5, 3.0):
+        textbook = (logsumexp((1 - alpha) * log_w) - jnp.log(8.0)) / (1 - alpha)
+        got = -renyi_elbo(small_model, guide, panel, key=key, alpha=alpha, num_particles=8)
+        np.testing.assert_allclose(float(got), float(textbook), rtol=1e-6)
+
+
+def test_importance_weighted_bound_tightens_with_k():
+    guide = MeanFieldNormal.from_shapes(MODEL.latent_shapes(), loc={"mu": 0.0}, scale=0.3)
+    keys = jax.random.split(jax.random.key(5), 2000)
+
+    def bound(k, key):
+        return -renyi_elbo(MODEL, guide, Y, key=key, alpha=0.0, num_particles=k)
+
+    # the same keys for every K: paired differences have a small Monte Carlo error
+    values = {k: np.asarray(jax.vmap(functools.partial(bound, k))(keys)) for k in (1, 4, 16)}
+    for small, large in ((1, 4), (4, 16)):
+        diff = values[large] - values[small]
+        se = diff.std(ddof=1) / np.sqrt(len(diff))
+        assert diff.mean() > 4 * se, (small, large, diff.mean(), se)
+    for k, v in values.items():  # still a lower bound on log p(y), in expectation
+        assert v.mean() < log_evidence() + 4 * v.std(ddof=1) / np.sqrt(len(v)), k
+
+
+def test_gradients_match_finite_differences(small_panel, small_model):
+    panel, _ = small_panel
+    guide = offset_guide(small_model)
+    key = jax.random.key(6)
+    params, static = eqx.partition(guide, eqx.is_inexact_array)
+
+    @jax.jit
+    def loss(p):
+        g = eqx.combine(p, static)
+        return renyi_elbo(small_model, g, panel, key=key, alpha=0.0, num_particles=4)
+
+    grads = jax.grad(loss)(params)
+    leaves, treedef = jax.tree.flatten(params)
+    rng = np.random.default_rng(0)
+    for trial in range(3):
+        direction = [jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for x in leaves]
+        norm = np.sqrt(sum(float(jnp.sum(d**2)) for d in direction))
+        direction = [d / norm for d in direction]
+        eps = 1e-2
+
+        def shifted(sign, direction=direction):
+            moved = [x + sign * eps * d for x, d in zip(leaves, direction, strict=True)]
+            return float(loss(jax.tree.unflatten(treedef, moved)))
+
+        numeric = (shifted(1.0) - shifted(-1.0)) / (2 * eps)
+        analytic = sum(
+            float(jnp.sum(g * d)) for g, d in zip(jax.tree.leaves(grads), direction, strict=True)
+        )
+        # float32 rounding of the loss (|L| * 2^-23 each side) dominates the error budget
+        value = abs(float(loss(params)))
+        tolerance = 20 * value * 2.0**-23 / eps + 1e-3 * abs(analytic)
+        assert abs(numeric - analytic) < tolerance, (trial, numeric, analytic, tolerance)
+
+
+def test_num_particles_validated():
+    guide = exact_posterior_guide()
+    with pytest.raises(ValueError, match="num_particles"):
+        renyi_elbo(MODEL, guide, Y, key=jax.random.key(0), num_particles=0)
