@@ -1,0 +1,57 @@
+"""Steady-state speed of hbjax's default fit on a simulated panel.
+
+Usage: ``python -m benchmarks.speed --products 10000 --periods 156 [--devices N]``
+
+Reports compile time and iterations/s (median of timed blocks after a warm-up), with the
+CLI's default settings (mean-field guide, Rényi alpha=0, 4 particles, the article's adamw
+schedule).
+"""
+
+import argparse
+import json
+import platform
+import time
+
+import jax
+import numpy as np
+
+import hbjax
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--products", type=int, default=10000)
+    parser.add_argument("--periods", type=int, default=156)
+    parser.add_argument("--block", type=int, default=20, help="steps per timed block")
+    parser.add_argument("--blocks", type=int, default=5, help="timed blocks")
+    args = parser.parse_args()
+
+    sim = hbjax.simulate(n_units=args.products, n_periods=args.periods, seed=0)
+    panel, _ = hbjax.from_frame(sim.frame)
+    model = hbjax.ElasticityModel.from_panel(panel)
+    guide = hbjax.MeanFieldNormal.from_shapes(model.latent_shapes(), loc=model.init_latents(panel))
+    key = jax.random.key(0)
+    warm = hbjax.fit(model, guide, panel, key=key, steps=args.block, chunk_size=args.block,
+                     progress=False)
+    rates = []
+    for i in range(args.blocks):
+        result = hbjax.fit(model, warm.guide, panel, key=jax.random.fold_in(key, i),
+                           steps=args.block, chunk_size=args.block, progress=False)
+        rates.append(result.iterations_per_second)
+    report = {
+        "products": args.products,
+        "periods": args.periods,
+        "observations": panel.n_rows,
+        "compile_seconds": round(warm.compile_seconds, 2),
+        "iterations_per_second": round(float(np.median(rates)), 1),
+        "devices": len(jax.devices()),
+        "backend": jax.default_backend(),
+        "machine": platform.machine(),
+        "jax": jax.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
