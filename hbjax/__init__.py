@@ -3,6 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from . import layers as layers
+from . import sharding as sharding
 from .data import DataValidationError as DataValidationError
 from .data import Encoding as Encoding
 from .data import Panel as Panel
@@ -28,6 +29,8 @@ from .objectives import renyi_elbo as renyi_elbo
 from .posterior import Summary as Summary
 from .posterior import sample_posterior as sample_posterior
 from .posterior import summarize as summarize
+from .sharding import make_mesh as make_mesh
+from .sharding import shard_panel as shard_panel
 from .simulate import SimulatedPanel as SimulatedPanel
 from .simulate import SimulationConfig as SimulationConfig
 from .simulate import simulate as simulate

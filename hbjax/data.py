@@ -15,6 +15,7 @@ from pathlib import Path
 import equinox as eqx
 import numpy as np
 import pandas as pd
+from jax.sharding import Mesh
 
 from ._types import ObsFloat, ObsInt, UnitInt
 
@@ -44,6 +45,8 @@ class Panel(eqx.Module):
         n_units: number of units.
         n_groups: number of groups.
         n_periods: number of periods.
+        mesh: the device mesh the rows are split over (set by
+            :func:`hbjax.sharding.shard_panel`); ``None`` for an unsharded panel.
     """
 
     unit_idx: ObsInt
@@ -55,6 +58,7 @@ class Panel(eqx.Module):
     n_units: int = eqx.field(static=True)
     n_groups: int = eqx.field(static=True)
     n_periods: int = eqx.field(static=True)
+    mesh: Mesh | None = eqx.field(static=True, default=None)
 
     @property
     def n_rows(self) -> int:
@@ -130,8 +134,8 @@ def _numeric(frame: pd.DataFrame, column: str) -> np.ndarray:
     return values.to_numpy(dtype=np.float64, na_value=np.nan)
 
 
-def _encode_periods(frame: pd.DataFrame, column: str) -> tuple[np.ndarray, pd.Index]:
-    """Period codes in sorted order; periods must be integers or dates."""
+def _period_values(frame: pd.DataFrame, column: str) -> pd.Series:
+    """Periods as integers or datetimes; periods must be integers or dates."""
     raw = frame[column]
     if raw.isna().any():
         raise DataValidationError(
@@ -139,8 +143,8 @@ def _encode_periods(frame: pd.DataFrame, column: str) -> tuple[np.ndarray, pd.In
             "every row needs a period."
         )
     if pd.api.types.is_datetime64_any_dtype(raw):
-        values = raw
-    elif pd.api.types.is_numeric_dtype(raw) and not pd.api.types.is_bool_dtype(raw):
+        return raw
+    if pd.api.types.is_numeric_dtype(raw) and not pd.api.types.is_bool_dtype(raw):
         floats = raw.to_numpy(dtype=np.float64)
         bad = ~np.isfinite(floats) | (floats != np.round(floats))
         if bad.any():
@@ -148,20 +152,17 @@ def _encode_periods(frame: pd.DataFrame, column: str) -> tuple[np.ndarray, pd.In
                 f"column {column!r} must hold integer periods or dates; found "
                 f"{raw[bad].iloc[0]!r} in {_rows(frame, bad)}."
             )
-        values = raw.astype(np.int64)
-    else:
-        try:
-            values = pd.to_datetime(raw, format="ISO8601")
-        except (ValueError, TypeError) as exc:
-            raise DataValidationError(
-                f"column {column!r} must hold integer periods or dates (e.g. 2024-01-31); "
-                f"could not read it ({exc})."
-            ) from None
-    codes, labels = pd.factorize(values, sort=True)
-    return codes.astype(np.int32), pd.Index(labels, name=column)
+        return raw.astype(np.int64)
+    try:
+        return pd.to_datetime(raw, format="ISO8601")
+    except (ValueError, TypeError) as exc:
+        raise DataValidationError(
+            f"column {column!r} must hold integer periods or dates (e.g. 2024-01-31); "
+            f"could not read it ({exc})."
+        ) from None
 
 
-def _encode_labels(values: pd.Series) -> tuple[np.ndarray, pd.Index]:
+def _factorize(values: pd.Series) -> tuple[np.ndarray, pd.Index]:
     """Integer codes for labels, sorted where the labels can be ordered."""
     try:
         codes, labels = pd.factorize(values, sort=True)
@@ -170,49 +171,13 @@ def _encode_labels(values: pd.Series) -> tuple[np.ndarray, pd.Index]:
     return codes.astype(np.int32), pd.Index(labels, name=values.name)
 
 
-def from_frame(
-    frame: pd.DataFrame,
-    *,
-    unit: str = "product",
-    group: str = "category",
-    period: str = "period",
-    price: str = "price",
-    units: str = "units_sold",
-) -> tuple[Panel, Encoding]:
-    """Validate a long-format table and encode it as a :class:`Panel` plus :class:`Encoding`.
-
-    One row per (unit, period): the unit's group, its price and the units sold. Other
-    columns are ignored.
-
-    Args:
-        frame: the table.
-        unit: column of unit (product) labels.
-        group: column of group (category) labels; each unit belongs to exactly one group.
-        period: column of periods (integers or dates).
-        price: column of prices (> 0).
-        units: column of counts sold (non-negative integers).
-
-    Returns:
-        ``(panel, encoding)``: host arrays sorted by unit and period, and the labels.
-
-    Raises:
-        DataValidationError: with the column, the first offending rows and the fix.
-
-    Example:
-        >>> import pandas as pd, hbjax
-        >>> df = pd.DataFrame({"product": ["a", "a", "b", "b"], "category": ["x"] * 4,
-        ...                    "period": [1, 2, 1, 2], "price": [2.0, 2.5, 3.0, 2.9],
-        ...                    "units_sold": [10, 8, 4, 5]})
-        >>> panel, encoding = hbjax.from_frame(df)
-        >>> panel.n_units, panel.n_periods
-        (2, 2)
-    """
+def _check_columns(frame: object, roles: Mapping[str, str]) -> None:
+    """The table is a non-empty DataFrame with one distinct column per role."""
     if not isinstance(frame, pd.DataFrame):
         raise DataValidationError(
             f"expected a pandas DataFrame, got {type(frame).__name__}; "
             "use hbjax.read_table(path) for CSV or Parquet files."
         )
-    roles = {"unit": unit, "group": group, "period": period, "price": price, "units": units}
     seen: dict[str, str] = {}
     for role, name in roles.items():
         if name in seen:
@@ -233,7 +198,6 @@ def from_frame(
         )
     if len(frame) == 0:
         raise DataValidationError("the table is empty; it needs at least one row per unit.")
-
     for role in ("unit", "group"):
         column = roles[role]
         na = frame[column].isna().to_numpy()
@@ -243,6 +207,9 @@ def from_frame(
                 "fill or drop those rows."
             )
 
+
+def _check_values(frame: pd.DataFrame, price: str, units: str) -> tuple[np.ndarray, np.ndarray]:
+    """Validated prices and counts as float64."""
     price_values = _numeric(frame, price)
     bad = ~np.isfinite(price_values) | ~(price_values > 0)
     if bad.any():
@@ -251,7 +218,6 @@ def from_frame(
             f"column {price!r} must be finite and > 0 (log price is used); found {first!r} in "
             f"{_rows(frame, bad)}. Drop those rows or fix the prices."
         )
-
     count_values = _numeric(frame, units)
     checks = [
         (np.isnan(count_values), "missing (NaN)", "drop those rows or fill them"),
@@ -274,14 +240,67 @@ def from_frame(
                 f"column {units!r} has values that are {what} "
                 f"({count_values[mask][0]!r}) in {_rows(frame, mask)}; {fix}."
             )
+    return price_values, count_values
 
-    unit_codes, unit_labels = _encode_labels(frame[unit])
-    group_codes, group_labels = _encode_labels(frame[group])
-    period_codes, period_labels = _encode_periods(frame, period)
 
-    n_units, n_groups, n_periods = len(unit_labels), len(group_labels), len(period_labels)
+def _codes(frame: pd.DataFrame, column: str, values: pd.Series, labels: pd.Index) -> np.ndarray:
+    """Codes of ``values`` in a given ``labels`` index; every value must be known."""
+    codes = labels.get_indexer(values)
+    unknown = codes < 0
+    if unknown.any():
+        raise DataValidationError(
+            f"column {column!r} has labels not in the encoding (e.g. "
+            f"{values[unknown].iloc[0]!r}) in {_rows(frame, unknown)}; encode every process's "
+            "rows with the encoding built from the whole table."
+        )
+    return codes.astype(np.int32)
+
+
+def encode_labels(
+    frame: pd.DataFrame,
+    *,
+    unit: str = "product",
+    group: str = "category",
+    period: str = "period",
+) -> Encoding:
+    """Validate and encode the label columns alone (units, groups, periods).
+
+    The encoding depends only on the set of labels, not on row order, so processes that
+    each see the whole label columns build the same encoding.
+
+    Raises:
+        DataValidationError: missing labels, a unit in two groups, a duplicated
+            (unit, period), periods that are neither integers nor dates.
+    """
+    _, encoding = _encode(frame, {"unit": unit, "group": group, "period": period})
+    return encoding
+
+
+def _encode(
+    frame: pd.DataFrame, roles: Mapping[str, str], encoding: Encoding | None = None
+) -> tuple[tuple[np.ndarray, np.ndarray], Encoding]:
+    """Unit and period codes of every row, and the labels (reused when given)."""
+    unit, group, period = roles["unit"], roles["group"], roles["period"]
+    _check_columns(frame, {"unit": unit, "group": group, "period": period})
+    periods = _period_values(frame, period)
+    if encoding is None:
+        unit_codes, unit_labels = _factorize(frame[unit])
+        group_codes, group_labels = _factorize(frame[group])
+        period_codes, period_labels = _factorize(periods)
+        period_labels = period_labels.rename(period)
+    else:
+        unit_labels, group_labels = encoding.units, encoding.groups
+        period_labels = encoding.periods
+        unit_codes = _codes(frame, unit, frame[unit], unit_labels)
+        group_codes = _codes(frame, group, frame[group], group_labels)
+        period_codes = _codes(frame, period, periods, period_labels)
+
+    n_units, n_periods = len(unit_labels), len(period_labels)
     unit_group = np.full(n_units, -1, dtype=np.int32)
-    unit_group[unit_codes] = group_codes
+    if encoding is not None:
+        unit_group[:] = encoding.unit_group
+    else:
+        unit_group[unit_codes] = group_codes
     conflict = group_codes != unit_group[unit_codes]
     if conflict.any():
         bad_unit = unit_labels[unit_codes[conflict][0]]
@@ -302,8 +321,63 @@ def from_frame(
             f"{_rows(frame, duplicated)} are duplicates. Aggregate them to one row per "
             "unit and period (e.g. df.groupby([unit, period]).agg(...))."
         )
+    encoding = encoding or Encoding(
+        units=unit_labels,
+        groups=group_labels,
+        periods=period_labels,
+        unit_group=unit_group,
+        columns=dict(roles),
+    )
+    return (unit_codes, period_codes), encoding
 
-    order = np.argsort(key, kind="stable")
+
+def from_frame(
+    frame: pd.DataFrame,
+    *,
+    unit: str = "product",
+    group: str = "category",
+    period: str = "period",
+    price: str = "price",
+    units: str = "units_sold",
+    encoding: Encoding | None = None,
+) -> tuple[Panel, Encoding]:
+    """Validate a long-format table and encode it as a :class:`Panel` plus :class:`Encoding`.
+
+    One row per (unit, period): the unit's group, its price and the units sold. Other
+    columns are ignored.
+
+    Args:
+        frame: the table.
+        unit: column of unit (product) labels.
+        group: column of group (category) labels; each unit belongs to exactly one group.
+        period: column of periods (integers or dates).
+        price: column of prices (> 0).
+        units: column of counts sold (non-negative integers).
+        encoding: labels to encode against (e.g. the whole table's, when ``frame`` is one
+            process's slice of it); built from ``frame`` by default.
+
+    Returns:
+        ``(panel, encoding)``: host arrays sorted by unit and period, and the labels.
+
+    Raises:
+        DataValidationError: with the column, the first offending rows and the fix.
+
+    Example:
+        >>> import pandas as pd, hbjax
+        >>> df = pd.DataFrame({"product": ["a", "a", "b", "b"], "category": ["x"] * 4,
+        ...                    "period": [1, 2, 1, 2], "price": [2.0, 2.5, 3.0, 2.9],
+        ...                    "units_sold": [10, 8, 4, 5]})
+        >>> panel, encoding = hbjax.from_frame(df)
+        >>> panel.n_units, panel.n_periods
+        (2, 2)
+    """
+    roles = {"unit": unit, "group": group, "period": period, "price": price, "units": units}
+    _check_columns(frame, roles)
+    price_values, count_values = _check_values(frame, price, units)
+    (unit_codes, period_codes), encoding = _encode(frame, roles, encoding)
+    n_periods = len(encoding.periods)
+    order = np.argsort(unit_codes.astype(np.int64) * n_periods + period_codes, kind="stable")
+    unit_group = encoding.unit_group
     panel = Panel(
         unit_idx=unit_codes[order],
         cell_idx=(unit_group[unit_codes] * n_periods + period_codes)[order].astype(np.int32),
@@ -311,16 +385,9 @@ def from_frame(
         counts=count_values[order].astype(np.float32),
         weight=np.ones(len(order), dtype=np.float32),
         unit_group=unit_group,
-        n_units=n_units,
-        n_groups=n_groups,
+        n_units=len(encoding.units),
+        n_groups=len(encoding.groups),
         n_periods=n_periods,
-    )
-    encoding = Encoding(
-        units=unit_labels,
-        groups=group_labels,
-        periods=period_labels,
-        unit_group=unit_group,
-        columns=dict(roles),
     )
     return panel, encoding
 

@@ -20,12 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from ._types import PRNGKeyArray, PyTree, Scalar
 from .guide import AbstractGuide
 from .model import AbstractModel
 from .objectives import renyi_elbo
+from .sharding import replicate, shard_panel, to_host
 
 #: A loss to minimise: ``objective(model, guide, panel, *, key) -> scalar``.
 Objective = Callable[..., Scalar]
@@ -93,6 +95,13 @@ def _all_finite(tree: Any) -> jax.Array:
     """Whether every inexact array in ``tree`` is finite (a scalar bool)."""
     arrays = jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))
     return functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(x)) for x in arrays], _TRUE)
+
+
+def _typed_key(key: PRNGKeyArray) -> PRNGKeyArray:
+    """A new-style typed key (legacy ``uint32[2]`` keys are wrapped)."""
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key
+    return jax.random.wrap_key_data(key)
 
 
 def make_step(
@@ -165,6 +174,7 @@ def fit(
     objective: Objective | None = None,
     chunk_size: int = 100,
     progress: bool = True,
+    mesh: Mesh | None = None,
 ) -> FitResult:
     """Fit ``guide`` to the posterior of ``model`` given ``panel`` by stochastic optimisation.
 
@@ -179,6 +189,9 @@ def fit(
             :func:`hbjax.renyi_elbo` (alpha=0, 4 particles).
         chunk_size: steps per compiled ``lax.scan`` call (the progress bar's granularity).
         progress: show a tqdm progress bar with iterations/s and the running loss.
+        mesh: split the panel's rows over this mesh (:func:`hbjax.make_mesh`); a panel
+            already placed by :func:`hbjax.shard_panel` keeps its own mesh. Parameters are
+            replicated; the result does not depend on the number of devices.
 
     Returns:
         A :class:`FitResult`.
@@ -205,11 +218,19 @@ def fit(
     objective = renyi_elbo if objective is None else objective
     start = time.perf_counter()
 
-    panel = jax.device_put(panel)
     params, guide_static = eqx.partition(guide, eqx.is_inexact_array)
     params = jax.tree.map(jnp.copy, params)  # the step donates its buffers; keep the caller's
     model_arrays, model_static = eqx.partition(model, eqx.is_array)
     opt_state = optimizer.init(params)
+    key = _typed_key(key)
+    if mesh is not None and panel.mesh is None:
+        panel = shard_panel(panel, mesh)
+    if panel.mesh is not None:  # parameters replicated on the panel's mesh
+        params, opt_state, model_arrays, key = replicate(
+            (params, opt_state, model_arrays, key), panel.mesh
+        )
+    else:
+        panel = jax.device_put(panel)
     step = make_step(objective, optimizer)
     traces = 0
 
@@ -244,7 +265,7 @@ def fit(
         )
         return params, opt_state, losses, finite
 
-    args = (params, opt_state, jnp.int32(0), jnp.int32(chunk_size), key, model_arrays, panel)
+    args = (params, opt_state, np.int32(0), np.int32(chunk_size), key, model_arrays, panel)
     compiled = jax.jit(run_chunk, donate_argnums=(0, 1)).lower(*args).compile()
     compile_seconds = time.perf_counter() - start
 
@@ -257,10 +278,10 @@ def fit(
         while done < steps:
             n = min(chunk_size, steps - done)
             params, opt_state, chunk_losses, finite = compiled(
-                params, opt_state, jnp.int32(done), jnp.int32(n), key, model_arrays, panel
+                params, opt_state, np.int32(done), np.int32(n), key, model_arrays, panel
             )
-            chunk_losses = np.asarray(chunk_losses)[:n]
-            finite = np.asarray(finite)[:n]
+            chunk_losses = np.asarray(to_host(chunk_losses))[:n]
+            finite = np.asarray(to_host(finite))[:n]
             if not finite.all():
                 bad = int(np.flatnonzero(~finite)[0])
                 losses.append(chunk_losses[:bad])
@@ -274,6 +295,7 @@ def fit(
         bar.close()
     loop_seconds = time.perf_counter() - loop_start
     done_steps = done if failed_at is None else failed_at
+    params, opt_state = to_host((params, opt_state))
     result = FitResult(
         model=model,
         guide=eqx.combine(params, guide_static),

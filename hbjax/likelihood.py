@@ -2,16 +2,22 @@
 
 :func:`elasticity_log_likelihood` is a plain function of *one shard* of observation rows
 and replicated parameters: sum it over shards and you get the full log-likelihood. Rows
-with ``weight == 0`` (padding) contribute exactly nothing. It knows nothing of meshes;
-:mod:`hbjax.sharding` wraps it.
+with ``weight == 0`` (padding) contribute exactly nothing. It knows nothing of meshes.
+:func:`panel_log_likelihood` runs it on a whole panel: directly, or, for a panel placed on
+a mesh by :func:`hbjax.sharding.shard_panel`, under ``jax.shard_map`` over ``"data"`` with
+the parameters replicated and the partial sums combined by ``psum``.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax.scipy.special import gammaln
+from jax.sharding import PartitionSpec as P
 
 from ._types import CellFloat, ObsFloat, ObsInt, Scalar, UnitFloat
+from .data import Panel
+from .sharding import DATA_AXIS
 
 
 def poisson_log_likelihood(log_rate: ObsFloat, counts: ObsFloat, weight: ObsFloat) -> Scalar:
@@ -66,3 +72,31 @@ def elasticity_log_likelihood(
         unit_elasticity, unit_effect, cell_effect, unit_idx, cell_idx, log_price, clip
     )
     return poisson_log_likelihood(log_rate, counts, weight)
+
+
+def panel_log_likelihood(
+    unit_elasticity: UnitFloat,
+    unit_effect: UnitFloat,
+    cell_effect: CellFloat,
+    panel: Panel,
+    clip: tuple[float, float] | None = None,
+) -> Scalar:
+    """Poisson log-likelihood of every row of ``panel``, sharded when the panel is.
+
+    The ``shard_map`` wrapper is built here, from the panel's static mesh, at trace time.
+    """
+    rows = (panel.unit_idx, panel.cell_idx, panel.log_price, panel.counts, panel.weight)
+    if panel.mesh is None:
+        return elasticity_log_likelihood(unit_elasticity, unit_effect, cell_effect, *rows, clip)
+
+    def per_shard(beta: UnitFloat, delta: UnitFloat, gamma: CellFloat, *shard_rows: ObsFloat):
+        partial = elasticity_log_likelihood(beta, delta, gamma, *shard_rows, clip)
+        return jax.lax.psum(partial, DATA_AXIS)
+
+    sharded = jax.shard_map(
+        per_shard,
+        mesh=panel.mesh,
+        in_specs=(P(), P(), P()) + (P(DATA_AXIS),) * len(rows),
+        out_specs=P(),
+    )
+    return sharded(unit_elasticity, unit_effect, cell_effect, *rows)

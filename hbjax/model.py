@@ -17,7 +17,7 @@ from jaxtyping import Array, Float, PyTree, Scalar
 from ._types import LatentLeaf, UnitInt
 from .data import Panel
 from .layers import Nested, Normal
-from .likelihood import elasticity_log_likelihood
+from .likelihood import panel_log_likelihood
 
 
 class AbstractModel(eqx.Module):
@@ -180,15 +180,11 @@ class ElasticityModel(AbstractModel):
     def log_likelihood(self, latents: ElasticityLatents, panel: Panel) -> Scalar:
         """Poisson log-likelihood of the panel's rows."""
         values = self.natural(latents)
-        return elasticity_log_likelihood(
+        return panel_log_likelihood(
             values.unit_elasticity,
             values.unit_effect,
             values.group_period_effect,
-            panel.unit_idx,
-            panel.cell_idx,
-            panel.log_price,
-            panel.counts,
-            panel.weight,
+            panel,
             self.clip_log_rate,
         )
 
