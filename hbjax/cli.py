@@ -18,14 +18,23 @@ from typing import NoReturn
 import jax
 import numpy as np
 import pandas as pd
+from jax.sharding import Mesh
 
 from . import __version__
-from .data import DataValidationError, Encoding, Panel, from_frame, read_table
+from .data import DataValidationError, Encoding, Panel, from_file, from_frame
 from .fit import FitResult, NonFiniteLossError, default_optimizer, fit
 from .guide import MeanFieldNormal
 from .model import ElasticityModel
 from .objectives import renyi_elbo
 from .posterior import Summary, summarize
+from .sharding import (
+    DistributedConfig,
+    ShardingError,
+    all_processes_agree,
+    global_sum,
+    initialize_distributed,
+    make_mesh,
+)
 from .simulate import simulate
 
 USER_ERROR = 2
@@ -80,6 +89,15 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _devices(text: str) -> str | int:
+    if text == "all":
+        return text
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a number of devices or 'all', got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``hbjax`` argument parser."""
     parser = _Parser(prog="hbjax", description=__doc__.splitlines()[0])
@@ -92,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--categories", type=_positive_int, default=10)
     demo.add_argument("--steps", type=_positive_int, default=6000)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--devices", type=_devices, default="all", help="N or 'all' (default)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     sim = commands.add_parser("simulate", help="write a synthetic panel and its truth")
@@ -118,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     fit_cmd.add_argument("--samples", type=_positive_int, default=1000, help="posterior draws")
     fit_cmd.add_argument("--out", default="hbjax-out", help="output folder (default: hbjax-out)")
     fit_cmd.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    fit_cmd.add_argument(
+        "--devices", type=_devices, default="all", help="devices to split rows over: N or 'all'"
+    )
+    hosts = fit_cmd.add_argument_group("many hosts (jax.distributed)")
+    hosts.add_argument("--coordinator", help="HOST:PORT of process 0's coordinator")
+    hosts.add_argument("--num-processes", type=_positive_int, help="number of processes")
+    hosts.add_argument("--process-id", type=int, help="this process, 0..num-processes-1")
+    hosts.add_argument(
+        "--timeout", type=_positive_int, default=60, help="seconds to wait for the others"
+    )
     return parser
 
 
@@ -133,6 +162,7 @@ def _fit_panel(
     clip: bool = False,
     num_samples: int = 1000,
     progress: bool = True,
+    mesh: Mesh | None = None,
 ) -> tuple[FitResult, Summary]:
     """The standard pipeline: model, data-informed mean-field guide, fit, summary."""
     model = ElasticityModel.from_panel(panel, clip_log_rate=(-4.0, 20.0) if clip else None)
@@ -151,6 +181,7 @@ def _fit_panel(
         optimizer=default_optimizer(learning_rate),
         objective=objective,
         progress=progress,
+        mesh=mesh,
     )
     return result, summarize(result, encoding, num_samples=num_samples, key=summary_key)
 
@@ -165,13 +196,19 @@ def run_demo(args: argparse.Namespace) -> int:
         n_units=args.products, n_periods=args.periods, n_groups=args.categories, seed=args.seed
     )
     panel, encoding = from_frame(sim.frame)
+    mesh = _mesh(args.devices)
     print(
         f"hbjax {__version__} demo: {panel.n_units} products x {panel.n_periods} periods x "
         f"{panel.n_groups} categories = {panel.n_rows} observations "
-        f"({len(jax.devices())} {jax.default_backend()} device(s))"
+        f"({mesh.size} {jax.default_backend()} device(s))"
     )
     result, summary = _fit_panel(
-        panel, encoding, steps=args.steps, seed=args.seed, progress=not args.no_progress
+        panel,
+        encoding,
+        steps=args.steps,
+        seed=args.seed,
+        progress=not args.no_progress,
+        mesh=mesh,
     )
     units = summary.units.merge(sim.truth, on=["product", "category"])
     error = units["mean"] - units["elasticity"]
@@ -234,20 +271,74 @@ def run_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mesh(devices: str | int) -> Mesh:
+    try:
+        return make_mesh(None if devices == "all" else devices)
+    except ShardingError as exc:
+        raise UserError(f"--devices: {exc}") from None
+
+
+def _join_hosts(args: argparse.Namespace) -> None:
+    """Join a multi-host run when --coordinator is given (before any other JAX work)."""
+    given = [
+        args.coordinator is not None,
+        args.num_processes is not None,
+        args.process_id is not None,
+    ]
+    if not any(given):
+        return
+    if not all(given):
+        raise UserError(
+            "a multi-host run needs all of --coordinator HOST:PORT, --num-processes N and "
+            "--process-id I."
+        )
+    if args.devices != "all":
+        raise UserError("with several hosts, rows are split over all devices: drop --devices.")
+    config = DistributedConfig(
+        args.coordinator, args.num_processes, args.process_id, timeout_seconds=args.timeout
+    )
+    try:
+        initialize_distributed(config)
+    except ShardingError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _load_own_rows(args: argparse.Namespace) -> tuple[Panel, Encoding]:
+    """This process's rows; every process learns whether all of them could read theirs."""
+    columns = {
+        "unit": args.unit,
+        "group": args.group,
+        "period": args.period,
+        "price": args.price,
+        "units": args.units,
+    }
+    error = None
+    try:
+        loaded = from_file(
+            args.file,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            **columns,
+        )
+    except DataValidationError as exc:
+        error, loaded = exc, None
+    if not all_processes_agree(error is None):
+        if error is not None:
+            raise error
+        raise UserError("another process could not read its rows of the input; see its error.")
+    assert loaded is not None
+    return loaded
+
+
 def run_fit(args: argparse.Namespace) -> int:
     """``hbjax fit``: fit a file and write elasticities, groups, losses and a summary."""
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {args.out!r} exists and is not a folder.")
-    frame = read_table(args.file)
-    panel, encoding = from_frame(
-        frame,
-        unit=args.unit,
-        group=args.group,
-        period=args.period,
-        price=args.price,
-        units=args.units,
-    )
+    _join_hosts(args)
+    mesh = _mesh(args.devices)
+    panel, encoding = _load_own_rows(args)
+    n_obs = global_sum(panel.n_rows)
     start = time.perf_counter()
     result, summary = _fit_panel(
         panel,
@@ -259,8 +350,11 @@ def run_fit(args: argparse.Namespace) -> int:
         learning_rate=args.lr,
         clip=args.clip,
         num_samples=args.samples,
-        progress=not args.no_progress,
+        progress=not args.no_progress and jax.process_index() == 0,
+        mesh=mesh,
     )
+    if jax.process_index() != 0:  # only process 0 writes outputs
+        return 0
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -273,7 +367,7 @@ def run_fit(args: argparse.Namespace) -> int:
     overall = summary.overall.iloc[0]
     report = {
         "input": str(args.file),
-        "n_obs": int(len(frame)),
+        "n_obs": n_obs,
         "n_units": panel.n_units,
         "n_groups": panel.n_groups,
         "n_periods": panel.n_periods,
@@ -286,7 +380,8 @@ def run_fit(args: argparse.Namespace) -> int:
         "wall_seconds": time.perf_counter() - start,
         "compile_seconds": result.compile_seconds,
         "iterations_per_second": result.iterations_per_second,
-        "devices": len(jax.devices()),
+        "devices": mesh.size,
+        "processes": jax.process_count(),
         "backend": jax.default_backend(),
         "global_elasticity": {k: float(overall[k]) for k in ("mean", "sd", "q05", "q50", "q95")},
         "hbjax_version": __version__,
@@ -295,7 +390,7 @@ def run_fit(args: argparse.Namespace) -> int:
     }
     (out / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
     print(
-        f"fitted {panel.n_units} units x {panel.n_periods} periods ({len(frame)} rows) in "
+        f"fitted {panel.n_units} units x {panel.n_periods} periods ({n_obs} rows) in "
         f"{report['wall_seconds']:.1f} s; global elasticity {_interval(overall)}; "
         f"wrote {out}/elasticities.csv, groups.csv, losses.csv, summary.json"
     )

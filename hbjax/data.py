@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import equinox as eqx
@@ -392,35 +392,94 @@ def from_frame(
     return panel, encoding
 
 
-def read_table(path: str | os.PathLike[str]) -> pd.DataFrame:
+def _reader(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith((".csv", ".csv.gz", ".txt")):
+        return "CSV"
+    if name.endswith((".parquet", ".pq")):
+        return "Parquet"
+    raise DataValidationError(f"cannot read {str(path)!r}: expected a .csv or .parquet file.")
+
+
+def read_table(
+    path: str | os.PathLike[str],
+    *,
+    columns: Sequence[str] | None = None,
+    only: tuple[str, Sequence[object]] | None = None,
+) -> pd.DataFrame:
     """Read a CSV (``.csv``, ``.csv.gz``) or Parquet (``.parquet``, ``.pq``) file.
+
+    Args:
+        path: the file.
+        columns: read only these columns (all by default).
+        only: ``(column, values)``: keep only rows whose ``column`` is in ``values``
+            (Parquet reads just those rows; CSV is parsed whole, then filtered).
 
     Raises:
         DataValidationError: the path does not exist, cannot be read, or has another suffix.
     """
     path = Path(path)
-    name = path.name.lower()
-    if name.endswith((".csv", ".csv.gz", ".txt")):
-        reader = pd.read_csv
-    elif name.endswith((".parquet", ".pq")):
-        reader = pd.read_parquet
-    else:
-        raise DataValidationError(f"cannot read {str(path)!r}: expected a .csv or .parquet file.")
+    kind = _reader(path)
     if not path.exists():
         raise DataValidationError(f"no such file: {str(path)!r}.")
     if path.is_dir():
         raise DataValidationError(f"{str(path)!r} is a folder; pass a .csv or .parquet file.")
     try:
-        return reader(path)
+        if kind == "CSV":
+            frame = pd.read_csv(path, usecols=list(columns) if columns is not None else None)
+            if only is not None:
+                frame = frame[frame[only[0]].isin(list(only[1]))]
+            return frame
+        filters = None if only is None else [(only[0], "in", list(only[1]))]
+        return pd.read_parquet(
+            path, columns=list(columns) if columns is not None else None, filters=filters
+        )
     except PermissionError:
         raise DataValidationError(f"cannot read {str(path)!r}: permission denied.") from None
     except Exception as exc:  # noqa: BLE001 - any parser failure is a user-facing bad file
-        kind = "CSV" if reader is pd.read_csv else "Parquet"
-        raise DataValidationError(
-            f"cannot read {str(path)!r} as {kind}: {type(exc).__name__}: {exc}".splitlines()[0]
-        ) from None
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        if columns is not None and isinstance(exc, ValueError | KeyError) and kind == "CSV":
+            message += f" (looked for columns {list(columns)})"
+        raise DataValidationError(f"cannot read {str(path)!r} as {kind}: {message}") from None
 
 
-def from_file(path: str | os.PathLike[str], **columns: str) -> tuple[Panel, Encoding]:
-    """Read a CSV/Parquet file and encode it: ``from_frame(read_table(path), **columns)``."""
-    return from_frame(read_table(path), **columns)
+def from_file(
+    path: str | os.PathLike[str],
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    **columns: str,
+) -> tuple[Panel, Encoding]:
+    """Read a CSV/Parquet file and encode it (column names as in :func:`from_frame`).
+
+    With ``process_count > 1`` (a multi-host run), every process reads the three label
+    columns of the whole file to build the same :class:`Encoding`, then reads and validates
+    only the rows of its own units (:func:`hbjax.sharding.process_unit_range`; Parquet
+    reads just those rows, CSV is parsed whole and filtered): the returned panel holds
+    those rows, with global unit indices.
+    """
+    if process_count == 1:
+        return from_frame(read_table(path), **columns)
+    from .sharding import process_unit_range  # noqa: PLC0415 - sharding imports data
+
+    roles = _roles(columns)
+    label_roles = {role: roles[role] for role in ("unit", "group", "period")}
+    labels = read_table(path, columns=list(dict.fromkeys(label_roles.values())))
+    (unit_codes, _), encoding = _encode(labels, label_roles)
+    encoding = dataclasses.replace(encoding, columns=roles)
+    lo, hi = process_unit_range(unit_codes, process_index, process_count)
+    own = read_table(path, only=(roles["unit"], encoding.units[lo:hi].tolist()))
+    return from_frame(own, **roles, encoding=encoding)
+
+
+def _roles(columns: Mapping[str, str]) -> dict[str, str]:
+    """Column names by role, with from_frame's defaults."""
+    roles = {
+        "unit": "product",
+        "group": "category",
+        "period": "period",
+        "price": "price",
+        "units": "units_sold",
+    }
+    roles.update(columns)
+    return roles

@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from ._types import PRNGKeyArray, PyTree, Scalar
+from .data import Panel
 from .guide import AbstractGuide
 from .model import AbstractModel
 from .objectives import renyi_elbo
@@ -223,9 +224,11 @@ def fit(
     model_arrays, model_static = eqx.partition(model, eqx.is_array)
     opt_state = optimizer.init(params)
     key = _typed_key(key)
-    if mesh is not None and panel.mesh is None:
+    if mesh is not None and getattr(panel, "mesh", None) is None:
+        if not isinstance(panel, Panel):
+            raise TypeError("fit(..., mesh=...) shards an hbjax Panel; got custom data.")
         panel = shard_panel(panel, mesh)
-    if panel.mesh is not None:  # parameters replicated on the panel's mesh
+    if getattr(panel, "mesh", None) is not None:  # parameters replicated on the panel's mesh
         params, opt_state, model_arrays, key = replicate(
             (params, opt_state, model_arrays, key), panel.mesh
         )

@@ -25,12 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, Scalar
 
-_STANDARD_NORMAL = distrax.Normal(0.0, 1.0)
-
 
 def standard_normal_log_prob(z: Float[Array, "*shape"]) -> Scalar:
     """Sum of standard-normal log densities of all entries of ``z``."""
-    return jnp.sum(_STANDARD_NORMAL.log_prob(z))
+    # Built per call (free under jit): a module-level distribution would start JAX's
+    # backend at import, before jax.distributed.initialize can run.
+    return jnp.sum(distrax.Normal(0.0, 1.0).log_prob(z))
 
 
 class AbstractEffect(eqx.Module):

@@ -89,8 +89,19 @@ def panel_log_likelihood(
     if panel.mesh is None:
         return elasticity_log_likelihood(unit_elasticity, unit_effect, cell_effect, *rows, clip)
 
-    def per_shard(beta: UnitFloat, delta: UnitFloat, gamma: CellFloat, *shard_rows: ObsFloat):
-        partial = elasticity_log_likelihood(beta, delta, gamma, *shard_rows, clip)
+    def per_shard(
+        beta: UnitFloat,
+        delta: UnitFloat,
+        gamma: CellFloat,
+        unit_idx: ObsInt,
+        cell_idx: ObsInt,
+        log_price: ObsFloat,
+        counts: ObsFloat,
+        weight: ObsFloat,
+    ) -> Scalar:
+        partial = elasticity_log_likelihood(
+            beta, delta, gamma, unit_idx, cell_idx, log_price, counts, weight, clip
+        )
         return jax.lax.psum(partial, DATA_AXIS)
 
     sharded = jax.shard_map(

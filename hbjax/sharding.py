@@ -188,6 +188,20 @@ def process_unit_range(
     return int(first_unit[process_index]), int(first_unit[process_index + 1])
 
 
+def all_processes_agree(ok: bool) -> bool:  # noqa: FBT001
+    """Whether ``ok`` holds in every process (``ok`` itself with a single process)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def global_sum(value: int) -> int:
+    """Sum of an integer over all processes (``value`` itself with a single process)."""
+    if jax.process_count() == 1:
+        return int(value)
+    return int(np.sum(multihost_utils.process_allgather(np.int64(value))))
+
+
 @dataclasses.dataclass(frozen=True)
 class DistributedConfig:
     """Where to find the other processes of a multi-host run.
