@@ -31,9 +31,10 @@ from .sharding import (
     DistributedConfig,
     ShardingError,
     all_processes_agree,
-    global_sum,
     initialize_distributed,
     make_mesh,
+    read_process_panel,
+    shard_panel,
 )
 from .simulate import simulate
 
@@ -166,6 +167,8 @@ def _fit_panel(
 ) -> tuple[FitResult, Summary]:
     """The standard pipeline: model, data-informed mean-field guide, fit, summary."""
     model = ElasticityModel.from_panel(panel, clip_log_rate=(-4.0, 20.0) if clip else None)
+    if mesh is not None:  # place first: the start is computed from every process's rows
+        panel = shard_panel(panel, mesh)
     guide = MeanFieldNormal.from_shapes(model.latent_shapes(), loc=model.init_latents(panel))
     key, summary_key = jax.random.split(jax.random.key(seed))
 
@@ -303,7 +306,7 @@ def _join_hosts(args: argparse.Namespace) -> None:
         raise UserError(str(exc)) from None
 
 
-def _load_own_rows(args: argparse.Namespace) -> tuple[Panel, Encoding]:
+def _load_own_rows(args: argparse.Namespace, mesh: Mesh) -> tuple[Panel, Encoding]:
     """This process's rows; every process learns whether all of them could read theirs."""
     columns = {
         "unit": args.unit,
@@ -314,12 +317,10 @@ def _load_own_rows(args: argparse.Namespace) -> tuple[Panel, Encoding]:
     }
     error = None
     try:
-        loaded = from_file(
-            args.file,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            **columns,
-        )
+        if jax.process_count() == 1:
+            loaded = from_file(args.file, **columns)
+        else:
+            loaded = read_process_panel(args.file, mesh, **columns)
     except DataValidationError as exc:
         error, loaded = exc, None
     if not all_processes_agree(error is None):
@@ -337,8 +338,8 @@ def run_fit(args: argparse.Namespace) -> int:
         raise UserError(f"--out {args.out!r} exists and is not a folder.")
     _join_hosts(args)
     mesh = _mesh(args.devices)
-    panel, encoding = _load_own_rows(args)
-    n_obs = global_sum(panel.n_rows)
+    panel, encoding = _load_own_rows(args, mesh)
+    n_obs = int(np.sum(panel.unit_rows))  # the whole table's rows, in every process
     start = time.perf_counter()
     result, summary = _fit_panel(
         panel,

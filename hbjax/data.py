@@ -42,10 +42,14 @@ class Panel(eqx.Module):
         counts: observed units sold (float32; exact below 2**24).
         weight: 1.0 for observed rows, 0.0 for padding.
         unit_group: group of each unit, in ``[0, n_groups)``.
+        unit_rows: observed rows of each unit in the whole table (also when this panel holds
+            one process's slice of it): the data's shape, from which blocks are planned.
         n_units: number of units.
         n_groups: number of groups.
         n_periods: number of periods.
-        mesh: the device mesh the rows are split over (set by
+        n_blocks: the rows form this many equal-length blocks of whole units (set by
+            :func:`hbjax.sharding.shard_panel`; a reading plan may set it beforehand).
+        mesh: the device mesh the blocks are split over (set by
             :func:`hbjax.sharding.shard_panel`); ``None`` for an unsharded panel.
     """
 
@@ -55,9 +59,11 @@ class Panel(eqx.Module):
     counts: ObsFloat
     weight: ObsFloat
     unit_group: UnitInt
+    unit_rows: UnitInt
     n_units: int = eqx.field(static=True)
     n_groups: int = eqx.field(static=True)
     n_periods: int = eqx.field(static=True)
+    n_blocks: int | None = eqx.field(static=True, default=None)
     mesh: Mesh | None = eqx.field(static=True, default=None)
 
     @property
@@ -256,26 +262,6 @@ def _codes(frame: pd.DataFrame, column: str, values: pd.Series, labels: pd.Index
     return codes.astype(np.int32)
 
 
-def encode_labels(
-    frame: pd.DataFrame,
-    *,
-    unit: str = "product",
-    group: str = "category",
-    period: str = "period",
-) -> Encoding:
-    """Validate and encode the label columns alone (units, groups, periods).
-
-    The encoding depends only on the set of labels, not on row order, so processes that
-    each see the whole label columns build the same encoding.
-
-    Raises:
-        DataValidationError: missing labels, a unit in two groups, a duplicated
-            (unit, period), periods that are neither integers nor dates.
-    """
-    _, encoding = _encode(frame, {"unit": unit, "group": group, "period": period})
-    return encoding
-
-
 def _encode(
     frame: pd.DataFrame, roles: Mapping[str, str], encoding: Encoding | None = None
 ) -> tuple[tuple[np.ndarray, np.ndarray], Encoding]:
@@ -385,6 +371,7 @@ def from_frame(
         counts=count_values[order].astype(np.float32),
         weight=np.ones(len(order), dtype=np.float32),
         unit_group=unit_group,
+        unit_rows=np.bincount(unit_codes, minlength=len(encoding.units)).astype(np.int32),
         n_units=len(encoding.units),
         n_groups=len(encoding.groups),
         n_periods=n_periods,
@@ -443,37 +430,29 @@ def read_table(
         raise DataValidationError(f"cannot read {str(path)!r} as {kind}: {message}") from None
 
 
-def from_file(
-    path: str | os.PathLike[str],
-    *,
-    process_index: int = 0,
-    process_count: int = 1,
-    **columns: str,
-) -> tuple[Panel, Encoding]:
+def from_file(path: str | os.PathLike[str], **columns: str) -> tuple[Panel, Encoding]:
     """Read a CSV/Parquet file and encode it (column names as in :func:`from_frame`).
 
-    With ``process_count > 1`` (a multi-host run), every process reads the three label
-    columns of the whole file to build the same :class:`Encoding`, then reads and validates
-    only the rows of its own units (:func:`hbjax.sharding.process_unit_range`; Parquet
-    reads just those rows, CSV is parsed whole and filtered): the returned panel holds
-    those rows, with global unit indices.
+    For one process of a multi-host run, see :func:`hbjax.sharding.read_process_panel`.
     """
-    if process_count == 1:
-        return from_frame(read_table(path), **columns)
-    from .sharding import process_unit_range  # noqa: PLC0415 - sharding imports data
-
-    roles = _roles(columns)
-    label_roles = {role: roles[role] for role in ("unit", "group", "period")}
-    labels = read_table(path, columns=list(dict.fromkeys(label_roles.values())))
-    (unit_codes, _), encoding = _encode(labels, label_roles)
-    encoding = dataclasses.replace(encoding, columns=roles)
-    lo, hi = process_unit_range(unit_codes, process_index, process_count)
-    own = read_table(path, only=(roles["unit"], encoding.units[lo:hi].tolist()))
-    return from_frame(own, **roles, encoding=encoding)
+    return from_frame(read_table(path), **columns)
 
 
-def _roles(columns: Mapping[str, str]) -> dict[str, str]:
-    """Column names by role, with from_frame's defaults."""
+def encode_rows(frame: pd.DataFrame, roles: Mapping[str, str]) -> tuple[np.ndarray, Encoding]:
+    """Unit code of every row and the :class:`Encoding` of the label columns alone.
+
+    ``roles`` maps ``unit, group, period`` (and optionally ``price, units``) to column
+    names. The encoding depends only on the set of labels, so processes that each read the
+    label columns of the whole table build the same one.
+    """
+    full = column_roles(roles)
+    label_roles = {role: full[role] for role in ("unit", "group", "period")}
+    (unit_codes, _), encoding = _encode(frame, label_roles)
+    return unit_codes, dataclasses.replace(encoding, columns=full)
+
+
+def column_roles(columns: Mapping[str, str]) -> dict[str, str]:
+    """Column names by role (``unit, group, period, price, units``), with defaults."""
     roles = {
         "unit": "product",
         "group": "category",

@@ -10,12 +10,16 @@ the parameters replicated and the partial sums combined by ``psum``.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import gammaln
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from ._types import CellFloat, ObsFloat, ObsInt, Scalar, UnitFloat
+from ._types import Array, CellFloat, Float, ObsFloat, ObsInt, Scalar, UnitFloat
 from .data import Panel
 from .sharding import DATA_AXIS
 
@@ -83,31 +87,134 @@ def panel_log_likelihood(
 ) -> Scalar:
     """Poisson log-likelihood of every row of ``panel``, sharded when the panel is.
 
-    The ``shard_map`` wrapper is built here, from the panel's static mesh, at trace time.
+    An unsharded panel goes straight to :func:`elasticity_log_likelihood`. A panel placed
+    by :func:`hbjax.sharding.shard_panel` goes to :func:`blocked_log_likelihood`, built here
+    from the panel's static mesh and block count at trace time.
     """
     rows = (panel.unit_idx, panel.cell_idx, panel.log_price, panel.counts, panel.weight)
     if panel.mesh is None:
         return elasticity_log_likelihood(unit_elasticity, unit_effect, cell_effect, *rows, clip)
-
-    def per_shard(
-        beta: UnitFloat,
-        delta: UnitFloat,
-        gamma: CellFloat,
-        unit_idx: ObsInt,
-        cell_idx: ObsInt,
-        log_price: ObsFloat,
-        counts: ObsFloat,
-        weight: ObsFloat,
-    ) -> Scalar:
-        partial = elasticity_log_likelihood(
-            beta, delta, gamma, unit_idx, cell_idx, log_price, counts, weight, clip
-        )
-        return jax.lax.psum(partial, DATA_AXIS)
-
-    sharded = jax.shard_map(
-        per_shard,
-        mesh=panel.mesh,
-        in_specs=(P(), P(), P()) + (P(DATA_AXIS),) * len(rows),
-        out_specs=P(),
+    assert panel.n_blocks is not None
+    return blocked_log_likelihood(
+        panel.mesh, panel.n_blocks, clip, unit_elasticity, unit_effect, cell_effect, *rows
     )
-    return sharded(unit_elasticity, unit_effect, cell_effect, *rows)
+
+
+def _block_log_likelihood(
+    beta: UnitFloat,
+    delta: UnitFloat,
+    gamma: CellFloat,
+    unit_idx: ObsInt,
+    cell_idx: ObsInt,
+    log_price: ObsFloat,
+    counts: ObsFloat,
+    weight: ObsFloat,
+    clip: tuple[float, float] | None,
+) -> Scalar:
+    """One block's sum; :func:`jax.vmap` runs it over a device's blocks."""
+    return elasticity_log_likelihood(
+        beta, delta, gamma, unit_idx, cell_idx, log_price, counts, weight, clip
+    )
+
+
+def _sum_over_blocks(partials: Float[Array, " block *rest"]) -> Float[Array, "*rest"]:
+    """Gather every device's per-block partials and sum them in block order.
+
+    The same reduction, of the same shape, runs whatever the device count: the sum over
+    blocks does not depend on how blocks are spread over devices.
+    """
+    gathered = jax.lax.all_gather(partials, DATA_AXIS, tiled=True, to="invarying")
+    return jnp.sum(gathered, axis=0)
+
+
+def _shard_call(mesh: Mesh, fn: Callable[..., object], n_replicated: int, out_specs: object):
+    return jax.shard_map(
+        fn,
+        mesh=mesh,
+        in_specs=(P(),) * n_replicated + (P(DATA_AXIS),) * 5,
+        out_specs=out_specs,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def blocked_log_likelihood(
+    mesh: Mesh,
+    n_blocks: int,
+    clip: tuple[float, float] | None,
+    unit_elasticity: UnitFloat,
+    unit_effect: UnitFloat,
+    cell_effect: CellFloat,
+    unit_idx: ObsInt,
+    cell_idx: ObsInt,
+    log_price: ObsFloat,
+    counts: ObsFloat,
+    weight: ObsFloat,
+) -> Scalar:
+    """The Poisson log-likelihood of rows laid out as ``n_blocks`` equal blocks on ``mesh``.
+
+    Each device sums each of its blocks with the plain kernel; the per-block sums are
+    gathered and added in block order. The gradient is written out (a custom VJP) so that
+    it too is reduced per block and then in block order: per-unit gradients come from one
+    block each (exact under ``psum``), per-cell gradients are summed over blocks in order.
+    On CPU the value and the gradient are therefore bitwise the same on any device count
+    that divides ``n_blocks``. (GPU scatter-adds are not ordered: equal to float tolerance.)
+    """
+    return _blocked_forward(
+        mesh,
+        n_blocks,
+        clip,
+        unit_elasticity,
+        unit_effect,
+        cell_effect,
+        unit_idx,
+        cell_idx,
+        log_price,
+        counts,
+        weight,
+    )
+
+
+def _blocked_forward(mesh, n_blocks, clip, beta, delta, gamma, *rows):  # noqa: ANN001, ANN202
+    def per_device(beta, delta, gamma, *rows):  # noqa: ANN001, ANN202
+        blocks = [r.reshape(n_blocks // mesh.devices.size, -1) for r in rows]
+        partials = jax.vmap(_block_log_likelihood, in_axes=(None, None, None, 0, 0, 0, 0, 0, None))(
+            beta, delta, gamma, *blocks, clip
+        )
+        return _sum_over_blocks(partials)
+
+    value = _shard_call(mesh, per_device, 3, P())(beta, delta, gamma, *rows)
+    return jax.lax.optimization_barrier(value)
+
+
+def _blocked_fwd(mesh, n_blocks, clip, beta, delta, gamma, *rows):  # noqa: ANN001, ANN202
+    value = _blocked_forward(mesh, n_blocks, clip, beta, delta, gamma, *rows)
+    return value, (beta, delta, gamma, rows)
+
+
+def _blocked_bwd(mesh, n_blocks, clip, residuals, cotangent):  # noqa: ANN001, ANN202
+    beta, delta, gamma, rows = residuals
+    n_units, n_cells = beta.shape[0], gamma.shape[0]
+
+    def per_device(cotangent, beta, delta, gamma, unit_idx, cell_idx, log_price, counts, weight):  # noqa: ANN001, ANN202
+        raw = beta[unit_idx] * log_price + delta[unit_idx] + gamma[cell_idx]
+        log_rate = raw if clip is None else jnp.clip(raw, clip[0], clip[1])
+        d_rate = cotangent * weight * (counts - jnp.exp(log_rate))  # d loglik / d log_rate
+        if clip is not None:  # the clip passes no gradient outside its range
+            d_rate = jnp.where((raw > clip[0]) & (raw < clip[1]), d_rate, 0.0)
+        # each unit's rows sit in one block on one device: psum adds exact zeros
+        d_beta = jax.lax.psum(jax.ops.segment_sum(d_rate * log_price, unit_idx, n_units), DATA_AXIS)
+        d_delta = jax.lax.psum(jax.ops.segment_sum(d_rate, unit_idx, n_units), DATA_AXIS)
+        per_block = n_blocks // mesh.devices.size
+        d_gamma_blocks = jax.vmap(functools.partial(jax.ops.segment_sum, num_segments=n_cells))(
+            d_rate.reshape(per_block, -1), cell_idx.reshape(per_block, -1)
+        )
+        return d_beta, d_delta, _sum_over_blocks(d_gamma_blocks)
+
+    grads = _shard_call(mesh, per_device, 4, (P(), P(), P()))(cotangent, beta, delta, gamma, *rows)
+    # The barrier keeps XLA from fusing these sums into what follows differently on one
+    # device (where the psum vanishes) than on several: bitwise the same downstream.
+    grads = jax.lax.optimization_barrier(grads)
+    return (*grads, None, None, None, None, None)
+
+
+blocked_log_likelihood.defvjp(_blocked_fwd, _blocked_bwd)

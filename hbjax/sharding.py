@@ -1,18 +1,23 @@
 """Meshes, placement of panels and parameters on devices, and many hosts.
 
-The mesh has one axis, ``"data"``. A panel's observation rows are split into one block per
-device, **whole units per block** (a unit's rows never straddle two devices), each block
-padded to a common length with zero-weight rows that point at one of the block's own units
-(never a sentinel index). Observation arrays are placed with
-``NamedSharding(mesh, P("data"))``; parameters and small arrays are replicated
-(``P()``). Many hosts go through ``jax.distributed`` (with gloo collectives on CPU); each
-process builds only its part of the global arrays
+The mesh has one axis, ``"data"``. A panel's units are cut into a fixed number of blocks
+of whole units (a unit's rows never straddle two blocks or devices), balanced by rows and
+padded to one length with zero-weight rows that point at one of the block's own units
+(never a sentinel index); each device holds an equal run of blocks. The block count
+depends on the data, not on the device count, so the likelihood's reductions (per block,
+then over blocks in a fixed order) are the same on 1, 2, 4 ... devices. Observation arrays
+are placed with ``NamedSharding(mesh, P("data"))``; parameters and small arrays are
+replicated (``P()``). Many hosts go through ``jax.distributed`` (with gloo collectives on
+CPU); each process reads only its blocks' rows and builds its part of the global arrays
 (``jax.make_array_from_process_local_data``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
+import time
 from collections.abc import Sequence
 
 import jax
@@ -22,7 +27,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ._types import PyTree
-from .data import Panel
+from .data import Encoding, Panel, column_roles, encode_rows, from_frame, read_table
 
 #: The mesh axis along which observation rows are split.
 DATA_AXIS = "data"
@@ -63,81 +68,171 @@ def make_mesh(devices: int | Sequence[jax.Device] | None = None) -> Mesh:
     return jax.make_mesh((len(chosen),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=chosen)
 
 
-def _local_devices(mesh: Mesh) -> list[jax.Device]:
-    """This process's devices, in mesh order."""
-    return [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+#: Block counts tried, largest first: highly divisible, so most device counts divide them.
+BLOCK_COUNTS = (240, 120, 60, 24, 12, 6, 4, 2, 1)
+_MIN_UNITS_PER_BLOCK = 4
+_MAX_CELL_PARTIALS = 2**22  # floats in the [blocks, cells] gradient partials
 
 
-def balanced_unit_blocks(unit_idx: np.ndarray, n_blocks: int) -> np.ndarray:
-    """Row boundaries splitting unit-sorted rows into ``n_blocks`` blocks of whole units.
+def default_block_count(n_units: int, n_cells: int, n_devices: int) -> int:
+    """How many blocks of whole units to cut a panel into for ``n_devices`` devices.
+
+    The largest of :data:`BLOCK_COUNTS` that ``n_devices`` divides, with at least four
+    units per block and ``blocks * n_cells`` below 4M floats. The count depends on the
+    device count only through divisibility: fits on 1, 2, 3, 4, 5, 6, 8, 10, 12, ...
+    devices of one panel use the same blocks and give bitwise-identical results on CPU.
+    """
+    for count in BLOCK_COUNTS:
+        if (
+            count % n_devices == 0
+            and n_units >= _MIN_UNITS_PER_BLOCK * count
+            and count * n_cells <= _MAX_CELL_PARTIALS
+        ):
+            return count
+    return n_devices
+
+
+def plan_blocks(unit_rows: np.ndarray, n_blocks: int) -> np.ndarray:
+    """Cut units ``0..n_units-1`` into ``n_blocks`` contiguous runs balanced by rows.
 
     Args:
-        unit_idx: ``[obs]`` unit of each row, sorted (a unit's rows are contiguous).
+        unit_rows: ``[unit]`` rows of each unit.
         n_blocks: number of blocks.
 
     Returns:
-        ``[n_blocks + 1]`` row offsets; block ``b`` is rows ``[out[b], out[b + 1])``. Cuts
-        fall on the unit boundary nearest to an equal split of the rows.
+        ``[n_blocks + 1]`` unit offsets: block ``b`` holds units ``[out[b], out[b + 1])``.
+        Each cut falls at the unit boundary nearest to an equal split of the rows.
     """
-    n_rows = len(unit_idx)
-    starts = np.flatnonzero(np.r_[True, unit_idx[1:] != unit_idx[:-1]]) if n_rows else np.zeros(0)
-    starts = np.r_[starts, n_rows].astype(np.int64)
-    targets = np.arange(1, n_blocks) * n_rows / n_blocks
+    unit_rows = np.asarray(unit_rows, dtype=np.int64)
+    ends = np.cumsum(unit_rows)  # rows before the end of each unit
+    starts = np.r_[0, ends]  # rows before unit u, for u = 0..n_units
+    targets = np.arange(1, n_blocks) * starts[-1] / n_blocks
     right = np.clip(np.searchsorted(starts, targets), 0, len(starts) - 1)
     left = np.clip(right - 1, 0, len(starts) - 1)
     nearest = np.where(targets - starts[left] <= starts[right] - targets, left, right)
-    cuts = np.maximum.accumulate(starts[nearest]) if n_blocks > 1 else np.zeros(0, np.int64)
-    return np.r_[0, cuts, n_rows].astype(np.int64)
+    cuts = np.maximum.accumulate(nearest) if n_blocks > 1 else np.zeros(0, np.int64)
+    return np.r_[0, cuts, len(unit_rows)].astype(np.int64)
 
 
-def _padded_blocks(panel: Panel, n_blocks: int, length: int | None = None) -> dict[str, np.ndarray]:
-    """Observation arrays as ``n_blocks`` whole-unit blocks, each padded to one length."""
-    host = {name: np.asarray(getattr(panel, name)) for name in _OBS_FIELDS}
-    bounds = balanced_unit_blocks(host["unit_idx"], n_blocks)
-    sizes = np.diff(bounds)
-    length = int(max(sizes.max(initial=0), 1)) if length is None else length
-    out = {name: np.zeros(n_blocks * length, host[name].dtype) for name in _OBS_FIELDS}
-    for b in range(n_blocks):
-        lo, hi = bounds[b], bounds[b + 1]
-        at = b * length
-        for name in _OBS_FIELDS:
-            out[name][at : at + hi - lo] = host[name][lo:hi]
-        # padding rows: zero weight, a valid index of a unit of this block
-        out["unit_idx"][at + hi - lo : at + length] = host["unit_idx"][hi - 1] if hi > lo else 0
-    return out
+def _block_rows(unit_rows: np.ndarray, units: np.ndarray) -> np.ndarray:
+    """Rows of each block, from the unit offsets of :func:`plan_blocks`."""
+    starts = np.r_[0, np.cumsum(np.asarray(unit_rows, dtype=np.int64))]
+    return np.diff(starts[units])
 
 
-def block_length(panel: Panel, n_blocks: int) -> int:
-    """Rows per block (the longest whole-unit block) for this process's panel."""
-    sizes = np.diff(balanced_unit_blocks(np.asarray(panel.unit_idx), n_blocks))
-    return int(max(sizes.max(initial=0), 1))
+def _device_blocks(mesh: Mesh, n_blocks: int) -> list[range]:
+    """Blocks held by each device of the mesh, in mesh order."""
+    per_device = n_blocks // mesh.devices.size
+    return [range(i * per_device, (i + 1) * per_device) for i in range(mesh.devices.size)]
 
 
-def shard_panel(panel: Panel, mesh: Mesh) -> Panel:
-    """Pad and place a panel on a mesh, whole units per device.
+def _local_blocks(mesh: Mesh, n_blocks: int) -> list[int]:
+    """Blocks held by this process's devices, in mesh order."""
+    blocks = _device_blocks(mesh, n_blocks)
+    mine = [
+        b
+        for device, device_blocks in zip(mesh.devices.flat, blocks, strict=True)
+        if device.process_index == jax.process_index()
+        for b in device_blocks
+    ]
+    return mine
 
-    Observation rows are split on ``"data"``; the unit → group map is replicated.
 
-    With several processes, ``panel`` holds this process's rows (see
-    :func:`hbjax.sharding.process_unit_range`) and every process calls this together.
+def _block_count(panel: Panel, mesh: Mesh, n_blocks: int | None) -> int:
+    n_devices = mesh.devices.size
+    count = (
+        n_blocks or panel.n_blocks or default_block_count(panel.n_units, panel.n_cells, n_devices)
+    )
+    if count % n_devices:
+        raise ShardingError(
+            f"{count} blocks cannot be split evenly over {n_devices} devices; pass "
+            f"n_blocks as a multiple of {n_devices}."
+        )
+    return count
+
+
+def shard_panel(panel: Panel, mesh: Mesh, *, n_blocks: int | None = None) -> Panel:
+    """Pad and place a panel on a mesh: equal blocks of whole units, split on ``"data"``.
+
+    The units are cut into ``n_blocks`` contiguous runs balanced by rows
+    (:func:`plan_blocks`, from ``panel.unit_rows``); each block is padded to the longest
+    with zero-weight rows that point at one of the block's own units; device ``d`` holds
+    blocks ``d * n_blocks / n_devices ...``. Observation arrays are placed with
+    ``NamedSharding(mesh, P("data"))``; the unit → group map and row counts are replicated.
+
+    With several processes, ``panel`` holds this process's units' rows
+    (:func:`read_process_panel`) and every process calls this together.
+
+    Args:
+        panel: a host panel.
+        mesh: a one-axis ``"data"`` mesh (:func:`make_mesh`).
+        n_blocks: number of blocks; default :func:`default_block_count` (or the panel's).
 
     Returns:
-        A :class:`~hbjax.Panel` of global device arrays that remembers its mesh.
+        A :class:`~hbjax.Panel` of global device arrays that remembers its mesh and blocks.
     """
-    local = _local_devices(mesh)
-    length = block_length(panel, len(local))
-    if jax.process_count() > 1:  # every block must have the same length on every host
-        length = int(np.max(multihost_utils.process_allgather(np.int64(length))))
-    blocks = _padded_blocks(panel, len(local), length)
-    rows = NamedSharding(mesh, P(DATA_AXIS))
-    global_shape = (mesh.devices.size * length,)
+    if panel.mesh is not None:
+        raise ShardingError("this panel is already placed on a mesh.")
+    n_blocks = _block_count(panel, mesh, n_blocks)
+    unit_rows = np.asarray(panel.unit_rows)
+    units = plan_blocks(unit_rows, n_blocks)
+    length = int(max(_block_rows(unit_rows, units).max(initial=0), 1))
+    host = {name: np.asarray(getattr(panel, name)) for name in _OBS_FIELDS}
+    local = _local_blocks(mesh, n_blocks)
+    blocks = {name: np.zeros(len(local) * length, host[name].dtype) for name in _OBS_FIELDS}
+    unit_idx = host["unit_idx"]
+    for slot, b in enumerate(local):
+        lo, hi = np.searchsorted(unit_idx, [units[b], units[b + 1]])
+        at = slot * length
+        rows = hi - lo
+        expected = int(unit_rows[units[b] : units[b + 1]].sum())
+        if rows != expected:
+            raise ShardingError(
+                f"block {b} should hold {expected} rows of units {units[b]}..{units[b + 1] - 1} "
+                f"but this process has {rows}; read its rows with read_process_panel."
+            )
+        for name in _OBS_FIELDS:
+            blocks[name][at : at + rows] = host[name][lo:hi]
+        # padding: zero weight (the zeros above), a valid unit of this block
+        blocks["unit_idx"][at + rows : at + length] = max(units[b + 1] - 1, 0)
+    spec = NamedSharding(mesh, P(DATA_AXIS))
+    global_shape = (n_blocks * length,)
     placed = {
-        name: jax.make_array_from_process_local_data(rows, blocks[name], global_shape)
+        name: jax.make_array_from_process_local_data(spec, blocks[name], global_shape)
         for name in _OBS_FIELDS
     }
-    return dataclasses.replace(
-        panel, unit_group=replicate(np.asarray(panel.unit_group), mesh), mesh=mesh, **placed
-    )
+    small = replicate({"unit_group": panel.unit_group, "unit_rows": panel.unit_rows}, mesh)
+    return dataclasses.replace(panel, **placed, **small, n_blocks=n_blocks, mesh=mesh)
+
+
+def read_process_panel(
+    path: str | os.PathLike[str], mesh: Mesh, **columns: str
+) -> tuple[Panel, Encoding]:
+    """This process's part of a panel in a file, for a multi-host run.
+
+    Every process reads the label columns of the whole file and builds the same
+    :class:`~hbjax.Encoding` and block plan; it then reads and validates only the rows of
+    the units in its own devices' blocks (Parquet reads just those rows; CSV is parsed
+    whole and filtered). Pass the result to :func:`shard_panel` with the same mesh.
+
+    Args:
+        path: a CSV or Parquet file.
+        mesh: the global mesh (:func:`make_mesh`).
+        **columns: column names, as in :func:`hbjax.from_frame`.
+    """
+    roles = column_roles(columns)
+    label_columns = [roles["unit"], roles["group"], roles["period"]]
+    labels = read_table(path, columns=list(dict.fromkeys(label_columns)))
+    unit_codes, encoding = encode_rows(labels, roles)
+    unit_rows = np.bincount(unit_codes, minlength=len(encoding.units)).astype(np.int32)
+    n_cells = len(encoding.groups) * len(encoding.periods)
+    n_blocks = default_block_count(len(encoding.units), n_cells, mesh.devices.size)
+    units = plan_blocks(unit_rows, n_blocks)
+    local = _local_blocks(mesh, n_blocks)
+    first, last = units[local[0]], units[local[-1] + 1]
+    own = read_table(path, only=(encoding.unit_column, encoding.units[first:last].tolist()))
+    panel, _ = from_frame(own, **encoding.columns, encoding=encoding)
+    return dataclasses.replace(panel, unit_rows=unit_rows, n_blocks=n_blocks), encoding
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
@@ -151,6 +246,8 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
         if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             data = place(jax.random.key_data(x))
             return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already global
+            return jax.device_put(x, replicated)
         if isinstance(x, jax.Array | np.ndarray | np.generic):
             return jax.make_array_from_process_local_data(replicated, np.asarray(x))
         return x
@@ -159,33 +256,19 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
 
 
 def to_host(tree: PyTree) -> PyTree:
-    """Replicated global arrays → ordinary single-device arrays (this process's copy)."""
+    """Replicated arrays → ordinary single-device arrays (this process's first copy).
+
+    Results then combine freely with other arrays, whatever mesh they were fitted on.
+    """
 
     def local(x: object) -> object:
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return jax.device_put(x.addressable_data(0), jax.local_devices()[0])
+        if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
+            if not x.sharding.is_fully_replicated:
+                raise ValueError("to_host takes replicated arrays; gather sharded ones first.")
+            return x.addressable_data(0)
         return x
 
     return jax.tree.map(local, tree)
-
-
-def process_unit_range(
-    row_units: np.ndarray, process_index: int, process_count: int
-) -> tuple[int, int]:
-    """Units ``[lo, hi)`` that process ``process_index`` reads.
-
-    Contiguous ranges of whole units, balanced by rows.
-
-    Args:
-        row_units: ``[obs]`` unit code of every row of the whole table (any order).
-        process_index: this process, ``0 <= process_index < process_count``.
-        process_count: number of processes.
-    """
-    counts = np.bincount(row_units)
-    sorted_units = np.repeat(np.arange(len(counts)), counts)
-    bounds = balanced_unit_blocks(sorted_units, process_count)
-    first_unit = np.r_[sorted_units, len(counts)][bounds]
-    return int(first_unit[process_index]), int(first_unit[process_index + 1])
 
 
 def all_processes_agree(ok: bool) -> bool:  # noqa: FBT001
@@ -193,13 +276,6 @@ def all_processes_agree(ok: bool) -> bool:  # noqa: FBT001
     if jax.process_count() == 1:
         return ok
     return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
-
-
-def global_sum(value: int) -> int:
-    """Sum of an integer over all processes (``value`` itself with a single process)."""
-    if jax.process_count() == 1:
-        return int(value)
-    return int(np.sum(multihost_utils.process_allgather(np.int64(value))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +293,36 @@ class DistributedConfig:
     num_processes: int
     process_id: int
     timeout_seconds: int = 60
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Process 0 will serve on ``host:port``: refuse early when it cannot."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        raise ShardingError(
+            f"process 0 cannot serve the coordinator on {host}:{port} ({exc.strerror}); "
+            "choose a free port."
+        ) from None
+
+
+def _wait_for_coordinator(host: str, port: int, deadline: float, config: DistributedConfig) -> None:
+    """Wait (bounded) until process 0's coordinator accepts connections."""
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise ShardingError(
+                    f"no coordinator answered at {host}:{port} within "
+                    f"{config.timeout_seconds} s (process {config.process_id} of "
+                    f"{config.num_processes}); start process 0 with the same --coordinator, "
+                    "or raise --timeout."
+                ) from None
+            time.sleep(0.2)
 
 
 def initialize_distributed(config: DistributedConfig) -> None:
@@ -239,6 +345,11 @@ def initialize_distributed(config: DistributedConfig) -> None:
         raise ShardingError(
             f"process-id must be in [0, {config.num_processes - 1}]; got {config.process_id}."
         )
+    deadline = time.monotonic() + config.timeout_seconds
+    if config.process_id == 0:
+        _check_port_free(host, int(port))
+    else:  # JAX aborts the process (no exception) if the coordinator never answers
+        _wait_for_coordinator(host, int(port), deadline, config)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(
