@@ -1,6 +1,8 @@
 """Steady-state speed of hbjax's default fit on a simulated panel.
 
 Usage: ``python -m benchmarks.speed --products 10000 --periods 156 [--devices N]``
+(``--devices N`` needs N devices: on CPU set
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` first).
 
 Reports compile time and iterations/s (median of timed blocks after a warm-up), with the
 CLI's default settings (mean-field guide, Rényi alpha=0, 4 particles, the article's adamw
@@ -10,6 +12,7 @@ schedule).
 import argparse
 import json
 import platform
+import resource
 import time
 
 import jax
@@ -24,11 +27,16 @@ def main() -> None:
     parser.add_argument("--periods", type=int, default=156)
     parser.add_argument("--block", type=int, default=20, help="steps per timed block")
     parser.add_argument("--blocks", type=int, default=5, help="timed blocks")
+    parser.add_argument(
+        "--devices", type=int, default=0, help="mesh size (0: no mesh, the plain kernel)"
+    )
     args = parser.parse_args()
 
     sim = hbjax.simulate(n_units=args.products, n_periods=args.periods, seed=0)
     panel, _ = hbjax.from_frame(sim.frame)
     model = hbjax.ElasticityModel.from_panel(panel)
+    if args.devices:
+        panel = hbjax.shard_panel(panel, hbjax.make_mesh(args.devices))
     guide = hbjax.MeanFieldNormal.from_shapes(model.latent_shapes(), loc=model.init_latents(panel))
     key = jax.random.key(0)
     warm = hbjax.fit(model, guide, panel, key=key, steps=args.block, chunk_size=args.block,
@@ -44,7 +52,9 @@ def main() -> None:
         "observations": panel.n_rows,
         "compile_seconds": round(warm.compile_seconds, 2),
         "iterations_per_second": round(float(np.median(rates)), 1),
-        "devices": len(jax.devices()),
+        "devices": args.devices,
+        "padded_rows": panel.n_rows,
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "backend": jax.default_backend(),
         "machine": platform.machine(),
         "jax": jax.__version__,

@@ -98,6 +98,11 @@ def _all_finite(tree: Any) -> jax.Array:
     return functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(x)) for x in arrays], _TRUE)
 
 
+def _place_on_default_device(data: PyTree) -> PyTree:
+    """Copy host data to the default device, once, before the loop."""
+    return jax.device_put(data)
+
+
 def _typed_key(key: PRNGKeyArray) -> PRNGKeyArray:
     """A new-style typed key (legacy ``uint32[2]`` keys are wrapped)."""
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -224,16 +229,17 @@ def fit(
     model_arrays, model_static = eqx.partition(model, eqx.is_array)
     opt_state = optimizer.init(params)
     key = _typed_key(key)
-    if mesh is not None and getattr(panel, "mesh", None) is None:
+    mesh_of = lambda data: getattr(data, "mesh", None)  # noqa: E731
+    if mesh is not None and mesh_of(panel) is None:
         if not isinstance(panel, Panel):
             raise TypeError("fit(..., mesh=...) shards an hbjax Panel; got custom data.")
         panel = shard_panel(panel, mesh)
-    if getattr(panel, "mesh", None) is not None:  # parameters replicated on the panel's mesh
+    if mesh_of(panel) is not None:  # parameters replicated on the panel's mesh
         params, opt_state, model_arrays, key = replicate(
             (params, opt_state, model_arrays, key), panel.mesh
         )
     else:
-        panel = jax.device_put(panel)
+        panel = _place_on_default_device(panel)
     step = make_step(objective, optimizer)
     traces = 0
 
@@ -266,9 +272,15 @@ def fit(
         (params, opt_state, _), (losses, finite) = jax.lax.scan(
             body, (params, opt_state, _TRUE), jnp.arange(chunk_size)
         )
-        return params, opt_state, losses, finite
+        return params, opt_state, losses, finite, first_step + num_active
 
-    args = (params, opt_state, np.int32(0), np.int32(chunk_size), key, model_arrays, panel)
+    def on_devices(value: int) -> jax.Array:
+        scalar = np.int32(value)
+        return replicate(scalar, panel.mesh) if mesh_of(panel) else jax.device_put(scalar)
+
+    first_step, full_chunk = on_devices(0), on_devices(chunk_size)
+    last_chunk = on_devices(steps % chunk_size or chunk_size)
+    args = (params, opt_state, first_step, full_chunk, key, model_arrays, panel)
     compiled = jax.jit(run_chunk, donate_argnums=(0, 1)).lower(*args).compile()
     compile_seconds = time.perf_counter() - start
 
@@ -278,22 +290,25 @@ def fit(
     loop_start = time.perf_counter()
     failed_at = None
     try:
-        while done < steps:
-            n = min(chunk_size, steps - done)
-            params, opt_state, chunk_losses, finite = compiled(
-                params, opt_state, np.int32(done), np.int32(n), key, model_arrays, panel
-            )
-            chunk_losses = np.asarray(to_host(chunk_losses))[:n]
-            finite = np.asarray(to_host(finite))[:n]
-            if not finite.all():
-                bad = int(np.flatnonzero(~finite)[0])
-                losses.append(chunk_losses[:bad])
-                failed_at = done + bad
-                break
-            losses.append(chunk_losses)
-            done += n
-            bar.update(n)
-            bar.set_postfix(loss=f"{float(np.mean(chunk_losses)):.6g}", refresh=False)
+        # Everything the loop needs is on the devices already: nothing goes up in it.
+        with jax.transfer_guard_host_to_device("disallow"):
+            while done < steps:
+                n = min(chunk_size, steps - done)
+                active = full_chunk if n == chunk_size else last_chunk
+                params, opt_state, chunk_losses, finite, first_step = compiled(
+                    params, opt_state, first_step, active, key, model_arrays, panel
+                )
+                chunk_losses = np.asarray(to_host(chunk_losses))[:n]
+                finite = np.asarray(to_host(finite))[:n]
+                if not finite.all():
+                    bad = int(np.flatnonzero(~finite)[0])
+                    losses.append(chunk_losses[:bad])
+                    failed_at = done + bad
+                    break
+                losses.append(chunk_losses)
+                done += n
+                bar.update(n)
+                bar.set_postfix(loss=f"{float(np.mean(chunk_losses)):.6g}", refresh=False)
     finally:
         bar.close()
     loop_seconds = time.perf_counter() - loop_start

@@ -11,7 +11,6 @@ the parameters replicated and the partial sums combined by ``psum``.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -100,23 +99,6 @@ def panel_log_likelihood(
     )
 
 
-def _block_log_likelihood(
-    beta: UnitFloat,
-    delta: UnitFloat,
-    gamma: CellFloat,
-    unit_idx: ObsInt,
-    cell_idx: ObsInt,
-    log_price: ObsFloat,
-    counts: ObsFloat,
-    weight: ObsFloat,
-    clip: tuple[float, float] | None,
-) -> Scalar:
-    """One block's sum; :func:`jax.vmap` runs it over a device's blocks."""
-    return elasticity_log_likelihood(
-        beta, delta, gamma, unit_idx, cell_idx, log_price, counts, weight, clip
-    )
-
-
 def _sum_over_blocks(partials: Float[Array, " block *rest"]) -> Float[Array, "*rest"]:
     """Gather every device's per-block partials and sum them in block order.
 
@@ -125,15 +107,6 @@ def _sum_over_blocks(partials: Float[Array, " block *rest"]) -> Float[Array, "*r
     """
     gathered = jax.lax.all_gather(partials, DATA_AXIS, tiled=True, to="invarying")
     return jnp.sum(gathered, axis=0)
-
-
-def _shard_call(mesh: Mesh, fn: Callable[..., object], n_replicated: int, out_specs: object):
-    return jax.shard_map(
-        fn,
-        mesh=mesh,
-        in_specs=(P(),) * n_replicated + (P(DATA_AXIS),) * 5,
-        out_specs=out_specs,
-    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -152,14 +125,17 @@ def blocked_log_likelihood(
 ) -> Scalar:
     """The Poisson log-likelihood of rows laid out as ``n_blocks`` equal blocks on ``mesh``.
 
-    Each device sums each of its blocks with the plain kernel; the per-block sums are
-    gathered and added in block order. The gradient is written out (a custom VJP) so that
-    it too is reduced per block and then in block order: per-unit gradients come from one
-    block each (exact under ``psum``), per-cell gradients are summed over blocks in order.
-    On CPU the value and the gradient are therefore bitwise the same on any device count
-    that divides ``n_blocks``. (GPU scatter-adds are not ordered: equal to float tolerance.)
+    Each device sums each of its blocks; the per-block sums are gathered and added in
+    block order. The gradient is written out (a custom VJP, from ``d loglik / d log_rate``
+    saved by the forward pass) so that it too is reduced per block and then in block order:
+    per-unit gradients come from one block each (exact under ``psum``), per-cell gradients
+    are summed over blocks in order. On CPU the value and the gradient are therefore
+    bitwise the same on any device count >= 2
+    that divides ``n_blocks`` (2 hosts x 1 device == 1 host x 2 devices). A single device
+    is compiled (fused) differently by XLA and agrees to float rounding; so do GPUs, whose
+    scatter-adds are unordered.
     """
-    return _blocked_forward(
+    return _blocked_value(
         mesh,
         n_blocks,
         clip,
@@ -175,45 +151,58 @@ def blocked_log_likelihood(
 
 
 def _blocked_forward(mesh, n_blocks, clip, beta, delta, gamma, *rows):  # noqa: ANN001, ANN202
-    def per_device(beta, delta, gamma, *rows):  # noqa: ANN001, ANN202
-        blocks = [r.reshape(n_blocks // mesh.devices.size, -1) for r in rows]
-        partials = jax.vmap(_block_log_likelihood, in_axes=(None, None, None, 0, 0, 0, 0, 0, None))(
-            beta, delta, gamma, *blocks, clip
-        )
-        return _sum_over_blocks(partials)
+    """Value and ``d loglik / d log_rate`` of every row (the backward pass needs no more)."""
+    per_block = n_blocks // mesh.devices.size
 
-    value = _shard_call(mesh, per_device, 3, P())(beta, delta, gamma, *rows)
-    return jax.lax.optimization_barrier(value)
+    def per_device(beta, delta, gamma, unit_idx, cell_idx, log_price, counts, weight):  # noqa: ANN001, ANN202
+        raw = elasticity_log_rate(beta, delta, gamma, unit_idx, cell_idx, log_price)
+        log_rate = raw if clip is None else jnp.clip(raw, clip[0], clip[1])
+        rate = jnp.exp(log_rate)
+        log_pmf = counts * log_rate - rate - gammaln(counts + 1.0)
+        partials = jnp.sum((weight * log_pmf).reshape(per_block, -1), axis=1)
+        d_rate = weight * (counts - rate)
+        if clip is not None:  # the clip passes no gradient outside its range
+            d_rate = jnp.where((raw > clip[0]) & (raw < clip[1]), d_rate, 0.0)
+        return _sum_over_blocks(partials), d_rate
+
+    return jax.shard_map(
+        per_device,
+        mesh=mesh,
+        in_specs=(P(), P(), P()) + (P(DATA_AXIS),) * 5,
+        out_specs=(P(), P(DATA_AXIS)),
+    )(beta, delta, gamma, *rows)
 
 
 def _blocked_fwd(mesh, n_blocks, clip, beta, delta, gamma, *rows):  # noqa: ANN001, ANN202
-    value = _blocked_forward(mesh, n_blocks, clip, beta, delta, gamma, *rows)
-    return value, (beta, delta, gamma, rows)
+    value, d_rate = _blocked_forward(mesh, n_blocks, clip, beta, delta, gamma, *rows)
+    unit_idx, cell_idx, log_price = rows[:3]
+    return value, (d_rate, unit_idx, cell_idx, log_price, beta.shape[0], gamma.shape[0])
+
+
+def _blocked_value(mesh, n_blocks, clip, beta, delta, gamma, *rows):  # noqa: ANN001, ANN202
+    return _blocked_forward(mesh, n_blocks, clip, beta, delta, gamma, *rows)[0]
 
 
 def _blocked_bwd(mesh, n_blocks, clip, residuals, cotangent):  # noqa: ANN001, ANN202
-    beta, delta, gamma, rows = residuals
-    n_units, n_cells = beta.shape[0], gamma.shape[0]
+    d_rate, unit_idx, cell_idx, log_price, n_units, n_cells = residuals
+    per_block = n_blocks // mesh.devices.size
 
-    def per_device(cotangent, beta, delta, gamma, unit_idx, cell_idx, log_price, counts, weight):  # noqa: ANN001, ANN202
-        raw = beta[unit_idx] * log_price + delta[unit_idx] + gamma[cell_idx]
-        log_rate = raw if clip is None else jnp.clip(raw, clip[0], clip[1])
-        d_rate = cotangent * weight * (counts - jnp.exp(log_rate))  # d loglik / d log_rate
-        if clip is not None:  # the clip passes no gradient outside its range
-            d_rate = jnp.where((raw > clip[0]) & (raw < clip[1]), d_rate, 0.0)
+    def per_device(cotangent, d_rate, unit_idx, cell_idx, log_price):  # noqa: ANN001, ANN202
+        d_rate = cotangent * d_rate
         # each unit's rows sit in one block on one device: psum adds exact zeros
         d_beta = jax.lax.psum(jax.ops.segment_sum(d_rate * log_price, unit_idx, n_units), DATA_AXIS)
         d_delta = jax.lax.psum(jax.ops.segment_sum(d_rate, unit_idx, n_units), DATA_AXIS)
-        per_block = n_blocks // mesh.devices.size
         d_gamma_blocks = jax.vmap(functools.partial(jax.ops.segment_sum, num_segments=n_cells))(
             d_rate.reshape(per_block, -1), cell_idx.reshape(per_block, -1)
         )
         return d_beta, d_delta, _sum_over_blocks(d_gamma_blocks)
 
-    grads = _shard_call(mesh, per_device, 4, (P(), P(), P()))(cotangent, beta, delta, gamma, *rows)
-    # The barrier keeps XLA from fusing these sums into what follows differently on one
-    # device (where the psum vanishes) than on several: bitwise the same downstream.
-    grads = jax.lax.optimization_barrier(grads)
+    grads = jax.shard_map(
+        per_device,
+        mesh=mesh,
+        in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS)),
+        out_specs=(P(), P(), P()),
+    )(cotangent, d_rate, unit_idx, cell_idx, log_price)
     return (*grads, None, None, None, None, None)
 
 

@@ -1,4 +1,5 @@
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -135,3 +136,14 @@ def test_recovery_beats_pooling_and_approaches_the_information_bound(recovery_fi
     # The posterior mean cannot beat the oracle by much (sampling error of an RMSE over 300
     # units is ~4%); SVI with unknown nuisance effects may lose up to 50% to it.
     assert 0.85 * oracle < rmse < 1.5 * oracle
+
+
+def test_loop_moves_nothing_from_host_to_device(small_panel, small_model, monkeypatch):
+    # fit places the panel once, before the loop; the loop runs under a transfer guard.
+    # Were the panel left on the host, every chunk would copy it up, and the guard says so.
+    panel, _ = small_panel
+    guide = start(small_model, panel)
+    fit_module = importlib.import_module("hbjax.fit")  # hbjax.fit is the function
+    monkeypatch.setattr(fit_module, "_place_on_default_device", lambda data: data)
+    with pytest.raises(Exception, match="host-to-device transfer"):
+        fit(small_model, guide, panel, key=jax.random.key(0), steps=3, progress=False)

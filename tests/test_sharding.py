@@ -216,3 +216,22 @@ def test_unreachable_coordinator_is_a_bounded_one_line_error(panel_file):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert err.strip().startswith("error: no coordinator answered") and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (
+            ["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "5"],
+            ["process-id must be in [0, 1]"],
+        ),
+        (["--coordinator", "127.0.0.1:1", "--num-processes", "2"], ["--process-id"]),
+        (["--coordinator", "nowhere", "--num-processes", "2", "--process-id", "1"], ["HOST:PORT"]),
+    ],
+)
+def test_bad_multi_host_flags_are_one_line_errors(flags, words, panel_file, capsys):
+    assert main(["fit", str(panel_file), "--no-progress", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    for word in words:
+        assert word in err
