@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--periods", type=int, default=156)
     parser.add_argument("--block", type=int, default=20, help="steps per timed block")
     parser.add_argument("--blocks", type=int, default=5, help="timed blocks")
+    parser.add_argument("--layout", default="auto", choices=["auto", "dense", "rows"])
     parser.add_argument(
         "--devices", type=int, default=0, help="mesh size (0: no mesh, the plain kernel)"
     )
@@ -36,7 +37,7 @@ def main() -> None:
     panel, _ = hbjax.from_frame(sim.frame)
     model = hbjax.ElasticityModel.from_panel(panel)
     if args.devices:
-        panel = hbjax.shard_panel(panel, hbjax.make_mesh(args.devices))
+        panel = hbjax.shard_panel(panel, hbjax.make_mesh(args.devices), layout=args.layout)
     guide = hbjax.MeanFieldNormal.from_shapes(model.latent_shapes(), loc=model.init_latents(panel))
     key = jax.random.key(0)
     warm = hbjax.fit(model, guide, panel, key=key, steps=args.block, chunk_size=args.block,
@@ -49,11 +50,12 @@ def main() -> None:
     report = {
         "products": args.products,
         "periods": args.periods,
-        "observations": panel.n_rows,
+        "observations": int(np.sum(panel.unit_rows)),
+        "layout": type(panel).__name__,
         "compile_seconds": round(warm.compile_seconds, 2),
         "iterations_per_second": round(float(np.median(rates)), 1),
         "devices": args.devices,
-        "padded_rows": panel.n_rows,
+        "padded_cells": int(np.size(panel.log_price)),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "backend": jax.default_backend(),
         "machine": platform.machine(),

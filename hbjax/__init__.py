@@ -5,6 +5,7 @@ from importlib.metadata import PackageNotFoundError, version
 from . import layers as layers
 from . import sharding as sharding
 from .data import DataValidationError as DataValidationError
+from .data import DensePanel as DensePanel
 from .data import Encoding as Encoding
 from .data import Panel as Panel
 from .data import from_file as from_file

@@ -13,11 +13,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import equinox as eqx
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 from jax.sharding import Mesh
 
-from ._types import ObsFloat, ObsInt, UnitInt
+from ._types import AnyArray, Array, Bool, Float, Int, ObsFloat, ObsInt, UnitInt
 
 #: Largest count that float32 represents exactly (2**24); the kernel works in float32.
 MAX_COUNT = 2**24
@@ -75,6 +77,72 @@ class Panel(eqx.Module):
     def n_cells(self) -> int:
         """Number of (group, period) cells."""
         return self.n_groups * self.n_periods
+
+    def unit_totals(self) -> tuple[Array, Array, Array]:
+        """Per unit: observed rows, sum of counts, sum of log prices (padding excluded)."""
+        weight = jnp.asarray(self.weight)
+        unit_idx = jnp.asarray(self.unit_idx)
+        totals = [
+            jax.ops.segment_sum(weight * jnp.asarray(x), unit_idx, self.n_units)
+            for x in (jnp.ones_like(weight), self.counts, self.log_price)
+        ]
+        return totals[0], totals[1], totals[2]
+
+
+class DensePanel(eqx.Module):
+    """A panel as a dense [unit slot, period] grid with a mask: the fast layout.
+
+    Built by :func:`hbjax.sharding.shard_panel` (``layout="dense"``) from a
+    :class:`Panel`. Units are cut into ``n_blocks`` blocks of whole units, each padded to
+    the same number of *slots* (padding slots observe nothing). The Poisson likelihood's
+    linear term ``sum y * log_rate`` is linear in the parameters, so it is computed from
+    per-unit and per-cell sufficient statistics, once; only ``sum exp(log_rate)`` touches
+    the grid each step, with no index gathers along the rows.
+
+    Attributes:
+        log_price: ``[slot, period]`` log price (0 where not observed).
+        observed: ``[slot, period]`` whether the cell was observed.
+        slot_unit: ``[slot]`` unit of each slot (padding: a unit of the same block).
+        slot_group: ``[slot]`` group of each slot.
+        unit_group: ``[unit]`` group of each unit.
+        unit_rows: ``[unit]`` observed periods of each unit.
+        counts_by_unit: ``[unit]`` sum of counts.
+        counts_log_price_by_unit: ``[unit]`` sum of counts * log price.
+        log_price_by_unit: ``[unit]`` sum of log prices.
+        counts_by_cell: ``[cell]`` sum of counts of each (group, period) cell.
+        log_factorial: ``[]`` sum of log(counts!) (a constant of the likelihood).
+        n_units: number of units.
+        n_groups: number of groups.
+        n_periods: number of periods.
+        n_blocks: number of blocks.
+        mesh: the mesh the slots are split over, or ``None``.
+    """
+
+    log_price: Float[AnyArray, "slot period"]
+    observed: Bool[AnyArray, "slot period"]
+    slot_unit: Int[AnyArray, " slot"]
+    slot_group: Int[AnyArray, " slot"]
+    unit_group: UnitInt
+    unit_rows: UnitInt
+    counts_by_unit: Float[AnyArray, " unit"]
+    counts_log_price_by_unit: Float[AnyArray, " unit"]
+    log_price_by_unit: Float[AnyArray, " unit"]
+    counts_by_cell: Float[AnyArray, " cell"]
+    log_factorial: Float[AnyArray, ""]
+    n_units: int = eqx.field(static=True)
+    n_groups: int = eqx.field(static=True)
+    n_periods: int = eqx.field(static=True)
+    n_blocks: int = eqx.field(static=True, default=1)
+    mesh: Mesh | None = eqx.field(static=True, default=None)
+
+    @property
+    def n_cells(self) -> int:
+        """Number of (group, period) cells."""
+        return self.n_groups * self.n_periods
+
+    def unit_totals(self) -> tuple[Array, Array, Array]:
+        """Per unit: observed periods, sum of counts, sum of log prices."""
+        return self.unit_rows, self.counts_by_unit, self.log_price_by_unit
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,7 @@ from .data import Panel
 from .guide import AbstractGuide
 from .model import AbstractModel
 from .objectives import renyi_elbo
-from .sharding import replicate, shard_panel, to_host
+from .sharding import make_mesh, replicate, shard_panel, to_host
 
 #: A loss to minimise: ``objective(model, guide, panel, *, key) -> scalar``.
 Objective = Callable[..., Scalar]
@@ -57,6 +57,7 @@ class FitResult:
         compile_seconds: time to trace and compile the step.
         iterations_per_second: steps per second after compilation.
         num_traces: times the step was traced (1: compiled once).
+        chunk_seconds: wall time of each completed chunk of steps (for benchmarks).
     """
 
     model: AbstractModel
@@ -68,6 +69,7 @@ class FitResult:
     compile_seconds: float
     iterations_per_second: float
     num_traces: int
+    chunk_seconds: np.ndarray
 
     @property
     def final_loss(self) -> float:
@@ -181,6 +183,7 @@ def fit(
     chunk_size: int = 100,
     progress: bool = True,
     mesh: Mesh | None = None,
+    callback: Callable[[int, AbstractGuide], None] | None = None,
 ) -> FitResult:
     """Fit ``guide`` to the posterior of ``model`` given ``panel`` by stochastic optimisation.
 
@@ -195,9 +198,13 @@ def fit(
             :func:`hbjax.renyi_elbo` (alpha=0, 4 particles).
         chunk_size: steps per compiled ``lax.scan`` call (the progress bar's granularity).
         progress: show a tqdm progress bar with iterations/s and the running loss.
-        mesh: split the panel's rows over this mesh (:func:`hbjax.make_mesh`); a panel
-            already placed by :func:`hbjax.shard_panel` keeps its own mesh. Parameters are
-            replicated; the result does not depend on the number of devices.
+        mesh: split a host panel over this mesh (:func:`hbjax.make_mesh`; default: one
+            device) with :func:`hbjax.shard_panel`'s default, fastest layout; a panel
+            already placed keeps its mesh and layout. Parameters are replicated; the result
+            does not depend on the number of devices.
+        callback: called after each chunk as ``callback(steps_done, guide)`` with a host
+            copy of the guide (e.g. to track recovery); its time is not counted in the
+            fit's timings.
 
     Returns:
         A :class:`FitResult`.
@@ -230,10 +237,10 @@ def fit(
     opt_state = optimizer.init(params)
     key = _typed_key(key)
     mesh_of = lambda data: getattr(data, "mesh", None)  # noqa: E731
-    if mesh is not None and mesh_of(panel) is None:
-        if not isinstance(panel, Panel):
-            raise TypeError("fit(..., mesh=...) shards an hbjax Panel; got custom data.")
-        panel = shard_panel(panel, mesh)
+    if isinstance(panel, Panel) and panel.mesh is None:  # a host panel: the fast layout
+        panel = shard_panel(panel, mesh if mesh is not None else make_mesh(1))
+    elif mesh is not None and mesh_of(panel) is None:
+        raise TypeError("fit(..., mesh=...) shards an hbjax Panel; got custom data.")
     if mesh_of(panel) is not None:  # parameters replicated on the panel's mesh
         params, opt_state, model_arrays, key = replicate(
             (params, opt_state, model_arrays, key), panel.mesh
@@ -287,7 +294,9 @@ def fit(
     losses: list[np.ndarray] = []
     done = 0
     bar = tqdm(total=steps, unit="it", disable=not progress, desc="hbjax fit", leave=True)
-    loop_start = time.perf_counter()
+    loop_start = chunk_start = time.perf_counter()
+    chunk_seconds: list[float] = []
+    callback_seconds = 0.0
     failed_at = None
     try:
         # Everything the loop needs is on the devices already: nothing goes up in it.
@@ -307,11 +316,18 @@ def fit(
                     break
                 losses.append(chunk_losses)
                 done += n
+                chunk_seconds.append(time.perf_counter() - chunk_start)
                 bar.update(n)
                 bar.set_postfix(loss=f"{float(np.mean(chunk_losses)):.6g}", refresh=False)
+                if callback is not None:
+                    waited = time.perf_counter()
+                    host_params = jax.tree.map(np.asarray, to_host(params))
+                    callback(done, eqx.combine(host_params, guide_static))
+                    callback_seconds += time.perf_counter() - waited
+                chunk_start = time.perf_counter()
     finally:
         bar.close()
-    loop_seconds = time.perf_counter() - loop_start
+    loop_seconds = time.perf_counter() - loop_start - callback_seconds
     done_steps = done if failed_at is None else failed_at
     params, opt_state = to_host((params, opt_state))
     result = FitResult(
@@ -320,10 +336,11 @@ def fit(
         losses=np.concatenate(losses) if losses else np.zeros(0, np.float32),
         opt_state=opt_state,
         steps=done_steps,
-        wall_seconds=time.perf_counter() - start,
+        wall_seconds=time.perf_counter() - start - callback_seconds,
         compile_seconds=compile_seconds,
         iterations_per_second=done_steps / loop_seconds if loop_seconds > 0 else math.inf,
         num_traces=traces,
+        chunk_seconds=np.asarray(chunk_seconds),
     )
     if failed_at is not None:
         raise NonFiniteLossError(

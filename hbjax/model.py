@@ -15,9 +15,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree, Scalar
 
 from ._types import LatentLeaf, UnitInt
-from .data import Panel
+from .data import DensePanel, Panel
 from .layers import Nested, Normal
-from .likelihood import panel_log_likelihood
+from .likelihood import dense_log_likelihood, panel_log_likelihood
 
 
 class AbstractModel(eqx.Module):
@@ -177,9 +177,17 @@ class ElasticityModel(AbstractModel):
             group_period_effect=self.group_period_effect(latents.group_period_effect),
         )
 
-    def log_likelihood(self, latents: ElasticityLatents, panel: Panel) -> Scalar:
+    def log_likelihood(self, latents: ElasticityLatents, panel: Panel | DensePanel) -> Scalar:
         """Poisson log-likelihood of the panel's rows."""
         values = self.natural(latents)
+        if isinstance(panel, DensePanel):
+            return dense_log_likelihood(
+                values.unit_elasticity,
+                values.unit_effect,
+                values.group_period_effect,
+                panel,
+                self.clip_log_rate,
+            )
         return panel_log_likelihood(
             values.unit_elasticity,
             values.unit_effect,
@@ -188,21 +196,15 @@ class ElasticityModel(AbstractModel):
             self.clip_log_rate,
         )
 
-    def init_latents(self, panel: Panel) -> ElasticityLatents:
+    def init_latents(self, panel: Panel | DensePanel) -> ElasticityLatents:
         """A data-informed start: elasticities at their prior means, intercepts fitted.
 
         Each unit's intercept starts where the model, at its prior-mean elasticity, matches
         the unit's mean log demand: ``delta_i = log(mean units_i + 0.5) - beta_0 mean log p_i``.
+        Deterministic: no key is involved.
         """
-        weight = jnp.asarray(panel.weight)
-        unit_idx = jnp.asarray(panel.unit_idx)
-        n_units = self.unit_effect.shape[0]
-        rows = jax.ops.segment_sum(weight, unit_idx, n_units)
-        mean_units = jax.ops.segment_sum(weight * jnp.asarray(panel.counts), unit_idx, n_units)
-        mean_log_price = jax.ops.segment_sum(
-            weight * jnp.asarray(panel.log_price), unit_idx, n_units
-        )
-        rows = jnp.maximum(rows, 1.0)
+        rows, mean_units, mean_log_price = panel.unit_totals()
+        rows = jnp.maximum(jnp.asarray(rows, jnp.float32), 1.0)
         beta_0 = self.global_elasticity.loc
         delta = jnp.log(mean_units / rows + 0.5) - beta_0 * mean_log_price / rows
         zeros = super().init_latents(panel)

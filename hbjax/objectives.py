@@ -36,9 +36,14 @@ def log_weights(
     key: PRNGKeyArray,
     num_particles: int,
 ) -> ParticleFloat:
-    """``log p(panel, z_k) - log q(z_k)`` for ``num_particles`` draws ``z_k ~ q``."""
+    """``log p(panel, z_k) - log q(z_k)`` for ``num_particles`` draws ``z_k ~ q``.
+
+    The particles go through the model one after the other (``lax.map``): each pass
+    streams the data once and keeps one particle's intermediates, which on CPU is several
+    times faster than ``vmap`` over large data and needs K times less memory.
+    """
     particles, log_q = guide.sample_and_log_prob(num_particles, key=key)
-    log_p = jax.vmap(model.log_joint, in_axes=(0, None))(particles, panel)
+    log_p = jax.lax.map(lambda z: model.log_joint(z, panel), particles)
     return log_p - log_q
 
 

@@ -27,7 +27,15 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ._types import PyTree
-from .data import Encoding, Panel, column_roles, encode_rows, from_frame, read_table
+from .data import (
+    DensePanel,
+    Encoding,
+    Panel,
+    column_roles,
+    encode_rows,
+    from_frame,
+    read_table,
+)
 
 #: The mesh axis along which observation rows are split.
 DATA_AXIS = "data"
@@ -151,14 +159,26 @@ def _block_count(panel: Panel, mesh: Mesh, n_blocks: int | None) -> int:
     return count
 
 
-def shard_panel(panel: Panel, mesh: Mesh, *, n_blocks: int | None = None) -> Panel:
+#: A panel at least this full (observed / (units x periods)) gets the dense layout.
+DENSE_MIN_FILL = 0.5
+
+
+def shard_panel(
+    panel: Panel, mesh: Mesh, *, n_blocks: int | None = None, layout: str = "auto"
+) -> Panel | DensePanel:
     """Pad and place a panel on a mesh: equal blocks of whole units, split on ``"data"``.
 
     The units are cut into ``n_blocks`` contiguous runs balanced by rows
-    (:func:`plan_blocks`, from ``panel.unit_rows``); each block is padded to the longest
-    with zero-weight rows that point at one of the block's own units; device ``d`` holds
-    blocks ``d * n_blocks / n_devices ...``. Observation arrays are placed with
-    ``NamedSharding(mesh, P("data"))``; the unit → group map and row counts are replicated.
+    (:func:`plan_blocks`, from ``panel.unit_rows``); device ``d`` holds blocks
+    ``d * n_blocks / n_devices ...``. Arrays over rows or unit slots are placed with
+    ``NamedSharding(mesh, P("data"))``; per-unit and per-cell arrays are replicated.
+
+    Layouts:
+        ``"rows"``: the panel's rows, each block padded to the longest with zero-weight
+        rows that point at one of the block's own units (a :class:`~hbjax.Panel`).
+        ``"dense"``: a [unit slot, period] grid with a mask and sufficient statistics (a
+        :class:`~hbjax.DensePanel`): fastest for mostly complete panels.
+        ``"auto"`` (default): dense when at least half the unit x period cells are observed.
 
     With several processes, ``panel`` holds this process's units' rows
     (:func:`read_process_panel`) and every process calls this together.
@@ -167,42 +187,138 @@ def shard_panel(panel: Panel, mesh: Mesh, *, n_blocks: int | None = None) -> Pan
         panel: a host panel.
         mesh: a one-axis ``"data"`` mesh (:func:`make_mesh`).
         n_blocks: number of blocks; default :func:`default_block_count` (or the panel's).
+        layout: ``"auto"``, ``"dense"`` or ``"rows"``.
 
     Returns:
-        A :class:`~hbjax.Panel` of global device arrays that remembers its mesh and blocks.
+        A panel of global device arrays that remembers its mesh and blocks.
     """
-    if panel.mesh is not None:
-        raise ShardingError("this panel is already placed on a mesh.")
+    if not isinstance(panel, Panel) or panel.mesh is not None:
+        raise ShardingError("shard_panel takes a host Panel (from hbjax.from_frame), once.")
+    if layout not in ("auto", "dense", "rows"):
+        raise ShardingError(f"layout must be 'auto', 'dense' or 'rows'; got {layout!r}.")
     n_blocks = _block_count(panel, mesh, n_blocks)
     unit_rows = np.asarray(panel.unit_rows)
     units = plan_blocks(unit_rows, n_blocks)
+    if layout == "auto":
+        fill = unit_rows.sum() / max(panel.n_units * panel.n_periods, 1)
+        layout = "dense" if fill >= DENSE_MIN_FILL else "rows"
+    build = _dense_panel if layout == "dense" else _row_panel
+    return build(panel, mesh, units)
+
+
+def _own_rows(unit_idx: np.ndarray, units: np.ndarray, b: int, unit_rows: np.ndarray) -> slice:
+    """Rows of block ``b`` in this process's unit-sorted rows (checked complete)."""
+    lo, hi = np.searchsorted(unit_idx, [units[b], units[b + 1]])
+    expected = int(unit_rows[units[b] : units[b + 1]].sum())
+    if hi - lo != expected:
+        raise ShardingError(
+            f"block {b} should hold {expected} rows of units {units[b]}..{units[b + 1] - 1} "
+            f"but this process has {hi - lo}; read its rows with read_process_panel."
+        )
+    return slice(int(lo), int(hi))
+
+
+def _place_rows(mesh: Mesh, arrays: dict[str, np.ndarray], n_blocks: int, per_block: int):  # noqa: ANN202
+    """Global arrays, split on "data", from this process's blocks (leading axis)."""
+    spec = NamedSharding(mesh, P(DATA_AXIS))
+    return {
+        name: jax.make_array_from_process_local_data(
+            spec, value, (n_blocks * per_block, *value.shape[1:])
+        )
+        for name, value in arrays.items()
+    }
+
+
+def _row_panel(panel: Panel, mesh: Mesh, units: np.ndarray) -> Panel:
+    n_blocks = len(units) - 1
+    unit_rows = np.asarray(panel.unit_rows)
     length = int(max(_block_rows(unit_rows, units).max(initial=0), 1))
     host = {name: np.asarray(getattr(panel, name)) for name in _OBS_FIELDS}
     local = _local_blocks(mesh, n_blocks)
     blocks = {name: np.zeros(len(local) * length, host[name].dtype) for name in _OBS_FIELDS}
-    unit_idx = host["unit_idx"]
     for slot, b in enumerate(local):
-        lo, hi = np.searchsorted(unit_idx, [units[b], units[b + 1]])
-        at = slot * length
-        rows = hi - lo
-        expected = int(unit_rows[units[b] : units[b + 1]].sum())
-        if rows != expected:
-            raise ShardingError(
-                f"block {b} should hold {expected} rows of units {units[b]}..{units[b + 1] - 1} "
-                f"but this process has {rows}; read its rows with read_process_panel."
-            )
+        rows = _own_rows(host["unit_idx"], units, b, unit_rows)
+        at, n = slot * length, rows.stop - rows.start
         for name in _OBS_FIELDS:
-            blocks[name][at : at + rows] = host[name][lo:hi]
+            blocks[name][at : at + n] = host[name][rows]
         # padding: zero weight (the zeros above), a valid unit of this block
-        blocks["unit_idx"][at + rows : at + length] = max(units[b + 1] - 1, 0)
-    spec = NamedSharding(mesh, P(DATA_AXIS))
-    global_shape = (n_blocks * length,)
-    placed = {
-        name: jax.make_array_from_process_local_data(spec, blocks[name], global_shape)
-        for name in _OBS_FIELDS
-    }
+        blocks["unit_idx"][at + n : at + length] = max(units[b + 1] - 1, 0)
+    placed = _place_rows(mesh, blocks, n_blocks, length)
     small = replicate({"unit_group": panel.unit_group, "unit_rows": panel.unit_rows}, mesh)
     return dataclasses.replace(panel, **placed, **small, n_blocks=n_blocks, mesh=mesh)
+
+
+def _sum_over_processes(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Add float64 host arrays over processes, in process order."""
+    if jax.process_count() == 1:
+        return values
+    gathered = multihost_utils.process_allgather(values)
+    return {name: np.asarray(v).sum(axis=0) for name, v in gathered.items()}
+
+
+def _dense_panel(panel: Panel, mesh: Mesh, units: np.ndarray) -> DensePanel:
+    n_blocks, n_periods = len(units) - 1, panel.n_periods
+    unit_rows, unit_group = np.asarray(panel.unit_rows), np.asarray(panel.unit_group)
+    slots = int(max(np.diff(units).max(initial=0), 1))
+    unit_idx = np.asarray(panel.unit_idx)
+    period = np.asarray(panel.cell_idx) % n_periods
+    log_price = np.asarray(panel.log_price)
+    local = _local_blocks(mesh, n_blocks)
+    grid = np.zeros((len(local) * slots, n_periods), np.float32)
+    observed = np.zeros((len(local) * slots, n_periods), bool)
+    slot_unit = np.zeros(len(local) * slots, np.int32)
+    for k, b in enumerate(local):
+        rows = _own_rows(unit_idx, units, b, unit_rows)
+        at = k * slots
+        slot = at + unit_idx[rows] - units[b]
+        grid[slot, period[rows]] = log_price[rows]
+        observed[slot, period[rows]] = True
+        slot_unit[at : at + slots] = max(units[b + 1] - 1, 0)  # padding: a unit of the block
+        slot_unit[at : at + units[b + 1] - units[b]] = np.arange(units[b], units[b + 1])
+    placed = _place_rows(
+        mesh,
+        {
+            "log_price": grid,
+            "observed": observed,
+            "slot_unit": slot_unit,
+            "slot_group": unit_group[slot_unit].astype(np.int32),
+        },
+        n_blocks,
+        slots,
+    )
+    counts = np.asarray(panel.counts, np.float64)
+    weight = np.asarray(panel.weight, np.float64)
+    log_factorial = np.asarray(jax.scipy.special.gammaln(np.asarray(panel.counts) + 1.0))
+    stats = _sum_over_processes(
+        {
+            "counts_by_unit": np.bincount(unit_idx, weight * counts, panel.n_units),
+            "counts_log_price_by_unit": np.bincount(
+                unit_idx, weight * counts * log_price, panel.n_units
+            ),
+            "log_price_by_unit": np.bincount(unit_idx, weight * log_price, panel.n_units),
+            "counts_by_cell": np.bincount(
+                np.asarray(panel.cell_idx), weight * counts, panel.n_cells
+            ),
+            "log_factorial": np.asarray(np.sum(weight * log_factorial, dtype=np.float64)),
+        }
+    )
+    small = replicate(
+        {
+            "unit_group": panel.unit_group,
+            "unit_rows": panel.unit_rows,
+            **{name: value.astype(np.float32) for name, value in stats.items()},
+        },
+        mesh,
+    )
+    return DensePanel(
+        **placed,
+        **small,
+        n_units=panel.n_units,
+        n_groups=panel.n_groups,
+        n_periods=n_periods,
+        n_blocks=n_blocks,
+        mesh=mesh,
+    )
 
 
 def read_process_panel(

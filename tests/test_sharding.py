@@ -41,8 +41,9 @@ def test_block_count_does_not_depend_on_the_device_count():
     assert sharding.default_block_count(60, 36, 7) == 7  # falls back to one per device
 
 
+@pytest.mark.parametrize("layout", ["rows", "dense"])
 @pytest.mark.parametrize("n_devices", [1, 2, 3, 4])
-def test_loss_and_gradients_match_unsharded(n_devices):
+def test_loss_and_gradients_match_unsharded(n_devices, layout):
     panel, _ = odd_panel()
     model = hbjax.ElasticityModel.from_panel(panel)
     guide = hbjax.MeanFieldNormal.from_shapes(model.latent_shapes(), loc=model.init_latents(panel))
@@ -55,7 +56,7 @@ def test_loss_and_gradients_match_unsharded(n_devices):
         )(guide)
 
     base_loss, base_grad = loss_and_grad(guide, jax.device_put(panel))
-    sharded = hbjax.shard_panel(panel, hbjax.make_mesh(n_devices))
+    sharded = hbjax.shard_panel(panel, hbjax.make_mesh(n_devices), layout=layout)
     loss, grad = loss_and_grad(guide, sharded)
     # float32: partial sums in another order differ by ~|sum| * n_rows * 2^-24 at most
     np.testing.assert_allclose(float(loss), float(base_loss), rtol=1e-5)
@@ -67,7 +68,7 @@ def test_loss_and_gradients_match_unsharded(n_devices):
 def test_placement_pads_with_zero_weight_and_splits_rows():
     panel, _ = odd_panel()
     mesh = hbjax.make_mesh(4)
-    sharded = hbjax.shard_panel(panel, mesh)
+    sharded = hbjax.shard_panel(panel, mesh, layout="rows")
     assert sharded.n_rows % sharded.n_blocks == 0 and sharded.n_blocks % 4 == 0
     assert sharded.mesh is mesh
     units_seen = []
@@ -90,6 +91,30 @@ def test_placement_pads_with_zero_weight_and_splits_rows():
             assert not units_seen[a] & units_seen[b]
     assert float(np.asarray(sharded.weight).sum()) == panel.n_rows
     assert sharded.unit_group.sharding.is_fully_replicated
+
+
+def test_dense_placement_splits_whole_units_and_keeps_every_observation():
+    panel, _ = odd_panel()
+    sharded = hbjax.shard_panel(panel, hbjax.make_mesh(4), layout="dense")
+    assert isinstance(sharded, hbjax.DensePanel) and sharded.n_blocks % 4 == 0
+    assert int(np.asarray(sharded.observed).sum()) == panel.n_rows
+    for name in ("log_price", "observed", "slot_unit", "slot_group"):
+        shards = getattr(sharded, name).addressable_shards
+        assert len({s.device for s in shards}) == 4
+        assert all(s.data.shape[0] < sharded.log_price.shape[0] for s in shards)
+    units_per_device = []
+    for obs, unit in zip(
+        sharded.observed.addressable_shards, sharded.slot_unit.addressable_shards, strict=True
+    ):
+        seen = np.asarray(obs.data).any(axis=1)
+        units_per_device.append(set(np.asarray(unit.data)[seen].tolist()))
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert not units_per_device[a] & units_per_device[b]
+    np.testing.assert_array_equal(np.asarray(sharded.unit_rows), panel.unit_rows)
+    np.testing.assert_allclose(
+        np.asarray(sharded.counts_by_unit), np.bincount(panel.unit_idx, panel.counts)
+    )
 
 
 def test_fit_gives_the_same_elasticities_on_1_and_4_devices():
