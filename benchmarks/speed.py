@@ -40,12 +40,20 @@ def main() -> None:
         panel = hbjax.shard_panel(panel, hbjax.make_mesh(args.devices), layout=args.layout)
     guide = hbjax.MeanFieldNormal.from_shapes(model.latent_shapes(), loc=model.init_latents(panel))
     key = jax.random.key(0)
-    warm = hbjax.fit(model, guide, panel, key=key, steps=args.block, chunk_size=args.block,
-                     progress=False)
+    warm = hbjax.fit(
+        model, guide, panel, key=key, steps=args.block, chunk_size=args.block, progress=False
+    )
     rates = []
     for i in range(args.blocks):
-        result = hbjax.fit(model, warm.guide, panel, key=jax.random.fold_in(key, i),
-                           steps=args.block, chunk_size=args.block, progress=False)
+        result = hbjax.fit(
+            model,
+            warm.guide,
+            panel,
+            key=jax.random.fold_in(key, i),
+            steps=args.block,
+            chunk_size=args.block,
+            progress=False,
+        )
         rates.append(result.iterations_per_second)
     report = {
         "products": args.products,

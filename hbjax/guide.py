@@ -11,6 +11,7 @@ evaluated on a ``stop_gradient``-ed copy of the guide.
 from __future__ import annotations
 
 import abc
+import math
 
 import distrax
 import equinox as eqx
@@ -19,6 +20,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 from ._types import ParticleFloat
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def inverse_softplus(x: Float[Array, "*s"]) -> Float[Array, "*s"]:
@@ -31,16 +34,16 @@ class AbstractGuide(eqx.Module):
     """Interface of a guide: draw particles and score them."""
 
     @abc.abstractmethod
-    def sample(self, num_particles: int, *, key: PRNGKeyArray) -> PyTree[Float[Array, ...]]:
+    def sample(self, num_particles: int, *, key: PRNGKeyArray) -> PyTree[Float[Array, "..."]]:
         """Draw ``num_particles`` reparameterised particles (leading ``particle`` axis)."""
 
     @abc.abstractmethod
-    def log_prob(self, particles: PyTree[Float[Array, ...]]) -> ParticleFloat:
+    def log_prob(self, particles: PyTree[Float[Array, "..."]]) -> ParticleFloat:
         """Log density under q of each particle (leading ``particle`` axis)."""
 
     def sample_and_log_prob(
         self, num_particles: int, *, key: PRNGKeyArray
-    ) -> tuple[PyTree[Float[Array, ...]], ParticleFloat]:
+    ) -> tuple[PyTree[Float[Array, "..."]], ParticleFloat]:
         """Particles and their log density; gradients flow through both (the total gradient)."""
         particles = self.sample(num_particles, key=key)
         return particles, self.log_prob(particles)
@@ -64,15 +67,15 @@ class MeanFieldNormal(AbstractGuide):
         (4,)
     """
 
-    loc: PyTree[Float[Array, ...]]
-    raw_scale: PyTree[Float[Array, ...]]
+    loc: PyTree[Float[Array, "..."]]
+    raw_scale: PyTree[Float[Array, "..."]]
 
     @classmethod
     def from_shapes(
         cls,
         shapes: PyTree[jax.ShapeDtypeStruct],
         *,
-        loc: PyTree[Float[Array, ...]] | None = None,
+        loc: PyTree | None = None,
         scale: float = 0.1,
     ) -> MeanFieldNormal:
         """A guide for latents of the given shapes, built before any data is seen.
@@ -98,11 +101,11 @@ class MeanFieldNormal(AbstractGuide):
         return cls(loc=loc, raw_scale=raw_scale)
 
     @property
-    def scale(self) -> PyTree[Float[Array, ...]]:
+    def scale(self) -> PyTree[Float[Array, "..."]]:
         """Standard deviations, ``softplus(raw_scale)``."""
         return jax.tree.map(jax.nn.softplus, self.raw_scale)
 
-    def sample(self, num_particles: int, *, key: PRNGKeyArray) -> PyTree[Float[Array, ...]]:
+    def sample(self, num_particles: int, *, key: PRNGKeyArray) -> PyTree[Float[Array, "..."]]:
         """``loc + scale * eps`` with ``eps ~ N(0, I)``, one key per leaf."""
         leaves, treedef = jax.tree.flatten(self.loc)
         scales = jax.tree.leaves(self.scale)
@@ -113,7 +116,26 @@ class MeanFieldNormal(AbstractGuide):
         ]
         return jax.tree.unflatten(treedef, draws)
 
-    def log_prob(self, particles: PyTree[Float[Array, ...]]) -> ParticleFloat:
+    def sample_and_log_prob(
+        self, num_particles: int, *, key: PRNGKeyArray
+    ) -> tuple[PyTree[Float[Array, "..."]], ParticleFloat]:
+        """Particles ``loc + scale * eps`` and ``log q = sum(-eps^2 / 2 - log scale) - c``.
+
+        The same value and total gradient as ``log_prob(sample(...))``, from ``eps``
+        directly (no division by the scale).
+        """
+        leaves, treedef = jax.tree.flatten(self.loc)
+        scales = jax.tree.leaves(self.scale)
+        keys = jax.random.split(key, len(leaves))
+        draws, log_q = [], jnp.zeros(num_particles, jnp.float32)
+        for loc, scale, k in zip(leaves, scales, keys, strict=True):
+            eps = jax.random.normal(k, (num_particles, *loc.shape), loc.dtype)
+            draws.append(loc + scale * eps)
+            log_density = -0.5 * eps**2 - jnp.log(scale) - _HALF_LOG_2PI
+            log_q = log_q + jnp.sum(log_density.reshape(num_particles, -1), axis=1)
+        return jax.tree.unflatten(treedef, draws), log_q
+
+    def log_prob(self, particles: PyTree[Float[Array, "..."]]) -> ParticleFloat:
         """Sum over latents of the normal log densities, one value per particle."""
 
         def leaf_log_prob(z: Array, loc: Array, scale: Array) -> Array:
@@ -123,6 +145,6 @@ class MeanFieldNormal(AbstractGuide):
         per_leaf = jax.tree.leaves(jax.tree.map(leaf_log_prob, particles, self.loc, self.scale))
         return sum(per_leaf[1:], per_leaf[0])
 
-    def mean(self) -> PyTree[Float[Array, ...]]:
+    def mean(self) -> PyTree[Float[Array, "..."]]:
         """The guide's mean (its ``loc``)."""
         return self.loc

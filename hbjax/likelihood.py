@@ -257,14 +257,16 @@ def _dense_partials(beta, delta, gamma, log_price, observed, slot_unit, slot_gro
     cell = gamma.reshape(n_groups, -1)
     log_rate = beta[slot_unit][:, None] * log_price + delta[slot_unit][:, None] + cell[slot_group]
     rate = jnp.where(observed, jnp.exp(log_rate), 0.0)
-    blocks = rate.reshape(n_blocks, -1, rate.shape[1])
-    per_block = jnp.sum(blocks, axis=(1, 2))
     by_slot = jnp.sum(rate, axis=1)
     by_slot_log_price = jnp.sum(rate * log_price, axis=1)
-    block_groups = slot_group.reshape(n_blocks, -1)
-    by_block_cell = jax.vmap(functools.partial(jax.ops.segment_sum, num_segments=n_groups))(
-        blocks, block_groups
-    ).reshape(n_blocks, -1)
+    per_block = jnp.sum(by_slot.reshape(n_blocks, -1), axis=1)
+    # (block, group) of each slot, so one segment sum gives every block's cell sums
+    slots_per_block = slot_group.shape[0] // n_blocks
+    block_group = jnp.arange(slot_group.shape[0]) // slots_per_block * n_groups + slot_group
+    by_block_cell = jax.ops.segment_sum(
+        rate, block_group, n_blocks * n_groups, indices_are_sorted=True
+    )
+    by_block_cell = by_block_cell.reshape(n_blocks, -1)
     return per_block, by_slot_log_price, by_slot, by_block_cell
 
 

@@ -32,22 +32,22 @@ class AbstractModel(eqx.Module):
         """Structure, shapes and dtypes of the (non-centred) latents."""
 
     @abc.abstractmethod
-    def log_prior(self, latents: PyTree[Float[Array, ...]]) -> Scalar:
+    def log_prior(self, latents: PyTree[Float[Array, "..."]]) -> Scalar:
         """Log prior density of one set of latents."""
 
     @abc.abstractmethod
-    def log_likelihood(self, latents: PyTree[Float[Array, ...]], panel: PyTree) -> Scalar:
+    def log_likelihood(self, latents: PyTree[Float[Array, "..."]], panel: PyTree) -> Scalar:
         """Log-likelihood of the panel given one set of latents."""
 
-    def log_joint(self, latents: PyTree[Float[Array, ...]], panel: PyTree) -> Scalar:
+    def log_joint(self, latents: PyTree[Float[Array, "..."]], panel: PyTree) -> Scalar:
         """``log p(latents) + log p(panel | latents)``."""
         return self.log_prior(latents) + self.log_likelihood(latents, panel)
 
-    def natural(self, latents: PyTree[Float[Array, ...]]) -> PyTree[Float[Array, ...]]:
+    def natural(self, latents: PyTree[Float[Array, "..."]]) -> PyTree[Float[Array, "..."]]:
         """Latents on the natural (reported) scale; the identity unless overridden."""
         return latents
 
-    def init_latents(self, panel: PyTree) -> PyTree[Float[Array, ...]]:
+    def init_latents(self, panel: PyTree) -> PyTree[Float[Array, "..."]]:
         """A starting point for a guide's location; zeros unless overridden."""
         del panel
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.latent_shapes())

@@ -267,14 +267,21 @@ def _dense_panel(panel: Panel, mesh: Mesh, units: np.ndarray) -> DensePanel:
     grid = np.zeros((len(local) * slots, n_periods), np.float32)
     observed = np.zeros((len(local) * slots, n_periods), bool)
     slot_unit = np.zeros(len(local) * slots, np.int32)
+    slot_of_unit = np.zeros(panel.n_units, np.int64)
     for k, b in enumerate(local):
         rows = _own_rows(unit_idx, units, b, unit_rows)
         at = k * slots
-        slot = at + unit_idx[rows] - units[b]
+        # within a block, slots go by group (then unit): the kernel's cell sums are then
+        # sums over contiguous, sorted segments
+        block_units = np.arange(units[b], units[b + 1])
+        block_units = block_units[np.argsort(unit_group[block_units], kind="stable")]
+        last = block_units[-1] if len(block_units) else 0
+        slot_unit[at : at + slots] = last  # padding slots: a unit of the block, last group
+        slot_unit[at : at + len(block_units)] = block_units
+        slot_of_unit[block_units] = at + np.arange(len(block_units))
+        slot = slot_of_unit[unit_idx[rows]]
         grid[slot, period[rows]] = log_price[rows]
         observed[slot, period[rows]] = True
-        slot_unit[at : at + slots] = max(units[b + 1] - 1, 0)  # padding: a unit of the block
-        slot_unit[at : at + units[b + 1] - units[b]] = np.arange(units[b], units[b + 1])
     placed = _place_rows(
         mesh,
         {
