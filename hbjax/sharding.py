@@ -76,8 +76,10 @@ def make_mesh(devices: int | Sequence[jax.Device] | None = None) -> Mesh:
     return jax.make_mesh((len(chosen),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=chosen)
 
 
-#: Block counts tried, largest first: highly divisible, so most device counts divide them.
-BLOCK_COUNTS = (240, 120, 60, 24, 12, 6, 4, 2, 1)
+#: Block counts tried in order: 24 first (divisible by 1, 2, 3, 4, 6, 8, 12, 24), larger ones
+#: for device counts 24 does not cover, smaller ones for small panels. Few blocks keep the
+#: per-block partial sums (what makes results independent of the device count) cheap.
+BLOCK_COUNTS = (24, 48, 120, 240, 480, 960, 12, 6, 4, 2, 1)
 _MIN_UNITS_PER_BLOCK = 4
 _MAX_CELL_PARTIALS = 2**22  # floats in the [blocks, cells] gradient partials
 
@@ -85,10 +87,11 @@ _MAX_CELL_PARTIALS = 2**22  # floats in the [blocks, cells] gradient partials
 def default_block_count(n_units: int, n_cells: int, n_devices: int) -> int:
     """How many blocks of whole units to cut a panel into for ``n_devices`` devices.
 
-    The largest of :data:`BLOCK_COUNTS` that ``n_devices`` divides, with at least four
-    units per block and ``blocks * n_cells`` below 4M floats. The count depends on the
-    device count only through divisibility: fits on 1, 2, 3, 4, 5, 6, 8, 10, 12, ...
-    devices of one panel use the same blocks and give bitwise-identical results on CPU.
+    The first of :data:`BLOCK_COUNTS` that ``n_devices`` divides, with at least four units
+    per block and ``blocks * n_cells`` below 4M floats. The count depends on the device
+    count only through divisibility: fits of one panel on 1, 2, 3, 4, 6, 8, 12 or 24
+    devices use the same 24 blocks (and give bitwise-identical results on CPU for 2 or more
+    devices).
     """
     for count in BLOCK_COUNTS:
         if (

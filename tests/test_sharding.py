@@ -35,8 +35,9 @@ def test_blocks_hold_whole_units_and_are_balanced():
 
 
 def test_block_count_does_not_depend_on_the_device_count():
-    counts = {n: sharding.default_block_count(5000, 520, n) for n in (1, 2, 3, 4, 6, 8)}
-    assert set(counts.values()) == {240}
+    counts = {n: sharding.default_block_count(5000, 520, n) for n in (1, 2, 3, 4, 6, 8, 12)}
+    assert set(counts.values()) == {24}
+    assert sharding.default_block_count(5000, 520, 5) == 120
     assert sharding.default_block_count(60, 36, 1) == 12  # at least 4 units per block
     assert sharding.default_block_count(60, 36, 7) == 7  # falls back to one per device
 
