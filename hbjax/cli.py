@@ -168,7 +168,7 @@ def _fit_panel(
     """The standard pipeline: model, data-informed mean-field guide, fit, summary."""
     model = ElasticityModel.from_panel(panel, clip_log_rate=(-4.0, 20.0) if clip else None)
     if mesh is not None:  # place first: the start is computed from every process's rows
-        panel = shard_panel(panel, mesh, layout="rows" if clip else "auto")
+        panel = shard_panel(panel, mesh, layout=model.panel_layout())
     guide = MeanFieldNormal.from_shapes(model.latent_shapes(), loc=model.init_latents(panel))
     key, summary_key = jax.random.split(jax.random.key(seed))
 

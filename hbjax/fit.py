@@ -199,7 +199,7 @@ def fit(
         chunk_size: steps per compiled ``lax.scan`` call (the progress bar's granularity).
         progress: show a tqdm progress bar with iterations/s and the running loss.
         mesh: split a host panel over this mesh (:func:`hbjax.make_mesh`; default: one
-            device) with :func:`hbjax.shard_panel`'s default, fastest layout; a panel
+            device) with :func:`hbjax.shard_panel`, in the model's ``panel_layout()``; a panel
             already placed keeps its mesh and layout. Parameters are replicated; the result
             does not depend on the number of devices.
         callback: called after each chunk as ``callback(steps_done, guide)`` with a host
@@ -238,7 +238,8 @@ def fit(
     key = _typed_key(key)
     mesh_of = lambda data: getattr(data, "mesh", None)  # noqa: E731
     if isinstance(panel, Panel) and panel.mesh is None:  # a host panel: the fast layout
-        panel = shard_panel(panel, mesh if mesh is not None else make_mesh(1))
+        mesh = mesh if mesh is not None else make_mesh(1)
+        panel = shard_panel(panel, mesh, layout=model.panel_layout())
     elif mesh is not None and mesh_of(panel) is None:
         raise TypeError("fit(..., mesh=...) shards an hbjax Panel; got custom data.")
     if mesh_of(panel) is not None:  # parameters replicated on the panel's mesh

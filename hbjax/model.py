@@ -47,6 +47,10 @@ class AbstractModel(eqx.Module):
         """Latents on the natural (reported) scale; the identity unless overridden."""
         return latents
 
+    def panel_layout(self) -> str:
+        """The layout :func:`hbjax.shard_panel` should give this model's panels."""
+        return "auto"
+
     def init_latents(self, panel: PyTree) -> PyTree[Float[Array, "..."]]:
         """A starting point for a guide's location; zeros unless overridden."""
         del panel
@@ -176,6 +180,10 @@ class ElasticityModel(AbstractModel):
             unit_effect=self.unit_effect(latents.unit_effect),
             group_period_effect=self.group_period_effect(latents.group_period_effect),
         )
+
+    def panel_layout(self) -> str:
+        """Rows when the log-rate is clipped (not linear: no sufficient statistics)."""
+        return "rows" if self.clip_log_rate is not None else "auto"
 
     def log_likelihood(self, latents: ElasticityLatents, panel: Panel | DensePanel) -> Scalar:
         """Poisson log-likelihood of the panel's rows."""

@@ -144,7 +144,35 @@ def test_loop_moves_nothing_from_host_to_device(small_panel, small_model, monkey
     panel, _ = small_panel
     guide = start(small_model, panel)
     fit_module = importlib.import_module("hbjax.fit")  # hbjax.fit is the function
-    monkeypatch.setattr(fit_module, "shard_panel", lambda data, mesh: data)
+    monkeypatch.setattr(fit_module, "shard_panel", lambda data, mesh, layout: data)
     monkeypatch.setattr(fit_module, "_place_on_default_device", lambda data: data)
     with pytest.raises(Exception, match="host-to-device transfer"):
         fit(small_model, guide, panel, key=jax.random.key(0), steps=3, progress=False)
+
+
+def test_layout_does_not_change_the_fit(small_panel, small_model):
+    panel, encoding = small_panel
+    means, starts = {}, {}
+    for layout in ("rows", "dense"):
+        placed = hbjax.shard_panel(panel, hbjax.make_mesh(1), layout=layout)
+        starts[layout] = small_model.init_latents(placed)
+        guide = MeanFieldNormal.from_shapes(small_model.latent_shapes(), loc=starts[layout])
+        result = fit(small_model, guide, placed, key=jax.random.key(5), steps=300, progress=False)
+        means[layout] = np.asarray(small_model.natural(result.guide.loc).unit_elasticity)
+    # the data-informed start is the same from either layout, and from the host panel
+    for a, b in zip(jax.tree.leaves(starts["rows"]), jax.tree.leaves(starts["dense"]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    host = small_model.init_latents(panel)
+    np.testing.assert_array_equal(host.unit_effect, small_model.init_latents(panel).unit_effect)
+    # per step the layouts differ by float rounding only (~1e-7)
+    np.testing.assert_allclose(means["dense"], means["rows"], rtol=1e-4)
+
+
+def test_a_clipped_model_gets_the_row_layout(small_panel):
+    panel, _ = small_panel
+    clipped = hbjax.ElasticityModel.from_panel(panel, clip_log_rate=(-4.0, 20.0))
+    assert clipped.panel_layout() == "rows"
+    result = fit(
+        clipped, start(clipped, panel), panel, key=jax.random.key(0), steps=20, progress=False
+    )
+    assert np.all(np.isfinite(result.losses))

@@ -83,3 +83,40 @@ def test_shapes_are_type_checked_at_test_time():
 
     with pytest.raises(jaxtyping.TypeCheckError):
         poisson_log_likelihood(jnp.zeros(3), jnp.zeros(4), jnp.ones(3))
+
+
+@pytest.mark.parametrize("n_devices", [None, 1, 4])
+def test_dense_kernel_equals_the_reference_kernel(small_panel, n_devices):
+    import dataclasses
+
+    import hbjax
+    from hbjax.likelihood import dense_log_likelihood
+
+    panel, _ = small_panel
+    dense = hbjax.shard_panel(panel, hbjax.make_mesh(n_devices or 1), layout="dense")
+    if n_devices is None:  # the kernel without shard_map
+        dense = dataclasses.replace(dense, mesh=None)
+    params = random_params(panel, seed=4)
+    argnums = (0, 1, 2)
+    fast = jax.jit(
+        jax.value_and_grad(lambda b, d, g: dense_log_likelihood(b, d, g, dense), argnums=argnums)
+    )
+    value, grads = fast(*params)
+    ref_value, ref_grads = jax.value_and_grad(elasticity_log_likelihood, argnums=argnums)(
+        *params, *rows(panel)
+    )
+    # float32 sums of ~2e3 terms in another order (sufficient statistics, then per block)
+    np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        scale = np.abs(np.asarray(r)).max()
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_dense_layout_refuses_the_clip(small_panel):
+    import hbjax
+    from hbjax.likelihood import dense_log_likelihood
+
+    panel, _ = small_panel
+    dense = hbjax.shard_panel(panel, hbjax.make_mesh(1), layout="dense")
+    with pytest.raises(ValueError, match="layout='rows'"):
+        dense_log_likelihood(*random_params(panel), dense, clip=(-4.0, 20.0))

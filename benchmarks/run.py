@@ -1,0 +1,177 @@
+"""hbjax vs the article's NumPyro set-up, side by side in one run.
+
+Usage::
+
+    pip install -e ".[bench]"
+    python -m benchmarks.run                      # the full table (about 30 min on 2 cores)
+    python -m benchmarks.run --sizes 1000 --repeats 1 --converge-budget 60   # a quick look
+
+Each measurement runs in its own process (:mod:`benchmarks.one`), so peak memory is that
+framework's alone; speed runs alternate hbjax / NumPyro and repeat, and the table reports
+medians. Prints a markdown table and writes all raw figures to ``--out`` (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def measure(framework: str, products: int, mode: str, extra: list[str]) -> dict:
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.one",
+        "--framework",
+        framework,
+        "--products",
+        str(products),
+        "--mode",
+        mode,
+        *extra,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return {
+            "framework": framework,
+            "products": products,
+            "mode": mode,
+            "error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed",
+        }
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def seconds_to(trace: list, target: float) -> float | None:
+    """Fitting seconds until the RMSE first falls within 5% of ``target``."""
+    for _, seconds, error in trace:
+        if error <= 1.05 * target:
+            return seconds
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1000,10000,100000")
+    parser.add_argument("--repeats", type=int, default=3, help="speed runs per framework")
+    parser.add_argument("--converge-sizes", default="1000,10000")
+    parser.add_argument(
+        "--converge-budget",
+        type=float,
+        default=600.0,
+        help="seconds of fitting per convergence run",
+    )
+    parser.add_argument("--converge-steps", type=int, default=20000)
+    parser.add_argument(
+        "--skip-numpyro-above",
+        type=int,
+        default=100000,
+        help="products above which NumPyro is not run",
+    )
+    parser.add_argument("--out", default="benchmarks/results.json")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    converge_sizes = [int(s) for s in args.converge_sizes.split(",") if s]
+    frameworks = lambda p: ["hbjax"] + (["numpyro"] if p <= args.skip_numpyro_above else [])  # noqa: E731
+    results: dict = {
+        "speed": [],
+        "converge": [],
+        "machine": platform.platform(),
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(sys.argv),
+    }
+
+    for products in sizes:
+        for _ in range(args.repeats):
+            for framework in frameworks(products):
+                row = measure(framework, products, "speed", [])
+                results["speed"].append(row)
+                print(json.dumps(row), file=sys.stderr)
+    for products in converge_sizes:
+        for framework in frameworks(products):
+            row = measure(
+                framework,
+                products,
+                "converge",
+                ["--budget", str(args.converge_budget), "--max-steps", str(args.converge_steps)],
+            )
+            results["converge"].append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "trace"}), file=sys.stderr)
+    with open(args.out, "w") as handle:
+        json.dump(results, handle, indent=1)
+
+    print(
+        "| products | observations | framework | compile (s) | it/s (median) | "
+        "hbjax / NumPyro | peak RSS (MiB) |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for products in sizes:
+        rows = {
+            f: [
+                r
+                for r in results["speed"]
+                if r["products"] == products and r["framework"] == f and "error" not in r
+            ]
+            for f in ("hbjax", "numpyro")
+        }
+        speed = {
+            f: float(np.median([r["iterations_per_second"] for r in rs]))
+            for f, rs in rows.items()
+            if rs
+        }
+        for framework, rs in rows.items():
+            if not rs:
+                continue
+            ratio = (
+                f"{speed['hbjax'] / speed['numpyro']:.1f}x"
+                if framework == "hbjax" and "numpyro" in speed
+                else ""
+            )
+            print(
+                f"| {products} | {rs[0]['observations']} | {framework} | "
+                f"{np.median([r['compile_seconds'] for r in rs]):.1f} | {speed[framework]:.1f}"
+                f" | {ratio} | {max(r['peak_rss_mib'] for r in rs):.0f} |"
+            )
+
+    print(
+        "\n| products | framework | steps run | final RMSE | s to within 5% of own final | "
+        "s to within 5% of hbjax's final | ratio (NumPyro / hbjax) |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for products in converge_sizes:
+        rows = {
+            r["framework"]: r
+            for r in results["converge"]
+            if r["products"] == products and "trace" in r
+        }
+        if "hbjax" not in rows:
+            continue
+        target = rows["hbjax"]["trace"][-1][2]
+        times = {}
+        for framework, row in rows.items():
+            trace = row["trace"]
+            own = seconds_to(trace, trace[-1][2])
+            common = seconds_to(trace, target)
+            times[framework] = common
+            shown = f"{common:.1f}" if common is not None else f"> {trace[-1][1]:.0f}"
+            ratio = ""
+            if framework == "numpyro":
+                base = times["hbjax"]
+                ratio = (
+                    f"{common / base:.1f}x"
+                    if common is not None
+                    else f"> {trace[-1][1] / base:.1f}x"
+                )
+            print(
+                f"| {products} | {framework} | {trace[-1][0]} | {trace[-1][2]:.3f} | "
+                f"{own:.1f} | {shown} | {ratio} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
