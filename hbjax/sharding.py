@@ -3,7 +3,8 @@
 The mesh has one axis, ``"data"``. A panel's units are cut into a fixed number of blocks
 of whole units (a unit's rows never straddle two blocks or devices), balanced by rows and
 padded to one length with zero-weight rows that point at one of the block's own units
-(never a sentinel index); each device holds an equal run of blocks. The block count
+(never a sentinel index) — or, in the dense layout, laid on a [slot, period] grid whose
+padding slots observe nothing; each device holds an equal run of blocks. The block count
 depends on the data, not on the device count, so the likelihood's reductions (per block,
 then over blocks in a fixed order) are the same on 1, 2, 4 ... devices. Observation arrays
 are placed with ``NamedSharding(mesh, P("data"))``; parameters and small arrays are
