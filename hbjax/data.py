@@ -78,15 +78,32 @@ class Panel(eqx.Module):
         """Number of (group, period) cells."""
         return self.n_groups * self.n_periods
 
-    def unit_totals(self) -> tuple[Array, Array, Array]:
-        """Per unit: observed rows, sum of counts, sum of log prices (padding excluded)."""
-        weight = jnp.asarray(self.weight)
-        unit_idx = jnp.asarray(self.unit_idx)
-        totals = [
-            jax.ops.segment_sum(weight * jnp.asarray(x), unit_idx, self.n_units)
-            for x in (jnp.ones_like(weight), self.counts, self.log_price)
-        ]
-        return totals[0], totals[1], totals[2]
+    def unit_moments(self) -> Float[Array, "5 unit"]:
+        """Per-unit sums for a weighted regression of log demand on log price.
+
+        With ``w = counts + 1/2``, ``x = log price``, ``l = log w``: the sums of
+        ``w, w x, w x^2, w l, w x l`` over each unit's rows (padding excluded).
+        """
+        return _unit_moments(
+            jnp.asarray(self.unit_idx),
+            jnp.asarray(self.log_price),
+            jnp.asarray(self.counts),
+            jnp.asarray(self.weight),
+            self.n_units,
+        )
+
+
+def _unit_moments(
+    unit_idx: Int[Array, " obs"],
+    log_price: Float[Array, " obs"],
+    counts: Float[Array, " obs"],
+    weight: Float[Array, " obs"],
+    n_units: int,
+) -> Float[Array, "5 unit"]:
+    w = weight * (counts + 0.5)
+    log_w = jnp.log(counts + 0.5)
+    terms = jnp.stack([w, w * log_price, w * log_price**2, w * log_w, w * log_price * log_w])
+    return jax.vmap(lambda t: jax.ops.segment_sum(t, unit_idx, n_units))(terms)
 
 
 class DensePanel(eqx.Module):
@@ -108,7 +125,7 @@ class DensePanel(eqx.Module):
         unit_rows: ``[unit]`` observed periods of each unit.
         counts_by_unit: ``[unit]`` sum of counts.
         counts_log_price_by_unit: ``[unit]`` sum of counts * log price.
-        log_price_by_unit: ``[unit]`` sum of log prices.
+        moments_by_unit: ``[5, unit]`` regression sums (see :meth:`Panel.unit_moments`).
         counts_by_cell: ``[cell]`` sum of counts of each (group, period) cell.
         log_factorial: ``[]`` sum of log(counts!) (a constant of the likelihood).
         n_units: number of units.
@@ -126,7 +143,7 @@ class DensePanel(eqx.Module):
     unit_rows: UnitInt
     counts_by_unit: Float[AnyArray, " unit"]
     counts_log_price_by_unit: Float[AnyArray, " unit"]
-    log_price_by_unit: Float[AnyArray, " unit"]
+    moments_by_unit: Float[AnyArray, "5 unit"]
     counts_by_cell: Float[AnyArray, " cell"]
     log_factorial: Float[AnyArray, ""]
     n_units: int = eqx.field(static=True)
@@ -140,9 +157,9 @@ class DensePanel(eqx.Module):
         """Number of (group, period) cells."""
         return self.n_groups * self.n_periods
 
-    def unit_totals(self) -> tuple[Array, Array, Array]:
-        """Per unit: observed periods, sum of counts, sum of log prices."""
-        return self.unit_rows, self.counts_by_unit, self.log_price_by_unit
+    def unit_moments(self) -> Float[Array, "5 unit"]:
+        """Per-unit regression sums, as :meth:`Panel.unit_moments` (computed once)."""
+        return jnp.asarray(self.moments_by_unit)
 
 
 @dataclasses.dataclass(frozen=True)

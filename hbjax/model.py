@@ -205,19 +205,37 @@ class ElasticityModel(AbstractModel):
         )
 
     def init_latents(self, panel: Panel | DensePanel) -> ElasticityLatents:
-        """A data-informed start: elasticities at their prior means, intercepts fitted.
+        """A data-informed start, deterministic (no key).
 
-        Each unit's intercept starts where the model, at its prior-mean elasticity, matches
-        the unit's mean log demand: ``delta_i = log(mean units_i + 0.5) - beta_0 mean log p_i``.
-        Deterministic: no key is involved.
+        Each unit's elasticity starts at the slope of a regression of log demand on log
+        price weighted by demand (the Poisson information), shrunk to the prior mean by the
+        prior's precision; its intercept at the weighted means; each group at the mean of
+        its units. The guide then starts near the posterior mode instead of walking the
+        long elasticity/intercept ridge from the prior.
         """
-        rows, mean_units, mean_log_price = panel.unit_totals()
-        rows = jnp.maximum(jnp.asarray(rows, jnp.float32), 1.0)
+        sw, swx, swxx, swl, swxl = jnp.asarray(panel.unit_moments(), jnp.float32)
+        sw = jnp.maximum(sw, 1e-6)
+        mean_x, mean_l = swx / sw, swl / sw
+        info = jnp.maximum(swxx - sw * mean_x**2, 0.0)
+        cross = swxl - sw * mean_x * mean_l
         beta_0 = self.global_elasticity.loc
-        delta = jnp.log(mean_units / rows + 0.5) - beta_0 * mean_log_price / rows
+        prior_var = (
+            self.global_elasticity.scale**2
+            + self.group_elasticity.scale**2
+            + self.unit_elasticity.scale**2
+        )
+        beta = (cross + beta_0 / prior_var) / (info + 1 / prior_var)
+        delta = mean_l - beta * mean_x
+        unit_group = jnp.asarray(self.unit_elasticity.index)
+        n_groups = self.group_elasticity.shape[0]
+        members = jax.ops.segment_sum(jnp.ones_like(beta), unit_group, n_groups)
+        group = jax.ops.segment_sum(beta, unit_group, n_groups) / jnp.maximum(members, 1.0)
+        group = jnp.where(members > 0, group, beta_0)
         zeros = super().init_latents(panel)
-        return eqx.tree_at(
-            lambda z: z.unit_effect,
-            zeros,
-            ((delta - self.unit_effect.loc) / self.unit_effect.scale).astype(jnp.float32),
+        return ElasticityLatents(
+            global_elasticity=zeros.global_elasticity,
+            group_elasticity=(group - beta_0) / self.group_elasticity.scale,
+            unit_elasticity=(beta - group[unit_group]) / self.unit_elasticity.scale,
+            unit_effect=(delta - self.unit_effect.loc) / self.unit_effect.scale,
+            group_period_effect=zeros.group_period_effect,
         )

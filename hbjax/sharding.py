@@ -306,7 +306,7 @@ def _dense_panel(panel: Panel, mesh: Mesh, units: np.ndarray) -> DensePanel:
             "counts_log_price_by_unit": np.bincount(
                 unit_idx, weight * counts * log_price, panel.n_units
             ),
-            "log_price_by_unit": np.bincount(unit_idx, weight * log_price, panel.n_units),
+            "moments_by_unit": np.asarray(panel.unit_moments(), np.float64),
             "counts_by_cell": np.bincount(
                 np.asarray(panel.cell_idx), weight * counts, panel.n_cells
             ),

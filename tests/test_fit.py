@@ -164,8 +164,8 @@ def test_layout_does_not_change_the_fit(small_panel, small_model):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     host = small_model.init_latents(panel)
     np.testing.assert_array_equal(host.unit_effect, small_model.init_latents(panel).unit_effect)
-    # per step the layouts differ by float rounding only (~1e-7)
-    np.testing.assert_allclose(means["dense"], means["rows"], rtol=1e-4)
+    # per step the layouts differ by float rounding only (~1e-7 of elasticities ~2)
+    np.testing.assert_allclose(means["dense"], means["rows"], rtol=1e-4, atol=1e-5)
 
 
 def test_a_clipped_model_gets_the_row_layout(small_panel):

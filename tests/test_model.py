@@ -73,20 +73,31 @@ def test_log_joint_is_prior_plus_kernel(small_panel, small_model):
     )
 
 
-def test_init_latents_match_mean_demand(small_panel, small_model):
+def test_init_is_a_shrunk_weighted_regression_per_unit(small_panel, small_model):
     panel, _ = small_panel
     z0 = small_model.init_latents(panel)
     v = small_model.natural(z0)
-    rate = np.exp(
-        np.asarray(v.unit_elasticity)[panel.unit_idx] * panel.log_price
-        + np.asarray(v.unit_effect)[panel.unit_idx]
-    )
-    # at the start, each unit's geometric-mean predicted demand matches its mean demand
-    log_rate = np.bincount(panel.unit_idx, np.log(rate)) / np.bincount(panel.unit_idx)
-    mean = np.bincount(panel.unit_idx, panel.counts) / np.bincount(panel.unit_idx)
-    np.testing.assert_allclose(log_rate, np.log(mean + 0.5), rtol=1e-4, atol=1e-4)
+    beta, delta = np.asarray(v.unit_elasticity), np.asarray(v.unit_effect)
+    for unit in (0, 7, 51):
+        rows = panel.unit_idx == unit
+        x = panel.log_price[rows].astype(np.float64)
+        w = panel.counts[rows] + 0.5
+        log_w = np.log(w)
+        mean_x, mean_l = np.average(x, weights=w), np.average(log_w, weights=w)
+        info = np.sum(w * (x - mean_x) ** 2)
+        cross = np.sum(w * (x - mean_x) * (log_w - mean_l))
+        prior_var = 1.0 + 1.0 + 4.0  # global, category and product prior variances
+        expected = (cross - 2.0 / prior_var) / (info + 1 / prior_var)
+        np.testing.assert_allclose(beta[unit], expected, rtol=1e-3, atol=1e-3)
+        # the intercept puts the line through the weighted means
+        np.testing.assert_allclose(delta[unit] + beta[unit] * mean_x, mean_l, atol=1e-3)
+    # categories start at their units' mean elasticity; deterministic (no key involved)
+    group = np.asarray(v.group_elasticity)
+    for g in range(panel.n_groups):
+        np.testing.assert_allclose(group[g], beta[panel.unit_group == g].mean(), rtol=1e-5)
     again = small_model.init_latents(panel)
-    np.testing.assert_array_equal(z0.unit_effect, again.unit_effect)
+    for a, b in zip(jax.tree.leaves(z0), jax.tree.leaves(again), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_clip_option_validated(small_panel):
