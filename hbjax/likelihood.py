@@ -99,6 +99,27 @@ def panel_log_likelihood(
     )
 
 
+def _per_block_segment_sum(
+    values: Float[Array, " item *rest"],
+    segment_ids: Int[Array, " item"],
+    n_blocks: int,
+    num_segments: int,
+    *,
+    indices_are_sorted: bool = False,
+) -> Float[Array, "block segment_values"]:
+    """Segment sums of each of ``n_blocks`` equal consecutive blocks of ``values``.
+
+    One segment sum over ``(block, segment)`` ids, not one per block: returns
+    ``[n_blocks, num_segments * prod(rest)]``.
+    """
+    per_block = segment_ids.shape[0] // n_blocks
+    ids = jnp.arange(segment_ids.shape[0]) // per_block * num_segments + segment_ids
+    sums = jax.ops.segment_sum(
+        values, ids, n_blocks * num_segments, indices_are_sorted=indices_are_sorted
+    )
+    return sums.reshape(n_blocks, -1)
+
+
 def _sum_over_blocks(partials: Float[Array, " block *rest"]) -> Float[Array, "*rest"]:
     """Gather every device's per-block partials and sum them in block order.
 
@@ -192,9 +213,7 @@ def _blocked_bwd(mesh, n_blocks, clip, residuals, cotangent):  # noqa: ANN001, A
         # each unit's rows sit in one block on one device: psum adds exact zeros
         d_beta = jax.lax.psum(jax.ops.segment_sum(d_rate * log_price, unit_idx, n_units), DATA_AXIS)
         d_delta = jax.lax.psum(jax.ops.segment_sum(d_rate, unit_idx, n_units), DATA_AXIS)
-        d_gamma_blocks = jax.vmap(functools.partial(jax.ops.segment_sum, num_segments=n_cells))(
-            d_rate.reshape(per_block, -1), cell_idx.reshape(per_block, -1)
-        )
+        d_gamma_blocks = _per_block_segment_sum(d_rate, cell_idx, per_block, n_cells)
         return d_beta, d_delta, _sum_over_blocks(d_gamma_blocks)
 
     grads = jax.shard_map(
@@ -260,13 +279,9 @@ def _dense_partials(beta, delta, gamma, log_price, observed, slot_unit, slot_gro
     by_slot = jnp.sum(rate, axis=1)
     by_slot_log_price = jnp.sum(rate * log_price, axis=1)
     per_block = jnp.sum(by_slot.reshape(n_blocks, -1), axis=1)
-    # (block, group) of each slot, so one segment sum gives every block's cell sums
-    slots_per_block = slot_group.shape[0] // n_blocks
-    block_group = jnp.arange(slot_group.shape[0]) // slots_per_block * n_groups + slot_group
-    by_block_cell = jax.ops.segment_sum(
-        rate, block_group, n_blocks * n_groups, indices_are_sorted=True
+    by_block_cell = _per_block_segment_sum(
+        rate, slot_group, n_blocks, n_groups, indices_are_sorted=True
     )
-    by_block_cell = by_block_cell.reshape(n_blocks, -1)
     return per_block, by_slot_log_price, by_slot, by_block_cell
 
 
