@@ -332,7 +332,7 @@ def fit(
     done_steps = done if failed_at is None else failed_at
     params, opt_state = to_host((params, opt_state))
     result = FitResult(
-        model=model,
+        model=to_host(model),  # a model built from a placed panel holds replicated arrays
         guide=eqx.combine(params, guide_static),
         losses=np.concatenate(losses) if losses else np.zeros(0, np.float32),
         opt_state=opt_state,

@@ -43,12 +43,16 @@ def elasticity_log_rate(
     cell_idx: ObsInt,
     log_price: ObsFloat,
     clip: tuple[float, float] | None = None,
+    price_centre: UnitFloat | None = None,
 ) -> ObsFloat:
     """``elasticity[unit] * log_price + effect[unit] + cell_effect[cell]`` for each row.
 
     ``clip=(lo, hi)`` clips the log-rate as the article does (``(-4, 20)``); gradients are
-    then zero outside the range.
+    then zero outside the range. ``price_centre`` (per unit) replaces ``log_price`` by
+    ``log_price - price_centre[unit]`` (the intercept is then the one at the centre).
     """
+    if price_centre is not None:
+        log_price = log_price - price_centre[unit_idx]
     log_rate = unit_elasticity[unit_idx] * log_price + unit_effect[unit_idx] + cell_effect[cell_idx]
     if clip is not None:
         log_rate = jnp.clip(log_rate, clip[0], clip[1])
@@ -65,14 +69,16 @@ def elasticity_log_likelihood(
     counts: ObsFloat,
     weight: ObsFloat,
     clip: tuple[float, float] | None = None,
+    price_centre: UnitFloat | None = None,
 ) -> Scalar:
     """Poisson log-likelihood of one shard of rows (the per-shard kernel).
 
     Parameters (first three) are natural-scale and replicated; the rest are the shard's
-    rows. Returns the shard's partial sum.
+    rows. Returns the shard's partial sum. ``clip`` and ``price_centre`` as in
+    :func:`elasticity_log_rate`.
     """
     log_rate = elasticity_log_rate(
-        unit_elasticity, unit_effect, cell_effect, unit_idx, cell_idx, log_price, clip
+        unit_elasticity, unit_effect, cell_effect, unit_idx, cell_idx, log_price, clip, price_centre
     )
     return poisson_log_likelihood(log_rate, counts, weight)
 
@@ -83,6 +89,7 @@ def panel_log_likelihood(
     cell_effect: CellFloat,
     panel: Panel,
     clip: tuple[float, float] | None = None,
+    price_centre: UnitFloat | None = None,
 ) -> Scalar:
     """Poisson log-likelihood of every row of ``panel``, sharded when the panel is.
 
@@ -92,10 +99,21 @@ def panel_log_likelihood(
     """
     rows = (panel.unit_idx, panel.cell_idx, panel.log_price, panel.counts, panel.weight)
     if panel.mesh is None:
-        return elasticity_log_likelihood(unit_elasticity, unit_effect, cell_effect, *rows, clip)
+        return elasticity_log_likelihood(
+            unit_elasticity, unit_effect, cell_effect, *rows, clip, price_centre
+        )
     assert panel.n_blocks is not None
+    if price_centre is None:
+        price_centre = jnp.zeros_like(unit_elasticity)
     return blocked_log_likelihood(
-        panel.mesh, panel.n_blocks, clip, unit_elasticity, unit_effect, cell_effect, *rows
+        panel.mesh,
+        panel.n_blocks,
+        clip,
+        unit_elasticity,
+        unit_effect,
+        cell_effect,
+        price_centre,
+        *rows,
     )
 
 
@@ -138,6 +156,7 @@ def blocked_log_likelihood(
     unit_elasticity: UnitFloat,
     unit_effect: UnitFloat,
     cell_effect: CellFloat,
+    price_centre: UnitFloat,
     unit_idx: ObsInt,
     cell_idx: ObsInt,
     log_price: ObsFloat,
@@ -145,6 +164,9 @@ def blocked_log_likelihood(
     weight: ObsFloat,
 ) -> Scalar:
     """The Poisson log-likelihood of rows laid out as ``n_blocks`` equal blocks on ``mesh``.
+
+    The log-rate is ``beta[unit] * (log_price - price_centre[unit]) + delta[unit] +
+    gamma[cell]`` (pass zeros for no centring); no gradient flows to ``price_centre``.
 
     Each device sums each of its blocks; the per-block sums are gathered and added in
     block order. The gradient is written out (a custom VJP, from ``d loglik / d log_rate``
@@ -163,6 +185,7 @@ def blocked_log_likelihood(
         unit_elasticity,
         unit_effect,
         cell_effect,
+        price_centre,
         unit_idx,
         cell_idx,
         log_price,
@@ -171,12 +194,14 @@ def blocked_log_likelihood(
     )
 
 
-def _blocked_forward(mesh, n_blocks, clip, beta, delta, gamma, *rows):  # noqa: ANN001, ANN202
+def _blocked_forward(mesh, n_blocks, clip, beta, delta, gamma, centre, *rows):  # noqa: ANN001, ANN202
     """Value and ``d loglik / d log_rate`` of every row (the backward pass needs no more)."""
     per_block = n_blocks // mesh.devices.size
 
-    def per_device(beta, delta, gamma, unit_idx, cell_idx, log_price, counts, weight):  # noqa: ANN001, ANN202
-        raw = elasticity_log_rate(beta, delta, gamma, unit_idx, cell_idx, log_price)
+    def per_device(beta, delta, gamma, centre, unit_idx, cell_idx, log_price, counts, weight):  # noqa: ANN001, ANN202
+        raw = elasticity_log_rate(
+            beta, delta, gamma, unit_idx, cell_idx, log_price, price_centre=centre
+        )
         log_rate = raw if clip is None else jnp.clip(raw, clip[0], clip[1])
         rate = jnp.exp(log_rate)
         log_pmf = counts * log_rate - rate - gammaln(counts + 1.0)
@@ -189,29 +214,31 @@ def _blocked_forward(mesh, n_blocks, clip, beta, delta, gamma, *rows):  # noqa: 
     return jax.shard_map(
         per_device,
         mesh=mesh,
-        in_specs=(P(), P(), P()) + (P(DATA_AXIS),) * 5,
+        in_specs=(P(), P(), P(), P()) + (P(DATA_AXIS),) * 5,
         out_specs=(P(), P(DATA_AXIS)),
-    )(beta, delta, gamma, *rows)
+    )(beta, delta, gamma, centre, *rows)
 
 
-def _blocked_fwd(mesh, n_blocks, clip, beta, delta, gamma, *rows):  # noqa: ANN001, ANN202
-    value, d_rate = _blocked_forward(mesh, n_blocks, clip, beta, delta, gamma, *rows)
+def _blocked_fwd(mesh, n_blocks, clip, beta, delta, gamma, centre, *rows):  # noqa: ANN001, ANN202
+    value, d_rate = _blocked_forward(mesh, n_blocks, clip, beta, delta, gamma, centre, *rows)
     unit_idx, cell_idx, log_price = rows[:3]
-    return value, (d_rate, unit_idx, cell_idx, log_price, beta.shape[0], gamma.shape[0])
+    residuals = (d_rate, centre, unit_idx, cell_idx, log_price, beta.shape[0], gamma.shape[0])
+    return value, residuals
 
 
-def _blocked_value(mesh, n_blocks, clip, beta, delta, gamma, *rows):  # noqa: ANN001, ANN202
-    return _blocked_forward(mesh, n_blocks, clip, beta, delta, gamma, *rows)[0]
+def _blocked_value(mesh, n_blocks, clip, beta, delta, gamma, centre, *rows):  # noqa: ANN001, ANN202
+    return _blocked_forward(mesh, n_blocks, clip, beta, delta, gamma, centre, *rows)[0]
 
 
 def _blocked_bwd(mesh, n_blocks, clip, residuals, cotangent):  # noqa: ANN001, ANN202
-    d_rate, unit_idx, cell_idx, log_price, n_units, n_cells = residuals
+    d_rate, centre, unit_idx, cell_idx, log_price, n_units, n_cells = residuals
     per_block = n_blocks // mesh.devices.size
 
-    def per_device(cotangent, d_rate, unit_idx, cell_idx, log_price):  # noqa: ANN001, ANN202
+    def per_device(cotangent, d_rate, centre, unit_idx, cell_idx, log_price):  # noqa: ANN001, ANN202
         d_rate = cotangent * d_rate
+        centred = log_price - centre[unit_idx]
         # each unit's rows sit in one block on one device: psum adds exact zeros
-        d_beta = jax.lax.psum(jax.ops.segment_sum(d_rate * log_price, unit_idx, n_units), DATA_AXIS)
+        d_beta = jax.lax.psum(jax.ops.segment_sum(d_rate * centred, unit_idx, n_units), DATA_AXIS)
         d_delta = jax.lax.psum(jax.ops.segment_sum(d_rate, unit_idx, n_units), DATA_AXIS)
         d_gamma_blocks = _per_block_segment_sum(d_rate, cell_idx, per_block, n_cells)
         return d_beta, d_delta, _sum_over_blocks(d_gamma_blocks)
@@ -219,10 +246,10 @@ def _blocked_bwd(mesh, n_blocks, clip, residuals, cotangent):  # noqa: ANN001, A
     grads = jax.shard_map(
         per_device,
         mesh=mesh,
-        in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS)),
+        in_specs=(P(), P(DATA_AXIS), P(), P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS)),
         out_specs=(P(), P(), P()),
-    )(cotangent, d_rate, unit_idx, cell_idx, log_price)
-    return (*grads, None, None, None, None, None)
+    )(cotangent, d_rate, centre, unit_idx, cell_idx, log_price)
+    return (*grads, None, None, None, None, None, None)
 
 
 blocked_log_likelihood.defvjp(_blocked_fwd, _blocked_bwd)
@@ -234,8 +261,12 @@ def dense_log_likelihood(
     cell_effect: CellFloat,
     panel: DensePanel,
     clip: tuple[float, float] | None = None,
+    price_centre: UnitFloat | None = None,
 ) -> Scalar:
     """The Poisson log-likelihood on the dense layout (the fast kernel).
+
+    ``price_centre`` as in :func:`elasticity_log_rate`: each unit's log prices are taken
+    relative to it, in the pass over the grid (the gradient has no cancellation).
 
     ``sum_n [y_n log_rate_n - exp(log_rate_n) - log y_n!]``: the first term is linear in
     the parameters and comes from the panel's sufficient statistics; only
@@ -248,8 +279,13 @@ def dense_log_likelihood(
             "the clipped log-rate is not linear in the parameters, so the dense layout "
             "cannot take it; place the panel with shard_panel(..., layout='rows')."
         )
+    counts_log_price = jnp.asarray(panel.counts_log_price_by_unit)
+    if price_centre is None:
+        price_centre = jnp.zeros_like(unit_elasticity)
+    else:  # sum_t y (x - m) per unit: a constant of the data, the same on every device
+        counts_log_price = counts_log_price - price_centre * panel.counts_by_unit
     linear = (
-        jnp.dot(unit_elasticity, panel.counts_log_price_by_unit)
+        jnp.dot(unit_elasticity, counts_log_price)
         + jnp.dot(unit_effect, panel.counts_by_unit)
         + jnp.dot(cell_effect, panel.counts_by_cell)
     )
@@ -259,6 +295,7 @@ def dense_log_likelihood(
         unit_elasticity,
         unit_effect,
         cell_effect,
+        price_centre,
         panel.log_price,
         panel.observed,
         panel.slot_unit,
@@ -267,13 +304,24 @@ def dense_log_likelihood(
     return linear - rates - panel.log_factorial
 
 
-def _dense_partials(beta, delta, gamma, log_price, observed, slot_unit, slot_group, n_blocks):  # noqa: ANN001, ANN202
+def _dense_partials(  # noqa: ANN202
+    beta,
+    delta,
+    gamma,
+    centre,
+    log_price,
+    observed,
+    slot_unit,
+    slot_group,
+    n_blocks,  # noqa: ANN001
+):
     """One device's blocks: ``sum exp(log_rate)`` per block and its gradient pieces.
 
     One pass over the grid gives the value and the three reductions its gradient needs.
     """
     n_groups = gamma.shape[0] // log_price.shape[1]
     cell = gamma.reshape(n_groups, -1)
+    log_price = log_price - centre[slot_unit][:, None]
     log_rate = beta[slot_unit][:, None] * log_price + delta[slot_unit][:, None] + cell[slot_group]
     rate = jnp.where(observed, jnp.exp(log_rate), 0.0)
     by_slot = jnp.sum(rate, axis=1)
@@ -292,12 +340,16 @@ def dense_rate_sum(
     unit_elasticity: UnitFloat,
     unit_effect: UnitFloat,
     cell_effect: CellFloat,
+    price_centre: UnitFloat,
     log_price: Float[Array, "slot period"],
     observed: Bool[Array, "slot period"],
     slot_unit: Int[Array, " slot"],
     slot_group: Int[Array, " slot"],
 ) -> Scalar:
     """``sum over observed cells of exp(log_rate)``, reduced per block then in block order.
+
+    ``log_rate = beta[unit] * (log_price - price_centre[unit]) + delta[unit] + gamma[cell]``
+    (zeros for no centring; no gradient flows to ``price_centre``).
 
     Its gradient is computed in the same pass as the value (a custom VJP whose residuals
     are per-unit and per-cell sums only). Per-unit sums come from one block each and are
@@ -311,6 +363,7 @@ def dense_rate_sum(
         unit_elasticity,
         unit_effect,
         cell_effect,
+        price_centre,
         log_price,
         observed,
         slot_unit,
@@ -318,13 +371,13 @@ def dense_rate_sum(
     )[0]
 
 
-def _dense_forward(mesh, n_blocks, beta, delta, gamma, log_price, observed, slot_unit, slot_group):  # noqa: ANN001, ANN202
+def _dense_forward(mesh, n_blocks, beta, delta, gamma, centre, *grid):  # noqa: ANN001, ANN202
     n_units = beta.shape[0]
 
-    def per_device(beta, delta, gamma, log_price, observed, slot_unit, slot_group):  # noqa: ANN001, ANN202
+    def per_device(beta, delta, gamma, centre, log_price, observed, slot_unit, slot_group):  # noqa: ANN001, ANN202
         local_blocks = n_blocks if mesh is None else n_blocks // mesh.devices.size
         per_block, by_slot_lp, by_slot, by_block_cell = _dense_partials(
-            beta, delta, gamma, log_price, observed, slot_unit, slot_group, local_blocks
+            beta, delta, gamma, centre, log_price, observed, slot_unit, slot_group, local_blocks
         )
         d_beta = jax.ops.segment_sum(by_slot_lp, slot_unit, n_units)
         d_delta = jax.ops.segment_sum(by_slot, slot_unit, n_units)
@@ -339,13 +392,13 @@ def _dense_forward(mesh, n_blocks, beta, delta, gamma, log_price, observed, slot
             _sum_over_blocks(by_block_cell),
         )
 
-    args = (beta, delta, gamma, log_price, observed, slot_unit, slot_group)
+    args = (beta, delta, gamma, centre, *grid)
     if mesh is None:
         return per_device(*args)
     return jax.shard_map(
         per_device,
         mesh=mesh,
-        in_specs=(P(), P(), P()) + (P(DATA_AXIS),) * 4,
+        in_specs=(P(), P(), P(), P()) + (P(DATA_AXIS),) * 4,
         out_specs=(P(), P(), P(), P()),
     )(*args)
 
@@ -357,7 +410,8 @@ def _dense_fwd(mesh, n_blocks, *args):  # noqa: ANN001, ANN202
 
 def _dense_bwd(mesh, n_blocks, residuals, cotangent):  # noqa: ANN001, ANN202
     d_beta, d_delta, d_gamma = residuals
-    return (cotangent * d_beta, cotangent * d_delta, cotangent * d_gamma, None, None, None, None)
+    grads = (cotangent * d_beta, cotangent * d_delta, cotangent * d_gamma)
+    return (*grads, None, None, None, None, None)
 
 
 dense_rate_sum.defvjp(_dense_fwd, _dense_bwd)

@@ -103,6 +103,7 @@ def test_fit_end_to_end_writes_outputs(simulated_csv, tmp_path, capsys):
     ):
         assert field in summary, field
     assert summary["n_units"] == 40 and summary["steps"] == 60
+    assert summary["price_centring"] is True
     assert "elasticities.csv" in out
 
 
@@ -124,9 +125,12 @@ def test_fit_with_custom_column_names(simulated_csv, tmp_path, capsys):
         "--out",
         str(tmp_path / "o"),
         "--no-progress",
+        "--no-centring",
     )
     assert code == 0, err
     assert pd.read_csv(tmp_path / "o" / "elasticities.csv").columns[0] == "sku"
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["price_centring"] is False and summary["clip_log_rate"] is False
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))

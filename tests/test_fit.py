@@ -164,8 +164,10 @@ def test_layout_does_not_change_the_fit(small_panel, small_model):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     host = small_model.init_latents(panel)
     np.testing.assert_array_equal(host.unit_effect, small_model.init_latents(panel).unit_effect)
-    # per step the layouts differ by float rounding only (~1e-7 of elasticities ~2)
-    np.testing.assert_allclose(means["dense"], means["rows"], rtol=1e-4, atol=1e-5)
+    # Per step the layouts differ by float rounding only (~1e-7 of elasticities ~2); Adam's
+    # per-coordinate normalisation amplifies it where a gradient is near zero, so after 300
+    # steps allow 1e-3: under 1% of these elasticities' posterior sd (~0.2-0.5).
+    np.testing.assert_allclose(means["dense"], means["rows"], rtol=0, atol=1e-3)
 
 
 def test_a_clipped_model_gets_the_row_layout(small_panel):

@@ -85,8 +85,9 @@ def test_shapes_are_type_checked_at_test_time():
         poisson_log_likelihood(jnp.zeros(3), jnp.zeros(4), jnp.ones(3))
 
 
+@pytest.mark.parametrize("centred", [False, True])
 @pytest.mark.parametrize("n_devices", [None, 1, 4])
-def test_dense_kernel_equals_the_reference_kernel(small_panel, n_devices):
+def test_dense_kernel_equals_the_reference_kernel(small_panel, n_devices, centred):
     import dataclasses
 
     import hbjax
@@ -97,14 +98,21 @@ def test_dense_kernel_equals_the_reference_kernel(small_panel, n_devices):
     if n_devices is None:  # the kernel without shard_map
         dense = dataclasses.replace(dense, mesh=None)
     params = random_params(panel, seed=4)
+    centre = None
+    if centred:
+        centre = jnp.asarray(np.random.default_rng(5).normal(1.0, 0.3, panel.n_units), jnp.float32)
     argnums = (0, 1, 2)
     fast = jax.jit(
-        jax.value_and_grad(lambda b, d, g: dense_log_likelihood(b, d, g, dense), argnums=argnums)
+        jax.value_and_grad(
+            lambda b, d, g: dense_log_likelihood(b, d, g, dense, price_centre=centre),
+            argnums=argnums,
+        )
     )
     value, grads = fast(*params)
-    ref_value, ref_grads = jax.value_and_grad(elasticity_log_likelihood, argnums=argnums)(
-        *params, *rows(panel)
-    )
+    ref_value, ref_grads = jax.value_and_grad(
+        lambda b, d, g: elasticity_log_likelihood(b, d, g, *rows(panel), price_centre=centre),
+        argnums=argnums,
+    )(*params)
     # float32 sums of ~2e3 terms in another order (sufficient statistics, then per block)
     np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
     for g, r in zip(grads, ref_grads, strict=True):

@@ -1,6 +1,8 @@
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from scipy import stats
 
 import hbjax
@@ -55,9 +57,12 @@ def test_log_joint_is_prior_plus_kernel(small_panel, small_model):
         lambda s: jnp.asarray(np.random.default_rng(0).normal(0, 0.3, s.shape), s.dtype),
         small_model.latent_shapes(),
     )
-    flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(z)])
-    prior = stats.norm.logpdf(flat).sum()
     v = small_model.natural(z)
+    # the prior of a centred model is the article's, on the uncentred intercept's z
+    assert small_model.price_centre is not None
+    uncentred = eqx.tree_at(lambda t: t.unit_effect, z, v.unit_effect / 3.0)
+    flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(uncentred)])
+    prior = stats.norm.logpdf(flat).sum()
     lik = hbjax.elasticity_log_likelihood(
         v.unit_elasticity,
         v.unit_effect,
@@ -71,6 +76,45 @@ def test_log_joint_is_prior_plus_kernel(small_panel, small_model):
     np.testing.assert_allclose(
         float(small_model.log_joint(z, panel)), prior + float(lik), rtol=1e-5
     )
+
+
+def test_price_centring_is_a_reparameterisation(small_panel, small_model):
+    """Centred and raw models: same natural values and log joint at matching latents."""
+    panel, _ = small_panel
+    raw = hbjax.ElasticityModel.from_panel(panel, centre_prices=False)
+    assert raw.price_centre is None
+    centre = np.asarray(small_model.price_centre)
+    # the centre is each unit's mean log price weighted by counts + 1/2
+    for unit in (0, 7, 51):
+        rows = panel.unit_idx == unit
+        expected = np.average(panel.log_price[rows], weights=panel.counts[rows] + 0.5)
+        np.testing.assert_allclose(centre[unit], expected, rtol=1e-5, atol=1e-6)
+    z_raw = jax.tree.map(
+        lambda s: jnp.asarray(np.random.default_rng(1).normal(0, 0.5, s.shape), s.dtype),
+        raw.latent_shapes(),
+    )
+    beta = raw.natural(z_raw).unit_elasticity
+    z_centred = eqx.tree_at(lambda t: t.unit_effect, z_raw, z_raw.unit_effect + beta * centre / 3)
+    for a, b in zip(
+        jax.tree.leaves(raw.natural(z_raw)),
+        jax.tree.leaves(small_model.natural(z_centred)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        float(small_model.log_joint(z_centred, panel)),
+        float(raw.log_joint(z_raw, panel)),
+        rtol=1e-5,
+    )
+    # both start at the same natural values
+    for a, b in zip(
+        jax.tree.leaves(raw.natural(raw.init_latents(panel))),
+        jax.tree.leaves(small_model.natural(small_model.init_latents(panel))),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="one value per unit"):
+        hbjax.ElasticityModel.from_panel(panel, price_centre=np.zeros(3))
 
 
 def test_init_is_a_shrunk_weighted_regression_per_unit(small_panel, small_model):
@@ -89,8 +133,16 @@ def test_init_is_a_shrunk_weighted_regression_per_unit(small_panel, small_model)
         prior_var = 1.0 + 1.0 + 4.0  # global, category and product prior variances
         expected = (cross - 2.0 / prior_var) / (info + 1 / prior_var)
         np.testing.assert_allclose(beta[unit], expected, rtol=1e-3, atol=1e-3)
-        # the intercept puts the line through the weighted means
-        np.testing.assert_allclose(delta[unit] + beta[unit] * mean_x, mean_l, atol=1e-3)
+        # intercept + (group, period) effect put the line through the weighted means
+        gamma = np.asarray(v.group_period_effect)[panel.cell_idx[rows]]
+        np.testing.assert_allclose(delta[unit] + gamma + beta[unit] * mean_x, mean_l, atol=1e-3)
+    # each group's level is split between intercepts and (group, period) effects as their
+    # N(0, 3) priors would: the MAP split of a constant level: sum(delta) = T * gamma ...
+    gamma = np.asarray(v.group_period_effect).reshape(panel.n_groups, panel.n_periods)
+    for g in range(panel.n_groups):
+        np.testing.assert_allclose(gamma[g], gamma[g, 0])  # constant over periods
+        total = delta[panel.unit_group == g].sum() - panel.n_periods * gamma[g, 0]
+        np.testing.assert_allclose(total, 0.0, atol=1e-3)
     # categories start at their units' mean elasticity; deterministic (no key involved)
     group = np.asarray(v.group_elasticity)
     for g in range(panel.n_groups):

@@ -46,7 +46,7 @@ def test_block_count_does_not_depend_on_the_device_count():
 @pytest.mark.parametrize("n_devices", [1, 2, 3, 4])
 def test_loss_and_gradients_match_unsharded(n_devices, layout):
     panel, _ = odd_panel()
-    model = hbjax.ElasticityModel.from_panel(panel)
+    model = hbjax.ElasticityModel.from_panel(panel)  # price-centred: the kernels get centres
     guide = hbjax.MeanFieldNormal.from_shapes(model.latent_shapes(), loc=model.init_latents(panel))
     key = jax.random.key(2)
 
@@ -136,11 +136,14 @@ def test_fit_gives_the_same_elasticities_on_1_and_4_devices():
                 progress=False,
             )
             assert result.num_traces == 1
-            means[n] = hbjax.summarize(result, encoding, num_samples=100).units["mean"].to_numpy()
-    # Per step the two differ by float rounding only (~1e-7). Over thousands of steps at the
-    # article's nearly constant learning rate such differences grow chaotically to the SGD
-    # noise floor (~1% of an elasticity), as with any change of floating-point order.
-    np.testing.assert_allclose(means[4], means[1], rtol=1e-4)
+            units = hbjax.summarize(result, encoding, num_samples=100).units
+            means[n], sds = units["mean"].to_numpy(), units["sd"].to_numpy()
+    # Per step the two differ by float rounding only (~1e-7). Adam's per-coordinate
+    # normalisation amplifies such differences chaotically (x10 per ~150 steps here; over
+    # thousands of steps they reach the SGD noise floor), as with any change of
+    # floating-point order. After 300 steps they must stay invisible next to the posterior
+    # uncertainty: under 1% of each elasticity's posterior sd.
+    assert np.all(np.abs(means[4] - means[1]) < 0.01 * sds)
 
 
 def test_bad_device_counts_are_clear_errors(tmp_path, capsys):
