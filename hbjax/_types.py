@@ -19,7 +19,7 @@ from jaxtyping import Bool, Float, Int, PRNGKeyArray, PyTree, Scalar
 AnyArray = Array | np.ndarray
 
 #: What a latent pytree's leaves may hold: device or host values, or just shapes.
-LatentLeaf = Array | np.ndarray | jax.ShapeDtypeStruct
+LatentLeaf = Array | np.ndarray | np.number | jax.ShapeDtypeStruct  # np.number: host scalars
 
 ObsFloat = Float[AnyArray, "obs"]
 ObsInt = Int[AnyArray, "obs"]

@@ -323,7 +323,8 @@ def fit(
                 if callback is not None:
                     waited = time.perf_counter()
                     host_params = jax.tree.map(np.asarray, to_host(params))
-                    callback(done, eqx.combine(host_params, guide_static))
+                    with jax.transfer_guard_host_to_device("allow"):  # the user's code
+                        callback(done, eqx.combine(host_params, guide_static))
                     callback_seconds += time.perf_counter() - waited
                 chunk_start = time.perf_counter()
     finally:

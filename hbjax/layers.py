@@ -23,10 +23,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int, Scalar
+from jaxtyping import Array, ArrayLike, Float, Int, Scalar
 
 
-def standard_normal_log_prob(z: Float[Array, "*shape"]) -> Scalar:
+def standard_normal_log_prob(z: Float[ArrayLike, "*shape"]) -> Scalar:
     """Sum of standard-normal log densities of all entries of ``z``."""
     # Built per call (free under jit): a module-level distribution would start JAX's
     # backend at import, before jax.distributed.initialize can run.
@@ -43,7 +43,7 @@ class AbstractEffect(eqx.Module):
         """Shape and dtype of ``z``, known before any data is seen."""
         return jax.ShapeDtypeStruct(self.shape, jnp.float32)  # type: ignore[attr-defined]
 
-    def log_prior(self, z: Float[Array, "*shape"]) -> Scalar:
+    def log_prior(self, z: Float[ArrayLike, "*shape"]) -> Scalar:
         """Log density of ``z`` under its N(0, 1) prior."""
         return standard_normal_log_prob(z)
 
@@ -61,7 +61,7 @@ class Normal(AbstractEffect):
     scale: float
     shape: tuple[int, ...] = eqx.field(static=True, default=())
 
-    def __call__(self, z: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
+    def __call__(self, z: Float[ArrayLike, "*shape"]) -> Float[ArrayLike, "*shape"]:
         """Natural-scale value of the effect."""
         return self.loc + self.scale * z
 
@@ -94,8 +94,8 @@ class Nested(AbstractEffect):
         self.shape = tuple(shape)
 
     def __call__(
-        self, z: Float[Array, "*shape"], parent: Float[Array, "*parent"]
-    ) -> Float[Array, "*shape"]:
+        self, z: Float[ArrayLike, "*shape"], parent: Float[ArrayLike, "*parent"]
+    ) -> Float[ArrayLike, "*shape"]:
         """Natural-scale value given the parent's natural-scale value."""
         centre = parent if self.index is None else parent[self.index]
         return centre + self.scale * z

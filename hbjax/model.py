@@ -206,12 +206,12 @@ class ElasticityModel(AbstractModel):
             + self.group_period_effect.log_prior(latents.group_period_effect)
         )
 
-    def _unit_elasticity(self, latents: ElasticityLatents) -> Float[Array, "*p unit"]:
+    def _unit_elasticity(self, latents: ElasticityLatents) -> Float[ArrayLike, "*p unit"]:
         beta_g = self.global_elasticity(latents.global_elasticity)
         beta_c = self.group_elasticity(latents.group_elasticity, beta_g)
         return self.unit_elasticity(latents.unit_elasticity, beta_c)
 
-    def _uncentred_effect_z(self, latents: ElasticityLatents) -> Float[Array, "*p unit"]:
+    def _uncentred_effect_z(self, latents: ElasticityLatents) -> Float[ArrayLike, "*p unit"]:
         if self.price_centre is None:
             return latents.unit_effect
         shift = self._unit_elasticity(latents) * self.price_centre

@@ -178,3 +178,27 @@ def test_a_clipped_model_gets_the_row_layout(small_panel):
         clipped, start(clipped, panel), panel, key=jax.random.key(0), steps=20, progress=False
     )
     assert np.all(np.isfinite(result.losses))
+
+
+def test_callback_sees_each_chunk_and_may_use_jax(small_panel, small_model):
+    panel, _ = small_panel
+    seen = []
+
+    def callback(step, guide):  # noqa: ANN001, ANN202
+        # the user's code may compute with JAX (here: natural values, via the model's arrays)
+        beta = small_model.natural(guide.loc).unit_elasticity
+        seen.append((step, float(jnp.mean(beta))))
+
+    result = fit(
+        small_model,
+        start(small_model, panel),
+        panel,
+        key=jax.random.key(0),
+        steps=25,
+        chunk_size=10,
+        progress=False,
+        callback=callback,
+    )
+    assert [s for s, _ in seen] == [10, 20, 25]
+    final = float(jnp.mean(small_model.natural(result.guide.loc).unit_elasticity))
+    assert seen[-1][1] == pytest.approx(final, rel=1e-6)
