@@ -24,6 +24,7 @@ from . import __version__
 from .data import DataValidationError, Encoding, Panel, from_file, from_frame
 from .fit import FitResult, NonFiniteLossError, default_optimizer, fit
 from .guide import MeanFieldNormal
+from .minibatch import UnitStats
 from .model import ElasticityModel
 from .objectives import renyi_elbo
 from .posterior import Summary, summarize
@@ -129,7 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
     fit_cmd.add_argument("--period", default="period", help="period column (integers or dates)")
     fit_cmd.add_argument("--price", default="price", help="price column (> 0)")
     fit_cmd.add_argument("--units", default="units_sold", help="counts column (integers >= 0)")
-    fit_cmd.add_argument("--steps", type=_positive_int, default=20000)
+    fit_cmd.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=None,
+        help="optimisation steps (default: 20000; with --batch-size, 1000 epochs)",
+    )
+    fit_cmd.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="minibatch SVI: products per step (rounded up to a multiple of the block count); "
+        "the table stays in host memory and only each batch goes to the devices",
+    )
     fit_cmd.add_argument("--particles", type=_positive_int, default=4)
     fit_cmd.add_argument("--alpha", type=_finite_float, default=0.0, help="Rényi alpha (0: IW)")
     fit_cmd.add_argument("--lr", type=_positive_float, default=0.01, help="initial learning rate")
@@ -171,16 +184,26 @@ def _fit_panel(
     num_samples: int = 1000,
     progress: bool = True,
     mesh: Mesh | None = None,
+    batch_size: int | None = None,
 ) -> tuple[FitResult, Summary]:
     """The standard pipeline: model, data-informed mean-field guide, fit, summary."""
     options: dict[str, object] = {"clip_log_rate": (-4.0, 20.0) if clip else None}
-    if mesh is not None:
+    optimizer = default_optimizer(learning_rate)
+    data: Panel | UnitStats = panel
+    if batch_size is not None:
+        # The rows stay on the host; the centres and the start come from every process's
+        # per-unit sums. The learning rate decays per epoch.
+        data = UnitStats.gather(panel)
+        per_epoch = panel.n_units / batch_size
+        optimizer = default_optimizer(learning_rate, transition_steps=round(1000 * per_epoch))
+    elif mesh is not None:
         # Place first: in a multi-process run this process holds only its own units' rows,
         # and the price centres and the start must come from every process's rows.
         layout = ElasticityModel.from_panel(panel, centre_prices=False, **options).panel_layout()
         panel = shard_panel(panel, mesh, layout=layout)
-    model = ElasticityModel.from_panel(panel, centre_prices=centre_prices, **options)
-    guide = MeanFieldNormal.from_shapes(model.latent_shapes(), loc=model.init_latents(panel))
+        data = panel
+    model = ElasticityModel.from_panel(data, centre_prices=centre_prices, **options)
+    guide = MeanFieldNormal.from_shapes(model.latent_shapes(), loc=model.init_latents(data))
     key, summary_key = jax.random.split(jax.random.key(seed))
 
     def objective(model, guide, panel, *, key):  # noqa: ANN001, ANN202
@@ -192,10 +215,11 @@ def _fit_panel(
         panel,
         key=key,
         steps=steps,
-        optimizer=default_optimizer(learning_rate),
+        optimizer=optimizer,
         objective=objective,
         progress=progress,
         mesh=mesh,
+        batch_size=batch_size,
     )
     return result, summarize(result, encoding, num_samples=num_samples, key=summary_key)
 
@@ -286,6 +310,11 @@ def run_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Steps of a full-batch fit (the article's) and epochs of a minibatch fit, by default.
+DEFAULT_STEPS = 20000
+DEFAULT_EPOCHS = 1000
+
+
 def _mesh(devices: str | int) -> Mesh:
     try:
         return make_mesh(None if devices == "all" else devices)
@@ -353,10 +382,20 @@ def run_fit(args: argparse.Namespace) -> int:
     panel, encoding = _load_own_rows(args, mesh)
     n_obs = int(np.sum(panel.unit_rows))  # the whole table's rows, in every process
     start = time.perf_counter()
+    if args.batch_size is not None and args.batch_size >= panel.n_units:
+        raise UserError(
+            f"--batch-size {args.batch_size} is not smaller than the number of products "
+            f"({panel.n_units}); leave it out to fit the full batch."
+        )
+    steps = args.steps
+    if steps is None:
+        per_epoch = panel.n_units / args.batch_size if args.batch_size else None
+        steps = DEFAULT_STEPS if per_epoch is None else round(DEFAULT_EPOCHS * per_epoch)
     result, summary = _fit_panel(
         panel,
         encoding,
-        steps=args.steps,
+        steps=steps,
+        batch_size=args.batch_size,
         seed=args.seed,
         particles=args.particles,
         alpha=args.alpha,
@@ -386,6 +425,8 @@ def run_fit(args: argparse.Namespace) -> int:
         "n_groups": panel.n_groups,
         "n_periods": panel.n_periods,
         "steps": result.steps,
+        "batch_size": result.batch_size,
+        "epochs": result.epochs,
         "particles": args.particles,
         "price_centring": not args.no_centring,
         "clip_log_rate": args.clip,

@@ -17,11 +17,13 @@ import distrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray, PyTree
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from ._types import ParticleFloat
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+_TRUE = np.True_
 
 
 def inverse_softplus(x: Float[Array, "*s"]) -> Float[Array, "*s"]:
@@ -42,11 +44,36 @@ class AbstractGuide(eqx.Module):
         """Log density under q of each particle (leading ``particle`` axis)."""
 
     def sample_and_log_prob(
-        self, num_particles: int, *, key: PRNGKeyArray
+        self, num_particles: int, *, key: PRNGKeyArray, weights: PyTree | None = None
     ) -> tuple[PyTree[Float[Array, "..."]], ParticleFloat]:
-        """Particles and their log density; gradients flow through both (the total gradient)."""
+        """Particles and their log density; gradients flow through both (the total gradient).
+
+        ``weights`` (minibatching: a pytree like the latents of scalars or ``[slot]``
+        arrays) weights each latent's log-density term; only guides that factorise over
+        latents (e.g. :class:`MeanFieldNormal`) support it.
+        """
+        if weights is not None:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not support weighted log densities (minibatching)."
+            )
         particles = self.sample(num_particles, key=key)
         return particles, self.log_prob(particles)
+
+    def restrict(self, units: Int[Array, " slot"], unit_leaves: PyTree[bool]) -> AbstractGuide:
+        """The guide of a batch's latents: per-unit leaves taken at ``units`` (minibatching).
+
+        Gradients flow back to the selected units' parameters only.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not support minibatching (restrict); fit it without "
+            "batch_size."
+        )
+
+    def unit_update_mask(self, in_batch: Bool[Array, " unit"], unit_leaves: PyTree[bool]) -> PyTree:
+        """Booleans like the guide's parameters: which entries a batch step may update."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not support minibatching (unit_update_mask)."
+        )
 
 
 class MeanFieldNormal(AbstractGuide):
@@ -117,23 +144,44 @@ class MeanFieldNormal(AbstractGuide):
         return jax.tree.unflatten(treedef, draws)
 
     def sample_and_log_prob(
-        self, num_particles: int, *, key: PRNGKeyArray
+        self, num_particles: int, *, key: PRNGKeyArray, weights: PyTree | None = None
     ) -> tuple[PyTree[Float[Array, "..."]], ParticleFloat]:
         """Particles ``loc + scale * eps`` and ``log q = sum(-eps^2 / 2 - log scale) - c``.
 
         The same value and total gradient as ``log_prob(sample(...))``, from ``eps``
-        directly (no division by the scale).
+        directly (no division by the scale). ``weights``: see
+        :meth:`AbstractGuide.sample_and_log_prob`.
         """
         leaves, treedef = jax.tree.flatten(self.loc)
         scales = jax.tree.leaves(self.scale)
+        weight_leaves = [1.0] * len(leaves) if weights is None else treedef.flatten_up_to(weights)
         keys = jax.random.split(key, len(leaves))
         draws, log_q = [], jnp.zeros(num_particles, jnp.float32)
-        for loc, scale, k in zip(leaves, scales, keys, strict=True):
+        for loc, scale, weight, k in zip(leaves, scales, weight_leaves, keys, strict=True):
             eps = jax.random.normal(k, (num_particles, *loc.shape), loc.dtype)
             draws.append(loc + scale * eps)
-            log_density = -0.5 * eps**2 - jnp.log(scale) - _HALF_LOG_2PI
+            log_density = weight * (-0.5 * eps**2 - jnp.log(scale) - _HALF_LOG_2PI)
             log_q = log_q + jnp.sum(log_density.reshape(num_particles, -1), axis=1)
         return jax.tree.unflatten(treedef, draws), log_q
+
+    def restrict(self, units: Int[Array, " slot"], unit_leaves: PyTree[bool]) -> MeanFieldNormal:
+        """The batch's guide: unit leaves of ``loc`` and ``raw_scale`` taken at ``units``."""
+
+        def take(x: Array, is_unit: bool) -> Array:  # noqa: FBT001
+            return jnp.take(x, units, axis=-1) if is_unit else x
+
+        return MeanFieldNormal(
+            loc=jax.tree.map(take, self.loc, unit_leaves),
+            raw_scale=jax.tree.map(take, self.raw_scale, unit_leaves),
+        )
+
+    def unit_update_mask(
+        self, in_batch: Bool[Array, " unit"], unit_leaves: PyTree[bool]
+    ) -> MeanFieldNormal:
+        """``in_batch`` for unit leaves, ``True`` elsewhere, for ``loc`` and ``raw_scale``."""
+        mask = jax.tree.map(lambda is_unit: in_batch if is_unit else _TRUE, unit_leaves)
+        # a pytree shaped like the guide, of booleans (unflatten: not a valid guide)
+        return jax.tree.unflatten(jax.tree.structure(self), jax.tree.leaves(mask) * 2)
 
     def log_prob(self, particles: PyTree[Float[Array, "..."]]) -> ParticleFloat:
         """Sum over latents of the normal log densities, one value per particle."""

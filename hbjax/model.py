@@ -8,6 +8,7 @@ A model is an Equinox module whose latents' structure is declared up front
 from __future__ import annotations
 
 import abc
+import math
 
 import equinox as eqx
 import jax
@@ -18,6 +19,9 @@ from ._types import LatentLeaf, UnitInt
 from .data import DensePanel, Panel
 from .layers import Nested, Normal
 from .likelihood import dense_log_likelihood, panel_log_likelihood
+from .minibatch import UnitBatch, UnitStats, batch_log_likelihood
+
+_LOG_2PI = math.log(2 * math.pi)  # two standard normals per slot: 2 x log(2 pi) / 2
 
 
 class AbstractModel(eqx.Module):
@@ -55,6 +59,24 @@ class AbstractModel(eqx.Module):
         """A starting point for a guide's location; zeros unless overridden."""
         del panel
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.latent_shapes())
+
+    def unit_leaves(self) -> PyTree[bool] | None:
+        """Which latent leaves are per unit (unit axis last): what minibatching subsamples.
+
+        ``None`` (the default): the model cannot be minibatched.
+        """
+        return None
+
+    def batch_log_joint(self, latents: PyTree[Float[Array, "..."]], batch: UnitBatch) -> Scalar:
+        """Unbiased estimate of :meth:`log_joint` from a :class:`~hbjax.minibatch.UnitBatch`.
+
+        ``latents`` hold the batch's slots in the unit leaves (:meth:`unit_leaves`); each
+        slot's prior and likelihood terms are weighted by ``batch.weight``.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement batch_log_joint: it cannot be "
+            "minibatched; fit it without batch_size."
+        )
 
 
 class ElasticityLatents(eqx.Module):
@@ -166,14 +188,20 @@ class ElasticityModel(AbstractModel):
 
     @classmethod
     def from_panel(
-        cls, panel: Panel | DensePanel, *, centre_prices: bool = True, **options: object
+        cls,
+        panel: Panel | DensePanel | UnitStats,
+        *,
+        centre_prices: bool = True,
+        **options: object,
     ) -> ElasticityModel:
         """The model for a panel's units, groups and periods (options as in ``__init__``).
 
         Args:
             panel: a host or sharded panel. In a multi-process run pass the *placed* panel
                 (:func:`hbjax.shard_panel`): each process's host panel holds only its own
-                units' rows, and the price centres must come from all of them.
+                units' rows, and the price centres must come from all of them (or, for a
+                minibatch fit that leaves the rows on the host,
+                :meth:`hbjax.minibatch.UnitStats.gather`).
             centre_prices: centre each unit's intercept at its demand-weighted mean log price
                 (see the class docstring); ``False`` gives the article's raw parameterisation.
             options: keyword arguments of ``__init__``.
@@ -233,6 +261,37 @@ class ElasticityModel(AbstractModel):
             group_period_effect=self.group_period_effect(latents.group_period_effect),
         )
 
+    def unit_leaves(self) -> ElasticityLatents:
+        """Product elasticities and intercepts are per unit; the rest are shared."""
+        flags = [False, False, True, True, False]  # in field order
+        return jax.tree.unflatten(jax.tree.structure(self.latent_shapes()), flags)
+
+    def batch_log_joint(self, latents: ElasticityLatents, batch: UnitBatch) -> Scalar:
+        """Log joint estimated from a batch of units (see :meth:`AbstractModel.batch_log_joint`).
+
+        ``latents.unit_elasticity`` and ``latents.unit_effect`` are ``[slot]``: the batch's
+        units. Shared latents enter with weight 1, each slot's terms with its weight.
+        """
+        beta_g = self.global_elasticity(latents.global_elasticity)
+        beta_c = self.group_elasticity(latents.group_elasticity, beta_g)
+        z_beta, z_delta = latents.unit_elasticity, latents.unit_effect
+        beta = beta_c[batch.group] + self.unit_elasticity.scale * z_beta
+        delta = self.unit_effect(z_delta)
+        if self.price_centre is None:
+            centre = jnp.zeros_like(beta)
+        else:
+            centre = jnp.take(self.price_centre, batch.unit)
+            z_delta = z_delta - beta * centre / self.unit_effect.scale
+        per_slot = -0.5 * (z_beta**2 + z_delta**2) - _LOG_2PI
+        shared = (
+            self.global_elasticity.log_prior(latents.global_elasticity)
+            + self.group_elasticity.log_prior(latents.group_elasticity)
+            + self.group_period_effect.log_prior(latents.group_period_effect)
+        )
+        gamma = self.group_period_effect(latents.group_period_effect)
+        likelihood = batch_log_likelihood(beta, delta, gamma, centre, batch, self.clip_log_rate)
+        return shared + jnp.sum(batch.weight * per_slot) + likelihood
+
     def panel_layout(self) -> str:
         """Rows when the log-rate is clipped (not linear: no sufficient statistics)."""
         return "rows" if self.clip_log_rate is not None else "auto"
@@ -257,7 +316,7 @@ class ElasticityModel(AbstractModel):
             return dense_log_likelihood(*args)
         return panel_log_likelihood(*args)
 
-    def init_latents(self, panel: Panel | DensePanel) -> ElasticityLatents:
+    def init_latents(self, panel: Panel | DensePanel | UnitStats) -> ElasticityLatents:
         """A data-informed start, deterministic (no key).
 
         Each unit's elasticity starts at the slope of a regression of log demand on log
@@ -304,7 +363,7 @@ class ElasticityModel(AbstractModel):
         )
 
 
-def unit_price_centres(panel: Panel | DensePanel) -> Float[Array, " unit"]:
+def unit_price_centres(panel: Panel | DensePanel | UnitStats) -> Float[Array, " unit"]:
     """Each unit's mean log price weighted by ``counts + 1/2`` (its Poisson information).
 
     Centring the intercept there makes it nearly uncorrelated with the elasticity a

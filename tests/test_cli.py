@@ -204,3 +204,26 @@ def test_console_script_gives_one_line_and_exit_2_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: ") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_fit_with_a_batch_size(simulated_csv, tmp_path, capsys):
+    code, _, err = run(
+        capsys,
+        "fit",
+        str(simulated_csv),
+        "--batch-size",
+        "10",
+        "--steps",
+        "40",
+        "--samples",
+        "20",
+        "--out",
+        str(tmp_path / "o"),
+        "--no-progress",
+    )
+    assert code == 0, err
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["steps"] == 40 and summary["batch_size"] >= 10
+    assert summary["epochs"] == pytest.approx(40 * summary["batch_size"] / summary["n_units"])
+    code, _, err = run(capsys, "fit", str(simulated_csv), "--batch-size", "4000")
+    assert code == 2 and err.startswith("error: --batch-size 4000 is not smaller")

@@ -193,8 +193,10 @@ def panel_file(tmp_path_factory):
     return path
 
 
-def test_two_processes_match_one_process(panel_file, tmp_path):
+@pytest.mark.parametrize("batch", [[], ["--batch-size", "12"]], ids=["full", "minibatch"])
+def test_two_processes_match_one_process(panel_file, tmp_path, batch):
     common = ["fit", str(panel_file), "--steps", "150", "--samples", "100", "--no-progress"]
+    common += batch  # minibatch: the rows stay on each process's host; batches per block
     address = f"127.0.0.1:{free_port()}"
     procs = [
         cli(
@@ -226,6 +228,7 @@ def test_two_processes_match_one_process(panel_file, tmp_path):
     np.testing.assert_allclose(hosts["mean"], one["mean"], rtol=1e-4)
     summary = pd.read_json(tmp_path / "p0" / "summary.json", typ="series")
     assert summary["processes"] == 2 and summary["devices"] == 2
+    assert summary["batch_size"] == (12 if batch else None)
     assert summary["n_obs"] == len(pd.read_parquet(panel_file))
 
 

@@ -1,0 +1,376 @@
+"""Minibatches of whole units that work together with sharding.
+
+Each step draws, *in every block* of the sharding plan (:func:`hbjax.sharding.plan_blocks`),
+a few of that block's units without replacement, with all their rows. A block lives on one
+device, so every device samples its own local units and nothing is gathered across devices;
+and since blocks do not depend on the device count, neither does the batch: a step sees the
+same units on 1 device, N devices or N hosts.
+
+A sampled unit's terms (its prior and its rows' likelihood) are weighted by
+``units in its block / units drawn from its block``, so the per-particle log weights are
+unbiased estimates of the full-data ones (:class:`UnitBatch`, ``weight``). Global, group
+and (group, period) latents enter every step with weight 1.
+
+The full panel stays in host memory (:class:`UnitSampler`, a [unit, period] grid, which
+may be a read-only memory map); only the batch goes to the devices, prepared in a
+background thread while the current step runs (see :func:`hbjax.fit`'s ``batch_size``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.special import gammaln
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ._types import AnyArray, Array, Bool, Float, Int, Scalar, UnitFloat
+from .data import Panel
+from .likelihood import _sum_over_blocks
+from .sharding import (
+    DATA_AXIS,
+    ShardingError,
+    _local_blocks,
+    _own_rows,
+    _sum_over_processes,
+    default_block_count,
+    make_mesh,
+    plan_blocks,
+)
+
+
+class UnitBatch(eqx.Module):
+    """One minibatch of whole units on a [slot, period] grid, split over ``"data"``.
+
+    Slots come in ``n_blocks`` equal runs, one per block of the sharding plan. Padding
+    slots (a block with fewer units than the per-block batch) have ``weight == 0`` and
+    point at one of their block's units.
+
+    Attributes:
+        unit: ``[slot]`` global unit index.
+        group: ``[slot]`` group index of the unit.
+        weight: ``[slot]`` units in the block / units drawn from it; 0 for padding.
+        log_price: ``[slot, period]`` log prices (0 where not observed).
+        counts: ``[slot, period]`` units sold (0 where not observed).
+        observed: ``[slot, period]`` whether the cell was observed.
+        log_factorial: ``[slot]`` ``sum_t log(counts! )`` of the unit's observed cells.
+        n_units: units in the whole panel.
+        n_groups: groups in the whole panel.
+        n_periods: periods in the whole panel.
+        n_blocks: blocks (runs of slots).
+        mesh: the device mesh the batch lives on.
+    """
+
+    unit: Int[AnyArray, " slot"]
+    group: Int[AnyArray, " slot"]
+    weight: Float[AnyArray, " slot"]
+    log_price: Float[AnyArray, "slot period"]
+    counts: Float[AnyArray, "slot period"]
+    observed: Bool[AnyArray, "slot period"]
+    log_factorial: Float[AnyArray, " slot"]
+    n_units: int = eqx.field(static=True)
+    n_groups: int = eqx.field(static=True)
+    n_periods: int = eqx.field(static=True)
+    n_blocks: int = eqx.field(static=True)
+    mesh: Mesh | None = eqx.field(static=True, default=None)
+
+    @property
+    def n_cells(self) -> int:
+        """Number of (group, period) cells in the whole panel."""
+        return self.n_groups * self.n_periods
+
+
+class UnitStats(eqx.Module):
+    """What a model's centring and start need from a panel, without its rows.
+
+    In a multi-process minibatch fit each process holds only its units' rows on the host;
+    :meth:`gather` adds the per-unit moments over processes (each unit's rows live in one
+    process), so every process builds the same model and start.
+
+    Attributes:
+        moments: ``[5, unit]`` as :meth:`hbjax.Panel.unit_moments`.
+        unit_group: ``[unit]`` group of each unit.
+        n_units, n_groups, n_periods: sizes of the whole panel.
+    """
+
+    moments: Float[AnyArray, "5 unit"]
+    unit_group: Int[AnyArray, " unit"]
+    n_units: int = eqx.field(static=True)
+    n_groups: int = eqx.field(static=True)
+    n_periods: int = eqx.field(static=True)
+
+    @classmethod
+    def gather(cls, panel: Panel) -> UnitStats:
+        """The whole panel's statistics from this process's host panel (all processes call)."""
+        local = {"moments": np.asarray(panel.unit_moments(), np.float64)}
+        moments = _sum_over_processes(local)["moments"].astype(np.float32)
+        return cls(
+            moments, np.asarray(panel.unit_group), panel.n_units, panel.n_groups, panel.n_periods
+        )
+
+    def unit_moments(self) -> Float[Array, "5 unit"]:
+        """The per-unit regression sums."""
+        return jnp.asarray(self.moments)
+
+
+_SLOT_FIELDS = ("unit", "group", "weight", "log_price", "counts", "observed", "log_factorial")
+
+
+def batch_log_likelihood(
+    unit_elasticity: Float[Array, " slot"],
+    unit_effect: Float[Array, " slot"],
+    cell_effect: Float[Array, " cell"],
+    price_centre: Float[Array, " slot"],
+    batch: UnitBatch,
+    clip: tuple[float, float] | None = None,
+) -> Scalar:
+    """Weighted Poisson log-likelihood of a batch's units (an unbiased full-data estimate).
+
+    ``sum_slot weight * sum_t observed * log Poisson(y | exp(beta (x - m) + delta + gamma))``,
+    per block on each device, then the blocks in order (the same sum on any device count).
+    The slot parameters are the sampled units' values; ``cell_effect`` is replicated.
+    """
+
+    def per_device(
+        beta, delta, gamma, centre, group, weight, log_price, counts, observed, log_fact
+    ):  # noqa: ANN001, ANN202, E501
+        cells = gamma.reshape(-1, log_price.shape[1])
+        log_rate = beta[:, None] * (log_price - centre[:, None]) + delta[:, None] + cells[group]
+        if clip is not None:
+            log_rate = jnp.clip(log_rate, clip[0], clip[1])
+        terms = jnp.where(observed, counts * log_rate - jnp.exp(log_rate), 0.0)
+        per_slot = weight * (jnp.sum(terms, axis=1) - log_fact)
+        local_blocks = batch.n_blocks // (1 if batch.mesh is None else batch.mesh.devices.size)
+        partials = jnp.sum(per_slot.reshape(local_blocks, -1), axis=1)
+        if batch.mesh is None:
+            return jnp.sum(partials)
+        return _sum_over_blocks(partials)
+
+    args = (
+        unit_elasticity,
+        unit_effect,
+        cell_effect,
+        price_centre,
+        batch.group,
+        batch.weight,
+        batch.log_price,
+        batch.counts,
+        batch.observed,
+        batch.log_factorial,
+    )
+    if batch.mesh is None:
+        return per_device(*args)
+    return jax.shard_map(
+        per_device,
+        mesh=batch.mesh,
+        in_specs=(P(DATA_AXIS), P(DATA_AXIS), P(), P(DATA_AXIS)) + (P(DATA_AXIS),) * 6,
+        out_specs=P(),
+    )(*args)
+
+
+def units_in_batch(batch: UnitBatch) -> Bool[Array, " unit"]:
+    """``[unit]`` whether each unit is in the batch (with a non-zero weight)."""
+    present = (jnp.asarray(batch.weight) > 0).astype(jnp.float32)
+    hits = jnp.zeros(batch.n_units, jnp.float32).at[batch.unit].max(present)
+    return hits > 0
+
+
+class UnitSampler:
+    """Draws :class:`UnitBatch` es from a panel held in host memory.
+
+    Every process builds the same block plan as :func:`hbjax.shard_panel` (so a panel from
+    :func:`hbjax.sharding.read_process_panel` holds exactly the rows this process needs)
+    and keeps its blocks' units on a host [unit, period] grid. Step ``s`` draws, in block
+    ``b``, ``per_block`` units without replacement with ``numpy.random.default_rng((seed,
+    s, b))``: the batch of a step is the same on any device count.
+
+    Args:
+        panel: a host :class:`~hbjax.Panel` (this process's rows in a multi-process run).
+        batch_size: units per step, over all devices. Rounded *up* to a multiple of the
+            number of blocks (itself a multiple of the device count); see ``batch_size``.
+        mesh: the mesh; default: all devices.
+        n_blocks: number of blocks; default :func:`hbjax.sharding.default_block_count`.
+        seed: sampling seed.
+        memmap_dir: if given, the host grid is written there once and read back as a
+            read-only memory map (only the pages of sampled units are ever read).
+
+    Attributes:
+        batch_size: the actual units per step (``per_block * n_blocks``).
+        per_block: units drawn from each block per step.
+        steps_per_epoch: ``n_units / batch_size`` (fractional).
+    """
+
+    def __init__(
+        self,
+        panel: Panel,
+        batch_size: int,
+        *,
+        mesh: Mesh | None = None,
+        n_blocks: int | None = None,
+        seed: int = 0,
+        memmap_dir: str | os.PathLike[str] | None = None,
+    ):
+        if not isinstance(panel, Panel) or panel.mesh is not None:
+            raise TypeError(
+                "minibatching takes a host Panel (from hbjax.from_frame or "
+                "read_process_panel), not a placed one: the full panel stays on the host."
+            )
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+            raise TypeError(f"batch_size must be an int; got {batch_size!r}.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1 unit; got {batch_size}.")
+        if batch_size >= panel.n_units:
+            raise ValueError(
+                f"batch_size {batch_size} is not smaller than the number of units "
+                f"({panel.n_units}): fit the full batch instead (leave batch_size out)."
+            )
+        self.mesh = make_mesh() if mesh is None else mesh
+        n_devices = self.mesh.devices.size
+        self.n_blocks = n_blocks or default_block_count(panel.n_units, panel.n_cells, n_devices)
+        if self.n_blocks % n_devices:
+            raise ShardingError(
+                f"{self.n_blocks} blocks cannot be split evenly over {n_devices} devices; "
+                f"pass n_blocks as a multiple of {n_devices}."
+            )
+        self.per_block = math.ceil(batch_size / self.n_blocks)
+        self.batch_size = self.per_block * self.n_blocks
+        self.n_units, self.n_groups, self.n_periods = panel.n_units, panel.n_groups, panel.n_periods
+        self.steps_per_epoch = self.n_units / self.batch_size
+        self.seed = int(seed)
+        unit_rows = np.asarray(panel.unit_rows)
+        self.units = plan_blocks(unit_rows, self.n_blocks)
+        self.local = _local_blocks(self.mesh, self.n_blocks)
+        self._grid(panel, unit_rows, memmap_dir)
+        self._sharding = NamedSharding(self.mesh, P(DATA_AXIS))
+
+    def _grid(self, panel: Panel, unit_rows: np.ndarray, memmap_dir: object) -> None:
+        """This process's units on a host [local unit, period] grid."""
+        first, last = self.units[self.local[0]], self.units[self.local[-1] + 1]
+        self.first_unit = int(first)
+        n_local, n_periods = int(last - first), self.n_periods
+        unit_idx = np.asarray(panel.unit_idx)
+        rows = slice(
+            _own_rows(unit_idx, self.units, self.local[0], unit_rows).start,
+            _own_rows(unit_idx, self.units, self.local[-1], unit_rows).stop,
+        )
+        weight = np.asarray(panel.weight)[rows]
+        local_unit = unit_idx[rows] - first
+        period = np.asarray(panel.cell_idx)[rows] % n_periods
+        counts = np.asarray(panel.counts)[rows]
+        grids = {
+            "log_price": np.zeros((n_local, n_periods), np.float32),
+            "counts": np.zeros((n_local, n_periods), np.float32),
+            "observed": np.zeros((n_local, n_periods), bool),
+        }
+        grids["log_price"][local_unit, period] = np.asarray(panel.log_price)[rows]
+        grids["counts"][local_unit, period] = counts
+        grids["observed"][local_unit, period] = weight > 0
+        if memmap_dir is not None:
+            os.makedirs(memmap_dir, exist_ok=True)
+            for name, value in grids.items():
+                path = os.path.join(memmap_dir, f"{name}.npy")
+                np.save(path, value)
+                grids[name] = np.load(path, mmap_mode="r")
+        self.grid = grids
+        log_fact = np.asarray(gammaln(counts.astype(np.float64) + 1.0)) * (weight > 0)
+        self.log_factorial = np.bincount(local_unit, log_fact, n_local).astype(np.float32)
+        self.unit_group = np.asarray(panel.unit_group)
+
+    def host_batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's slots of step ``step``'s batch, as host arrays."""
+        picks, weights = [], []
+        for b in self.local:
+            lo, hi = int(self.units[b]), int(self.units[b + 1])
+            n = hi - lo
+            rng = np.random.default_rng((self.seed, int(step), b))
+            take = min(self.per_block, n)
+            chosen = np.sort(rng.choice(n, size=take, replace=False)) + lo if n else np.zeros(0)
+            pad = np.full(self.per_block - take, max(hi - 1, 0))
+            picks.append(np.r_[chosen, pad].astype(np.int64))
+            weights.append(np.r_[np.full(take, n / max(take, 1)), np.zeros(len(pad))])
+        unit = np.concatenate(picks)
+        local = unit - self.first_unit
+        return {
+            "unit": unit.astype(np.int32),
+            "group": self.unit_group[unit].astype(np.int32),
+            "weight": np.concatenate(weights).astype(np.float32),
+            "log_price": np.asarray(self.grid["log_price"][local]),
+            "counts": np.asarray(self.grid["counts"][local]),
+            "observed": np.asarray(self.grid["observed"][local]),
+            "log_factorial": self.log_factorial[local],
+        }
+
+    def batch(self, step: int) -> UnitBatch:
+        """Step ``step``'s batch, placed on the mesh (each process sends its own slots)."""
+        host = self.host_batch(step)
+        total = self.per_block * self.n_blocks
+        placed = {
+            name: jax.make_array_from_process_local_data(
+                self._sharding, value, (total, *value.shape[1:])
+            )
+            for name, value in host.items()
+        }
+        return UnitBatch(
+            **placed,
+            n_units=self.n_units,
+            n_groups=self.n_groups,
+            n_periods=self.n_periods,
+            n_blocks=self.n_blocks,
+            mesh=self.mesh,
+        )
+
+    def batches(self, first_step: int, count: int) -> UnitBatch:
+        """Steps ``first_step .. first_step + count - 1``: a batch with a leading step axis.
+
+        Placed with ``P(None, "data")``: each device gets its own slots of every step.
+        """
+        hosts = [self.host_batch(first_step + i) for i in range(count)]
+        total = self.per_block * self.n_blocks
+        sharding = NamedSharding(self.mesh, P(None, DATA_AXIS))
+        placed = {
+            name: jax.make_array_from_process_local_data(
+                sharding,
+                np.stack([h[name] for h in hosts]),
+                (count, total, *hosts[0][name].shape[1:]),
+            )
+            for name in hosts[0]
+        }
+        return UnitBatch(
+            **placed,
+            n_units=self.n_units,
+            n_groups=self.n_groups,
+            n_periods=self.n_periods,
+            n_blocks=self.n_blocks,
+            mesh=self.mesh,
+        )
+
+    def host_bytes(self) -> int:
+        """Bytes of this process's host grid (what never goes to the devices whole)."""
+        return int(sum(v.nbytes for v in self.grid.values()) + self.log_factorial.nbytes)
+
+
+def seed_from_key(key: jax.Array) -> int:
+    """The sampling seed :func:`hbjax.fit` derives from its PRNG key (host-side)."""
+    data = np.asarray(jax.random.key_data(key)).ravel()
+    return int(data[-1]) ^ (int(data[0]) << 32)
+
+
+def gather_unit_values(values: UnitFloat, batch: UnitBatch) -> Float[Array, "*p slot"]:
+    """``values[..., batch.unit]``: per-unit values at the batch's slots."""
+    return jnp.take(values, batch.unit, axis=-1)
+
+
+__all__ = [
+    "UnitBatch",
+    "UnitSampler",
+    "UnitStats",
+    "batch_log_likelihood",
+    "gather_unit_values",
+    "seed_from_key",
+    "units_in_batch",
+]
