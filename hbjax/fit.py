@@ -218,15 +218,17 @@ def fit(
         callback: called after each chunk as ``callback(steps_done, guide)`` with a host
             copy of the guide (e.g. to track recovery); its time is not counted in the
             fit's timings.
-        batch_size: minibatch SVI: units per step (see :mod:`hbjax.minibatch`). Each step
-            draws units in every block of the sharding plan (rounded up to a multiple of
-            the block count, itself a multiple of the device count; the result reports
-            it), weights them so that log weights are unbiased, and updates the drawn
-            units' guide parameters and every shared one; the optimiser state of units not
-            drawn is left as it was (lazy Adam). The panel must be a host
-            :class:`~hbjax.Panel`: it stays on the host and only each batch goes to the
-            devices, prepared while the previous step runs. The default optimiser's decay
-            is then per epoch (``transition_steps = 1000 x steps per epoch``).
+        batch_size: minibatch SVI, units per step (see :mod:`hbjax.minibatch`). Each step
+            draws units in every block of the sharding plan (rounded up to a multiple of the
+            block count, itself a multiple of the device count; the result reports it),
+            weights them so that log weights are unbiased, and updates the drawn units'
+            guide parameters and every shared one; the optimiser state of units not drawn
+            is left as it was (lazy Adam). ``panel`` must be a host :class:`~hbjax.Panel`
+            (or a :class:`hbjax.minibatch.UnitSampler`, e.g. a memory-mapped grid from
+            ``UnitSampler.load``, with ``batch_size`` left out): it stays on the host and
+            chunks of batches go to the devices, each prepared while the previous one
+            runs. The default optimiser's decay is then per epoch (``transition_steps =
+            1000 x steps per epoch``).
 
     Returns:
         A :class:`FitResult`.
@@ -248,8 +250,7 @@ def fit(
         (50,)
     """
     chunk_size = min(chunk_size, steps) if isinstance(steps, int) and steps > 0 else chunk_size
-    _check_fit_arguments(model, guide, panel, steps, chunk_size)
-    if batch_size is not None:
+    if isinstance(panel, UnitSampler) or batch_size is not None:
         return _fit_minibatch(
             model,
             guide,
@@ -264,6 +265,7 @@ def fit(
             mesh=mesh,
             callback=callback,
         )
+    _check_fit_arguments(model, guide, panel, steps, chunk_size)
     optimizer = default_optimizer() if optimizer is None else optimizer
     objective = renyi_elbo if objective is None else objective
     start = time.perf_counter()
@@ -440,7 +442,7 @@ def _fit_minibatch(
     *,
     key: PRNGKeyArray,
     steps: int,
-    batch_size: int,
+    batch_size: int | None,
     optimizer: optax.GradientTransformation | None,
     objective: Objective | None,
     chunk_size: int,
@@ -455,11 +457,21 @@ def _fit_minibatch(
     while the devices scan over it, a worker thread draws and sends the next chunk.
     """
     start = time.perf_counter()
-    if not isinstance(panel, Panel) or panel.mesh is not None:
+    sampler = None
+    if isinstance(panel, UnitSampler):  # e.g. UnitSampler.load: a memory-mapped grid
+        sampler = panel
+        if batch_size is not None and batch_size != sampler.batch_size:
+            raise ValueError(
+                f"batch_size {batch_size} differs from the sampler's ({sampler.batch_size}); "
+                "leave it out when passing a UnitSampler."
+            )
+        panel = (np.zeros(1, np.float32),)  # stands in for the data in the checks below
+    elif not isinstance(panel, Panel) or panel.mesh is not None:
         raise TypeError(
             "fit(..., batch_size=...) takes a host Panel (from hbjax.from_frame or "
             "read_process_panel), not a placed one: the full panel stays on the host."
         )
+    _check_fit_arguments(model, guide, panel, steps, chunk_size)
     unit_leaves = model.unit_leaves()
     if unit_leaves is None:
         raise TypeError(
@@ -467,7 +479,8 @@ def _fit_minibatch(
             "fit it without batch_size."
         )
     key = _typed_key(key)
-    sampler = UnitSampler(panel, batch_size, mesh=mesh, seed=seed_from_key(key))
+    if sampler is None:
+        sampler = UnitSampler(panel, batch_size, mesh=mesh, seed=seed_from_key(key))
     chunk = max(1, min(chunk_size, int(sampler.steps_per_epoch // 4)))
     if optimizer is None:
         optimizer = default_optimizer(transition_steps=round(1000 * sampler.steps_per_epoch))
@@ -550,183 +563,6 @@ def _fit_minibatch(
                 done += n
                 chunk_seconds.append(time.perf_counter() - chunk_start)
                 bar.update(n)
-                bar.set_postfix(
-                    epoch=f"{done / sampler.steps_per_epoch:.1f}",
-                    loss=f"{float(np.mean(chunk_losses)):.6g}",
-                    refresh=False,
-                )
-                if callback is not None:
-                    waited = time.perf_counter()
-                    host_params = jax.tree.map(np.asarray, to_host(params))
-                    with jax.transfer_guard_host_to_device("allow"):
-                        callback(done, eqx.combine(host_params, guide_static))
-                    callback_seconds += time.perf_counter() - waited
-                chunk_start = time.perf_counter()
-        bar.close()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    loop_seconds = time.perf_counter() - loop_start - callback_seconds
-    done_steps = done if failed_at is None else failed_at
-    params, opt_state = to_host((params, opt_state))
-    result = FitResult(
-        model=to_host(model),
-        guide=eqx.combine(params, guide_static),
-        losses=np.concatenate(losses) if losses else np.zeros(0, np.float32),
-        opt_state=opt_state,
-        steps=done_steps,
-        wall_seconds=time.perf_counter() - start - callback_seconds,
-        compile_seconds=compile_seconds,
-        iterations_per_second=done_steps / loop_seconds if loop_seconds > 0 else math.inf,
-        num_traces=traces,
-        chunk_seconds=np.asarray(chunk_seconds),
-        batch_size=sampler.batch_size,
-        epochs=done_steps / sampler.steps_per_epoch,
-    )
-    if failed_at is not None:
-        raise NonFiniteLossError(_non_finite_message(failed_at), step=failed_at, result=result)
-    return result
-
-
-def _non_finite_message(failed_at: int) -> str:
-    return (
-        f"the loss or its gradient became non-finite at step {failed_at} "
-        f"(0-based; {failed_at} good steps kept). Try a smaller learning rate "
-        "(e.g. fit(..., optimizer=hbjax.default_optimizer(1e-3)) or --lr 0.001), "
-        "or clip gradients with optax.clip_by_global_norm."
-    )
-
-
-def _masked_step(
-    objective: Objective,
-    optimizer: optax.GradientTransformation,
-    unit_leaves: PyTree[bool],
-) -> Callable[..., tuple[AbstractGuide, Any, Scalar, jax.Array]]:
-    """A minibatch step: only the batch's units and the shared latents move.
-
-    Updates of units outside the batch are zeroed and their optimiser state is kept as it
-    was (lazy Adam: no stale momentum moves them); shared latents update every step.
-    """
-
-    def step(
-        guide: AbstractGuide, opt_state: Any, model: AbstractModel, batch: UnitBatch, key: Any
-    ) -> tuple[AbstractGuide, Any, Scalar, jax.Array]:
-        loss, grads = eqx.filter_value_and_grad(lambda g: objective(model, g, batch, key=key))(
-            guide
-        )
-        params = eqx.filter(guide, eqx.is_inexact_array)
-        updates, new_state = optimizer.update(grads, opt_state, params)
-        mask = guide.unit_update_mask(units_in_batch(batch), unit_leaves)
-        updates = jax.tree.map(lambda u, m: jnp.where(m, u, 0.0), updates, mask)
-        state_mask = optax.tree_utils.tree_map_params(
-            optimizer,
-            lambda _, m: m,
-            opt_state,
-            mask,
-            transform_non_params=lambda v: jax.tree.map(lambda _: _TRUE, v),
-        )
-        new_state = jax.tree.map(
-            lambda m, new, old: jnp.where(m, new, old), state_mask, new_state, opt_state
-        )
-        guide = eqx.apply_updates(guide, updates)
-        finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(guide)
-        return guide, new_state, loss, finite
-
-    return step
-
-
-def _fit_minibatch(
-    model: AbstractModel,
-    guide: AbstractGuide,
-    panel: PyTree,
-    *,
-    key: PRNGKeyArray,
-    steps: int,
-    batch_size: int,
-    optimizer: optax.GradientTransformation | None,
-    objective: Objective | None,
-    chunk_size: int,
-    progress: bool,
-    mesh: Mesh | None,
-    callback: Callable[[int, AbstractGuide], None] | None,
-) -> FitResult:
-    """:func:`fit` with ``batch_size``: one jitted step per batch, batches prefetched."""
-    start = time.perf_counter()
-    if not isinstance(panel, Panel) or panel.mesh is not None:
-        raise TypeError(
-            "fit(..., batch_size=...) takes a host Panel (from hbjax.from_frame or "
-            "read_process_panel), not a placed one: the full panel stays on the host."
-        )
-    unit_leaves = model.unit_leaves()
-    if unit_leaves is None:
-        raise TypeError(
-            f"{type(model).__name__} does not declare unit_leaves(): it cannot be minibatched; "
-            "fit it without batch_size."
-        )
-    key = _typed_key(key)
-    sampler = UnitSampler(panel, batch_size, mesh=mesh, seed=seed_from_key(key))
-    if optimizer is None:
-        optimizer = default_optimizer(transition_steps=round(1000 * sampler.steps_per_epoch))
-    objective = renyi_elbo if objective is None else objective
-    params, guide_static = eqx.partition(guide, eqx.is_inexact_array)
-    params = jax.tree.map(jnp.copy, params)
-    model_arrays, model_static = eqx.partition(model, eqx.is_array)
-    opt_state = optimizer.init(params)
-    params, opt_state, model_arrays, key, step_index, healthy = replicate(
-        (params, opt_state, model_arrays, key, np.int32(0), _TRUE), sampler.mesh
-    )
-    step = _masked_step(objective, optimizer, unit_leaves)
-    traces = 0
-
-    def run_step(params, opt_state, step_index, healthy, key, model_arrays, batch):  # noqa: ANN001, ANN202
-        nonlocal traces
-        traces += 1
-        model = eqx.combine(model_arrays, model_static)
-        guide = eqx.combine(params, guide_static)
-        step_key = jax.random.fold_in(key, step_index)
-        guide, new_state, loss, finite = step(guide, opt_state, model, batch, step_key)
-        ok = healthy & finite  # after a bad step, nothing moves any more
-        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
-        new_params = jax.tree.map(keep, eqx.filter(guide, eqx.is_inexact_array), params)
-        new_state = jax.tree.map(keep, new_state, opt_state)
-        return new_params, new_state, step_index + 1, ok, loss.astype(jnp.float32)
-
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    try:
-        first = sampler.batch(0)
-        args = (params, opt_state, step_index, healthy, key, model_arrays, first)
-        compiled = jax.jit(run_step, donate_argnums=(0, 1)).lower(*args).compile()
-        compile_seconds = time.perf_counter() - start
-        bar = tqdm(total=steps, unit="it", disable=not progress, desc="hbjax fit", leave=True)
-        losses: list[np.ndarray] = []
-        pending: list[tuple[jax.Array, jax.Array]] = []
-        chunk_seconds: list[float] = []
-        callback_seconds, failed_at, done = 0.0, None, 0
-        loop_start = chunk_start = time.perf_counter()
-        upcoming = concurrent.futures.Future()
-        upcoming.set_result(first)
-        with jax.transfer_guard_host_to_device("disallow"):  # batches go up explicitly
-            for i in range(steps):
-                batch = upcoming.result()
-                if i + 1 < steps:  # the next batch is drawn and sent while this step runs
-                    upcoming = pool.submit(sampler.batch, i + 1)
-                params, opt_state, step_index, healthy, loss = compiled(
-                    params, opt_state, step_index, healthy, key, model_arrays, batch
-                )
-                pending.append((loss, healthy))
-                if len(pending) < chunk_size and i + 1 < steps:
-                    continue
-                chunk_losses = np.array([float(to_host(v)) for v, _ in pending], np.float32)
-                ok = np.array([bool(to_host(h)) for _, h in pending])
-                pending = []
-                if not ok.all():
-                    bad = int(np.flatnonzero(~ok)[0])
-                    losses.append(chunk_losses[:bad])
-                    failed_at = done + bad
-                    break
-                losses.append(chunk_losses)
-                done += len(chunk_losses)
-                chunk_seconds.append(time.perf_counter() - chunk_start)
-                bar.update(len(chunk_losses))
                 bar.set_postfix(
                     epoch=f"{done / sampler.steps_per_epoch:.1f}",
                     loss=f"{float(np.mean(chunk_losses)):.6g}",

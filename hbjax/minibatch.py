@@ -18,6 +18,7 @@ background thread while the current step runs (see :func:`hbjax.fit`'s ``batch_s
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -47,7 +48,8 @@ from .sharding import (
 class UnitBatch(eqx.Module):
     """One minibatch of whole units on a [slot, period] grid, split over ``"data"``.
 
-    Slots come in ``n_blocks`` equal runs, one per block of the sharding plan. Padding
+    Slots come in ``n_blocks`` equal runs, one per block of the sharding plan (a chunk
+    of steps' batches has a leading ``step`` axis, :meth:`UnitSampler.batches`). Padding
     slots (a block with fewer units than the per-block batch) have ``weight == 0`` and
     point at one of their block's units.
 
@@ -66,13 +68,13 @@ class UnitBatch(eqx.Module):
         mesh: the device mesh the batch lives on.
     """
 
-    unit: Int[AnyArray, " slot"]
-    group: Int[AnyArray, " slot"]
-    weight: Float[AnyArray, " slot"]
-    log_price: Float[AnyArray, "slot period"]
-    counts: Float[AnyArray, "slot period"]
-    observed: Bool[AnyArray, "slot period"]
-    log_factorial: Float[AnyArray, " slot"]
+    unit: Int[AnyArray, "*step slot"]
+    group: Int[AnyArray, "*step slot"]
+    weight: Float[AnyArray, "*step slot"]
+    log_price: Float[AnyArray, "*step slot period"]
+    counts: Float[AnyArray, "*step slot period"]
+    observed: Bool[AnyArray, "*step slot period"]
+    log_factorial: Float[AnyArray, "*step slot"]
     n_units: int = eqx.field(static=True)
     n_groups: int = eqx.field(static=True)
     n_periods: int = eqx.field(static=True)
@@ -220,18 +222,34 @@ class UnitSampler:
                 "minibatching takes a host Panel (from hbjax.from_frame or "
                 "read_process_panel), not a placed one: the full panel stays on the host."
             )
+        mesh = make_mesh() if mesh is None else mesh
+        n_blocks = n_blocks or default_block_count(panel.n_units, panel.n_cells, mesh.devices.size)
+        unit_rows = np.asarray(panel.unit_rows)
+        sizes = (panel.n_units, panel.n_groups, panel.n_periods)
+        self._configure(batch_size, mesh, plan_blocks(unit_rows, n_blocks), sizes, seed)
+        self._grid(panel, unit_rows, memmap_dir)
+
+    def _configure(
+        self,
+        batch_size: int,
+        mesh: Mesh,
+        units: np.ndarray,
+        sizes: tuple[int, int, int],
+        seed: int,
+    ) -> None:
+        """Check the batch size and set the plan (shared by ``__init__`` and :meth:`load`)."""
+        self.n_units, self.n_groups, self.n_periods = sizes
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
             raise TypeError(f"batch_size must be an int; got {batch_size!r}.")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1 unit; got {batch_size}.")
-        if batch_size >= panel.n_units:
+        if batch_size >= self.n_units:
             raise ValueError(
                 f"batch_size {batch_size} is not smaller than the number of units "
-                f"({panel.n_units}): fit the full batch instead (leave batch_size out)."
+                f"({self.n_units}): fit the full batch instead (leave batch_size out)."
             )
-        self.mesh = make_mesh() if mesh is None else mesh
-        n_devices = self.mesh.devices.size
-        self.n_blocks = n_blocks or default_block_count(panel.n_units, panel.n_cells, n_devices)
+        self.mesh, self.units, self.n_blocks = mesh, units, len(units) - 1
+        n_devices = mesh.devices.size
         if self.n_blocks % n_devices:
             raise ShardingError(
                 f"{self.n_blocks} blocks cannot be split evenly over {n_devices} devices; "
@@ -239,14 +257,74 @@ class UnitSampler:
             )
         self.per_block = math.ceil(batch_size / self.n_blocks)
         self.batch_size = self.per_block * self.n_blocks
-        self.n_units, self.n_groups, self.n_periods = panel.n_units, panel.n_groups, panel.n_periods
         self.steps_per_epoch = self.n_units / self.batch_size
         self.seed = int(seed)
-        unit_rows = np.asarray(panel.unit_rows)
-        self.units = plan_blocks(unit_rows, self.n_blocks)
-        self.local = _local_blocks(self.mesh, self.n_blocks)
-        self._grid(panel, unit_rows, memmap_dir)
-        self._sharding = NamedSharding(self.mesh, P(DATA_AXIS))
+        self.local = _local_blocks(mesh, self.n_blocks)
+        self._sharding = NamedSharding(mesh, P(DATA_AXIS))
+
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        """Write the host grid and the block plan to ``directory`` for :meth:`load`.
+
+        ``.npy`` files and ``sampler.json``; another process can then memory-map the grid
+        instead of reading the table (see ``benchmarks/minibatch_memory.py``).
+        """
+        os.makedirs(directory, exist_ok=True)
+        arrays = {
+            **self.grid,
+            "log_factorial": self.log_factorial,
+            "unit_group": self.unit_group,
+            "units": self.units,
+        }
+        for name, value in arrays.items():
+            path = os.path.join(directory, f"{name}.npy")
+            if isinstance(value, np.memmap) and os.path.abspath(value.filename) == os.path.abspath(
+                path
+            ):
+                continue  # already there (memmap_dir == directory)
+            np.save(path, np.asarray(value))
+        meta = {
+            "n_units": self.n_units,
+            "n_groups": self.n_groups,
+            "n_periods": self.n_periods,
+            "first_unit": self.first_unit,
+            "grid_units": int(self.grid["counts"].shape[0]),
+        }
+        with open(os.path.join(directory, "sampler.json"), "w") as handle:
+            json.dump(meta, handle)
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | os.PathLike[str],
+        batch_size: int,
+        *,
+        mesh: Mesh | None = None,
+        seed: int = 0,
+    ) -> UnitSampler:
+        """A sampler over a grid written by :meth:`save`, memory-mapped read-only.
+
+        Only the pages of sampled units are ever read; the grid is never loaded whole.
+        The mesh's device count must divide the saved block count, and the saved grid must
+        hold this process's blocks (save from a single process to serve any process).
+        """
+        with open(os.path.join(directory, "sampler.json")) as handle:
+            meta = json.load(handle)
+        load = lambda name: np.load(os.path.join(directory, f"{name}.npy"), mmap_mode="r")  # noqa: E731
+        self = cls.__new__(cls)
+        sizes = (meta["n_units"], meta["n_groups"], meta["n_periods"])
+        mesh = make_mesh() if mesh is None else mesh
+        self._configure(batch_size, mesh, np.asarray(load("units")), sizes, seed)
+        self.first_unit = int(meta["first_unit"])
+        lo, hi = self.units[self.local[0]], self.units[self.local[-1] + 1]
+        if lo < self.first_unit or hi > self.first_unit + meta["grid_units"]:
+            raise ShardingError(
+                f"the grid in {directory} holds units {self.first_unit}.."
+                f"{self.first_unit + meta['grid_units'] - 1}, not this process's {lo}..{hi - 1}."
+            )
+        self.grid = {name: load(name) for name in ("log_price", "counts", "observed")}
+        self.log_factorial = np.asarray(load("log_factorial"))
+        self.unit_group = np.asarray(load("unit_group"))
+        return self
 
     def _grid(self, panel: Panel, unit_rows: np.ndarray, memmap_dir: object) -> None:
         """This process's units on a host [local unit, period] grid."""

@@ -211,3 +211,19 @@ def test_minibatch_fit_is_deterministic(mini, standard_promotion):
     a, b = run(), run()
     np.testing.assert_array_equal(a.losses, b.losses)
     assert a.num_traces == 1 and len(a.losses) == 30
+
+
+def test_a_saved_grid_is_memory_mapped_and_fits_the_same(mini, tmp_path, standard_promotion):
+    _, panel, _, model, guide = mini
+    key = jax.random.key(2)
+    original = UnitSampler(panel, 24, seed=seed_from_key(key))
+    original.save(tmp_path)
+    loaded = UnitSampler.load(tmp_path, 24, seed=seed_from_key(key))
+    assert isinstance(loaded.grid["log_price"], np.memmap)
+    for name, value in original.host_batch(5).items():
+        np.testing.assert_array_equal(value, loaded.host_batch(5)[name])
+    from_panel = hbjax.fit(model, guide, panel, key=key, steps=12, batch_size=24, progress=False)
+    from_grid = hbjax.fit(model, guide, loaded, key=key, steps=12, progress=False)
+    np.testing.assert_array_equal(from_panel.losses, from_grid.losses)
+    with pytest.raises(ValueError, match="differs from the sampler"):
+        hbjax.fit(model, guide, loaded, key=key, steps=1, batch_size=48, progress=False)
