@@ -66,7 +66,7 @@ def prepare(args: argparse.Namespace) -> dict:
     }
     with open(os.path.join(args.work, "panel.json"), "w") as handle:
         json.dump(meta, handle)
-    return {
+    report = {
         "step": "prepare",
         "products": panel.n_units,
         "observations": int(np.sum(panel.unit_rows)),
@@ -74,6 +74,9 @@ def prepare(args: argparse.Namespace) -> dict:
         "host_grid_mib": sampler.host_bytes() / 2**20,
         "seconds": time.perf_counter() - start,
     }
+    with open(os.path.join(args.work, "prepare.json"), "w") as handle:
+        json.dump(report, handle)
+    return report
 
 
 def _model_and_guide(work: str):  # noqa: ANN202
@@ -126,6 +129,7 @@ def minibatch(args: argparse.Namespace) -> dict:
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_anon_mib_at_end": _status_mib("RssAnon"),
         "rss_file_mib_at_end": _status_mib("RssFile"),
+        "vm_data_mib_at_end": _status_mib("VmData"),
     }
 
 
@@ -164,7 +168,9 @@ def full_batch(args: argparse.Namespace) -> dict:
 
 def child(args: argparse.Namespace, mode: str) -> dict:
     command = [sys.executable, "-m", "benchmarks.minibatch_memory", "--child", mode]
-    command += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "child"]
+    command += [
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "reuse")
+    ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
@@ -189,6 +195,7 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/hbjax-minibatch-memory")
     parser.add_argument("--out", default="benchmarks/results/minibatch-memory.json")
     parser.add_argument("--child", default="")
+    parser.add_argument("--reuse", action="store_true", help="reuse a prepared --work folder")
     args = parser.parse_args()
     if args.child:
         cap = args.cap_mib * 2**20
@@ -198,8 +205,15 @@ def main() -> None:
         return
     os.makedirs(args.work, exist_ok=True)
     rows = []
+    reuse = os.path.join(args.work, "prepare.json")
+    if args.reuse and os.path.exists(reuse):
+        with open(reuse) as handle:
+            prepared = json.load(handle)
+        prepare_step = lambda: prepared  # noqa: E731
+    else:
+        prepare_step = lambda: child_prepare(args)  # noqa: E731
     for step in (
-        lambda: child_prepare(args),
+        prepare_step,
         lambda: child(args, "minibatch"),
         lambda: child(args, "full"),
     ):

@@ -37,7 +37,9 @@ def hbjax_run(sim: hbjax.SimulatedPanel, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     panel, encoding = hbjax.from_frame(sim.frame)
     model = hbjax.ElasticityModel.from_panel(panel)
-    panel = hbjax.shard_panel(panel, hbjax.make_mesh())
+    batch = {"batch_size": args.batch_size} if args.batch_size else {}
+    if not batch:  # full batch: placed once; minibatch: the panel stays on the host
+        panel = hbjax.shard_panel(panel, hbjax.make_mesh())
     guide = hbjax.MeanFieldNormal.from_shapes(model.latent_shapes(), loc=model.init_latents(panel))
     setup = time.perf_counter() - start
     truth = sim.truth.set_index("product").loc[list(encoding.units), "elasticity"].to_numpy()
@@ -45,7 +47,14 @@ def hbjax_run(sim: hbjax.SimulatedPanel, args: argparse.Namespace) -> dict:
     if args.mode == "speed":
         steps = args.block * (args.blocks + 1)
         result = hbjax.fit(
-            model, guide, panel, key=key, steps=steps, chunk_size=args.block, progress=False
+            model,
+            guide,
+            panel,
+            key=key,
+            steps=steps,
+            chunk_size=args.block,
+            progress=False,
+            **batch,
         )
         block_seconds = result.chunk_seconds[1:]
         return {
@@ -70,6 +79,7 @@ def hbjax_run(sim: hbjax.SimulatedPanel, args: argparse.Namespace) -> dict:
             steps=args.block * 3,
             chunk_size=args.block,
             progress=False,
+            **batch,
         )
         rate = args.block / float(np.median(speed.chunk_seconds))
         steps = int(min(steps, max(args.eval_every, rate * args.budget)))
@@ -83,6 +93,7 @@ def hbjax_run(sim: hbjax.SimulatedPanel, args: argparse.Namespace) -> dict:
         chunk_size=args.eval_every,
         progress=False,
         callback=record,
+        **batch,
     )
     return {"setup_seconds": setup, "trace": trace}
 
@@ -136,11 +147,12 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--max-steps", type=int, default=20000)
     parser.add_argument("--budget", type=float, default=0.0, help="seconds of fitting (0: none)")
+    parser.add_argument("--batch-size", type=int, default=0, help="hbjax minibatch (0: full)")
     args = parser.parse_args()
     sim = hbjax.simulate(n_units=args.products, n_periods=args.periods, seed=0)
     run = hbjax_run if args.framework == "hbjax" else numpyro_run
     report = {
-        "framework": args.framework,
+        "framework": args.framework + (f"-minibatch-{args.batch_size}" if args.batch_size else ""),
         "products": args.products,
         "periods": args.periods,
         "observations": len(sim.frame),

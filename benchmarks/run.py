@@ -73,6 +73,12 @@ def main() -> None:
         default=100000,
         help="products above which NumPyro is not run",
     )
+    parser.add_argument(
+        "--minibatch",
+        default="",
+        help="converge runs of hbjax minibatch, as PRODUCTS:BATCH[,PRODUCTS:BATCH]",
+    )
+    parser.add_argument("--hbjax-eval-every", type=int, default=50)
     parser.add_argument("--out", default="benchmarks/results.json")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -92,16 +98,18 @@ def main() -> None:
                 row = measure(framework, products, "speed", [])
                 results["speed"].append(row)
                 print(json.dumps(row), file=sys.stderr)
-    for products in converge_sizes:
-        for framework in frameworks(products):
-            row = measure(
-                framework,
-                products,
-                "converge",
-                ["--budget", str(args.converge_budget), "--max-steps", str(args.converge_steps)],
-            )
-            results["converge"].append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "trace"}), file=sys.stderr)
+    budget = ["--budget", str(args.converge_budget), "--max-steps", str(args.converge_steps)]
+    hbjax_eval = ["--eval-every", str(args.hbjax_eval_every)]
+    minibatch = [
+        tuple(int(v) for v in item.split(":")) for item in args.minibatch.split(",") if item
+    ]
+    runs = [(p, f, []) for p in converge_sizes for f in frameworks(p)]
+    runs += [(p, "hbjax", ["--batch-size", str(b)]) for p, b in minibatch]
+    for products, framework, extra in runs:
+        extra = extra + (hbjax_eval if framework == "hbjax" else [])
+        row = measure(framework, products, "converge", budget + extra)
+        results["converge"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "trace"}), file=sys.stderr)
     with open(args.out, "w") as handle:
         json.dump(results, handle, indent=1)
 
@@ -143,7 +151,7 @@ def main() -> None:
         "s to within 5% of hbjax's final | ratio (NumPyro / hbjax) |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for products in converge_sizes:
+    for products in dict.fromkeys(converge_sizes + [p for p, _ in minibatch]):
         rows = {
             r["framework"]: r
             for r in results["converge"]
@@ -153,13 +161,15 @@ def main() -> None:
             continue
         target = rows["hbjax"]["trace"][-1][2]
         times = {}
-        for framework, row in rows.items():
+        for framework, row in sorted(rows.items(), key=lambda kv: kv[0] == "numpyro"):
             trace = row["trace"]
             own = seconds_to(trace, trace[-1][2])
             common = seconds_to(trace, target)
             times[framework] = common
             shown = f"{common:.1f}" if common is not None else f"> {trace[-1][1]:.0f}"
             ratio = ""
+            if framework.startswith("hbjax-minibatch") and common is not None:
+                ratio = f"{common / times['hbjax']:.2f}x full batch's time"
             if framework == "numpyro":
                 base = times["hbjax"]
                 ratio = (

@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=_positive_int,
         default=None,
-        help="optimisation steps (default: 20000; with --batch-size, 1000 epochs)",
+        help="optimisation steps (default: 20000; with --batch-size, 250 epochs)",
     )
     fit_cmd.add_argument(
         "--batch-size",
@@ -312,7 +312,7 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 #: Steps of a full-batch fit (the article's) and epochs of a minibatch fit, by default.
 DEFAULT_STEPS = 20000
-DEFAULT_EPOCHS = 1000
+DEFAULT_EPOCHS = 250  # minibatch fits converged in 40-80 epochs in our tests
 
 
 def _mesh(devices: str | int) -> Mesh:

@@ -397,6 +397,10 @@ def _non_finite_message(failed_at: int) -> str:
     )
 
 
+#: Most bytes of batches sent to the devices at once (a chunk; the next is being prepared).
+_CHUNK_BYTES = 64 * 2**20
+
+
 def _masked_step(
     objective: Objective,
     optimizer: optax.GradientTransformation,
@@ -452,8 +456,8 @@ def _fit_minibatch(
 ) -> FitResult:
     """:func:`fit` with ``batch_size``: chunks of batches scanned on device, prefetched.
 
-    A chunk of ``S`` steps' batches (``S = min(chunk_size, steps per epoch / 4)``, at least
-    1: never more than a quarter of the data) goes to the devices as one stacked array;
+    A chunk of ``S`` steps' batches (``S = min(chunk_size, steps per epoch / 4, 64 MiB /
+    bytes per batch)``, at least 1) goes to the devices as one stacked array;
     while the devices scan over it, a worker thread draws and sends the next chunk.
     """
     start = time.perf_counter()
@@ -481,7 +485,8 @@ def _fit_minibatch(
     key = _typed_key(key)
     if sampler is None:
         sampler = UnitSampler(panel, batch_size, mesh=mesh, seed=seed_from_key(key))
-    chunk = max(1, min(chunk_size, int(sampler.steps_per_epoch // 4)))
+    per_step = sampler.batch_size * (sampler.n_periods * 9 + 16)  # bytes of one batch
+    chunk = max(1, min(chunk_size, int(sampler.steps_per_epoch // 4), _CHUNK_BYTES // per_step))
     if optimizer is None:
         optimizer = default_optimizer(transition_steps=round(1000 * sampler.steps_per_epoch))
     objective = renyi_elbo if objective is None else objective
