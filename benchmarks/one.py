@@ -81,7 +81,7 @@ def hbjax_run(sim: hbjax.SimulatedPanel, args: argparse.Namespace) -> dict:
             progress=False,
             **batch,
         )
-        rate = args.block / float(np.median(speed.chunk_seconds))
+        rate = speed.iterations_per_second  # steps/s after compile (any chunk size)
         steps = int(min(steps, max(args.eval_every, rate * args.budget)))
         clock[0] = time.perf_counter()
     hbjax.fit(

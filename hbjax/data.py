@@ -117,14 +117,17 @@ class DensePanel(eqx.Module):
     the grid each step, with no index gathers along the rows.
 
     Attributes:
-        log_price: ``[slot, period]`` log price (0 where not observed).
+        log_price: ``[slot, period]`` log price minus the unit's ``grid_centre`` (0 where
+            not observed): centred once here, so the kernel needs no per-cell subtraction.
         observed: ``[slot, period]`` whether the cell was observed.
         slot_unit: ``[slot]`` unit of each slot (padding: a unit of the same block).
         slot_group: ``[slot]`` group of each slot.
         unit_group: ``[unit]`` group of each unit.
         unit_rows: ``[unit]`` observed periods of each unit.
         counts_by_unit: ``[unit]`` sum of counts.
-        counts_log_price_by_unit: ``[unit]`` sum of counts * log price.
+        counts_log_price_by_unit: ``[unit]`` sum of counts * (log price - grid_centre).
+        grid_centre: ``[unit]`` demand-weighted mean log price (the default model's price
+            centre, :func:`hbjax.model.unit_price_centres`).
         moments_by_unit: ``[5, unit]`` regression sums (see :meth:`Panel.unit_moments`).
         counts_by_cell: ``[cell]`` sum of counts of each (group, period) cell.
         log_factorial: ``[]`` sum of log(counts!) (a constant of the likelihood).
@@ -143,6 +146,7 @@ class DensePanel(eqx.Module):
     unit_rows: UnitInt
     counts_by_unit: Float[AnyArray, " unit"]
     counts_log_price_by_unit: Float[AnyArray, " unit"]
+    grid_centre: Float[AnyArray, " unit"]
     moments_by_unit: Float[AnyArray, "5 unit"]
     counts_by_cell: Float[AnyArray, " cell"]
     log_factorial: Float[AnyArray, ""]

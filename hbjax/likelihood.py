@@ -265,8 +265,9 @@ def dense_log_likelihood(
 ) -> Scalar:
     """The Poisson log-likelihood on the dense layout (the fast kernel).
 
-    ``price_centre`` as in :func:`elasticity_log_rate`: each unit's log prices are taken
-    relative to it, in the pass over the grid (the gradient has no cancellation).
+    ``price_centre`` as in :func:`elasticity_log_rate`. The grid is stored centred at
+    ``panel.grid_centre`` (the default model's centres), so the centred model costs
+    nothing per cell and its gradient has no cancellation.
 
     ``sum_n [y_n log_rate_n - exp(log_rate_n) - log y_n!]``: the first term is linear in
     the parameters and comes from the panel's sufficient statistics; only
@@ -279,11 +280,13 @@ def dense_log_likelihood(
             "the clipped log-rate is not linear in the parameters, so the dense layout "
             "cannot take it; place the panel with shard_panel(..., layout='rows')."
         )
-    counts_log_price = jnp.asarray(panel.counts_log_price_by_unit)
-    if price_centre is None:
-        price_centre = jnp.zeros_like(unit_elasticity)
-    else:  # sum_t y (x - m) per unit: a constant of the data, the same on every device
-        counts_log_price = counts_log_price - price_centre * panel.counts_by_unit
+    # The grid holds x - c (c = panel.grid_centre); beta (x - m) + delta is
+    # beta (x - c) + delta - beta (m - c), and m == c for the default centred model.
+    shift = -jnp.asarray(panel.grid_centre)
+    if price_centre is not None:
+        shift = price_centre + shift
+    # sum_t y (x - m) per unit: a constant of the data, the same on every device
+    counts_log_price = panel.counts_log_price_by_unit - shift * panel.counts_by_unit
     linear = (
         jnp.dot(unit_elasticity, counts_log_price)
         + jnp.dot(unit_effect, panel.counts_by_unit)
@@ -293,9 +296,8 @@ def dense_log_likelihood(
         panel.mesh,
         panel.n_blocks,
         unit_elasticity,
-        unit_effect,
+        unit_effect - unit_elasticity * shift,
         cell_effect,
-        price_centre,
         panel.log_price,
         panel.observed,
         panel.slot_unit,
@@ -304,24 +306,13 @@ def dense_log_likelihood(
     return linear - rates - panel.log_factorial
 
 
-def _dense_partials(  # noqa: ANN202
-    beta,
-    delta,
-    gamma,
-    centre,
-    log_price,
-    observed,
-    slot_unit,
-    slot_group,
-    n_blocks,  # noqa: ANN001
-):
+def _dense_partials(beta, delta, gamma, log_price, observed, slot_unit, slot_group, n_blocks):  # noqa: ANN001, ANN202, E501
     """One device's blocks: ``sum exp(log_rate)`` per block and its gradient pieces.
 
     One pass over the grid gives the value and the three reductions its gradient needs.
     """
     n_groups = gamma.shape[0] // log_price.shape[1]
     cell = gamma.reshape(n_groups, -1)
-    log_price = log_price - centre[slot_unit][:, None]
     log_rate = beta[slot_unit][:, None] * log_price + delta[slot_unit][:, None] + cell[slot_group]
     rate = jnp.where(observed, jnp.exp(log_rate), 0.0)
     by_slot = jnp.sum(rate, axis=1)
@@ -340,16 +331,12 @@ def dense_rate_sum(
     unit_elasticity: UnitFloat,
     unit_effect: UnitFloat,
     cell_effect: CellFloat,
-    price_centre: UnitFloat,
     log_price: Float[Array, "slot period"],
     observed: Bool[Array, "slot period"],
     slot_unit: Int[Array, " slot"],
     slot_group: Int[Array, " slot"],
 ) -> Scalar:
     """``sum over observed cells of exp(log_rate)``, reduced per block then in block order.
-
-    ``log_rate = beta[unit] * (log_price - price_centre[unit]) + delta[unit] + gamma[cell]``
-    (zeros for no centring; no gradient flows to ``price_centre``).
 
     Its gradient is computed in the same pass as the value (a custom VJP whose residuals
     are per-unit and per-cell sums only). Per-unit sums come from one block each and are
@@ -363,7 +350,6 @@ def dense_rate_sum(
         unit_elasticity,
         unit_effect,
         cell_effect,
-        price_centre,
         log_price,
         observed,
         slot_unit,
@@ -371,13 +357,13 @@ def dense_rate_sum(
     )[0]
 
 
-def _dense_forward(mesh, n_blocks, beta, delta, gamma, centre, *grid):  # noqa: ANN001, ANN202
+def _dense_forward(mesh, n_blocks, beta, delta, gamma, *grid):  # noqa: ANN001, ANN202
     n_units = beta.shape[0]
 
-    def per_device(beta, delta, gamma, centre, log_price, observed, slot_unit, slot_group):  # noqa: ANN001, ANN202
+    def per_device(beta, delta, gamma, log_price, observed, slot_unit, slot_group):  # noqa: ANN001, ANN202
         local_blocks = n_blocks if mesh is None else n_blocks // mesh.devices.size
         per_block, by_slot_lp, by_slot, by_block_cell = _dense_partials(
-            beta, delta, gamma, centre, log_price, observed, slot_unit, slot_group, local_blocks
+            beta, delta, gamma, log_price, observed, slot_unit, slot_group, local_blocks
         )
         d_beta = jax.ops.segment_sum(by_slot_lp, slot_unit, n_units)
         d_delta = jax.ops.segment_sum(by_slot, slot_unit, n_units)
@@ -392,13 +378,13 @@ def _dense_forward(mesh, n_blocks, beta, delta, gamma, centre, *grid):  # noqa: 
             _sum_over_blocks(by_block_cell),
         )
 
-    args = (beta, delta, gamma, centre, *grid)
+    args = (beta, delta, gamma, *grid)
     if mesh is None:
         return per_device(*args)
     return jax.shard_map(
         per_device,
         mesh=mesh,
-        in_specs=(P(), P(), P(), P()) + (P(DATA_AXIS),) * 4,
+        in_specs=(P(), P(), P()) + (P(DATA_AXIS),) * 4,
         out_specs=(P(), P(), P(), P()),
     )(*args)
 
@@ -411,7 +397,7 @@ def _dense_fwd(mesh, n_blocks, *args):  # noqa: ANN001, ANN202
 def _dense_bwd(mesh, n_blocks, residuals, cotangent):  # noqa: ANN001, ANN202
     d_beta, d_delta, d_gamma = residuals
     grads = (cotangent * d_beta, cotangent * d_delta, cotangent * d_gamma)
-    return (*grads, None, None, None, None, None)
+    return (*grads, None, None, None, None)
 
 
 dense_rate_sum.defvjp(_dense_fwd, _dense_bwd)

@@ -369,6 +369,8 @@ def unit_price_centres(panel: Panel | DensePanel | UnitStats) -> Float[Array, " 
     Centring the intercept there makes it nearly uncorrelated with the elasticity a
     posteriori. Works on host and sharded panels (the result is replicated).
     """
+    if isinstance(panel, DensePanel):  # the centres its grid is stored at: no shift
+        return jnp.asarray(panel.grid_centre, jnp.float32)
     moments = jnp.asarray(panel.unit_moments(), jnp.float32)
     weight, weighted_price = moments[0], moments[1]
     return jnp.where(weight > 0, weighted_price / jnp.maximum(weight, 1e-6), 0.0)

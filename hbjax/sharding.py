@@ -266,7 +266,10 @@ def _dense_panel(panel: Panel, mesh: Mesh, units: np.ndarray) -> DensePanel:
     slots = int(max(np.diff(units).max(initial=0), 1))
     unit_idx = np.asarray(panel.unit_idx)
     period = np.asarray(panel.cell_idx) % n_periods
-    log_price = np.asarray(panel.log_price)
+    # this process's units are complete here, so their centres are too (others get 0)
+    moments = np.asarray(panel.unit_moments(), np.float64)
+    centre = np.where(moments[0] > 0, moments[1] / np.maximum(moments[0], 1e-300), 0.0)
+    log_price = np.asarray(panel.log_price, np.float64) - centre[unit_idx]
     local = _local_blocks(mesh, n_blocks)
     grid = np.zeros((len(local) * slots, n_periods), np.float32)
     observed = np.zeros((len(local) * slots, n_periods), bool)
@@ -284,7 +287,7 @@ def _dense_panel(panel: Panel, mesh: Mesh, units: np.ndarray) -> DensePanel:
         slot_unit[at : at + len(block_units)] = block_units
         slot_of_unit[block_units] = at + np.arange(len(block_units))
         slot = slot_of_unit[unit_idx[rows]]
-        grid[slot, period[rows]] = log_price[rows]
+        grid[slot, period[rows]] = log_price[rows]  # centred, cast to float32
         observed[slot, period[rows]] = True
     placed = _place_rows(
         mesh,
@@ -306,7 +309,8 @@ def _dense_panel(panel: Panel, mesh: Mesh, units: np.ndarray) -> DensePanel:
             "counts_log_price_by_unit": np.bincount(
                 unit_idx, weight * counts * log_price, panel.n_units
             ),
-            "moments_by_unit": np.asarray(panel.unit_moments(), np.float64),
+            "grid_centre": centre,
+            "moments_by_unit": moments,
             "counts_by_cell": np.bincount(
                 np.asarray(panel.cell_idx), weight * counts, panel.n_cells
             ),
