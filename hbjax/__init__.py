@@ -3,6 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from . import layers as layers
+from . import minibatch as minibatch
 from . import sharding as sharding
 from .data import DataValidationError as DataValidationError
 from .data import DensePanel as DensePanel
@@ -20,6 +21,9 @@ from .guide import AbstractGuide as AbstractGuide
 from .guide import MeanFieldNormal as MeanFieldNormal
 from .likelihood import elasticity_log_likelihood as elasticity_log_likelihood
 from .likelihood import poisson_log_likelihood as poisson_log_likelihood
+from .minibatch import UnitBatch as UnitBatch
+from .minibatch import UnitSampler as UnitSampler
+from .minibatch import UnitStats as UnitStats
 from .model import AbstractModel as AbstractModel
 from .model import ElasticityLatents as ElasticityLatents
 from .model import ElasticityModel as ElasticityModel

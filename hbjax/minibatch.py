@@ -30,7 +30,7 @@ from jax.scipy.special import gammaln
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ._types import AnyArray, Array, Bool, Float, Int, Scalar, UnitFloat
+from ._types import AnyArray, Array, Bool, Float, Int, Scalar
 from .data import Panel
 from .likelihood import _sum_over_blocks
 from .sharding import (
@@ -118,9 +118,6 @@ class UnitStats(eqx.Module):
     def unit_moments(self) -> Float[Array, "5 unit"]:
         """The per-unit regression sums."""
         return jnp.asarray(self.moments)
-
-
-_SLOT_FIELDS = ("unit", "group", "weight", "log_price", "counts", "observed", "log_factorial")
 
 
 def batch_log_likelihood(
@@ -438,17 +435,11 @@ def seed_from_key(key: jax.Array) -> int:
     return int(data[-1]) ^ (int(data[0]) << 32)
 
 
-def gather_unit_values(values: UnitFloat, batch: UnitBatch) -> Float[Array, "*p slot"]:
-    """``values[..., batch.unit]``: per-unit values at the batch's slots."""
-    return jnp.take(values, batch.unit, axis=-1)
-
-
 __all__ = [
     "UnitBatch",
     "UnitSampler",
     "UnitStats",
     "batch_log_likelihood",
-    "gather_unit_values",
     "seed_from_key",
     "units_in_batch",
 ]
