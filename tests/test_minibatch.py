@@ -227,3 +227,28 @@ def test_a_saved_grid_is_memory_mapped_and_fits_the_same(mini, tmp_path, standar
     np.testing.assert_array_equal(from_panel.losses, from_grid.losses)
     with pytest.raises(ValueError, match="differs from the sampler"):
         hbjax.fit(model, guide, loaded, key=key, steps=1, batch_size=48, progress=False)
+
+
+def test_lazy_adam_keeps_units_outside_the_batch_still(mini, standard_promotion):
+    """A unit drawn at step 0 but not at step 1 keeps its step-0 value (no stale momentum)."""
+    _, panel, _, model, guide = mini
+    key = jax.random.key(4)
+    run = functools.partial(hbjax.fit, model, guide, panel, key=key, batch_size=24, progress=False)
+    one, two = run(steps=1), run(steps=2)
+    sampler = UnitSampler(panel, 24, seed=seed_from_key(key))
+    first = np.asarray(units_in_batch(sampler.batch(0)))
+    second = np.asarray(units_in_batch(sampler.batch(1)))
+    resting = first & ~second
+    assert resting.any()
+    for leaf in ("unit_elasticity", "unit_effect"):
+        after_one = np.asarray(getattr(one.guide.loc, leaf))
+        after_two = np.asarray(getattr(two.guide.loc, leaf))
+        np.testing.assert_array_equal(after_two[resting], after_one[resting])
+        assert np.any(after_two[second] != after_one[second])
+    # ... and its optimiser moments are those of step 0
+    mu_one = jax.tree.leaves(one.opt_state)
+    mu_two = jax.tree.leaves(two.opt_state)
+    n_units = panel.n_units
+    for a, b in zip(mu_one, mu_two, strict=True):
+        if np.shape(a) == (n_units,):
+            np.testing.assert_array_equal(np.asarray(b)[resting], np.asarray(a)[resting])
