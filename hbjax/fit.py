@@ -331,61 +331,108 @@ def fit(
     compiled = jax.jit(run_chunk, donate_argnums=(0, 1)).lower(*args).compile()
     compile_seconds = time.perf_counter() - start
 
-    losses: list[np.ndarray] = []
-    done = 0
-    bar = tqdm(total=steps, unit="it", disable=not progress, desc="hbjax fit", leave=True)
-    loop_start = chunk_start = time.perf_counter()
-    chunk_seconds: list[float] = []
-    callback_seconds = 0.0
-    failed_at = None
+    log = _ChunkLog(steps, progress, guide_static, callback)
     try:
         # Everything the loop needs is on the devices already: nothing goes up in it.
         with jax.transfer_guard_host_to_device("disallow"):
-            while done < steps:
-                n = min(chunk_size, steps - done)
+            while log.done < steps:
+                n = min(chunk_size, steps - log.done)
                 active = full_chunk if n == chunk_size else last_chunk
                 params, opt_state, chunk_losses, finite, first_step = compiled(
                     params, opt_state, first_step, active, key, model_arrays, panel
                 )
-                chunk_losses = np.asarray(to_host(chunk_losses))[:n]
-                finite = np.asarray(to_host(finite))[:n]
-                if not finite.all():
-                    bad = int(np.flatnonzero(~finite)[0])
-                    losses.append(chunk_losses[:bad])
-                    failed_at = done + bad
+                if not log.record(chunk_losses, finite, n, params):
                     break
-                losses.append(chunk_losses)
-                done += n
-                chunk_seconds.append(time.perf_counter() - chunk_start)
-                bar.update(n)
-                bar.set_postfix(loss=f"{float(np.mean(chunk_losses)):.6g}", refresh=False)
-                if callback is not None:
-                    waited = time.perf_counter()
-                    host_params = jax.tree.map(np.asarray, to_host(params))
-                    with jax.transfer_guard_host_to_device("allow"):  # the user's code
-                        callback(done, eqx.combine(host_params, guide_static))
-                    callback_seconds += time.perf_counter() - waited
-                chunk_start = time.perf_counter()
     finally:
-        bar.close()
-    loop_seconds = time.perf_counter() - loop_start - callback_seconds
-    done_steps = done if failed_at is None else failed_at
-    params, opt_state = to_host((params, opt_state))
-    result = FitResult(
-        model=to_host(model),  # a model built from a placed panel holds replicated arrays
-        guide=eqx.combine(params, guide_static),
-        losses=np.concatenate(losses) if losses else np.zeros(0, np.float32),
-        opt_state=opt_state,
-        steps=done_steps,
-        wall_seconds=time.perf_counter() - start - callback_seconds,
-        compile_seconds=compile_seconds,
-        iterations_per_second=done_steps / loop_seconds if loop_seconds > 0 else math.inf,
-        num_traces=traces,
-        chunk_seconds=np.asarray(chunk_seconds),
-    )
-    if failed_at is not None:
-        raise NonFiniteLossError(_non_finite_message(failed_at), step=failed_at, result=result)
-    return result
+        log.bar.close()
+    return log.result(model, params, opt_state, start, compile_seconds, traces)
+
+
+class _ChunkLog:
+    """Host-side bookkeeping shared by both fit loops.
+
+    Losses, the first bad step, the progress bar, the user's callback and the timings;
+    builds the :class:`FitResult`.
+    """
+
+    def __init__(
+        self,
+        steps: int,
+        progress: bool,  # noqa: FBT001
+        guide_static: Any,
+        callback: Callable[[int, AbstractGuide], None] | None,
+        steps_per_epoch: float | None = None,
+    ):
+        self.bar = tqdm(total=steps, unit="it", disable=not progress, desc="hbjax fit", leave=True)
+        self.guide_static, self.callback, self.steps_per_epoch = (
+            guide_static,
+            callback,
+            steps_per_epoch,
+        )
+        self.losses: list[np.ndarray] = []
+        self.chunk_seconds: list[float] = []
+        self.callback_seconds, self.failed_at, self.done = 0.0, None, 0
+        self.loop_start = self.chunk_start = time.perf_counter()
+
+    def record(self, chunk_losses: jax.Array, finite: jax.Array, n: int, params: Any) -> bool:
+        """Take a chunk's first ``n`` losses; ``False`` when a step was non-finite (stop)."""
+        chunk_losses = np.asarray(to_host(chunk_losses))[:n]
+        finite = np.asarray(to_host(finite))[:n]
+        if not finite.all():
+            bad = int(np.flatnonzero(~finite)[0])
+            self.losses.append(chunk_losses[:bad])
+            self.failed_at = self.done + bad
+            return False
+        self.losses.append(chunk_losses)
+        self.done += n
+        self.chunk_seconds.append(time.perf_counter() - self.chunk_start)
+        self.bar.update(n)
+        postfix = {"loss": f"{float(np.mean(chunk_losses)):.6g}"}
+        if self.steps_per_epoch is not None:
+            postfix = {"epoch": f"{self.done / self.steps_per_epoch:.1f}", **postfix}
+        self.bar.set_postfix(postfix, refresh=False)
+        if self.callback is not None:
+            waited = time.perf_counter()
+            host_params = jax.tree.map(np.asarray, to_host(params))
+            with jax.transfer_guard_host_to_device("allow"):  # the user's code
+                self.callback(self.done, eqx.combine(host_params, self.guide_static))
+            self.callback_seconds += time.perf_counter() - waited
+        self.chunk_start = time.perf_counter()
+        return True
+
+    def result(
+        self,
+        model: AbstractModel,
+        params: Any,
+        opt_state: Any,
+        start: float,
+        compile_seconds: float,
+        traces: int,
+        batch_size: int | None = None,
+    ) -> FitResult:
+        """The :class:`FitResult`; raises :class:`NonFiniteLossError` after a bad step."""
+        loop_seconds = time.perf_counter() - self.loop_start - self.callback_seconds
+        done = self.done if self.failed_at is None else self.failed_at
+        params, opt_state = to_host((params, opt_state))
+        result = FitResult(
+            model=to_host(model),  # a model built from a placed panel holds replicated arrays
+            guide=eqx.combine(params, self.guide_static),
+            losses=np.concatenate(self.losses) if self.losses else np.zeros(0, np.float32),
+            opt_state=opt_state,
+            steps=done,
+            wall_seconds=time.perf_counter() - start - self.callback_seconds,
+            compile_seconds=compile_seconds,
+            iterations_per_second=done / loop_seconds if loop_seconds > 0 else math.inf,
+            num_traces=traces,
+            chunk_seconds=np.asarray(self.chunk_seconds),
+            batch_size=batch_size,
+            epochs=None if self.steps_per_epoch is None else done / self.steps_per_epoch,
+        )
+        if self.failed_at is not None:
+            raise NonFiniteLossError(
+                _non_finite_message(self.failed_at), step=self.failed_at, result=result
+            )
+        return result
 
 
 def _non_finite_message(failed_at: int) -> str:
@@ -542,64 +589,22 @@ def _fit_minibatch(
             jax.jit(run_chunk, donate_argnums=(0, 1)).lower(*args, upcoming.result()).compile()
         )
         compile_seconds = time.perf_counter() - start
-        bar = tqdm(total=steps, unit="it", disable=not progress, desc="hbjax fit", leave=True)
-        losses: list[np.ndarray] = []
-        chunk_seconds: list[float] = []
-        callback_seconds, failed_at, done = 0.0, None, 0
-        loop_start = chunk_start = time.perf_counter()
+        log = _ChunkLog(steps, progress, guide_static, callback, sampler.steps_per_epoch)
         with jax.transfer_guard_host_to_device("disallow"):  # batches go up explicitly
-            while done < steps:
-                n = min(chunk, steps - done)
+            while log.done < steps:
+                n = min(chunk, steps - log.done)
                 batches = upcoming.result()
-                if done + n < steps:  # the next chunk is drawn and sent while this one runs
-                    upcoming = pool.submit(sampler.batches, done + n, chunk)
+                if log.done + n < steps:  # the next chunk is drawn and sent while this one runs
+                    upcoming = pool.submit(sampler.batches, log.done + n, chunk)
                 active = full_chunk if n == chunk else last_chunk
                 params, opt_state, first_step, healthy, chunk_losses, finite = compiled(
                     params, opt_state, first_step, active, healthy, key, model_arrays, batches
                 )
-                chunk_losses = np.asarray(to_host(chunk_losses))[:n]
-                finite = np.asarray(to_host(finite))[:n]
-                if not finite.all():
-                    bad = int(np.flatnonzero(~finite)[0])
-                    losses.append(chunk_losses[:bad])
-                    failed_at = done + bad
+                if not log.record(chunk_losses, finite, n, params):
                     break
-                losses.append(chunk_losses)
-                done += n
-                chunk_seconds.append(time.perf_counter() - chunk_start)
-                bar.update(n)
-                bar.set_postfix(
-                    epoch=f"{done / sampler.steps_per_epoch:.1f}",
-                    loss=f"{float(np.mean(chunk_losses)):.6g}",
-                    refresh=False,
-                )
-                if callback is not None:
-                    waited = time.perf_counter()
-                    host_params = jax.tree.map(np.asarray, to_host(params))
-                    with jax.transfer_guard_host_to_device("allow"):
-                        callback(done, eqx.combine(host_params, guide_static))
-                    callback_seconds += time.perf_counter() - waited
-                chunk_start = time.perf_counter()
-        bar.close()
+        log.bar.close()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    loop_seconds = time.perf_counter() - loop_start - callback_seconds
-    done_steps = done if failed_at is None else failed_at
-    params, opt_state = to_host((params, opt_state))
-    result = FitResult(
-        model=to_host(model),
-        guide=eqx.combine(params, guide_static),
-        losses=np.concatenate(losses) if losses else np.zeros(0, np.float32),
-        opt_state=opt_state,
-        steps=done_steps,
-        wall_seconds=time.perf_counter() - start - callback_seconds,
-        compile_seconds=compile_seconds,
-        iterations_per_second=done_steps / loop_seconds if loop_seconds > 0 else math.inf,
-        num_traces=traces,
-        chunk_seconds=np.asarray(chunk_seconds),
-        batch_size=sampler.batch_size,
-        epochs=done_steps / sampler.steps_per_epoch,
+    return log.result(
+        model, params, opt_state, start, compile_seconds, traces, batch_size=sampler.batch_size
     )
-    if failed_at is not None:
-        raise NonFiniteLossError(_non_finite_message(failed_at), step=failed_at, result=result)
-    return result

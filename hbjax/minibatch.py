@@ -257,7 +257,6 @@ class UnitSampler:
         self.steps_per_epoch = self.n_units / self.batch_size
         self.seed = int(seed)
         self.local = _local_blocks(mesh, self.n_blocks)
-        self._sharding = NamedSharding(mesh, P(DATA_AXIS))
 
     def save(self, directory: str | os.PathLike[str]) -> None:
         """Write the host grid and the block plan to ``directory`` for :meth:`load`.
@@ -382,39 +381,27 @@ class UnitSampler:
 
     def batch(self, step: int) -> UnitBatch:
         """Step ``step``'s batch, placed on the mesh (each process sends its own slots)."""
-        host = self.host_batch(step)
-        total = self.per_block * self.n_blocks
-        placed = {
-            name: jax.make_array_from_process_local_data(
-                self._sharding, value, (total, *value.shape[1:])
-            )
-            for name, value in host.items()
-        }
-        return UnitBatch(
-            **placed,
-            n_units=self.n_units,
-            n_groups=self.n_groups,
-            n_periods=self.n_periods,
-            n_blocks=self.n_blocks,
-            mesh=self.mesh,
-        )
+        return self._place([self.host_batch(step)], stacked=False)
 
     def batches(self, first_step: int, count: int) -> UnitBatch:
         """Steps ``first_step .. first_step + count - 1``: a batch with a leading step axis.
 
         Placed with ``P(None, "data")``: each device gets its own slots of every step.
         """
-        hosts = [self.host_batch(first_step + i) for i in range(count)]
+        return self._place([self.host_batch(first_step + i) for i in range(count)], stacked=True)
+
+    def _place(self, hosts: list[dict[str, np.ndarray]], *, stacked: bool) -> UnitBatch:
+        """Global arrays from this process's slots of one step, or of several stacked."""
         total = self.per_block * self.n_blocks
-        sharding = NamedSharding(self.mesh, P(None, DATA_AXIS))
-        placed = {
-            name: jax.make_array_from_process_local_data(
-                sharding,
-                np.stack([h[name] for h in hosts]),
-                (count, total, *hosts[0][name].shape[1:]),
+        spec = P(None, DATA_AXIS) if stacked else P(DATA_AXIS)
+        lead = (len(hosts),) if stacked else ()
+        placed = {}
+        for name in hosts[0]:
+            value = np.stack([h[name] for h in hosts]) if stacked else hosts[0][name]
+            shape = (*lead, total, *hosts[0][name].shape[1:])
+            placed[name] = jax.make_array_from_process_local_data(
+                NamedSharding(self.mesh, spec), value, shape
             )
-            for name in hosts[0]
-        }
         return UnitBatch(
             **placed,
             n_units=self.n_units,
