@@ -5,6 +5,7 @@ from importlib.metadata import PackageNotFoundError, version
 from . import layers as layers
 from . import minibatch as minibatch
 from . import sharding as sharding
+from . import stream as stream
 from .data import DataValidationError as DataValidationError
 from .data import DensePanel as DensePanel
 from .data import Encoding as Encoding
@@ -39,6 +40,8 @@ from .sharding import shard_panel as shard_panel
 from .simulate import SimulatedPanel as SimulatedPanel
 from .simulate import SimulationConfig as SimulationConfig
 from .simulate import simulate as simulate
+from .stream import read_grid as read_grid
+from .stream import write_grid as write_grid
 
 try:
     __version__ = version("hbjax")

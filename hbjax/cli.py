@@ -1,4 +1,4 @@
-"""The ``hbjax`` command: ``demo``, ``simulate`` and ``fit``, on top of the public API.
+"""The ``hbjax`` command: ``demo``, ``simulate``, ``prepare`` and ``fit``, on top of the public API.
 
 A user mistake (bad file, column, value or flag) prints one line ``error: ...`` to stderr
 and exits with status 2, never a traceback.
@@ -24,7 +24,7 @@ from . import __version__
 from .data import DataValidationError, Encoding, Panel, from_file, from_frame
 from .fit import FitResult, NonFiniteLossError, default_optimizer, fit
 from .guide import MeanFieldNormal
-from .minibatch import UnitStats
+from .minibatch import UnitStats, seed_from_key
 from .model import ElasticityModel
 from .objectives import renyi_elbo
 from .posterior import Summary, summarize
@@ -38,6 +38,7 @@ from .sharding import (
     shard_panel,
 )
 from .simulate import simulate
+from .stream import GridStore, is_grid, read_grid, write_grid
 
 USER_ERROR = 2
 
@@ -100,6 +101,18 @@ def _devices(text: str) -> str | int:
         raise argparse.ArgumentTypeError(f"expected a number of devices or 'all', got {text!r}")
 
 
+def _column_flags(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--unit", default="product", help="unit column (default: product)")
+    command.add_argument("--group", default="category", help="group column")
+    command.add_argument("--period", default="period", help="period column (integers or dates)")
+    command.add_argument("--price", default="price", help="price column (> 0)")
+    command.add_argument("--units", default="units_sold", help="counts column (integers >= 0)")
+
+
+def _columns(args: argparse.Namespace) -> dict[str, str]:
+    return {role: getattr(args, role) for role in ("unit", "group", "period", "price", "units")}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``hbjax`` argument parser."""
     parser = _Parser(prog="hbjax", description=__doc__.splitlines()[0])
@@ -123,13 +136,25 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--out", required=True, help="output file, .csv or .parquet")
 
+    prepare = commands.add_parser(
+        "prepare",
+        help="stream a table too large for memory into a grid folder for `fit --batch-size`",
+    )
+    prepare.add_argument("file", help="long table (.csv or .parquet): one row per (unit, period)")
+    _column_flags(prepare)
+    prepare.add_argument("--out", required=True, help="grid folder to write")
+    prepare.add_argument(
+        "--chunk-rows", type=_positive_int, default=1_000_000, help="rows read at once"
+    )
+    prepare.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
     fit_cmd = commands.add_parser("fit", help="fit the elasticity model to a CSV/Parquet file")
-    fit_cmd.add_argument("file", help="long table: one row per (unit, period)")
-    fit_cmd.add_argument("--unit", default="product", help="unit column (default: product)")
-    fit_cmd.add_argument("--group", default="category", help="group column")
-    fit_cmd.add_argument("--period", default="period", help="period column (integers or dates)")
-    fit_cmd.add_argument("--price", default="price", help="price column (> 0)")
-    fit_cmd.add_argument("--units", default="units_sold", help="counts column (integers >= 0)")
+    fit_cmd.add_argument(
+        "file",
+        help="long table (.csv or .parquet), one row per (unit, period); or a grid folder "
+        "from `hbjax prepare` (with --batch-size)",
+    )
+    _column_flags(fit_cmd)
     fit_cmd.add_argument(
         "--steps",
         type=_positive_int,
@@ -171,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fit_panel(
-    panel: Panel,
+    panel: Panel | GridStore,
     encoding: Encoding,
     *,
     steps: int,
@@ -186,25 +211,35 @@ def _fit_panel(
     mesh: Mesh | None = None,
     batch_size: int | None = None,
 ) -> tuple[FitResult, Summary]:
-    """The standard pipeline: model, data-informed mean-field guide, fit, summary."""
+    """The standard pipeline: model, data-informed mean-field guide, fit, summary.
+
+    ``panel`` is a host panel, or a grid folder (:func:`hbjax.read_grid`; minibatch only).
+    """
     options: dict[str, object] = {"clip_log_rate": (-4.0, 20.0) if clip else None}
     optimizer = default_optimizer(learning_rate)
-    data: Panel | UnitStats = panel
+    key, summary_key = jax.random.split(jax.random.key(seed))
+    data: Panel | UnitStats = panel.stats if isinstance(panel, GridStore) else panel
+    rows: object = panel
     if batch_size is not None:
         # The rows stay on the host; the centres and the start come from every process's
         # per-unit sums. The learning rate decays per epoch.
-        data = UnitStats.gather(panel)
-        per_epoch = panel.n_units / batch_size
+        if isinstance(panel, GridStore):
+            # The sampler fit() would make from the same key: the same batches as the table.
+            rows = panel.sampler(batch_size, mesh=mesh, seed=seed_from_key(key))
+            batch_size = None
+        else:
+            data = UnitStats.gather(panel)
+        per_epoch = data.n_units / (batch_size or rows.batch_size)
         optimizer = default_optimizer(learning_rate, transition_steps=round(1000 * per_epoch))
+    elif isinstance(panel, GridStore):
+        raise UserError("a grid folder from `hbjax prepare` is fitted with --batch-size only.")
     elif mesh is not None:
         # Place first: in a multi-process run this process holds only its own units' rows,
         # and the price centres and the start must come from every process's rows.
         layout = ElasticityModel.from_panel(panel, centre_prices=False, **options).panel_layout()
-        panel = shard_panel(panel, mesh, layout=layout)
-        data = panel
+        rows = data = shard_panel(panel, mesh, layout=layout)
     model = ElasticityModel.from_panel(data, centre_prices=centre_prices, **options)
     guide = MeanFieldNormal.from_shapes(model.latent_shapes(), loc=model.init_latents(data))
-    key, summary_key = jax.random.split(jax.random.key(seed))
 
     def objective(model, guide, panel, *, key):  # noqa: ANN001, ANN202
         return renyi_elbo(model, guide, panel, key=key, alpha=alpha, num_particles=particles)
@@ -212,7 +247,7 @@ def _fit_panel(
     result = fit(
         model,
         guide,
-        panel,
+        rows,
         key=key,
         steps=steps,
         optimizer=optimizer,
@@ -347,29 +382,49 @@ def _join_hosts(args: argparse.Namespace) -> None:
         raise UserError(str(exc)) from None
 
 
-def _load_own_rows(args: argparse.Namespace, mesh: Mesh) -> tuple[Panel, Encoding]:
-    """This process's rows; every process learns whether all of them could read theirs."""
-    columns = {
-        "unit": args.unit,
-        "group": args.group,
-        "period": args.period,
-        "price": args.price,
-        "units": args.units,
-    }
+def _load_own_rows(args: argparse.Namespace, mesh: Mesh) -> tuple[Panel | GridStore, Encoding]:
+    """This process's rows (or the grid folder); every process learns whether all could."""
+    columns = _columns(args)
     error = None
+    loaded: tuple[Panel | GridStore, Encoding] | None = None
     try:
-        if jax.process_count() == 1:
+        if is_grid(args.file):
+            store = read_grid(args.file)
+            loaded = store, store.encoding
+        elif jax.process_count() == 1:
             loaded = from_file(args.file, **columns)
         else:
             loaded = read_process_panel(args.file, mesh, **columns)
     except DataValidationError as exc:
-        error, loaded = exc, None
+        error = exc
     if not all_processes_agree(error is None):
         if error is not None:
             raise error
         raise UserError("another process could not read its rows of the input; see its error.")
     assert loaded is not None
     return loaded
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    """``hbjax prepare``: stream a table into a grid folder for ``hbjax fit --batch-size``."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {args.out!r} exists and is not a folder.")
+    start = time.perf_counter()
+    store = write_grid(
+        args.file,
+        out,
+        chunk_rows=args.chunk_rows,
+        progress=not args.no_progress,
+        **_columns(args),
+    )
+    stats = store.stats
+    print(
+        f"wrote {stats.n_units} units x {stats.n_periods} periods ({store.n_obs} rows, "
+        f"{stats.n_groups} groups) to {out} in {time.perf_counter() - start:.1f} s; fit it with "
+        f"`hbjax fit {out} --batch-size B`"
+    )
+    return 0
 
 
 def run_fit(args: argparse.Namespace) -> int:
@@ -380,16 +435,24 @@ def run_fit(args: argparse.Namespace) -> int:
     _join_hosts(args)
     mesh = _mesh(args.devices)
     panel, encoding = _load_own_rows(args, mesh)
-    n_obs = int(np.sum(panel.unit_rows))  # the whole table's rows, in every process
     start = time.perf_counter()
-    if args.batch_size is not None and args.batch_size >= panel.n_units:
+    if isinstance(panel, GridStore):
+        if args.batch_size is None:
+            raise UserError(
+                f"{args.file!r} is a grid folder from `hbjax prepare`: fit it with --batch-size "
+                "(or fit the original table without it)."
+            )
+        n_obs, sizes = panel.n_obs, panel.stats
+    else:
+        n_obs, sizes = int(np.sum(panel.unit_rows)), panel  # the whole table's rows
+    if args.batch_size is not None and args.batch_size >= sizes.n_units:
         raise UserError(
             f"--batch-size {args.batch_size} is not smaller than the number of products "
-            f"({panel.n_units}); leave it out to fit the full batch."
+            f"({sizes.n_units}); leave it out to fit the full batch."
         )
     steps = args.steps
     if steps is None:
-        per_epoch = panel.n_units / args.batch_size if args.batch_size else None
+        per_epoch = sizes.n_units / args.batch_size if args.batch_size else None
         steps = DEFAULT_STEPS if per_epoch is None else round(DEFAULT_EPOCHS * per_epoch)
     result, summary = _fit_panel(
         panel,
@@ -421,9 +484,9 @@ def run_fit(args: argparse.Namespace) -> int:
     report = {
         "input": str(args.file),
         "n_obs": n_obs,
-        "n_units": panel.n_units,
-        "n_groups": panel.n_groups,
-        "n_periods": panel.n_periods,
+        "n_units": sizes.n_units,
+        "n_groups": sizes.n_groups,
+        "n_periods": sizes.n_periods,
         "steps": result.steps,
         "batch_size": result.batch_size,
         "epochs": result.epochs,
@@ -447,7 +510,7 @@ def run_fit(args: argparse.Namespace) -> int:
     }
     (out / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
     print(
-        f"fitted {panel.n_units} units x {panel.n_periods} periods ({n_obs} rows) in "
+        f"fitted {sizes.n_units} units x {sizes.n_periods} periods ({n_obs} rows) in "
         f"{report['wall_seconds']:.1f} s; global elasticity {_interval(overall)}; "
         f"wrote {out}/elasticities.csv, groups.csv, losses.csv, summary.json"
     )
@@ -460,7 +523,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # bad flags (status 2, one line) or --help/--version (0)
         return int(exit_.code or 0)
-    commands = {"demo": run_demo, "simulate": run_simulate, "fit": run_fit}
+    commands = {
+        "demo": run_demo,
+        "simulate": run_simulate,
+        "prepare": run_prepare,
+        "fit": run_fit,
+    }
     try:
         return commands[args.command](args)
     except (UserError, DataValidationError) as exc:
