@@ -7,7 +7,8 @@ Usage::
     python -m benchmarks.largest_panel minibatch --file /data/big.parquet --grid /data/grid
 
 ``full``: the full-batch pipeline as a user runs it (``hbjax fit FILE``: read the table,
-validate, place, fit, summarise) on P products x 156 weeks, each size in a fresh process;
+validate, place, fit, summarise) on P products x 156 weeks (``hbjax simulate``: text
+labels), or on the given ``--files`` (e.g. from ``write``), each in a fresh process;
 reports its peak resident memory and fits ``peak = a + b * observations`` to extrapolate
 the largest table that fits in this machine's memory.
 
@@ -97,18 +98,28 @@ def full(args: argparse.Namespace) -> None:
     work = args.work
     os.makedirs(work, exist_ok=True)
     points = []
-    for products in [int(p) for p in args.products.split(",")]:
-        path = os.path.join(work, f"full-{products}.parquet")
-        if not os.path.exists(path):
-            subprocess.run(
-                ["hbjax", "simulate", "--products", str(products), "--out", path], check=True
-            )
-        import pyarrow.parquet as pq
+    import pyarrow.parquet as pq
 
-        rows = pq.ParquetFile(path).metadata.num_rows
+    tables = [] if not args.files else args.files.split(",")
+    for products in [] if tables else [int(p) for p in args.products.split(",")]:
+        tables.append(os.path.join(work, f"full-{products}.parquet"))
+        if not os.path.exists(tables[-1]):
+            command = ["hbjax", "simulate", "--products", str(products), "--out", tables[-1]]
+            subprocess.run(command, check=True)
+    for path in tables:
+        meta = pq.ParquetFile(path)
+        rows = meta.metadata.num_rows
+        labels = str(meta.schema_arrow.field("product").type)
+        products = pq.read_table(path, columns=["product"]).column(0).unique().length()
         command = ["fit", path, "--steps", str(args.steps), "--samples", "100", "--no-progress"]
         report = _child(_FULL_CHILD, *command, "--out", os.path.join(work, "full-out"))
-        report.update(step="full batch (hbjax fit FILE)", products=products, observations=rows)
+        report.update(
+            step="full batch (hbjax fit FILE)",
+            file=path,
+            product_labels=labels,
+            products=products,
+            observations=rows,
+        )
         _record(args, report)
         if report.get("ok"):
             points.append((rows, report["peak_rss_mib"]))
@@ -250,6 +261,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["full", "write", "minibatch", "fit-child"])
     parser.add_argument("--products", default="12500,25000,50000,100000")
+    parser.add_argument("--files", default="", help="full: comma-separated tables to fit")
     parser.add_argument("--steps", type=int, default=100, help="full-batch steps")
     parser.add_argument("--work", default="/tmp/hbjax-largest")
     parser.add_argument("--file", default="/tmp/hbjax-largest/big.parquet")

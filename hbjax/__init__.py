@@ -19,7 +19,10 @@ from .fit import default_optimizer as default_optimizer
 from .fit import fit as fit
 from .fit import make_step as make_step
 from .guide import AbstractGuide as AbstractGuide
+from .guide import LowRankNormal as LowRankNormal
 from .guide import MeanFieldNormal as MeanFieldNormal
+from .guide import UnitBlockNormal as UnitBlockNormal
+from .guide import make_guide as make_guide
 from .likelihood import elasticity_log_likelihood as elasticity_log_likelihood
 from .likelihood import poisson_log_likelihood as poisson_log_likelihood
 from .minibatch import UnitBatch as UnitBatch

@@ -40,8 +40,13 @@ class AbstractGuide(eqx.Module):
         """Draw ``num_particles`` reparameterised particles (leading ``particle`` axis)."""
 
     @abc.abstractmethod
-    def log_prob(self, particles: PyTree[Float[Array, "..."]]) -> ParticleFloat:
-        """Log density under q of each particle (leading ``particle`` axis)."""
+    def log_prob(
+        self, particles: PyTree[Float[Array, "..."]], weights: PyTree | None = None
+    ) -> ParticleFloat:
+        """Log density under q of each particle (leading ``particle`` axis).
+
+        ``weights``: as in :meth:`sample_and_log_prob` (guides that factorise over units).
+        """
 
     def sample_and_log_prob(
         self, num_particles: int, *, key: PRNGKeyArray, weights: PyTree | None = None
@@ -52,12 +57,8 @@ class AbstractGuide(eqx.Module):
         arrays) weights each latent's log-density term; only guides that factorise over
         latents (e.g. :class:`MeanFieldNormal`) support it.
         """
-        if weights is not None:
-            raise NotImplementedError(
-                f"{type(self).__name__} does not support weighted log densities (minibatching)."
-            )
         particles = self.sample(num_particles, key=key)
-        return particles, self.log_prob(particles)
+        return particles, self.log_prob(particles, weights)
 
     def restrict(self, units: Int[Array, " slot"], unit_leaves: PyTree[bool]) -> AbstractGuide:
         """The guide of a batch's latents: per-unit leaves taken at ``units`` (minibatching).
@@ -156,12 +157,12 @@ class MeanFieldNormal(AbstractGuide):
         scales = jax.tree.leaves(self.scale)
         weight_leaves = [1.0] * len(leaves) if weights is None else treedef.flatten_up_to(weights)
         keys = jax.random.split(key, len(leaves))
-        draws, log_q = [], jnp.zeros(num_particles, jnp.float32)
-        for loc, scale, weight, k in zip(leaves, scales, weight_leaves, keys, strict=True):
-            eps = jax.random.normal(k, (num_particles, *loc.shape), loc.dtype)
-            draws.append(loc + scale * eps)
-            log_density = weight * (-0.5 * eps**2 - jnp.log(scale) - _HALF_LOG_2PI)
-            log_q = log_q + jnp.sum(log_density.reshape(num_particles, -1), axis=1)
+        eps = [
+            jax.random.normal(k, (num_particles, *loc.shape), loc.dtype)
+            for loc, k in zip(leaves, keys, strict=True)
+        ]
+        draws = [loc + scale * e for loc, scale, e in zip(leaves, scales, eps, strict=True)]
+        log_q = _standard_log_q(eps, scales, weight_leaves, num_particles)
         return jax.tree.unflatten(treedef, draws), log_q
 
     def restrict(self, units: Int[Array, " slot"], unit_leaves: PyTree[bool]) -> MeanFieldNormal:
@@ -183,16 +184,384 @@ class MeanFieldNormal(AbstractGuide):
         # a pytree shaped like the guide, of booleans (unflatten: not a valid guide)
         return jax.tree.unflatten(jax.tree.structure(self), jax.tree.leaves(mask) * 2)
 
-    def log_prob(self, particles: PyTree[Float[Array, "..."]]) -> ParticleFloat:
-        """Sum over latents of the normal log densities, one value per particle."""
+    def log_prob(
+        self, particles: PyTree[Float[Array, "..."]], weights: PyTree | None = None
+    ) -> ParticleFloat:
+        """Sum over latents of the (weighted) normal log densities, one value per particle."""
+        leaves, treedef = jax.tree.flatten(self.loc)
+        weight_leaves = [1.0] * len(leaves) if weights is None else treedef.flatten_up_to(weights)
 
-        def leaf_log_prob(z: Array, loc: Array, scale: Array) -> Array:
-            log_q = distrax.Normal(loc, scale).log_prob(z)
+        def leaf_log_prob(z: Array, loc: Array, scale: Array, weight: Array | float) -> Array:
+            log_q = weight * distrax.Normal(loc, scale).log_prob(z)
             return jnp.sum(log_q.reshape(z.shape[0], -1), axis=1)
 
-        per_leaf = jax.tree.leaves(jax.tree.map(leaf_log_prob, particles, self.loc, self.scale))
+        per_leaf = [
+            leaf_log_prob(z, loc, scale, weight)
+            for z, loc, scale, weight in zip(
+                treedef.flatten_up_to(particles),
+                leaves,
+                jax.tree.leaves(self.scale),
+                weight_leaves,
+                strict=True,
+            )
+        ]
         return sum(per_leaf[1:], per_leaf[0])
 
     def mean(self) -> PyTree[Float[Array, "..."]]:
         """The guide's mean (its ``loc``)."""
         return self.loc
+
+
+def _check_loc(shapes: PyTree[jax.ShapeDtypeStruct], loc: PyTree | None) -> PyTree:
+    """Starting means shaped like the latents (zeros by default)."""
+    if loc is None:
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    expected = jax.tree.structure(shapes)
+    if jax.tree.structure(loc) != expected:
+        raise ValueError(f"loc has structure {jax.tree.structure(loc)}, expected {expected}.")
+    return jax.tree.map(lambda s, x: jnp.asarray(x, s.dtype).reshape(s.shape), shapes, loc)
+
+
+def _pairs(k: int) -> list[tuple[int, int]]:
+    """Strictly-lower-triangular positions ``(row, column)`` of a k x k matrix, row-major."""
+    return [(j, m) for j in range(k) for m in range(j)]
+
+
+class UnitBlockNormal(AbstractGuide):
+    """Each unit's latents jointly normal (a full k x k covariance), independent across units.
+
+    For a model whose :meth:`~hbjax.AbstractModel.unit_leaves` are ``k`` per-unit leaves
+    (the elasticity model: a product's elasticity and intercept, ``k = 2``), unit ``i``'s
+    latents are ``loc_i + L_i eps_i`` with ``L_i`` lower triangular: diagonal
+    ``softplus(raw_scale)`` and strictly-lower entries ``unit_tril``. Shared latents are
+    mean-field. Memory O(units * k^2); it factorises over units, so it minibatches.
+
+    Attributes:
+        loc: pytree of means, shaped like the model's latents.
+        raw_scale: pytree of raw diagonal scales (``softplus`` on use).
+        unit_tril: ``[k (k - 1) / 2, unit]`` strictly-lower Cholesky entries, in the order
+            of :func:`_pairs` over the unit leaves (in the latents' flattening order).
+        unit_leaf_ids: positions of the unit leaves among the flattened latents (static).
+
+    Example:
+        >>> import jax, hbjax
+        >>> sim = hbjax.simulate(n_units=20, n_periods=8, n_groups=2)
+        >>> panel, _ = hbjax.from_frame(sim.frame)
+        >>> model = hbjax.ElasticityModel.from_panel(panel)
+        >>> guide = hbjax.UnitBlockNormal.from_shapes(model.latent_shapes(), model.unit_leaves())
+        >>> guide.unit_covariance().shape
+        (20, 2, 2)
+    """
+
+    loc: PyTree[Float[Array, "..."]]
+    raw_scale: PyTree[Float[Array, "..."]]
+    unit_tril: Float[Array, "pair unit"]
+    unit_leaf_ids: tuple[int, ...] = eqx.field(static=True)
+
+    @classmethod
+    def from_shapes(
+        cls,
+        shapes: PyTree[jax.ShapeDtypeStruct],
+        unit_leaves: PyTree[bool],
+        *,
+        loc: PyTree | None = None,
+        scale: float = 0.1,
+    ) -> UnitBlockNormal:
+        """A guide for the given latents, uncorrelated at the start.
+
+        Args:
+            shapes: the model's ``latent_shapes()``.
+            unit_leaves: the model's ``unit_leaves()``: which leaves are per unit (each
+                ``[unit]``, the same length).
+            loc: starting means; zeros by default.
+            scale: starting standard deviation of every latent.
+        """
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0; got {scale}.")
+        if unit_leaves is None:
+            raise ValueError(
+                "UnitBlockNormal needs the model's unit_leaves() (which latents are per unit); "
+                "this model declares none: use MeanFieldNormal or LowRankNormal."
+            )
+        flags = jax.tree.structure(shapes).flatten_up_to(unit_leaves)
+        leaf_shapes = jax.tree.leaves(shapes)
+        ids = tuple(i for i, flag in enumerate(flags) if flag)
+        unit_shapes = {tuple(leaf_shapes[i].shape) for i in ids}
+        if not ids or len(unit_shapes) != 1 or len(next(iter(unit_shapes))) != 1:
+            raise ValueError(
+                f"the unit leaves must be one or more [unit] arrays of one length; got shapes "
+                f"{[leaf_shapes[i].shape for i in ids]}."
+            )
+        (n_units,) = next(iter(unit_shapes))
+        raw = inverse_softplus(jnp.float32(scale))
+        return cls(
+            loc=_check_loc(shapes, loc),
+            raw_scale=jax.tree.map(lambda s: jnp.full(s.shape, raw, s.dtype), shapes),
+            unit_tril=jnp.zeros((len(_pairs(len(ids))), n_units), jnp.float32),
+            unit_leaf_ids=ids,
+        )
+
+    @property
+    def scale(self) -> PyTree[Float[Array, "..."]]:
+        """Diagonal of the Cholesky factors, ``softplus(raw_scale)``."""
+        return jax.tree.map(jax.nn.softplus, self.raw_scale)
+
+    def _mix(self, eps: list[Array], scales: list[Array]) -> list[Array]:
+        """``L eps`` for every leaf: unit leaves mixed by the per-unit factors."""
+        out = [scale * e for scale, e in zip(scales, eps, strict=True)]
+        for p, (j, m) in enumerate(_pairs(len(self.unit_leaf_ids))):
+            row, col = self.unit_leaf_ids[j], self.unit_leaf_ids[m]
+            out[row] = out[row] + self.unit_tril[p] * eps[col]
+        return out
+
+    def sample_and_log_prob(
+        self, num_particles: int, *, key: PRNGKeyArray, weights: PyTree | None = None
+    ) -> tuple[PyTree[Float[Array, "..."]], ParticleFloat]:
+        """Particles ``loc + L eps`` and ``log q = sum(-eps^2 / 2 - log diag(L)) - c``."""
+        leaves, treedef = jax.tree.flatten(self.loc)
+        scales = jax.tree.leaves(self.scale)
+        weight_leaves = [1.0] * len(leaves) if weights is None else treedef.flatten_up_to(weights)
+        keys = jax.random.split(key, len(leaves))
+        eps = [
+            jax.random.normal(k, (num_particles, *loc.shape), loc.dtype)
+            for loc, k in zip(leaves, keys, strict=True)
+        ]
+        draws = [loc + x for loc, x in zip(leaves, self._mix(eps, scales), strict=True)]
+        log_q = _standard_log_q(eps, scales, weight_leaves, num_particles)
+        return jax.tree.unflatten(treedef, draws), log_q
+
+    def sample(self, num_particles: int, *, key: PRNGKeyArray) -> PyTree[Float[Array, "..."]]:
+        """``loc + L eps`` with ``eps ~ N(0, I)`` (the particles of sample_and_log_prob)."""
+        return self.sample_and_log_prob(num_particles, key=key)[0]
+
+    def log_prob(
+        self, particles: PyTree[Float[Array, "..."]], weights: PyTree | None = None
+    ) -> ParticleFloat:
+        """Log density: ``eps = L^-1 (z - loc)`` by forward substitution per unit."""
+        leaves, treedef = jax.tree.flatten(self.loc)
+        scales = jax.tree.leaves(self.scale)
+        weight_leaves = [1.0] * len(leaves) if weights is None else treedef.flatten_up_to(weights)
+        residual = [
+            z - loc for z, loc in zip(treedef.flatten_up_to(particles), leaves, strict=True)
+        ]
+        eps = [r / scale for r, scale in zip(residual, scales, strict=True)]
+        pairs = _pairs(len(self.unit_leaf_ids))
+        for j, leaf in enumerate(self.unit_leaf_ids):  # rows in order: earlier eps are final
+            mixed = sum(
+                (
+                    self.unit_tril[p] * eps[self.unit_leaf_ids[m]]
+                    for p, (r, m) in enumerate(pairs)
+                    if r == j
+                ),
+                jnp.zeros_like(residual[leaf]),
+            )
+            eps[leaf] = (residual[leaf] - mixed) / scales[leaf]
+        return _standard_log_q(eps, scales, weight_leaves, residual[0].shape[0])
+
+    def unit_covariance(self) -> Float[Array, "unit k k"]:
+        """Each unit's k x k covariance ``L_i L_i^T`` of its latents (unit-leaf order)."""
+        k = len(self.unit_leaf_ids)
+        scales = jax.tree.leaves(self.scale)
+        n_units = scales[self.unit_leaf_ids[0]].shape[-1]
+        chol = jnp.zeros((n_units, k, k), jnp.float32)
+        for j, leaf in enumerate(self.unit_leaf_ids):
+            chol = chol.at[:, j, j].set(scales[leaf])
+        for p, (j, m) in enumerate(_pairs(k)):
+            chol = chol.at[:, j, m].set(self.unit_tril[p])
+        return chol @ jnp.swapaxes(chol, -1, -2)
+
+    def restrict(self, units: Int[Array, " slot"], unit_leaves: PyTree[bool]) -> UnitBlockNormal:
+        """The batch's guide: unit leaves and ``unit_tril`` taken at ``units``."""
+
+        def take(x: Array, is_unit: bool) -> Array:  # noqa: FBT001
+            return jnp.take(x, units, axis=-1) if is_unit else x
+
+        return UnitBlockNormal(
+            loc=jax.tree.map(take, self.loc, unit_leaves),
+            raw_scale=jax.tree.map(take, self.raw_scale, unit_leaves),
+            unit_tril=jnp.take(self.unit_tril, units, axis=-1),
+            unit_leaf_ids=self.unit_leaf_ids,
+        )
+
+    def unit_update_mask(
+        self, in_batch: Bool[Array, " unit"], unit_leaves: PyTree[bool]
+    ) -> UnitBlockNormal:
+        """``in_batch`` for the unit leaves and ``unit_tril``; ``True`` elsewhere."""
+        mask = jax.tree.leaves(
+            jax.tree.map(lambda is_unit: in_batch if is_unit else _TRUE, unit_leaves)
+        )
+        leaves = [*mask, *mask, in_batch]  # loc, raw_scale, unit_tril (broadcast over pairs)
+        return jax.tree.unflatten(jax.tree.structure(self), leaves)
+
+    def mean(self) -> PyTree[Float[Array, "..."]]:
+        """The guide's mean (its ``loc``)."""
+        return self.loc
+
+
+def _standard_log_q(
+    eps: list[Array], scales: list[Array], weights: list[Array | float], num_particles: int
+) -> ParticleFloat:
+    """``sum(weight * (-eps^2 / 2 - log scale - log(2 pi) / 2))`` per particle."""
+    log_q = jnp.zeros(num_particles, jnp.float32)
+    for e, scale, weight in zip(eps, scales, weights, strict=True):
+        log_density = weight * (-0.5 * e**2 - jnp.log(scale) - _HALF_LOG_2PI)
+        log_q = log_q + jnp.sum(log_density.reshape(num_particles, -1), axis=1)
+    return log_q
+
+
+class LowRankNormal(AbstractGuide):
+    """A normal over all latents with covariance ``diag(d^2) + W W^T`` (rank ``r`` factor).
+
+    ``z = loc + d * eps + W eta`` with ``eps ~ N(0, I_n)``, ``eta ~ N(0, I_r)`` over the
+    ``n`` latents flattened in pytree order. The log density uses the Woodbury identity
+    and the matrix determinant lemma: O(n r^2) time, O(n r) memory. It couples all units,
+    so it does not minibatch.
+
+    Attributes:
+        loc: pytree of means, shaped like the model's latents.
+        raw_scale: pytree of raw diagonal scales (``d = softplus(raw_scale)``).
+        factor: ``[latent, rank]`` the factor ``W``.
+    """
+
+    loc: PyTree[Float[Array, "..."]]
+    raw_scale: PyTree[Float[Array, "..."]]
+    factor: Float[Array, "latent rank"]
+
+    @classmethod
+    def from_shapes(
+        cls,
+        shapes: PyTree[jax.ShapeDtypeStruct],
+        *,
+        rank: int = 8,
+        key: PRNGKeyArray,
+        loc: PyTree | None = None,
+        scale: float = 0.1,
+        factor_scale: float = 1e-3,
+    ) -> LowRankNormal:
+        """A guide for the given latents with a small random factor (W = 0 is a saddle).
+
+        Args:
+            shapes: the model's ``latent_shapes()``.
+            rank: columns of the factor.
+            key: PRNG key for the factor's start.
+            loc: starting means; zeros by default.
+            scale: starting diagonal standard deviation.
+            factor_scale: standard deviation of the factor's random start.
+        """
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be a positive int; got {rank!r}.")
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0; got {scale}.")
+        n = sum(math.prod(s.shape) for s in jax.tree.leaves(shapes))
+        raw = inverse_softplus(jnp.float32(scale))
+        return cls(
+            loc=_check_loc(shapes, loc),
+            raw_scale=jax.tree.map(lambda s: jnp.full(s.shape, raw, s.dtype), shapes),
+            factor=factor_scale * jax.random.normal(key, (n, rank), jnp.float32),
+        )
+
+    def _flat(self, tree: PyTree) -> Float[Array, "*p latent"]:
+        """Leaves concatenated along a last ``latent`` axis (leading axes kept)."""
+        leaves, treedef = jax.tree.flatten(self.loc)
+        values = treedef.flatten_up_to(tree)
+        lead = values[0].shape[: values[0].ndim - leaves[0].ndim]
+        return jnp.concatenate([v.reshape(*lead, -1) for v in values], axis=-1)
+
+    def _unflat(self, flat: Float[Array, "p latent"]) -> PyTree:
+        leaves, treedef = jax.tree.flatten(self.loc)
+        sizes = np.cumsum([leaf.size for leaf in leaves])[:-1]
+        parts = jnp.split(flat, sizes, axis=-1)
+        return jax.tree.unflatten(
+            treedef,
+            [p.reshape(flat.shape[0], *leaf.shape) for p, leaf in zip(parts, leaves, strict=True)],
+        )
+
+    def _log_q(self, x: Float[Array, "p latent"]) -> ParticleFloat:
+        """Log density of deviations ``x = z - loc`` (Woodbury, determinant lemma)."""
+        d = self._flat(jax.tree.map(jax.nn.softplus, self.raw_scale))
+        w = self.factor / d[:, None]  # D^-1 W
+        capacitance = jnp.eye(w.shape[1], dtype=w.dtype) + w.T @ w
+        chol = jnp.linalg.cholesky(capacitance)
+        y = x / d  # D^-1 x
+        v = jax.scipy.linalg.solve_triangular(chol, (y @ w).T, lower=True)  # [rank, p]
+        quad = jnp.sum(y**2, axis=-1) - jnp.sum(v**2, axis=0)
+        log_det = 2 * jnp.sum(jnp.log(d)) + 2 * jnp.sum(jnp.log(jnp.diag(chol)))
+        return -0.5 * (quad + log_det) - x.shape[-1] * _HALF_LOG_2PI
+
+    def sample_and_log_prob(
+        self, num_particles: int, *, key: PRNGKeyArray, weights: PyTree | None = None
+    ) -> tuple[PyTree[Float[Array, "..."]], ParticleFloat]:
+        """Particles ``loc + d eps + W eta`` and their log density (total gradient)."""
+        if weights is not None:
+            raise NotImplementedError(
+                "LowRankNormal couples all units and cannot be minibatched; use "
+                "UnitBlockNormal or MeanFieldNormal with batch_size."
+            )
+        d = self._flat(jax.tree.map(jax.nn.softplus, self.raw_scale))
+        eps_key, eta_key = jax.random.split(key)
+        eps = jax.random.normal(eps_key, (num_particles, d.shape[0]), d.dtype)
+        eta = jax.random.normal(eta_key, (num_particles, self.factor.shape[1]), d.dtype)
+        x = d * eps + eta @ self.factor.T
+        particles = self._unflat(self._flat(self.loc)[None] + x)
+        return particles, self._log_q(x)
+
+    def sample(self, num_particles: int, *, key: PRNGKeyArray) -> PyTree[Float[Array, "..."]]:
+        """``loc + d eps + W eta`` (the particles of sample_and_log_prob)."""
+        return self.sample_and_log_prob(num_particles, key=key)[0]
+
+    def log_prob(
+        self, particles: PyTree[Float[Array, "..."]], weights: PyTree | None = None
+    ) -> ParticleFloat:
+        """Log density of each particle."""
+        if weights is not None:
+            raise NotImplementedError("LowRankNormal cannot be minibatched (no weights).")
+        return self._log_q(self._flat(particles) - self._flat(self.loc)[None])
+
+    def covariance(self) -> Float[Array, "latent latent"]:
+        """The dense covariance ``diag(d^2) + W W^T`` (for small models and tests)."""
+        d = self._flat(jax.tree.map(jax.nn.softplus, self.raw_scale))
+        return jnp.diag(d**2) + self.factor @ self.factor.T
+
+    def marginal_scale(self) -> PyTree[Float[Array, "..."]]:
+        """Each latent's marginal standard deviation, shaped like the latents."""
+        d = self._flat(jax.tree.map(jax.nn.softplus, self.raw_scale))
+        sd = jnp.sqrt(d**2 + jnp.sum(self.factor**2, axis=1))
+        return jax.tree.map(lambda x: x[0], self._unflat(sd[None]))
+
+    def mean(self) -> PyTree[Float[Array, "..."]]:
+        """The guide's mean (its ``loc``)."""
+        return self.loc
+
+
+#: Guide names for :func:`make_guide` and ``hbjax fit --guide``.
+GUIDES = ("meanfield", "unitblock", "lowrank")
+
+
+def make_guide(
+    kind: str,
+    model: eqx.Module,
+    *,
+    loc: PyTree | None = None,
+    key: PRNGKeyArray | None = None,
+    rank: int = 8,
+    scale: float = 0.1,
+) -> AbstractGuide:
+    """A guide for ``model`` by name: ``"meanfield"``, ``"unitblock"`` or ``"lowrank"``.
+
+    Args:
+        kind: one of :data:`GUIDES`.
+        model: the model (an :class:`hbjax.AbstractModel`).
+        loc: starting means (e.g. ``model.init_latents(panel)``).
+        key: PRNG key (``"lowrank"`` only: the factor's random start); default key 0.
+        rank: the factor's rank (``"lowrank"``).
+        scale: starting standard deviation.
+    """
+    shapes = model.latent_shapes()
+    if kind == "meanfield":
+        return MeanFieldNormal.from_shapes(shapes, loc=loc, scale=scale)
+    if kind == "unitblock":
+        return UnitBlockNormal.from_shapes(shapes, model.unit_leaves(), loc=loc, scale=scale)
+    if kind == "lowrank":
+        key = jax.random.key(0) if key is None else key
+        return LowRankNormal.from_shapes(shapes, rank=rank, key=key, loc=loc, scale=scale)
+    raise ValueError(f"unknown guide {kind!r}; choose one of {', '.join(GUIDES)}.")

@@ -16,6 +16,20 @@ With K particles :math:`z_k \sim q` and log importance weights
 
 Every objective returns a **loss to minimise**: the negative bound. An objective is any
 function ``(model, guide, panel, *, key) -> loss``; pass your own to :func:`hbjax.fit`.
+
+**Gradient estimators** (``gradient=``) change where ``stop_gradient`` goes, never the
+loss's value:
+
+* ``"total"``: the plain reparameterised gradient of the bound;
+* ``"stl"`` (stick the landing, Roeder et al. 2017; the ELBO, ``alpha = 1`` or K = 1):
+  ``log q`` is evaluated with the guide's parameters held fixed, dropping the score term
+  whose expectation is zero; its variance vanishes as q approaches the posterior. For an
+  importance-weighted bound that term does not vanish in expectation (STL is biased there:
+  refused);
+* ``"dreg"`` (doubly reparameterised, Tucker et al. 2019; ``alpha = 0`` only): the
+  importance-weighted gradient ``sum_k w~_k^2 d log w_k / dz_k dz_k/dphi`` with
+  normalised weights ``w~``, unbiased for the guide's parameters (the only ones
+  :func:`hbjax.fit` trains) and with a signal-to-noise ratio that does not decay in K.
 """
 
 from __future__ import annotations
@@ -36,18 +50,39 @@ def log_weights(
     *,
     key: PRNGKeyArray,
     num_particles: int,
+    stop_score: bool = False,
 ) -> ParticleFloat:
     """``log p(panel, z_k) - log q(z_k)`` for ``num_particles`` draws ``z_k ~ q``.
 
     The particles go through the model one after the other (``lax.map``): each pass
     streams the data once and keeps one particle's intermediates, which on CPU is several
     times faster than ``vmap`` over large data and needs K times less memory.
+
+    ``stop_score``: evaluate ``log q`` with the guide's parameters held fixed (gradients
+    reach them only through the particles): stick-the-landing and DReG.
     """
     if isinstance(panel, UnitBatch):  # a minibatch: unbiased estimates of the full weights
-        return batch_log_weights(model, guide, panel, key=key, num_particles=num_particles)
-    particles, log_q = guide.sample_and_log_prob(num_particles, key=key)
+        return batch_log_weights(
+            model, guide, panel, key=key, num_particles=num_particles, stop_score=stop_score
+        )
+    particles, log_q = _draw(guide, num_particles, key=key, stop_score=stop_score)
     log_p = jax.lax.map(lambda z: model.log_joint(z, panel), particles)
     return log_p - log_q
+
+
+def _draw(
+    guide: AbstractGuide,
+    num_particles: int,
+    *,
+    key: PRNGKeyArray,
+    stop_score: bool,
+    weights: PyTree | None = None,
+) -> tuple[PyTree, ParticleFloat]:
+    """Particles and ``log q``; with ``stop_score`` the density's parameters are frozen."""
+    if not stop_score:
+        return guide.sample_and_log_prob(num_particles, key=key, weights=weights)
+    particles = guide.sample(num_particles, key=key)
+    return particles, jax.lax.stop_gradient(guide).log_prob(particles, weights)
 
 
 def batch_log_weights(
@@ -57,6 +92,7 @@ def batch_log_weights(
     *,
     key: PRNGKeyArray,
     num_particles: int,
+    stop_score: bool = False,
 ) -> ParticleFloat:
     """Log weights estimated from a batch of units (each particle's, unbiasedly).
 
@@ -73,9 +109,13 @@ def batch_log_weights(
         )
     weights = jax.tree.map(lambda is_unit: batch.weight if is_unit else 1.0, unit_leaves)
     local = guide.restrict(batch.unit, unit_leaves)
-    particles, log_q = local.sample_and_log_prob(num_particles, key=key, weights=weights)
+    particles, log_q = _draw(local, num_particles, key=key, stop_score=stop_score, weights=weights)
     log_p = jax.lax.map(lambda z: model.batch_log_joint(z, batch), particles)
     return log_p - log_q
+
+
+#: Gradient estimators of :func:`renyi_elbo` (see the module docstring).
+GRADIENTS = ("total", "stl", "dreg")
 
 
 def renyi_bound(log_w: ParticleFloat, alpha: float) -> Scalar:
@@ -101,6 +141,7 @@ def renyi_elbo(
     key: PRNGKeyArray,
     alpha: float = 0.0,
     num_particles: int = 4,
+    gradient: str = "total",
 ) -> Scalar:
     """Negative Rényi-α bound with ``num_particles`` particles (a loss to minimise).
 
@@ -111,6 +152,8 @@ def renyi_elbo(
         key: PRNG key for the particles.
         alpha: the Rényi order; 0 is importance weighted (the article's choice), 1 the ELBO.
         num_particles: K, the number of particles.
+        gradient: the gradient estimator, ``"total"``, ``"stl"`` or ``"dreg"`` (``alpha = 0``
+            only); see the module docstring. The loss's value is the same for all three.
 
     Example:
         >>> import functools, hbjax
@@ -119,8 +162,38 @@ def renyi_elbo(
     """
     if num_particles < 1:
         raise ValueError(f"num_particles must be >= 1; got {num_particles}.")
-    log_w = log_weights(model, guide, panel, key=key, num_particles=num_particles)
+    if gradient not in GRADIENTS:
+        raise ValueError(f"unknown gradient {gradient!r}; choose one of {', '.join(GRADIENTS)}.")
+    if gradient == "dreg" and alpha != 0.0:
+        raise ValueError(
+            f"the DReG gradient is derived for the importance-weighted bound (alpha = 0); got "
+            f"alpha = {alpha}. Use gradient='stl' for other alphas."
+        )
+    if gradient == "stl" and alpha != 1.0 and num_particles > 1:
+        raise ValueError(
+            f"the stick-the-landing gradient is biased for an importance-weighted bound "
+            f"(alpha = {alpha}, {num_particles} particles); use gradient='dreg' with alpha = 0, "
+            "or 'stl' with the ELBO (alpha = 1)."
+        )
+    log_w = log_weights(
+        model, guide, panel, key=key, num_particles=num_particles, stop_score=gradient != "total"
+    )
+    if gradient == "dreg":
+        return -dreg_surrogate(log_w)
     return -renyi_bound(log_w, alpha)
+
+
+def dreg_surrogate(log_w: ParticleFloat) -> Scalar:
+    r"""The IW bound's value with the DReG gradient, from stop-score log weights.
+
+    Value :math:`\log \frac1K \sum_k w_k`; gradient :math:`\sum_k \tilde w_k^2\,
+    \nabla \log w_k` with :math:`\tilde w = \mathrm{softmax}(\log w)` held fixed, which
+    with ``log q`` evaluated at frozen parameters is the doubly-reparameterised gradient.
+    """
+    weights = jax.lax.stop_gradient(jax.nn.softmax(log_w))
+    surrogate = jnp.sum(weights**2 * log_w)
+    value = renyi_bound(jax.lax.stop_gradient(log_w), 0.0)
+    return value + surrogate - jax.lax.stop_gradient(surrogate)
 
 
 def elbo(
@@ -130,6 +203,9 @@ def elbo(
     *,
     key: PRNGKeyArray,
     num_particles: int = 1,
+    gradient: str = "total",
 ) -> Scalar:
-    """Negative ELBO, ``-mean_k log w_k`` (a loss to minimise)."""
-    return renyi_elbo(model, guide, panel, key=key, alpha=1.0, num_particles=num_particles)
+    """Negative ELBO, ``-mean_k log w_k`` (a loss to minimise); ``gradient``: total or stl."""
+    return renyi_elbo(
+        model, guide, panel, key=key, alpha=1.0, num_particles=num_particles, gradient=gradient
+    )

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from hbjax import MeanFieldNormal
+from hbjax import LowRankNormal, MeanFieldNormal, UnitBlockNormal
+from hbjax.guide import make_guide
 
 
 @pytest.fixture
@@ -50,3 +51,138 @@ def test_from_shapes_validates():
         MeanFieldNormal.from_shapes(shapes, scale=0.0)
     with pytest.raises(ValueError, match="structure"):
         MeanFieldNormal.from_shapes(shapes, loc={"b": jnp.zeros(2)})
+
+
+SHAPES = {
+    "shared": jax.ShapeDtypeStruct((2,), jnp.float32),
+    "slope": jax.ShapeDtypeStruct((4,), jnp.float32),
+    "level": jax.ShapeDtypeStruct((4,), jnp.float32),
+}
+UNIT_LEAVES = {"shared": False, "slope": True, "level": True}
+
+
+def _perturbed(guide, seed):
+    """Every array parameter moved by N(0, 0.5) noise (a generic, correlated guide)."""
+    leaves, treedef = jax.tree.flatten(guide)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    moved = [x + 0.5 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    return jax.tree.unflatten(treedef, moved)
+
+
+@pytest.fixture
+def block():
+    return _perturbed(UnitBlockNormal.from_shapes(SHAPES, UNIT_LEAVES), 0)
+
+
+def _dense_unit_block_log_q(guide, z):
+    """log q by scipy: shared leaves independent normals, each unit a 2-d normal."""
+    total = stats.norm(np.asarray(guide.loc["shared"]), np.asarray(guide.scale["shared"]))
+    out = total.logpdf(np.asarray(z["shared"])).sum(axis=1)
+    cov = np.asarray(guide.unit_covariance(), np.float64)
+    for u in range(4):
+        mean = [float(guide.loc["level"][u]), float(guide.loc["slope"][u])]  # leaf order
+        x = np.stack([np.asarray(z["level"])[:, u], np.asarray(z["slope"])[:, u]], axis=1)
+        out += stats.multivariate_normal(mean, cov[u]).logpdf(x)
+    return out
+
+
+def test_unit_block_log_prob_against_scipy(block):
+    z, log_q = block.sample_and_log_prob(6, key=jax.random.key(1))
+    np.testing.assert_allclose(log_q, _dense_unit_block_log_q(block, z), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(block.log_prob(z), log_q, rtol=1e-5, atol=1e-4)
+
+
+def test_unit_block_sample_covariance_within_monte_carlo_error(block):
+    n = 20000
+    z = block.sample(n, key=jax.random.key(2))
+    x = np.stack([np.asarray(z["level"]), np.asarray(z["slope"])], axis=-1)  # [n, unit, 2]
+    cov = np.asarray(block.unit_covariance())
+    for u in range(4):
+        sample = np.cov(x[:, u].T)
+        # se of a covariance entry: sqrt((s_ii s_jj + s_ij^2) / n)
+        se = np.sqrt((np.outer(np.diag(cov[u]), np.diag(cov[u])) + cov[u] ** 2) / n)
+        assert np.all(np.abs(sample - cov[u]) < 5 * se), (u, sample, cov[u])
+
+
+def test_unit_block_without_correlation_is_mean_field():
+    loc = {"shared": jnp.ones(2), "slope": jnp.arange(4.0), "level": -jnp.arange(4.0)}
+    block = UnitBlockNormal.from_shapes(SHAPES, UNIT_LEAVES, loc=loc, scale=0.3)
+    mean_field = MeanFieldNormal.from_shapes(SHAPES, loc=loc, scale=0.3)
+    key = jax.random.key(3)
+    (z1, q1), (z2, q2) = (
+        block.sample_and_log_prob(5, key=key),
+        mean_field.sample_and_log_prob(5, key=key),
+    )
+    for name in SHAPES:
+        np.testing.assert_array_equal(z1[name], z2[name])
+    np.testing.assert_allclose(q1, q2, rtol=1e-6)
+
+
+def test_unit_block_restrict_and_weights(block):
+    units = jnp.array([2, 0])
+    local = block.restrict(units, UNIT_LEAVES)
+    assert local.unit_tril.shape == (1, 2)
+    z = local.sample(3, key=jax.random.key(4))
+    weights = {"shared": 1.0, "slope": jnp.array([2.0, 2.0]), "level": jnp.array([2.0, 2.0])}
+    log_q = local.log_prob(z, weights)
+    # weight 2 on every unit term == shared terms + 2 x (the two units' joint densities)
+    shared = stats.norm(np.asarray(block.loc["shared"]), np.asarray(block.scale["shared"]))
+    expected = shared.logpdf(np.asarray(z["shared"])).sum(axis=1)
+    cov = np.asarray(block.unit_covariance(), np.float64)
+    for slot, u in enumerate([2, 0]):
+        mean = [float(block.loc["level"][u]), float(block.loc["slope"][u])]
+        x = np.stack([np.asarray(z["level"])[:, slot], np.asarray(z["slope"])[:, slot]], axis=1)
+        expected += 2 * stats.multivariate_normal(mean, cov[u]).logpdf(x)
+    np.testing.assert_allclose(log_q, expected, rtol=1e-5, atol=1e-4)
+    mask = block.unit_update_mask(jnp.array([True, False, False, True]), UNIT_LEAVES)
+    assert mask.unit_tril.shape == (4,) and mask.loc["slope"].shape == (4,)
+
+
+def test_unit_block_needs_unit_leaves():
+    with pytest.raises(ValueError, match="unit_leaves"):
+        UnitBlockNormal.from_shapes(SHAPES, None)
+    with pytest.raises(ValueError, match="one length"):
+        UnitBlockNormal.from_shapes(SHAPES, {"shared": True, "slope": True, "level": False})
+
+
+@pytest.fixture
+def low_rank():
+    guide = LowRankNormal.from_shapes(SHAPES, rank=3, key=jax.random.key(0))
+    return _perturbed(guide, 1)
+
+
+def test_low_rank_log_prob_against_scipy(low_rank):
+    z, log_q = low_rank.sample_and_log_prob(6, key=jax.random.key(5))
+    flat = np.concatenate([np.asarray(z[k]) for k in ("level", "shared", "slope")], axis=1)
+    mean = np.concatenate([np.asarray(low_rank.loc[k]) for k in ("level", "shared", "slope")])
+    cov = np.asarray(low_rank.covariance(), np.float64)
+    # float32 Woodbury vs float64 dense: rounding of terms of size ~1e2
+    expected = stats.multivariate_normal(mean, cov).logpdf(flat)
+    np.testing.assert_allclose(log_q, expected, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(low_rank.log_prob(z), log_q, rtol=1e-5)
+
+
+def test_low_rank_sample_covariance_within_monte_carlo_error(low_rank):
+    n = 20000
+    z = low_rank.sample(n, key=jax.random.key(6))
+    flat = np.concatenate([np.asarray(z[k]) for k in ("level", "shared", "slope")], axis=1)
+    cov = np.asarray(low_rank.covariance(), np.float64)
+    se = np.sqrt((np.outer(np.diag(cov), np.diag(cov)) + cov**2) / n)
+    assert np.all(np.abs(np.cov(flat.T) - cov) < 5 * se)
+    marginal = np.concatenate(
+        [np.asarray(low_rank.marginal_scale()[k]) for k in ("level", "shared", "slope")]
+    )
+    np.testing.assert_allclose(marginal, np.sqrt(np.diag(cov)), rtol=1e-5)
+
+
+def test_make_guide_by_name(small_model):
+    for kind, cls in (
+        ("meanfield", MeanFieldNormal),
+        ("unitblock", UnitBlockNormal),
+        ("lowrank", LowRankNormal),
+    ):
+        assert isinstance(make_guide(kind, small_model), cls)
+    with pytest.raises(ValueError, match="unknown guide"):
+        make_guide("fullrank", small_model)
+    with pytest.raises(NotImplementedError, match="minibatch"):
+        make_guide("lowrank", small_model).sample_and_log_prob(2, key=jax.random.key(0), weights={})
