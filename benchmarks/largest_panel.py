@@ -110,7 +110,7 @@ def full(args: argparse.Namespace) -> None:
         meta = pq.ParquetFile(path)
         rows = meta.metadata.num_rows
         labels = str(meta.schema_arrow.field("product").type)
-        products = pq.read_table(path, columns=["product"]).column(0).unique().length()
+        products = len(pq.read_table(path, columns=["product"]).column(0).unique())
         command = ["fit", path, "--steps", str(args.steps), "--samples", "100", "--no-progress"]
         report = _child(_FULL_CHILD, *command, "--out", os.path.join(work, "full-out"))
         report.update(
