@@ -23,10 +23,10 @@ from jax.sharding import Mesh
 from . import __version__
 from .data import DataValidationError, Encoding, Panel, from_file, from_frame
 from .fit import FitResult, NonFiniteLossError, default_optimizer, fit
-from .guide import MeanFieldNormal
+from .guide import GUIDES, make_guide
 from .minibatch import UnitStats, seed_from_key
 from .model import ElasticityModel
-from .objectives import renyi_elbo
+from .objectives import GRADIENTS, renyi_elbo
 from .posterior import Summary, summarize
 from .sharding import (
     DistributedConfig,
@@ -168,6 +168,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="minibatch SVI: products per step (rounded up to a multiple of the block count); "
         "the table stays in host memory and only each batch goes to the devices",
     )
+    fit_cmd.add_argument(
+        "--guide",
+        choices=GUIDES,
+        default=DEFAULT_GUIDE,
+        help=f"variational family (default: {DEFAULT_GUIDE}): meanfield; unitblock (each "
+        "product's elasticity and intercept jointly normal); lowrank (diagonal + rank-r factor "
+        "over all latents; not with --batch-size)",
+    )
+    fit_cmd.add_argument("--rank", type=_positive_int, default=8, help="rank of --guide lowrank")
+    fit_cmd.add_argument(
+        "--gradient",
+        choices=GRADIENTS,
+        default="total",
+        help="gradient estimator: total (default), dreg (alpha 0), stl (alpha 1)",
+    )
+    fit_cmd.add_argument(
+        "--diagnostic-draws",
+        type=int,
+        default=500,
+        help="draws for the PSIS k-hat / ESS check of the fitted guide (0: skip; full batch only)",
+    )
     fit_cmd.add_argument("--particles", type=_positive_int, default=4)
     fit_cmd.add_argument("--alpha", type=_finite_float, default=0.0, help="Rényi alpha (0: IW)")
     fit_cmd.add_argument("--lr", type=_positive_float, default=0.01, help="initial learning rate")
@@ -210,8 +231,12 @@ def _fit_panel(
     progress: bool = True,
     mesh: Mesh | None = None,
     batch_size: int | None = None,
+    guide: str = "meanfield",
+    rank: int = 8,
+    gradient: str = "total",
+    diagnostic_draws: int = 0,
 ) -> tuple[FitResult, Summary]:
-    """The standard pipeline: model, data-informed mean-field guide, fit, summary.
+    """The standard pipeline: model, data-informed guide, fit, summary.
 
     ``panel`` is a host panel, or a grid folder (:func:`hbjax.read_grid`; minibatch only).
     """
@@ -239,14 +264,24 @@ def _fit_panel(
         layout = ElasticityModel.from_panel(panel, centre_prices=False, **options).panel_layout()
         rows = data = shard_panel(panel, mesh, layout=layout)
     model = ElasticityModel.from_panel(data, centre_prices=centre_prices, **options)
-    guide = MeanFieldNormal.from_shapes(model.latent_shapes(), loc=model.init_latents(data))
+    start = make_guide(
+        guide, model, loc=model.init_latents(data), rank=rank, key=jax.random.fold_in(key, 1)
+    )
 
     def objective(model, guide, panel, *, key):  # noqa: ANN001, ANN202
-        return renyi_elbo(model, guide, panel, key=key, alpha=alpha, num_particles=particles)
+        return renyi_elbo(
+            model,
+            guide,
+            panel,
+            key=key,
+            alpha=alpha,
+            num_particles=particles,
+            gradient=gradient,
+        )
 
     result = fit(
         model,
-        guide,
+        start,
         rows,
         key=key,
         steps=steps,
@@ -255,6 +290,7 @@ def _fit_panel(
         progress=progress,
         mesh=mesh,
         batch_size=batch_size,
+        diagnostic_draws=diagnostic_draws,
     )
     return result, summarize(result, encoding, num_samples=num_samples, key=summary_key)
 
@@ -282,6 +318,7 @@ def run_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
         mesh=mesh,
+        guide=DEFAULT_GUIDE,
     )
     units = summary.units.merge(sim.truth, on=["product", "category"])
     error = units["mean"] - units["elasticity"]
@@ -347,6 +384,9 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 #: Steps of a full-batch fit (the article's) and epochs of a minibatch fit, by default.
 DEFAULT_STEPS = 20000
+#: The guide ``hbjax fit`` uses unless --guide says otherwise (see benchmarks/README.md:
+#: intervals against NUTS).
+DEFAULT_GUIDE = "unitblock"
 DEFAULT_EPOCHS = 250  # minibatch fits converged in 40-80 epochs in our tests
 
 
@@ -427,11 +467,32 @@ def run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_estimator(args: argparse.Namespace) -> int:
+    """Refuse combinations of guide, gradient and alpha that cannot work; diagnostic draws."""
+    if args.guide == "lowrank" and args.batch_size is not None:
+        raise UserError(
+            "--guide lowrank couples all products and cannot be minibatched; use --guide "
+            "unitblock or meanfield with --batch-size."
+        )
+    if args.gradient == "dreg" and args.alpha != 0:
+        raise UserError(f"--gradient dreg needs --alpha 0 (got {args.alpha}); or use stl.")
+    if args.gradient == "stl" and args.alpha != 1 and args.particles > 1:
+        raise UserError(
+            "--gradient stl is biased for an importance-weighted bound; use it with --alpha 1 "
+            "(the ELBO) or --particles 1, or use --gradient dreg with --alpha 0."
+        )
+    draws = args.diagnostic_draws
+    if draws < 0 or 0 < draws < 10:
+        raise UserError(f"--diagnostic-draws must be 0 (skip) or at least 10; got {draws}.")
+    return 0 if args.batch_size is not None else draws
+
+
 def run_fit(args: argparse.Namespace) -> int:
     """``hbjax fit``: fit a file and write elasticities, groups, losses and a summary."""
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {args.out!r} exists and is not a folder.")
+    diagnostic_draws = _check_estimator(args)
     _join_hosts(args)
     mesh = _mesh(args.devices)
     panel, encoding = _load_own_rows(args, mesh)
@@ -468,7 +529,17 @@ def run_fit(args: argparse.Namespace) -> int:
         num_samples=args.samples,
         progress=not args.no_progress and jax.process_index() == 0,
         mesh=mesh,
+        guide=args.guide,
+        rank=args.rank,
+        gradient=args.gradient,
+        diagnostic_draws=diagnostic_draws,
     )
+    if result.diagnostics is not None:
+        diagnostics: dict[str, object] = result.diagnostics.to_dict()
+    elif args.batch_size is not None:
+        diagnostics = {"skipped": "minibatch fit: the check needs the full likelihood"}
+    else:
+        diagnostics = {"skipped": "--diagnostic-draws 0"}
     if jax.process_index() != 0:  # only process 0 writes outputs
         return 0
     try:
@@ -490,6 +561,9 @@ def run_fit(args: argparse.Namespace) -> int:
         "steps": result.steps,
         "batch_size": result.batch_size,
         "epochs": result.epochs,
+        "guide": args.guide,
+        "rank": args.rank if args.guide == "lowrank" else None,
+        "gradient": args.gradient,
         "particles": args.particles,
         "price_centring": not args.no_centring,
         "clip_log_rate": args.clip,
@@ -504,6 +578,7 @@ def run_fit(args: argparse.Namespace) -> int:
         "processes": jax.process_count(),
         "backend": jax.default_backend(),
         "global_elasticity": {k: float(overall[k]) for k in ("mean", "sd", "q05", "q50", "q95")},
+        "importance_diagnostics": diagnostics,
         "hbjax_version": __version__,
         "jax_version": jax.__version__,
         "python_version": platform.python_version(),
@@ -514,6 +589,8 @@ def run_fit(args: argparse.Namespace) -> int:
         f"{report['wall_seconds']:.1f} s; global elasticity {_interval(overall)}; "
         f"wrote {out}/elasticities.csv, groups.csv, losses.csv, summary.json"
     )
+    if result.diagnostics is not None:
+        print(f"guide check: {result.diagnostics.verdict}")
     return 0
 
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ._types import PRNGKeyArray, PyTree, Scalar
 from .data import Panel
+from .diagnostics import ImportanceDiagnostics, importance_diagnostics
 from .guide import AbstractGuide
 from .minibatch import UnitBatch, UnitSampler, seed_from_key, units_in_batch
 from .model import AbstractModel
@@ -62,6 +63,8 @@ class FitResult:
         chunk_seconds: wall time of each completed chunk of steps (for benchmarks).
         batch_size: units per step of a minibatch fit (``None``: full batch).
         epochs: passes over the units (``steps`` for a full-batch fit).
+        diagnostics: PSIS k-hat and effective sample size of the fitted guide
+            (:mod:`hbjax.diagnostics`), when ``fit(..., diagnostic_draws=S)`` asked for them.
     """
 
     model: AbstractModel
@@ -76,6 +79,7 @@ class FitResult:
     chunk_seconds: np.ndarray
     batch_size: int | None = None
     epochs: float | None = None
+    diagnostics: ImportanceDiagnostics | None = None
 
     @property
     def final_loss(self) -> float:
@@ -197,6 +201,7 @@ def fit(
     mesh: Mesh | None = None,
     callback: Callable[[int, AbstractGuide], None] | None = None,
     batch_size: int | None = None,
+    diagnostic_draws: int = 0,
 ) -> FitResult:
     """Fit ``guide`` to the posterior of ``model`` given ``panel`` by stochastic optimisation.
 
@@ -229,6 +234,11 @@ def fit(
             chunks of batches go to the devices, each prepared while the previous one
             runs. The default optimiser's decay is then per epoch (``transition_steps =
             1000 x steps per epoch``).
+        diagnostic_draws: after fitting, draw this many latents from the guide and report
+            the PSIS k-hat and effective sample size of their importance weights
+            (``result.diagnostics``, :func:`hbjax.diagnostics.importance_diagnostics`);
+            0 (the default) skips it. Full-batch fits only: the weights need the whole
+            likelihood.
 
     Returns:
         A :class:`FitResult`.
@@ -250,7 +260,17 @@ def fit(
         (50,)
     """
     chunk_size = min(chunk_size, steps) if isinstance(steps, int) and steps > 0 else chunk_size
+    if isinstance(diagnostic_draws, bool) or not isinstance(diagnostic_draws, int):
+        raise TypeError(f"diagnostic_draws must be an int; got {diagnostic_draws!r}.")
+    if diagnostic_draws != 0 and diagnostic_draws < 10:
+        raise ValueError(f"diagnostic_draws must be 0 (off) or >= 10; got {diagnostic_draws}.")
     if isinstance(panel, UnitSampler) or batch_size is not None:
+        if diagnostic_draws:
+            raise ValueError(
+                "diagnostic_draws needs the full likelihood and is not available with "
+                "batch_size; compute them on a subsample of units with "
+                "hbjax.diagnostics.importance_diagnostics."
+            )
         return _fit_minibatch(
             model,
             guide,
@@ -275,6 +295,7 @@ def fit(
     model_arrays, model_static = eqx.partition(model, eqx.is_array)
     opt_state = optimizer.init(params)
     key = _typed_key(key)
+    diagnostics_key = jax.random.fold_in(key, np.iinfo(np.int32).max)
     mesh_of = lambda data: getattr(data, "mesh", None)  # noqa: E731
     if isinstance(panel, Panel) and panel.mesh is None:  # a host panel: the fast layout
         mesh = mesh if mesh is not None else make_mesh(1)
@@ -345,7 +366,18 @@ def fit(
                     break
     finally:
         log.bar.close()
-    return log.result(model, params, opt_state, start, compile_seconds, traces)
+    result = log.result(model, params, opt_state, start, compile_seconds, traces)
+    if diagnostic_draws:
+        guide = eqx.combine(params, guide_static)  # still on the panel's devices
+        diagnostics = importance_diagnostics(
+            eqx.combine(model_arrays, model_static),
+            guide,
+            panel,
+            key=replicate(diagnostics_key, panel.mesh) if mesh_of(panel) else diagnostics_key,
+            num_draws=diagnostic_draws,
+        )
+        result = dataclasses.replace(result, diagnostics=diagnostics)
+    return result
 
 
 class _ChunkLog:

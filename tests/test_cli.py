@@ -104,7 +104,46 @@ def test_fit_end_to_end_writes_outputs(simulated_csv, tmp_path, capsys):
         assert field in summary, field
     assert summary["n_units"] == 40 and summary["steps"] == 60
     assert summary["price_centring"] is True
-    assert "elasticities.csv" in out
+    assert summary["guide"] == "unitblock" and summary["gradient"] == "total"
+    check = summary["importance_diagnostics"]
+    assert check["num_draws"] == 500 and check["ess"] >= 1.0
+    assert check["verdict"].split()[0] in ("good", "ok", "poor")
+    assert "elasticities.csv" in out and "guide check:" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--guide", "meanfield"], {"guide": "meanfield", "gradient": "total"}),
+        (["--guide", "lowrank", "--rank", "3"], {"guide": "lowrank", "rank": 3}),
+        (["--gradient", "dreg"], {"guide": "unitblock", "gradient": "dreg"}),
+        (["--gradient", "stl", "--alpha", "1"], {"gradient": "stl", "alpha": 1.0}),
+    ],
+)
+def test_fit_guides_and_gradients(simulated_csv, tmp_path, capsys, argv, expected):
+    out_dir = tmp_path / "o"
+    common = ["--steps", "40", "--samples", "20", "--diagnostic-draws", "20", "--no-progress"]
+    code, _, err = run(capsys, "fit", str(simulated_csv), *argv, *common, "--out", str(out_dir))
+    assert code == 0, err
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert {k: summary[k] for k in expected} == expected
+    assert summary["importance_diagnostics"]["num_draws"] == 20
+    assert pd.read_csv(out_dir / "elasticities.csv")["sd"].gt(0).all()
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--guide", "lowrank", "--batch-size", "8"], ["lowrank", "minibatch"]),
+        (["--gradient", "dreg", "--alpha", "0.5"], ["dreg", "--alpha 0"]),
+        (["--gradient", "stl"], ["stl", "biased"]),
+        (["--diagnostic-draws", "5"], ["--diagnostic-draws", "10"]),
+        (["--guide", "fullrank"], ["--guide", "invalid choice"]),
+    ],
+)
+def test_refused_guide_and_gradient_combinations(simulated_csv, tmp_path, capsys, argv, words):
+    code, _, err = run(capsys, "fit", str(simulated_csv), *argv, "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, *words)
 
 
 def test_fit_with_custom_column_names(simulated_csv, tmp_path, capsys):
@@ -225,5 +264,7 @@ def test_fit_with_a_batch_size(simulated_csv, tmp_path, capsys):
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["steps"] == 40 and summary["batch_size"] >= 10
     assert summary["epochs"] == pytest.approx(40 * summary["batch_size"] / summary["n_units"])
+    assert summary["guide"] == "unitblock"  # the default guide minibatches
+    assert "minibatch" in summary["importance_diagnostics"]["skipped"]
     code, _, err = run(capsys, "fit", str(simulated_csv), "--batch-size", "4000")
     assert code == 2 and err.startswith("error: --batch-size 4000 is not smaller")
