@@ -25,7 +25,7 @@ from .data import DataValidationError, Encoding, Panel, from_file, from_frame
 from .fit import FitResult, NonFiniteLossError, default_optimizer, fit
 from .guide import GUIDES, make_guide
 from .minibatch import UnitStats, seed_from_key
-from .model import ElasticityModel
+from .model import HIERARCHIES, ElasticityModel
 from .objectives import GRADIENTS, renyi_elbo
 from .posterior import Summary, summarize
 from .sharding import (
@@ -200,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the article's raw log prices (default: each product's intercept is taken at its "
         "mean log price, which makes mean-field intervals honest; results are the same model)",
     )
+    fit_cmd.add_argument(
+        "--hierarchy",
+        choices=HIERARCHIES,
+        default="centred",
+        help="latents of the elasticity hierarchy (default: centred, which keeps category "
+        "intervals honest with a year of data per product; noncentred: the article's)",
+    )
     fit_cmd.add_argument("--samples", type=_positive_int, default=1000, help="posterior draws")
     fit_cmd.add_argument("--out", default="hbjax-out", help="output folder (default: hbjax-out)")
     fit_cmd.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -227,6 +234,7 @@ def _fit_panel(
     learning_rate: float = 0.01,
     clip: bool = False,
     centre_prices: bool = True,
+    hierarchy: str = "centred",
     num_samples: int = 1000,
     progress: bool = True,
     mesh: Mesh | None = None,
@@ -263,7 +271,9 @@ def _fit_panel(
         # and the price centres and the start must come from every process's rows.
         layout = ElasticityModel.from_panel(panel, centre_prices=False, **options).panel_layout()
         rows = data = shard_panel(panel, mesh, layout=layout)
-    model = ElasticityModel.from_panel(data, centre_prices=centre_prices, **options)
+    model = ElasticityModel.from_panel(
+        data, centre_prices=centre_prices, hierarchy=hierarchy, **options
+    )
     start = make_guide(
         guide, model, loc=model.init_latents(data), rank=rank, key=jax.random.fold_in(key, 1)
     )
@@ -526,6 +536,7 @@ def run_fit(args: argparse.Namespace) -> int:
         learning_rate=args.lr,
         clip=args.clip,
         centre_prices=not args.no_centring,
+        hierarchy=args.hierarchy,
         num_samples=args.samples,
         progress=not args.no_progress and jax.process_index() == 0,
         mesh=mesh,
@@ -566,6 +577,7 @@ def run_fit(args: argparse.Namespace) -> int:
         "gradient": args.gradient,
         "particles": args.particles,
         "price_centring": not args.no_centring,
+        "hierarchy": args.hierarchy,
         "clip_log_rate": args.clip,
         "alpha": args.alpha,
         "learning_rate": args.lr,

@@ -114,7 +114,8 @@ def test_fit_end_to_end_writes_outputs(simulated_csv, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["--guide", "meanfield"], {"guide": "meanfield", "gradient": "total"}),
+        (["--guide", "meanfield"], {"guide": "meanfield", "hierarchy": "centred"}),
+        (["--hierarchy", "noncentred"], {"hierarchy": "noncentred"}),
         (["--guide", "lowrank", "--rank", "3"], {"guide": "lowrank", "rank": 3}),
         (["--gradient", "dreg"], {"guide": "unitblock", "gradient": "dreg"}),
         (["--gradient", "stl", "--alpha", "1"], {"gradient": "stl", "alpha": 1.0}),

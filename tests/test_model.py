@@ -37,18 +37,69 @@ def test_layers_inside_user_jax_code():
     np.testing.assert_allclose(g, -jnp.ones(3) + 1.0)
 
 
-def test_model_latent_shapes_and_natural(small_panel, small_model):
+def test_model_latent_shapes_and_natural(small_panel):
     panel, _ = small_panel
-    shapes = small_model.latent_shapes()
+    noncentred = hbjax.ElasticityModel.from_panel(
+        panel, centre_prices=False, hierarchy="noncentred"
+    )
+    centred = hbjax.ElasticityModel.from_panel(panel, centre_prices=False)
+    assert centred.hierarchy == "centred"  # the default
+    shapes = noncentred.latent_shapes()
     assert shapes.unit_elasticity.shape == (panel.n_units,)
     assert shapes.group_period_effect.shape == (panel.n_groups * panel.n_periods,)
     z = jax.tree.map(lambda s: jnp.full(s.shape, 0.5, s.dtype), shapes)
-    values = small_model.natural(z)
+    values = noncentred.natural(z)
     np.testing.assert_allclose(values.global_elasticity, -1.5)
     np.testing.assert_allclose(values.group_elasticity, -1.0)
     np.testing.assert_allclose(values.unit_elasticity, 0.0, atol=1e-6)
     np.testing.assert_allclose(values.unit_effect, 1.5)
     np.testing.assert_allclose(values.group_period_effect, 1.5)
+    values = centred.natural(z)  # beta_c = -2 + 1 v_c, beta_i = -2 + 2 u_i
+    np.testing.assert_allclose(values.group_elasticity, -1.5)
+    np.testing.assert_allclose(values.unit_elasticity, -1.0)
+    with pytest.raises(ValueError, match="hierarchy"):
+        hbjax.ElasticityModel.from_panel(panel, hierarchy="partial")
+
+
+def test_centred_hierarchy_is_a_reparameterisation(small_panel, small_model):
+    """Centred and non-centred latents of the same elasticities: same natural values and
+    log joint (the map is a shift of each z by its parent: unit Jacobian), in full and in
+    a minibatch's estimate."""
+    panel, _ = small_panel
+    noncentred = hbjax.ElasticityModel.from_panel(panel, hierarchy="noncentred")
+    z = jax.tree.map(
+        lambda s: jnp.asarray(np.random.default_rng(2).normal(0, 0.5, s.shape), s.dtype),
+        noncentred.latent_shapes(),
+    )
+    v = noncentred.natural(z)
+    u = eqx.tree_at(
+        lambda t: (t.group_elasticity, t.unit_elasticity),
+        z,
+        ((v.group_elasticity + 2.0) / 1.0, (v.unit_elasticity + 2.0) / 2.0),
+    )
+    for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(small_model.natural(u)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        float(small_model.log_joint(u, panel)), float(noncentred.log_joint(z, panel)), rtol=1e-6
+    )
+    # the starts are the same natural values
+    for a, b in zip(
+        jax.tree.leaves(noncentred.natural(noncentred.init_latents(panel))),
+        jax.tree.leaves(small_model.natural(small_model.init_latents(panel))),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # a minibatch's estimate too, at matching latents
+    batch = hbjax.UnitSampler(panel, 40, n_blocks=4, mesh=hbjax.make_mesh(1)).batch(0)
+    estimates = []
+    for model, latents in ((noncentred, z), (small_model, u)):
+        local = jax.tree.map(
+            lambda x, is_unit: jnp.take(x, batch.unit, axis=-1) if is_unit else x,
+            latents,
+            model.unit_leaves(),
+        )
+        estimates.append(float(model.batch_log_joint(local, batch)))
+    np.testing.assert_allclose(estimates[0], estimates[1], rtol=1e-6)
 
 
 def test_log_joint_is_prior_plus_kernel(small_panel, small_model):

@@ -20,24 +20,15 @@ def test_summary_tables_on_original_labels(recovery_fit):
 
 
 def test_summaries_match_the_closed_form_of_a_mean_field_guide(recovery_fit):
-    # Under a mean-field normal guide, beta_i = -2 + z_g + z_c + 2 z_i is normal with
-    # mean -2 + loc_g + loc_c + 2 loc_i and variance s_g^2 + s_c^2 + 4 s_i^2.
+    # Under a mean-field normal guide and the (default) centred hierarchy, beta_i = -2 + 2 u_i
+    # is normal with mean -2 + 2 loc_i and sd 2 s_i.
     _, panel, encoding, result = recovery_fit
+    assert result.model.hierarchy == "centred"
     n = 4000
     summary = hbjax.summarize(result, encoding, num_samples=n, key=jax.random.key(9))
     loc, scale = result.guide.loc, result.guide.scale
-    group = panel.unit_group
-    mean = (
-        -2.0
-        + float(loc.global_elasticity)
-        + np.asarray(loc.group_elasticity)[group]
-        + 2.0 * np.asarray(loc.unit_elasticity)
-    )
-    sd = np.sqrt(
-        float(scale.global_elasticity) ** 2
-        + np.asarray(scale.group_elasticity)[group] ** 2
-        + 4.0 * np.asarray(scale.unit_elasticity) ** 2
-    )
+    mean = -2.0 + 2.0 * np.asarray(loc.unit_elasticity)
+    sd = 2.0 * np.asarray(scale.unit_elasticity)
     z = (summary.units["mean"].to_numpy() - mean) / (sd / np.sqrt(n))
     assert np.abs(z).max() < 5  # 300 units: a 5-sigma miss has probability ~2e-4
     rel = summary.units["sd"].to_numpy() / sd - 1
