@@ -205,6 +205,7 @@ def minibatch(args: argparse.Namespace) -> None:
     command = [sys.executable, "-m", "benchmarks.largest_panel", "fit-child"]
     command += [f"--file={args.file}", f"--grid={args.grid}", f"--out={args.out}"]
     command += [f"--batch-size={args.batch_size}", f"--epochs={args.epochs}"]
+    command += [f"--guide={args.guide}"]
     subprocess.run(command, check=True)
 
 
@@ -219,9 +220,7 @@ def fit_child(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     store = hbjax.read_grid(args.grid)
     model = hbjax.ElasticityModel.from_panel(store.stats)
-    guide = hbjax.MeanFieldNormal.from_shapes(
-        model.latent_shapes(), loc=model.init_latents(store.stats)
-    )
+    guide = hbjax.make_guide(args.guide, model, loc=model.init_latents(store.stats))
     key = jax.random.key(0)
     sampler = store.sampler(args.batch_size, seed=seed_from_key(key))
     steps = round(args.epochs * sampler.steps_per_epoch)
@@ -239,6 +238,7 @@ def fit_child(args: argparse.Namespace) -> None:
         args,
         {
             "step": "minibatch fit (memory-mapped grid)",
+            "guide": args.guide,
             "products": store.stats.n_units,
             "observations": store.n_obs,
             "grid_gib": sampler.host_bytes() / 2**30,
@@ -269,6 +269,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=40000)
     parser.add_argument("--epochs", type=float, default=20.0)
     parser.add_argument("--reuse-grid", action="store_true")
+    parser.add_argument("--guide", default="unitblock", help="minibatch fit's guide")
     parser.add_argument("--out", default="benchmarks/results/largest-panel.jsonl")
     args = parser.parse_args()
     {"full": full, "write": write, "minibatch": minibatch, "fit-child": fit_child}[args.mode](args)
