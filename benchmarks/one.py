@@ -40,7 +40,7 @@ def hbjax_run(sim: hbjax.SimulatedPanel, args: argparse.Namespace) -> dict:
     batch = {"batch_size": args.batch_size} if args.batch_size else {}
     if not batch:  # full batch: placed once; minibatch: the panel stays on the host
         panel = hbjax.shard_panel(panel, hbjax.make_mesh())
-    guide = hbjax.MeanFieldNormal.from_shapes(model.latent_shapes(), loc=model.init_latents(panel))
+    guide = hbjax.make_guide(args.guide, model, loc=model.init_latents(panel))
     setup = time.perf_counter() - start
     truth = sim.truth.set_index("product").loc[list(encoding.units), "elasticity"].to_numpy()
     key = jax.random.key(0)
@@ -148,6 +148,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=20000)
     parser.add_argument("--budget", type=float, default=0.0, help="seconds of fitting (0: none)")
     parser.add_argument("--batch-size", type=int, default=0, help="hbjax minibatch (0: full)")
+    parser.add_argument("--guide", default="meanfield", help="hbjax guide (make_guide name)")
     args = parser.parse_args()
     sim = hbjax.simulate(n_units=args.products, n_periods=args.periods, seed=0)
     run = hbjax_run if args.framework == "hbjax" else numpyro_run

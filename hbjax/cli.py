@@ -21,6 +21,7 @@ import pandas as pd
 from jax.sharding import Mesh
 
 from . import __version__
+from .checkpoint import CheckpointError
 from .data import DataValidationError, Encoding, Panel, from_file, from_frame
 from .fit import FitResult, NonFiniteLossError, default_optimizer, fit
 from .guide import GUIDES, make_guide
@@ -209,6 +210,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit_cmd.add_argument("--samples", type=_positive_int, default=1000, help="posterior draws")
     fit_cmd.add_argument("--out", default="hbjax-out", help="output folder (default: hbjax-out)")
+    fit_cmd.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="save the fit's state to DIR every --checkpoint-every steps (and at the end)",
+    )
+    fit_cmd.add_argument(
+        "--checkpoint-every", type=_positive_int, default=1000, help="steps between checkpoints"
+    )
+    fit_cmd.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the fit saved in --checkpoint DIR (same data, options and seed)",
+    )
     fit_cmd.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     fit_cmd.add_argument(
         "--devices", type=_devices, default="all", help="devices to split rows over: N or 'all'"
@@ -243,6 +257,7 @@ def _fit_panel(
     rank: int = 8,
     gradient: str = "total",
     diagnostic_draws: int = 0,
+    checkpoint: tuple[str | None, int, bool] = (None, 1000, False),
 ) -> tuple[FitResult, Summary]:
     """The standard pipeline: model, data-informed guide, fit, summary.
 
@@ -301,6 +316,9 @@ def _fit_panel(
         mesh=mesh,
         batch_size=batch_size,
         diagnostic_draws=diagnostic_draws,
+        checkpoint_dir=checkpoint[0],
+        checkpoint_every=checkpoint[1],
+        resume=checkpoint[2],
     )
     return result, summarize(result, encoding, num_samples=num_samples, key=summary_key)
 
@@ -503,6 +521,8 @@ def run_fit(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {args.out!r} exists and is not a folder.")
     diagnostic_draws = _check_estimator(args)
+    if args.resume and args.checkpoint is None:
+        raise UserError("--resume needs --checkpoint DIR (the folder of the fit to continue).")
     _join_hosts(args)
     mesh = _mesh(args.devices)
     panel, encoding = _load_own_rows(args, mesh)
@@ -544,6 +564,7 @@ def run_fit(args: argparse.Namespace) -> int:
         rank=args.rank,
         gradient=args.gradient,
         diagnostic_draws=diagnostic_draws,
+        checkpoint=(args.checkpoint, args.checkpoint_every, args.resume),
     )
     if result.diagnostics is not None:
         diagnostics: dict[str, object] = result.diagnostics.to_dict()
@@ -582,6 +603,7 @@ def run_fit(args: argparse.Namespace) -> int:
         "alpha": args.alpha,
         "learning_rate": args.lr,
         "seed": args.seed,
+        "checkpoint": args.checkpoint,
         "final_loss": result.final_loss,
         "wall_seconds": time.perf_counter() - start,
         "compile_seconds": result.compile_seconds,
@@ -620,7 +642,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         return commands[args.command](args)
-    except (UserError, DataValidationError) as exc:
+    except (UserError, DataValidationError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return USER_ERROR
     except NonFiniteLossError as exc:

@@ -12,6 +12,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,7 @@ import optax
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from . import checkpoint
 from ._types import PRNGKeyArray, PyTree, Scalar
 from .data import Panel
 from .diagnostics import ImportanceDiagnostics, importance_diagnostics
@@ -202,6 +204,9 @@ def fit(
     callback: Callable[[int, AbstractGuide], None] | None = None,
     batch_size: int | None = None,
     diagnostic_draws: int = 0,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 1000,
+    resume: bool = False,
 ) -> FitResult:
     """Fit ``guide`` to the posterior of ``model`` given ``panel`` by stochastic optimisation.
 
@@ -239,13 +244,24 @@ def fit(
             (``result.diagnostics``, :func:`hbjax.diagnostics.importance_diagnostics`);
             0 (the default) skips it. Full-batch fits only: the weights need the whole
             likelihood.
+        checkpoint_dir: save the guide's parameters, the optimiser state, the step, the key
+            and the losses there every ``checkpoint_every`` steps, at the end, and at the
+            last good step when a step goes non-finite (:mod:`hbjax.checkpoint`: Equinox
+            serialisation, written atomically). A folder that already holds a checkpoint
+            is refused unless ``resume``.
+        checkpoint_every: steps between checkpoints (chunks are aligned to it).
+        resume: continue from the checkpoint in ``checkpoint_dir`` (if there is one) up to
+            ``steps`` in all; with the same key and device count the result is the one of
+            the uninterrupted fit. A checkpoint of another model, data shape, guide,
+            optimiser or key is refused.
 
     Returns:
         A :class:`FitResult`.
 
     Raises:
         NonFiniteLossError: a step's loss or gradient was NaN/inf (names the step; the
-            error's ``result`` holds the last good guide).
+            error's ``result`` holds the last good guide, also saved with checkpoint_dir).
+        hbjax.checkpoint.CheckpointError: a checkpoint that cannot be used (see above).
 
     Example:
         >>> import jax, hbjax
@@ -284,6 +300,7 @@ def fit(
             progress=progress,
             mesh=mesh,
             callback=callback,
+            checkpoints=(checkpoint_dir, checkpoint_every, resume),
         )
     _check_fit_arguments(model, guide, panel, steps, chunk_size)
     optimizer = default_optimizer() if optimizer is None else optimizer
@@ -295,6 +312,9 @@ def fit(
     model_arrays, model_static = eqx.partition(model, eqx.is_array)
     opt_state = optimizer.init(params)
     key = _typed_key(key)
+    saver = _Checkpointer(checkpoint_dir, checkpoint_every, resume, key, guide_static)
+    params, opt_state, first = saver.restore(params, opt_state)
+    chunk_size = saver.align(chunk_size)
     diagnostics_key = jax.random.fold_in(key, np.iinfo(np.int32).max)
     mesh_of = lambda data: getattr(data, "mesh", None)  # noqa: E731
     if isinstance(panel, Panel) and panel.mesh is None:  # a host panel: the fast layout
@@ -346,13 +366,13 @@ def fit(
         scalar = np.int32(value)
         return replicate(scalar, panel.mesh) if mesh_of(panel) else jax.device_put(scalar)
 
-    first_step, full_chunk = on_devices(0), on_devices(chunk_size)
-    last_chunk = on_devices(steps % chunk_size or chunk_size)
+    first_step, full_chunk = on_devices(first.step), on_devices(chunk_size)
+    last_chunk = on_devices((steps - first.step) % chunk_size or chunk_size)
     args = (params, opt_state, first_step, full_chunk, key, model_arrays, panel)
     compiled = jax.jit(run_chunk, donate_argnums=(0, 1)).lower(*args).compile()
     compile_seconds = time.perf_counter() - start
 
-    log = _ChunkLog(steps, progress, guide_static, callback)
+    log = _ChunkLog(steps, progress, guide_static, callback, first=first)
     try:
         # Everything the loop needs is on the devices already: nothing goes up in it.
         with jax.transfer_guard_host_to_device("disallow"):
@@ -362,11 +382,13 @@ def fit(
                 params, opt_state, chunk_losses, finite, first_step = compiled(
                     params, opt_state, first_step, active, key, model_arrays, panel
                 )
-                if not log.record(chunk_losses, finite, n, params):
+                healthy = log.record(chunk_losses, finite, n, params)
+                saver.after_chunk(log, steps, params, opt_state)
+                if not healthy:
                     break
     finally:
         log.bar.close()
-    result = log.result(model, params, opt_state, start, compile_seconds, traces)
+    result = log.result(model, params, opt_state, start, compile_seconds, traces, saver=saver)
     if diagnostic_draws:
         guide = eqx.combine(params, guide_static)  # still on the panel's devices
         diagnostics = importance_diagnostics(
@@ -394,16 +416,26 @@ class _ChunkLog:
         guide_static: Any,
         callback: Callable[[int, AbstractGuide], None] | None,
         steps_per_epoch: float | None = None,
+        *,
+        first: _Resumed,
     ):
-        self.bar = tqdm(total=steps, unit="it", disable=not progress, desc="hbjax fit", leave=True)
+        self.bar = tqdm(
+            total=steps,
+            initial=first.step,
+            unit="it",
+            disable=not progress,
+            desc="hbjax fit",
+            leave=True,
+        )
         self.guide_static, self.callback, self.steps_per_epoch = (
             guide_static,
             callback,
             steps_per_epoch,
         )
-        self.losses: list[np.ndarray] = []
+        self.losses: list[np.ndarray] = [first.losses]
         self.chunk_seconds: list[float] = []
-        self.callback_seconds, self.failed_at, self.done = 0.0, None, 0
+        self.first = first.step
+        self.callback_seconds, self.failed_at, self.done = 0.0, None, first.step
         self.loop_start = self.chunk_start = time.perf_counter()
 
     def record(self, chunk_losses: jax.Array, finite: jax.Array, n: int, params: Any) -> bool:
@@ -441,10 +473,12 @@ class _ChunkLog:
         compile_seconds: float,
         traces: int,
         batch_size: int | None = None,
+        saver: _Checkpointer | None = None,
     ) -> FitResult:
         """The :class:`FitResult`; raises :class:`NonFiniteLossError` after a bad step."""
         loop_seconds = time.perf_counter() - self.loop_start - self.callback_seconds
         done = self.done if self.failed_at is None else self.failed_at
+        new_steps = done - self.first
         params, opt_state = to_host((params, opt_state))
         result = FitResult(
             model=to_host(model),  # a model built from a placed panel holds replicated arrays
@@ -454,17 +488,105 @@ class _ChunkLog:
             steps=done,
             wall_seconds=time.perf_counter() - start - self.callback_seconds,
             compile_seconds=compile_seconds,
-            iterations_per_second=done / loop_seconds if loop_seconds > 0 else math.inf,
+            iterations_per_second=new_steps / loop_seconds if loop_seconds > 0 else math.inf,
             num_traces=traces,
             chunk_seconds=np.asarray(self.chunk_seconds),
             batch_size=batch_size,
             epochs=None if self.steps_per_epoch is None else done / self.steps_per_epoch,
         )
         if self.failed_at is not None:
-            raise NonFiniteLossError(
-                _non_finite_message(self.failed_at), step=self.failed_at, result=result
-            )
+            message = _non_finite_message(self.failed_at)
+            if saver is not None and saver.directory is not None:
+                message += f" The last good state is saved in {str(saver.directory)!r}."
+            raise NonFiniteLossError(message, step=self.failed_at, result=result)
         return result
+
+    def all_losses(self) -> np.ndarray:
+        """The losses of every step done so far (resumed ones included)."""
+        return np.concatenate(self.losses)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Resumed:
+    """Where a fit starts: step 0, or a checkpoint's step and losses."""
+
+    step: int = 0
+    losses: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.float32))
+
+
+class _Checkpointer:
+    """Checkpoints of one fit (:mod:`hbjax.checkpoint`); inert without a directory."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str] | None,
+        every: int,
+        resume: bool,  # noqa: FBT001
+        key: PRNGKeyArray,
+        guide_static: Any,
+    ):
+        if directory is not None and (
+            isinstance(every, bool) or not isinstance(every, int) or every < 1
+        ):
+            raise ValueError(f"checkpoint_every must be a positive int; got {every!r}.")
+        if resume and directory is None:
+            raise ValueError("resume=True needs checkpoint_dir (where the checkpoint is).")
+        self.directory, self.every, self.resume = directory, every, resume
+        self.key_data = np.asarray(jax.random.key_data(key))
+        self.guide_static = guide_static
+        self.fingerprint: dict[str, object] = {}
+
+    def restore(self, params: Any, opt_state: Any) -> tuple[Any, Any, _Resumed]:
+        """The starting state: the checkpoint's when resuming from one, else the given."""
+        if self.directory is None:
+            return params, opt_state, _Resumed()
+        self.fingerprint = checkpoint.fingerprint(params, opt_state, self.guide_static)
+        step = checkpoint.saved_step(self.directory)
+        if step is None:
+            return params, opt_state, _Resumed()
+        if not self.resume:
+            raise checkpoint.CheckpointError(
+                f"{str(self.directory)!r} already holds a checkpoint (step {step}); pass "
+                "resume=True (--resume) to continue it, or use another folder."
+            )
+        saved = checkpoint.load(
+            self.directory,
+            like_params=params,
+            like_opt_state=opt_state,
+            like_key_data=self.key_data,
+            fingerprint=self.fingerprint,
+        )
+        if not np.array_equal(saved.key_data, self.key_data):
+            raise checkpoint.CheckpointError(
+                f"the checkpoint in {str(self.directory)!r} was written with another key "
+                "(seed); resume with the same key to continue that fit."
+            )
+        as_device = lambda x: jnp.asarray(x) if isinstance(x, np.ndarray | np.generic) else x  # noqa: E731
+        params = jax.tree.map(as_device, saved.params)
+        opt_state = jax.tree.map(as_device, saved.opt_state)
+        return params, opt_state, _Resumed(saved.step, saved.losses)
+
+    def align(self, chunk: int) -> int:
+        """A chunk length that divides the checkpoint interval."""
+        return chunk if self.directory is None else math.gcd(chunk, self.every)
+
+    def after_chunk(self, log: _ChunkLog, steps: int, params: Any, opt_state: Any) -> None:
+        """Save on the interval, at the end, and at the last good step after a bad one."""
+        if self.directory is None:
+            return
+        failed = log.failed_at is not None
+        if not (failed or log.done % self.every == 0 or log.done == steps):
+            return
+        host_params, host_state = jax.tree.map(np.asarray, to_host((params, opt_state)))
+        checkpoint.save(
+            self.directory,
+            step=log.failed_at if failed else log.done,
+            params=host_params,
+            opt_state=host_state,
+            losses=log.all_losses(),
+            key_data=self.key_data,
+            fingerprint=self.fingerprint,
+        )
 
 
 def _non_finite_message(failed_at: int) -> str:
@@ -532,6 +654,7 @@ def _fit_minibatch(
     progress: bool,
     mesh: Mesh | None,
     callback: Callable[[int, AbstractGuide], None] | None,
+    checkpoints: tuple[str | os.PathLike[str] | None, int, bool],
 ) -> FitResult:
     """:func:`fit` with ``batch_size``: chunks of batches scanned on device, prefetched.
 
@@ -573,11 +696,14 @@ def _fit_minibatch(
     params = jax.tree.map(jnp.copy, params)
     model_arrays, model_static = eqx.partition(model, eqx.is_array)
     opt_state = optimizer.init(params)
+    saver = _Checkpointer(*checkpoints, key, guide_static)
+    params, opt_state, first = saver.restore(params, opt_state)
+    chunk = saver.align(chunk)
     params, opt_state, model_arrays, key, first_step, healthy = replicate(
-        (params, opt_state, model_arrays, key, np.int32(0), _TRUE), sampler.mesh
+        (params, opt_state, model_arrays, key, np.int32(first.step), _TRUE), sampler.mesh
     )
     full_chunk, last_chunk = replicate(
-        (np.int32(chunk), np.int32(steps % chunk or chunk)), sampler.mesh
+        (np.int32(chunk), np.int32((steps - first.step) % chunk or chunk)), sampler.mesh
     )
     step = _masked_step(objective, optimizer, unit_leaves)
     traces = 0
@@ -615,13 +741,15 @@ def _fit_minibatch(
 
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     try:
-        upcoming = pool.submit(sampler.batches, 0, chunk)
+        upcoming = pool.submit(sampler.batches, first.step, chunk)
         args = (params, opt_state, first_step, full_chunk, healthy, key, model_arrays)
         compiled = (
             jax.jit(run_chunk, donate_argnums=(0, 1)).lower(*args, upcoming.result()).compile()
         )
         compile_seconds = time.perf_counter() - start
-        log = _ChunkLog(steps, progress, guide_static, callback, sampler.steps_per_epoch)
+        log = _ChunkLog(
+            steps, progress, guide_static, callback, sampler.steps_per_epoch, first=first
+        )
         with jax.transfer_guard_host_to_device("disallow"):  # batches go up explicitly
             while log.done < steps:
                 n = min(chunk, steps - log.done)
@@ -632,11 +760,20 @@ def _fit_minibatch(
                 params, opt_state, first_step, healthy, chunk_losses, finite = compiled(
                     params, opt_state, first_step, active, healthy, key, model_arrays, batches
                 )
-                if not log.record(chunk_losses, finite, n, params):
+                ok = log.record(chunk_losses, finite, n, params)
+                saver.after_chunk(log, steps, params, opt_state)
+                if not ok:
                     break
         log.bar.close()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return log.result(
-        model, params, opt_state, start, compile_seconds, traces, batch_size=sampler.batch_size
+        model,
+        params,
+        opt_state,
+        start,
+        compile_seconds,
+        traces,
+        batch_size=sampler.batch_size,
+        saver=saver,
     )

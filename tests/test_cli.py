@@ -269,3 +269,44 @@ def test_fit_with_a_batch_size(simulated_csv, tmp_path, capsys):
     assert "minibatch" in summary["importance_diagnostics"]["skipped"]
     code, _, err = run(capsys, "fit", str(simulated_csv), "--batch-size", "4000")
     assert code == 2 and err.startswith("error: --batch-size 4000 is not smaller")
+
+
+def test_killed_fit_resumes_to_the_uninterrupted_result(simulated_csv, tmp_path, capsys):
+    # A fit is killed (SIGKILL) after its first checkpoint; --resume finishes it, and its
+    # outputs equal those of a fit never interrupted (same seed, one device).
+    import signal
+    import time
+
+    common = ["--steps", "4000", "--samples", "50", "--diagnostic-draws", "0", "--no-progress"]
+    common += ["--devices", "1", "--checkpoint-every", "100"]
+    folder = tmp_path / "ckpt"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    command = [sys.executable, "-m", "hbjax.cli", "fit", str(simulated_csv), *common]
+    proc = subprocess.Popen(
+        [*command, "--checkpoint", str(folder), "--out", str(tmp_path / "killed")], env=env
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (folder / "checkpoint.eqx").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (folder / "checkpoint.eqx").exists(), "no checkpoint within 120 s"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    from hbjax.checkpoint import saved_step
+
+    assert 100 <= saved_step(folder) < 4000
+    resume = [*common, "--checkpoint", str(folder), "--resume", "--out", str(tmp_path / "r")]
+    assert main(["fit", str(simulated_csv), *resume]) == 0
+    assert main(["fit", str(simulated_csv), *common, "--out", str(tmp_path / "whole")]) == 0
+    for name in ("elasticities.csv", "losses.csv"):
+        resumed = pd.read_csv(tmp_path / "r" / name)
+        whole = pd.read_csv(tmp_path / "whole" / name)
+        pd.testing.assert_frame_equal(resumed, whole)
+    capsys.readouterr()
+    code = main(["fit", str(simulated_csv), *common, "--checkpoint", str(folder)])
+    _, err = capsys.readouterr()
+    assert_one_line_error(code, err, "already holds a checkpoint", "--resume")
+    code = main(["fit", str(simulated_csv), "--resume"])
+    _, err = capsys.readouterr()
+    assert_one_line_error(code, err, "--resume needs --checkpoint")

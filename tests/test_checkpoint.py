@@ -1,0 +1,155 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import hbjax
+from hbjax import checkpoint
+from hbjax.checkpoint import CheckpointError
+
+pytestmark = pytest.mark.usefixtures("standard_promotion")
+
+
+def _start(panel):
+    model = hbjax.ElasticityModel.from_panel(panel)
+    return model, hbjax.make_guide("unitblock", model, loc=model.init_latents(panel))
+
+
+def _leaves(guide):
+    return [np.asarray(x) for x in jax.tree.leaves(guide)]
+
+
+@pytest.mark.parametrize("batch_size", [None, 24])
+def test_resumed_fit_equals_the_uninterrupted_one(small_panel, tmp_path, batch_size):
+    panel, _ = small_panel
+    model, guide = _start(panel)
+    options = {"key": jax.random.key(3), "progress": False, "batch_size": batch_size}
+    whole = hbjax.fit(model, guide, panel, steps=120, chunk_size=40, **options)
+    folder = tmp_path / "ckpt"
+    first = hbjax.fit(
+        model, guide, panel, steps=60, checkpoint_dir=folder, checkpoint_every=30, **options
+    )
+    assert checkpoint.saved_step(folder) == 60 and first.steps == 60
+    resumed = hbjax.fit(
+        model,
+        guide,
+        panel,
+        steps=120,
+        checkpoint_dir=folder,
+        checkpoint_every=30,
+        resume=True,
+        **options,
+    )
+    assert resumed.steps == 120 and checkpoint.saved_step(folder) == 120
+    np.testing.assert_array_equal(resumed.losses, whole.losses)
+    for a, b in zip(_leaves(resumed.guide), _leaves(whole.guide), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoints_that_do_not_fit_are_refused(small_panel, tmp_path):
+    panel, _ = small_panel
+    model, guide = _start(panel)
+    folder = tmp_path / "ckpt"
+    fit = lambda model, guide, panel, **kw: hbjax.fit(  # noqa: E731
+        model, guide, panel, steps=20, progress=False, checkpoint_dir=folder, **kw
+    )
+    fit(model, guide, panel, key=jax.random.key(0))
+    with pytest.raises(CheckpointError, match="already holds a checkpoint"):
+        fit(model, guide, panel, key=jax.random.key(0))
+    with pytest.raises(CheckpointError, match="another key"):
+        fit(model, guide, panel, key=jax.random.key(1), resume=True)
+    other = hbjax.from_frame(hbjax.simulate(n_units=50, n_periods=20, n_groups=4).frame)[0]
+    other_model, other_guide = _start(other)
+    with pytest.raises(CheckpointError, match="another fit: its params"):
+        fit(other_model, other_guide, other, key=jax.random.key(0), resume=True)
+    mean_field = hbjax.make_guide("meanfield", model, loc=model.init_latents(panel))
+    with pytest.raises(CheckpointError, match="another fit: its guide"):
+        fit(model, mean_field, panel, key=jax.random.key(0), resume=True)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        fit(model, guide, panel, key=jax.random.key(0), checkpoint_every=0, resume=True)
+    with pytest.raises(ValueError, match="needs checkpoint_dir"):
+        hbjax.fit(model, guide, panel, key=jax.random.key(0), steps=5, resume=True)
+
+
+def test_a_kill_while_writing_leaves_the_last_checkpoint(small_panel, tmp_path):
+    panel, _ = small_panel
+    model, guide = _start(panel)
+    folder = tmp_path / "ckpt"
+    hbjax.fit(
+        model, guide, panel, key=jax.random.key(0), steps=20, progress=False, checkpoint_dir=folder
+    )
+    # a writer killed mid-way leaves only its temporary file; the checkpoint is intact
+    (folder / ".checkpoint.eqx.999.tmp").write_bytes(b'{"format": "hbjax-checkpoint-1"}\n\x00')
+    resumed = hbjax.fit(
+        model,
+        guide,
+        panel,
+        key=jax.random.key(0),
+        steps=30,
+        progress=False,
+        checkpoint_dir=folder,
+        resume=True,
+    )
+    assert resumed.steps == 30 and len(resumed.losses) == 30
+    # a truncated checkpoint (e.g. copied half-way) is refused, not half-read
+    data = checkpoint.path_in(folder).read_bytes()
+    checkpoint.path_in(folder).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cannot read"):
+        hbjax.fit(
+            model,
+            guide,
+            panel,
+            key=jax.random.key(0),
+            steps=40,
+            progress=False,
+            checkpoint_dir=folder,
+            resume=True,
+        )
+
+
+def test_non_finite_step_saves_the_last_good_state(small_panel, tmp_path):
+    panel, _ = small_panel
+    model, guide = _start(panel)
+    key = jax.random.key(5)
+
+    def flaky(model, guide, panel, *, key):
+        # NaN on the steps whose own key draws below 0.02: deterministic given the key
+        loss = hbjax.renyi_elbo(model, guide, panel, key=key)
+        return loss + jnp.where(jax.random.uniform(key) < 0.02, jnp.nan, 0.0)
+
+    draws = [float(jax.random.uniform(jax.random.fold_in(key, i))) for i in range(400)]
+    bad = next(i for i, u in enumerate(draws) if u < 0.02)
+    folder = tmp_path / "ckpt"
+    with pytest.raises(hbjax.NonFiniteLossError, match=f"step {bad}") as info:
+        hbjax.fit(
+            model,
+            guide,
+            panel,
+            key=key,
+            steps=400,
+            objective=flaky,
+            progress=False,
+            checkpoint_dir=folder,
+            checkpoint_every=1000,
+        )
+    assert str(folder) in str(info.value)
+    assert checkpoint.saved_step(folder) == bad
+    good = info.value.result
+    assert good.steps == bad and len(good.losses) == bad
+    params, _ = eqx_partition(good.guide)
+    saved = checkpoint.load(
+        folder,
+        like_params=params,
+        like_opt_state=good.opt_state,
+        like_key_data=np.asarray(jax.random.key_data(key)),
+        fingerprint={},
+    )
+    for a, b in zip(jax.tree.leaves(saved.params), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(saved.losses, good.losses)
+
+
+def eqx_partition(guide):
+    import equinox as eqx
+
+    return eqx.partition(guide, eqx.is_inexact_array)

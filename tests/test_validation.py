@@ -1,0 +1,65 @@
+"""The default guide against a NUTS gold standard (issue: honest uncertainty).
+
+``tests/data/nuts_reference.npz`` holds the posterior of every product elasticity from
+BlackJAX NUTS (4 chains x 1000 draws, split R-hat <= 1.01) on exactly hbjax's model for a
+simulated 200 x 52 panel; ``benchmarks/nuts_validation.py reference`` regenerates it.
+Monte Carlo error of the reference (ESS ~ 1000 per product) is ~0.03 NUTS sd on means and
+~2% on sds, well inside the targets below (the issue's).
+"""
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import hbjax
+
+REFERENCE = Path(__file__).parent / "data" / "nuts_reference.npz"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    data = dict(np.load(REFERENCE))
+    config = json.loads(str(data["config"]))
+    assert config["chains"] >= 4 and float(data["rhat_max"]) < 1.01
+    panel_config = {k: config[k] for k in ("n_units", "n_periods", "n_groups", "seed")}
+    sim = hbjax.simulate(**panel_config)
+    # the panel is the one the reference was run on
+    np.testing.assert_allclose(sim.truth["elasticity"].to_numpy(), data["truth"], rtol=1e-12)
+    return sim, data
+
+
+@pytest.fixture(scope="module")
+def default_fit(reference):
+    sim, _ = reference
+    panel, encoding = hbjax.from_frame(sim.frame)
+    model = hbjax.ElasticityModel.from_panel(panel)  # centred prices and hierarchy
+    guide = hbjax.make_guide("unitblock", model, loc=model.init_latents(panel))  # CLI default
+    with jax.numpy_dtype_promotion("standard"):
+        result = hbjax.fit(model, guide, panel, key=jax.random.key(0), steps=3000, progress=False)
+    return hbjax.summarize(result, encoding, num_samples=4000, key=jax.random.key(1))
+
+
+def test_default_guide_matches_nuts_on_product_elasticities(reference, default_fit):
+    _, ref = reference
+    units = default_fit.units
+    truth = ref["truth"]
+    sd_ratio = np.median(units["sd"].to_numpy() / ref["unit_sd"])
+    assert 0.9 <= sd_ratio <= 1.1, sd_ratio
+    z = (units["mean"].to_numpy() - ref["unit_mean"]) / ref["unit_sd"]
+    assert np.sqrt(np.mean(z**2)) < 0.25
+    coverage = np.mean((units["q05"] <= truth) & (truth <= units["q95"]))
+    nuts_coverage = np.mean((ref["unit_q05"] <= truth) & (truth <= ref["unit_q95"]))
+    assert abs(coverage - nuts_coverage) <= 0.05, (coverage, nuts_coverage)
+
+
+def test_default_guide_matches_nuts_on_category_elasticities(reference, default_fit):
+    # Not an issue target, but the reason for the centred hierarchy: the non-centred one gives
+    # category sds ~0.12 of NUTS's with any of our guides.
+    _, ref = reference
+    ratio = default_fit.groups["sd"].to_numpy() / ref["group_sd"]
+    assert 0.8 <= np.median(ratio) <= 1.25, ratio
+    z = (default_fit.groups["mean"].to_numpy() - ref["group_mean"]) / ref["group_sd"]
+    assert np.sqrt(np.mean(z**2)) < 0.25
