@@ -7,6 +7,7 @@ from . import minibatch as minibatch
 from . import sharding as sharding
 from . import stream as stream
 from .data import DataValidationError as DataValidationError
+from .data import DataWarning as DataWarning
 from .data import DensePanel as DensePanel
 from .data import Encoding as Encoding
 from .data import Panel as Panel

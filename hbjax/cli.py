@@ -11,6 +11,7 @@ import json
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -22,7 +23,7 @@ from jax.sharding import Mesh
 
 from . import __version__
 from .checkpoint import CheckpointError
-from .data import DataValidationError, Encoding, Panel, from_file, from_frame
+from .data import DataValidationError, DataWarning, Encoding, Panel, from_file, from_frame
 from .fit import FitResult, NonFiniteLossError, default_optimizer, fit
 from .guide import GUIDES, make_guide
 from .minibatch import UnitStats, seed_from_key
@@ -628,6 +629,14 @@ def run_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_warning(message: Warning | str, category: type[Warning], *args: object) -> None:
+    """Data warnings as one line ``warning: ...``; others as Python prints them."""
+    if issubclass(category, DataWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, *args), file=sys.stderr, end="")  # type: ignore[arg-type]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hbjax`` command; returns the exit status."""
     try:
@@ -641,7 +650,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "fit": run_fit,
     }
     try:
-        return commands[args.command](args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", DataWarning)
+            warnings.showwarning = _show_warning
+            return commands[args.command](args)
     except (UserError, DataValidationError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return USER_ERROR

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -28,6 +29,10 @@ _SHOW_ROWS = 5
 
 class DataValidationError(ValueError):
     """A table cannot be turned into a panel; the message names the column, rows and fix."""
+
+
+class DataWarning(UserWarning):
+    """A table that can be fitted but has units or groups whose estimates rest on the prior."""
 
 
 class Panel(eqx.Module):
@@ -248,13 +253,14 @@ def _period_values(frame: pd.DataFrame, column: str) -> pd.Series:
                 f"{raw[bad].iloc[0]!r} in {_rows(frame, bad)}."
             )
         return raw.astype(np.int64)
-    try:
-        return pd.to_datetime(raw, format="ISO8601")
-    except (ValueError, TypeError) as exc:
+    parsed = pd.to_datetime(raw.astype(str), format="ISO8601", errors="coerce")
+    bad = parsed.isna().to_numpy()
+    if bad.any():
         raise DataValidationError(
-            f"column {column!r} must hold integer periods or dates (e.g. 2024-01-31); "
-            f"could not read it ({exc})."
-        ) from None
+            f"column {column!r} must hold integer periods or dates (e.g. 2024-01-31); found "
+            f"{raw[bad].iloc[0]!r} in {_rows(frame, bad)}."
+        )
+    return parsed
 
 
 def _factorize(values: pd.Series) -> tuple[np.ndarray, pd.Index]:
@@ -452,6 +458,8 @@ def from_frame(
     (unit_codes, period_codes), encoding = _encode(frame, roles, encoding)
     n_periods = len(encoding.periods)
     order = np.argsort(unit_codes.astype(np.int64) * n_periods + period_codes, kind="stable")
+    check_panel_shape(encoding, roles)
+    warn_weak_units(constant_price_units(unit_codes[order], price_values[order]), encoding)
     unit_group = encoding.unit_group
     panel = Panel(
         unit_idx=unit_codes[order],
@@ -466,6 +474,60 @@ def from_frame(
         n_periods=n_periods,
     )
     return panel, encoding
+
+
+def check_panel_shape(encoding: Encoding, roles: Mapping[str, str]) -> None:
+    """At least two units and two periods: the model pools units and needs price changes."""
+    if len(encoding.units) < 2:
+        raise DataValidationError(
+            f"the table has a single unit ({encoding.units[0]!r} in column {roles['unit']!r}); "
+            "a hierarchical model pools several units: fit at least 2 (or a plain Poisson "
+            "regression for one)."
+        )
+    if len(encoding.periods) < 2:
+        raise DataValidationError(
+            f"the table has a single period ({encoding.periods[0]!r} in column "
+            f"{roles['period']!r}); elasticities are identified from prices changing over "
+            "time: give at least 2 periods."
+        )
+
+
+def _labels_of(labels: pd.Index, codes: np.ndarray) -> str:
+    shown = ", ".join(repr(x) for x in labels[codes[:_SHOW_ROWS]].tolist())
+    more = f" and {len(codes) - _SHOW_ROWS} more" if len(codes) > _SHOW_ROWS else ""
+    return shown + more
+
+
+def constant_price_units(unit_codes: np.ndarray, price_values: np.ndarray) -> np.ndarray:
+    """Codes of the units whose price never changes (``unit_codes`` sorted)."""
+    if len(unit_codes) == 0:
+        return np.zeros(0, np.int64)
+    starts = np.flatnonzero(np.r_[True, unit_codes[1:] != unit_codes[:-1]])
+    low = np.minimum.reduceat(price_values, starts)
+    high = np.maximum.reduceat(price_values, starts)
+    return unit_codes[starts][low == high]
+
+
+def warn_weak_units(constant: np.ndarray, encoding: Encoding) -> None:
+    """Warn (:class:`DataWarning`) about units whose price never changes and lone units."""
+    if len(constant):
+        warnings.warn(
+            f"{len(constant)} unit(s) never change price ({encoding.unit_column!r}: "
+            f"{_labels_of(encoding.units, constant)}): their elasticities come from their "
+            "group and the prior, not from their own data.",
+            DataWarning,
+            stacklevel=3,
+        )
+    members = np.bincount(encoding.unit_group, minlength=len(encoding.groups))
+    lone = np.flatnonzero(members == 1)
+    if len(lone):
+        warnings.warn(
+            f"{len(lone)} group(s) have a single unit ({encoding.group_column!r}: "
+            f"{_labels_of(encoding.groups, lone)}): their group elasticity rests on that unit "
+            "and the prior.",
+            DataWarning,
+            stacklevel=3,
+        )
 
 
 def _reader(path: Path) -> str:

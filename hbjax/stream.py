@@ -4,8 +4,9 @@
 it validates). :func:`write_grid` reads a CSV or Parquet file in chunks of rows, twice,
 and never holds more than one chunk plus per-unit arrays:
 
-1. validate every chunk (the same checks and messages as :func:`hbjax.from_frame`, rows
-   named by their 0-based position in the file) and collect the labels;
+1. validate every chunk (the same checks, messages and warnings as
+   :func:`hbjax.from_frame`, rows named by their 0-based position in the file) and
+   collect the labels;
 2. scatter each chunk into ``[unit, period]`` grids on disk (``.npy`` files written
    through memory maps: 9 bytes per cell) and add up the per-unit sums the model needs.
 
@@ -33,6 +34,8 @@ from tqdm.auto import tqdm
 from .data import (
     DataValidationError,
     Encoding,
+    check_panel_shape,
+    warn_weak_units,
     _check_columns,
     _check_values,
     _factorize,
@@ -217,10 +220,12 @@ def write_grid(
         disable=not progress,
     ) as bar:
         encoding, n_rows = _labels(path, roles, chunk_rows, bar)
+        check_panel_shape(encoding, roles)
         bar.set_description("writing (pass 2 of 2: grid)")
         directory.mkdir(parents=True, exist_ok=True)
         sums = _write_cells(path, directory, roles, encoding, chunk_rows, bar)
     _write_meta(directory, encoding, sums, n_rows, str(path))
+    warn_weak_units(np.flatnonzero(sums["price_low"] == sums["price_high"]), encoding)
     return read_grid(directory)
 
 
@@ -242,6 +247,7 @@ def _write_cells(
     unit_rows = np.zeros(n_units, np.int64)
     log_factorial = np.zeros(n_units, np.float64)
     moments = np.zeros((5, n_units), np.float64)
+    price_low, price_high = np.full(n_units, np.inf), np.full(n_units, -np.inf)
     unit, period = roles["unit"], roles["period"]
     for chunk in _chunks(path, list(dict.fromkeys(roles.values())), chunk_rows):
         price, counts = _check_values(chunk, roles["price"], roles["units"])
@@ -262,6 +268,8 @@ def _write_cells(
         grids["counts"][u, p] = counts
         grids["observed"][u, p] = True
         unit_rows += np.bincount(u, minlength=n_units)
+        np.minimum.at(price_low, u, price)
+        np.maximum.at(price_high, u, price)
         log_fact = np.asarray(gammaln(counts + 1.0), np.float64)
         log_factorial += np.bincount(u, log_fact, n_units)
         w = counts + 0.5
@@ -272,7 +280,13 @@ def _write_cells(
         bar.update(len(chunk))
     for grid in grids.values():
         grid.flush()
-    return {"unit_rows": unit_rows, "log_factorial": log_factorial, "moments": moments}
+    return {
+        "unit_rows": unit_rows,
+        "log_factorial": log_factorial,
+        "moments": moments,
+        "price_low": price_low,
+        "price_high": price_high,
+    }
 
 
 def _write_meta(

@@ -192,6 +192,8 @@ def test_every_validation_error_through_the_cli(case, tmp_path, capsys):
     [
         (["fit", "missing.csv"], ["no such file"]),
         (["fit", "data.xlsx"], [".csv or .parquet"]),
+        (["fit", "folder.csv"], ["is a folder"]),
+        (["fit", "broken.parquet"], ["cannot read", "as Parquet"]),
         (["fit", "x.csv", "--steps", "0"], ["--steps", "positive integer"]),
         (["fit", "x.csv", "--lr", "abc"], ["--lr"]),
         (["fit", "x.csv", "--bogus"], ["--bogus"]),
@@ -201,8 +203,20 @@ def test_every_validation_error_through_the_cli(case, tmp_path, capsys):
 )
 def test_bad_flags_and_files_are_one_line_errors(argv, words, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder.csv").mkdir()
+    (tmp_path / "broken.parquet").write_text("this is not a parquet file")
     code, _, err = run(capsys, *argv)
     assert_one_line_error(code, err, *words)
+
+
+def test_warnings_are_one_line_each_and_the_fit_goes_on(tmp_path, capsys):
+    frame().to_csv(tmp_path / "weak.csv", index=False)
+    common = ["--steps", "5", "--samples", "10", "--diagnostic-draws", "0", "--no-progress"]
+    code, _, err = run(capsys, "fit", str(tmp_path / "weak.csv"), *common, "--out", str(tmp_path))
+    assert code == 0, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("warning: ") for line in lines), err
+    assert "never change price" in err and "single unit" in err
 
 
 def test_demo_prints_the_report(capsys):

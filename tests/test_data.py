@@ -76,6 +76,13 @@ BAD_INPUTS = {
     "column given twice": (None, ["given for both"]),
     "huge counts": (lambda: frame(units_sold=(0, 2**25)), ["float32"]),
     "bad period": (lambda: frame(period=(0, 1.5)), ["'period'", "integer periods or dates"]),
+    "infinite units": (lambda: frame(units_sold=(2, np.inf)), ["'units_sold'", "infinite"]),
+    "single unit": (lambda: frame().iloc[:3], ["single unit", "'a'", "at least 2"]),
+    "single period": (
+        lambda: frame().drop_duplicates("product").assign(period=1),
+        ["single period", "at least 2 periods"],
+    ),
+    "text period": (lambda: frame(period=(3, "soon")), ["'period'", "integer periods or dates"]),
 }
 
 
@@ -91,6 +98,24 @@ def test_validation_errors_name_the_problem(case):
     for word in words:
         assert word in message, (word, message)
     assert isinstance(info.value, ValueError)
+
+
+def test_weak_units_and_groups_warn_but_fit():
+    # product c is seen once (one price) and category y holds only product b
+    with pytest.warns(hbjax.DataWarning) as caught:
+        panel, _ = from_frame(frame())
+    messages = [str(w.message) for w in caught]
+    assert any("never change price" in m and "'c'" in m for m in messages), messages
+    assert any("single unit" in m and "'y'" in m for m in messages), messages
+    assert panel.n_units == 3
+    varied = frame().assign(category="x")  # one group of three units
+    extra_c = varied.iloc[[5]].assign(period=3, price=1.2)  # c's price now changes
+    varied = pd.concat([varied, extra_c], ignore_index=True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hbjax.DataWarning)
+        from_frame(varied)  # every unit's price varies, one group of three: no warning
 
 
 def test_not_a_dataframe():
