@@ -34,15 +34,15 @@ from tqdm.auto import tqdm
 from .data import (
     DataValidationError,
     Encoding,
-    check_panel_shape,
-    warn_weak_units,
     _check_columns,
     _check_values,
     _factorize,
     _period_values,
     _reader,
     _rows,
+    check_panel_shape,
     column_roles,
+    warn_weak_units,
 )
 from .minibatch import UnitSampler, UnitStats
 from .sharding import default_block_count, plan_blocks
