@@ -210,10 +210,15 @@ class Encoding:
         )
 
 
+def _show(value: object) -> str:
+    """``repr`` of a label or value as the user wrote it (NumPy scalars unwrapped)."""
+    return repr(value.item() if isinstance(value, np.generic) else value)
+
+
 def _rows(frame: pd.DataFrame, mask: np.ndarray) -> str:
     """Describe the first offending rows of ``frame`` (by index label)."""
     labels = frame.index[np.asarray(mask)]
-    shown = ", ".join(repr(x) for x in labels[:_SHOW_ROWS].tolist())
+    shown = ", ".join(_show(x) for x in labels[:_SHOW_ROWS].tolist())
     more = f" and {len(labels) - _SHOW_ROWS} more" if len(labels) > _SHOW_ROWS else ""
     return f"{len(labels)} row(s), first at index {shown}{more}"
 
@@ -228,7 +233,7 @@ def _numeric(frame: pd.DataFrame, column: str) -> np.ndarray:
     if bad.any():
         example = raw[bad].iloc[0]
         raise DataValidationError(
-            f"column {column!r} holds text that is not a number ({example!r}) in "
+            f"column {column!r} holds text that is not a number ({_show(example)}) in "
             f"{_rows(frame, bad)}; clean or drop those rows."
         )
     return values.to_numpy(dtype=np.float64, na_value=np.nan)
@@ -250,7 +255,7 @@ def _period_values(frame: pd.DataFrame, column: str) -> pd.Series:
         if bad.any():
             raise DataValidationError(
                 f"column {column!r} must hold integer periods or dates; found "
-                f"{raw[bad].iloc[0]!r} in {_rows(frame, bad)}."
+                f"{_show(raw[bad].iloc[0])} in {_rows(frame, bad)}."
             )
         return raw.astype(np.int64)
     parsed = pd.to_datetime(raw.astype(str), format="ISO8601", errors="coerce")
@@ -258,7 +263,7 @@ def _period_values(frame: pd.DataFrame, column: str) -> pd.Series:
     if bad.any():
         raise DataValidationError(
             f"column {column!r} must hold integer periods or dates (e.g. 2024-01-31); found "
-            f"{raw[bad].iloc[0]!r} in {_rows(frame, bad)}."
+            f"{_show(raw[bad].iloc[0])} in {_rows(frame, bad)}."
         )
     return parsed
 
@@ -316,7 +321,7 @@ def _check_values(frame: pd.DataFrame, price: str, units: str) -> tuple[np.ndarr
     if bad.any():
         first = price_values[bad][0]
         raise DataValidationError(
-            f"column {price!r} must be finite and > 0 (log price is used); found {first!r} in "
+            f"column {price!r} must be finite and > 0 (log price is used); found {_show(first)} in "
             f"{_rows(frame, bad)}. Drop those rows or fix the prices."
         )
     count_values = _numeric(frame, units)
@@ -339,7 +344,7 @@ def _check_values(frame: pd.DataFrame, price: str, units: str) -> tuple[np.ndarr
         if mask.any():
             raise DataValidationError(
                 f"column {units!r} has values that are {what} "
-                f"({count_values[mask][0]!r}) in {_rows(frame, mask)}; {fix}."
+                f"({_show(count_values[mask][0])}) in {_rows(frame, mask)}; {fix}."
             )
     return price_values, count_values
 
@@ -351,7 +356,7 @@ def _codes(frame: pd.DataFrame, column: str, values: pd.Series, labels: pd.Index
     if unknown.any():
         raise DataValidationError(
             f"column {column!r} has labels not in the encoding (e.g. "
-            f"{values[unknown].iloc[0]!r}) in {_rows(frame, unknown)}; encode every process's "
+            f"{_show(values[unknown].iloc[0])}) in {_rows(frame, unknown)}; encode every process's "
             "rows with the encoding built from the whole table."
         )
     return codes.astype(np.int32)
@@ -387,7 +392,7 @@ def _encode(
         bad_unit = unit_labels[unit_codes[conflict][0]]
         in_groups = sorted(map(str, frame.loc[frame[unit] == bad_unit, group].unique()))
         raise DataValidationError(
-            f"unit {bad_unit!r} (column {unit!r}) appears in more than one group "
+            f"unit {_show(bad_unit)} (column {unit!r}) appears in more than one group "
             f"(column {group!r}: {in_groups}) in {_rows(frame, conflict)}; "
             "each unit must belong to exactly one group."
         )
@@ -397,8 +402,8 @@ def _encode(
     if duplicated.any():
         first = np.flatnonzero(duplicated)[0]
         raise DataValidationError(
-            f"({unit!r}, {period!r}) = ({unit_labels[unit_codes[first]]!r}, "
-            f"{period_labels[period_codes[first]]!r}) appears more than once: "
+            f"({unit!r}, {period!r}) = ({_show(unit_labels[unit_codes[first]])}, "
+            f"{_show(period_labels[period_codes[first]])}) appears more than once: "
             f"{_rows(frame, duplicated)} are duplicates. Aggregate them to one row per "
             "unit and period (e.g. df.groupby([unit, period]).agg(...))."
         )
@@ -480,20 +485,20 @@ def check_panel_shape(encoding: Encoding, roles: Mapping[str, str]) -> None:
     """At least two units and two periods: the model pools units and needs price changes."""
     if len(encoding.units) < 2:
         raise DataValidationError(
-            f"the table has a single unit ({encoding.units[0]!r} in column {roles['unit']!r}); "
-            "a hierarchical model pools several units: fit at least 2 (or a plain Poisson "
-            "regression for one)."
+            f"the table has a single unit ({_show(encoding.units[0])} in column "
+            f"{roles['unit']!r}); a hierarchical model pools several units: fit at least 2 "
+            "(or a plain Poisson regression for one)."
         )
     if len(encoding.periods) < 2:
         raise DataValidationError(
-            f"the table has a single period ({encoding.periods[0]!r} in column "
+            f"the table has a single period ({_show(encoding.periods[0])} in column "
             f"{roles['period']!r}); elasticities are identified from prices changing over "
             "time: give at least 2 periods."
         )
 
 
 def _labels_of(labels: pd.Index, codes: np.ndarray) -> str:
-    shown = ", ".join(repr(x) for x in labels[codes[:_SHOW_ROWS]].tolist())
+    shown = ", ".join(_show(x) for x in labels[codes[:_SHOW_ROWS]].tolist())
     more = f" and {len(codes) - _SHOW_ROWS} more" if len(codes) > _SHOW_ROWS else ""
     return shown + more
 

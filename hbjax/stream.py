@@ -40,6 +40,7 @@ from .data import (
     _period_values,
     _reader,
     _rows,
+    _show,
     check_panel_shape,
     column_roles,
     warn_weak_units,
@@ -157,7 +158,7 @@ def _labels(
         bad = table[unit].to_numpy()[in_two][0]
         groups = sorted(map(str, table.loc[table[unit] == bad, group]))
         raise DataValidationError(
-            f"unit {bad!r} (column {unit!r}) appears in more than one group "
+            f"unit {_show(bad)} (column {unit!r}) appears in more than one group "
             f"(column {group!r}: {groups}); each unit must belong to exactly one group."
         )
     unit_codes, unit_labels = _factorize(table[unit].reset_index(drop=True))
@@ -258,8 +259,8 @@ def _write_cells(
         if twice.any():
             first = np.flatnonzero(twice)[0]
             raise DataValidationError(
-                f"({unit!r}, {period!r}) = ({encoding.units[u[first]]!r}, "
-                f"{encoding.periods[p[first]]!r}) appears more than once (in "
+                f"({unit!r}, {period!r}) = ({_show(encoding.units[u[first]])}, "
+                f"{_show(encoding.periods[p[first]])}) appears more than once (in "
                 f"{_rows(chunk, twice)} of this chunk, or earlier in the file); aggregate "
                 "them to one row per unit and period."
             )

@@ -139,3 +139,81 @@ def test_read_table_csv_parquet_and_errors(tmp_path):
     (tmp_path / "broken.parquet").write_text("not parquet")
     with pytest.raises(DataValidationError, match="as Parquet"):
         hbjax.read_table(tmp_path / "broken.parquet")
+
+
+# Property-based: random small tables either encode to a panel whose decoded rows equal the
+# input, or raise the documented DataValidationError; never another exception.
+from hypothesis import event, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_labels = st.one_of(st.sampled_from(["a", "b", "c", "d"]), st.integers(0, 3))
+_row = st.tuples(
+    _labels,
+    st.sampled_from(["x", "y"]),
+    st.integers(0, 4),
+    st.floats(0.01, 100.0),
+    st.integers(0, 50),
+)
+# at most one corrupted cell: a bad value in a numeric column or an odd period
+_corruption = st.one_of(
+    st.none(),
+    st.tuples(
+        st.sampled_from(["price", "units_sold", "period"]),
+        st.integers(0, 11),
+        st.sampled_from([0.0, -1.0, np.nan, np.inf, 2.5, 2**25, "x", "2024-13-01"]),
+    ),
+)
+
+
+@st.composite
+def _tables(draw):
+    rows = draw(st.lists(_row, min_size=0, max_size=12, unique_by=lambda r: (repr(r[0]), r[2])))
+    df = pd.DataFrame(rows, columns=["product", "category", "period", "price", "units_sold"])
+    # each product in one category, except when a drawn flag moves one row elsewhere
+    df["category"] = df["product"].map(lambda p: "xy"[len(repr(p)) % 2])
+    if len(df) and draw(st.booleans()) and draw(st.booleans()):
+        df.loc[0, "category"] = "z"
+    corruption = draw(_corruption)
+    if corruption is not None and len(df):
+        column, row, value = corruption
+        df[column] = df[column].astype(object)
+        df.loc[row % len(df), column] = value
+        df[column] = pd.Series(df[column].tolist(), index=df.index).infer_objects()
+    return df
+
+
+@settings(max_examples=200, deadline=None)
+@given(_tables())
+def test_from_frame_on_random_tables_round_trips_or_refuses(df):
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", hbjax.DataWarning)
+            panel, enc = from_frame(df)
+    except DataValidationError as error:
+        assert str(error)  # a message, one of the documented checks
+        event("refused")
+        return
+    decoded = pd.DataFrame(
+        {
+            "product": enc.units[panel.unit_idx],
+            "category": enc.groups[panel.cell_idx // panel.n_periods],
+            "period": enc.periods[panel.cell_idx % panel.n_periods],
+            "price": np.exp(panel.log_price.astype(np.float64)),
+            "units_sold": panel.counts.astype(np.float64),
+        }
+    )
+    expected = df.assign(
+        price=df["price"].astype(np.float64), units_sold=df["units_sold"].astype(np.float64)
+    )
+    key = lambda frame: frame.assign(product=frame["product"].map(repr))  # noqa: E731
+    expected = key(expected).sort_values(["product", "period"]).reset_index(drop=True)
+    decoded = key(decoded).sort_values(["product", "period"]).reset_index(drop=True)
+    assert list(decoded["product"]) == list(expected["product"])  # labels exactly, with types
+    assert list(decoded["category"]) == list(expected["category"])
+    assert list(decoded["period"]) == list(expected["period"])
+    np.testing.assert_allclose(decoded["price"], expected["price"], rtol=1e-6)
+    np.testing.assert_array_equal(decoded["units_sold"], expected["units_sold"])
+    assert panel.n_units >= 2 and panel.n_periods >= 2
+    event("valid panel")  # hypothesis statistics: how many examples got this far
