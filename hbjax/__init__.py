@@ -37,8 +37,13 @@ from .objectives import log_weights as log_weights
 from .objectives import renyi_bound as renyi_bound
 from .objectives import renyi_elbo as renyi_elbo
 from .posterior import Summary as Summary
+from .posterior import predict as predict
 from .posterior import sample_posterior as sample_posterior
 from .posterior import summarize as summarize
+from .posterior import to_arviz as to_arviz
+from .saved import SavedFit as SavedFit
+from .saved import load_fit as load_fit
+from .saved import save_fit as save_fit
 from .sharding import make_mesh as make_mesh
 from .sharding import shard_panel as shard_panel
 from .simulate import SimulatedPanel as SimulatedPanel

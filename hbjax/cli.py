@@ -1,4 +1,6 @@
-"""The ``hbjax`` command: ``demo``, ``simulate``, ``prepare`` and ``fit``, on top of the public API.
+"""The ``hbjax`` command: ``demo``, ``simulate``, ``prepare``, ``fit``, ``predict``.
+
+All on top of the public API.
 
 A user mistake (bad file, column, value or flag) prints one line ``error: ...`` to stderr
 and exits with status 2, never a traceback.
@@ -23,13 +25,23 @@ from jax.sharding import Mesh
 
 from . import __version__
 from .checkpoint import CheckpointError
-from .data import DataValidationError, DataWarning, Encoding, Panel, from_file, from_frame
+from .data import (
+    DataValidationError,
+    DataWarning,
+    Encoding,
+    Panel,
+    from_file,
+    from_frame,
+    read_table,
+)
 from .fit import FitResult, NonFiniteLossError, default_optimizer, fit
 from .guide import GUIDES, make_guide
 from .minibatch import UnitStats, seed_from_key
 from .model import HIERARCHIES, ElasticityModel
 from .objectives import GRADIENTS, renyi_elbo
-from .posterior import Summary, summarize
+from .plots import write_plots
+from .posterior import Summary, predict, summarize
+from .saved import load_fit, save_fit
 from .sharding import (
     DistributedConfig,
     ShardingError,
@@ -226,8 +238,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit_cmd.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     fit_cmd.add_argument(
+        "--plots", action="store_true", help="also write OUT/plots/: loss, shrinkage, categories"
+    )
+    fit_cmd.add_argument(
         "--devices", type=_devices, default="all", help="devices to split rows over: N or 'all'"
     )
+    predict_cmd = commands.add_parser(
+        "predict", help="expected units at new prices for fitted products (a what-if)"
+    )
+    predict_cmd.add_argument("fit_dir", help="the --out folder of `hbjax fit`")
+    predict_cmd.add_argument(
+        "prices",
+        help="CSV/Parquet: the unit column and a price column (> 0); optionally the period",
+    )
+    predict_cmd.add_argument(
+        "--out", default=None, help="output file (default: PRICES.predictions.csv)"
+    )
+    predict_cmd.add_argument("--samples", type=_positive_int, default=1000, help="draws")
+    predict_cmd.add_argument("--seed", type=int, default=0)
+
     hosts = fit_cmd.add_argument_group("many hosts (jax.distributed)")
     hosts.add_argument("--coordinator", help="HOST:PORT of process 0's coordinator")
     hosts.add_argument("--num-processes", type=_positive_int, help="number of processes")
@@ -579,6 +608,7 @@ def run_fit(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create --out folder {args.out!r}: {exc.strerror}.") from None
+    save_fit(result, encoding, out)
     summary.units.to_csv(out / "elasticities.csv", index=False)
     summary.groups.to_csv(out / "groups.csv", index=False)
     pd.DataFrame({"step": np.arange(len(result.losses)), "loss": result.losses}).to_csv(
@@ -619,13 +649,39 @@ def run_fit(args: argparse.Namespace) -> int:
         "python_version": platform.python_version(),
     }
     (out / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
+    if args.plots:
+        write_plots(result, summary, out / "plots")
     print(
         f"fitted {sizes.n_units} units x {sizes.n_periods} periods ({n_obs} rows) in "
         f"{report['wall_seconds']:.1f} s; global elasticity {_interval(overall)}; "
         f"wrote {out}/elasticities.csv, groups.csv, losses.csv, summary.json"
+        + (", plots/" if args.plots else "")
+        + f" and the fitted model (for `hbjax predict {out} PRICES.csv`)"
     )
     if result.diagnostics is not None:
         print(f"guide check: {result.diagnostics.verdict}")
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """``hbjax predict``: expected units at new prices from a saved fit."""
+    saved = load_fit(args.fit_dir)
+    frame = read_table(args.prices)
+    predictions = predict(
+        saved,
+        saved.encoding,
+        frame,
+        num_samples=args.samples,
+        key=jax.random.key(args.seed),
+    )
+    out = Path(args.out) if args.out else Path(str(args.prices) + ".predictions.csv")
+    if not out.parent.is_dir():
+        raise UserError(f"--out: folder {str(out.parent)!r} does not exist.")
+    predictions.to_csv(out, index=False)
+    print(
+        f"predicted expected units for {len(predictions)} rows "
+        f"({saved.info['guide']} guide, {args.samples} draws, 90% intervals); wrote {out}"
+    )
     return 0
 
 
@@ -648,6 +704,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "simulate": run_simulate,
         "prepare": run_prepare,
         "fit": run_fit,
+        "predict": run_predict,
     }
     try:
         with warnings.catch_warnings():

@@ -607,6 +607,59 @@ def encode_rows(frame: pd.DataFrame, roles: Mapping[str, str]) -> tuple[np.ndarr
     return unit_codes, dataclasses.replace(encoding, columns=full)
 
 
+def save_encoding(encoding: Encoding, directory: str | os.PathLike[str]) -> None:
+    """Write an :class:`Encoding` to ``directory`` (labels as Parquet, roles as JSON).
+
+    Labels of one type keep it (strings, integers, dates); a column mixing types (e.g.
+    ``"a"`` and ``3``) is written as JSON instead, which keeps strings and numbers apart.
+    """
+    import json
+
+    import pyarrow as pa
+
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    formats = {}
+    for name in ("units", "groups", "periods"):
+        labels = getattr(encoding, name)
+        try:
+            pd.DataFrame({"label": labels}).to_parquet(folder / f"{name}.parquet", index=False)
+            formats[name] = "parquet"
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            values = [x.item() if isinstance(x, np.generic) else x for x in labels]
+            (folder / f"{name}.json").write_text(json.dumps(values))
+            formats[name] = "json"
+    np.save(folder / "unit_group.npy", np.asarray(encoding.unit_group, np.int32))
+    meta = {"columns": dict(encoding.columns), "formats": formats}
+    (folder / "encoding.json").write_text(json.dumps(meta, indent=2))
+
+
+def load_encoding(directory: str | os.PathLike[str]) -> Encoding:
+    """Read an :class:`Encoding` written by :func:`save_encoding`."""
+    import json
+
+    folder = Path(directory)
+    if not (folder / "encoding.json").is_file():
+        raise DataValidationError(f"no encoding in {str(folder)!r} (encoding.json is missing).")
+    meta = json.loads((folder / "encoding.json").read_text())
+    roles = column_roles(meta["columns"])
+    names = {"units": roles["unit"], "groups": roles["group"], "periods": roles["period"]}
+    labels = {}
+    for name, column in names.items():
+        if meta["formats"][name] == "parquet":
+            values = pd.read_parquet(folder / f"{name}.parquet")["label"]
+        else:
+            values = pd.Series(json.loads((folder / f"{name}.json").read_text()), dtype=object)
+        labels[name] = pd.Index(values, name=column)
+    return Encoding(
+        units=labels["units"],
+        groups=labels["groups"],
+        periods=labels["periods"],
+        unit_group=np.load(folder / "unit_group.npy"),
+        columns=roles,
+    )
+
+
 def column_roles(columns: Mapping[str, str]) -> dict[str, str]:
     """Column names by role (``unit, group, period, price, units``), with defaults."""
     roles = {

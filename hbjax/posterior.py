@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import equinox as eqx
 import jax
@@ -10,15 +11,22 @@ import numpy as np
 import pandas as pd
 
 from ._types import PRNGKeyArray, PyTree
-from .data import Encoding
+from .data import DataValidationError, Encoding, _numeric, _period_values, _rows
 from .fit import FitResult
+
+if TYPE_CHECKING:
+    from .saved import SavedFit
 
 #: Quantiles reported by :func:`summarize` (a 90% central interval and the median).
 QUANTILES = {"q05": 0.05, "q50": 0.5, "q95": 0.95}
 
 
 def sample_posterior(
-    result: FitResult, num_samples: int = 1000, *, key: PRNGKeyArray, batch_size: int = 250
+    result: FitResult | SavedFit,
+    num_samples: int = 1000,
+    *,
+    key: PRNGKeyArray,
+    batch_size: int = 250,
 ) -> PyTree[np.ndarray]:
     """Draws from the fitted guide, on the model's natural scale, as host arrays.
 
@@ -118,3 +126,156 @@ def summarize(
     overall = pd.DataFrame({k: [v] for k, v in _describe(draws.global_elasticity).items()})
     overall.insert(0, "parameter", ["global elasticity"])
     return Summary(units=units, groups=groups, overall=overall, num_samples=num_samples)
+
+
+def to_arviz(
+    result: FitResult,
+    encoding: Encoding,
+    *,
+    num_samples: int = 1000,
+    key: PRNGKeyArray | None = None,
+) -> object:
+    """Posterior draws of an elasticity fit as an ``arviz.InferenceData`` (one chain).
+
+    Variables (natural scale) and their dimensions, named after the input's columns:
+    ``global_elasticity``; ``group_elasticity [group]``; ``unit_elasticity [unit]``;
+    ``unit_effect [unit]``; ``group_period_effect [group, period]``; the coordinates are
+    the original labels, so ``az.summary(idata, var_names=["group_elasticity"])`` and
+    ``az.plot_forest(idata, var_names=["group_elasticity"])`` work as usual. Memory is
+    ``num_samples x (2 units + groups x periods)`` floats.
+
+    Needs ArviZ: ``pip install "hbjax[arviz]"``.
+
+    Args:
+        result: a fit of an :class:`hbjax.ElasticityModel`.
+        encoding: the labels of its panel.
+        num_samples: draws from the guide.
+        key: PRNG key (default ``jax.random.key(0)``).
+    """
+    try:
+        import arviz as az
+    except ImportError:
+        raise ImportError('to_arviz needs ArviZ: pip install "hbjax[arviz]"') from None
+    key = jax.random.key(0) if key is None else key
+    draws = sample_posterior(result, num_samples, key=key)
+    n_units = len(encoding.units)
+    if draws.unit_elasticity.shape[-1] != n_units:
+        raise ValueError(
+            f"the fit has {draws.unit_elasticity.shape[-1]} units but the encoding has "
+            f"{n_units}; pass the encoding returned with this fit's panel."
+        )
+    unit, group = encoding.unit_column, encoding.group_column
+    period = encoding.columns.get("period", "period")
+    shape = (num_samples, len(encoding.groups), len(encoding.periods))
+    posterior = {
+        "global_elasticity": draws.global_elasticity,
+        "group_elasticity": draws.group_elasticity,
+        "unit_elasticity": draws.unit_elasticity,
+        "unit_effect": draws.unit_effect,
+        "group_period_effect": draws.group_period_effect.reshape(shape),
+    }
+    return az.from_dict(
+        posterior={name: np.asarray(value)[None] for name, value in posterior.items()},
+        coords={
+            unit: list(encoding.units),
+            group: list(encoding.groups),
+            period: list(encoding.periods),
+        },
+        dims={
+            "group_elasticity": [group],
+            "unit_elasticity": [unit],
+            "unit_effect": [unit],
+            "group_period_effect": [group, period],
+        },
+        attrs={
+            "inference_library": "hbjax",
+            "guide": type(result.guide).__name__,
+            "steps": result.steps,
+        },
+    )
+
+
+def predict(
+    fit: FitResult | SavedFit,
+    encoding: Encoding,
+    frame: pd.DataFrame,
+    *,
+    num_samples: int = 1000,
+    key: PRNGKeyArray | None = None,
+    interval: float = 0.9,
+) -> pd.DataFrame:
+    """Expected units sold at new prices for existing units: the pricing what-if.
+
+    For each row, ``E[units] = exp(beta_i log(price) + gamma_{c(i),t} + delta_i)`` over
+    posterior draws; the interval is for the expected value (the Poisson noise of a single
+    week's count comes on top). Without a period column, ``gamma`` is the mean of the
+    unit's group over the fitted periods (a typical period).
+
+    Args:
+        fit: a fit of an :class:`hbjax.ElasticityModel` (or :func:`hbjax.load_fit`'s).
+        encoding: the labels of the fitted panel.
+        frame: one row per scenario: the unit column, ``price``-column values (> 0) and
+            optionally the period column (fitted periods only); other columns are kept.
+        num_samples: posterior draws.
+        key: PRNG key (default ``jax.random.key(0)``).
+        interval: central interval probability.
+
+    Returns:
+        ``frame`` with ``expected_units`` (posterior mean), ``expected_units_lo`` and
+        ``expected_units_hi`` (the interval) appended.
+
+    Raises:
+        DataValidationError: a missing column, an unknown unit or period, a bad price.
+    """
+    columns = encoding.columns
+    unit, price, period = columns["unit"], columns.get("price", "price"), columns["period"]
+    missing = [c for c in (unit, price) if c not in frame.columns]
+    if missing:
+        raise DataValidationError(
+            f"the prices table needs columns {missing} (the unit and price columns of the fit;"
+            f" it has {list(map(str, frame.columns))})."
+        )
+    if not 0 < interval < 1:
+        raise ValueError(f"interval must be in (0, 1); got {interval}.")
+    prices = _numeric(frame, price)
+    bad = ~np.isfinite(prices) | ~(prices > 0)
+    if bad.any():
+        raise DataValidationError(
+            f"column {price!r} must be finite and > 0; found {prices[bad][0]!r} in "
+            f"{_rows(frame, bad)}."
+        )
+    units = encoding.units.get_indexer(frame[unit])
+    if (units < 0).any():
+        unknown = frame[unit][units < 0]
+        raise DataValidationError(
+            f"{(units < 0).sum()} row(s) name units the fit has not seen (e.g. "
+            f"{unknown.iloc[0]!r} in column {unit!r}); predict covers fitted units only."
+        )
+    n_periods = len(encoding.periods)
+    periods = None
+    if period in frame.columns:
+        periods = encoding.periods.get_indexer(_period_values(frame, period))
+        if (periods < 0).any():
+            raise DataValidationError(
+                f"column {period!r} has periods the fit has not seen in "
+                f"{_rows(frame, periods < 0)}; drop the column for a typical period."
+            )
+    key = jax.random.key(0) if key is None else key
+    model = fit.model
+    draws = sample_posterior(fit, num_samples, key=key)
+    gamma = np.asarray(draws.group_period_effect).reshape(num_samples, -1, n_periods)
+    group = np.asarray(encoding.unit_group)[units]
+    cell = gamma[:, group, periods] if periods is not None else gamma.mean(axis=2)[:, group]
+    log_rate = (
+        np.asarray(draws.unit_elasticity)[:, units] * np.log(prices)
+        + np.asarray(draws.unit_effect)[:, units]
+        + cell
+    )
+    if model.clip_log_rate is not None:
+        log_rate = np.clip(log_rate, *model.clip_log_rate)
+    rate = np.exp(log_rate.astype(np.float64))
+    tail = (1 - interval) / 2
+    low, high = np.quantile(rate, [tail, 1 - tail], axis=0)
+    return frame.assign(
+        expected_units=rate.mean(axis=0), expected_units_lo=low, expected_units_hi=high
+    )

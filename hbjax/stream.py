@@ -43,13 +43,15 @@ from .data import (
     _show,
     check_panel_shape,
     column_roles,
+    load_encoding,
+    save_encoding,
     warn_weak_units,
 )
 from .minibatch import UnitSampler, UnitStats
 from .sharding import default_block_count, plan_blocks
 
 #: Format marker of a grid folder (``store.json``).
-STORE_FORMAT = "hbjax-grid-1"
+STORE_FORMAT = "hbjax-grid-2"
 _COMPACT_EVERY = 16  # chunks between de-duplications of the collected label pairs
 
 
@@ -302,12 +304,9 @@ def _write_meta(
     n_blocks = default_block_count(n_units, n_groups * n_periods, 1)
     np.save(directory / "units.npy", plan_blocks(sums["unit_rows"], n_blocks))
     np.save(directory / "log_factorial.npy", sums["log_factorial"].astype(np.float32))
-    np.save(directory / "unit_group.npy", encoding.unit_group)
     np.save(directory / "moments.npy", sums["moments"].astype(np.float32))
     np.save(directory / "unit_rows.npy", sums["unit_rows"].astype(np.int32))
-    pd.DataFrame({"label": encoding.units}).to_parquet(directory / "unit_labels.parquet")
-    pd.DataFrame({"label": encoding.groups}).to_parquet(directory / "group_labels.parquet")
-    pd.DataFrame({"label": encoding.periods}).to_parquet(directory / "period_labels.parquet")
+    save_encoding(encoding, directory)  # also unit_group.npy, which UnitSampler.load reads
     sampler = {
         "n_units": n_units,
         "n_groups": n_groups,
@@ -338,20 +337,8 @@ def read_grid(directory: str | os.PathLike[str]) -> GridStore:
             f"{str(directory)!r} has grid format {meta.get('format')!r}; this hbjax reads "
             f"{STORE_FORMAT!r}. Write it again with this version."
         )
-    roles = meta["columns"]
-
-    def labels(name: str, column: str) -> pd.Index:
-        frame = pd.read_parquet(directory / f"{name}_labels.parquet")
-        return pd.Index(frame["label"], name=column)
-
-    unit_group = np.load(directory / "unit_group.npy")
-    encoding = Encoding(
-        units=labels("unit", roles["unit"]),
-        groups=labels("group", roles["group"]),
-        periods=labels("period", roles["period"]),
-        unit_group=unit_group,
-        columns=roles,
-    )
+    encoding = load_encoding(directory)
+    unit_group = encoding.unit_group
     stats = UnitStats(
         np.load(directory / "moments.npy"),
         unit_group,

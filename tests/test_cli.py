@@ -109,6 +109,23 @@ def test_fit_end_to_end_writes_outputs(simulated_csv, tmp_path, capsys):
     assert check["num_draws"] == 500 and check["ess"] >= 1.0
     assert check["verdict"].split()[0] in ("good", "ok", "poor")
     assert "elasticities.csv" in out and "guide check:" in out
+    # the fitted model is saved for `hbjax predict`
+    prices = pd.DataFrame({"product": pd.read_csv(simulated_csv)["product"].unique()[:3]})
+    prices = prices.assign(price=[2.0, 3.0, 4.0])
+    prices.to_csv(tmp_path / "prices.csv", index=False)
+    code, out, err = run(capsys, "predict", str(out_dir), str(tmp_path / "prices.csv"))
+    assert code == 0, err
+    predicted = pd.read_csv(str(tmp_path / "prices.csv") + ".predictions.csv")
+    assert list(predicted.columns) == [
+        "product",
+        "price",
+        "expected_units",
+        "expected_units_lo",
+        "expected_units_hi",
+    ]
+    assert (predicted["expected_units"] > 0).all()
+    code, _, err = run(capsys, "predict", str(tmp_path), str(tmp_path / "prices.csv"))
+    assert_one_line_error(code, err, "no saved fit")
 
 
 @pytest.mark.parametrize(
@@ -207,6 +224,16 @@ def test_bad_flags_and_files_are_one_line_errors(argv, words, capsys, tmp_path, 
     (tmp_path / "broken.parquet").write_text("this is not a parquet file")
     code, _, err = run(capsys, *argv)
     assert_one_line_error(code, err, *words)
+
+
+def test_fit_writes_plots(simulated_csv, tmp_path, capsys):
+    out_dir = tmp_path / "o"
+    common = ["--steps", "30", "--samples", "50", "--diagnostic-draws", "0", "--no-progress"]
+    code, _, err = run(capsys, "fit", str(simulated_csv), *common, "--plots", "--out", str(out_dir))
+    assert code == 0, err
+    for name in ("loss.png", "shrinkage.png", "categories.png"):
+        data = (out_dir / "plots" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
 
 
 def test_warnings_are_one_line_each_and_the_fit_goes_on(tmp_path, capsys):

@@ -53,3 +53,71 @@ def test_encoding_mismatch_is_refused(recovery_fit, small_panel):
     _, other_encoding = small_panel
     with pytest.raises(ValueError, match="encoding"):
         hbjax.summarize(result, other_encoding, num_samples=10)
+
+
+def test_to_arviz_keeps_labels_and_works_with_arviz(recovery_fit, tmp_path):
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # ArviZ's refactor notice
+        import arviz as az
+
+    sim, panel, encoding, result = recovery_fit
+    idata = hbjax.to_arviz(result, encoding, num_samples=400, key=jax.random.key(2))
+    post = idata.posterior
+    assert post["unit_elasticity"].dims == ("chain", "draw", "product")
+    assert list(post["product"].values) == list(encoding.units)
+    assert post["group_period_effect"].shape == (1, 400, panel.n_groups, panel.n_periods)
+    table = az.summary(idata, var_names=["group_elasticity"], kind="stats")
+    assert len(table) == panel.n_groups
+    # the same posterior as summarize: group means within 5 Monte Carlo standard errors
+    summary = hbjax.summarize(result, encoding, num_samples=4000, key=jax.random.key(3))
+    means = post["group_elasticity"].mean(("chain", "draw")).values
+    se = summary.groups["sd"].to_numpy() * np.sqrt(1 / 400 + 1 / 4000)
+    assert np.all(np.abs(means - summary.groups["mean"].to_numpy()) < 5 * se)
+    axes = az.plot_forest(idata, var_names=["group_elasticity"])
+    axes[0].figure.savefig(tmp_path / "forest.png")
+    assert (tmp_path / "forest.png").stat().st_size > 0
+
+
+def test_predict_what_if_prices(recovery_fit, tmp_path):
+    import pandas as pd
+
+    sim, panel, encoding, result = recovery_fit
+    products = list(encoding.units[:5])
+    base = sim.frame.groupby("product")["price"].median().loc[products].to_numpy()
+    frame = pd.DataFrame(
+        {"product": products * 2, "price": np.r_[base, 1.1 * base], "note": ["x"] * 10}
+    )
+    out = hbjax.predict(result, encoding, frame, num_samples=2000, key=jax.random.key(4))
+    assert list(out.columns[:3]) == ["product", "price", "note"]
+    assert (out["expected_units_lo"] < out["expected_units"]).all()
+    assert (out["expected_units"] < out["expected_units_hi"]).all()
+    # a 10% price rise scales expected units by about 1.1 ** elasticity (Jensen: sd small)
+    summary = hbjax.summarize(result, encoding, num_samples=2000, key=jax.random.key(5))
+    beta = summary.units.set_index("product").loc[products, "mean"].to_numpy()
+    ratio = out["expected_units"].to_numpy()[5:] / out["expected_units"].to_numpy()[:5]
+    np.testing.assert_allclose(ratio, 1.1**beta, rtol=0.01)
+    # a given period uses that period's category effect: it changes the level, not the ratio
+    dated = frame.assign(period=int(encoding.periods[3]))
+    at = hbjax.predict(result, encoding, dated, num_samples=2000, key=jax.random.key(4))
+    np.testing.assert_allclose(
+        at["expected_units"].to_numpy()[5:] / at["expected_units"].to_numpy()[:5], ratio, rtol=0.01
+    )
+    assert not np.allclose(at["expected_units"], out["expected_units"])
+    # the saved fit predicts the same
+    hbjax.save_fit(result, encoding, tmp_path / "fit")
+    saved = hbjax.load_fit(tmp_path / "fit")
+    again = hbjax.predict(saved, saved.encoding, frame, num_samples=2000, key=jax.random.key(4))
+    np.testing.assert_allclose(again["expected_units"], out["expected_units"], rtol=1e-6)
+    for bad, words in (
+        (frame.assign(product="nope"), "not seen"),
+        (frame.assign(price=-1.0), "> 0"),
+        (frame.drop(columns="price"), "needs columns"),
+        (frame.assign(period=999), "periods the fit has not seen"),
+    ):
+        with pytest.raises(hbjax.DataValidationError, match=words):
+            hbjax.predict(result, encoding, bad, num_samples=10)

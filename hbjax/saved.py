@@ -1,0 +1,114 @@
+"""A fitted elasticity model on disk: what ``hbjax fit`` leaves for ``hbjax predict``.
+
+``DIR/fit.json`` (how to rebuild the model and guide), ``DIR/fit.eqx`` (their arrays,
+Equinox serialisation: no pickle) and ``DIR/encoding/`` (the labels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import equinox as eqx
+import jax.numpy as jnp
+
+from .data import DataValidationError, Encoding, load_encoding, save_encoding
+from .fit import FitResult
+from .guide import AbstractGuide, LowRankNormal, MeanFieldNormal, UnitBlockNormal, make_guide
+from .model import ElasticityModel
+
+FORMAT = "hbjax-fit-1"
+_KINDS = {MeanFieldNormal: "meanfield", UnitBlockNormal: "unitblock", LowRankNormal: "lowrank"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedFit:
+    """A fit read back by :func:`load_fit`: enough for :func:`hbjax.predict` and summaries.
+
+    Attributes:
+        model: the fitted model.
+        guide: the fitted guide.
+        encoding: the labels of the data it was fitted to.
+        info: what ``fit.json`` records (guide, hierarchy, steps, versions).
+    """
+
+    model: ElasticityModel
+    guide: AbstractGuide
+    encoding: Encoding
+    info: dict
+
+
+def save_fit(result: FitResult, encoding: Encoding, directory: str | os.PathLike[str]) -> None:
+    """Save an :class:`~hbjax.ElasticityModel` fit with one of hbjax's guides."""
+    model, guide = result.model, result.guide
+    kind = _KINDS.get(type(guide))
+    if not isinstance(model, ElasticityModel) or kind is None:
+        raise TypeError(
+            "save_fit saves ElasticityModel fits with MeanFieldNormal, UnitBlockNormal or "
+            f"LowRankNormal guides; got {type(model).__name__} and {type(guide).__name__} "
+            "(serialise your own with equinox.tree_serialise_leaves)."
+        )
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    info = {
+        "format": FORMAT,
+        "guide": kind,
+        "rank": int(guide.factor.shape[1]) if isinstance(guide, LowRankNormal) else None,
+        "hierarchy": model.hierarchy,
+        "price_centring": model.price_centre is not None,
+        "clip_log_rate": model.clip_log_rate,
+        "n_units": len(encoding.units),
+        "n_groups": len(encoding.groups),
+        "n_periods": len(encoding.periods),
+        "steps": result.steps,
+        "hbjax_version": _version(),
+    }
+    eqx.tree_serialise_leaves(folder / "fit.eqx", (model, guide))
+    save_encoding(encoding, folder / "encoding")
+    (folder / "fit.json").write_text(json.dumps(info, indent=2) + "\n")  # last: marks complete
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hbjax")
+    except PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+def load_fit(directory: str | os.PathLike[str]) -> SavedFit:
+    """Read a fit saved by :func:`save_fit` (or by ``hbjax fit`` in its ``--out`` folder).
+
+    Raises:
+        DataValidationError: the folder holds no complete saved fit.
+    """
+    folder = Path(directory)
+    if not (folder / "fit.json").is_file():
+        raise DataValidationError(
+            f"{str(folder)!r} holds no saved fit (fit.json); pass the --out folder of `hbjax fit`."
+        )
+    info = json.loads((folder / "fit.json").read_text())
+    if info.get("format") != FORMAT:
+        raise DataValidationError(
+            f"{str(folder)!r} holds a fit of format {info.get('format')!r}; this hbjax reads "
+            f"{FORMAT!r}. Fit again with this version."
+        )
+    encoding = load_encoding(folder / "encoding")
+    clip = info["clip_log_rate"]
+    model = ElasticityModel(
+        encoding.unit_group,
+        info["n_groups"],
+        info["n_periods"],
+        clip_log_rate=None if clip is None else tuple(clip),
+        price_centre=jnp.zeros(info["n_units"]) if info["price_centring"] else None,
+        hierarchy=info["hierarchy"],
+    )
+    guide = make_guide(info["guide"], model, rank=info["rank"] or 8)
+    model, guide = eqx.tree_deserialise_leaves(folder / "fit.eqx", (model, guide))
+    return SavedFit(model, guide, encoding, info)
+
+
+__all__ = ["SavedFit", "load_fit", "save_fit"]
