@@ -118,6 +118,15 @@ def test_weak_units_and_groups_warn_but_fit():
         from_frame(varied)  # every unit's price varies, one group of three: no warning
 
 
+def test_two_columns_with_one_name():
+    # (a CSV cannot carry this: pandas renames the second column "price.1" on reading)
+    df = frame()
+    df.insert(4, "price", df.pop("price"), allow_duplicates=True)
+    df.insert(5, "price", df["units_sold"], allow_duplicates=True)
+    with pytest.raises(DataValidationError, match="two columns named 'price'"):
+        from_frame(df)
+
+
 def test_not_a_dataframe():
     # The test-time type checker would reject the call first; users without it get this error.
     unchecked = getattr(from_frame, "__wrapped__", from_frame)
