@@ -55,12 +55,12 @@ class StudentTGuide(hbjax.AbstractGuide):
 
 
 def main(short: bool) -> None:
-    sim = hbjax.simulate(n_units=80 if short else 500, n_periods=52, n_groups=4, seed=4)
+    sim = hbjax.simulate(n_units=60 if short else 500, n_periods=52, n_groups=4, seed=4)
     panel, encoding = hbjax.from_frame(sim.frame)
     model = hbjax.ElasticityModel.from_panel(panel)
     start = model.init_latents(panel)
     truth = sim.truth["elasticity"].to_numpy()
-    steps = 300 if short else 3000
+    steps = 150 if short else 3000
     for name, guide in (
         ("Student-t (ours)", StudentTGuide.from_model(model, start)),
         ("mean-field normal", hbjax.make_guide("meanfield", model, loc=start)),

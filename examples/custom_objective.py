@@ -31,7 +31,7 @@ def tempered_iw_bound(model, guide, panel, *, key, num_particles=4, temperature=
 
 
 def main(short: bool) -> None:
-    sim = hbjax.simulate(n_units=80 if short else 500, n_periods=52, n_groups=4, seed=3)
+    sim = hbjax.simulate(n_units=60 if short else 500, n_periods=52, n_groups=4, seed=3)
     panel, encoding = hbjax.from_frame(sim.frame)
     model = hbjax.ElasticityModel.from_panel(panel)
     guide = hbjax.make_guide("unitblock", model, loc=model.init_latents(panel))
@@ -43,7 +43,7 @@ def main(short: bool) -> None:
     assert np.isclose(ours, built_in, rtol=1e-5)
 
     truth = sim.truth["elasticity"].to_numpy()
-    steps = 300 if short else 3000
+    steps = 150 if short else 3000
     for name, objective in (
         ("renyi_elbo (built in)", None),
         ("tempered IW, T=2", tempered_iw_bound),

@@ -140,12 +140,12 @@ def test_fit_end_to_end_writes_outputs(simulated_csv, tmp_path, capsys):
 )
 def test_fit_guides_and_gradients(simulated_csv, tmp_path, capsys, argv, expected):
     out_dir = tmp_path / "o"
-    common = ["--steps", "40", "--samples", "20", "--diagnostic-draws", "20", "--no-progress"]
+    common = ["--steps", "20", "--samples", "20", "--diagnostic-draws", "10", "--no-progress"]
     code, _, err = run(capsys, "fit", str(simulated_csv), *argv, *common, "--out", str(out_dir))
     assert code == 0, err
     summary = json.loads((out_dir / "summary.json").read_text())
     assert {k: summary[k] for k in expected} == expected
-    assert summary["importance_diagnostics"]["num_draws"] == 20
+    assert summary["importance_diagnostics"]["num_draws"] == 10
     assert pd.read_csv(out_dir / "elasticities.csv")["sd"].gt(0).all()
 
 
