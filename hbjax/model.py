@@ -13,7 +13,7 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float, PyTree, Scalar
+from jaxtyping import Array, ArrayLike, Float, Int, PyTree, Scalar
 
 from ._types import LatentLeaf, UnitInt
 from .data import DensePanel, Panel
@@ -114,9 +114,9 @@ class ElasticityModel(AbstractModel):
     (``z = v - (beta_parent + 2) / scale``: a shift, unit Jacobian). With a year of weekly
     data per product the posterior pins each ``beta_i`` and leaves its category loose; in
     the non-centred coordinates a category's ``z_c`` and its products' ``z_i`` are then
-    strongly correlated, and any guide that misses it reports category intervals ~10x too
-    narrow. Centred, they are nearly independent (Betancourt & Girolami 2015; the scales
-    here are fixed, so there is no funnel).
+    strongly correlated, and any guide that misses it reports category intervals ~9x too
+    narrow (benchmarks/README.md, "Intervals against NUTS"). Centred, they are nearly
+    independent (Betancourt & Girolami 2015; the scales here are fixed: there is no funnel).
 
     **Price centring** (``price_centre``, on by default in :meth:`from_panel`): the guide
     sees each unit's intercept at its own mean log price, ``delta_i + beta_i m_i``, instead
@@ -241,7 +241,7 @@ class ElasticityModel(AbstractModel):
         )
 
     def latent_shapes(self) -> ElasticityLatents:
-        """Shapes of the non-centred latents."""
+        """Shapes of the latents (the same for both hierarchies)."""
         return ElasticityLatents(
             self.global_elasticity.latent_shape(),  # type: ignore[arg-type]
             self.group_elasticity.latent_shape(),  # type: ignore[arg-type]
@@ -257,8 +257,7 @@ class ElasticityModel(AbstractModel):
         ``delta_i``, and with a centred hierarchy the elasticities' priors at their
         non-centred ``z`` (both maps are shifts: unit Jacobian).
         """
-        beta_g, beta_c, beta_i = self._elasticities(latents)
-        z_group, z_unit = self._noncentred_z(beta_g, beta_c, beta_i, latents)
+        z_group, z_unit = self._noncentred_z(self._elasticities(latents), latents)
         return (
             self.global_elasticity.log_prior(latents.global_elasticity)
             + self.group_elasticity.log_prior(z_group)
@@ -268,29 +267,35 @@ class ElasticityModel(AbstractModel):
         )
 
     def _elasticities(
-        self, latents: ElasticityLatents
+        self, latents: ElasticityLatents, unit_group: Int[Array, " slot"] | None = None
     ) -> tuple[Float[ArrayLike, "*p"], Float[ArrayLike, "*p group"], Float[ArrayLike, "*p unit"]]:
-        """Global, group and unit elasticities (natural scale) from either hierarchy."""
+        """Global, group and unit elasticities (natural scale) from either hierarchy.
+
+        ``unit_group``: the group of each unit slot when the unit leaves hold a batch's
+        slots (default: every unit, the model's own index).
+        """
+        index = self.unit_elasticity.index if unit_group is None else unit_group
         beta_g = self.global_elasticity(latents.global_elasticity)
+        scale_c, scale_i = self.group_elasticity.scale, self.unit_elasticity.scale
         if self.hierarchy == "centred":
             reference = self.global_elasticity.loc
-            beta_c = reference + self.group_elasticity.scale * latents.group_elasticity
-            beta_i = reference + self.unit_elasticity.scale * latents.unit_elasticity
-            return beta_g, beta_c, beta_i
+            beta_c = reference + scale_c * latents.group_elasticity
+            return beta_g, beta_c, reference + scale_i * latents.unit_elasticity
         beta_c = self.group_elasticity(latents.group_elasticity, beta_g)
-        return beta_g, beta_c, self.unit_elasticity(latents.unit_elasticity, beta_c)
+        beta_i = jnp.take(beta_c, index, axis=-1) + scale_i * latents.unit_elasticity
+        return beta_g, beta_c, beta_i
 
     def _noncentred_z(
         self,
-        beta_g: Float[ArrayLike, "*p"],
-        beta_c: Float[ArrayLike, "*p group"],
-        beta_i: Float[ArrayLike, "*p unit"],
+        elasticities: tuple[ArrayLike, ArrayLike, ArrayLike],
         latents: ElasticityLatents,
+        unit_group: Int[Array, " slot"] | None = None,
     ) -> tuple[Float[ArrayLike, "*p group"], Float[ArrayLike, "*p unit"]]:
         """The standard-normal ``z`` of the group and unit elasticities (their priors)."""
         if self.hierarchy != "centred":
             return latents.group_elasticity, latents.unit_elasticity
-        index = self.unit_elasticity.index
+        beta_g, beta_c, beta_i = elasticities
+        index = self.unit_elasticity.index if unit_group is None else unit_group
         z_group = (beta_c - jnp.expand_dims(beta_g, -1)) / self.group_elasticity.scale
         z_unit = (beta_i - jnp.take(beta_c, index, axis=-1)) / self.unit_elasticity.scale
         return z_group, z_unit
@@ -329,18 +334,10 @@ class ElasticityModel(AbstractModel):
         ``latents.unit_elasticity`` and ``latents.unit_effect`` are ``[slot]``: the batch's
         units. Shared latents enter with weight 1, each slot's terms with its weight.
         """
-        beta_g = self.global_elasticity(latents.global_elasticity)
+        elasticities = self._elasticities(latents, batch.group)
+        z_group, z_beta = self._noncentred_z(elasticities, latents, batch.group)
+        beta = elasticities[2]
         z_delta = latents.unit_effect
-        if self.hierarchy == "centred":
-            reference = self.global_elasticity.loc
-            beta_c = reference + self.group_elasticity.scale * latents.group_elasticity
-            z_group = (beta_c - beta_g) / self.group_elasticity.scale
-            beta = reference + self.unit_elasticity.scale * latents.unit_elasticity
-            z_beta = (beta - beta_c[batch.group]) / self.unit_elasticity.scale
-        else:
-            z_group, z_beta = latents.group_elasticity, latents.unit_elasticity
-            beta_c = self.group_elasticity(z_group, beta_g)
-            beta = beta_c[batch.group] + self.unit_elasticity.scale * z_beta
         delta = self.unit_effect(z_delta)
         if self.price_centre is None:
             centre = jnp.zeros_like(beta)
@@ -418,12 +415,12 @@ class ElasticityModel(AbstractModel):
         group = jax.ops.segment_sum(beta, unit_group, n_groups) / jnp.maximum(members, 1.0)
         group = jnp.where(members > 0, group, beta_0)
         zeros = super().init_latents(panel)
-        parent, unit_parent = (
-            (beta_0, beta_0) if self.hierarchy == "centred" else (beta_0, group[unit_group])
-        )
+        # the global latent starts at its prior mean beta_0: a group's parent is beta_0 in
+        # either hierarchy; a unit's is beta_0 (centred) or its group (non-centred)
+        unit_parent = beta_0 if self.hierarchy == "centred" else group[unit_group]
         return ElasticityLatents(
             global_elasticity=zeros.global_elasticity,
-            group_elasticity=(group - parent) / self.group_elasticity.scale,
+            group_elasticity=(group - beta_0) / self.group_elasticity.scale,
             unit_elasticity=(beta - unit_parent) / self.unit_elasticity.scale,
             unit_effect=(delta - self.unit_effect.loc) / self.unit_effect.scale,
             group_period_effect=(jnp.repeat(level, n_periods) - self.group_period_effect.loc)
