@@ -115,18 +115,9 @@ class MeanFieldNormal(AbstractGuide):
         """
         if not scale > 0:
             raise ValueError(f"scale must be > 0; got {scale}.")
-        if loc is None:
-            loc = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        else:
-            expected = jax.tree.structure(shapes)
-            if jax.tree.structure(loc) != expected:
-                raise ValueError(
-                    f"loc has structure {jax.tree.structure(loc)}, expected {expected}."
-                )
-            loc = jax.tree.map(lambda s, x: jnp.asarray(x, s.dtype).reshape(s.shape), shapes, loc)
         raw = inverse_softplus(jnp.float32(scale))
         raw_scale = jax.tree.map(lambda s: jnp.full(s.shape, raw, s.dtype), shapes)
-        return cls(loc=loc, raw_scale=raw_scale)
+        return cls(loc=_check_loc(shapes, loc), raw_scale=raw_scale)
 
     @property
     def scale(self) -> PyTree[Float[Array, "..."]]:
