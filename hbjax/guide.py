@@ -158,13 +158,9 @@ class MeanFieldNormal(AbstractGuide):
 
     def restrict(self, units: Int[Array, " slot"], unit_leaves: PyTree[bool]) -> MeanFieldNormal:
         """The batch's guide: unit leaves of ``loc`` and ``raw_scale`` taken at ``units``."""
-
-        def take(x: Array, is_unit: bool) -> Array:  # noqa: FBT001
-            return jnp.take(x, units, axis=-1) if is_unit else x
-
         return MeanFieldNormal(
-            loc=jax.tree.map(take, self.loc, unit_leaves),
-            raw_scale=jax.tree.map(take, self.raw_scale, unit_leaves),
+            loc=_take_units(self.loc, units, unit_leaves),
+            raw_scale=_take_units(self.raw_scale, units, unit_leaves),
         )
 
     def unit_update_mask(
@@ -201,6 +197,12 @@ class MeanFieldNormal(AbstractGuide):
     def mean(self) -> PyTree[Float[Array, "..."]]:
         """The guide's mean (its ``loc``)."""
         return self.loc
+
+
+def _take_units(tree: PyTree, units: Int[Array, " slot"], unit_leaves: PyTree[bool]) -> PyTree:
+    """Unit leaves (unit axis last) taken at ``units``; other leaves as they are."""
+    take = lambda x, is_unit: jnp.take(x, units, axis=-1) if is_unit else x  # noqa: E731
+    return jax.tree.map(take, tree, unit_leaves)
 
 
 def _check_loc(shapes: PyTree[jax.ShapeDtypeStruct], loc: PyTree | None) -> PyTree:
@@ -363,13 +365,9 @@ class UnitBlockNormal(AbstractGuide):
 
     def restrict(self, units: Int[Array, " slot"], unit_leaves: PyTree[bool]) -> UnitBlockNormal:
         """The batch's guide: unit leaves and ``unit_tril`` taken at ``units``."""
-
-        def take(x: Array, is_unit: bool) -> Array:  # noqa: FBT001
-            return jnp.take(x, units, axis=-1) if is_unit else x
-
         return UnitBlockNormal(
-            loc=jax.tree.map(take, self.loc, unit_leaves),
-            raw_scale=jax.tree.map(take, self.raw_scale, unit_leaves),
+            loc=_take_units(self.loc, units, unit_leaves),
+            raw_scale=_take_units(self.raw_scale, units, unit_leaves),
             unit_tril=jnp.take(self.unit_tril, units, axis=-1),
             unit_leaf_ids=self.unit_leaf_ids,
         )

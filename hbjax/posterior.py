@@ -54,6 +54,24 @@ def sample_posterior(
     return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *batches)
 
 
+def _labelled_draws(
+    result: FitResult | SavedFit,
+    encoding: Encoding,
+    num_samples: int,
+    key: PRNGKeyArray | None,
+) -> PyTree[np.ndarray]:
+    """Posterior draws (default key 0), refused if the encoding is of another panel."""
+    key = jax.random.key(0) if key is None else key
+    draws = sample_posterior(result, num_samples, key=key)
+    n_units = len(encoding.units)
+    if draws.unit_elasticity.shape[-1] != n_units:
+        raise ValueError(
+            f"the fit has {draws.unit_elasticity.shape[-1]} units but the encoding has "
+            f"{n_units}; pass the encoding returned with this fit's panel."
+        )
+    return draws
+
+
 def _describe(draws: np.ndarray) -> dict[str, np.ndarray]:
     """Mean, sd and quantiles over the leading (sample) axis."""
     draws = np.asarray(draws, dtype=np.float64)
@@ -105,14 +123,7 @@ def summarize(
         A :class:`Summary`; ``summary.units`` has columns
         ``[unit, group, mean, sd, q05, q50, q95]``.
     """
-    key = jax.random.key(0) if key is None else key
-    draws = sample_posterior(result, num_samples, key=key)
-    n_units = len(encoding.units)
-    if draws.unit_elasticity.shape[-1] != n_units:
-        raise ValueError(
-            f"the fit has {draws.unit_elasticity.shape[-1]} units but the encoding has "
-            f"{n_units}; pass the encoding returned with this fit's panel."
-        )
+    draws = _labelled_draws(result, encoding, num_samples, key)
     units = pd.concat(
         [encoding.unit_frame(), pd.DataFrame(_describe(draws.unit_elasticity))], axis=1
     )
@@ -156,14 +167,7 @@ def to_arviz(
         import arviz as az
     except ImportError:
         raise ImportError('to_arviz needs ArviZ: pip install "hbjax[arviz]"') from None
-    key = jax.random.key(0) if key is None else key
-    draws = sample_posterior(result, num_samples, key=key)
-    n_units = len(encoding.units)
-    if draws.unit_elasticity.shape[-1] != n_units:
-        raise ValueError(
-            f"the fit has {draws.unit_elasticity.shape[-1]} units but the encoding has "
-            f"{n_units}; pass the encoding returned with this fit's panel."
-        )
+    draws = _labelled_draws(result, encoding, num_samples, key)
     unit, group = encoding.unit_column, encoding.group_column
     period = encoding.columns.get("period", "period")
     shape = (num_samples, len(encoding.groups), len(encoding.periods))
@@ -260,9 +264,8 @@ def predict(
                 f"column {period!r} has periods the fit has not seen in "
                 f"{_rows(frame, periods < 0)}; drop the column for a typical period."
             )
-    key = jax.random.key(0) if key is None else key
     model = fit.model
-    draws = sample_posterior(fit, num_samples, key=key)
+    draws = _labelled_draws(fit, encoding, num_samples, key)
     gamma = np.asarray(draws.group_period_effect).reshape(num_samples, -1, n_periods)
     group = np.asarray(encoding.unit_group)[units]
     cell = gamma[:, group, periods] if periods is not None else gamma.mean(axis=2)[:, group]
