@@ -313,7 +313,7 @@ def fit(
     opt_state = optimizer.init(params)
     key = _typed_key(key)
     saver = _Checkpointer(checkpoint_dir, checkpoint_every, resume, key, guide_static)
-    params, opt_state, first = saver.restore(params, opt_state)
+    params, opt_state, first = saver.restore(params, opt_state, steps)
     chunk_size = saver.align(chunk_size)
     diagnostics_key = jax.random.fold_in(key, np.iinfo(np.int32).max)
     mesh_of = lambda data: getattr(data, "mesh", None)  # noqa: E731
@@ -536,7 +536,7 @@ class _Checkpointer:
         self.guide_static = guide_static
         self.fingerprint: dict[str, object] = {}
 
-    def restore(self, params: Any, opt_state: Any) -> tuple[Any, Any, _Resumed]:
+    def restore(self, params: Any, opt_state: Any, steps: int) -> tuple[Any, Any, _Resumed]:
         """The starting state: the checkpoint's when resuming from one, else the given."""
         if self.directory is None:
             return params, opt_state, _Resumed()
@@ -556,6 +556,11 @@ class _Checkpointer:
             like_key_data=self.key_data,
             fingerprint=self.fingerprint,
         )
+        if saved.step > steps:
+            raise checkpoint.CheckpointError(
+                f"the checkpoint in {str(self.directory)!r} is at step {saved.step}, past "
+                f"steps={steps}; ask for at least {saved.step} steps to continue it."
+            )
         if not np.array_equal(saved.key_data, self.key_data):
             raise checkpoint.CheckpointError(
                 f"the checkpoint in {str(self.directory)!r} was written with another key "
@@ -697,7 +702,7 @@ def _fit_minibatch(
     model_arrays, model_static = eqx.partition(model, eqx.is_array)
     opt_state = optimizer.init(params)
     saver = _Checkpointer(*checkpoints, key, guide_static)
-    params, opt_state, first = saver.restore(params, opt_state)
+    params, opt_state, first = saver.restore(params, opt_state, steps)
     chunk = saver.align(chunk)
     params, opt_state, model_arrays, key, first_step, healthy = replicate(
         (params, opt_state, model_arrays, key, np.int32(first.step), _TRUE), sampler.mesh

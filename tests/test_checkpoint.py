@@ -56,6 +56,17 @@ def test_checkpoints_that_do_not_fit_are_refused(small_panel, tmp_path):
     fit(model, guide, panel, key=jax.random.key(0))
     with pytest.raises(CheckpointError, match="already holds a checkpoint"):
         fit(model, guide, panel, key=jax.random.key(0))
+    with pytest.raises(CheckpointError, match="past steps=10"):
+        hbjax.fit(
+            model,
+            guide,
+            panel,
+            key=jax.random.key(0),
+            steps=10,
+            progress=False,
+            checkpoint_dir=folder,
+            resume=True,
+        )
     with pytest.raises(CheckpointError, match="another key"):
         fit(model, guide, panel, key=jax.random.key(1), resume=True)
     other = hbjax.from_frame(hbjax.simulate(n_units=50, n_periods=20, n_groups=4).frame)[0]
