@@ -257,7 +257,7 @@ class ElasticityModel(AbstractModel):
         ``delta_i``, and with a centred hierarchy the elasticities' priors at their
         non-centred ``z`` (both maps are shifts: unit Jacobian).
         """
-        z_group, z_unit = self._noncentred_z(self._elasticities(latents), latents)
+        z_group, z_unit = self._noncentred_z(self.elasticities(latents), latents)
         return (
             self.global_elasticity.log_prior(latents.global_elasticity)
             + self.group_elasticity.log_prior(z_group)
@@ -266,13 +266,13 @@ class ElasticityModel(AbstractModel):
             + self.group_period_effect.log_prior(latents.group_period_effect)
         )
 
-    def _elasticities(
+    def elasticities(
         self, latents: ElasticityLatents, unit_group: Int[Array, " slot"] | None = None
     ) -> tuple[Float[ArrayLike, "*p"], Float[ArrayLike, "*p group"], Float[ArrayLike, "*p unit"]]:
-        """Global, group and unit elasticities (natural scale) from either hierarchy.
+        """Global, group and unit elasticities (natural scale) of one set of latents.
 
-        ``unit_group``: the group of each unit slot when the unit leaves hold a batch's
-        slots (default: every unit, the model's own index).
+        ``unit_group``: the group of each slot when the unit leaves hold some units only
+        (a batch, or a chunk of units to summarise); default: every unit.
         """
         index = self.unit_elasticity.index if unit_group is None else unit_group
         beta_g = self.global_elasticity(latents.global_elasticity)
@@ -301,7 +301,7 @@ class ElasticityModel(AbstractModel):
         return z_group, z_unit
 
     def _unit_elasticity(self, latents: ElasticityLatents) -> Float[ArrayLike, "*p unit"]:
-        return self._elasticities(latents)[2]
+        return self.elasticities(latents)[2]
 
     def _uncentred_effect_z(self, latents: ElasticityLatents) -> Float[ArrayLike, "*p unit"]:
         if self.price_centre is None:
@@ -311,7 +311,7 @@ class ElasticityModel(AbstractModel):
 
     def natural(self, latents: ElasticityLatents) -> ElasticityLatents:
         """Natural-scale values (elasticities, effects) of one set of latents."""
-        beta_g, beta_c, beta_i = self._elasticities(latents)
+        beta_g, beta_c, beta_i = self.elasticities(latents)
         delta_i = self.unit_effect(latents.unit_effect)
         if self.price_centre is not None:
             delta_i = delta_i - beta_i * self.price_centre
@@ -334,7 +334,7 @@ class ElasticityModel(AbstractModel):
         ``latents.unit_elasticity`` and ``latents.unit_effect`` are ``[slot]``: the batch's
         units. Shared latents enter with weight 1, each slot's terms with its weight.
         """
-        elasticities = self._elasticities(latents, batch.group)
+        elasticities = self.elasticities(latents, batch.group)
         z_group, z_beta = self._noncentred_z(elasticities, latents, batch.group)
         beta = elasticities[2]
         z_delta = latents.unit_effect

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import equinox as eqx
@@ -103,12 +104,17 @@ class Summary:
     num_samples: int
 
 
+#: Most unit draws (samples x units) :func:`summarize` holds at once: about 0.5 GiB.
+MAX_UNIT_DRAWS = 2**26
+
+
 def summarize(
     result: FitResult,
     encoding: Encoding,
     *,
     num_samples: int = 1000,
     key: PRNGKeyArray | None = None,
+    max_unit_draws: int = MAX_UNIT_DRAWS,
 ) -> Summary:
     """Summaries of unit, group and global elasticities on the natural scale.
 
@@ -118,15 +124,24 @@ def summarize(
         num_samples: posterior draws to summarise (Monte Carlo error of a quantile is
             about ``sd * 1.3 / sqrt(num_samples)`` at the 5%/95% tails).
         key: PRNG key for the draws (default ``jax.random.key(0)``).
+        max_unit_draws: beyond ``num_samples x units`` of this, units are summarised in
+            chunks of ``max_unit_draws / num_samples`` from the guide restricted to them
+            (guides that factorise over units: mean-field, unit-block), so memory stays
+            bounded for millions of units. Each unit's summary is the same in law.
 
     Returns:
         A :class:`Summary`; ``summary.units`` has columns
         ``[unit, group, mean, sd, q05, q50, q95]``.
     """
-    draws = _labelled_draws(result, encoding, num_samples, key)
-    units = pd.concat(
-        [encoding.unit_frame(), pd.DataFrame(_describe(draws.unit_elasticity))], axis=1
-    )
+    n_units = len(encoding.units)
+    if num_samples * n_units > max_unit_draws and _summarise_in_chunks(result):
+        unit_stats, draws = _unit_stats_in_chunks(
+            result, encoding, num_samples, key, max(1, max_unit_draws // num_samples)
+        )
+    else:
+        draws = _labelled_draws(result, encoding, num_samples, key)
+        unit_stats = _describe(draws.unit_elasticity)
+    units = pd.concat([encoding.unit_frame(), pd.DataFrame(unit_stats)], axis=1)
     groups = pd.concat(
         [
             pd.DataFrame({encoding.group_column: encoding.groups}),
@@ -137,6 +152,63 @@ def summarize(
     overall = pd.DataFrame({k: [v] for k, v in _describe(draws.global_elasticity).items()})
     overall.insert(0, "parameter", ["global elasticity"])
     return Summary(units=units, groups=groups, overall=overall, num_samples=num_samples)
+
+
+def _summarise_in_chunks(result: FitResult | SavedFit) -> bool:
+    """Whether the fit's guide draws a subset of units on its own (``restrict``)."""
+    from .guide import AbstractGuide
+    from .model import ElasticityModel
+
+    overrides = type(result.guide).restrict is not AbstractGuide.restrict
+    return overrides and isinstance(result.model, ElasticityModel)
+
+
+def _unit_stats_in_chunks(
+    result: FitResult | SavedFit,
+    encoding: Encoding,
+    num_samples: int,
+    key: PRNGKeyArray | None,
+    chunk: int,
+    batch_size: int = 250,
+) -> tuple[dict[str, np.ndarray], SimpleNamespace]:
+    """Unit summaries chunk by chunk; group and global draws from the first chunk.
+
+    Chunk ``c`` draws from ``guide.restrict(units of c)`` with key ``fold_in(key, c)``: the
+    draws of different chunks are independent, each unit's and the shared latents'
+    marginals are the guide's.
+    """
+    model, guide = result.model, result.guide
+    key = jax.random.key(0) if key is None else key
+    unit_leaves = model.unit_leaves()
+    unit_group = np.asarray(encoding.unit_group)
+    if model.unit_effect.shape[0] != len(unit_group):
+        raise ValueError(
+            f"the fit has {model.unit_effect.shape[0]} units but the encoding has "
+            f"{len(unit_group)}; pass the encoding returned with this fit's panel."
+        )
+
+    @eqx.filter_jit
+    def draw(guide, model, units, groups, n, key):  # noqa: ANN001, ANN202
+        local = guide.restrict(units, unit_leaves).sample(n, key=key)
+        return jax.vmap(lambda z: model.elasticities(z, groups))(local)
+
+    stats: list[dict[str, np.ndarray]] = []
+    shared = None
+    for c, start in enumerate(range(0, len(unit_group), chunk)):
+        units = np.arange(start, min(start + chunk, len(unit_group)), dtype=np.int32)
+        parts = []
+        for i, first in enumerate(range(0, num_samples, batch_size)):
+            n = min(batch_size, num_samples - first)
+            step_key = jax.random.fold_in(jax.random.fold_in(key, c), i)
+            parts.append(draw(guide, model, units, unit_group[units], n, step_key))
+        beta_g, beta_c, beta_i = (
+            np.concatenate([np.asarray(p[j]) for p in parts]) for j in range(3)
+        )
+        stats.append(_describe(beta_i))
+        if shared is None:
+            shared = SimpleNamespace(global_elasticity=beta_g, group_elasticity=beta_c)
+    merged = {name: np.concatenate([s[name] for s in stats]) for name in stats[0]}
+    return merged, shared
 
 
 def to_arviz(

@@ -19,13 +19,17 @@ def test_summary_tables_on_original_labels(recovery_fit):
     assert summary.overall["parameter"].tolist() == ["global elasticity"]
 
 
-def test_summaries_match_the_closed_form_of_a_mean_field_guide(recovery_fit):
+@pytest.mark.parametrize("max_unit_draws", [hbjax.posterior.MAX_UNIT_DRAWS, 4000 * 64])
+def test_summaries_match_the_closed_form_of_a_mean_field_guide(recovery_fit, max_unit_draws):
+    # The second case summarises the 300 units in chunks of 64 (memory-bounded path).
     # Under a mean-field normal guide and the (default) centred hierarchy, beta_i = -2 + 2 u_i
     # is normal with mean -2 + 2 loc_i and sd 2 s_i.
     _, panel, encoding, result = recovery_fit
     assert result.model.hierarchy == "centred"
     n = 4000
-    summary = hbjax.summarize(result, encoding, num_samples=n, key=jax.random.key(9))
+    summary = hbjax.summarize(
+        result, encoding, num_samples=n, key=jax.random.key(9), max_unit_draws=max_unit_draws
+    )
     loc, scale = result.guide.loc, result.guide.scale
     mean = -2.0 + 2.0 * np.asarray(loc.unit_elasticity)
     sd = 2.0 * np.asarray(scale.unit_elasticity)
@@ -36,6 +40,12 @@ def test_summaries_match_the_closed_form_of_a_mean_field_guide(recovery_fit):
     np.testing.assert_allclose(
         summary.units["q95"] - summary.units["q05"], 2 * 1.6449 * sd, rtol=0.1
     )
+    # categories: beta_c = -2 + v_c (group scale 1)
+    group_mean = -2.0 + np.asarray(loc.group_elasticity)
+    group_sd = np.asarray(scale.group_elasticity)
+    z = (summary.groups["mean"].to_numpy() - group_mean) / (group_sd / np.sqrt(n))
+    assert np.abs(z).max() < 5
+    assert np.abs(summary.groups["sd"].to_numpy() / group_sd - 1).max() < 5 * np.sqrt(1 / (2 * n))
 
 
 def test_sample_posterior_is_deterministic_given_the_key(recovery_fit):
@@ -53,6 +63,8 @@ def test_encoding_mismatch_is_refused(recovery_fit, small_panel):
     _, other_encoding = small_panel
     with pytest.raises(ValueError, match="encoding"):
         hbjax.summarize(result, other_encoding, num_samples=10)
+    with pytest.raises(ValueError, match="encoding"):  # the chunked path too
+        hbjax.summarize(result, other_encoding, num_samples=10, max_unit_draws=100)
 
 
 def test_to_arviz_keeps_labels_and_works_with_arviz(recovery_fit, tmp_path):
