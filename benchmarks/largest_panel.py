@@ -35,16 +35,10 @@ import sys
 import threading
 import time
 
+from benchmarks.minibatch_memory import _status_mib
+
 PERIODS = 156
 CHUNK_PRODUCTS = 100_000
-
-
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class PeakAnon:

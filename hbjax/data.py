@@ -349,6 +349,18 @@ def _check_values(frame: pd.DataFrame, price: str, units: str) -> tuple[np.ndarr
     return price_values, count_values
 
 
+def duplicate_pair_error(
+    roles: Mapping[str, str], unit_label: object, period_label: object, where: str
+) -> DataValidationError:
+    """The error for a (unit, period) pair given more than once; ``where``: the rows."""
+    unit, period = roles["unit"], roles["period"]
+    return DataValidationError(
+        f"({unit!r}, {period!r}) = ({_show(unit_label)}, {_show(period_label)}) appears more "
+        f"than once: {where}. Aggregate them to one row per unit and period (e.g. "
+        "df.groupby([unit, period]).agg(...))."
+    )
+
+
 def _codes(frame: pd.DataFrame, column: str, values: pd.Series, labels: pd.Index) -> np.ndarray:
     """Codes of ``values`` in a given ``labels`` index; every value must be known."""
     codes = labels.get_indexer(values)
@@ -401,11 +413,11 @@ def _encode(
     duplicated = pd.Series(key).duplicated(keep=False).to_numpy()
     if duplicated.any():
         first = np.flatnonzero(duplicated)[0]
-        raise DataValidationError(
-            f"({unit!r}, {period!r}) = ({_show(unit_labels[unit_codes[first]])}, "
-            f"{_show(period_labels[period_codes[first]])}) appears more than once: "
-            f"{_rows(frame, duplicated)} are duplicates. Aggregate them to one row per "
-            "unit and period (e.g. df.groupby([unit, period]).agg(...))."
+        raise duplicate_pair_error(
+            roles,
+            unit_labels[unit_codes[first]],
+            period_labels[period_codes[first]],
+            f"{_rows(frame, duplicated)} are duplicates",
         )
     encoding = encoding or Encoding(
         units=unit_labels,
@@ -535,6 +547,16 @@ def warn_weak_units(constant: np.ndarray, encoding: Encoding) -> None:
         )
 
 
+def readable_kind(path: Path) -> str:
+    """``"CSV"`` or ``"Parquet"`` for an existing file; a clear error otherwise."""
+    kind = _reader(path)
+    if not path.exists():
+        raise DataValidationError(f"no such file: {str(path)!r}.")
+    if path.is_dir():
+        raise DataValidationError(f"{str(path)!r} is a folder; pass a .csv or .parquet file.")
+    return kind
+
+
 def _reader(path: Path) -> str:
     name = path.name.lower()
     if name.endswith((".csv", ".csv.gz", ".txt")):
@@ -562,11 +584,7 @@ def read_table(
         DataValidationError: the path does not exist, cannot be read, or has another suffix.
     """
     path = Path(path)
-    kind = _reader(path)
-    if not path.exists():
-        raise DataValidationError(f"no such file: {str(path)!r}.")
-    if path.is_dir():
-        raise DataValidationError(f"{str(path)!r} is a folder; pass a .csv or .parquet file.")
+    kind = readable_kind(path)
     try:
         if kind == "CSV":
             frame = pd.read_csv(path, usecols=list(columns) if columns is not None else None)

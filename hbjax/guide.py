@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import math
+from typing import Any
 
 import distrax
 import equinox as eqx
@@ -146,12 +147,8 @@ class MeanFieldNormal(AbstractGuide):
         """
         leaves, treedef = jax.tree.flatten(self.loc)
         scales = jax.tree.leaves(self.scale)
-        weight_leaves = [1.0] * len(leaves) if weights is None else treedef.flatten_up_to(weights)
-        keys = jax.random.split(key, len(leaves))
-        eps = [
-            jax.random.normal(k, (num_particles, *loc.shape), loc.dtype)
-            for loc, k in zip(leaves, keys, strict=True)
-        ]
+        weight_leaves = _leaf_weights(treedef, weights)
+        eps = _standard_normals(leaves, num_particles, key)
         draws = [loc + scale * e for loc, scale, e in zip(leaves, scales, eps, strict=True)]
         log_q = _standard_log_q(eps, scales, weight_leaves, num_particles)
         return jax.tree.unflatten(treedef, draws), log_q
@@ -176,7 +173,7 @@ class MeanFieldNormal(AbstractGuide):
     ) -> ParticleFloat:
         """Sum over latents of the (weighted) normal log densities, one value per particle."""
         leaves, treedef = jax.tree.flatten(self.loc)
-        weight_leaves = [1.0] * len(leaves) if weights is None else treedef.flatten_up_to(weights)
+        weight_leaves = _leaf_weights(treedef, weights)
 
         def leaf_log_prob(z: Array, loc: Array, scale: Array, weight: Array | float) -> Array:
             log_q = weight * distrax.Normal(loc, scale).log_prob(z)
@@ -197,6 +194,22 @@ class MeanFieldNormal(AbstractGuide):
     def mean(self) -> PyTree[Float[Array, "..."]]:
         """The guide's mean (its ``loc``)."""
         return self.loc
+
+
+def _leaf_weights(treedef: Any, weights: PyTree | None) -> list:
+    """Each latent leaf's log-density weight (1 without minibatch weights)."""
+    if weights is None:
+        return [1.0] * treedef.num_leaves
+    return treedef.flatten_up_to(weights)
+
+
+def _standard_normals(leaves: list[Array], num_particles: int, key: PRNGKeyArray) -> list[Array]:
+    """``eps ~ N(0, I)`` shaped ``[particle, *leaf]`` for each leaf, one key per leaf."""
+    keys = jax.random.split(key, len(leaves))
+    return [
+        jax.random.normal(k, (num_particles, *leaf.shape), leaf.dtype)
+        for leaf, k in zip(leaves, keys, strict=True)
+    ]
 
 
 def _take_units(tree: PyTree, units: Int[Array, " slot"], unit_leaves: PyTree[bool]) -> PyTree:
@@ -313,12 +326,8 @@ class UnitBlockNormal(AbstractGuide):
         """Particles ``loc + L eps`` and ``log q = sum(-eps^2 / 2 - log diag(L)) - c``."""
         leaves, treedef = jax.tree.flatten(self.loc)
         scales = jax.tree.leaves(self.scale)
-        weight_leaves = [1.0] * len(leaves) if weights is None else treedef.flatten_up_to(weights)
-        keys = jax.random.split(key, len(leaves))
-        eps = [
-            jax.random.normal(k, (num_particles, *loc.shape), loc.dtype)
-            for loc, k in zip(leaves, keys, strict=True)
-        ]
+        weight_leaves = _leaf_weights(treedef, weights)
+        eps = _standard_normals(leaves, num_particles, key)
         draws = [loc + x for loc, x in zip(leaves, self._mix(eps, scales), strict=True)]
         log_q = _standard_log_q(eps, scales, weight_leaves, num_particles)
         return jax.tree.unflatten(treedef, draws), log_q
@@ -333,7 +342,7 @@ class UnitBlockNormal(AbstractGuide):
         """Log density: ``eps = L^-1 (z - loc)`` by forward substitution per unit."""
         leaves, treedef = jax.tree.flatten(self.loc)
         scales = jax.tree.leaves(self.scale)
-        weight_leaves = [1.0] * len(leaves) if weights is None else treedef.flatten_up_to(weights)
+        weight_leaves = _leaf_weights(treedef, weights)
         residual = [
             z - loc for z, loc in zip(treedef.flatten_up_to(particles), leaves, strict=True)
         ]

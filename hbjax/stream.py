@@ -43,7 +43,9 @@ from .data import (
     _show,
     check_panel_shape,
     column_roles,
+    duplicate_pair_error,
     load_encoding,
+    readable_kind,
     save_encoding,
     warn_weak_units,
 )
@@ -83,11 +85,7 @@ def is_grid(path: str | os.PathLike[str]) -> bool:
 
 def _chunks(path: Path, columns: list[str], chunk_rows: int) -> Iterator[pd.DataFrame]:
     """The file's rows in chunks, indexed by their 0-based position in the file."""
-    kind = _reader(path)
-    if not path.exists():
-        raise DataValidationError(f"no such file: {str(path)!r}.")
-    if path.is_dir():
-        raise DataValidationError(f"{str(path)!r} is a folder; pass a .csv or .parquet file.")
+    kind = readable_kind(path)
     offset = 0
     try:
         if kind == "CSV":
@@ -263,11 +261,11 @@ def _write_cells(
         twice = key.duplicated(keep=False).to_numpy() | grids["observed"][u, p]
         if twice.any():
             first = np.flatnonzero(twice)[0]
-            raise DataValidationError(
-                f"({unit!r}, {period!r}) = ({_show(encoding.units[u[first]])}, "
-                f"{_show(encoding.periods[p[first]])}) appears more than once (in "
-                f"{_rows(chunk, twice)} of this chunk, or earlier in the file); aggregate "
-                "them to one row per unit and period."
+            raise duplicate_pair_error(
+                roles,
+                encoding.units[u[first]],
+                encoding.periods[p[first]],
+                f"{_rows(chunk, twice)} of this chunk, or earlier in the file",
             )
         log_price = np.log(price)
         grids["log_price"][u, p] = log_price
