@@ -2,6 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from . import extras as extras
 from . import layers as layers
 from . import minibatch as minibatch
 from . import sharding as sharding

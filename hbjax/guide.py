@@ -14,7 +14,6 @@ import abc
 import math
 from typing import Any
 
-import distrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -22,8 +21,8 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from ._types import ParticleFloat
+from .layers import HALF_LOG_2PI, normal_log_prob
 
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 _TRUE = np.True_
 
 
@@ -176,7 +175,7 @@ class MeanFieldNormal(AbstractGuide):
         weight_leaves = _leaf_weights(treedef, weights)
 
         def leaf_log_prob(z: Array, loc: Array, scale: Array, weight: Array | float) -> Array:
-            log_q = weight * distrax.Normal(loc, scale).log_prob(z)
+            log_q = weight * normal_log_prob(z, loc, scale)
             return jnp.sum(log_q.reshape(z.shape[0], -1), axis=1)
 
         per_leaf = [
@@ -402,7 +401,7 @@ def _standard_log_q(
     """``sum(weight * (-eps^2 / 2 - log scale - log(2 pi) / 2))`` per particle."""
     log_q = jnp.zeros(num_particles, jnp.float32)
     for e, scale, weight in zip(eps, scales, weights, strict=True):
-        log_density = weight * (-0.5 * e**2 - jnp.log(scale) - _HALF_LOG_2PI)
+        log_density = weight * (-0.5 * e**2 - jnp.log(scale) - HALF_LOG_2PI)
         log_q = log_q + jnp.sum(log_density.reshape(num_particles, -1), axis=1)
     return log_q
 
@@ -484,7 +483,7 @@ class LowRankNormal(AbstractGuide):
         v = jax.scipy.linalg.solve_triangular(chol, (y @ w).T, lower=True)  # [rank, p]
         quad = jnp.sum(y**2, axis=-1) - jnp.sum(v**2, axis=0)
         log_det = 2 * jnp.sum(jnp.log(d)) + 2 * jnp.sum(jnp.log(jnp.diag(chol)))
-        return -0.5 * (quad + log_det) - x.shape[-1] * _HALF_LOG_2PI
+        return -0.5 * (quad + log_det) - x.shape[-1] * HALF_LOG_2PI
 
     def sample_and_log_prob(
         self, num_particles: int, *, key: PRNGKeyArray, weights: PyTree | None = None

@@ -18,19 +18,34 @@ Layers are plain pytrees, usable inside any JAX/Equinox code::
 
 from __future__ import annotations
 
-import distrax
+import math
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, Scalar
 
+#: ``log(2 pi) / 2``, the normal density's constant.
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def normal_log_prob(
+    z: Float[ArrayLike, "..."], loc: Float[ArrayLike, "..."], scale: Float[ArrayLike, "..."]
+) -> Float[Array, "..."]:
+    """Elementwise ``log N(z | loc, scale)`` (arguments broadcast).
+
+    ``-u^2 / 2 - log(scale) - log(2 pi) / 2`` with ``u = (z - loc) / scale``: one line, so
+    the core needs no distribution library.
+    """
+    u = (z - loc) / scale
+    return -0.5 * u * u - jnp.log(scale) - HALF_LOG_2PI
+
 
 def standard_normal_log_prob(z: Float[ArrayLike, "*shape"]) -> Scalar:
     """Sum of standard-normal log densities of all entries of ``z``."""
-    # Built per call (free under jit): a module-level distribution would start JAX's
-    # backend at import, before jax.distributed.initialize can run.
-    return jnp.sum(distrax.Normal(0.0, 1.0).log_prob(z))
+    z = jnp.asarray(z)
+    return jnp.sum(-0.5 * z * z) - z.size * HALF_LOG_2PI
 
 
 class AbstractEffect(eqx.Module):

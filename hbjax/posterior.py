@@ -13,6 +13,7 @@ import pandas as pd
 
 from ._types import PRNGKeyArray, PyTree
 from .data import DataValidationError, Encoding, _numeric, _period_values, _rows
+from .extras import optional_import
 from .fit import FitResult
 
 if TYPE_CHECKING:
@@ -235,10 +236,7 @@ def to_arviz(
         num_samples: draws from the guide.
         key: PRNG key (default ``jax.random.key(0)``).
     """
-    try:
-        import arviz as az
-    except ImportError:
-        raise ImportError('to_arviz needs ArviZ: pip install "hbjax[arviz]"') from None
+    az = optional_import("arviz", purpose="to_arviz")
     draws = _labelled_draws(result, encoding, num_samples, key)
     unit, group = encoding.unit_column, encoding.group_column
     period = encoding.columns.get("period", "period")

@@ -1,0 +1,88 @@
+"""hbjax imports, fits and runs its CLI without distrax or tensorflow-probability."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import types
+
+import pytest
+
+import hbjax
+from hbjax import extras
+
+_BLOCK = """
+import sys
+sys.modules["distrax"] = None  # any import of it raises ImportError
+sys.modules["tensorflow_probability"] = None
+"""
+
+
+def _run(code: str, tmp_path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run(
+        [sys.executable, "-c", _BLOCK + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
+    )
+
+
+def test_import_fit_every_guide_minibatch_checkpoint_and_demo_without_distrax(tmp_path):
+    code = """
+    import jax, hbjax
+    from hbjax.cli import main
+    assert "distrax" not in [m.split(".")[0] for m in sys.modules if sys.modules[m]]
+    sim = hbjax.simulate(n_units=24, n_periods=8, n_groups=3, seed=1)
+    panel, encoding = hbjax.from_frame(sim.frame)
+    model = hbjax.ElasticityModel.from_panel(panel)
+    for name in ("meanfield", "unitblock", "lowrank"):
+        guide = hbjax.make_guide(name, model, loc=model.init_latents(panel))
+        result = hbjax.fit(model, guide, panel, key=jax.random.key(0), steps=5, progress=False)
+        assert result.steps == 5, name
+    guide = hbjax.make_guide("unitblock", model, loc=model.init_latents(panel))
+    result = hbjax.fit(model, guide, panel, key=jax.random.key(0), steps=6, progress=False,
+                       batch_size=8, checkpoint_dir="ckpt", checkpoint_every=3)
+    assert result.steps == 6
+    code = main(["demo", "--products", "40", "--periods", "8", "--categories", "2",
+                 "--steps", "20", "--no-progress"])
+    assert code == 0
+    loaded = [m for m in sys.modules if m.startswith(("distrax", "tensorflow_probability"))]
+    assert all(sys.modules[m] is None for m in loaded), loaded
+    print("OK")
+    """
+    done = _run(code, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("OK")
+    assert "demo: 40 products" in done.stdout and "fit: 20 steps" in done.stdout
+
+
+def test_a_broken_distrax_is_one_line_naming_versions(monkeypatch):
+    monkeypatch.setitem(sys.modules, "distrax", None)
+    with pytest.raises(ImportError) as caught:
+        extras.distrax()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "distrax" in message and "hbjax[distrax]" in message
+    assert "jax " in message  # the installed JAX version is named
+
+
+def test_distrax_brought_by_the_user_is_returned(monkeypatch):
+    fake = types.ModuleType("distrax")
+    monkeypatch.setitem(sys.modules, "distrax", fake)
+    assert extras.distrax() is fake
+
+
+def test_to_arviz_without_arviz_is_one_line(monkeypatch, recovery_fit):
+    _, _, encoding, result = recovery_fit
+    monkeypatch.setitem(sys.modules, "arviz", None)
+    with pytest.raises(ImportError, match=r"to_arviz needs arviz.*hbjax\[arviz\]"):
+        hbjax.to_arviz(result, encoding)
+
+
+def test_installed_versions_names_only_installed_distributions():
+    assert extras.installed_versions("jax").startswith("jax ")
+    assert extras.installed_versions("no-such-distribution-hbjax") == "none of them installed"
