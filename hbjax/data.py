@@ -140,6 +140,8 @@ class DensePanel(eqx.Module):
         n_groups: number of groups.
         n_periods: number of periods.
         n_blocks: number of blocks.
+        cell_chunk: slots per chunk: each block's run of each group's units fills whole
+            chunks (:func:`hbjax.sharding.slot_plan`), so cell sums add chunks first.
         mesh: the mesh the slots are split over, or ``None``.
     """
 
@@ -159,6 +161,7 @@ class DensePanel(eqx.Module):
     n_groups: int = eqx.field(static=True)
     n_periods: int = eqx.field(static=True)
     n_blocks: int = eqx.field(static=True, default=1)
+    cell_chunk: int = eqx.field(static=True, default=1)
     mesh: Mesh | None = eqx.field(static=True, default=None)
 
     @property

@@ -295,6 +295,7 @@ def dense_log_likelihood(
     rates = dense_rate_sum(
         panel.mesh,
         panel.n_blocks,
+        panel.cell_chunk,
         unit_elasticity,
         unit_effect - unit_elasticity * shift,
         cell_effect,
@@ -306,10 +307,14 @@ def dense_log_likelihood(
     return linear - rates - panel.log_factorial
 
 
-def _dense_partials(beta, delta, gamma, log_price, observed, slot_unit, slot_group, n_blocks):  # noqa: ANN001, ANN202, E501
+def _dense_partials(
+    beta, delta, gamma, log_price, observed, slot_unit, slot_group, n_blocks, chunk
+):  # noqa: ANN001, ANN202, E501
     """One device's blocks: ``sum exp(log_rate)`` per block and its gradient pieces.
 
     One pass over the grid gives the value and the three reductions its gradient needs.
+    The per-cell sums add each ``chunk`` of slots (one group's, by the layout) first and
+    scatter ``chunk`` times fewer rows onto the few (block, cell) targets.
     """
     n_groups = gamma.shape[0] // log_price.shape[1]
     cell = gamma.reshape(n_groups, -1)
@@ -318,16 +323,19 @@ def _dense_partials(beta, delta, gamma, log_price, observed, slot_unit, slot_gro
     by_slot = jnp.sum(rate, axis=1)
     by_slot_log_price = jnp.sum(rate * log_price, axis=1)
     per_block = jnp.sum(by_slot.reshape(n_blocks, -1), axis=1)
+    chunk_rate = rate.reshape(-1, chunk, rate.shape[1]).sum(axis=1) if chunk > 1 else rate
+    chunk_group = slot_group.reshape(-1, chunk)[:, 0] if chunk > 1 else slot_group
     by_block_cell = _per_block_segment_sum(
-        rate, slot_group, n_blocks, n_groups, indices_are_sorted=True
+        chunk_rate, chunk_group, n_blocks, n_groups, indices_are_sorted=True
     )
     return per_block, by_slot_log_price, by_slot, by_block_cell
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def dense_rate_sum(
     mesh: Mesh | None,
     n_blocks: int,
+    cell_chunk: int,
     unit_elasticity: UnitFloat,
     unit_effect: UnitFloat,
     cell_effect: CellFloat,
@@ -342,11 +350,13 @@ def dense_rate_sum(
     are per-unit and per-cell sums only). Per-unit sums come from one block each and are
     combined exactly (``psum`` of disjoint supports); per-block sums are gathered and added
     in block order, so on CPU every device count >= 2 dividing ``n_blocks`` gives bitwise
-    the same value and gradient.
+    the same value and gradient. ``cell_chunk``: the layout's slots per chunk
+    (:func:`hbjax.sharding.slot_plan`).
     """
     return _dense_forward(
         mesh,
         n_blocks,
+        cell_chunk,
         unit_elasticity,
         unit_effect,
         cell_effect,
@@ -357,13 +367,13 @@ def dense_rate_sum(
     )[0]
 
 
-def _dense_forward(mesh, n_blocks, beta, delta, gamma, *grid):  # noqa: ANN001, ANN202
+def _dense_forward(mesh, n_blocks, chunk, beta, delta, gamma, *grid):  # noqa: ANN001, ANN202
     n_units = beta.shape[0]
 
     def per_device(beta, delta, gamma, log_price, observed, slot_unit, slot_group):  # noqa: ANN001, ANN202
         local_blocks = n_blocks if mesh is None else n_blocks // mesh.devices.size
         per_block, by_slot_lp, by_slot, by_block_cell = _dense_partials(
-            beta, delta, gamma, log_price, observed, slot_unit, slot_group, local_blocks
+            beta, delta, gamma, log_price, observed, slot_unit, slot_group, local_blocks, chunk
         )
         d_beta = jax.ops.segment_sum(by_slot_lp, slot_unit, n_units)
         d_delta = jax.ops.segment_sum(by_slot, slot_unit, n_units)
@@ -389,12 +399,12 @@ def _dense_forward(mesh, n_blocks, beta, delta, gamma, *grid):  # noqa: ANN001, 
     )(*args)
 
 
-def _dense_fwd(mesh, n_blocks, *args):  # noqa: ANN001, ANN202
-    value, d_beta, d_delta, d_gamma = _dense_forward(mesh, n_blocks, *args)
+def _dense_fwd(mesh, n_blocks, chunk, *args):  # noqa: ANN001, ANN202
+    value, d_beta, d_delta, d_gamma = _dense_forward(mesh, n_blocks, chunk, *args)
     return value, (d_beta, d_delta, d_gamma)
 
 
-def _dense_bwd(mesh, n_blocks, residuals, cotangent):  # noqa: ANN001, ANN202
+def _dense_bwd(mesh, n_blocks, chunk, residuals, cotangent):  # noqa: ANN001, ANN202
     d_beta, d_delta, d_gamma = residuals
     grads = (cotangent * d_beta, cotangent * d_delta, cotangent * d_gamma)
     return (*grads, None, None, None, None)

@@ -34,6 +34,8 @@ loss's value:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -41,6 +43,30 @@ from ._types import ParticleFloat, PRNGKeyArray, PyTree, Scalar
 from .guide import AbstractGuide
 from .minibatch import UnitBatch
 from .model import AbstractModel
+
+#: How particles go through the model (:func:`map_particles`).
+PARTICLE_MAPS = ("auto", "sequential", "vectorized")
+
+
+def map_particles(
+    fn: Callable[[PyTree], Scalar], particles: PyTree, how: str = "auto"
+) -> ParticleFloat:
+    """``fn`` of each particle (leading ``particle`` axis), one after another or all at once.
+
+    ``"sequential"`` (``lax.map``): each pass streams the data once and keeps one
+    particle's intermediates; on CPU several times faster than ``vmap`` over large data,
+    with K times less memory. ``"vectorized"`` (``vmap``): every kernel sees all K
+    particles, K times fewer kernel launches and loop iterations: the GPU shape.
+    ``"auto"``: sequential on CPU, vectorized on GPU and TPU (the default backend's).
+    Both give the same values and gradients (tested).
+    """
+    if how not in PARTICLE_MAPS:
+        raise ValueError(f"particle map must be one of {', '.join(PARTICLE_MAPS)}; got {how!r}.")
+    if how == "auto":
+        how = "sequential" if jax.default_backend() == "cpu" else "vectorized"
+    if how == "vectorized":
+        return jax.vmap(fn)(particles)
+    return jax.lax.map(fn, particles)
 
 
 def log_weights(
@@ -51,22 +77,26 @@ def log_weights(
     key: PRNGKeyArray,
     num_particles: int,
     stop_score: bool = False,
+    particle_map: str = "auto",
 ) -> ParticleFloat:
     """``log p(panel, z_k) - log q(z_k)`` for ``num_particles`` draws ``z_k ~ q``.
 
-    The particles go through the model one after the other (``lax.map``): each pass
-    streams the data once and keeps one particle's intermediates, which on CPU is several
-    times faster than ``vmap`` over large data and needs K times less memory.
-
     ``stop_score``: evaluate ``log q`` with the guide's parameters held fixed (gradients
     reach them only through the particles): stick-the-landing and DReG.
+    ``particle_map``: how the particles go through the model (:func:`map_particles`).
     """
     if isinstance(panel, UnitBatch):  # a minibatch: unbiased estimates of the full weights
         return batch_log_weights(
-            model, guide, panel, key=key, num_particles=num_particles, stop_score=stop_score
+            model,
+            guide,
+            panel,
+            key=key,
+            num_particles=num_particles,
+            stop_score=stop_score,
+            particle_map=particle_map,
         )
     particles, log_q = _draw(guide, num_particles, key=key, stop_score=stop_score)
-    log_p = jax.lax.map(lambda z: model.log_joint(z, panel), particles)
+    log_p = map_particles(lambda z: model.log_joint(z, panel), particles, particle_map)
     return log_p - log_q
 
 
@@ -93,6 +123,7 @@ def batch_log_weights(
     key: PRNGKeyArray,
     num_particles: int,
     stop_score: bool = False,
+    particle_map: str = "auto",
 ) -> ParticleFloat:
     """Log weights estimated from a batch of units (each particle's, unbiasedly).
 
@@ -110,7 +141,7 @@ def batch_log_weights(
     weights = jax.tree.map(lambda is_unit: batch.weight if is_unit else 1.0, unit_leaves)
     local = guide.restrict(batch.unit, unit_leaves)
     particles, log_q = _draw(local, num_particles, key=key, stop_score=stop_score, weights=weights)
-    log_p = jax.lax.map(lambda z: model.batch_log_joint(z, batch), particles)
+    log_p = map_particles(lambda z: model.batch_log_joint(z, batch), particles, particle_map)
     return log_p - log_q
 
 
@@ -142,6 +173,7 @@ def renyi_elbo(
     alpha: float = 0.0,
     num_particles: int = 4,
     gradient: str = "total",
+    particle_map: str = "auto",
 ) -> Scalar:
     """Negative Rényi-α bound with ``num_particles`` particles (a loss to minimise).
 
@@ -154,6 +186,8 @@ def renyi_elbo(
         num_particles: K, the number of particles.
         gradient: the gradient estimator, ``"total"``, ``"stl"`` or ``"dreg"`` (``alpha = 0``
             only); see the module docstring. The loss's value is the same for all three.
+        particle_map: ``"auto"``, ``"sequential"`` or ``"vectorized"``
+            (:func:`map_particles`); the same loss and gradient, a different speed.
 
     Example:
         >>> import functools, hbjax
@@ -175,8 +209,18 @@ def renyi_elbo(
             f"(alpha = {alpha}, {num_particles} particles); use gradient='dreg' with alpha = 0, "
             "or 'stl' with the ELBO (alpha = 1)."
         )
+    if particle_map not in PARTICLE_MAPS:
+        raise ValueError(
+            f"particle_map must be one of {', '.join(PARTICLE_MAPS)}; got {particle_map!r}."
+        )
     log_w = log_weights(
-        model, guide, panel, key=key, num_particles=num_particles, stop_score=gradient != "total"
+        model,
+        guide,
+        panel,
+        key=key,
+        num_particles=num_particles,
+        stop_score=gradient != "total",
+        particle_map=particle_map,
     )
     if gradient == "dreg":
         return -dreg_surrogate(log_w)

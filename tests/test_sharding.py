@@ -42,9 +42,18 @@ def test_block_count_does_not_depend_on_the_device_count():
     assert sharding.default_block_count(60, 36, 7) == 7  # falls back to one per device
 
 
-@pytest.mark.parametrize("layout", ["rows", "dense"])
+@pytest.mark.parametrize(
+    ("layout", "cell_chunk", "particle_map"),
+    [
+        ("rows", None, "sequential"),
+        ("dense", 1, "sequential"),  # the CPU shape
+        ("dense", 4, "vectorized"),  # the GPU shape: chunked cell sums, vmap over particles
+        ("rows", None, "vectorized"),
+    ],
+)
 @pytest.mark.parametrize("n_devices", [1, 2, 3, 4])
-def test_loss_and_gradients_match_unsharded(n_devices, layout):
+def test_loss_and_gradients_match_unsharded(n_devices, layout, cell_chunk, particle_map):
+    """Every kernel (CPU- and GPU-shaped) against the plain row kernel on one device."""
     panel, _ = odd_panel()
     model = hbjax.ElasticityModel.from_panel(panel)  # price-centred: the kernels get centres
     guide = hbjax.MeanFieldNormal.from_shapes(model.latent_shapes(), loc=model.init_latents(panel))
@@ -53,17 +62,68 @@ def test_loss_and_gradients_match_unsharded(n_devices, layout):
     @eqx.filter_jit
     def loss_and_grad(guide, panel):
         return eqx.filter_value_and_grad(
-            lambda g: hbjax.renyi_elbo(model, g, panel, key=key, num_particles=4)
+            lambda g: hbjax.renyi_elbo(
+                model, g, panel, key=key, num_particles=4, particle_map=particle_map
+            )
         )(guide)
 
-    base_loss, base_grad = loss_and_grad(guide, jax.device_put(panel))
-    sharded = hbjax.shard_panel(panel, hbjax.make_mesh(n_devices), layout=layout)
+    reference = eqx.filter_jit(
+        eqx.filter_value_and_grad(
+            lambda g, panel: hbjax.renyi_elbo(
+                model, g, panel, key=key, num_particles=4, particle_map="sequential"
+            )
+        )
+    )
+    base_loss, base_grad = reference(guide, jax.device_put(panel))
+    chunk = {} if cell_chunk is None else {"cell_chunk": cell_chunk}
+    sharded = hbjax.shard_panel(panel, hbjax.make_mesh(n_devices), layout=layout, **chunk)
+    if layout == "dense":
+        assert sharded.cell_chunk == cell_chunk
     loss, grad = loss_and_grad(guide, sharded)
     # float32: partial sums in another order differ by ~|sum| * n_rows * 2^-24 at most
     np.testing.assert_allclose(float(loss), float(base_loss), rtol=1e-5)
     for g, b in zip(jax.tree.leaves(grad), jax.tree.leaves(base_grad), strict=True):
         scale = np.abs(np.asarray(b)).max()
         np.testing.assert_allclose(np.asarray(g), np.asarray(b), rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_slot_plan_puts_every_unit_once_in_its_block_in_one_group_chunks(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(25):
+        n_units, n_groups, n_blocks = (int(rng.integers(1, k)) for k in (60, 6, 7))
+        unit_group = rng.integers(0, n_groups, n_units)
+        units = sharding.plan_blocks(rng.integers(1, 10, n_units), n_blocks)
+        block_of = np.repeat(np.arange(n_blocks), np.diff(units))
+        for chunk in (1, 2, 4, 8):
+            slots, slot_of_unit, slot_unit = sharding.slot_plan(unit_group, units, chunk)
+            assert slots % chunk == 0 and slot_unit.shape == (n_blocks, slots)
+            assert slots == sharding._block_slots(unit_group, units, chunk)
+            assert np.all(slot_unit[block_of, slot_of_unit] == np.arange(n_units))
+            assert len(set(zip(block_of, slot_of_unit, strict=True))) == n_units
+            for b in np.flatnonzero(np.diff(units)):  # padding uses the block's own units
+                assert np.all((slot_unit[b] >= units[b]) & (slot_unit[b] < units[b + 1]))
+            groups = unit_group[slot_unit]
+            assert np.all(np.diff(groups, axis=1) >= 0)  # sorted: contiguous segments
+            chunks = groups.reshape(n_blocks, -1, chunk)
+            assert np.all(chunks == chunks[:, :, :1])  # no chunk mixes groups
+
+
+def test_cell_chunk_default_is_per_backend_and_bounds_the_padding():
+    rng = np.random.default_rng(1)
+    unit_group = np.r_[np.arange(10), np.sort(rng.integers(0, 10, 99_990))]
+    units = sharding.plan_blocks(np.full(len(unit_group), 156), 24)
+    assert sharding.default_cell_chunk(unit_group, units, "cpu") == 1
+    chunk = sharding.default_cell_chunk(unit_group, units, "gpu")
+    assert chunk == 32  # 64 would pad the first block (all 10 groups) past 10%
+    assert sharding._block_slots(unit_group, units, chunk) <= 1.1 * sharding._block_slots(
+        unit_group, units, 1
+    )
+    assert sharding._block_slots(unit_group, units, 2 * chunk) > 1.1 * sharding._block_slots(
+        unit_group, units, 1
+    )
+    with pytest.raises(sharding.ShardingError, match="cell_chunk must be a positive int"):
+        hbjax.shard_panel(odd_panel()[0], hbjax.make_mesh(1), layout="dense", cell_chunk=0)
 
 
 def test_placement_pads_with_zero_weight_and_splits_rows():
