@@ -161,6 +161,35 @@ def make_step(
     return step
 
 
+def _keep_if_active(
+    in_chunk: jax.Array,
+    ok: jax.Array,
+    params: Any,
+    opt_state: Any,
+    new_params: Any,
+    new_state: Any,
+    loss: Scalar,
+    finite: jax.Array,
+) -> tuple[tuple[Any, Any, jax.Array], tuple[jax.Array, jax.Array]]:
+    """One scanned step's carry and outputs: the new state only if the step counts.
+
+    A step counts when it is one of the chunk's active steps (``in_chunk``; the last chunk
+    of a fit may be shorter), no earlier step of the chunk was non-finite (``ok``), and
+    its own loss, gradients and parameters are finite. The step is always computed and
+    the result selected (``jnp.where``), never branched on with ``lax.cond``: on a GPU a
+    conditional copies its predicate to the host and waits, once per step. Steps that do
+    not count report a NaN loss and ``finite = True`` (they are not failures).
+    """
+    active = in_chunk & ok
+    take = active & finite
+    keep = lambda new, old: jnp.where(take, new, old)  # noqa: E731
+    params = jax.tree.map(keep, new_params, params)
+    opt_state = jax.tree.map(keep, new_state, opt_state)
+    loss = jnp.where(active, loss.astype(jnp.float32), jnp.float32(jnp.nan))
+    finite = jnp.where(active, finite, _TRUE)
+    return (params, opt_state, ok & finite), (loss, finite)
+
+
 def _check_fit_arguments(
     model: AbstractModel, guide: AbstractGuide, panel: PyTree, steps: int, chunk_size: int
 ) -> None:
@@ -338,24 +367,13 @@ def fit(
 
         def body(carry, i):  # noqa: ANN001, ANN202
             params, opt_state, ok = carry
-            active = (i < num_active) & ok
-
-            def run(operand):  # noqa: ANN001, ANN202
-                params, opt_state = operand
-                guide = eqx.combine(params, guide_static)
-                step_key = jax.random.fold_in(key, first_step + i)
-                guide, new_state, loss, finite = step(guide, opt_state, model, panel, step_key)
-                new_params = eqx.filter(guide, eqx.is_inexact_array)
-                keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-                new_params = jax.tree.map(keep, new_params, params)
-                new_state = jax.tree.map(keep, new_state, opt_state)
-                return (new_params, new_state), loss.astype(jnp.float32), finite
-
-            def skip(operand):  # noqa: ANN001, ANN202
-                return operand, jnp.float32(jnp.nan), _TRUE
-
-            (params, opt_state), loss, finite = jax.lax.cond(active, run, skip, (params, opt_state))
-            return (params, opt_state, ok & finite), (loss, finite)
+            guide = eqx.combine(params, guide_static)
+            step_key = jax.random.fold_in(key, first_step + i)
+            guide, new_state, loss, finite = step(guide, opt_state, model, panel, step_key)
+            new_params = eqx.filter(guide, eqx.is_inexact_array)
+            return _keep_if_active(
+                i < num_active, ok, params, opt_state, new_params, new_state, loss, finite
+            )
 
         (params, opt_state, _), (losses, finite) = jax.lax.scan(
             body, (params, opt_state, _TRUE), jnp.arange(chunk_size)
@@ -721,23 +739,13 @@ def _fit_minibatch(
         def body(carry, xs):  # noqa: ANN001, ANN202
             params, opt_state, ok = carry
             i, batch = xs
-
-            def run(operand):  # noqa: ANN001, ANN202
-                params, opt_state = operand
-                guide = eqx.combine(params, guide_static)
-                step_key = jax.random.fold_in(key, first_step + i)
-                guide, new_state, loss, finite = step(guide, opt_state, model, batch, step_key)
-                keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-                new_params = jax.tree.map(keep, eqx.filter(guide, eqx.is_inexact_array), params)
-                new_state = jax.tree.map(keep, new_state, opt_state)
-                return (new_params, new_state), loss.astype(jnp.float32), finite
-
-            def skip(operand):  # noqa: ANN001, ANN202
-                return operand, jnp.float32(jnp.nan), _TRUE
-
-            active = (i < num_active) & ok
-            (params, opt_state), loss, finite = jax.lax.cond(active, run, skip, (params, opt_state))
-            return (params, opt_state, ok & finite), (loss, finite)
+            guide = eqx.combine(params, guide_static)
+            step_key = jax.random.fold_in(key, first_step + i)
+            guide, new_state, loss, finite = step(guide, opt_state, model, batch, step_key)
+            new_params = eqx.filter(guide, eqx.is_inexact_array)
+            return _keep_if_active(
+                i < num_active, ok, params, opt_state, new_params, new_state, loss, finite
+            )
 
         (params, opt_state, healthy), (losses, finite) = jax.lax.scan(
             body, (params, opt_state, healthy), (jnp.arange(chunk), batches)

@@ -152,22 +152,26 @@ def test_loop_moves_nothing_from_host_to_device(small_panel, small_model, monkey
 
 def test_layout_does_not_change_the_fit(small_panel, small_model):
     panel, encoding = small_panel
-    means, starts = {}, {}
+    means, starts, sds = {}, {}, {}
     for layout in ("rows", "dense"):
         placed = hbjax.shard_panel(panel, hbjax.make_mesh(1), layout=layout)
         starts[layout] = small_model.init_latents(placed)
         guide = MeanFieldNormal.from_shapes(small_model.latent_shapes(), loc=starts[layout])
         result = fit(small_model, guide, placed, key=jax.random.key(5), steps=300, progress=False)
         means[layout] = np.asarray(small_model.natural(result.guide.loc).unit_elasticity)
+        sds[layout] = hbjax.summarize(result, encoding, num_samples=200).units["sd"].to_numpy()
     # the data-informed start is the same from either layout, and from the host panel
     for a, b in zip(jax.tree.leaves(starts["rows"]), jax.tree.leaves(starts["dense"]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     host = small_model.init_latents(panel)
     np.testing.assert_array_equal(host.unit_effect, small_model.init_latents(panel).unit_effect)
     # Per step the layouts differ by float rounding only (~1e-7 of elasticities ~2); Adam's
-    # per-coordinate normalisation amplifies it where a gradient is near zero, so after 300
-    # steps allow 1e-3: under 1% of these elasticities' posterior sd (~0.2-0.5).
-    np.testing.assert_allclose(means["dense"], means["rows"], rtol=0, atol=1e-3)
+    # per-coordinate normalisation amplifies it where a gradient is near zero (any change
+    # of summation order moves some units by ~1% of their sd after 300 steps), so allow
+    # 3% of each unit's posterior sd; a wrong kernel moves them by tens of percent.
+    moved = np.abs(means["dense"] - means["rows"]) / sds["rows"]
+    assert moved.max() < 0.03, moved.max()
+    assert np.median(moved) < 0.005, np.median(moved)
 
 
 def test_a_clipped_model_gets_the_row_layout(small_panel):
