@@ -379,8 +379,12 @@ def _codes(frame: pd.DataFrame, column: str, values: pd.Series, labels: pd.Index
 
 def _encode(
     frame: pd.DataFrame, roles: Mapping[str, str], encoding: Encoding | None = None
-) -> tuple[tuple[np.ndarray, np.ndarray], Encoding]:
-    """Unit and period codes of every row, and the labels (reused when given)."""
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], Encoding]:
+    """Unit and period codes of every row, the rows' order by (unit, period), the labels.
+
+    Labels are reused when ``encoding`` is given. A (unit, period) pair given twice is
+    found on the sorted keys (no hash table over the rows).
+    """
     unit, group, period = roles["unit"], roles["group"], roles["period"]
     _check_columns(frame, {"unit": unit, "group": group, "period": period})
     periods = _period_values(frame, period)
@@ -413,8 +417,10 @@ def _encode(
         )
 
     key = unit_codes.astype(np.int64) * n_periods + period_codes
-    duplicated = pd.Series(key).duplicated(keep=False).to_numpy()
-    if duplicated.any():
+    order = np.argsort(key, kind="stable")  # rows by unit, then period
+    sorted_key = key[order]
+    if np.any(sorted_key[1:] == sorted_key[:-1]):  # the error path may take its time
+        duplicated = pd.Series(key).duplicated(keep=False).to_numpy()
         first = np.flatnonzero(duplicated)[0]
         raise duplicate_pair_error(
             roles,
@@ -429,7 +435,7 @@ def _encode(
         unit_group=unit_group,
         columns=dict(roles),
     )
-    return (unit_codes, period_codes), encoding
+    return (unit_codes, period_codes, order), encoding
 
 
 def from_frame(
@@ -475,9 +481,8 @@ def from_frame(
     roles = {"unit": unit, "group": group, "period": period, "price": price, "units": units}
     _check_columns(frame, roles)
     price_values, count_values = _check_values(frame, price, units)
-    (unit_codes, period_codes), encoding = _encode(frame, roles, encoding)
+    (unit_codes, period_codes, order), encoding = _encode(frame, roles, encoding)
     n_periods = len(encoding.periods)
-    order = np.argsort(unit_codes.astype(np.int64) * n_periods + period_codes, kind="stable")
     check_panel_shape(encoding, roles)
     warn_weak_units(constant_price_units(unit_codes[order], price_values[order]), encoding)
     unit_group = encoding.unit_group
@@ -624,7 +629,7 @@ def encode_rows(frame: pd.DataFrame, roles: Mapping[str, str]) -> tuple[np.ndarr
     """
     full = column_roles(roles)
     label_roles = {role: full[role] for role in ("unit", "group", "period")}
-    (unit_codes, _), encoding = _encode(frame, label_roles)
+    (unit_codes, _, _), encoding = _encode(frame, label_roles)
     return unit_codes, dataclasses.replace(encoding, columns=full)
 
 
