@@ -69,7 +69,7 @@ def panel_files(cache: Path, products: int, periods: int) -> tuple[Path, Path]:
 
 
 class _Clock:
-    """Phase timer: ``clock.phase("name")`` returns seconds since the last phase."""
+    """Phase timer: ``clock.lap()`` returns the seconds since the previous lap."""
 
     def __init__(self) -> None:
         self.last = time.perf_counter()
@@ -157,7 +157,7 @@ def _converge(hbjax, model, placed, start, truth, key, args, base) -> None:  # n
     import numpy as np
 
     guide = hbjax.make_guide("unitblock", model, loc=start)
-    trace, begun, waited = [], time.perf_counter(), [0.0]
+    trace, waited = [], [0.0]
 
     def record(steps: int, fitted: object) -> None:
         t = time.perf_counter()

@@ -17,8 +17,6 @@ _RELATED = {
     "distrax": ("distrax", "tensorflow-probability", "tfp-nightly", "jax", "jaxlib"),
     "arviz": ("arviz", "xarray"),
 }
-#: The hbjax extra that installs each optional library.
-_EXTRA = {"distrax": "distrax", "arviz": "arviz"}
 
 
 def installed_versions(*distributions: str) -> str:
@@ -51,7 +49,7 @@ def optional_import(module: str, *, purpose: str) -> types.ModuleType:
         raise ImportError(
             f"{purpose} needs {module}, which cannot be imported ({type(exc).__name__}: "
             f"{first[:200]}; installed: {related}); install a matching set with "
-            f'pip install -U "hbjax[{_EXTRA.get(module, module)}]". hbjax itself does not '
+            f'pip install -U "hbjax[{module}]". hbjax itself does not '
             f"need {module}."
         ) from None
 

@@ -161,26 +161,33 @@ def make_step(
     return step
 
 
-def _keep_if_active(
-    in_chunk: jax.Array,
-    ok: jax.Array,
-    params: Any,
-    opt_state: Any,
-    new_params: Any,
-    new_state: Any,
-    loss: Scalar,
-    finite: jax.Array,
+def _guarded_step(
+    step: Callable[..., tuple[AbstractGuide, Any, Scalar, jax.Array]],
+    guide_static: Any,
+    model: AbstractModel,
+    key: PRNGKeyArray,
+    first_step: jax.Array,
+    num_active: jax.Array,
+    carry: tuple[Any, Any, jax.Array],
+    i: jax.Array,
+    data: PyTree,
 ) -> tuple[tuple[Any, Any, jax.Array], tuple[jax.Array, jax.Array]]:
-    """One scanned step's carry and outputs: the new state only if the step counts.
+    """Step ``i`` of a scanned chunk (both fit loops): carry and ``(loss, finite)``.
 
-    A step counts when it is one of the chunk's active steps (``in_chunk``; the last chunk
-    of a fit may be shorter), no earlier step of the chunk was non-finite (``ok``), and
-    its own loss, gradients and parameters are finite. The step is always computed and
-    the result selected (``jnp.where``), never branched on with ``lax.cond``: on a GPU a
-    conditional copies its predicate to the host and waits, once per step. Steps that do
-    not count report a NaN loss and ``finite = True`` (they are not failures).
+    The new state is kept only if the step counts: it is one of the chunk's active steps
+    (``i < num_active``; the last chunk of a fit may be shorter), no earlier step of the
+    chunk was non-finite (the carried ``ok``), and its own loss, gradients and parameters
+    are finite. The step is always computed and the result selected (``jnp.where``), never
+    branched on with ``lax.cond``: on a GPU a conditional copies its predicate to the host
+    and waits, once per step. Steps that do not count report a NaN loss and
+    ``finite = True`` (they are not failures). Step ``i`` uses ``fold_in(key, first_step + i)``.
     """
-    active = in_chunk & ok
+    params, opt_state, ok = carry
+    guide = eqx.combine(params, guide_static)
+    step_key = jax.random.fold_in(key, first_step + i)
+    guide, new_state, loss, finite = step(guide, opt_state, model, data, step_key)
+    new_params = eqx.filter(guide, eqx.is_inexact_array)
+    active = (i < num_active) & ok
     take = active & finite
     keep = lambda new, old: jnp.where(take, new, old)  # noqa: E731
     params = jax.tree.map(keep, new_params, params)
@@ -366,13 +373,8 @@ def fit(
         model = eqx.combine(model_arrays, model_static)
 
         def body(carry, i):  # noqa: ANN001, ANN202
-            params, opt_state, ok = carry
-            guide = eqx.combine(params, guide_static)
-            step_key = jax.random.fold_in(key, first_step + i)
-            guide, new_state, loss, finite = step(guide, opt_state, model, panel, step_key)
-            new_params = eqx.filter(guide, eqx.is_inexact_array)
-            return _keep_if_active(
-                i < num_active, ok, params, opt_state, new_params, new_state, loss, finite
+            return _guarded_step(
+                step, guide_static, model, key, first_step, num_active, carry, i, panel
             )
 
         (params, opt_state, _), (losses, finite) = jax.lax.scan(
@@ -737,14 +739,9 @@ def _fit_minibatch(
         model = eqx.combine(model_arrays, model_static)
 
         def body(carry, xs):  # noqa: ANN001, ANN202
-            params, opt_state, ok = carry
             i, batch = xs
-            guide = eqx.combine(params, guide_static)
-            step_key = jax.random.fold_in(key, first_step + i)
-            guide, new_state, loss, finite = step(guide, opt_state, model, batch, step_key)
-            new_params = eqx.filter(guide, eqx.is_inexact_array)
-            return _keep_if_active(
-                i < num_active, ok, params, opt_state, new_params, new_state, loss, finite
+            return _guarded_step(
+                step, guide_static, model, key, first_step, num_active, carry, i, batch
             )
 
         (params, opt_state, healthy), (losses, finite) = jax.lax.scan(

@@ -307,9 +307,7 @@ def dense_log_likelihood(
     return linear - rates - panel.log_factorial
 
 
-def _dense_partials(
-    beta, delta, gamma, log_price, observed, slot_unit, slot_group, n_blocks, chunk
-):  # noqa: ANN001, ANN202, E501
+def _dense_partials(beta, delta, gamma, log_price, observed, slot_unit, slot_group, n_blocks, chunk):  # noqa: ANN001, ANN202, E501  # fmt: skip
     """One device's blocks: ``sum exp(log_rate)`` per block and its gradient pieces.
 
     One pass over the grid gives the value and the three reductions its gradient needs.

@@ -61,7 +61,7 @@ def map_particles(
     Both give the same values and gradients (tested).
     """
     if how not in PARTICLE_MAPS:
-        raise ValueError(f"particle map must be one of {', '.join(PARTICLE_MAPS)}; got {how!r}.")
+        raise ValueError(f"particle_map must be one of {', '.join(PARTICLE_MAPS)}; got {how!r}.")
     if how == "auto":
         how = "sequential" if jax.default_backend() == "cpu" else "vectorized"
     if how == "vectorized":
@@ -208,10 +208,6 @@ def renyi_elbo(
             f"the stick-the-landing gradient is biased for an importance-weighted bound "
             f"(alpha = {alpha}, {num_particles} particles); use gradient='dreg' with alpha = 0, "
             "or 'stl' with the ELBO (alpha = 1)."
-        )
-    if particle_map not in PARTICLE_MAPS:
-        raise ValueError(
-            f"particle_map must be one of {', '.join(PARTICLE_MAPS)}; got {particle_map!r}."
         )
     log_w = log_weights(
         model,

@@ -209,3 +209,5 @@ def test_gradient_estimator_does_not_change_the_value_and_is_validated():
         renyi_elbo(MODEL, guide, Y, key=key, alpha=0.0, num_particles=4, gradient="stl")
     with pytest.raises(ValueError, match="unknown gradient"):
         renyi_elbo(MODEL, guide, Y, key=key, gradient="reinforce")
+    with pytest.raises(ValueError, match="particle_map must be one of auto, sequential"):
+        renyi_elbo(MODEL, guide, Y, key=key, particle_map="parallel")
