@@ -685,12 +685,26 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _show_warning(message: Warning | str, category: type[Warning], *args: object) -> None:
-    """Data warnings as one line ``warning: ...``; others as Python prints them."""
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: object = None,
+    line: str | None = None,
+) -> None:
+    """Every warning as one line ``warning: ...`` (``warnings.showwarning``'s signature).
+
+    hbjax's data warnings as they are; others (NumPy, pandas, JAX) with their category and
+    where they came from, never Python's two-line format.
+    """
+    del file, line
     if issubclass(category, DataWarning):
         print(f"warning: {message}", file=sys.stderr)
     else:
-        print(warnings.formatwarning(message, category, *args), file=sys.stderr, end="")  # type: ignore[arg-type]
+        text = " ".join(str(message).split())
+        where = f"{Path(filename).name}:{lineno}"
+        print(f"warning: {text} ({category.__name__} in {where})", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,10 +3,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 from test_data import BAD_INPUTS, frame
 
+import hbjax.cli
 from hbjax.cli import main
 
 pytestmark = pytest.mark.usefixtures("standard_promotion")
@@ -351,3 +353,16 @@ def test_killed_fit_resumes_to_the_uninterrupted_result(simulated_csv, tmp_path,
     code = main(["fit", str(simulated_csv), "--resume"])
     _, err = capsys.readouterr()
     assert_one_line_error(code, err, "--resume needs --checkpoint")
+
+
+def test_a_warning_that_is_not_hbjax_s_prints_one_line(capsys, monkeypatch):
+    def overflowing_command(args):
+        np.float32(3e38) * np.float32(10.0)  # NumPy: RuntimeWarning, overflow
+        return 0
+
+    monkeypatch.setattr(hbjax.cli, "run_demo", overflowing_command)
+    code, _, err = run(capsys, "demo")
+    assert code == 0, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("warning: overflow") and "RuntimeWarning" in lines[0], lines[0]
