@@ -2,6 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from . import convergence as convergence
 from . import extras as extras
 from . import layers as layers
 from . import minibatch as minibatch
@@ -15,12 +16,13 @@ from .data import Panel as Panel
 from .data import from_file as from_file
 from .data import from_frame as from_frame
 from .data import read_table as read_table
+from .fit import ConvergenceWarning as ConvergenceWarning
 from .fit import FitResult as FitResult
 from .fit import NonFiniteLossError as NonFiniteLossError
 from .fit import default_optimizer as default_optimizer
 from .fit import fit as fit
-from .fit import make_step as make_step
 from .guide import AbstractGuide as AbstractGuide
+from .guide import GaussianGuide as GaussianGuide
 from .guide import LowRankNormal as LowRankNormal
 from .guide import MeanFieldNormal as MeanFieldNormal
 from .guide import UnitBlockNormal as UnitBlockNormal
@@ -50,6 +52,9 @@ from .sharding import shard_panel as shard_panel
 from .simulate import SimulatedPanel as SimulatedPanel
 from .simulate import SimulationConfig as SimulationConfig
 from .simulate import simulate as simulate
+from .step import SVI as SVI
+from .step import SVIState as SVIState
+from .step import lazy_units as lazy_units
 from .stream import read_grid as read_grid
 from .stream import write_grid as write_grid
 

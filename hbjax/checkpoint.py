@@ -1,19 +1,20 @@
-"""Checkpoints of a fit: guide parameters, optimiser state, step, key and losses.
+"""Checkpoints of a fit: its whole state, the losses and the convergence trace.
 
-One file, ``DIR/checkpoint.eqx``: a JSON header line (step, fingerprint, format) followed by
-the leaves of ``(params, opt_state, losses, key_data)`` written with
-:func:`equinox.tree_serialise_leaves` (no pickle). It is written to a temporary file in the
-same folder, flushed to disk and renamed over the old one: a kill at any moment leaves the
-last complete checkpoint. The fingerprint (guide type, parameter and optimiser-state
-structure and shapes, step count) must match on resume: a checkpoint of another model,
-data shape or optimiser is refused with what differs.
+One file, ``DIR/checkpoint.eqx``: a JSON header line (step, fingerprint, lengths, the
+convergence status) followed by the leaves of a pytree of arrays (the
+:class:`hbjax.step.SVIState`, the losses, the key and the watched trace), written with
+:func:`equinox.tree_serialise_leaves` (no pickle). It is written to a temporary file in
+the same folder, flushed to disk and renamed over the old one: a kill at any moment
+leaves the last complete checkpoint. The fingerprint (guide type, state structure and
+shapes) must match on resume: a checkpoint of another model, data shape, guide or
+optimiser is refused with what differs.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import equinox as eqx
 import jax
 import numpy as np
 
-FORMAT = "hbjax-checkpoint-1"
+FORMAT = "hbjax-checkpoint-2"
 FILENAME = "checkpoint.eqx"
 
 
@@ -29,31 +30,16 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be used for this fit; the message says why and what to do."""
 
 
-def fingerprint(params: Any, opt_state: Any, guide_static: Any) -> dict[str, object]:
-    """What a checkpoint must match: guide type and every parameter/state leaf's shape."""
-
-    def shapes(tree: Any) -> list[str]:
-        return [
-            f"{np.shape(x)}:{getattr(x, 'dtype', type(x).__name__)}" for x in jax.tree.leaves(tree)
-        ]
-
+def fingerprint(state: Any, guide_static: Any) -> dict[str, object]:
+    """What a checkpoint must match: guide type and every state leaf's shape and dtype."""
+    shapes = [
+        f"{np.shape(x)}:{getattr(x, 'dtype', type(x).__name__)}" for x in jax.tree.leaves(state)
+    ]
     return {
         "guide": type(guide_static).__name__,
-        "params": shapes(params),
-        "params_structure": str(jax.tree.structure(params)),
-        "opt_state": shapes(opt_state),
+        "state": shapes,
+        "state_structure": str(jax.tree.structure(state)),
     }
-
-
-@dataclasses.dataclass(frozen=True)
-class Checkpoint:
-    """A loaded checkpoint (host arrays)."""
-
-    step: int
-    params: Any
-    opt_state: Any
-    losses: np.ndarray
-    key_data: np.ndarray
 
 
 def path_in(directory: str | os.PathLike[str]) -> Path:
@@ -61,24 +47,13 @@ def path_in(directory: str | os.PathLike[str]) -> Path:
     return Path(directory) / FILENAME
 
 
-def save(
-    directory: str | os.PathLike[str],
-    *,
-    step: int,
-    params: Any,
-    opt_state: Any,
-    losses: np.ndarray,
-    key_data: np.ndarray,
-    fingerprint: dict[str, object],
-) -> Path:
-    """Write a checkpoint atomically (temporary file, fsync, rename)."""
+def save(directory: str | os.PathLike[str], *, tree: Any, header: dict[str, object]) -> Path:
+    """Write ``header`` and the arrays of ``tree`` atomically (temporary file, fsync, rename)."""
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
-    header = {"format": FORMAT, "step": int(step), "losses": len(losses), **fingerprint}
-    tree = (params, opt_state, np.asarray(losses, np.float32), np.asarray(key_data))
     tmp = folder / f".{FILENAME}.{os.getpid()}.tmp"
     with open(tmp, "wb") as handle:
-        handle.write((json.dumps(header) + "\n").encode())
+        handle.write((json.dumps({"format": FORMAT, **header}) + "\n").encode())
         eqx.tree_serialise_leaves(handle, tree)
         handle.flush()
         os.fsync(handle.fileno())
@@ -89,12 +64,14 @@ def save(
 def load(
     directory: str | os.PathLike[str],
     *,
-    like_params: Any,
-    like_opt_state: Any,
-    like_key_data: np.ndarray,
+    like: Callable[[dict[str, Any]], Any],
     fingerprint: dict[str, object],
-) -> Checkpoint:
-    """Read the checkpoint in ``directory``; refuse one that does not fit this fit.
+) -> tuple[dict[str, Any], Any]:
+    """Read the checkpoint in ``directory``: its header and its tree.
+
+    ``like(header)`` gives a tree of the saved structure and shapes (lengths that vary,
+    such as the losses', are in the header). Every field of ``fingerprint`` must equal the
+    header's.
 
     Raises:
         CheckpointError: no checkpoint, an unreadable one, or one of another model, data
@@ -119,17 +96,11 @@ def load(
                     f"{_short(header.get(field))}, this fit's is {_short(expected)}. Resume "
                     "with the same data, model, guide and optimiser, or use a new folder."
                 )
-        like = (
-            like_params,
-            like_opt_state,
-            np.zeros(int(header["losses"]), np.float32),
-            np.zeros_like(np.asarray(like_key_data)),
-        )
         try:
-            params, opt_state, losses, key_data = eqx.tree_deserialise_leaves(handle, like)
+            tree = eqx.tree_deserialise_leaves(handle, like(header))
         except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
             raise CheckpointError(f"cannot read {str(path)!r}: {exc}") from None
-    return Checkpoint(int(header["step"]), params, opt_state, np.asarray(losses), key_data)
+    return header, tree
 
 
 def _short(value: object, limit: int = 120) -> str:
@@ -149,4 +120,4 @@ def saved_step(directory: str | os.PathLike[str]) -> int | None:
             raise CheckpointError(f"{str(path)!r} is not an hbjax checkpoint.") from None
 
 
-__all__ = ["Checkpoint", "CheckpointError", "fingerprint", "load", "save", "saved_step"]
+__all__ = ["CheckpointError", "fingerprint", "load", "save", "saved_step"]

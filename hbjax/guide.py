@@ -77,7 +77,32 @@ class AbstractGuide(eqx.Module):
         )
 
 
-class MeanFieldNormal(AbstractGuide):
+class GaussianGuide(AbstractGuide):
+    """A guide that is an affine map of standard normals: ``z = loc + L eps``.
+
+    What it adds to :class:`AbstractGuide` lets hbjax report exact Gaussian summaries of
+    quantities linear in the latents (:func:`hbjax.convergence.gaussian_moments`) and
+    measure convergence in posterior-sd units.
+    """
+
+    @abc.abstractmethod
+    def mean(self) -> PyTree[Float[Array, "..."]]:
+        """The guide's mean, shaped like the latents."""
+
+    @abc.abstractmethod
+    def marginal_scale(self) -> PyTree[Float[Array, "..."]]:
+        """Each latent's marginal standard deviation, shaped like the latents."""
+
+    @abc.abstractmethod
+    def standard_shapes(self) -> PyTree[jax.ShapeDtypeStruct]:
+        """Shapes of the standard normals ``eps`` that :meth:`from_standard` takes."""
+
+    @abc.abstractmethod
+    def from_standard(self, eps: PyTree[Float[Array, "..."]]) -> PyTree[Float[Array, "..."]]:
+        """The latents ``loc + L eps`` of one set of standard normals (affine in ``eps``)."""
+
+
+class MeanFieldNormal(GaussianGuide):
     """Independent normals over every latent: ``z ~ N(loc, softplus(raw_scale))``.
 
     Attributes:
@@ -194,6 +219,22 @@ class MeanFieldNormal(AbstractGuide):
         """The guide's mean (its ``loc``)."""
         return self.loc
 
+    def marginal_scale(self) -> PyTree[Float[Array, "..."]]:
+        """The scales (the latents are independent)."""
+        return self.scale
+
+    def standard_shapes(self) -> PyTree[jax.ShapeDtypeStruct]:
+        """One standard normal per latent."""
+        return _shapes_of(self.loc)
+
+    def from_standard(self, eps: PyTree[Float[Array, "..."]]) -> PyTree[Float[Array, "..."]]:
+        """``loc + scale * eps``."""
+        return jax.tree.map(lambda m, s, e: m + s * e, self.loc, self.scale, eps)
+
+
+def _shapes_of(tree: PyTree) -> PyTree[jax.ShapeDtypeStruct]:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), tree)
+
 
 def _leaf_weights(treedef: Any, weights: PyTree | None) -> list:
     """Each latent leaf's log-density weight (1 without minibatch weights)."""
@@ -232,7 +273,7 @@ def _pairs(k: int) -> list[tuple[int, int]]:
     return [(j, m) for j in range(k) for m in range(j)]
 
 
-class UnitBlockNormal(AbstractGuide):
+class UnitBlockNormal(GaussianGuide):
     """Each unit's latents jointly normal (a full k x k covariance), independent across units.
 
     For a model whose :meth:`~hbjax.AbstractModel.unit_leaves` are ``k`` per-unit leaves
@@ -394,6 +435,24 @@ class UnitBlockNormal(AbstractGuide):
         """The guide's mean (its ``loc``)."""
         return self.loc
 
+    def marginal_scale(self) -> PyTree[Float[Array, "..."]]:
+        """Square roots of the diagonal of ``L L^T`` (unit leaves add their factors' rows)."""
+        variances = [s**2 for s in jax.tree.leaves(self.scale)]
+        for p, (j, _) in enumerate(_pairs(len(self.unit_leaf_ids))):
+            row = self.unit_leaf_ids[j]
+            variances[row] = variances[row] + self.unit_tril[p] ** 2
+        return jax.tree.unflatten(jax.tree.structure(self.loc), [jnp.sqrt(v) for v in variances])
+
+    def standard_shapes(self) -> PyTree[jax.ShapeDtypeStruct]:
+        """One standard normal per latent."""
+        return _shapes_of(self.loc)
+
+    def from_standard(self, eps: PyTree[Float[Array, "..."]]) -> PyTree[Float[Array, "..."]]:
+        """``loc + L eps``."""
+        leaves, treedef = jax.tree.flatten(self.loc)
+        mixed = self._mix(treedef.flatten_up_to(eps), jax.tree.leaves(self.scale))
+        return jax.tree.unflatten(treedef, [m + x for m, x in zip(leaves, mixed, strict=True)])
+
 
 def _standard_log_q(
     eps: list[Array], scales: list[Array], weights: list[Array | float], num_particles: int
@@ -406,7 +465,7 @@ def _standard_log_q(
     return log_q
 
 
-class LowRankNormal(AbstractGuide):
+class LowRankNormal(GaussianGuide):
     """A normal over all latents with covariance ``diag(d^2) + W W^T`` (rank ``r`` factor).
 
     ``z = loc + d * eps + W eta`` with ``eps ~ N(0, I_n)``, ``eta ~ N(0, I_r)`` over the
@@ -528,6 +587,19 @@ class LowRankNormal(AbstractGuide):
     def mean(self) -> PyTree[Float[Array, "..."]]:
         """The guide's mean (its ``loc``)."""
         return self.loc
+
+    def standard_shapes(self) -> PyTree[jax.ShapeDtypeStruct]:
+        """``(eps, eta)``: one standard normal per latent and one per factor column."""
+        n, rank = self.factor.shape
+        dtype = self.factor.dtype
+        return (jax.ShapeDtypeStruct((n,), dtype), jax.ShapeDtypeStruct((rank,), dtype))
+
+    def from_standard(self, eps: PyTree[Float[Array, "..."]]) -> PyTree[Float[Array, "..."]]:
+        """``loc + d eps + W eta``."""
+        flat_eps, eta = eps
+        d = self._flat(jax.tree.map(jax.nn.softplus, self.raw_scale))
+        x = d * flat_eps + self.factor @ eta
+        return jax.tree.map(lambda leaf: leaf[0], self._unflat((self._flat(self.loc) + x)[None]))
 
 
 #: Guide names for :func:`make_guide` and ``hbjax fit --guide``.

@@ -145,7 +145,6 @@ def test_loop_moves_nothing_from_host_to_device(small_panel, small_model, monkey
     guide = start(small_model, panel)
     fit_module = importlib.import_module("hbjax.fit")  # hbjax.fit is the function
     monkeypatch.setattr(fit_module, "shard_panel", lambda data, mesh, layout: data)
-    monkeypatch.setattr(fit_module, "_place_on_default_device", lambda data: data)
     with pytest.raises(Exception, match="host-to-device transfer"):
         fit(small_model, guide, panel, key=jax.random.key(0), steps=3, progress=False)
 

@@ -1,0 +1,193 @@
+"""One optimisation step for every kind of fit, in the optax/blackjax manner.
+
+>>> svi = SVI(model, objective, optimizer)
+>>> state = svi.init(guide)
+>>> state, info = svi.step(state, batch, key)
+
+``batch`` is whatever the objective takes: a placed panel (full batch, 1..N devices, many
+hosts) or a :class:`~hbjax.minibatch.UnitBatch` (whole-unit minibatches). For a
+minibatch, only the drawn units' parameters and their optimiser state move
+(:func:`lazy_units`, an optax-style wrapper); shared parameters move every step.
+
+The state also carries the Polyak–Ruppert average of the iterates from the step
+``average_from`` on (set by the loop's convergence check; :mod:`hbjax.convergence`):
+:meth:`SVI.guide` returns the averaged guide once averaging has begun.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ._types import Bool, Int, PRNGKeyArray, PyTree, Scalar
+from .guide import AbstractGuide
+from .minibatch import UnitBatch, units_in_batch
+from .model import AbstractModel
+
+#: A loss to minimise: ``objective(model, guide, batch, *, key) -> scalar``.
+Objective = Callable[..., Scalar]
+
+#: ``average_from`` of a state that is not averaging (yet).
+NEVER = np.iinfo(np.int32).max
+
+_TRUE = np.True_
+
+
+class SVIState(eqx.Module):
+    """Everything a fit carries from step to step (a pytree; checkpointed whole).
+
+    Attributes:
+        guide: the current iterate.
+        opt_state: the optimiser's state.
+        step: steps done.
+        average: the guide's parameters averaged over steps ``average_from ..
+            step - 1`` (equal to ``guide``'s before averaging begins).
+        average_from: the first averaged step; :data:`NEVER` while not averaging.
+    """
+
+    guide: AbstractGuide
+    opt_state: PyTree
+    step: Int[Any, ""]
+    average: PyTree
+    average_from: Int[Any, ""]
+
+
+class StepInfo(NamedTuple):
+    """What one step reports: its loss (before the update) and whether all is finite."""
+
+    loss: Scalar
+    finite: Bool[Any, ""]
+
+
+def all_finite(tree: PyTree) -> Bool[jax.Array, ""]:
+    """Whether every inexact array in ``tree`` is finite (a scalar bool)."""
+    arrays = jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))
+    return functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(x)) for x in arrays], _TRUE)
+
+
+def lazy_units(
+    optimizer: optax.GradientTransformation,
+) -> optax.GradientTransformationExtraArgs:
+    """``optimizer`` that leaves the entries outside ``update_mask`` exactly as they were.
+
+    ``update(updates, state, params, update_mask=mask)``: ``mask`` is a pytree of booleans
+    like ``params`` (broadcastable leaves), e.g. a guide's
+    :meth:`~hbjax.AbstractGuide.unit_update_mask` for a minibatch. Masked-out entries get
+    a zero update and keep their optimiser state (lazy Adam: no stale momentum moves a
+    unit that was not drawn). Without ``update_mask`` it is ``optimizer`` unchanged.
+    """
+
+    def init(params: PyTree) -> Any:
+        return optimizer.init(params)
+
+    def update(
+        updates: PyTree, state: Any, params: PyTree = None, *, update_mask: PyTree = None, **_: Any
+    ) -> tuple[PyTree, Any]:
+        new_updates, new_state = optimizer.update(updates, state, params)
+        if update_mask is None:
+            return new_updates, new_state
+        new_updates = jax.tree.map(lambda u, m: jnp.where(m, u, 0.0), new_updates, update_mask)
+        state_mask = optax.tree_utils.tree_map_params(
+            optimizer,
+            lambda _, m: m,
+            state,
+            update_mask,
+            transform_non_params=lambda v: jax.tree.map(lambda _: _TRUE, v),
+        )
+        new_state = jax.tree.map(
+            lambda m, new, old: jnp.where(m, new, old), state_mask, new_state, state
+        )
+        return new_updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+class SVI(eqx.Module):
+    """Stochastic variational inference: ``init`` and ``step`` for one model and objective.
+
+    Attributes:
+        model: the model (its arrays are leaves: pass the ``SVI`` into ``jit``, not a closure).
+        objective: ``objective(model, guide, batch, *, key) -> loss`` to minimise.
+        optimizer: the optimiser, wrapped in :func:`lazy_units`.
+    """
+
+    model: AbstractModel
+    objective: Objective = eqx.field(static=True)
+    optimizer: optax.GradientTransformationExtraArgs = eqx.field(static=True)
+
+    def __init__(
+        self,
+        model: AbstractModel,
+        objective: Objective,
+        optimizer: optax.GradientTransformation,
+    ):
+        """Build the step of ``objective`` for ``model``, optimised with ``optimizer``."""
+        self.model = model
+        self.objective = objective
+        self.optimizer = lazy_units(optimizer)
+
+    def init(self, guide: AbstractGuide) -> SVIState:
+        """The state at step 0 for the starting ``guide``."""
+        params = eqx.filter(guide, eqx.is_inexact_array)
+        return SVIState(
+            guide=guide,
+            opt_state=self.optimizer.init(params),
+            step=jnp.int32(0),
+            average=jax.tree.map(jnp.copy, params),  # its own buffers (the loop donates them)
+            average_from=jnp.int32(NEVER),
+        )
+
+    def step(self, state: SVIState, batch: PyTree, key: PRNGKeyArray) -> tuple[SVIState, StepInfo]:
+        """One step of the objective on ``batch`` with ``key``.
+
+        Returns the new state and its :class:`StepInfo`; ``finite`` says whether the loss,
+        every gradient and every new parameter are finite (the caller decides what to do
+        with a non-finite step; :func:`hbjax.fit` keeps the last good state).
+        """
+        model = self.model
+
+        def loss_fn(guide: AbstractGuide) -> Scalar:
+            return self.objective(model, guide, batch, key=key)
+
+        loss, grads = eqx.filter_value_and_grad(loss_fn)(state.guide)
+        params = eqx.filter(state.guide, eqx.is_inexact_array)
+        extra = {}
+        if isinstance(batch, UnitBatch):
+            unit_leaves = model.unit_leaves()
+            extra["update_mask"] = state.guide.unit_update_mask(units_in_batch(batch), unit_leaves)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, params, **extra)
+        guide = eqx.apply_updates(state.guide, updates)
+        new_params = eqx.filter(guide, eqx.is_inexact_array)
+        averaged = state.step - state.average_from + 1  # iterates averaged after this one
+        weight = 1.0 / jnp.maximum(averaged, 1).astype(jnp.float32)
+        average = jax.tree.map(
+            lambda avg, new: jnp.where(averaged >= 1, avg + weight * (new - avg), new),
+            state.average,
+            new_params,
+        )
+        finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(new_params)
+        new_state = SVIState(guide, opt_state, state.step + 1, average, state.average_from)
+        return new_state, StepInfo(loss, finite)
+
+    def guide(self, state: SVIState) -> AbstractGuide:
+        """The reported guide: the averaged iterates once averaging began, else the iterate."""
+        if int(state.average_from) >= int(state.step):
+            return state.guide
+        return eqx.combine(
+            state.average, eqx.filter(state.guide, eqx.is_inexact_array, inverse=True)
+        )
+
+
+def start_averaging(state: SVIState, step: Int[Any, ""]) -> SVIState:
+    """``state`` with averaging from ``step`` on (a step not yet taken: the average restarts)."""
+    return eqx.tree_at(lambda s: s.average_from, state, step)
+
+
+__all__ = ["NEVER", "SVI", "SVIState", "StepInfo", "all_finite", "lazy_units", "start_averaging"]
