@@ -34,7 +34,7 @@ from .data import (
     from_frame,
     read_table,
 )
-from .fit import FitResult, NonFiniteLossError, default_optimizer, fit
+from .fit import ConvergenceWarning, FitResult, NonFiniteLossError, default_optimizer, fit
 from .guide import GUIDES, make_guide
 from .minibatch import UnitStats, seed_from_key
 from .model import HIERARCHIES, ElasticityModel
@@ -173,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=_positive_int,
         default=None,
-        help="optimisation steps (default: 20000; with --batch-size, 250 epochs)",
+        help="the most optimisation steps: the fit stops by itself once converged (averaged "
+        "iterates, Monte Carlo error of the means <= 0.02 posterior sd); default 20000, with "
+        "--batch-size 250 epochs",
     )
     fit_cmd.add_argument(
         "--batch-size",
@@ -636,6 +638,13 @@ def run_fit(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "checkpoint": args.checkpoint,
         "final_loss": result.final_loss,
+        "converged": result.converged,
+        "averaged_from_step": result.convergence.average_from,
+        "averaged_to_step": result.convergence.average_to,
+        "mcse_of_means_in_sd": result.convergence.mcse,
+        "mcse_of_means_in_sd_max": result.convergence.mcse_max,
+        "rhat": result.convergence.rhat,
+        "summaries": "exact (Gaussian marginals)" if summary.exact else "monte carlo",
         "wall_seconds": time.perf_counter() - start,
         "compile_seconds": result.compile_seconds,
         "iterations_per_second": result.iterations_per_second,
@@ -695,11 +704,11 @@ def _show_warning(
 ) -> None:
     """Every warning as one line ``warning: ...`` (``warnings.showwarning``'s signature).
 
-    hbjax's data warnings as they are; others (NumPy, pandas, JAX) with their category and
-    where they came from, never Python's two-line format.
+    hbjax's own warnings (data, convergence) as they are; others (NumPy, pandas, JAX) with
+    their category and where they came from, never Python's two-line format.
     """
     del file, line
-    if issubclass(category, DataWarning):
+    if issubclass(category, DataWarning | ConvergenceWarning):
         print(f"warning: {message}", file=sys.stderr)
     else:
         text = " ".join(str(message).split())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import math
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -100,6 +101,59 @@ class GaussianGuide(AbstractGuide):
     @abc.abstractmethod
     def from_standard(self, eps: PyTree[Float[Array, "..."]]) -> PyTree[Float[Array, "..."]]:
         """The latents ``loc + L eps`` of one set of standard normals (affine in ``eps``)."""
+
+
+#: Standard-normal leaves up to this size are probed one entry at a time when an output
+#: depends on several of their entries (e.g. a low-rank factor's columns).
+_PROBE_EACH = 64
+
+
+def linear_moments(
+    guide: GaussianGuide, fn: Callable[[PyTree], PyTree]
+) -> tuple[PyTree[Array], PyTree[Array]] | None:
+    """Exact mean and sd of ``fn(z)``, ``z ~ guide``, for ``fn`` affine in the latents.
+
+    ``fn(loc + L eps) = fn(loc) + A eps``; the variance of output ``j`` is ``sum_k A_jk^2``.
+    Per standard-normal leaf, when each output depends on at most one of its entries (a
+    unit's own latents, its group's: checked with two random-sign probes against the
+    all-ones probe), one evaluation gives that leaf's share exactly; small leaves that
+    fail the check are probed entry by entry. Returns ``None`` when neither applies (use
+    Monte Carlo draws then).
+    """
+    shapes = jax.tree.leaves(guide.standard_shapes())
+    treedef = jax.tree.structure(guide.standard_shapes())
+    zeros = [jnp.zeros(s.shape, s.dtype) for s in shapes]
+
+    @eqx.filter_jit
+    def probes(guide: GaussianGuide, leaf: int, values: Array) -> tuple[PyTree, PyTree]:
+        def shift(v: Array) -> PyTree:
+            eps = [v if i == leaf else z for i, z in enumerate(zeros)]
+            return fn(guide.from_standard(jax.tree.unflatten(treedef, eps)))
+
+        base = fn(guide.from_standard(jax.tree.unflatten(treedef, zeros)))
+        moved = jax.vmap(shift)(values)
+        return base, jax.tree.map(lambda m, b: m - b, moved, base)
+
+    mean, variance = None, None
+    for leaf, shape in enumerate(shapes):
+        signs = jax.random.rademacher(jax.random.key(leaf), (2, *shape.shape), shape.dtype)
+        values = jnp.concatenate([jnp.ones((1, *shape.shape), shape.dtype), signs])
+        mean, out = probes(guide, leaf, values)
+        ones, signed = jax.tree.map(lambda x: x[0], out), jax.tree.map(lambda x: x[1:], out)
+        separable = all(
+            bool(jnp.allclose(jnp.abs(o)[None], jnp.abs(s), rtol=1e-4, atol=1e-6))
+            for o, s in zip(jax.tree.leaves(ones), jax.tree.leaves(signed), strict=True)
+        )
+        if separable:
+            share = jax.tree.map(jnp.square, ones)
+        elif math.prod(shape.shape) <= _PROBE_EACH:
+            basis = jnp.eye(math.prod(shape.shape), dtype=shape.dtype).reshape(-1, *shape.shape)
+            _, each = probes(guide, leaf, basis)
+            share = jax.tree.map(lambda x: jnp.sum(x**2, axis=0), each)
+        else:
+            return None
+        variance = share if variance is None else jax.tree.map(jnp.add, variance, share)
+    return mean, jax.tree.map(jnp.sqrt, variance)
 
 
 class MeanFieldNormal(GaussianGuide):
@@ -589,17 +643,16 @@ class LowRankNormal(GaussianGuide):
         return self.loc
 
     def standard_shapes(self) -> PyTree[jax.ShapeDtypeStruct]:
-        """``(eps, eta)``: one standard normal per latent and one per factor column."""
-        n, rank = self.factor.shape
-        dtype = self.factor.dtype
-        return (jax.ShapeDtypeStruct((n,), dtype), jax.ShapeDtypeStruct((rank,), dtype))
+        """``(eps, eta)``: one standard normal per latent (shaped like them) and per column."""
+        rank = self.factor.shape[1]
+        return (_shapes_of(self.loc), jax.ShapeDtypeStruct((rank,), self.factor.dtype))
 
     def from_standard(self, eps: PyTree[Float[Array, "..."]]) -> PyTree[Float[Array, "..."]]:
         """``loc + d eps + W eta``."""
-        flat_eps, eta = eps
+        per_latent, eta = eps
         d = self._flat(jax.tree.map(jax.nn.softplus, self.raw_scale))
-        x = d * flat_eps + self.factor @ eta
-        return jax.tree.map(lambda leaf: leaf[0], self._unflat((self._flat(self.loc) + x)[None]))
+        x = self._flat(self.loc) + d * self._flat(per_latent) + self.factor @ eta
+        return jax.tree.map(lambda leaf: leaf[0], self._unflat(x[None]))
 
 
 #: Guide names for :func:`make_guide` and ``hbjax fit --guide``.

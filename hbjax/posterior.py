@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from statistics import NormalDist
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
@@ -86,6 +87,14 @@ def _describe(draws: np.ndarray) -> dict[str, np.ndarray]:
     return stats
 
 
+def _gaussian(mean: np.ndarray, sd: np.ndarray) -> dict[str, np.ndarray]:
+    """Mean, sd and quantiles of normals (the exact summaries of a Gaussian marginal)."""
+    mean, sd = np.asarray(mean, np.float64), np.asarray(sd, np.float64)
+    stats = {"mean": mean, "sd": sd}
+    stats.update({name: mean + NormalDist().inv_cdf(q) * sd for name, q in QUANTILES.items()})
+    return stats
+
+
 @dataclasses.dataclass(frozen=True)
 class Summary:
     """Posterior summaries of the elasticities on the original labels.
@@ -96,13 +105,16 @@ class Summary:
         units: one row per unit: the unit and group columns named as in the input.
         groups: one row per group.
         overall: one row: the global elasticity.
-        num_samples: draws the summaries are based on.
+        num_samples: draws the summaries are based on (0: exact, no draws).
+        exact: whether the summaries are the guide's exact Gaussian marginals (the
+            elasticities are linear in the latents) rather than Monte Carlo estimates.
     """
 
     units: pd.DataFrame
     groups: pd.DataFrame
     overall: pd.DataFrame
     num_samples: int
+    exact: bool = False
 
 
 #: Most unit draws (samples x units) :func:`summarize` holds at once: about 0.5 GiB.
@@ -130,11 +142,22 @@ def summarize(
             (guides that factorise over units: mean-field, unit-block), so memory stays
             bounded for millions of units. Each unit's summary is the same in law.
 
+    With a Gaussian guide (:class:`hbjax.GaussianGuide`: every guide hbjax ships) the
+    elasticities, linear in the latents, have Gaussian marginals: their mean, sd and
+    quantiles are computed exactly (:func:`hbjax.guide.linear_moments`) and ``num_samples``
+    and ``key`` are not used. Other guides are summarised from draws.
+
     Returns:
         A :class:`Summary`; ``summary.units`` has columns
         ``[unit, group, mean, sd, q05, q50, q95]``.
     """
     n_units = len(encoding.units)
+    exact = _exact_elasticities(result, n_units)
+    if exact is not None:
+        (mean_g, mean_c, mean_i), (sd_g, sd_c, sd_i) = exact
+        unit_stats = _gaussian(mean_i, sd_i)
+        group_stats, global_stats = _gaussian(mean_c, sd_c), _gaussian(mean_g, sd_g)
+        return _summary(encoding, unit_stats, group_stats, global_stats, 0, exact=True)
     if num_samples * n_units > max_unit_draws and _summarise_in_chunks(result):
         unit_stats, draws = _unit_stats_in_chunks(
             result, encoding, num_samples, key, max(1, max_unit_draws // num_samples)
@@ -142,17 +165,45 @@ def summarize(
     else:
         draws = _labelled_draws(result, encoding, num_samples, key)
         unit_stats = _describe(draws.unit_elasticity)
+    group_stats = _describe(draws.group_elasticity)
+    global_stats = _describe(draws.global_elasticity)
+    return _summary(encoding, unit_stats, group_stats, global_stats, num_samples, exact=False)
+
+
+def _summary(
+    encoding: Encoding,
+    unit_stats: dict[str, np.ndarray],
+    group_stats: dict[str, np.ndarray],
+    global_stats: dict[str, np.ndarray],
+    num_samples: int,
+    *,
+    exact: bool,
+) -> Summary:
+    """The labelled tables."""
     units = pd.concat([encoding.unit_frame(), pd.DataFrame(unit_stats)], axis=1)
     groups = pd.concat(
-        [
-            pd.DataFrame({encoding.group_column: encoding.groups}),
-            pd.DataFrame(_describe(draws.group_elasticity)),
-        ],
+        [pd.DataFrame({encoding.group_column: encoding.groups}), pd.DataFrame(group_stats)],
         axis=1,
     )
-    overall = pd.DataFrame({k: [v] for k, v in _describe(draws.global_elasticity).items()})
+    overall = pd.DataFrame({k: [float(v)] for k, v in global_stats.items()})
     overall.insert(0, "parameter", ["global elasticity"])
-    return Summary(units=units, groups=groups, overall=overall, num_samples=num_samples)
+    return Summary(units, groups, overall, num_samples=num_samples, exact=exact)
+
+
+def _exact_elasticities(result: FitResult | SavedFit, n_units: int) -> tuple | None:
+    """Exact means and sds of the global, group and unit elasticities, or ``None``."""
+    from .guide import GaussianGuide, linear_moments
+    from .model import ElasticityModel
+
+    if not isinstance(result.guide, GaussianGuide) or not isinstance(result.model, ElasticityModel):
+        return None
+    if result.model.unit_effect.shape[0] != n_units:
+        raise ValueError(
+            f"the fit has {result.model.unit_effect.shape[0]} units but the encoding has "
+            f"{n_units}; pass the encoding returned with this fit's panel."
+        )
+    moments = linear_moments(result.guide, result.model.elasticities)
+    return None if moments is None else jax.tree.map(np.asarray, moments)
 
 
 def _summarise_in_chunks(result: FitResult | SavedFit) -> bool:

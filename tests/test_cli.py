@@ -105,6 +105,7 @@ def test_fit_end_to_end_writes_outputs(simulated_csv, tmp_path, capsys):
     ):
         assert field in summary, field
     assert summary["n_units"] == 40 and summary["steps"] == 60
+    assert summary["converged"] is False and summary["summaries"].startswith("exact")
     assert summary["price_centring"] is True
     assert summary["guide"] == "unitblock" and summary["gradient"] == "total"
     check = summary["importance_diagnostics"]
@@ -228,6 +229,17 @@ def test_bad_flags_and_files_are_one_line_errors(argv, words, capsys, tmp_path, 
     assert_one_line_error(code, err, *words)
 
 
+def test_default_fit_stops_by_itself_converged(simulated_csv, tmp_path, capsys):
+    out_dir = tmp_path / "o"
+    options = ["--diagnostic-draws", "0", "--no-progress", "--out", str(out_dir)]
+    code, _, err = run(capsys, "fit", str(simulated_csv), *options)
+    assert code == 0 and "warning" not in err, err
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["converged"] is True and summary["steps"] < 20000
+    assert summary["averaged_from_step"] < summary["averaged_to_step"] == summary["steps"]
+    assert summary["mcse_of_means_in_sd"] <= 0.02 and summary["rhat"] < 1.1
+
+
 def test_fit_writes_plots(simulated_csv, tmp_path, capsys):
     out_dir = tmp_path / "o"
     common = ["--steps", "30", "--samples", "50", "--diagnostic-draws", "0", "--no-progress"]
@@ -244,8 +256,9 @@ def test_warnings_are_one_line_each_and_the_fit_goes_on(tmp_path, capsys):
     code, _, err = run(capsys, "fit", str(tmp_path / "weak.csv"), *common, "--out", str(tmp_path))
     assert code == 0, err
     lines = err.strip().splitlines()
-    assert len(lines) == 2 and all(line.startswith("warning: ") for line in lines), err
+    assert len(lines) == 3 and all(line.startswith("warning: ") for line in lines), err
     assert "never change price" in err and "single unit" in err
+    assert "did not converge in 5 steps" in lines[2]
 
 
 def test_demo_prints_the_report(capsys):

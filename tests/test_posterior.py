@@ -1,5 +1,6 @@
 import jax
 import numpy as np
+import pandas as pd
 import pytest
 
 import hbjax
@@ -133,3 +134,49 @@ def test_predict_what_if_prices(recovery_fit, tmp_path):
     ):
         with pytest.raises(hbjax.DataValidationError, match=words):
             hbjax.predict(result, encoding, bad, num_samples=10)
+
+
+@pytest.mark.parametrize("kind", ["meanfield", "unitblock", "lowrank"])
+@pytest.mark.parametrize("hierarchy", ["centred", "noncentred"])
+def test_exact_elasticity_moments_match_many_draws(kind, hierarchy):
+    # linear_moments against 200,000 draws of the same guide: the sds agree to ~0.3% (MC
+    # error 1/sqrt(2N) = 0.16%), the means to 5 MC standard errors; a wrong coefficient or
+    # a missed covariance (unit-block pairs, the low-rank factor) is off by far more.
+    from hbjax.guide import linear_moments
+
+    sim = hbjax.simulate(n_units=40, n_periods=12, n_groups=4, seed=2)
+    panel, _ = hbjax.from_frame(sim.frame)
+    model = hbjax.ElasticityModel.from_panel(panel, hierarchy=hierarchy)
+    guide = hbjax.make_guide(kind, model, loc=model.init_latents(panel), key=jax.random.key(1))
+    # spread the parameters so that every covariance term matters
+    leaves, treedef = jax.tree.flatten(guide)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    guide = jax.tree.unflatten(
+        treedef,
+        [x + 0.5 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)],
+    )
+    moments = linear_moments(guide, model.elasticities)
+    assert moments is not None
+    mean, sd = moments
+    n = 200_000
+    draws = jax.vmap(model.elasticities)(guide.sample(n, key=jax.random.key(3)))
+    for m, s, d in zip(mean, sd, draws, strict=True):
+        d = np.asarray(d, np.float64)
+        np.testing.assert_allclose(np.asarray(s), d.std(axis=0), rtol=0.01)
+        assert np.all(np.abs(np.asarray(m) - d.mean(axis=0)) < 5 * d.std(axis=0) / np.sqrt(n))
+
+
+@pytest.mark.usefixtures("standard_promotion")
+def test_summaries_are_exact_and_need_no_draws(small_panel):
+    panel, encoding = small_panel
+    model = hbjax.ElasticityModel.from_panel(panel)
+    guide = hbjax.make_guide("unitblock", model, loc=model.init_latents(panel))
+    result = hbjax.fit(model, guide, panel, key=jax.random.key(0), steps=30, progress=False)
+    one = hbjax.summarize(result, encoding, num_samples=10, key=jax.random.key(0))
+    two = hbjax.summarize(result, encoding, num_samples=20, key=jax.random.key(1))
+    assert one.exact and one.num_samples == 0
+    pd.testing.assert_frame_equal(one.units, two.units)
+    units = one.units
+    # a 90% interval of a normal: q05 and q95 are 1.645 sd either side of the mean (= q50)
+    np.testing.assert_allclose(units["q95"] - units["mean"], 1.6448536 * units["sd"], rtol=1e-6)
+    np.testing.assert_allclose(units["q50"], units["mean"])
