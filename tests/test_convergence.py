@@ -1,0 +1,101 @@
+"""Convergence: R-hat, effective sample size, the monitor's decisions, agreement of fits."""
+
+import jax
+import numpy as np
+import pytest
+
+import hbjax
+from hbjax.convergence import Convergence, Monitor, effective_sample_size, split_rhat
+
+
+def ar1(rng, n, coords, phi):
+    noise = rng.normal(size=(n, coords))
+    x = np.zeros((n, coords))
+    for t in range(1, n):
+        x[t] = phi * x[t - 1] + np.sqrt(1 - phi**2) * noise[t]
+    return x
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ess_of_an_ar1_process(seed):
+    # ESS of AR(1) is n (1 - phi) / (1 + phi); the estimator's relative error at n = 20,000
+    # and tau ~ 19 is ~5% per coordinate, ~1% for the mean over 100 coordinates.
+    phi, n = 0.9, 20_000
+    x = ar1(np.random.default_rng(seed), n, 100, phi)
+    ess = effective_sample_size(x)
+    expected = n * (1 - phi) / (1 + phi)
+    assert abs(np.mean(ess) / expected - 1) < 0.05
+    assert np.all(np.abs(ess / expected - 1) < 0.3)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_split_rhat_tells_a_trend_from_noise(seed):
+    rng = np.random.default_rng(seed)
+    stationary = ar1(rng, 4000, 50, 0.5)
+    assert np.median(split_rhat(stationary)) < 1.01
+    drifting = stationary + np.linspace(0.0, 3.0, 4000)[:, None]
+    assert np.median(split_rhat(drifting)) > 1.2  # the default threshold is 1.1
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_monitor_averages_after_the_drift_and_stops_at_the_target(seed):
+    # a drift for 1,000 steps, then AR(1) noise around 0 (sd 1, tau 19): the monitor must not
+    # start averaging during the drift, and must stop once the MCSE of the mean, sd /
+    # sqrt(ESS), is below the target; the stop then happens near n = tau / mcse^2.
+    rng = np.random.default_rng(seed)
+    n = 40_000
+    trace = ar1(rng, n, 64, 0.9)
+    trace[:1000] += np.linspace(5.0, 0.0, 1000)[:, None]
+    config = Convergence(mcse=0.05)
+    monitor = Monitor(config, check_every=100, min_average=200)
+    decision, step = None, 0
+    while decision != "stop" and step < n:
+        monitor.record(trace[step : step + 100], step)
+        step += 100
+        decision = monitor.check(step, np.ones(64))
+    status = monitor.status
+    assert status.converged and decision == "stop"
+    assert status.average_from >= 1000
+    averaged = trace[status.average_from : step]
+    assert status.average_to == step and status.mcse <= 0.05
+    # the stop comes near tau / mcse^2 = 19 / 0.0025 = 7,600 averaged steps
+    assert 3_000 < len(averaged) < 20_000, len(averaged)
+    # and the averages are as close to 0 as the MCSE says (a few sigma over 64 coordinates)
+    assert np.sqrt(np.mean(averaged.mean(axis=0) ** 2)) < 2 * 0.05
+
+
+@pytest.fixture(scope="module")
+def validation_panel():
+    sim = hbjax.simulate(n_units=200, n_periods=52, n_groups=10, seed=0)
+    return hbjax.from_frame(sim.frame)
+
+
+def _default_fit(panel, encoding, seed, devices):
+    model = hbjax.ElasticityModel.from_panel(panel)
+    guide = hbjax.make_guide("unitblock", model, loc=model.init_latents(panel))
+    with jax.numpy_dtype_promotion("standard"):
+        result = hbjax.fit(
+            model,
+            guide,
+            panel,
+            key=jax.random.key(seed),
+            steps=20_000,
+            mesh=hbjax.make_mesh(devices),
+            progress=False,
+        )
+    assert result.converged and result.steps < 20_000
+    return hbjax.summarize(result, encoding).units
+
+
+def test_converged_fits_agree_across_seeds_and_device_counts(validation_panel):
+    # The issue's target on its 200 x 52 panel: median |difference of means| <= 0.03
+    # posterior sd, max <= 0.15 (before averaging: 0.19 and 1.5).
+    panel, encoding = validation_panel
+    base = _default_fit(panel, encoding, 0, 1)
+    for seed, devices in ((1, 1), (0, 4)):
+        other = _default_fit(panel, encoding, seed, devices)
+        z = np.abs(other["mean"] - base["mean"]) / base["sd"]
+        assert np.median(z) <= 0.03 and z.max() <= 0.15, (seed, devices, np.median(z), z.max())
+        # sds: the averaged log-scales' MCSE is ~0.02 (measured: median 1.5%, max 7%)
+        change = np.abs(np.log(other["sd"] / base["sd"]))
+        assert np.median(change) <= 0.03 and change.max() <= 0.12, (np.median(change), change.max())
