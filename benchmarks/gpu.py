@@ -134,7 +134,7 @@ def hbjax_child(args: argparse.Namespace, base: dict) -> None:
         steps = args.block * (args.blocks + 1)
         clock.lap()
         result = hbjax.fit(model, guide, data, key=key, steps=steps, chunk_size=args.block,
-                           progress=False, objective=objective)  # fmt: skip
+                           progress=False, objective=objective, convergence=None)  # fmt: skip
         chunks = np.asarray(result.chunk_seconds)
         emit({**base, "phase": "speed", "guide": guide_name, "variant": variant,
               "compile_seconds": result.compile_seconds, "first_chunk_seconds": float(chunks[0]),
@@ -167,13 +167,13 @@ def _converge(hbjax, model, placed, start, truth, key, args, base) -> None:  # n
         waited[0] += time.perf_counter() - t
 
     probe = hbjax.fit(model, guide, placed, key=key, steps=args.block * 2,
-                      chunk_size=args.block, progress=False)  # fmt: skip
+                      chunk_size=args.block, progress=False, convergence=None)  # fmt: skip
     rate = probe.iterations_per_second
     steps = int(max(args.eval_every, min(args.max_steps, rate * args.budget)))
     steps -= steps % args.eval_every
     begun = time.perf_counter()
     hbjax.fit(model, guide, placed, key=key, steps=steps, chunk_size=args.eval_every,
-              progress=False, callback=record)  # fmt: skip
+              progress=False, callback=record, convergence=None)  # fmt: skip
     emit({**base, "phase": "converge", "guide": "unitblock", **_converged(trace)}, args.out)
 
 

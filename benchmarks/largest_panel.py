@@ -223,7 +223,14 @@ def fit_child(args: argparse.Namespace) -> None:
     )
     with jax.numpy_dtype_promotion("standard"):
         result = hbjax.fit(
-            model, guide, sampler, key=key, steps=steps, optimizer=optimizer, progress=False
+            model,
+            guide,
+            sampler,
+            key=key,
+            steps=steps,
+            optimizer=optimizer,
+            progress=False,
+            convergence=None,
         )
     beta = np.asarray(model.natural(result.guide.loc).unit_elasticity)
     labels = store.encoding.units.to_numpy()

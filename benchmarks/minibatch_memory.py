@@ -113,7 +113,9 @@ def minibatch(args: argparse.Namespace) -> dict:
         os.path.join(args.work, "grid"), args.batch_size, seed=seed_from_key(key)
     )
     with jax.numpy_dtype_promotion("standard"):
-        result = hbjax.fit(model, guide, sampler, key=key, steps=args.steps, progress=False)
+        result = hbjax.fit(
+            model, guide, sampler, key=key, steps=args.steps, progress=False, convergence=None
+        )
     beta = np.asarray(model.natural(result.guide.loc).unit_elasticity)
     truth = np.load(os.path.join(args.work, "truth.npy"))
     return {

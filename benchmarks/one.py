@@ -54,6 +54,7 @@ def hbjax_run(sim: hbjax.SimulatedPanel, args: argparse.Namespace) -> dict:
             steps=steps,
             chunk_size=args.block,
             progress=False,
+            convergence=None,
             **batch,
         )
         block_seconds = result.chunk_seconds[1:]
@@ -79,6 +80,7 @@ def hbjax_run(sim: hbjax.SimulatedPanel, args: argparse.Namespace) -> dict:
             steps=args.block * 3,
             chunk_size=args.block,
             progress=False,
+            convergence=None,
             **batch,
         )
         rate = speed.iterations_per_second  # steps/s after compile (any chunk size)
@@ -93,6 +95,7 @@ def hbjax_run(sim: hbjax.SimulatedPanel, args: argparse.Namespace) -> dict:
         chunk_size=args.eval_every,
         progress=False,
         callback=record,
+        convergence=None,
         **batch,
     )
     return {"setup_seconds": setup, "trace": trace}

@@ -41,7 +41,14 @@ def main() -> None:
     guide = hbjax.MeanFieldNormal.from_shapes(model.latent_shapes(), loc=model.init_latents(panel))
     key = jax.random.key(0)
     warm = hbjax.fit(
-        model, guide, panel, key=key, steps=args.block, chunk_size=args.block, progress=False
+        model,
+        guide,
+        panel,
+        key=key,
+        steps=args.block,
+        chunk_size=args.block,
+        progress=False,
+        convergence=None,
     )
     rates = []
     for i in range(args.blocks):
@@ -53,6 +60,7 @@ def main() -> None:
             steps=args.block,
             chunk_size=args.block,
             progress=False,
+            convergence=None,
         )
         rates.append(result.iterations_per_second)
     report = {

@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 
 from . import __version__
 from .checkpoint import CheckpointError
+from .convergence import Convergence
 from .data import (
     DataValidationError,
     DataWarning,
@@ -137,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--products", type=_positive_int, default=2000)
     demo.add_argument("--periods", type=_positive_int, default=52)
     demo.add_argument("--categories", type=_positive_int, default=10)
-    demo.add_argument("--steps", type=_positive_int, default=6000)
+    demo.add_argument(
+        "--steps", type=_positive_int, default=20000, help="the most steps (stops when converged)"
+    )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--devices", type=_devices, default="all", help="N or 'all' (default)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -208,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     fit_cmd.add_argument("--particles", type=_positive_int, default=4)
     fit_cmd.add_argument("--alpha", type=_finite_float, default=0.0, help="Rényi alpha (0: IW)")
     fit_cmd.add_argument("--lr", type=_positive_float, default=0.01, help="initial learning rate")
+    fit_cmd.add_argument(
+        "--mcse",
+        type=_positive_float,
+        default=Convergence.mcse,
+        help="stop when the Monte Carlo error of the averaged means and log sds is at most "
+        f"this many posterior sds (default {Convergence.mcse}; the error falls as 1/sqrt(steps))",
+    )
     fit_cmd.add_argument("--seed", type=int, default=0)
     fit_cmd.add_argument("--clip", action="store_true", help="clip the log-rate to [-4, 20]")
     fit_cmd.add_argument(
@@ -290,6 +300,7 @@ def _fit_panel(
     gradient: str = "total",
     diagnostic_draws: int = 0,
     checkpoint: tuple[str | None, int, bool] = (None, 1000, False),
+    mcse: float = Convergence.mcse,
 ) -> tuple[FitResult, Summary]:
     """The standard pipeline: model, data-informed guide, fit, summary.
 
@@ -351,8 +362,21 @@ def _fit_panel(
         checkpoint_dir=checkpoint[0],
         checkpoint_every=checkpoint[1],
         resume=checkpoint[2],
+        convergence=Convergence(mcse=mcse),
     )
     return result, summarize(result, encoding, num_samples=num_samples, key=summary_key)
+
+
+def _convergence_line(result: FitResult) -> str:
+    status = result.convergence
+    if status is None or status.average_from is None:
+        return "not converged: the iterates never became stationary"
+    state = "converged" if status.converged else "not converged"
+    error = "" if status.mcse is None else f"; Monte Carlo error of the means {status.mcse:.3f} sd"
+    return (
+        f"{state}: the reported guide averages the iterates of steps {status.average_from}-"
+        f"{status.average_to}{error}"
+    )
 
 
 def _interval(row: pd.Series) -> str:
@@ -388,6 +412,7 @@ def run_demo(args: argparse.Namespace) -> int:
         f"(compile {result.compile_seconds:.1f} s, {result.iterations_per_second:.0f} it/s), "
         f"final loss {result.final_loss:.6g}"
     )
+    print(_convergence_line(result))
     print(
         f"recovery of product elasticities: RMSE {np.sqrt(np.mean(error**2)):.3f} "
         f"(truth sd {units['elasticity'].std():.3f}), "
@@ -597,6 +622,7 @@ def run_fit(args: argparse.Namespace) -> int:
         gradient=args.gradient,
         diagnostic_draws=diagnostic_draws,
         checkpoint=(args.checkpoint, args.checkpoint_every, args.resume),
+        mcse=args.mcse,
     )
     if result.diagnostics is not None:
         diagnostics: dict[str, object] = result.diagnostics.to_dict()
@@ -667,6 +693,7 @@ def run_fit(args: argparse.Namespace) -> int:
         + (", plots/" if args.plots else "")
         + f" and the fitted model (for `hbjax predict {out} PRICES.csv`)"
     )
+    print(_convergence_line(result))
     if result.diagnostics is not None:
         print(f"guide check: {result.diagnostics.verdict}")
     return 0

@@ -16,10 +16,12 @@ black-box variational inference"):
    (a relative error). The fit stops when the median over coordinates is below ``mcse``,
    after at least ``min_average`` averaged steps.
 
-The watched coordinates are at most ``max_per_leaf`` evenly spaced entries of each leaf of
-the guide's mean and log marginal sd (:class:`hbjax.guide.GaussianGuide`), or of its raw
-parameters for other guides (then the MCSE is in units of the iterates' own sd). A
-minibatch fit checks once per epoch (a unit moves only when drawn).
+The watched coordinates (:class:`Watch`) are at most ``max_per_leaf`` evenly spaced entries
+of each leaf of the guide's mean and log marginal sd (:class:`hbjax.guide.GaussianGuide`)
+that the model reports (:meth:`hbjax.AbstractModel.reported_leaves`: for the elasticity
+model, the elasticities), or of its raw parameters for other guides (then the MCSE is in
+units of the iterates' own sd). A minibatch fit checks once per epoch (a unit moves only
+when drawn).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._types import Array, Float
+from ._types import Array, Float, PyTree
 from .guide import AbstractGuide, GaussianGuide
 
 
@@ -97,12 +99,59 @@ def effective_sample_size(trace: Float[np.ndarray, "step coord"]) -> np.ndarray:
     return n / np.maximum(tau, 1.0 / np.log10(max(n, 10)))
 
 
-def watch_indices(guide: AbstractGuide, max_per_leaf: int) -> list[np.ndarray]:
-    """Evenly spaced flat indices into each watched leaf (see :func:`watch`)."""
-    return [
-        np.unique(np.linspace(0, x.size - 1, min(x.size, max_per_leaf)).round().astype(np.int64))
-        for x in _watched_leaves(guide)
-    ]
+class Watch:
+    """Which coordinates of a guide the loop records every step (see the module docstring).
+
+    Attributes:
+        indices: evenly spaced flat indices into each watched leaf (an empty array for a
+            leaf that is not watched).
+    """
+
+    def __init__(
+        self, guide: AbstractGuide, max_per_leaf: int, reported: PyTree[bool] | None = None
+    ):
+        """Watch up to ``max_per_leaf`` entries of each ``reported`` leaf (default: all)."""
+        leaves = _watched_leaves(guide)
+        self.gaussian = isinstance(guide, GaussianGuide)
+        keep = [True] * len(leaves)
+        if isinstance(guide, GaussianGuide) and reported is not None:
+            flags = jax.tree.structure(guide.mean()).flatten_up_to(reported)
+            keep = [bool(f) for f in flags] * 2  # the means, then the log sds
+        self.indices = tuple(
+            np.unique(np.linspace(0, x.size - 1, min(x.size, max_per_leaf)).round().astype(int))
+            if k
+            else np.zeros(0, int)
+            for x, k in zip(leaves, keep, strict=True)
+        )
+
+    @property
+    def n_means(self) -> int:
+        """How many watched coordinates are means (the rest are log sds)."""
+        if not self.gaussian:
+            return sum(len(i) for i in self.indices)
+        return sum(len(i) for i in self.indices[: len(self.indices) // 2])
+
+    def __call__(self, guide: AbstractGuide) -> Float[Array, " coord"]:
+        """The watched coordinates of ``guide``."""
+        leaves = _watched_leaves(guide)
+        return jnp.concatenate(
+            [jnp.ravel(x)[i].astype(jnp.float32) for x, i in zip(leaves, self.indices, strict=True)]
+        )
+
+    def scale(self, guide: AbstractGuide) -> Float[Array, " coord"]:
+        """``[coord]`` the unit each watched coordinate's MCSE is measured in.
+
+        The marginal sd for a mean, 1 for a log sd (a relative error); NaN for guides that
+        are not Gaussian (their MCSE is then measured in units of the iterates' own sd).
+        """
+        count = sum(len(i) for i in self.indices)
+        if not isinstance(guide, GaussianGuide):
+            return jnp.full(count, jnp.nan, jnp.float32)
+        scales = jax.tree.leaves(guide.marginal_scale())
+        means = self.indices[: len(scales)]
+        parts = [jnp.ravel(s)[i] for s, i in zip(scales, means, strict=True)]
+        parts += [jnp.ones(len(i)) for i in self.indices[len(scales) :]]
+        return jnp.concatenate(parts).astype(jnp.float32)
 
 
 def _watched_leaves(guide: AbstractGuide) -> list[Array]:
@@ -114,29 +163,6 @@ def _watched_leaves(guide: AbstractGuide) -> list[Array]:
     return jax.tree.leaves(eqx.filter(guide, eqx.is_inexact_array))
 
 
-def watch(guide: AbstractGuide, indices: list[np.ndarray]) -> Float[Array, " coord"]:
-    """The watched coordinates of ``guide`` (traced by the loop every step)."""
-    leaves = _watched_leaves(guide)
-    return jnp.concatenate(
-        [jnp.ravel(x)[i].astype(jnp.float32) for x, i in zip(leaves, indices, strict=True)]
-    )
-
-
-def watch_scale(guide: AbstractGuide, indices: list[np.ndarray]) -> Float[Array, " coord"]:
-    """``[coord]`` the unit each watched coordinate's MCSE is measured in.
-
-    The marginal sd for a mean, 1 for a log sd (a relative error); NaN for guides that are
-    not Gaussian (their MCSE is then measured in units of the iterates' own sd).
-    """
-    if not isinstance(guide, GaussianGuide):
-        return jnp.full(sum(len(i) for i in indices), jnp.nan, jnp.float32)
-    n_means = len(jax.tree.leaves(guide.mean()))
-    scales = jax.tree.leaves(guide.marginal_scale())
-    parts = [jnp.ravel(s)[i] for s, i in zip(scales, indices[:n_means], strict=True)]
-    parts += [jnp.ones(len(i)) for i in indices[n_means:]]
-    return jnp.concatenate(parts).astype(jnp.float32)
-
-
 @dataclasses.dataclass
 class Status:
     """What the monitor knows after a check (also what ``FitResult`` reports).
@@ -146,8 +172,10 @@ class Status:
         average_from: the first averaged step (``None``: not averaging).
         average_to: the last step averaged into the reported guide (``None``: not averaging).
         rhat: median split-R-hat of the watched coordinates at the last stationarity check.
-        mcse: median MCSE of the averaged guide over watched coordinates (posterior-sd units).
+        mcse: median MCSE of the averaged means over watched coordinates (posterior-sd
+            units).
         mcse_max: the largest.
+        mcse_sd: median MCSE of the averaged log sds (relative error of the sds).
     """
 
     converged: bool = False
@@ -156,6 +184,7 @@ class Status:
     rhat: float | None = None
     mcse: float | None = None
     mcse_max: float | None = None
+    mcse_sd: float | None = None
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready fields."""
@@ -168,11 +197,16 @@ class Monitor:
     ``record(values, first_step)`` takes the watched coordinates of each step (one row per
     step); ``check(step, scale)`` decides, every ``check_every`` steps, whether averaging
     starts (returns ``"average"``), the fit has converged (``"stop"``) or neither
-    (``None``). Averaging lasts at least ``min_average`` steps.
+    (``None``). Averaging lasts at least ``min_average`` steps. The first ``n_means``
+    coordinates are means, the others log sds (default: all means); both medians must
+    reach the target.
     """
 
-    def __init__(self, config: Convergence, check_every: int, min_average: int):
+    def __init__(
+        self, config: Convergence, check_every: int, min_average: int, n_means: int | None = None
+    ):
         self.config, self.check_every, self.min_average = config, check_every, min_average
+        self.n_means = n_means  # the first n_means coordinates are means, the rest log sds
         self.rows: list[np.ndarray] = []
         self.steps: list[int] = []
         self.status = Status()
@@ -212,9 +246,13 @@ class Monitor:
         unit = np.where(np.isfinite(scale), scale, sd)  # NaN: not a Gaussian guide
         with np.errstate(divide="ignore", invalid="ignore"):
             relative = np.where(unit > 0, mcse / unit, 0.0)
-        status.mcse, status.mcse_max = float(np.median(relative)), float(np.max(relative))
+        n_means = len(relative) if self.n_means is None else self.n_means
+        means, sds = relative[:n_means], relative[n_means:]
+        status.mcse, status.mcse_max = float(np.median(means)), float(np.max(means))
+        status.mcse_sd = float(np.median(sds)) if len(sds) else None
+        largest = max(status.mcse, status.mcse_sd or 0.0)
         averaged = step - status.average_from
-        if status.mcse <= self.config.mcse and averaged >= self.min_average:
+        if largest <= self.config.mcse and averaged >= self.min_average:
             status.converged = True
             return "stop"
         return None
@@ -243,7 +281,5 @@ __all__ = [
     "Status",
     "effective_sample_size",
     "split_rhat",
-    "watch",
-    "watch_indices",
-    "watch_scale",
+    "Watch",
 ]

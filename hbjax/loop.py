@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from ._types import PRNGKeyArray, PyTree
-from .convergence import Convergence, Monitor, Status, watch, watch_indices, watch_scale
+from .convergence import Convergence, Monitor, Status, Watch
 from .guide import AbstractGuide
 from .minibatch import UnitSampler
 from .sharding import replicate, to_host
@@ -271,10 +271,13 @@ def run(
     aligns it). Returns the last good state and what happened.
     """
     start = time.perf_counter()
-    monitor = None if convergence is None else Monitor(convergence, check_every, min_average)
+    per_leaf = 1 if convergence is None else convergence.max_per_leaf
+    watch = Watch(state.guide, per_leaf, svi.model.reported_leaves())
+    monitor = None
+    if convergence is not None:
+        monitor = Monitor(convergence, check_every, min_average, n_means=watch.n_means)
     state, first_losses = saver.restore(state, steps, monitor)
     first = int(state.step)
-    indices = watch_indices(state.guide, 1 if convergence is None else convergence.max_per_leaf)
     state_arrays, state_static = eqx.partition(state, eqx.is_array)
     svi_arrays, svi_static = eqx.partition(svi, eqx.is_array)
     put = (lambda x: replicate(x, mesh)) if mesh is not None else jax.device_put
@@ -302,13 +305,13 @@ def run(
             )
             loss = jnp.where(active, info.loss.astype(jnp.float32), jnp.float32(jnp.nan))
             finite = jnp.where(active, info.finite, _TRUE)
-            watched = watch(new.guide, indices)
+            watched = watch(new.guide)
             return (arrays, ok & finite), (loss, finite, watched)
 
         (arrays, _), (losses, finite, watched) = jax.lax.scan(
             body, (state_arrays, _TRUE), (jnp.arange(chunk), batches)
         )
-        scale = watch_scale(eqx.combine(arrays, state_static).guide, indices)
+        scale = watch.scale(eqx.combine(arrays, state_static).guide)
         return arrays, losses, finite, watched, scale
 
     source.start(first, chunk)

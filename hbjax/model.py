@@ -67,6 +67,13 @@ class AbstractModel(eqx.Module):
         """
         return None
 
+    def reported_leaves(self) -> PyTree[bool]:
+        """Which latent leaves carry what a fit reports: the convergence check watches them.
+
+        Every leaf by default; a model with nuisance latents narrows it.
+        """
+        return jax.tree.map(lambda _: True, self.latent_shapes())
+
     def batch_log_joint(self, latents: PyTree[Float[Array, "..."]], batch: UnitBatch) -> Scalar:
         """Unbiased estimate of :meth:`log_joint` from a :class:`~hbjax.minibatch.UnitBatch`.
 
@@ -326,6 +333,11 @@ class ElasticityModel(AbstractModel):
     def unit_leaves(self) -> ElasticityLatents:
         """Product elasticities and intercepts are per unit; the rest are shared."""
         flags = [False, False, True, True, False]  # in field order
+        return jax.tree.unflatten(jax.tree.structure(self.latent_shapes()), flags)
+
+    def reported_leaves(self) -> ElasticityLatents:
+        """The elasticities (global, group, unit): intercepts and period effects are nuisance."""
+        flags = [True, True, True, False, False]  # in field order
         return jax.tree.unflatten(jax.tree.structure(self.latent_shapes()), flags)
 
     def batch_log_joint(self, latents: ElasticityLatents, batch: UnitBatch) -> Scalar:
