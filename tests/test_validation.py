@@ -38,8 +38,9 @@ def default_fit(reference):
     model = hbjax.ElasticityModel.from_panel(panel)  # centred prices and hierarchy
     guide = hbjax.make_guide("unitblock", model, loc=model.init_latents(panel))  # CLI default
     with jax.numpy_dtype_promotion("standard"):
-        result = hbjax.fit(model, guide, panel, key=jax.random.key(0), steps=3000, progress=False)
-    return hbjax.summarize(result, encoding, num_samples=4000, key=jax.random.key(1))
+        result = hbjax.fit(model, guide, panel, key=jax.random.key(0), steps=20000, progress=False)
+    assert result.converged  # stopped by itself, averaged
+    return hbjax.summarize(result, encoding)  # exact Gaussian summaries
 
 
 def test_default_guide_matches_nuts_on_product_elasticities(reference, default_fit):
@@ -49,7 +50,7 @@ def test_default_guide_matches_nuts_on_product_elasticities(reference, default_f
     sd_ratio = np.median(units["sd"].to_numpy() / ref["unit_sd"])
     assert 0.9 <= sd_ratio <= 1.1, sd_ratio
     z = (units["mean"].to_numpy() - ref["unit_mean"]) / ref["unit_sd"]
-    assert np.sqrt(np.mean(z**2)) < 0.25
+    assert np.sqrt(np.mean(z**2)) < 0.15  # the target (was 0.25 before averaging)
     coverage = np.mean((units["q05"] <= truth) & (truth <= units["q95"]))
     nuts_coverage = np.mean((ref["unit_q05"] <= truth) & (truth <= ref["unit_q95"]))
     assert abs(coverage - nuts_coverage) <= 0.05, (coverage, nuts_coverage)
