@@ -323,7 +323,7 @@ def run(
     )
     compile_seconds = time.perf_counter() - start
     log = _Log(steps, first, first_losses, progress, steps_per_epoch)
-    stop = False
+    stop = monitor is not None and monitor.status.converged  # a checkpoint of a finished fit
     try:
         with jax.transfer_guard_host_to_device("disallow"):  # only explicit transfers
             while log.done < steps and not stop:

@@ -47,6 +47,48 @@ def test_resumed_fit_equals_the_uninterrupted_one(small_panel, tmp_path, batch_s
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("batch_size", [None, 24])
+def test_resume_keeps_the_average_and_stops_where_the_whole_fit_stops(
+    small_panel, tmp_path, batch_size
+):
+    # averaging starts at the first check with 40 iterates to look at (R-hat < 100 always),
+    # and the fit stops once it has averaged long enough (any MCSE < 10): the run is cut
+    # after averaging began and before the stop, and resumed with room to spare.
+    panel, _ = small_panel
+    model, guide = _start(panel)
+    quick = hbjax.convergence.Convergence(rhat=100.0, mcse=10.0, check_every=20, min_average=60)
+    options = {
+        "key": jax.random.key(4),
+        "progress": False,
+        "batch_size": batch_size,
+        "convergence": quick,
+        "chunk_size": 20,
+    }
+    whole = hbjax.fit(model, guide, panel, steps=400, **options)
+    status = whole.convergence
+    assert status.converged and 0 < status.average_from < whole.steps < 400
+    cut = status.average_from + 20  # averaging has begun, the stop is still ahead
+    folder = tmp_path / "ckpt"
+    first = hbjax.fit(
+        model, guide, panel, steps=cut, checkpoint_dir=folder, checkpoint_every=20, **options
+    )
+    assert first.convergence.average_from == status.average_from and not first.converged
+    resumed = hbjax.fit(
+        model,
+        guide,
+        panel,
+        steps=400,
+        checkpoint_dir=folder,
+        checkpoint_every=20,
+        resume=True,
+        **options,
+    )
+    assert resumed.steps == whole.steps and resumed.convergence == status
+    np.testing.assert_array_equal(resumed.losses, whole.losses)
+    for a, b in zip(_leaves(resumed.guide), _leaves(whole.guide), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_checkpoints_that_do_not_fit_are_refused(small_panel, tmp_path):
     panel, _ = small_panel
     model, guide = _start(panel)
