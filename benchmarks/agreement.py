@@ -6,7 +6,8 @@ largest |difference of posterior means| / posterior sd of the product elasticiti
 steps taken and the wall time. Each fit runs in its own process (the device count is fixed
 when JAX starts).
 
-    python -m benchmarks.agreement --products 200 --periods 52 --devices 4
+    python -m benchmarks.agreement --products 200 --periods 52 --devices 4  # the NUTS panel
+    python -m benchmarks.agreement --products 2000 --panel-seed 0          # the demo's
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ def one_fit(args: argparse.Namespace) -> None:
 
     import hbjax
 
-    sim = hbjax.simulate(n_units=args.products, n_periods=args.periods, n_groups=10, seed=0)
+    sim = hbjax.simulate(
+        n_units=args.products, n_periods=args.periods, n_groups=10, seed=args.panel_seed
+    )
     panel, encoding = hbjax.from_frame(sim.frame)
     model = hbjax.ElasticityModel.from_panel(panel)
     guide = hbjax.make_guide("unitblock", model, loc=model.init_latents(panel))
@@ -58,12 +61,13 @@ def one_fit(args: argparse.Namespace) -> None:
     )
 
 
-def run(products: int, periods: int, seed: int, devices: int, max_steps: int) -> dict:
+def run(args: argparse.Namespace, seed: int, devices: int) -> dict:
     """One fit in a fresh process with ``devices`` virtual CPU devices."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     command = [sys.executable, "-m", "benchmarks.agreement", "--child", "--products",
-               str(products), "--periods", str(periods), "--seed", str(seed), "--devices",
-               str(devices), "--max-steps", str(max_steps)]  # fmt: skip
+               str(args.products), "--periods", str(args.periods), "--seed", str(seed),
+               "--devices", str(devices), "--max-steps", str(args.max_steps),
+               "--panel-seed", str(args.panel_seed)]  # fmt: skip
     with tempfile.TemporaryFile("w+") as log:
         out = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
         if out.returncode:
@@ -89,6 +93,9 @@ def main() -> None:
     parser.add_argument("--periods", type=int, default=52)
     parser.add_argument("--devices", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--panel-seed", type=int, default=2026, help="simulation seed (2026: the NUTS panel)"
+    )
     parser.add_argument("--max-steps", type=int, default=20000)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -98,9 +105,9 @@ def main() -> None:
     import numpy as np
 
     fits = {
-        "seed0": run(args.products, args.periods, 0, 1, args.max_steps),
-        "seed1": run(args.products, args.periods, 1, 1, args.max_steps),
-        f"devices{args.devices}": run(args.products, args.periods, 0, args.devices, args.max_steps),
+        "seed0": run(args, 0, 1),
+        "seed1": run(args, 1, 1),
+        f"devices{args.devices}": run(args, 0, args.devices),
     }
     for name, f in fits.items():
         rmse = float(np.sqrt(np.mean((np.asarray(f["mean"]) - np.asarray(f["truth"])) ** 2)))

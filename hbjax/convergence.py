@@ -20,8 +20,8 @@ The watched coordinates (:class:`Watch`) are at most ``max_per_leaf`` evenly spa
 of each leaf of the guide's mean and log marginal sd (:class:`hbjax.guide.GaussianGuide`)
 that the model reports (:meth:`hbjax.AbstractModel.reported_leaves`: for the elasticity
 model, the elasticities), or of its raw parameters for other guides (then the MCSE is in
-units of the iterates' own sd). A minibatch fit checks once per epoch (a unit moves only
-when drawn).
+units of the iterates' own sd). A minibatch fit checks every ``check_every`` steps rounded
+up to whole epochs (a unit moves only when drawn).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class Convergence:
             stationary.
         mcse: Monte Carlo standard error (median over coordinates, in posterior-sd units)
             of the averaged guide at which the fit stops.
-        check_every: steps between checks (a minibatch fit checks once per epoch instead).
+        check_every: steps between checks (a minibatch fit: rounded up to whole epochs).
         min_average: fewest averaged steps (epochs for a minibatch fit) before stopping.
         max_per_leaf: watched coordinates per parameter leaf.
     """

@@ -222,7 +222,7 @@ def fit(
             model, data shape, guide, optimiser or key is refused.
         convergence: when to start averaging the iterates and when to stop
             (:class:`hbjax.convergence.Convergence`; checked every ``check_every`` steps,
-            or once per epoch with ``batch_size``); ``None`` runs exactly ``steps`` steps
+            rounded up to whole epochs with ``batch_size``); ``None`` runs exactly ``steps`` steps
             and reports the last iterate. A fit that reaches ``steps`` unconverged warns
             (:class:`ConvergenceWarning`) and says so in ``result.convergence``.
 
@@ -269,8 +269,10 @@ def fit(
         mesh, per_epoch = sampler.mesh, sampler.steps_per_epoch
         # one batch is ~ units x (9 bytes per period + 16): at most _CHUNK_BYTES per chunk
         per_step = sampler.batch_size * (sampler.n_periods * 9 + 16)
-        chunk = max(1, min(chunk_size, steps, int(per_epoch // 4), _CHUNK_BYTES // per_step))
-        check_every = chunk * math.ceil(per_epoch / chunk)  # about one epoch
+        chunk = max(1, min(chunk_size, steps, _CHUNK_BYTES // per_step))
+        # once per epoch, and no more often than a full-batch fit checks
+        every = max(per_epoch, convergence.check_every if convergence is not None else 1)
+        check_every = chunk * math.ceil(every / chunk)
         if optimizer is None:  # the article's decay, per epoch
             optimizer = default_optimizer(transition_steps=round(1000 * per_epoch))
     else:

@@ -11,6 +11,7 @@ evaluated on a ``stop_gradient``-ed copy of the guide.
 from __future__ import annotations
 
 import abc
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -122,37 +123,55 @@ def linear_moments(
     """
     shapes = jax.tree.leaves(guide.standard_shapes())
     treedef = jax.tree.structure(guide.standard_shapes())
-    zeros = [jnp.zeros(s.shape, s.dtype) for s in shapes]
 
     @eqx.filter_jit
-    def probes(guide: GaussianGuide, leaf: int, values: Array) -> tuple[PyTree, PyTree]:
-        def shift(v: Array) -> PyTree:
-            eps = [v if i == leaf else z for i, z in enumerate(zeros)]
-            return fn(guide.from_standard(jax.tree.unflatten(treedef, eps)))
-
+    def probes(guide: GaussianGuide, values: list[Array | None]) -> tuple[PyTree, list]:
+        """``fn`` at ``loc`` and ``A v`` for each leaf's stack of probes ``v`` (or ``None``)."""
+        zeros = [jnp.zeros(s.shape, s.dtype) for s in shapes]
         base = fn(guide.from_standard(jax.tree.unflatten(treedef, zeros)))
-        moved = jax.vmap(shift)(values)
-        return base, jax.tree.map(lambda m, b: m - b, moved, base)
 
-    mean, variance = None, None
-    for leaf, shape in enumerate(shapes):
-        signs = jax.random.rademacher(jax.random.key(leaf), (2, *shape.shape), shape.dtype)
-        values = jnp.concatenate([jnp.ones((1, *shape.shape), shape.dtype), signs])
-        mean, out = probes(guide, leaf, values)
+        def moved(leaf: int, v: Array) -> PyTree:
+            eps = [v if i == leaf else z for i, z in enumerate(zeros)]
+            out = fn(guide.from_standard(jax.tree.unflatten(treedef, eps)))
+            return jax.tree.map(jnp.subtract, out, base)
+
+        return base, [
+            None if v is None else jax.vmap(functools.partial(moved, leaf))(v)
+            for leaf, v in enumerate(values)
+        ]
+
+    # every leaf at once: the all-ones probe and two random-sign probes
+    first = [
+        jnp.concatenate(
+            [
+                jnp.ones((1, *s.shape), s.dtype),
+                jax.random.rademacher(jax.random.key(leaf), (2, *s.shape), s.dtype),
+            ]
+        )
+        for leaf, s in enumerate(shapes)
+    ]
+    mean, outs = probes(guide, first)
+    shares: list[PyTree | None] = []
+    entrywise: list[Array | None] = []
+    for shape, out in zip(shapes, outs, strict=True):
         ones, signed = jax.tree.map(lambda x: x[0], out), jax.tree.map(lambda x: x[1:], out)
         separable = all(
             bool(jnp.allclose(jnp.abs(o)[None], jnp.abs(s), rtol=1e-4, atol=1e-6))
             for o, s in zip(jax.tree.leaves(ones), jax.tree.leaves(signed), strict=True)
         )
-        if separable:
-            share = jax.tree.map(jnp.square, ones)
-        elif math.prod(shape.shape) <= _PROBE_EACH:
-            basis = jnp.eye(math.prod(shape.shape), dtype=shape.dtype).reshape(-1, *shape.shape)
-            _, each = probes(guide, leaf, basis)
-            share = jax.tree.map(lambda x: jnp.sum(x**2, axis=0), each)
-        else:
+        size = math.prod(shape.shape)
+        if not separable and size > _PROBE_EACH:
             return None
-        variance = share if variance is None else jax.tree.map(jnp.add, variance, share)
+        shares.append(jax.tree.map(jnp.square, ones) if separable else None)
+        basis = jnp.eye(size, dtype=shape.dtype).reshape(-1, *shape.shape)
+        entrywise.append(None if separable else basis)
+    if any(v is not None for v in entrywise):  # e.g. a low-rank factor's columns
+        _, each = probes(guide, entrywise)
+        shares = [
+            share if share is not None else jax.tree.map(lambda x: jnp.sum(x**2, axis=0), e)
+            for share, e in zip(shares, each, strict=True)
+        ]
+    variance = functools.reduce(lambda a, b: jax.tree.map(jnp.add, a, b), shares)
     return mean, jax.tree.map(jnp.sqrt, variance)
 
 

@@ -338,13 +338,14 @@ def run(
                     source.data,
                     batches,
                 )
-                good = log.record(np.asarray(to_host(losses)), np.asarray(to_host(finite)), n)
+                losses, finite, watched = jax.device_get(to_host((losses, finite, watched)))
+                good = log.record(losses, finite, n)
                 if monitor is not None:
-                    monitor.record(np.asarray(to_host(watched))[:good], before)
+                    monitor.record(watched[:good], before)
                 if log.failed_at is not None:
                     stop = True
                 elif monitor is not None and log.done % check_every == 0:
-                    decision = monitor.check(log.done, np.asarray(to_host(scale), np.float64))
+                    decision = monitor.check(log.done, np.asarray(jax.device_get(to_host(scale))))
                     if decision == "average":
                         state_arrays = start_averaging(state_arrays, put(np.int32(log.done)))
                     stop = decision == "stop"

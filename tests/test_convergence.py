@@ -66,7 +66,7 @@ def test_monitor_averages_after_the_drift_and_stops_at_the_target(seed):
 
 @pytest.fixture(scope="module")
 def validation_panel():
-    sim = hbjax.simulate(n_units=200, n_periods=52, n_groups=10, seed=0)
+    sim = hbjax.simulate(n_units=200, n_periods=52, n_groups=10, seed=2026)  # the NUTS panel
     return hbjax.from_frame(sim.frame)
 
 
