@@ -111,8 +111,8 @@ _PROBE_EACH = 64
 
 def linear_moments(
     guide: GaussianGuide, fn: Callable[[PyTree], PyTree]
-) -> tuple[PyTree[Array], PyTree[Array]] | None:
-    """Exact mean and sd of ``fn(z)``, ``z ~ guide``, for ``fn`` affine in the latents.
+) -> tuple[PyTree[np.ndarray], PyTree[np.ndarray]] | None:
+    """Exact mean and sd of ``fn(z)``, ``z ~ guide``, for ``fn`` affine in the latents (host).
 
     ``fn(loc + L eps) = fn(loc) + A eps``; the variance of output ``j`` is ``sum_k A_jk^2``.
     Per standard-normal leaf, when each output depends on at most one of its entries (a
@@ -150,29 +150,29 @@ def linear_moments(
         )
         for leaf, s in enumerate(shapes)
     ]
-    mean, outs = probes(guide, first)
+    mean, outs = jax.device_get(probes(guide, first))  # the checks below run on the host
     shares: list[PyTree | None] = []
     entrywise: list[Array | None] = []
     for shape, out in zip(shapes, outs, strict=True):
         ones, signed = jax.tree.map(lambda x: x[0], out), jax.tree.map(lambda x: x[1:], out)
         separable = all(
-            bool(jnp.allclose(jnp.abs(o)[None], jnp.abs(s), rtol=1e-4, atol=1e-6))
+            np.allclose(np.abs(o)[None], np.abs(s), rtol=1e-4, atol=1e-6)
             for o, s in zip(jax.tree.leaves(ones), jax.tree.leaves(signed), strict=True)
         )
         size = math.prod(shape.shape)
         if not separable and size > _PROBE_EACH:
             return None
-        shares.append(jax.tree.map(jnp.square, ones) if separable else None)
+        shares.append(jax.tree.map(np.square, ones) if separable else None)
         basis = jnp.eye(size, dtype=shape.dtype).reshape(-1, *shape.shape)
         entrywise.append(None if separable else basis)
     if any(v is not None for v in entrywise):  # e.g. a low-rank factor's columns
-        _, each = probes(guide, entrywise)
+        _, each = jax.device_get(probes(guide, entrywise))
         shares = [
-            share if share is not None else jax.tree.map(lambda x: jnp.sum(x**2, axis=0), e)
+            share if share is not None else jax.tree.map(lambda x: np.sum(x**2, axis=0), e)
             for share, e in zip(shares, each, strict=True)
         ]
-    variance = functools.reduce(lambda a, b: jax.tree.map(jnp.add, a, b), shares)
-    return mean, jax.tree.map(jnp.sqrt, variance)
+    variance = functools.reduce(lambda a, b: jax.tree.map(np.add, a, b), shares)
+    return mean, jax.tree.map(np.sqrt, variance)
 
 
 class MeanFieldNormal(GaussianGuide):
