@@ -172,7 +172,7 @@ def linear_moments(
             for share, e in zip(shares, each, strict=True)
         ]
     variance = functools.reduce(lambda a, b: jax.tree.map(np.add, a, b), shares)
-    return mean, jax.tree.map(np.sqrt, variance)
+    return mean, jax.tree.map(lambda v: np.asarray(np.sqrt(v)), variance)
 
 
 class MeanFieldNormal(GaussianGuide):
