@@ -195,17 +195,15 @@ class Monitor:
     """Host side of the convergence check: the watched trace and the decisions.
 
     ``record(values, first_step)`` takes the watched coordinates of each step (one row per
-    step); ``check(step, scale)`` decides, every ``check_every`` steps, whether averaging
-    starts (returns ``"average"``), the fit has converged (``"stop"``) or neither
+    step); ``check(step, scale)``, called by the loop every check interval, decides whether
+    averaging starts (returns ``"average"``), the fit has converged (``"stop"``) or neither
     (``None``). Averaging lasts at least ``min_average`` steps. The first ``n_means``
     coordinates are means, the others log sds (default: all means); both medians must
     reach the target.
     """
 
-    def __init__(
-        self, config: Convergence, check_every: int, min_average: int, n_means: int | None = None
-    ):
-        self.config, self.check_every, self.min_average = config, check_every, min_average
+    def __init__(self, config: Convergence, min_average: int, n_means: int | None = None):
+        self.config, self.min_average = config, min_average
         self.n_means = n_means  # the first n_means coordinates are means, the rest log sds
         self.rows: list[np.ndarray] = []
         self.steps: list[int] = []

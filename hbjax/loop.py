@@ -32,9 +32,7 @@ from .convergence import Convergence, Monitor, Status, Watch
 from .guide import AbstractGuide
 from .minibatch import UnitSampler
 from .sharding import replicate, to_host
-from .step import SVI, SVIState, start_averaging
-
-_TRUE = np.True_
+from .step import _TRUE, SVI, SVIState, start_averaging
 
 
 class FullBatch:
@@ -275,7 +273,7 @@ def run(
     watch = Watch(state.guide, per_leaf, svi.model.reported_leaves())
     monitor = None
     if convergence is not None:
-        monitor = Monitor(convergence, check_every, min_average, n_means=watch.n_means)
+        monitor = Monitor(convergence, min_average, n_means=watch.n_means)
     state, first_losses = saver.restore(state, steps, monitor)
     first = int(state.step)
     state_arrays, state_static = eqx.partition(state, eqx.is_array)

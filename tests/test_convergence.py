@@ -47,7 +47,7 @@ def test_monitor_averages_after_the_drift_and_stops_at_the_target(seed):
     trace = ar1(rng, n, 64, 0.9)
     trace[:1000] += np.linspace(5.0, 0.0, 1000)[:, None]
     config = Convergence(mcse=0.05)
-    monitor = Monitor(config, check_every=100, min_average=200)
+    monitor = Monitor(config, min_average=200)  # checked every 100 steps below
     decision, step = None, 0
     while decision != "stop" and step < n:
         monitor.record(trace[step : step + 100], step)
