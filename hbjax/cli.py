@@ -1,4 +1,4 @@
-"""The ``hbjax`` command: ``demo``, ``simulate``, ``prepare``, ``fit``, ``predict``.
+"""The ``hbjax`` command: ``demo``, ``simulate``, ``prepare``, ``fit``, ``predict``, ``check``.
 
 All on top of the public API.
 
@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -35,14 +36,15 @@ from .data import (
     from_frame,
     read_table,
 )
-from .fit import ConvergenceWarning, FitResult, NonFiniteLossError, default_optimizer, fit
-from .guide import GUIDES, make_guide
-from .minibatch import UnitStats, seed_from_key
-from .model import HIERARCHIES, ElasticityModel
-from .objectives import GRADIENTS, renyi_elbo
+from .fit import ConvergenceWarning, FitResult, NonFiniteLossError
+from .guide import GUIDES
+from .guide_check import UnitImportance, nuts_check, unit_importance
+from .model import HIERARCHIES
+from .objectives import GRADIENTS
+from .pipeline import DEFAULT_GUIDE, FitConfig, fit_elasticities
 from .plots import write_plots
-from .posterior import Summary, predict, summarize
-from .saved import load_fit, save_fit
+from .posterior import predict, summarize
+from .saved import SavedFit, load_fit, save_fit
 from .sharding import (
     DistributedConfig,
     ShardingError,
@@ -50,7 +52,6 @@ from .sharding import (
     initialize_distributed,
     make_mesh,
     read_process_panel,
-    shard_panel,
 )
 from .simulate import simulate
 from .stream import GridStore, is_grid, read_grid, write_grid
@@ -205,8 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit_cmd.add_argument(
         "--diagnostic-draws",
         type=int,
-        default=500,
-        help="draws for the PSIS k-hat / ESS check of the fitted guide (0: skip; full batch only)",
+        default=200,
+        help="draws per product for the guide check (PSIS k-hat of each of up to 1,000 "
+        "products' own latents given the shared ones; 0: skip)",
     )
     fit_cmd.add_argument("--particles", type=_positive_int, default=4)
     fit_cmd.add_argument("--alpha", type=_finite_float, default=0.0, help="Rényi alpha (0: IW)")
@@ -269,6 +271,23 @@ def build_parser() -> argparse.ArgumentParser:
     predict_cmd.add_argument("--samples", type=_positive_int, default=1000, help="draws")
     predict_cmd.add_argument("--seed", type=int, default=0)
 
+    check_cmd = commands.add_parser(
+        "check",
+        help="check a fit's intervals against NUTS on a random subsample of products "
+        '(needs BlackJAX: pip install "hbjax[blackjax]")',
+    )
+    check_cmd.add_argument("fit_dir", help="the --out folder of `hbjax fit`")
+    check_cmd.add_argument("file", help="the table the fit was fitted to")
+    _column_flags(check_cmd)
+    check_cmd.add_argument("--products", type=_positive_int, default=50, help="products to check")
+    check_cmd.add_argument(
+        "--chains", type=_positive_int, default=4, help="shared-latent draws, one chain each"
+    )
+    check_cmd.add_argument("--warmup", type=_positive_int, default=300, help="NUTS warm-up steps")
+    check_cmd.add_argument("--draws", type=_positive_int, default=300, help="NUTS draws per chain")
+    check_cmd.add_argument("--seed", type=int, default=0)
+    check_cmd.add_argument("--out", default=None, help="table (default: FIT_DIR/check.csv)")
+
     hosts = fit_cmd.add_argument_group("many hosts (jax.distributed)")
     hosts.add_argument("--coordinator", help="HOST:PORT of process 0's coordinator")
     hosts.add_argument("--num-processes", type=_positive_int, help="number of processes")
@@ -277,94 +296,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=_positive_int, default=60, help="seconds to wait for the others"
     )
     return parser
-
-
-def _fit_panel(
-    panel: Panel | GridStore,
-    encoding: Encoding,
-    *,
-    steps: int,
-    seed: int,
-    particles: int = 4,
-    alpha: float = 0.0,
-    learning_rate: float = 0.01,
-    clip: bool = False,
-    centre_prices: bool = True,
-    hierarchy: str = "centred",
-    num_samples: int = 1000,
-    progress: bool = True,
-    mesh: Mesh | None = None,
-    batch_size: int | None = None,
-    guide: str = "meanfield",
-    rank: int = 8,
-    gradient: str = "total",
-    diagnostic_draws: int = 0,
-    checkpoint: tuple[str | None, int, bool] = (None, 1000, False),
-    mcse: float = Convergence.mcse,
-) -> tuple[FitResult, Summary]:
-    """The standard pipeline: model, data-informed guide, fit, summary.
-
-    ``panel`` is a host panel, or a grid folder (:func:`hbjax.read_grid`; minibatch only).
-    """
-    options: dict[str, object] = {"clip_log_rate": (-4.0, 20.0) if clip else None}
-    optimizer = default_optimizer(learning_rate)
-    key, summary_key = jax.random.split(jax.random.key(seed))
-    data: Panel | UnitStats = panel.stats if isinstance(panel, GridStore) else panel
-    rows: object = panel
-    if batch_size is not None:
-        # The rows stay on the host; the centres and the start come from every process's
-        # per-unit sums. The learning rate decays per epoch.
-        if isinstance(panel, GridStore):
-            # The sampler fit() would make from the same key: the same batches as the table.
-            rows = panel.sampler(batch_size, mesh=mesh, seed=seed_from_key(key))
-            batch_size = None
-        else:
-            data = UnitStats.gather(panel)
-        per_epoch = data.n_units / (batch_size or rows.batch_size)
-        optimizer = default_optimizer(learning_rate, transition_steps=round(1000 * per_epoch))
-    elif isinstance(panel, GridStore):
-        raise UserError("a grid folder from `hbjax prepare` is fitted with --batch-size only.")
-    elif mesh is not None:
-        # Place first: in a multi-process run this process holds only its own units' rows,
-        # and the price centres and the start must come from every process's rows.
-        layout = ElasticityModel.from_panel(panel, centre_prices=False, **options).panel_layout()
-        rows = data = shard_panel(panel, mesh, layout=layout)
-    model = ElasticityModel.from_panel(
-        data, centre_prices=centre_prices, hierarchy=hierarchy, **options
-    )
-    start = make_guide(
-        guide, model, loc=model.init_latents(data), rank=rank, key=jax.random.fold_in(key, 1)
-    )
-
-    def objective(model, guide, panel, *, key):  # noqa: ANN001, ANN202
-        return renyi_elbo(
-            model,
-            guide,
-            panel,
-            key=key,
-            alpha=alpha,
-            num_particles=particles,
-            gradient=gradient,
-        )
-
-    result = fit(
-        model,
-        start,
-        rows,
-        key=key,
-        steps=steps,
-        optimizer=optimizer,
-        objective=objective,
-        progress=progress,
-        mesh=mesh,
-        batch_size=batch_size,
-        diagnostic_draws=diagnostic_draws,
-        checkpoint_dir=checkpoint[0],
-        checkpoint_every=checkpoint[1],
-        resume=checkpoint[2],
-        convergence=Convergence(mcse=mcse),
-    )
-    return result, summarize(result, encoding, num_samples=num_samples, key=summary_key)
 
 
 def _convergence_line(result: FitResult) -> str:
@@ -395,15 +326,9 @@ def run_demo(args: argparse.Namespace) -> int:
         f"{panel.n_groups} categories = {panel.n_rows} observations "
         f"({mesh.size} {jax.default_backend()} device(s))"
     )
-    result, summary = _fit_panel(
-        panel,
-        encoding,
-        steps=args.steps,
-        seed=args.seed,
-        progress=not args.no_progress,
-        mesh=mesh,
-        guide=DEFAULT_GUIDE,
-    )
+    config = FitConfig(steps=args.steps, seed=args.seed, progress=not args.no_progress)
+    result = fit_elasticities(panel, config, mesh=mesh)
+    summary = summarize(result, encoding, key=jax.random.key(args.seed))
     units = summary.units.merge(sim.truth, on=["product", "category"])
     error = units["mean"] - units["elasticity"]
     covered = (units["q05"] <= units["elasticity"]) & (units["elasticity"] <= units["q95"])
@@ -465,14 +390,6 @@ def run_simulate(args: argparse.Namespace) -> int:
     sim.truth[["product", "category", "elasticity"]].to_csv(truth_path, index=False)
     print(f"wrote {len(sim.frame)} rows to {out} and the truth to {truth_path}")
     return 0
-
-
-#: Steps of a full-batch fit (the article's) and epochs of a minibatch fit, by default.
-DEFAULT_STEPS = 20000
-#: The guide ``hbjax fit`` uses unless --guide says otherwise (see benchmarks/README.md:
-#: intervals against NUTS).
-DEFAULT_GUIDE = "unitblock"
-DEFAULT_EPOCHS = 250  # minibatch fits converged in 40-80 epochs in our tests
 
 
 def _mesh(devices: str | int) -> Mesh:
@@ -552,24 +469,46 @@ def run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_estimator(args: argparse.Namespace) -> int:
-    """Refuse combinations of guide, gradient and alpha that cannot work; diagnostic draws."""
-    if args.guide == "lowrank" and args.batch_size is not None:
-        raise UserError(
-            "--guide lowrank couples all products and cannot be minibatched; use --guide "
-            "unitblock or meanfield with --batch-size."
+def _fit_config(args: argparse.Namespace) -> FitConfig:
+    """The library's configuration from the flags (an impossible combination: one line)."""
+    try:
+        return FitConfig(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            guide=args.guide,
+            rank=args.rank,
+            gradient=args.gradient,
+            particles=args.particles,
+            alpha=args.alpha,
+            learning_rate=args.lr,
+            centre_prices=not args.no_centring,
+            hierarchy=args.hierarchy,
+            clip=args.clip,
+            mcse=args.mcse,
+            seed=args.seed,
+            checkpoint_dir=args.checkpoint,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+            progress=not args.no_progress and jax.process_index() == 0,
         )
-    if args.gradient == "dreg" and args.alpha != 0:
-        raise UserError(f"--gradient dreg needs --alpha 0 (got {args.alpha}); or use stl.")
-    if args.gradient == "stl" and args.alpha != 1 and args.particles > 1:
-        raise UserError(
-            "--gradient stl is biased for an importance-weighted bound; use it with --alpha 1 "
-            "(the ELBO) or --particles 1, or use --gradient dreg with --alpha 0."
-        )
-    draws = args.diagnostic_draws
-    if draws < 0 or 0 < draws < 10:
-        raise UserError(f"--diagnostic-draws must be 0 (skip) or at least 10; got {draws}.")
-    return 0 if args.batch_size is not None else draws
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _guide_check(
+    result: FitResult, panel: Panel | GridStore, draws: int, seed: int
+) -> UnitImportance | None:
+    """The per-product importance check of a fit, where the rows are at hand."""
+    if draws == 0 or not isinstance(panel, Panel) or jax.process_count() > 1:
+        return None
+    key = jax.random.fold_in(jax.random.key(seed), 2)
+    return unit_importance(result.model, result.guide, panel, key=key, num_draws=draws)
+
+
+def _skipped(args: argparse.Namespace) -> dict[str, str]:
+    if args.diagnostic_draws == 0:
+        return {"skipped": "--diagnostic-draws 0"}
+    return {"skipped": "the rows are not in this process (grid folder or several hosts)"}
 
 
 def run_fit(args: argparse.Namespace) -> int:
@@ -577,9 +516,13 @@ def run_fit(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {args.out!r} exists and is not a folder.")
-    diagnostic_draws = _check_estimator(args)
+    if args.diagnostic_draws < 0 or 0 < args.diagnostic_draws < 50:
+        raise UserError(
+            f"--diagnostic-draws must be 0 (skip) or at least 50; got {args.diagnostic_draws}."
+        )
     if args.resume and args.checkpoint is None:
         raise UserError("--resume needs --checkpoint DIR (the folder of the fit to continue).")
+    config = _fit_config(args)
     _join_hosts(args)
     mesh = _mesh(args.devices)
     panel, encoding = _load_own_rows(args, mesh)
@@ -598,38 +541,9 @@ def run_fit(args: argparse.Namespace) -> int:
             f"--batch-size {args.batch_size} is not smaller than the number of products "
             f"({sizes.n_units}); leave it out to fit the full batch."
         )
-    steps = args.steps
-    if steps is None:
-        per_epoch = sizes.n_units / args.batch_size if args.batch_size else None
-        steps = DEFAULT_STEPS if per_epoch is None else round(DEFAULT_EPOCHS * per_epoch)
-    result, summary = _fit_panel(
-        panel,
-        encoding,
-        steps=steps,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        particles=args.particles,
-        alpha=args.alpha,
-        learning_rate=args.lr,
-        clip=args.clip,
-        centre_prices=not args.no_centring,
-        hierarchy=args.hierarchy,
-        num_samples=args.samples,
-        progress=not args.no_progress and jax.process_index() == 0,
-        mesh=mesh,
-        guide=args.guide,
-        rank=args.rank,
-        gradient=args.gradient,
-        diagnostic_draws=diagnostic_draws,
-        checkpoint=(args.checkpoint, args.checkpoint_every, args.resume),
-        mcse=args.mcse,
-    )
-    if result.diagnostics is not None:
-        diagnostics: dict[str, object] = result.diagnostics.to_dict()
-    elif args.batch_size is not None:
-        diagnostics = {"skipped": "minibatch fit: the check needs the full likelihood"}
-    else:
-        diagnostics = {"skipped": "--diagnostic-draws 0"}
+    result = fit_elasticities(panel, config, mesh=mesh)
+    summary = summarize(result, encoding, num_samples=args.samples, key=jax.random.key(args.seed))
+    check = _guide_check(result, panel, args.diagnostic_draws, args.seed)
     if jax.process_index() != 0:  # only process 0 writes outputs
         return 0
     try:
@@ -678,7 +592,7 @@ def run_fit(args: argparse.Namespace) -> int:
         "processes": jax.process_count(),
         "backend": jax.default_backend(),
         "global_elasticity": {k: float(overall[k]) for k in ("mean", "sd", "q05", "q50", "q95")},
-        "importance_diagnostics": diagnostics,
+        "guide_check": check.to_dict(encoding.units) if check is not None else _skipped(args),
         "hbjax_version": __version__,
         "jax_version": jax.__version__,
         "python_version": platform.python_version(),
@@ -694,8 +608,8 @@ def run_fit(args: argparse.Namespace) -> int:
         + f" and the fitted model (for `hbjax predict {out} PRICES.csv`)"
     )
     print(_convergence_line(result))
-    if result.diagnostics is not None:
-        print(f"guide check: {result.diagnostics.verdict}")
+    if check is not None:
+        print(f"guide check: {check.verdict}")
     return 0
 
 
@@ -719,6 +633,80 @@ def run_predict(args: argparse.Namespace) -> int:
         f"({saved.info['guide']} guide, {args.samples} draws, 90% intervals); wrote {out}"
     )
     return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """``hbjax check``: a saved fit's product intervals against NUTS, and per-product k-hat."""
+    saved = load_fit(args.fit_dir)
+    out = Path(args.out) if args.out else Path(args.fit_dir) / "check.csv"
+    if not out.parent.is_dir():
+        raise UserError(f"--out: folder {str(out.parent)!r} does not exist.")
+    panel, encoding = from_file(args.file, **_columns(args))
+    for name in ("units", "groups", "periods"):
+        if not getattr(encoding, name).equals(getattr(saved.encoding, name)):
+            raise UserError(
+                f"{args.file!r} is not the table {args.fit_dir!r} was fitted to (its {name} "
+                "differ); pass the same file and column flags as to `hbjax fit`."
+            )
+    key = jax.random.key(args.seed)
+    importance = unit_importance(saved.model, saved.guide, panel, key=jax.random.fold_in(key, 0))
+    try:
+        nuts = nuts_check(
+            saved.model,
+            saved.guide,
+            panel,
+            key=jax.random.fold_in(key, 1),
+            num_units=args.products,
+            num_shared=args.chains,
+            warmup=max(args.warmup, 10),
+            draws=max(args.draws, 20),
+        )
+    except ImportError as exc:
+        raise UserError(str(exc)) from None
+    table = _elasticity_table(saved, nuts.table, encoding)
+    _write_atomically(out, lambda path: table.to_csv(path, index=False))
+    print(
+        f"checked {table['product'].nunique()} random products with NUTS (BlackJAX; "
+        f"{nuts.num_shared} chains x {nuts.draws} draws, each chain given one draw of the "
+        f"shared latents from the fit; {nuts.divergences} divergent)"
+    )
+    print(f"\n{'product':<12} {'fit mean [5%, 95%]':>28} {'NUTS median':>11} {'sd ratio':>8}")
+    for _, row in table.head(20).iterrows():
+        print(
+            f"{str(row['product']):<12} {_interval(row):>28} {row['nuts_median']:11.3f} "
+            f"{row['sd_ratio']:8.2f}" + ("" if row["covered"] else "  outside")
+        )
+    if len(table) > 20:
+        print(f"... ({len(table) - 20} more rows in {out})")
+    print(f"\nintervals against NUTS: {nuts.verdict}")
+    print(f"per-product k-hat: {importance.verdict}")
+    print(f"wrote {out}")
+    return 0
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(temporary)`` next to ``path``, then rename: never a half-written ``path``."""
+    temporary = path.with_name(f".{path.name}.partial")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _elasticity_table(saved: SavedFit, table: pd.DataFrame, encoding: Encoding) -> pd.DataFrame:
+    """The check's table on the elasticity scale (an affine map of the centred latent)."""
+    table = table.copy()
+    table.insert(0, "product", encoding.units[table.pop("unit").to_numpy()])
+    model = saved.model
+    if saved.info["hierarchy"] == "centred":  # beta_i = beta_0 + scale u_i
+        loc, scale = float(model.global_elasticity.loc), float(model.unit_elasticity.scale)
+        for column in ("mean", "q05", "q95", "nuts_mean", "nuts_median"):
+            table[column] = loc + scale * table[column]
+        for column in ("sd", "nuts_sd"):
+            table[column] = scale * table[column]
+        table["leaf"] = "elasticity"
+    return table
 
 
 def _show_warning(
@@ -755,6 +743,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "prepare": run_prepare,
         "fit": run_fit,
         "predict": run_predict,
+        "check": run_check,
     }
     try:
         with warnings.catch_warnings():

@@ -16,6 +16,7 @@ from importlib.metadata import version as _version
 _RELATED = {
     "distrax": ("distrax", "tensorflow-probability", "tfp-nightly", "jax", "jaxlib"),
     "arviz": ("arviz", "xarray"),
+    "blackjax": ("blackjax", "jax", "jaxlib"),
 }
 
 
@@ -34,7 +35,7 @@ def optional_import(module: str, *, purpose: str) -> types.ModuleType:
     """Import an optional library, or raise one clear ``ImportError`` line.
 
     Args:
-        module: ``"distrax"`` or ``"arviz"``.
+        module: ``"distrax"``, ``"arviz"`` or ``"blackjax"`` (the extra of the same name).
         purpose: what needs it, for the message (e.g. ``"to_arviz"``).
 
     Raises:

@@ -25,13 +25,12 @@ from jax.sharding import Mesh
 from ._types import PRNGKeyArray, PyTree
 from .convergence import Convergence, Status
 from .data import Panel
-from .diagnostics import ImportanceDiagnostics, importance_diagnostics
 from .guide import AbstractGuide
 from .loop import Checkpoints, FullBatch, Minibatches, Outcome, run
 from .minibatch import UnitSampler, seed_from_key
 from .model import AbstractModel
 from .objectives import renyi_elbo
-from .sharding import make_mesh, replicate, shard_panel, to_host
+from .sharding import make_mesh, shard_panel, to_host
 from .step import SVI, Objective
 
 
@@ -66,8 +65,6 @@ class FitResult:
         chunk_seconds: wall time of each completed chunk of steps (for benchmarks).
         batch_size: units per step of a minibatch fit (``None``: full batch).
         epochs: passes over the units (``steps`` for a full-batch fit).
-        diagnostics: PSIS k-hat and effective sample size of the fitted guide
-            (:mod:`hbjax.diagnostics`), when ``fit(..., diagnostic_draws=S)`` asked for them.
         convergence: what the convergence check found (:class:`hbjax.convergence.Status`:
             converged, the first and last averaged steps, the MCSE of the reported means
             in posterior-sd units); ``None`` for a fit run with ``convergence=None``.
@@ -85,7 +82,6 @@ class FitResult:
     chunk_seconds: np.ndarray
     batch_size: int | None = None
     epochs: float | None = None
-    diagnostics: ImportanceDiagnostics | None = None
     convergence: Status | None = None
 
     @property
@@ -168,7 +164,6 @@ def fit(
     mesh: Mesh | None = None,
     callback: Callable[[int, AbstractGuide], None] | None = None,
     batch_size: int | None = None,
-    diagnostic_draws: int = 0,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 1000,
     resume: bool = False,
@@ -205,11 +200,6 @@ def fit(
             chunks of batches go to the devices, each prepared while the previous one
             runs. The default optimiser's decay is then per epoch (``transition_steps =
             1000 x steps per epoch``).
-        diagnostic_draws: after fitting, draw this many latents from the guide and report
-            the PSIS k-hat and effective sample size of their importance weights
-            (``result.diagnostics``, :func:`hbjax.diagnostics.importance_diagnostics`);
-            0 (the default) skips it. Full-batch fits only: the weights need the whole
-            likelihood.
         checkpoint_dir: save the fit's state (guide, optimiser state, step, average), the
             key, the losses and the convergence trace there every ``checkpoint_every``
             steps, at the end, and at the last good step when a step goes non-finite
@@ -246,21 +236,11 @@ def fit(
         >>> result.losses.shape
         (50,)
     """
-    if isinstance(diagnostic_draws, bool) or not isinstance(diagnostic_draws, int):
-        raise TypeError(f"diagnostic_draws must be an int; got {diagnostic_draws!r}.")
-    if diagnostic_draws != 0 and diagnostic_draws < 10:
-        raise ValueError(f"diagnostic_draws must be 0 (off) or >= 10; got {diagnostic_draws}.")
     if convergence is not None and not isinstance(convergence, Convergence):
         raise TypeError(
             f"convergence must be an hbjax.convergence.Convergence or None; got {convergence!r}."
         )
     minibatch = isinstance(panel, UnitSampler) or batch_size is not None
-    if minibatch and diagnostic_draws:
-        raise ValueError(
-            "diagnostic_draws needs the full likelihood and is not available with "
-            "batch_size; compute them on a subsample of units with "
-            "hbjax.diagnostics.importance_diagnostics."
-        )
     start = time.perf_counter()
     key = _typed_key(key)
     if minibatch:
@@ -315,17 +295,6 @@ def fit(
         warnings.warn(
             _not_converged_message(outcome.status, steps), ConvergenceWarning, stacklevel=2
         )
-    if diagnostic_draws:
-        mesh_of = getattr(panel, "mesh", None)
-        on_panel = lambda x: replicate(x, mesh_of) if mesh_of is not None else x  # noqa: E731
-        diagnostics = importance_diagnostics(
-            on_panel(result.model),
-            on_panel(result.guide),
-            panel,
-            key=on_panel(jax.random.fold_in(key, np.iinfo(np.int32).max)),
-            num_draws=diagnostic_draws,
-        )
-        result = dataclasses.replace(result, diagnostics=diagnostics)
     return result
 
 

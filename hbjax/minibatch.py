@@ -120,6 +120,34 @@ class UnitStats(eqx.Module):
         return jnp.asarray(self.moments)
 
 
+def slot_log_likelihood(
+    unit_elasticity: Float[Array, " slot"],
+    unit_effect: Float[Array, " slot"],
+    cell_effect: Float[Array, " cell"],
+    price_centre: Float[Array, " slot"],
+    group: Int[Array, " slot"],
+    log_price: Float[Array, "slot period"],
+    counts: Float[Array, "slot period"],
+    observed: Bool[Array, "slot period"],
+    log_factorial: Float[Array, " slot"],
+    clip: tuple[float, float] | None = None,
+) -> Float[Array, " slot"]:
+    """Each slot's unweighted Poisson log-likelihood: its unit's observed rows.
+
+    ``sum_t observed * log Poisson(y | exp(beta (x - m) + delta + gamma_{group, t}))``.
+    """
+    cells = cell_effect.reshape(-1, log_price.shape[1])
+    log_rate = (
+        unit_elasticity[:, None] * (log_price - price_centre[:, None])
+        + unit_effect[:, None]
+        + cells[group]
+    )
+    if clip is not None:
+        log_rate = jnp.clip(log_rate, clip[0], clip[1])
+    terms = jnp.where(observed, counts * log_rate - jnp.exp(log_rate), 0.0)
+    return jnp.sum(terms, axis=1) - log_factorial
+
+
 def batch_log_likelihood(
     unit_elasticity: Float[Array, " slot"],
     unit_effect: Float[Array, " slot"],
@@ -130,20 +158,13 @@ def batch_log_likelihood(
 ) -> Scalar:
     """Weighted Poisson log-likelihood of a batch's units (an unbiased full-data estimate).
 
-    ``sum_slot weight * sum_t observed * log Poisson(y | exp(beta (x - m) + delta + gamma))``,
-    per block on each device, then the blocks in order (the same sum on any device count).
-    The slot parameters are the sampled units' values; ``cell_effect`` is replicated.
+    ``sum_slot weight * slot_log_likelihood``, per block on each device, then the blocks
+    in order (the same sum on any device count). The slot parameters are the sampled
+    units' values; ``cell_effect`` is replicated.
     """
 
-    def per_device(
-        beta, delta, gamma, centre, group, weight, log_price, counts, observed, log_fact
-    ):  # noqa: ANN001, ANN202, E501
-        cells = gamma.reshape(-1, log_price.shape[1])
-        log_rate = beta[:, None] * (log_price - centre[:, None]) + delta[:, None] + cells[group]
-        if clip is not None:
-            log_rate = jnp.clip(log_rate, clip[0], clip[1])
-        terms = jnp.where(observed, counts * log_rate - jnp.exp(log_rate), 0.0)
-        per_slot = weight * (jnp.sum(terms, axis=1) - log_fact)
+    def per_device(beta, delta, gamma, centre, group, weight, *grid):  # noqa: ANN001, ANN202
+        per_slot = weight * slot_log_likelihood(beta, delta, gamma, centre, group, *grid, clip)
         local_blocks = batch.n_blocks // (1 if batch.mesh is None else batch.mesh.devices.size)
         partials = jnp.sum(per_slot.reshape(local_blocks, -1), axis=1)
         if batch.mesh is None:
@@ -170,6 +191,58 @@ def batch_log_likelihood(
         in_specs=(P(DATA_AXIS), P(DATA_AXIS), P(), P(DATA_AXIS)) + (P(DATA_AXIS),) * 6,
         out_specs=P(),
     )(*args)
+
+
+def _rows_on_grid(
+    panel: Panel, rows: slice | np.ndarray, slot: np.ndarray, n_slots: int
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Rows ``rows`` of a host panel on a ``[slot, period]`` grid (row ``r`` to ``slot[r]``).
+
+    Returns the grids (``log_price``, ``counts``, ``observed``) and each slot's
+    ``sum log(counts!)`` over its observed rows.
+    """
+    weight = np.asarray(panel.weight)[rows]
+    period = np.asarray(panel.cell_idx)[rows] % panel.n_periods
+    counts = np.asarray(panel.counts)[rows]
+    shape = (n_slots, panel.n_periods)
+    grids = {
+        "log_price": np.zeros(shape, np.float32),
+        "counts": np.zeros(shape, np.float32),
+        "observed": np.zeros(shape, bool),
+    }
+    grids["log_price"][slot, period] = np.asarray(panel.log_price)[rows]
+    grids["counts"][slot, period] = counts
+    grids["observed"][slot, period] = weight > 0
+    log_fact = np.asarray(gammaln(counts.astype(np.float64) + 1.0)) * (weight > 0)
+    return grids, np.bincount(slot, log_fact, n_slots).astype(np.float32)
+
+
+def unit_batch(panel: Panel, units: Int[np.ndarray, " slot"]) -> UnitBatch:
+    """A :class:`UnitBatch` of the given units with all their rows, weight 1, unplaced.
+
+    For checks on a subsample of units (:mod:`hbjax.diagnostics`). ``panel``: a host panel
+    holding those units' rows (rows sorted by unit, as :func:`hbjax.from_frame` makes them).
+    """
+    if not isinstance(panel, Panel) or panel.mesh is not None:
+        raise TypeError("unit_batch takes a host Panel (from hbjax.from_frame), not a placed one.")
+    units = np.asarray(units, np.int64)
+    unit_idx = np.asarray(panel.unit_idx)
+    starts = np.searchsorted(unit_idx, units, side="left")
+    stops = np.searchsorted(unit_idx, units, side="right")
+    slot = np.repeat(np.arange(len(units)), stops - starts)
+    rows = np.concatenate([np.arange(a, b) for a, b in zip(starts, stops, strict=True)] or [[]])
+    grid, log_factorial = _rows_on_grid(panel, rows.astype(np.int64), slot, len(units))
+    return UnitBatch(
+        unit=jnp.asarray(units, jnp.int32),
+        group=jnp.asarray(np.asarray(panel.unit_group)[units], jnp.int32),
+        weight=jnp.ones(len(units), jnp.float32),
+        **{name: jnp.asarray(value) for name, value in grid.items()},
+        log_factorial=jnp.asarray(log_factorial),
+        n_units=panel.n_units,
+        n_groups=panel.n_groups,
+        n_periods=panel.n_periods,
+        n_blocks=1,
+    )
 
 
 def units_in_batch(batch: UnitBatch) -> Bool[Array, " unit"]:
@@ -326,24 +399,13 @@ class UnitSampler:
         """This process's units on a host [local unit, period] grid."""
         first, last = self.units[self.local[0]], self.units[self.local[-1] + 1]
         self.first_unit = int(first)
-        n_local, n_periods = int(last - first), self.n_periods
+        n_local = int(last - first)
         unit_idx = np.asarray(panel.unit_idx)
         rows = slice(
             _own_rows(unit_idx, self.units, self.local[0], unit_rows).start,
             _own_rows(unit_idx, self.units, self.local[-1], unit_rows).stop,
         )
-        weight = np.asarray(panel.weight)[rows]
-        local_unit = unit_idx[rows] - first
-        period = np.asarray(panel.cell_idx)[rows] % n_periods
-        counts = np.asarray(panel.counts)[rows]
-        grids = {
-            "log_price": np.zeros((n_local, n_periods), np.float32),
-            "counts": np.zeros((n_local, n_periods), np.float32),
-            "observed": np.zeros((n_local, n_periods), bool),
-        }
-        grids["log_price"][local_unit, period] = np.asarray(panel.log_price)[rows]
-        grids["counts"][local_unit, period] = counts
-        grids["observed"][local_unit, period] = weight > 0
+        grids, self.log_factorial = _rows_on_grid(panel, rows, unit_idx[rows] - first, n_local)
         if memmap_dir is not None:
             os.makedirs(memmap_dir, exist_ok=True)
             for name, value in grids.items():
@@ -351,8 +413,6 @@ class UnitSampler:
                 np.save(path, value)
                 grids[name] = np.load(path, mmap_mode="r")
         self.grid = grids
-        log_fact = np.asarray(gammaln(counts.astype(np.float64) + 1.0)) * (weight > 0)
-        self.log_factorial = np.bincount(local_unit, log_fact, n_local).astype(np.float32)
         self.unit_group = np.asarray(panel.unit_group)
 
     def host_batch(self, step: int) -> dict[str, np.ndarray]:
@@ -428,5 +488,7 @@ __all__ = [
     "UnitStats",
     "batch_log_likelihood",
     "seed_from_key",
+    "slot_log_likelihood",
+    "unit_batch",
     "units_in_batch",
 ]

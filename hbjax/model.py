@@ -19,7 +19,7 @@ from ._types import LatentLeaf, UnitInt
 from .data import DensePanel, Panel
 from .layers import Nested, Normal
 from .likelihood import dense_log_likelihood, panel_log_likelihood
-from .minibatch import UnitBatch, UnitStats, batch_log_likelihood
+from .minibatch import UnitBatch, UnitStats, batch_log_likelihood, slot_log_likelihood
 
 _LOG_2PI = math.log(2 * math.pi)  # two standard normals per slot: 2 x log(2 pi) / 2
 
@@ -73,6 +73,22 @@ class AbstractModel(eqx.Module):
         Every leaf by default; a model with nuisance latents narrows it.
         """
         return jax.tree.map(lambda _: True, self.latent_shapes())
+
+    def slot_log_joint(
+        self, latents: PyTree[Float[Array, "..."]], batch: UnitBatch
+    ) -> Float[Array, " slot"]:
+        """Each slot's own terms of the log joint, unweighted.
+
+        ``log p(z_i | shared) + log p(rows of unit i | z_i, shared)`` for the unit latents
+        ``z_i`` of each slot.
+        ``latents`` as in :meth:`batch_log_joint` (unit leaves ``[slot]``), ``batch``
+        unplaced (:func:`hbjax.minibatch.unit_batch`). The per-unit guide checks of
+        :mod:`hbjax.diagnostics` need it; the default raises ``NotImplementedError``.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement slot_log_joint: the per-unit guide "
+            "checks need each unit's own log-joint terms."
+        )
 
     def batch_log_joint(self, latents: PyTree[Float[Array, "..."]], batch: UnitBatch) -> Scalar:
         """Unbiased estimate of :meth:`log_joint` from a :class:`~hbjax.minibatch.UnitBatch`.
@@ -340,12 +356,8 @@ class ElasticityModel(AbstractModel):
         flags = [True, True, True, False, False]  # in field order
         return jax.tree.unflatten(jax.tree.structure(self.latent_shapes()), flags)
 
-    def batch_log_joint(self, latents: ElasticityLatents, batch: UnitBatch) -> Scalar:
-        """Log joint estimated from a batch of units (see :meth:`AbstractModel.batch_log_joint`).
-
-        ``latents.unit_elasticity`` and ``latents.unit_effect`` are ``[slot]``: the batch's
-        units. Shared latents enter with weight 1, each slot's terms with its weight.
-        """
+    def _slot_terms(self, latents: ElasticityLatents, batch: UnitBatch) -> tuple:
+        """What the batch functions share: ``z`` of the groups, the slots' values and priors."""
         elasticities = self.elasticities(latents, batch.group)
         z_group, z_beta = self._noncentred_z(elasticities, latents, batch.group)
         beta = elasticities[2]
@@ -356,15 +368,33 @@ class ElasticityModel(AbstractModel):
         else:
             centre = jnp.take(self.price_centre, batch.unit)
             z_delta = z_delta - beta * centre / self.unit_effect.scale
-        per_slot = -0.5 * (z_beta**2 + z_delta**2) - _LOG_2PI
+        slot_prior = -0.5 * (z_beta**2 + z_delta**2) - _LOG_2PI
+        gamma = self.group_period_effect(latents.group_period_effect)
+        return z_group, (beta, delta, gamma, centre), slot_prior
+
+    def batch_log_joint(self, latents: ElasticityLatents, batch: UnitBatch) -> Scalar:
+        """Log joint estimated from a batch of units (see :meth:`AbstractModel.batch_log_joint`).
+
+        ``latents.unit_elasticity`` and ``latents.unit_effect`` are ``[slot]``: the batch's
+        units. Shared latents enter with weight 1, each slot's terms with its weight.
+        """
+        z_group, values, slot_prior = self._slot_terms(latents, batch)
         shared = (
             self.global_elasticity.log_prior(latents.global_elasticity)
             + self.group_elasticity.log_prior(z_group)
             + self.group_period_effect.log_prior(latents.group_period_effect)
         )
-        gamma = self.group_period_effect(latents.group_period_effect)
-        likelihood = batch_log_likelihood(beta, delta, gamma, centre, batch, self.clip_log_rate)
-        return shared + jnp.sum(batch.weight * per_slot) + likelihood
+        likelihood = batch_log_likelihood(*values, batch, self.clip_log_rate)
+        return shared + jnp.sum(batch.weight * slot_prior) + likelihood
+
+    def slot_log_joint(self, latents: ElasticityLatents, batch: UnitBatch) -> Float[Array, " slot"]:
+        """Each slot's own terms (see :meth:`AbstractModel.slot_log_joint`); unplaced batch."""
+        _, (beta, delta, gamma, centre), slot_prior = self._slot_terms(latents, batch)
+        grid = (batch.log_price, batch.counts, batch.observed, batch.log_factorial)
+        likelihood = slot_log_likelihood(
+            beta, delta, gamma, centre, batch.group, *grid, self.clip_log_rate
+        )
+        return slot_prior + likelihood
 
     def panel_layout(self) -> str:
         """Rows when the log-rate is clipped (not linear: no sufficient statistics)."""

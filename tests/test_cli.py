@@ -108,9 +108,10 @@ def test_fit_end_to_end_writes_outputs(simulated_csv, tmp_path, capsys):
     assert summary["converged"] is False and summary["summaries"].startswith("exact")
     assert summary["price_centring"] is True
     assert summary["guide"] == "unitblock" and summary["gradient"] == "total"
-    check = summary["importance_diagnostics"]
-    assert check["num_draws"] == 500 and check["ess"] >= 1.0
-    assert check["verdict"].split()[0] in ("good", "ok", "poor")
+    check = summary["guide_check"]
+    assert check["units_checked"] == 40 and check["draws_per_unit"] == 200
+    assert len(check["worst"]) == 5 and check["worst"][0]["unit"].startswith("P")
+    assert check["verdict"].split()[0] in ("good", "poor")
     assert "elasticities.csv" in out and "guide check:" in out
     # the fitted model is saved for `hbjax predict`
     prices = pd.DataFrame({"product": pd.read_csv(simulated_csv)["product"].unique()[:3]})
@@ -131,6 +132,30 @@ def test_fit_end_to_end_writes_outputs(simulated_csv, tmp_path, capsys):
     assert_one_line_error(code, err, "no saved fit")
 
 
+def test_check_compares_a_saved_fit_with_nuts(simulated_csv, tmp_path, capsys):
+    out_dir = tmp_path / "o"
+    common = ["--samples", "20", "--no-progress", "--out", str(out_dir)]
+    code, _, err = run(capsys, "fit", str(simulated_csv), *common)
+    assert code == 0, err
+    small = ["--products", "6", "--chains", "2", "--warmup", "100", "--draws", "100"]
+    code, out, err = run(capsys, "check", str(out_dir), str(simulated_csv), *small)
+    assert code == 0, err
+    table = pd.read_csv(out_dir / "check.csv")
+    assert len(table) == 6 and table["product"].str.startswith("P").all()
+    assert {"sd_ratio", "covered", "nuts_median", "q05", "q95"} <= set(table.columns)
+    # the elasticity scale: the fit's own table has the same means and sds
+    fitted = pd.read_csv(out_dir / "elasticities.csv").set_index("product")
+    np.testing.assert_allclose(table["mean"], fitted.loc[table["product"], "mean"], rtol=1e-4)
+    np.testing.assert_allclose(table["sd"], fitted.loc[table["product"], "sd"], rtol=1e-4)
+    assert "intervals against NUTS:" in out and "per-product k-hat:" in out
+    # another table is refused in one line
+    other = tmp_path / "other.csv"
+    rows = pd.read_csv(simulated_csv)
+    rows[rows["product"] != rows["product"].iloc[0]].to_csv(other, index=False)
+    code, _, err = run(capsys, "check", str(out_dir), str(other), *small)
+    assert_one_line_error(code, err, "not the table", "units")
+
+
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
@@ -143,12 +168,12 @@ def test_fit_end_to_end_writes_outputs(simulated_csv, tmp_path, capsys):
 )
 def test_fit_guides_and_gradients(simulated_csv, tmp_path, capsys, argv, expected):
     out_dir = tmp_path / "o"
-    common = ["--steps", "20", "--samples", "20", "--diagnostic-draws", "10", "--no-progress"]
+    common = ["--steps", "20", "--samples", "20", "--diagnostic-draws", "50", "--no-progress"]
     code, _, err = run(capsys, "fit", str(simulated_csv), *argv, *common, "--out", str(out_dir))
     assert code == 0, err
     summary = json.loads((out_dir / "summary.json").read_text())
     assert {k: summary[k] for k in expected} == expected
-    assert summary["importance_diagnostics"]["num_draws"] == 10
+    assert summary["guide_check"]["draws_per_unit"] == 50
     assert pd.read_csv(out_dir / "elasticities.csv")["sd"].gt(0).all()
 
 
@@ -156,9 +181,9 @@ def test_fit_guides_and_gradients(simulated_csv, tmp_path, capsys, argv, expecte
     ("argv", "words"),
     [
         (["--guide", "lowrank", "--batch-size", "8"], ["lowrank", "minibatch"]),
-        (["--gradient", "dreg", "--alpha", "0.5"], ["dreg", "--alpha 0"]),
+        (["--gradient", "dreg", "--alpha", "0.5"], ["dreg", "alpha 0"]),
         (["--gradient", "stl"], ["stl", "biased"]),
-        (["--diagnostic-draws", "5"], ["--diagnostic-draws", "10"]),
+        (["--diagnostic-draws", "5"], ["--diagnostic-draws", "50"]),
         (["--guide", "fullrank"], ["--guide", "invalid choice"]),
     ],
 )
@@ -322,7 +347,7 @@ def test_fit_with_a_batch_size(simulated_csv, tmp_path, capsys):
     assert summary["steps"] == 40 and summary["batch_size"] >= 10
     assert summary["epochs"] == pytest.approx(40 * summary["batch_size"] / summary["n_units"])
     assert summary["guide"] == "unitblock"  # the default guide minibatches
-    assert "minibatch" in summary["importance_diagnostics"]["skipped"]
+    assert summary["guide_check"]["units_checked"] == summary["n_units"]  # rows at hand
     code, _, err = run(capsys, "fit", str(simulated_csv), "--batch-size", "4000")
     assert code == 2 and err.startswith("error: --batch-size 4000 is not smaller")
 

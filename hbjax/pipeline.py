@@ -1,0 +1,202 @@
+"""The standard elasticity fit as one configuration: what ``hbjax fit`` and ``demo`` run.
+
+:class:`FitConfig` holds every choice (guide, estimator, parameterisation, steps, batch
+size, checkpoints); :func:`fit_elasticities` builds the model and its data-informed start,
+places the data (one device, many, many hosts; full batch or minibatch) and calls
+:func:`hbjax.fit`. Anything beyond this pipeline is a few lines of :func:`hbjax.fit`
+with your own model, guide or objective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from jax.sharding import Mesh
+
+from ._types import PyTree
+from .convergence import Convergence
+from .data import Panel
+from .fit import FitResult, default_optimizer, fit
+from .guide import GUIDES, make_guide
+from .minibatch import UnitStats, seed_from_key
+from .model import HIERARCHIES, ElasticityModel
+from .objectives import GRADIENTS, renyi_elbo
+from .sharding import shard_panel
+from .stream import GridStore
+
+#: The most steps of a full-batch fit, and the most epochs of a minibatch fit (minibatch
+#: fits converged in 40-80 epochs in our tests).
+DEFAULT_STEPS, DEFAULT_EPOCHS = 20_000, 250
+#: The default guide (benchmarks/README.md, "Intervals against NUTS").
+DEFAULT_GUIDE = "unitblock"
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+    """Every choice of the standard elasticity fit (the ``hbjax fit`` flags).
+
+    Attributes:
+        steps: the most steps (the fit stops once converged); ``None``: 20,000, or 250
+            epochs with ``batch_size``.
+        batch_size: products per step (minibatch SVI); ``None``: full batch.
+        guide: ``"meanfield"``, ``"unitblock"`` or ``"lowrank"`` (:data:`hbjax.GUIDES`).
+        rank: the low-rank guide's rank.
+        gradient: ``"total"``, ``"dreg"`` or ``"stl"`` (:func:`hbjax.renyi_elbo`).
+        particles: importance particles ``K``.
+        alpha: Rényi alpha (0: importance-weighted bound).
+        learning_rate: Adam's initial rate (decayed per 1,000 steps, or per 1,000 epochs).
+        centre_prices: take each product's intercept at its mean log price.
+        hierarchy: ``"centred"`` or ``"noncentred"`` elasticity latents.
+        clip: clip the log-rate to ``[-4, 20]`` as the article did.
+        mcse: stop when the Monte Carlo error of the averaged means is at most this many
+            posterior sds (:class:`hbjax.convergence.Convergence`).
+        seed: the PRNG seed of the fit (and of the minibatch sampler).
+        checkpoint_dir: save the state there (``None``: no checkpoints).
+        checkpoint_every: steps between checkpoints.
+        resume: continue from ``checkpoint_dir``.
+        progress: show a progress bar.
+    """
+
+    steps: int | None = None
+    batch_size: int | None = None
+    guide: str = DEFAULT_GUIDE
+    rank: int = 8
+    gradient: str = "total"
+    particles: int = 4
+    alpha: float = 0.0
+    learning_rate: float = 0.01
+    centre_prices: bool = True
+    hierarchy: str = "centred"
+    clip: bool = False
+    mcse: float = Convergence.mcse
+    seed: int = 0
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 1000
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name, allowed in (
+            ("guide", GUIDES),
+            ("gradient", GRADIENTS),
+            ("hierarchy", HIERARCHIES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}."
+                )
+        if self.guide == "lowrank" and self.batch_size is not None:
+            raise ValueError(
+                "the lowrank guide couples all products and cannot be minibatched; use the "
+                "unitblock or meanfield guide with batch_size."
+            )
+        if self.gradient == "dreg" and self.alpha != 0:
+            raise ValueError(f"gradient dreg needs alpha 0 (got {self.alpha}); or use stl.")
+        if self.gradient == "stl" and self.alpha != 1 and self.particles > 1:
+            raise ValueError(
+                "gradient stl is biased for an importance-weighted bound; use it with alpha 1 "
+                "(the ELBO) or 1 particle, or use gradient dreg with alpha 0."
+            )
+
+    def max_steps(self, n_units: int) -> int:
+        """``steps``, or the default for a panel of ``n_units`` products."""
+        if self.steps is not None:
+            return self.steps
+        if self.batch_size is None:
+            return DEFAULT_STEPS
+        return round(DEFAULT_EPOCHS * n_units / self.batch_size)
+
+    def objective(self, model: ElasticityModel, guide: PyTree, panel: PyTree, *, key: jax.Array):  # noqa: ANN201
+        """The configured Rényi bound (an objective for :func:`hbjax.fit`)."""
+        return renyi_elbo(
+            model,
+            guide,
+            panel,
+            key=key,
+            alpha=self.alpha,
+            num_particles=self.particles,
+            gradient=self.gradient,
+        )
+
+
+def fit_elasticities(
+    panel: Panel | GridStore,
+    config: FitConfig = FitConfig(),
+    *,
+    mesh: Mesh | None = None,  # noqa: B008 - frozen
+) -> FitResult:
+    """The elasticity model fitted to ``panel`` as ``config`` says.
+
+    Args:
+        panel: a host panel (in a multi-process run, this process's rows from
+            :func:`hbjax.sharding.read_process_panel`), or a grid folder
+            (:func:`hbjax.read_grid`; with ``batch_size`` only).
+        config: the choices.
+        mesh: the devices (default: one device for a full-batch fit, all for a minibatch).
+
+    Raises:
+        ValueError: a grid folder without ``batch_size``, or a batch of all products.
+    """
+    key = jax.random.key(config.seed)
+    stats = panel.stats if isinstance(panel, GridStore) else panel
+    steps = config.max_steps(stats.n_units)
+    options: dict[str, object] = {"clip_log_rate": (-4.0, 20.0) if config.clip else None}
+    optimizer = default_optimizer(config.learning_rate)
+    data: Panel | UnitStats = stats
+    rows: object = panel
+    batch_size = config.batch_size
+    if batch_size is not None:
+        if batch_size >= stats.n_units:
+            raise ValueError(
+                f"batch_size {batch_size} is not smaller than the number of products "
+                f"({stats.n_units}); leave it out to fit the full batch."
+            )
+        # The rows stay on the host; the centres and the start come from every process's
+        # per-unit sums. The learning rate decays per epoch.
+        if isinstance(panel, GridStore):
+            # the sampler fit() would make from the same key: the same batches as the table
+            rows = panel.sampler(batch_size, mesh=mesh, seed=seed_from_key(key))
+            batch_size = None
+        else:
+            data = UnitStats.gather(panel)
+        per_epoch = data.n_units / (config.batch_size or rows.batch_size)
+        optimizer = default_optimizer(
+            config.learning_rate, transition_steps=round(1000 * per_epoch)
+        )
+    elif isinstance(panel, GridStore):
+        raise ValueError("a grid folder (hbjax prepare) is fitted with batch_size only.")
+    elif mesh is not None:
+        # Place first: in a multi-process run this process holds only its own units' rows,
+        # and the price centres and the start must come from every process's rows.
+        layout = ElasticityModel.from_panel(panel, centre_prices=False, **options).panel_layout()
+        rows = data = shard_panel(panel, mesh, layout=layout)
+    model = ElasticityModel.from_panel(
+        data, centre_prices=config.centre_prices, hierarchy=config.hierarchy, **options
+    )
+    start = make_guide(
+        config.guide,
+        model,
+        loc=model.init_latents(data),
+        rank=config.rank,
+        key=jax.random.fold_in(key, 1),
+    )
+    return fit(
+        model,
+        start,
+        rows,
+        key=key,
+        steps=steps,
+        optimizer=optimizer,
+        objective=config.objective,
+        progress=config.progress,
+        mesh=mesh,
+        batch_size=batch_size,
+        checkpoint_dir=config.checkpoint_dir,
+        checkpoint_every=config.checkpoint_every,
+        resume=config.resume,
+        convergence=Convergence(mcse=config.mcse),
+    )
+
+
+__all__ = ["DEFAULT_EPOCHS", "DEFAULT_GUIDE", "DEFAULT_STEPS", "FitConfig", "fit_elasticities"]
