@@ -4,6 +4,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import convergence as convergence
 from . import extras as extras
+from . import guide_check as guide_check
 from . import layers as layers
 from . import minibatch as minibatch
 from . import sharding as sharding
@@ -39,6 +40,8 @@ from .objectives import elbo as elbo
 from .objectives import log_weights as log_weights
 from .objectives import renyi_bound as renyi_bound
 from .objectives import renyi_elbo as renyi_elbo
+from .pipeline import FitConfig as FitConfig
+from .pipeline import fit_elasticities as fit_elasticities
 from .posterior import Summary as Summary
 from .posterior import predict as predict
 from .posterior import sample_posterior as sample_posterior
