@@ -200,8 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit_cmd.add_argument(
         "--gradient",
         choices=GRADIENTS,
-        default="total",
-        help="gradient estimator: total (default), dreg (alpha 0), stl (alpha 1)",
+        default=None,
+        help="gradient estimator: dreg (the default for alpha 0), total (the default for other "
+        "alphas), stl (alpha 1)",
     )
     fit_cmd.add_argument(
         "--diagnostic-draws",
@@ -218,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_float,
         default=Convergence.mcse,
         help="stop when the Monte Carlo error of the averaged means and log sds is at most "
-        f"this many posterior sds (default {Convergence.mcse}; the error falls as 1/sqrt(steps))",
+        f"this many posterior sds (median; the largest watched mean's at most "
+        f"{Convergence.tail}x; default {Convergence.mcse}; the error falls as 1/sqrt(steps))",
     )
     fit_cmd.add_argument("--seed", type=int, default=0)
     fit_cmd.add_argument("--clip", action="store_true", help="clip the log-rate to [-4, 20]")
@@ -568,7 +570,7 @@ def run_fit(args: argparse.Namespace) -> int:
         "epochs": result.epochs,
         "guide": args.guide,
         "rank": args.rank if args.guide == "lowrank" else None,
-        "gradient": args.gradient,
+        "gradient": config.gradient,
         "particles": args.particles,
         "price_centring": not args.no_centring,
         "hierarchy": args.hierarchy,
@@ -637,6 +639,10 @@ def run_predict(args: argparse.Namespace) -> int:
 
 def run_check(args: argparse.Namespace) -> int:
     """``hbjax check``: a saved fit's product intervals against NUTS, and per-product k-hat."""
+    if args.warmup < 10 or args.draws < 20:
+        raise UserError(
+            f"--warmup must be >= 10 and --draws >= 20; got {args.warmup}, {args.draws}."
+        )
     saved = load_fit(args.fit_dir)
     out = Path(args.out) if args.out else Path(args.fit_dir) / "check.csv"
     if not out.parent.is_dir():
@@ -658,8 +664,8 @@ def run_check(args: argparse.Namespace) -> int:
             key=jax.random.fold_in(key, 1),
             num_units=args.products,
             num_shared=args.chains,
-            warmup=max(args.warmup, 10),
-            draws=max(args.draws, 20),
+            warmup=args.warmup,
+            draws=args.draws,
         )
     except ImportError as exc:
         raise UserError(str(exc)) from None

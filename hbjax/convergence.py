@@ -13,8 +13,10 @@ black-box variational inference"):
    (:class:`hbjax.step.SVIState`). Its Monte Carlo standard error per watched coordinate
    is ``sd / sqrt(ESS)`` of the averaged iterates (ESS by Geyer's initial monotone
    sequence); means are measured in units of the guide's marginal sd, log-sds as they are
-   (a relative error). The fit stops when the median over coordinates is below ``mcse``,
-   after at least ``min_average`` averaged steps.
+   (a relative error). The fit stops when the median over coordinates is below ``mcse``
+   and the largest mean's below ``tail`` times that (a few slow coordinates, e.g. products
+   with skewed posteriors, would otherwise carry several times the median's error), after
+   at least ``min_average`` averaged steps.
 
 The watched coordinates (:class:`Watch`) are at most ``max_per_leaf`` evenly spaced entries
 of each leaf of the guide's mean and log marginal sd (:class:`hbjax.guide.GaussianGuide`)
@@ -46,6 +48,7 @@ class Convergence:
             stationary.
         mcse: Monte Carlo standard error (median over coordinates, in posterior-sd units)
             of the averaged guide at which the fit stops.
+        tail: the largest watched mean's MCSE must also be at most ``tail * mcse``.
         check_every: steps between checks (a minibatch fit: rounded up to whole epochs).
         min_average: fewest averaged steps (epochs for a minibatch fit) before stopping.
         max_per_leaf: watched coordinates per parameter leaf.
@@ -53,6 +56,7 @@ class Convergence:
 
     rhat: float = 1.1
     mcse: float = 0.02
+    tail: float = 2.5
     check_every: int = 100
     min_average: int = 200
     max_per_leaf: int = 32
@@ -63,6 +67,8 @@ class Convergence:
             raise ValueError(f"rhat must be > 1; got {self.rhat}.")
         if not self.mcse > 0:
             raise ValueError(f"mcse must be > 0; got {self.mcse}.")
+        if not self.tail >= 1:
+            raise ValueError(f"tail must be >= 1; got {self.tail}.")
         for name in ("check_every", "min_average", "max_per_leaf"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -248,9 +254,11 @@ class Monitor:
         means, sds = relative[:n_means], relative[n_means:]
         status.mcse, status.mcse_max = float(np.median(means)), float(np.max(means))
         status.mcse_sd = float(np.median(sds)) if len(sds) else None
-        largest = max(status.mcse, status.mcse_sd or 0.0)
-        averaged = step - status.average_from
-        if largest <= self.config.mcse and averaged >= self.min_average:
+        typical = max(status.mcse, status.mcse_sd or 0.0)
+        small = (
+            typical <= self.config.mcse and status.mcse_max <= self.config.tail * self.config.mcse
+        )
+        if small and step - status.average_from >= self.min_average:
             status.converged = True
             return "stop"
         return None

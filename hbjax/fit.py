@@ -29,7 +29,7 @@ from .guide import AbstractGuide
 from .loop import Checkpoints, FullBatch, Minibatches, Outcome, run
 from .minibatch import UnitSampler, seed_from_key
 from .model import AbstractModel
-from .objectives import renyi_elbo
+from .objectives import default_objective
 from .sharding import make_mesh, shard_panel, to_host
 from .step import SVI, Objective
 
@@ -179,7 +179,8 @@ def fit(
         steps: the most optimisation steps (the fit stops earlier once converged).
         optimizer: any ``optax.GradientTransformation``; default :func:`default_optimizer`.
         objective: ``(model, guide, panel, *, key) -> loss``; default
-            :func:`hbjax.renyi_elbo` (alpha=0, 4 particles).
+            :func:`hbjax.objectives.default_objective` (:func:`hbjax.renyi_elbo`, alpha 0,
+            4 particles, the DReG gradient).
         chunk_size: steps per compiled ``lax.scan`` call (the progress bar's granularity).
         progress: show a tqdm progress bar with iterations/s and the running loss.
         mesh: split a host panel over this mesh (:func:`hbjax.make_mesh`; default: one
@@ -264,7 +265,7 @@ def fit(
     saver = Checkpoints(checkpoint_dir, checkpoint_every, resume, key)
     svi = SVI(
         model,
-        renyi_elbo if objective is None else objective,
+        default_objective if objective is None else objective,
         default_optimizer() if optimizer is None else optimizer,
     )
     # the loop donates the state's buffers: keep the caller's guide

@@ -42,7 +42,9 @@ class FitConfig:
         batch_size: products per step (minibatch SVI); ``None``: full batch.
         guide: ``"meanfield"``, ``"unitblock"`` or ``"lowrank"`` (:data:`hbjax.GUIDES`).
         rank: the low-rank guide's rank.
-        gradient: ``"total"``, ``"dreg"`` or ``"stl"`` (:func:`hbjax.renyi_elbo`).
+        gradient: ``"total"``, ``"dreg"`` or ``"stl"`` (:func:`hbjax.renyi_elbo`);
+            ``None``: ``"dreg"`` for ``alpha = 0`` (fewer steps to converge), else
+            ``"total"``.
         particles: importance particles ``K``.
         alpha: Rényi alpha (0: importance-weighted bound).
         learning_rate: Adam's initial rate (decayed per 1,000 steps, or per 1,000 epochs).
@@ -62,7 +64,7 @@ class FitConfig:
     batch_size: int | None = None
     guide: str = DEFAULT_GUIDE
     rank: int = 8
-    gradient: str = "total"
+    gradient: str | None = None
     particles: int = 4
     alpha: float = 0.0
     learning_rate: float = 0.01
@@ -77,6 +79,8 @@ class FitConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.gradient is None:
+            object.__setattr__(self, "gradient", "dreg" if self.alpha == 0 else "total")
         for name, allowed in (
             ("guide", GUIDES),
             ("gradient", GRADIENTS),

@@ -107,7 +107,7 @@ def test_fit_end_to_end_writes_outputs(simulated_csv, tmp_path, capsys):
     assert summary["n_units"] == 40 and summary["steps"] == 60
     assert summary["converged"] is False and summary["summaries"].startswith("exact")
     assert summary["price_centring"] is True
-    assert summary["guide"] == "unitblock" and summary["gradient"] == "total"
+    assert summary["guide"] == "unitblock" and summary["gradient"] == "dreg"
     check = summary["guide_check"]
     assert check["units_checked"] == 40 and check["draws_per_unit"] == 200
     assert len(check["worst"]) == 5 and check["worst"][0]["unit"].startswith("P")
@@ -134,10 +134,10 @@ def test_fit_end_to_end_writes_outputs(simulated_csv, tmp_path, capsys):
 
 def test_check_compares_a_saved_fit_with_nuts(simulated_csv, tmp_path, capsys):
     out_dir = tmp_path / "o"
-    common = ["--samples", "20", "--no-progress", "--out", str(out_dir)]
+    common = ["--steps", "300", "--samples", "20", "--no-progress", "--out", str(out_dir)]
     code, _, err = run(capsys, "fit", str(simulated_csv), *common)
     assert code == 0, err
-    small = ["--products", "6", "--chains", "2", "--warmup", "100", "--draws", "100"]
+    small = ["--products", "6", "--chains", "2", "--warmup", "50", "--draws", "50"]
     code, out, err = run(capsys, "check", str(out_dir), str(simulated_csv), *small)
     assert code == 0, err
     table = pd.read_csv(out_dir / "check.csv")
