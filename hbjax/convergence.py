@@ -58,7 +58,7 @@ class Convergence:
     mcse: float = 0.02
     tail: float = 2.5
     check_every: int = 100
-    min_average: int = 200
+    min_average: int = 500
     max_per_leaf: int = 32
 
     def __post_init__(self) -> None:
