@@ -284,8 +284,10 @@ def test_two_processes_match_one_process(panel_file, tmp_path, batch):
     assert hosts["product"].tolist() == one["product"].tolist()
     # 2 hosts x 1 device run the same program as 1 host x 2 devices: identical results
     pd.testing.assert_frame_equal(hosts, devices)
-    # against 1 device, per-step float rounding differs (see the 1-vs-4-device test)
-    np.testing.assert_allclose(hosts["mean"], one["mean"], rtol=1e-4)
+    # against 1 device, per-step float rounding differs and Adam carries it (see the
+    # 1-vs-4-device test): measured in posterior sds, it is far below the fit's own noise
+    z = np.abs(hosts["mean"] - one["mean"]) / one["sd"]
+    assert np.median(z) < 0.01 and z.max() < 0.05, (np.median(z), z.max())
     summary = pd.read_json(tmp_path / "p0" / "summary.json", typ="series")
     assert summary["processes"] == 2 and summary["devices"] == 2
     assert summary["batch_size"] == (12 if batch else None)
