@@ -117,7 +117,7 @@ class Watch:
         self, guide: AbstractGuide, max_per_leaf: int, reported: PyTree[bool] | None = None
     ):
         """Watch up to ``max_per_leaf`` entries of each ``reported`` leaf (default: all)."""
-        leaves = _watched_leaves(guide)
+        leaves = jax.eval_shape(_watched_leaves, guide)  # sizes only: nothing computed
         self.gaussian = isinstance(guide, GaussianGuide)
         keep = [True] * len(leaves)
         if isinstance(guide, GaussianGuide) and reported is not None:

@@ -8,6 +8,7 @@ rows (by the frame's index) and the fix.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -98,6 +99,7 @@ class Panel(eqx.Module):
         )
 
 
+@functools.partial(jax.jit, static_argnames="n_units")
 def _unit_moments(
     unit_idx: Int[Array, " obs"],
     log_price: Float[Array, " obs"],

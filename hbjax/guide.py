@@ -141,11 +141,12 @@ def linear_moments(
         ]
 
     # every leaf at once: the all-ones probe and two random-sign probes
+    # built on the host: each eager jnp op would compile a small program of its own
     first = [
-        jnp.concatenate(
+        np.concatenate(
             [
-                jnp.ones((1, *s.shape), s.dtype),
-                jax.random.rademacher(jax.random.key(leaf), (2, *s.shape), s.dtype),
+                np.ones((1, *s.shape), s.dtype),
+                np.random.default_rng(leaf).choice([-1.0, 1.0], (2, *s.shape)).astype(s.dtype),
             ]
         )
         for leaf, s in enumerate(shapes)
@@ -163,8 +164,8 @@ def linear_moments(
         if not separable and size > _PROBE_EACH:
             return None
         shares.append(jax.tree.map(np.square, ones) if separable else None)
-        basis = jnp.eye(size, dtype=shape.dtype).reshape(-1, *shape.shape)
-        entrywise.append(None if separable else basis)
+        basis = None if separable else np.eye(size, dtype=shape.dtype).reshape(-1, *shape.shape)
+        entrywise.append(basis)
     if any(v is not None for v in entrywise):  # e.g. a low-rank factor's columns
         _, each = jax.device_get(probes(guide, entrywise))
         shares = [

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import equinox as eqx
 import jax
 from jax.sharding import Mesh
 
@@ -124,6 +125,12 @@ class FitConfig:
         )
 
 
+@eqx.filter_jit
+def _init_latents(model: ElasticityModel, data: PyTree) -> PyTree:
+    """The data-informed start, compiled once (eagerly, each of its ops compiles alone)."""
+    return model.init_latents(data)
+
+
 def fit_elasticities(
     panel: Panel | GridStore,
     config: FitConfig = FitConfig(),
@@ -181,7 +188,7 @@ def fit_elasticities(
     start = make_guide(
         config.guide,
         model,
-        loc=model.init_latents(data),
+        loc=_init_latents(model, data),
         rank=config.rank,
         key=jax.random.fold_in(key, 1),
     )
