@@ -36,6 +36,7 @@ from .data import (
     from_frame,
     read_table,
 )
+from .extras import optional_import
 from .fit import ConvergenceWarning, FitResult, NonFiniteLossError
 from .guide import GUIDES
 from .guide_check import UnitImportance, nuts_check, unit_importance
@@ -524,6 +525,11 @@ def run_fit(args: argparse.Namespace) -> int:
         )
     if args.resume and args.checkpoint is None:
         raise UserError("--resume needs --checkpoint DIR (the folder of the fit to continue).")
+    if args.plots:  # before the fit, not after it
+        try:
+            optional_import("matplotlib", purpose="--plots")
+        except ImportError as exc:
+            raise UserError(str(exc)) from None
     config = _fit_config(args)
     _join_hosts(args)
     mesh = _mesh(args.devices)

@@ -17,6 +17,7 @@ _RELATED = {
     "distrax": ("distrax", "tensorflow-probability", "tfp-nightly", "jax", "jaxlib"),
     "arviz": ("arviz", "xarray"),
     "blackjax": ("blackjax", "jax", "jaxlib"),
+    "matplotlib": ("matplotlib",),
 }
 
 
@@ -35,7 +36,8 @@ def optional_import(module: str, *, purpose: str) -> types.ModuleType:
     """Import an optional library, or raise one clear ``ImportError`` line.
 
     Args:
-        module: ``"distrax"``, ``"arviz"`` or ``"blackjax"`` (the extra of the same name).
+        module: ``"distrax"``, ``"arviz"``, ``"blackjax"`` or ``"matplotlib"`` (the extra of
+            the same name).
         purpose: what needs it, for the message (e.g. ``"to_arviz"``).
 
     Raises:

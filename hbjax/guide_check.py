@@ -73,7 +73,7 @@ def _choose_units(n_units: int, num_units: int, key: PRNGKeyArray) -> np.ndarray
         raise ValueError(f"num_units must be a positive int; got {num_units!r}.")
     if n_units <= num_units:
         return np.arange(n_units)
-    seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
+    seed = int(jax.random.randint(key, (), 0, np.iinfo(np.int32).max))  # typed or raw keys
     return np.sort(np.random.default_rng(seed).choice(n_units, num_units, replace=False))
 
 
@@ -150,7 +150,8 @@ class UnitImportance:
             return f"good ({share}; {median})"
         return (
             f"poor ({share}; {median}): the guide misses the shape of these units' "
-            "posteriors; try --guide unitblock, price centring, or check with `hbjax check`"
+            "posteriors; try the unit-block guide or price centring, and compare with NUTS "
+            "(hbjax check)"
         )
 
     def to_dict(self, labels: pd.Index | None = None) -> dict[str, object]:

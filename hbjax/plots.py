@@ -10,12 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .extras import optional_import
 from .fit import FitResult
 from .posterior import Summary
 
 
 def _pyplot():  # noqa: ANN202
-    import matplotlib
+    matplotlib = optional_import("matplotlib", purpose="hbjax fit --plots (hbjax.plots)")
 
     if os.environ.get("MPLBACKEND") is None and matplotlib.get_backend().lower() != "agg":
         matplotlib.use("Agg")  # files only: no display needed

@@ -275,6 +275,16 @@ def test_fit_writes_plots(simulated_csv, tmp_path, capsys):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
 
 
+def test_plots_without_matplotlib_are_refused_before_the_fit(
+    simulated_csv, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    out_dir = tmp_path / "o"
+    code, out, err = run(capsys, "fit", str(simulated_csv), "--plots", "--out", str(out_dir))
+    assert_one_line_error(code, err, "--plots needs matplotlib", "hbjax[matplotlib]")
+    assert out == "" and not out_dir.exists()  # nothing fitted, nothing written
+
+
 def test_warnings_are_one_line_each_and_the_fit_goes_on(tmp_path, capsys):
     frame().to_csv(tmp_path / "weak.csv", index=False)
     common = ["--steps", "5", "--samples", "10", "--diagnostic-draws", "0", "--no-progress"]
