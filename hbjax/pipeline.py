@@ -133,9 +133,9 @@ def _init_latents(model: ElasticityModel, data: PyTree) -> PyTree:
 
 def fit_elasticities(
     panel: Panel | GridStore,
-    config: FitConfig = FitConfig(),
+    config: FitConfig = FitConfig(),  # frozen: a shared default is safe
     *,
-    mesh: Mesh | None = None,  # noqa: B008 - frozen
+    mesh: Mesh | None = None,
 ) -> FitResult:
     """The elasticity model fitted to ``panel`` as ``config`` says.
 
