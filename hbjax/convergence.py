@@ -50,7 +50,8 @@ class Convergence:
             of the averaged guide at which the fit stops.
         tail: the largest watched mean's MCSE must also be at most ``tail * mcse``.
         check_every: steps between checks (a minibatch fit: rounded up to whole epochs).
-        min_average: fewest averaged steps (epochs for a minibatch fit) before stopping.
+        min_average: fewest averaged steps before stopping (:func:`hbjax.fit` makes it at
+            least two check intervals).
         max_per_leaf: watched coordinates per parameter leaf.
     """
 

@@ -81,9 +81,10 @@ class AbstractModel(eqx.Module):
 
         ``log p(z_i | shared) + log p(rows of unit i | z_i, shared)`` for the unit latents
         ``z_i`` of each slot.
+
         ``latents`` as in :meth:`batch_log_joint` (unit leaves ``[slot]``), ``batch``
         unplaced (:func:`hbjax.minibatch.unit_batch`). The per-unit guide checks of
-        :mod:`hbjax.diagnostics` need it; the default raises ``NotImplementedError``.
+        :mod:`hbjax.guide_check` need it; the default raises ``NotImplementedError``.
         """
         raise NotImplementedError(
             f"{type(self).__name__} does not implement slot_log_joint: the per-unit guide "
