@@ -39,7 +39,7 @@ from .data import (
 from .extras import optional_import
 from .fit import ConvergenceWarning, FitResult, NonFiniteLossError
 from .guide import GUIDES
-from .guide_check import UnitImportance, nuts_check, unit_importance
+from .guide_check import nuts_check, unit_importance
 from .model import HIERARCHIES
 from .objectives import GRADIENTS
 from .pipeline import DEFAULT_GUIDE, FitConfig, fit_elasticities
@@ -499,19 +499,16 @@ def _fit_config(args: argparse.Namespace) -> FitConfig:
 
 
 def _guide_check(
-    result: FitResult, panel: Panel | GridStore, draws: int, seed: int
-) -> UnitImportance | None:
-    """The per-product importance check of a fit, where the rows are at hand."""
-    if draws == 0 or not isinstance(panel, Panel) or jax.process_count() > 1:
-        return None
+    result: FitResult, panel: Panel | GridStore, encoding: Encoding, draws: int, seed: int
+) -> tuple[dict[str, object], str | None]:
+    """The per-product importance check where the rows are at hand: report and verdict."""
+    if draws == 0:
+        return {"skipped": "--diagnostic-draws 0"}, None
+    if not isinstance(panel, Panel) or jax.process_count() > 1:
+        return {"skipped": "the rows are not in this process (grid folder or several hosts)"}, None
     key = jax.random.fold_in(jax.random.key(seed), 2)
-    return unit_importance(result.model, result.guide, panel, key=key, num_draws=draws)
-
-
-def _skipped(args: argparse.Namespace) -> dict[str, str]:
-    if args.diagnostic_draws == 0:
-        return {"skipped": "--diagnostic-draws 0"}
-    return {"skipped": "the rows are not in this process (grid folder or several hosts)"}
+    check = unit_importance(result.model, result.guide, panel, key=key, num_draws=draws)
+    return check.to_dict(encoding.units), check.verdict
 
 
 def run_fit(args: argparse.Namespace) -> int:
@@ -551,7 +548,7 @@ def run_fit(args: argparse.Namespace) -> int:
         )
     result = fit_elasticities(panel, config, mesh=mesh)
     summary = summarize(result, encoding, num_samples=args.samples, key=jax.random.key(args.seed))
-    check = _guide_check(result, panel, args.diagnostic_draws, args.seed)
+    check, verdict = _guide_check(result, panel, encoding, args.diagnostic_draws, args.seed)
     if jax.process_index() != 0:  # only process 0 writes outputs
         return 0
     try:
@@ -600,7 +597,7 @@ def run_fit(args: argparse.Namespace) -> int:
         "processes": jax.process_count(),
         "backend": jax.default_backend(),
         "global_elasticity": {k: float(overall[k]) for k in ("mean", "sd", "q05", "q50", "q95")},
-        "guide_check": check.to_dict(encoding.units) if check is not None else _skipped(args),
+        "guide_check": check,
         "hbjax_version": __version__,
         "jax_version": jax.__version__,
         "python_version": platform.python_version(),
@@ -616,8 +613,8 @@ def run_fit(args: argparse.Namespace) -> int:
         + f" and the fitted model (for `hbjax predict {out} PRICES.csv`)"
     )
     print(_convergence_line(result))
-    if check is not None:
-        print(f"guide check: {check.verdict}")
+    if verdict is not None:
+        print(f"guide check: {verdict}")
     return 0
 
 

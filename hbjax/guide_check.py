@@ -52,8 +52,8 @@ SD_RATIO_RANGE = (0.8, 1.25)
 GOOD_COVERAGE = 0.9
 
 
-def _check_inputs(model: AbstractModel, guide: object, panel: object) -> list[bool]:
-    """The unit-leaf flags (flattened), or one clear error naming what is missing."""
+def _check_inputs(model: AbstractModel, guide: object, panel: object) -> list[int]:
+    """Positions of the unit leaves among the latents, or one clear error naming what is missing."""
     if not isinstance(guide, GaussianGuide):
         raise TypeError(
             f"the unit checks need a Gaussian guide (MeanFieldNormal, UnitBlockNormal, "
@@ -64,7 +64,7 @@ def _check_inputs(model: AbstractModel, guide: object, panel: object) -> list[bo
     flags = model.unit_leaves()
     if flags is None:
         raise ValueError(f"{type(model).__name__} declares no unit_leaves(): nothing per unit.")
-    return jax.tree.leaves(flags)
+    return [i for i, flag in enumerate(jax.tree.leaves(flags)) if flag]
 
 
 def _choose_units(n_units: int, num_units: int, key: PRNGKeyArray) -> np.ndarray:
@@ -78,14 +78,15 @@ def _choose_units(n_units: int, num_units: int, key: PRNGKeyArray) -> np.ndarray
 
 
 def unit_block_moments(
-    guide: GaussianGuide, flags: list[bool], units: np.ndarray
+    guide: GaussianGuide, ids: list[int], units: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mean ``[slot, k]`` and covariance ``[slot, k, k]`` of each unit's block under the guide.
+
+    ``ids``: positions of the ``k`` unit leaves among the flattened latents.
 
     Exact (:func:`hbjax.guide.linear_moments`): the variances of each unit leaf and of each
     pair's sum give the covariances, ``cov(a, b) = (var(a + b) - var(a) - var(b)) / 2``.
     """
-    ids = [i for i, flag in enumerate(flags) if flag]
     pairs = [(j, m) for j in range(len(ids)) for m in range(j)]
     take = jnp.asarray(units)
 
@@ -107,10 +108,9 @@ def unit_block_moments(
     return mean[:, :k], cov
 
 
-def _with_blocks(shared: PyTree, flags: list[bool], block: jax.Array) -> PyTree:
+def _with_blocks(shared: PyTree, ids: list[int], block: jax.Array) -> PyTree:
     """``shared`` (a latents pytree) with its unit leaves replaced by ``block[:, j]``."""
     leaves, treedef = jax.tree.flatten(shared)
-    ids = [i for i, flag in enumerate(flags) if flag]
     for j, i in enumerate(ids):
         leaves[i] = block[..., j]
     return jax.tree.unflatten(treedef, leaves)
@@ -197,18 +197,18 @@ def unit_importance(
         num_units: units to check (all when the panel has fewer).
         num_draws: draws per unit (at least 50; 200 gives a stable ``k``).
     """
-    flags = _check_inputs(model, guide, panel)
+    ids = _check_inputs(model, guide, panel)
     if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 50:
         raise ValueError(f"num_draws must be an int >= 50; got {num_draws!r}.")
     unit_key, draw_key = jax.random.split(key)
     units = _choose_units(panel.n_units, num_units, unit_key)
-    mean, cov = unit_block_moments(guide, flags, units)
+    mean, cov = unit_block_moments(guide, ids, units)
     chol = np.linalg.cholesky(cov + 1e-12 * np.eye(cov.shape[-1]))
     eps = np.asarray(jax.random.normal(draw_key, (num_draws, *mean.shape)), np.float64)
     blocks = mean + np.einsum("ukl,sul->suk", chol, eps)  # [draw, unit, k]
     log_det = np.sum(np.log(np.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
     log_q = np.sum(-0.5 * eps**2, axis=-1) - log_det - mean.shape[-1] * 0.5 * math.log(2 * math.pi)
-    log_p = _slot_log_joint(model, guide.mean(), flags, unit_batch(panel, units), blocks)
+    log_p = _slot_log_joint(model, guide.mean(), ids, unit_batch(panel, units), blocks)
     log_w = log_p - log_q
     k_hat = np.array(
         [psis(w)[1] if np.all(np.isfinite(w)) else math.inf for w in log_w.T], np.float64
@@ -217,14 +217,14 @@ def unit_importance(
 
 
 def _slot_log_joint(
-    model: AbstractModel, shared: PyTree, flags: list[bool], batch: object, blocks: np.ndarray
+    model: AbstractModel, shared: PyTree, ids: list[int], batch: object, blocks: np.ndarray
 ) -> np.ndarray:
     """``[draw, slot]`` the model's slot terms of each draw of the blocks ``[draw, slot, k]``."""
 
     @eqx.filter_jit
     def evaluate(model: AbstractModel, shared: PyTree, batch: object, blocks: jax.Array):  # noqa: ANN202
         def one(block: jax.Array) -> jax.Array:
-            return model.slot_log_joint(_with_blocks(shared, flags, block), batch)
+            return model.slot_log_joint(_with_blocks(shared, ids, block), batch)
 
         return jax.lax.map(one, blocks, batch_size=16)
 
@@ -314,14 +314,14 @@ def nuts_check(
         draws: draws per chain.
     """
     blackjax = optional_import("blackjax", purpose="hbjax check (NUTS)")
-    flags = _check_inputs(model, guide, panel)
+    ids = _check_inputs(model, guide, panel)
     limits = (("num_shared", num_shared, 1), ("warmup", warmup, 10), ("draws", draws, 20))
     for name, value, least in limits:
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{name} must be an int >= {least}; got {value!r}.")
     unit_key, shared_key, chain_key = jax.random.split(key, 3)
     units = _choose_units(panel.n_units, num_units, unit_key)
-    mean, cov = unit_block_moments(guide, flags, units)
+    mean, cov = unit_block_moments(guide, ids, units)
     batch = unit_batch(panel, units)
     shared = guide.sample(num_shared, key=shared_key)
     start = jnp.asarray(mean.ravel(), jnp.float32)
@@ -329,7 +329,7 @@ def nuts_check(
     def chain(key: PRNGKeyArray, shared: PyTree) -> tuple[jax.Array, jax.Array]:
         def log_density(flat: jax.Array) -> jax.Array:
             block = flat.reshape(mean.shape)
-            return jnp.sum(model.slot_log_joint(_with_blocks(shared, flags, block), batch))
+            return jnp.sum(model.slot_log_joint(_with_blocks(shared, ids, block), batch))
 
         warm_key, sample_key = jax.random.split(key)
         adapt = blackjax.window_adaptation(blackjax.nuts, log_density, target_acceptance_rate=0.9)
@@ -347,7 +347,6 @@ def nuts_check(
     positions, divergent = run(jax.random.split(chain_key, num_shared), shared)
     pooled = np.asarray(positions, np.float64).reshape(-1, *mean.shape)  # [draw, unit, k]
     reported = jax.tree.leaves(model.reported_leaves())
-    ids = [i for i, flag in enumerate(flags) if flag]
     paths = jax.tree_util.tree_leaves_with_path(model.latent_shapes())
     names = [jax.tree_util.keystr(path).lstrip(".") for path, _ in paths]
     rows = []
