@@ -34,6 +34,17 @@ def inverse_softplus(x: Float[Array, "*s"]) -> Float[Array, "*s"]:
     return x + jnp.log(-jnp.expm1(-x))
 
 
+def _starting_raw_scales(shapes: PyTree[jax.ShapeDtypeStruct], scale: float) -> PyTree:
+    """``raw_scale`` leaves of the given shapes, each ``inverse_softplus(scale)``.
+
+    Built on the host: one transfer per leaf, no small programs to compile.
+    """
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0; got {scale}.")
+    raw = float(scale) + math.log(-math.expm1(-float(scale)))
+    return jax.tree.map(lambda s: jnp.asarray(np.full(s.shape, raw, s.dtype)), shapes)
+
+
 class AbstractGuide(eqx.Module):
     """Interface of a guide: draw particles and score them."""
 
@@ -212,11 +223,7 @@ class MeanFieldNormal(GaussianGuide):
             loc: starting means (e.g. ``model.init_latents(panel)``); zeros by default.
             scale: starting standard deviation of every latent.
         """
-        if not scale > 0:
-            raise ValueError(f"scale must be > 0; got {scale}.")
-        raw = inverse_softplus(jnp.float32(scale))
-        raw_scale = jax.tree.map(lambda s: jnp.full(s.shape, raw, s.dtype), shapes)
-        return cls(loc=_check_loc(shapes, loc), raw_scale=raw_scale)
+        return cls(loc=_check_loc(shapes, loc), raw_scale=_starting_raw_scales(shapes, scale))
 
     @property
     def scale(self) -> PyTree[Float[Array, "..."]]:
@@ -396,8 +403,6 @@ class UnitBlockNormal(GaussianGuide):
             loc: starting means; zeros by default.
             scale: starting standard deviation of every latent.
         """
-        if not scale > 0:
-            raise ValueError(f"scale must be > 0; got {scale}.")
         if unit_leaves is None:
             raise ValueError(
                 "UnitBlockNormal needs the model's unit_leaves() (which latents are per unit); "
@@ -413,11 +418,10 @@ class UnitBlockNormal(GaussianGuide):
                 f"{[leaf_shapes[i].shape for i in ids]}."
             )
         (n_units,) = next(iter(unit_shapes))
-        raw = inverse_softplus(jnp.float32(scale))
         return cls(
             loc=_check_loc(shapes, loc),
-            raw_scale=jax.tree.map(lambda s: jnp.full(s.shape, raw, s.dtype), shapes),
-            unit_tril=jnp.zeros((len(_pairs(len(ids))), n_units), jnp.float32),
+            raw_scale=_starting_raw_scales(shapes, scale),
+            unit_tril=jnp.asarray(np.zeros((len(_pairs(len(ids))), n_units), np.float32)),
             unit_leaf_ids=ids,
         )
 
@@ -580,13 +584,10 @@ class LowRankNormal(GaussianGuide):
         """
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive int; got {rank!r}.")
-        if not scale > 0:
-            raise ValueError(f"scale must be > 0; got {scale}.")
         n = sum(math.prod(s.shape) for s in jax.tree.leaves(shapes))
-        raw = inverse_softplus(jnp.float32(scale))
         return cls(
             loc=_check_loc(shapes, loc),
-            raw_scale=jax.tree.map(lambda s: jnp.full(s.shape, raw, s.dtype), shapes),
+            raw_scale=_starting_raw_scales(shapes, scale),
             factor=factor_scale * jax.random.normal(key, (n, rank), jnp.float32),
         )
 

@@ -41,7 +41,7 @@ from .data import Panel
 from .diagnostics import K_OK, psis
 from .extras import optional_import
 from .guide import GaussianGuide, linear_moments
-from .minibatch import unit_batch
+from .minibatch import seed_from_key, unit_batch
 from .model import AbstractModel
 
 #: A unit check is "good" when at most this share of units has ``k >= 0.7``.
@@ -67,14 +67,13 @@ def _check_inputs(model: AbstractModel, guide: object, panel: object) -> list[in
     return [i for i, flag in enumerate(jax.tree.leaves(flags)) if flag]
 
 
-def _choose_units(n_units: int, num_units: int, key: PRNGKeyArray) -> np.ndarray:
+def _choose_units(n_units: int, num_units: int, rng: np.random.Generator) -> np.ndarray:
     """Sorted unit indices: all units when there are at most ``num_units``, else a sample."""
     if isinstance(num_units, bool) or not isinstance(num_units, int) or num_units < 1:
         raise ValueError(f"num_units must be a positive int; got {num_units!r}.")
     if n_units <= num_units:
         return np.arange(n_units)
-    seed = int(jax.random.randint(key, (), 0, np.iinfo(np.int32).max))  # typed or raw keys
-    return np.sort(np.random.default_rng(seed).choice(n_units, num_units, replace=False))
+    return np.sort(rng.choice(n_units, num_units, replace=False))
 
 
 def unit_block_moments(
@@ -200,11 +199,12 @@ def unit_importance(
     ids = _check_inputs(model, guide, panel)
     if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 50:
         raise ValueError(f"num_draws must be an int >= 50; got {num_draws!r}.")
-    unit_key, draw_key = jax.random.split(key)
-    units = _choose_units(panel.n_units, num_units, unit_key)
+    # drawn on the host: the check compiles one function, not a sampler too
+    rng = np.random.default_rng(seed_from_key(key))
+    units = _choose_units(panel.n_units, num_units, rng)
     mean, cov = unit_block_moments(guide, ids, units)
     chol = np.linalg.cholesky(cov + 1e-12 * np.eye(cov.shape[-1]))
-    eps = np.asarray(jax.random.normal(draw_key, (num_draws, *mean.shape)), np.float64)
+    eps = rng.standard_normal((num_draws, *mean.shape))
     blocks = mean + np.einsum("ukl,sul->suk", chol, eps)  # [draw, unit, k]
     log_det = np.sum(np.log(np.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
     log_q = np.sum(-0.5 * eps**2, axis=-1) - log_det - mean.shape[-1] * 0.5 * math.log(2 * math.pi)
@@ -320,7 +320,7 @@ def nuts_check(
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{name} must be an int >= {least}; got {value!r}.")
     unit_key, shared_key, chain_key = jax.random.split(key, 3)
-    units = _choose_units(panel.n_units, num_units, unit_key)
+    units = _choose_units(panel.n_units, num_units, np.random.default_rng(seed_from_key(unit_key)))
     mean, cov = unit_block_moments(guide, ids, units)
     batch = unit_batch(panel, units)
     shared = guide.sample(num_shared, key=shared_key)

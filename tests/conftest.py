@@ -9,6 +9,9 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 ).strip()
 
+# the CLI's persistent compilation cache stays out of the tests (tested in a subprocess)
+os.environ["HBJAX_COMPILATION_CACHE"] = "0"
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

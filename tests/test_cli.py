@@ -337,6 +337,31 @@ def test_console_script_gives_one_line_and_exit_2_without_traceback(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_the_cli_keeps_compiled_programs_in_the_user_cache_unless_told_not_to(tmp_path):
+    script = (
+        "import jax; from hbjax.cli import _use_compilation_cache; "
+        "_use_compilation_cache(); print(jax.config.jax_compilation_cache_dir)"
+    )
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    cases = [
+        ({"XDG_CACHE_HOME": str(tmp_path)}, str(tmp_path / "hbjax" / "xla")),
+        ({"XDG_CACHE_HOME": str(tmp_path), "HBJAX_COMPILATION_CACHE": "0"}, "None"),
+        ({"XDG_CACHE_HOME": str(blocked)}, "None"),  # cannot be created: no cache, no error
+    ]
+    for extra, expected in cases:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HBJAX_", "JAX_COMP"))}
+        proc = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            env={**env, "JAX_PLATFORMS": "cpu", **extra},
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == expected, extra
+
+
 def test_fit_with_a_batch_size(simulated_csv, tmp_path, capsys):
     code, _, err = run(
         capsys,
