@@ -5,13 +5,17 @@ convergence status) followed by the leaves of a pytree of arrays (the
 :class:`hbjax.step.SVIState`, the losses, the key and the watched trace), written with
 :func:`equinox.tree_serialise_leaves` (no pickle). It is written to a temporary file in
 the same folder, flushed to disk and renamed over the old one: a kill at any moment
-leaves the last complete checkpoint. The fingerprint (guide type, state structure and
-shapes) must match on resume: a checkpoint of another model, data shape, guide or
-optimiser is refused with what differs.
+leaves the last complete checkpoint. The fingerprint must match on resume: the guide type,
+the state's structure and shapes, the model (a hash of its arrays, options and priors),
+the objective, and what the caller adds (:func:`hbjax.fit`'s ``fingerprint``: the data's
+content hash, the optimiser's settings, ...); a checkpoint of another fit is refused,
+naming what differs.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -22,7 +26,7 @@ import equinox as eqx
 import jax
 import numpy as np
 
-FORMAT = "hbjax-checkpoint-2"
+FORMAT = "hbjax-checkpoint-3"
 FILENAME = "checkpoint.eqx"
 
 
@@ -31,7 +35,7 @@ class CheckpointError(ValueError):
 
 
 def fingerprint(state: Any, guide_static: Any) -> dict[str, object]:
-    """What a checkpoint must match: guide type and every state leaf's shape and dtype."""
+    """What a checkpoint must match of the state: guide type, every leaf's shape and dtype."""
     shapes = [
         f"{np.shape(x)}:{getattr(x, 'dtype', type(x).__name__)}" for x in jax.tree.leaves(state)
     ]
@@ -40,6 +44,35 @@ def fingerprint(state: Any, guide_static: Any) -> dict[str, object]:
         "state": shapes,
         "state_structure": str(jax.tree.structure(state)),
     }
+
+
+def content_hash(tree: Any) -> str:
+    """A short hash of a pytree's structure and the bytes of its leaves (arrays on the host).
+
+    Python scalars and strings enter by ``repr``; the same tree gives the same hash on any
+    machine with the same byte order. Needs every array fully on this process.
+    """
+    digest = hashlib.blake2b(str(jax.tree.structure(tree)).encode(), digest_size=16)
+    for leaf in jax.tree.leaves(tree):
+        if hasattr(leaf, "dtype") and hasattr(leaf, "shape"):
+            array = np.ascontiguousarray(np.asarray(leaf))
+            digest.update(f"{array.dtype}{array.shape}".encode())
+            digest.update(array.tobytes())
+        else:
+            digest.update(repr(leaf).encode())
+    return digest.hexdigest()
+
+
+def describe(function: Any) -> str:
+    """A callable in words for a fingerprint: its qualified name and any bound arguments."""
+    if isinstance(function, functools.partial):
+        bound = ", ".join(
+            [repr(a) for a in function.args] + [f"{k}={v!r}" for k, v in function.keywords.items()]
+        )
+        return f"partial({describe(function.func)}, {bound})"
+    module = getattr(function, "__module__", type(function).__module__)
+    name = getattr(function, "__qualname__", type(function).__qualname__)
+    return f"{module}.{name}"
 
 
 def path_in(directory: str | os.PathLike[str]) -> Path:
@@ -120,4 +153,12 @@ def saved_step(directory: str | os.PathLike[str]) -> int | None:
             raise CheckpointError(f"{str(path)!r} is not an hbjax checkpoint.") from None
 
 
-__all__ = ["CheckpointError", "fingerprint", "load", "save", "saved_step"]
+__all__ = [
+    "CheckpointError",
+    "content_hash",
+    "describe",
+    "fingerprint",
+    "load",
+    "save",
+    "saved_step",
+]

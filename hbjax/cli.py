@@ -15,7 +15,7 @@ import platform
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -40,8 +40,9 @@ from .extras import optional_import
 from .fit import ConvergenceWarning, FitResult, NonFiniteLossError
 from .guide import GUIDES
 from .guide_check import nuts_check, unit_importance
-from .model import HIERARCHIES
+from .model import HIERARCHIES, INTERCEPT_PRIORS
 from .objectives import GRADIENTS
+from .outputs import AtomicFolder, OutputError, check_file_destination, write_file_atomically
 from .pipeline import DEFAULT_GUIDE, FitConfig, fit_elasticities
 from .plots import write_plots
 from .posterior import predict, summarize
@@ -58,6 +59,10 @@ from .simulate import simulate
 from .stream import GridStore, is_grid, read_grid, write_grid
 
 USER_ERROR = 2
+
+
+#: What ``hbjax fit`` writes in its ``--out`` folder (a folder holding none is refused).
+FIT_FILES = ("fit.json", "fit.eqx", "summary.json", "elasticities.csv", "groups.csv", "losses.csv")
 
 
 class UserError(Exception):
@@ -238,6 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="latents of the elasticity hierarchy (default: centred, which keeps category "
         "intervals honest with a year of data per product; noncentred: the article's)",
     )
+    fit_cmd.add_argument(
+        "--intercept-prior",
+        choices=INTERCEPT_PRIORS,
+        default="reference",
+        help="where each product's N(0, 3) intercept prior sits: reference (default) at its "
+        "mean price, so answers do not depend on the currency unit; zero: at a price of 1 "
+        "in the data's unit, the article's (dollars and cents then give different answers)",
+    )
     fit_cmd.add_argument("--samples", type=_positive_int, default=1000, help="posterior draws")
     fit_cmd.add_argument("--out", default="hbjax-out", help="output folder (default: hbjax-out)")
     fit_cmd.add_argument(
@@ -376,8 +389,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not out.name.lower().endswith((".csv", ".parquet")):
         raise UserError(f"--out must end in .csv or .parquet; got {args.out!r}.")
-    if not out.parent.is_dir():
-        raise UserError(f"--out: folder {str(out.parent)!r} does not exist.")
+    check_file_destination(out)
     sim = simulate(
         n_units=args.products,
         n_periods=args.periods,
@@ -386,11 +398,12 @@ def run_simulate(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     if out.name.lower().endswith(".csv"):
-        sim.frame.to_csv(out, index=False)
+        write_file_atomically(out, lambda path: sim.frame.to_csv(path, index=False))
     else:
-        sim.frame.to_parquet(out, index=False)
+        write_file_atomically(out, lambda path: sim.frame.to_parquet(path, index=False))
     truth_path = out.with_name(out.name + ".truth.csv")
-    sim.truth[["product", "category", "elasticity"]].to_csv(truth_path, index=False)
+    truth = sim.truth[["product", "category", "elasticity"]]
+    write_file_atomically(truth_path, lambda path: truth.to_csv(path, index=False))
     print(f"wrote {len(sim.frame)} rows to {out} and the truth to {truth_path}")
     return 0
 
@@ -453,8 +466,8 @@ def _load_own_rows(args: argparse.Namespace, mesh: Mesh) -> tuple[Panel | GridSt
 def run_prepare(args: argparse.Namespace) -> int:
     """``hbjax prepare``: stream a table into a grid folder for ``hbjax fit --batch-size``."""
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {args.out!r} exists and is not a folder.")
+    if not args.out.strip() or (out.exists() and not out.is_dir()):
+        raise UserError(f"--out {args.out!r} is empty or not a folder; name a folder.")
     start = time.perf_counter()
     store = write_grid(
         args.file,
@@ -486,6 +499,7 @@ def _fit_config(args: argparse.Namespace) -> FitConfig:
             learning_rate=args.lr,
             centre_prices=not args.no_centring,
             hierarchy=args.hierarchy,
+            intercept_prior=args.intercept_prior,
             clip=args.clip,
             mcse=args.mcse,
             seed=args.seed,
@@ -513,9 +527,6 @@ def _guide_check(
 
 def run_fit(args: argparse.Namespace) -> int:
     """``hbjax fit``: fit a file and write elasticities, groups, losses and a summary."""
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {args.out!r} exists and is not a folder.")
     if args.diagnostic_draws < 0 or 0 < args.diagnostic_draws < 50:
         raise UserError(
             f"--diagnostic-draws must be 0 (skip) or at least 50; got {args.diagnostic_draws}."
@@ -529,6 +540,19 @@ def run_fit(args: argparse.Namespace) -> int:
             raise UserError(str(exc)) from None
     config = _fit_config(args)
     _join_hosts(args)
+    # only process 0 writes; checked (and staged) before the fit, replaced only when complete
+    folder = AtomicFolder(args.out, owns=FIT_FILES) if jax.process_index() == 0 else None
+    try:
+        return _fit_and_write(args, config, folder)
+    except BaseException:
+        if folder is not None:
+            folder.discard()
+        raise
+
+
+def _fit_and_write(args: argparse.Namespace, config: FitConfig, folder: AtomicFolder | None) -> int:
+    """The fit of ``hbjax fit`` and its outputs, written into ``folder``'s staging folder."""
+    out = Path(args.out)
     mesh = _mesh(args.devices)
     panel, encoding = _load_own_rows(args, mesh)
     start = time.perf_counter()
@@ -549,18 +573,18 @@ def run_fit(args: argparse.Namespace) -> int:
     result = fit_elasticities(panel, config, mesh=mesh)
     summary = summarize(result, encoding, num_samples=args.samples, key=jax.random.key(args.seed))
     check, verdict = _guide_check(result, panel, encoding, args.diagnostic_draws, args.seed)
-    if jax.process_index() != 0:  # only process 0 writes outputs
+    if folder is None:  # only process 0 writes outputs
         return 0
+    staging = folder.staging
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        save_fit(result, encoding, staging)
+        summary.units.to_csv(staging / "elasticities.csv", index=False)
+        summary.groups.to_csv(staging / "groups.csv", index=False)
+        pd.DataFrame({"step": np.arange(len(result.losses)), "loss": result.losses}).to_csv(
+            staging / "losses.csv", index=False
+        )
     except OSError as exc:
-        raise UserError(f"cannot create --out folder {args.out!r}: {exc.strerror}.") from None
-    save_fit(result, encoding, out)
-    summary.units.to_csv(out / "elasticities.csv", index=False)
-    summary.groups.to_csv(out / "groups.csv", index=False)
-    pd.DataFrame({"step": np.arange(len(result.losses)), "loss": result.losses}).to_csv(
-        out / "losses.csv", index=False
-    )
+        raise UserError(f"cannot write the results to {args.out!r}: {exc.strerror}.") from None
     overall = summary.overall.iloc[0]
     report = {
         "input": str(args.file),
@@ -577,6 +601,7 @@ def run_fit(args: argparse.Namespace) -> int:
         "particles": args.particles,
         "price_centring": not args.no_centring,
         "hierarchy": args.hierarchy,
+        "intercept_prior": args.intercept_prior,
         "clip_log_rate": args.clip,
         "alpha": args.alpha,
         "learning_rate": args.lr,
@@ -602,9 +627,13 @@ def run_fit(args: argparse.Namespace) -> int:
         "jax_version": jax.__version__,
         "python_version": platform.python_version(),
     }
-    (out / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
-    if args.plots:
-        write_plots(result, summary, out / "plots")
+    try:
+        (staging / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
+        if args.plots:
+            write_plots(result, summary, staging / "plots")
+        folder.commit()
+    except OSError as exc:
+        raise UserError(f"cannot write the results to {args.out!r}: {exc.strerror}.") from None
     print(
         f"fitted {sizes.n_units} units x {sizes.n_periods} periods ({n_obs} rows) in "
         f"{report['wall_seconds']:.1f} s; global elasticity {_interval(overall)}; "
@@ -620,6 +649,8 @@ def run_fit(args: argparse.Namespace) -> int:
 
 def run_predict(args: argparse.Namespace) -> int:
     """``hbjax predict``: expected units at new prices from a saved fit."""
+    out = Path(args.out) if args.out is not None else Path(str(args.prices) + ".predictions.csv")
+    check_file_destination(out)  # before the work
     saved = load_fit(args.fit_dir)
     frame = read_table(args.prices)
     predictions = predict(
@@ -629,10 +660,7 @@ def run_predict(args: argparse.Namespace) -> int:
         num_samples=args.samples,
         key=jax.random.key(args.seed),
     )
-    out = Path(args.out) if args.out else Path(str(args.prices) + ".predictions.csv")
-    if not out.parent.is_dir():
-        raise UserError(f"--out: folder {str(out.parent)!r} does not exist.")
-    predictions.to_csv(out, index=False)
+    write_file_atomically(out, lambda path: predictions.to_csv(path, index=False))
     print(
         f"predicted expected units for {len(predictions)} rows "
         f"({saved.info['guide']} guide, {args.samples} draws, 90% intervals); wrote {out}"
@@ -647,9 +675,8 @@ def run_check(args: argparse.Namespace) -> int:
             f"--warmup must be >= 10 and --draws >= 20; got {args.warmup}, {args.draws}."
         )
     saved = load_fit(args.fit_dir)
-    out = Path(args.out) if args.out else Path(args.fit_dir) / "check.csv"
-    if not out.parent.is_dir():
-        raise UserError(f"--out: folder {str(out.parent)!r} does not exist.")
+    default = Path(args.fit_dir) / "check.csv"
+    out = check_file_destination(args.out if args.out is not None else default)
     panel, encoding = from_file(args.file, **_columns(args))
     for name in ("units", "groups", "periods"):
         if not getattr(encoding, name).equals(getattr(saved.encoding, name)):
@@ -673,7 +700,7 @@ def run_check(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise UserError(str(exc)) from None
     table = _elasticity_table(saved, nuts.table, encoding)
-    _write_atomically(out, lambda path: table.to_csv(path, index=False))
+    write_file_atomically(out, lambda path: table.to_csv(path, index=False))
     print(
         f"checked {table['product'].nunique()} random products with NUTS (BlackJAX; "
         f"{nuts.num_shared} chains x {nuts.draws} draws, each chain given one draw of the "
@@ -691,16 +718,6 @@ def run_check(args: argparse.Namespace) -> int:
     print(f"per-product k-hat: {importance.verdict}")
     print(f"wrote {out}")
     return 0
-
-
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(temporary)`` next to ``path``, then rename: never a half-written ``path``."""
-    temporary = path.with_name(f".{path.name}.partial")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _elasticity_table(saved: SavedFit, table: pd.DataFrame, encoding: Encoding) -> pd.DataFrame:
@@ -782,7 +799,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.simplefilter("always", DataWarning)
             warnings.showwarning = _show_warning
             return commands[args.command](args)
-    except (UserError, DataValidationError, CheckpointError) as exc:
+    except (UserError, DataValidationError, CheckpointError, OutputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return USER_ERROR
     except NonFiniteLossError as exc:

@@ -30,6 +30,10 @@ from .objectives import log_weights
 
 #: ``k`` thresholds of the verdict (Vehtari et al. 2024, section 3).
 K_GOOD, K_OK = 0.5, 0.7
+#: Log weights within this many float32 ulps of their magnitude count as equal: an exact
+#: guide's weights differ only by the rounding of ``log p - log q`` (a few ulps per
+#: operation, over tens of operations).
+_TIE_ULPS = 64
 
 
 def _gpd_fit(exceedances: np.ndarray) -> tuple[float, float]:
@@ -71,18 +75,21 @@ def psis(log_w: np.ndarray) -> tuple[np.ndarray, float]:
         ``(smoothed, k)``: ``smoothed`` are normalised log weights (``logsumexp == 0``)
         whose largest ``M = min(S / 5, 3 sqrt(S))`` are replaced by the fitted tail's
         quantiles (and capped at the largest raw weight); ``k`` is ``inf`` when the tail
-        has 4 or fewer draws, ``-inf`` when all weights are equal.
+        has 4 or fewer draws, ``-inf`` when all weights are equal (to float32 rounding
+        of log weights of their size).
     """
     x = np.asarray(log_w, np.float64).copy()
     if x.ndim != 1 or len(x) < 2 or not np.all(np.isfinite(x)):
         raise ValueError(f"log_w must be a finite 1-d array of 2 or more draws; got {x.shape}.")
+    # Weights equal up to float32 rounding of log densities of this size are ties.
+    ties = _TIE_ULPS * np.finfo(np.float32).eps * max(1.0, float(np.max(np.abs(x))))
     x -= x.max()
     tail_len = int(math.ceil(min(0.2 * len(x), 3 * math.sqrt(len(x)))))
     order = np.argsort(x)
     cutoff = max(x[order[-tail_len - 1]], np.log(np.finfo(float).tiny))
     tail = np.flatnonzero(x > cutoff)
     # Ties at the top (e.g. the exact posterior: equal weights) leave no tail: no heavy tail.
-    k = -math.inf if np.ptp(x) < 1e-12 else math.inf
+    k = -math.inf if np.ptp(x) <= ties else math.inf
     if len(tail) > 4:
         tail = tail[np.argsort(x[tail])]
         k, sigma = _gpd_fit(np.exp(x[tail]) - np.exp(cutoff))

@@ -12,7 +12,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import equinox as eqx
@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from . import checkpoint
 from ._types import PRNGKeyArray, PyTree
 from .convergence import Convergence, Status
 from .data import Panel
@@ -168,6 +169,7 @@ def fit(
     checkpoint_every: int = 1000,
     resume: bool = False,
     convergence: Convergence | None = Convergence(),  # noqa: B008 - frozen
+    fingerprint: Mapping[str, object] | None = None,
 ) -> FitResult:
     """Fit ``guide`` to the posterior of ``model`` given ``panel`` by stochastic optimisation.
 
@@ -207,15 +209,21 @@ def fit(
             (:mod:`hbjax.checkpoint`: Equinox serialisation, written atomically). A folder
             that already holds a checkpoint is refused unless ``resume``.
         checkpoint_every: steps between checkpoints (chunks are aligned to it).
-        resume: continue from the checkpoint in ``checkpoint_dir`` (if there is one) up to
-            ``steps`` in all; with the same key and device count the result is the one of
-            the uninterrupted fit, averaging and stopping included. A checkpoint of another
-            model, data shape, guide, optimiser or key is refused.
+        resume: continue from the checkpoint in ``checkpoint_dir`` up to ``steps`` in all
+            (a folder without one is refused); with the same key and device count the
+            result is the one of the uninterrupted fit, averaging and stopping included. A
+            checkpoint of another model (its arrays, options and priors), objective, guide,
+            state shape or key, or another ``fingerprint``, is refused, naming what differs.
         convergence: when to start averaging the iterates and when to stop
             (:class:`hbjax.convergence.Convergence`; checked every ``check_every`` steps,
             rounded up to whole epochs with ``batch_size``); ``None`` runs exactly ``steps`` steps
             and reports the last iterate. A fit that reaches ``steps`` unconverged warns
             (:class:`ConvergenceWarning`) and says so in ``result.convergence``.
+        fingerprint: with ``checkpoint_dir``: what else identifies this fit, which hbjax
+            cannot read off its arguments (JSON-able values): the data's content
+            (:func:`hbjax.checkpoint.content_hash`), the optimiser's hyperparameters, the
+            objective's settings. Stored with the checkpoint; a resume with other values is
+            refused. :func:`hbjax.fit_elasticities` passes the data's hash and its config.
 
     Returns:
         A :class:`FitResult`.
@@ -262,7 +270,14 @@ def fit(
         source, per_epoch = FullBatch(panel), None
         check_every = convergence.check_every if convergence is not None else chunk_size
         chunk = math.gcd(min(chunk_size, steps), check_every)
-    saver = Checkpoints(checkpoint_dir, checkpoint_every, resume, key)
+    identity = None
+    if checkpoint_dir is not None:
+        identity = {
+            **{f"fit {name}": value for name, value in (fingerprint or {}).items()},
+            "model": checkpoint.content_hash(to_host(model)),
+            "objective": checkpoint.describe(default_objective if objective is None else objective),
+        }
+    saver = Checkpoints(checkpoint_dir, checkpoint_every, resume, key, identity)
     svi = SVI(
         model,
         default_objective if objective is None else objective,

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import math
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import equinox as eqx
@@ -90,6 +92,7 @@ class Checkpoints:
         every: int,
         resume: bool,  # noqa: FBT001
         key: PRNGKeyArray,
+        identity: dict[str, object] | None = None,
     ):
         if directory is not None and (
             isinstance(every, bool) or not isinstance(every, int) or every < 1
@@ -97,8 +100,12 @@ class Checkpoints:
             raise ValueError(f"checkpoint_every must be a positive int; got {every!r}.")
         if resume and directory is None:
             raise ValueError("resume=True needs checkpoint_dir (where the checkpoint is).")
+        if directory is not None and not resume:
+            _check_writable(directory)  # now, not after the first 1,000 steps
         self.directory, self.every, self.resume = directory, every, resume
         self.key_data = np.asarray(jax.random.key_data(key))
+        # as the JSON header gives them back (tuples become lists)
+        self.identity = json.loads(json.dumps(identity or {}, default=str))
         self.fingerprint: dict[str, object] = {}
 
     def restore(
@@ -109,9 +116,15 @@ class Checkpoints:
         if self.directory is None:
             return state, no_losses
         arrays, static = eqx.partition(state, eqx.is_array)
-        self.fingerprint = checkpoint.fingerprint(arrays, static.guide)
+        self.fingerprint = {**checkpoint.fingerprint(arrays, static.guide), **self.identity}
         step = checkpoint.saved_step(self.directory)
         if step is None:
+            if self.resume:
+                raise checkpoint.CheckpointError(
+                    f"no checkpoint to resume in {str(self.directory)!r} (no "
+                    f"{checkpoint.FILENAME}); check the folder's name, or drop --resume "
+                    "(resume=False) to start a new fit there."
+                )
             return state, no_losses
         if not self.resume:
             raise checkpoint.CheckpointError(
@@ -177,6 +190,23 @@ class Checkpoints:
         if self.directory is None:
             return False
         return stopping or done % self.every == 0 or done == steps
+
+
+def _check_writable(directory: str | os.PathLike[str]) -> None:
+    """Create the checkpoint folder; a file there or no permission: one clear error."""
+    folder = Path(directory)
+    if folder.exists() and not folder.is_dir():
+        raise checkpoint.CheckpointError(f"checkpoint folder {str(folder)!r} is a file.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise checkpoint.CheckpointError(
+            f"cannot create the checkpoint folder {str(folder)!r}: {exc.strerror}."
+        ) from None
+    if not os.access(folder, os.W_OK):
+        raise checkpoint.CheckpointError(
+            f"cannot write checkpoints in {str(folder)!r} (permission denied)."
+        )
 
 
 @dataclasses.dataclass

@@ -150,6 +150,15 @@ class ElasticityModel(AbstractModel):
     This is a reparameterisation with unit Jacobian: the model, its prior on ``delta_i``
     and :meth:`natural` values are unchanged.
 
+    **Where the intercept's prior sits** (``intercept_prior_price``): the article puts
+    ``N(0, 3)`` on ``delta_i``, the log demand at log price 0, i.e. at a price of 1 in
+    whatever currency unit the data use; in cents instead of dollars that prior moves by
+    ``beta_i log 100`` (about 9) and pulls every product's elasticity with it. With
+    ``intercept_prior_price = r`` the prior is on the log demand at each unit's own
+    reference log price, ``delta_i + beta_i r_i ~ N(0, 3)``: with ``r`` the demand-weighted
+    mean log price (:meth:`from_panel`'s default) the answers do not depend on the
+    currency unit. ``None`` gives the article's prior.
+
     Attributes:
         global_elasticity: the global layer.
         group_elasticity: categories around the global elasticity.
@@ -160,6 +169,9 @@ class ElasticityModel(AbstractModel):
             (``(-4.0, 20.0)``), or ``None`` for the exact Poisson model.
         price_centre: ``[unit]`` log price ``m_i`` at which the latent intercept
             ``unit_effect`` is taken (``delta_i + beta_i m_i``), or ``None`` (at 0).
+        intercept_prior_price: ``[unit]`` log price ``r_i`` at which the intercept's
+            prior sits (``delta_i + beta_i r_i ~ N(0, effect_scale)``), or ``None`` (at 0,
+            the article's).
         hierarchy: ``"centred"`` or ``"noncentred"`` latents for the elasticities.
     """
 
@@ -170,6 +182,7 @@ class ElasticityModel(AbstractModel):
     group_period_effect: Normal
     clip_log_rate: tuple[float, float] | None = eqx.field(static=True)
     price_centre: Float[Array, " unit"] | None
+    intercept_prior_price: Float[Array, " unit"] | None
     hierarchy: str = eqx.field(static=True)
 
     def __init__(
@@ -185,6 +198,7 @@ class ElasticityModel(AbstractModel):
         effect_scale: float = 3.0,
         group_period_scale: float = 3.0,
         price_centre: Float[ArrayLike, " _unit"] | None = None,
+        intercept_prior_price: Float[ArrayLike, " _unit"] | None = None,
         hierarchy: str = "noncentred",
     ):
         """Build the model from the unit → group map and the sizes.
@@ -200,6 +214,8 @@ class ElasticityModel(AbstractModel):
             effect_scale: prior sd of product intercepts.
             group_period_scale: prior sd of (category, period) effects.
             price_centre: see the class attributes (:meth:`from_panel` computes it).
+            intercept_prior_price: see the class attributes (:meth:`from_panel` computes
+                it); ``None`` here: the article's prior at log price 0.
             hierarchy: ``"noncentred"`` (default here, the article's) or ``"centred"``
                 (the default of :meth:`from_panel`); see the class docstring.
         """
@@ -222,14 +238,10 @@ class ElasticityModel(AbstractModel):
                 )
             clip_log_rate = (lo, hi)
         self.clip_log_rate = clip_log_rate
-        if price_centre is not None:
-            price_centre = jnp.asarray(price_centre, jnp.float32)
-            if price_centre.shape != unit_group.shape:
-                raise ValueError(
-                    f"price_centre must have one value per unit, shape {unit_group.shape}; "
-                    f"got shape {price_centre.shape}."
-                )
-        self.price_centre = price_centre
+        self.price_centre = _per_unit("price_centre", price_centre, unit_group.shape)
+        self.intercept_prior_price = _per_unit(
+            "intercept_prior_price", intercept_prior_price, unit_group.shape
+        )
 
     @classmethod
     def from_panel(
@@ -238,6 +250,7 @@ class ElasticityModel(AbstractModel):
         *,
         centre_prices: bool = True,
         hierarchy: str = "centred",
+        intercept_prior: str = "reference",
         **options: object,
     ) -> ElasticityModel:
         """The model for a panel's units, groups and periods (options as in ``__init__``).
@@ -252,10 +265,22 @@ class ElasticityModel(AbstractModel):
                 (see the class docstring); ``False`` gives the article's raw parameterisation.
             hierarchy: ``"centred"`` (default) or ``"noncentred"`` (the article's); see the
                 class docstring.
+            intercept_prior: ``"reference"`` (default): each intercept's prior at the
+                unit's demand-weighted mean log price (answers free of the currency unit);
+                ``"zero"``: at log price 0, the article's.
             options: keyword arguments of ``__init__``.
         """
+        if intercept_prior not in INTERCEPT_PRIORS:
+            raise ValueError(
+                f"intercept_prior must be one of {', '.join(INTERCEPT_PRIORS)}; got "
+                f"{intercept_prior!r}."
+            )
+        centres = None
         if centre_prices and "price_centre" not in options:
-            options["price_centre"] = unit_price_centres(panel)
+            options["price_centre"] = centres = unit_price_centres(panel)
+        if intercept_prior == "reference" and "intercept_prior_price" not in options:
+            reference = unit_price_centres(panel) if centres is None else centres
+            options["intercept_prior_price"] = reference
         return cls(
             panel.unit_group,  # type: ignore[arg-type]
             panel.n_groups,
@@ -286,7 +311,7 @@ class ElasticityModel(AbstractModel):
             self.global_elasticity.log_prior(latents.global_elasticity)
             + self.group_elasticity.log_prior(z_group)
             + self.unit_elasticity.log_prior(z_unit)
-            + self.unit_effect.log_prior(self._uncentred_effect_z(latents))
+            + self.unit_effect.log_prior(self._prior_effect_z(latents))
             + self.group_period_effect.log_prior(latents.group_period_effect)
         )
 
@@ -327,11 +352,23 @@ class ElasticityModel(AbstractModel):
     def _unit_elasticity(self, latents: ElasticityLatents) -> Float[ArrayLike, "*p unit"]:
         return self.elasticities(latents)[2]
 
-    def _uncentred_effect_z(self, latents: ElasticityLatents) -> Float[ArrayLike, "*p unit"]:
-        if self.price_centre is None:
+    def _prior_offset(
+        self, unit: Int[Array, " slot"] | None = None
+    ) -> Float[Array, " slot"] | None:
+        """``r - m`` per unit (or slot): from the latent intercept's price to its prior's."""
+        if self.price_centre is None and self.intercept_prior_price is None:
+            return None
+        m, r = self.price_centre, self.intercept_prior_price
+        offset = (0.0 if r is None else r) - (0.0 if m is None else m)
+        return offset if unit is None else jnp.take(offset, unit)
+
+    def _prior_effect_z(self, latents: ElasticityLatents) -> Float[ArrayLike, "*p unit"]:
+        """The ``z`` of the intercept where its prior sits, ``(delta_i + beta_i r_i) / 3``."""
+        offset = self._prior_offset()
+        if offset is None:
             return latents.unit_effect
-        shift = self._unit_elasticity(latents) * self.price_centre
-        return latents.unit_effect - shift / self.unit_effect.scale
+        shift = self._unit_elasticity(latents) * offset
+        return latents.unit_effect + shift / self.unit_effect.scale
 
     def natural(self, latents: ElasticityLatents) -> ElasticityLatents:
         """Natural-scale values (elasticities, effects) of one set of latents."""
@@ -368,7 +405,9 @@ class ElasticityModel(AbstractModel):
             centre = jnp.zeros_like(beta)
         else:
             centre = jnp.take(self.price_centre, batch.unit)
-            z_delta = z_delta - beta * centre / self.unit_effect.scale
+        offset = self._prior_offset(batch.unit)
+        if offset is not None:
+            z_delta = z_delta + beta * offset / self.unit_effect.scale
         slot_prior = -0.5 * (z_beta**2 + z_delta**2) - _LOG_2PI
         gamma = self.group_period_effect(latents.group_period_effect)
         return z_group, (beta, delta, gamma, centre), slot_prior
@@ -473,6 +512,20 @@ class ElasticityModel(AbstractModel):
 
 #: Parameterisations of the elasticity hierarchy (see :class:`ElasticityModel`).
 HIERARCHIES = ("centred", "noncentred")
+#: Where the intercept's prior sits (see :meth:`ElasticityModel.from_panel`).
+INTERCEPT_PRIORS = ("reference", "zero")
+
+
+def _per_unit(name: str, values: ArrayLike | None, shape: tuple[int, ...]) -> Array | None:
+    """``values`` as float32 ``[unit]``, or ``None``; a clear error for the wrong shape."""
+    if values is None:
+        return None
+    values = jnp.asarray(values, jnp.float32)
+    if values.shape != shape:
+        raise ValueError(
+            f"{name} must have one value per unit, shape {shape}; got shape {values.shape}."
+        )
+    return values
 
 
 def unit_price_centres(panel: Panel | DensePanel | UnitStats) -> Float[Array, " unit"]:

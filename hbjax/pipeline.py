@@ -15,13 +15,14 @@ import equinox as eqx
 import jax
 from jax.sharding import Mesh
 
+from . import checkpoint
 from ._types import PyTree
 from .convergence import Convergence
 from .data import Panel
 from .fit import FitResult, default_optimizer, fit
 from .guide import GUIDES, make_guide
 from .minibatch import UnitStats, seed_from_key
-from .model import HIERARCHIES, ElasticityModel
+from .model import HIERARCHIES, INTERCEPT_PRIORS, ElasticityModel
 from .objectives import GRADIENTS, renyi_elbo
 from .sharding import shard_panel
 from .stream import GridStore
@@ -51,6 +52,8 @@ class FitConfig:
         learning_rate: Adam's initial rate (decayed per 1,000 steps, or per 1,000 epochs).
         centre_prices: take each product's intercept at its mean log price.
         hierarchy: ``"centred"`` or ``"noncentred"`` elasticity latents.
+        intercept_prior: ``"reference"`` (each intercept's prior at the product's mean
+            price: free of the currency unit) or ``"zero"`` (at log price 0, the article's).
         clip: clip the log-rate to ``[-4, 20]`` as the article did.
         mcse: stop when the Monte Carlo error of the averaged means is at most this many
             posterior sds (:class:`hbjax.convergence.Convergence`).
@@ -71,6 +74,7 @@ class FitConfig:
     learning_rate: float = 0.01
     centre_prices: bool = True
     hierarchy: str = "centred"
+    intercept_prior: str = "reference"
     clip: bool = False
     mcse: float = Convergence.mcse
     seed: int = 0
@@ -86,6 +90,7 @@ class FitConfig:
             ("guide", GUIDES),
             ("gradient", GRADIENTS),
             ("hierarchy", HIERARCHIES),
+            ("intercept_prior", INTERCEPT_PRIORS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(
@@ -123,6 +128,30 @@ class FitConfig:
             num_particles=self.particles,
             gradient=self.gradient,
         )
+
+
+#: FitConfig fields that do not change the fit (a resume may change them).
+_NOT_IDENTITY = ("steps", "checkpoint_dir", "checkpoint_every", "resume", "progress")
+
+
+def _identity(panel: Panel | GridStore, config: FitConfig) -> dict[str, object]:
+    """What a checkpoint of this fit must match beyond the model: data content and config.
+
+    The data's hash is of the host rows (one process), or of the per-unit sums every
+    process shares (several processes; a grid folder): the same on any device count.
+    """
+    if isinstance(panel, GridStore):
+        data: object = (panel.stats.moments, panel.stats.unit_group, panel.n_obs)
+    elif jax.process_count() > 1:
+        data = UnitStats.gather(panel)
+    else:
+        data = panel
+    settings = {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if f.name not in _NOT_IDENTITY
+    }
+    return {"data (content hash)": checkpoint.content_hash(data), **settings}
 
 
 @eqx.filter_jit
@@ -183,7 +212,11 @@ def fit_elasticities(
         layout = ElasticityModel.from_panel(panel, centre_prices=False, **options).panel_layout()
         rows = data = shard_panel(panel, mesh, layout=layout)
     model = ElasticityModel.from_panel(
-        data, centre_prices=config.centre_prices, hierarchy=config.hierarchy, **options
+        data,
+        centre_prices=config.centre_prices,
+        hierarchy=config.hierarchy,
+        intercept_prior=config.intercept_prior,
+        **options,
     )
     start = make_guide(
         config.guide,
@@ -207,6 +240,7 @@ def fit_elasticities(
         checkpoint_every=config.checkpoint_every,
         resume=config.resume,
         convergence=Convergence(mcse=config.mcse),
+        fingerprint=None if config.checkpoint_dir is None else _identity(panel, config),
     )
 
 

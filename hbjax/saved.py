@@ -58,6 +58,7 @@ def save_fit(result: FitResult, encoding: Encoding, directory: str | os.PathLike
         "rank": int(guide.factor.shape[1]) if isinstance(guide, LowRankNormal) else None,
         "hierarchy": model.hierarchy,
         "price_centring": model.price_centre is not None,
+        "intercept_prior": "zero" if model.intercept_prior_price is None else "reference",
         "clip_log_rate": model.clip_log_rate,
         "n_units": len(encoding.units),
         "n_groups": len(encoding.groups),
@@ -104,6 +105,10 @@ def load_fit(directory: str | os.PathLike[str]) -> SavedFit:
         info["n_periods"],
         clip_log_rate=None if clip is None else tuple(clip),
         price_centre=jnp.zeros(info["n_units"]) if info["price_centring"] else None,
+        # fits saved before the option had the article's prior at log price 0
+        intercept_prior_price=jnp.zeros(info["n_units"])
+        if info.get("intercept_prior", "zero") == "reference"
+        else None,
         hierarchy=info["hierarchy"],
     )
     guide = make_guide(info["guide"], model, rank=info["rank"] or 8)

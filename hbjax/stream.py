@@ -50,6 +50,7 @@ from .data import (
     warn_weak_units,
 )
 from .minibatch import UnitSampler, UnitStats
+from .outputs import AtomicFolder
 from .sharding import default_block_count, plan_blocks
 
 #: Format marker of a grid folder (``store.json``).
@@ -194,7 +195,8 @@ def write_grid(
 
     Args:
         path: a ``.csv`` (``.csv.gz``) or ``.parquet`` file, one row per (unit, period).
-        directory: the folder to write (created; files in it are replaced).
+        directory: the folder to write: new, empty, or an earlier grid folder, which is
+            replaced only once the new grid is complete.
         chunk_rows: rows read at once.
         progress: show a progress bar over the two passes.
         **columns: column names, as in :func:`hbjax.from_frame`.
@@ -205,6 +207,7 @@ def write_grid(
     Raises:
         DataValidationError: as :func:`hbjax.from_frame`, with rows named by their 0-based
             position in the file.
+        hbjax.outputs.OutputError: ``directory`` holds other files, or cannot be written.
 
     Example:
         >>> store = hbjax.stream.write_grid("sales.parquet", "sales-grid")  # doctest: +SKIP
@@ -216,19 +219,23 @@ def write_grid(
     path, directory = Path(path), Path(directory)
     roles = column_roles(columns)
     total = _row_count(path)
-    with tqdm(
-        total=None if total is None else 2 * total,
-        desc="reading (pass 1 of 2: labels, checks)",
-        unit="row",
-        unit_scale=True,
-        disable=not progress,
-    ) as bar:
+    # written into a staging folder, renamed into place once complete: a failure at any
+    # point leaves an earlier grid in the folder as it was
+    with (
+        AtomicFolder(directory, owns=("store.json",), what="the grid folder") as staging,
+        tqdm(
+            total=None if total is None else 2 * total,
+            desc="reading (pass 1 of 2: labels, checks)",
+            unit="row",
+            unit_scale=True,
+            disable=not progress,
+        ) as bar,
+    ):
         encoding, n_rows = _labels(path, roles, chunk_rows, bar)
         check_panel_shape(encoding, roles)
         bar.set_description("writing (pass 2 of 2: grid)")
-        directory.mkdir(parents=True, exist_ok=True)
-        sums = _write_cells(path, directory, roles, encoding, chunk_rows, bar)
-    _write_meta(directory, encoding, sums, n_rows, str(path))
+        sums = _write_cells(path, staging, roles, encoding, chunk_rows, bar)
+        _write_meta(staging, encoding, sums, n_rows, str(path))
     warn_weak_units(np.flatnonzero(sums["price_low"] == sums["price_high"]), encoding)
     return read_grid(directory)
 

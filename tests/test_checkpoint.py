@@ -1,3 +1,5 @@
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -209,3 +211,48 @@ def test_non_finite_step_saves_the_last_good_state(small_panel, tmp_path):
     for a, b in zip(_leaves(reported), _leaves(good.guide), strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(saved["losses"], good.losses)
+
+
+def test_a_resume_of_another_fit_is_refused_naming_what_differs(small_sim, tmp_path):
+    """Data of the same shape but other content, another model option, optimiser setting
+    or objective: each refused with what differs (issue: honest checkpoints)."""
+    panel, _ = hbjax.from_frame(small_sim.frame)
+    folder = tmp_path / "ckpt"
+    base = {"steps": 20, "progress": False, "checkpoint_dir": str(folder)}
+    hbjax.fit_elasticities(panel, hbjax.FitConfig(**base))
+    resume = {**base, "steps": 40, "resume": True}
+    changed = small_sim.frame.copy()
+    changed.loc[7, "units_sold"] += 1  # one count of one row
+    other_data, _ = hbjax.from_frame(changed)
+    refusals = [
+        (other_data, {}, "its fit data \\(content hash\\)"),
+        (panel, {"learning_rate": 0.02}, "its fit learning_rate is 0.01, this fit's is 0.02"),
+        (panel, {"particles": 8}, "its fit particles"),
+        (panel, {"alpha": 0.5}, "its fit gradient"),  # alpha 0.5 takes the total gradient
+        (panel, {"centre_prices": False}, "its fit centre_prices"),
+        (panel, {"intercept_prior": "zero"}, "its fit intercept_prior"),
+        (panel, {"mcse": 0.05}, "its fit mcse"),
+    ]
+    for data, change, words in refusals:
+        with pytest.raises(CheckpointError, match=words):
+            hbjax.fit_elasticities(data, hbjax.FitConfig(**resume, **change))
+    missing = {**resume, "checkpoint_dir": str(tmp_path / "ckpt-typo")}
+    with pytest.raises(CheckpointError, match="no checkpoint to resume"):
+        hbjax.fit_elasticities(panel, hbjax.FitConfig(**missing))
+    # the same fit resumes; and fit() refuses another objective or caller fingerprint
+    assert hbjax.fit_elasticities(panel, hbjax.FitConfig(**resume)).steps == 40
+    model, guide = _start(panel)
+    direct = tmp_path / "direct"
+    options = {"key": jax.random.key(0), "progress": False, "checkpoint_dir": direct}
+    hbjax.fit(model, guide, panel, steps=10, fingerprint={"optimiser": "adam 1e-2"}, **options)
+    eight = functools.partial(hbjax.renyi_elbo, num_particles=8)
+    again = {"steps": 20, "resume": True, **options}
+    with pytest.raises(CheckpointError, match="its objective"):
+        hbjax.fit(
+            model, guide, panel, objective=eight, fingerprint={"optimiser": "adam 1e-2"}, **again
+        )
+    article = hbjax.ElasticityModel.from_panel(panel, intercept_prior="zero")
+    with pytest.raises(CheckpointError, match="its model"):  # same shapes, another prior
+        hbjax.fit(article, guide, panel, fingerprint={"optimiser": "adam 1e-2"}, **again)
+    with pytest.raises(CheckpointError, match="its fit optimiser is 'adam 1e-2'"):
+        hbjax.fit(model, guide, panel, fingerprint={"optimiser": "adam 2e-2"}, **again)

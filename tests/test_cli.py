@@ -288,7 +288,8 @@ def test_plots_without_matplotlib_are_refused_before_the_fit(
 def test_warnings_are_one_line_each_and_the_fit_goes_on(tmp_path, capsys):
     frame().to_csv(tmp_path / "weak.csv", index=False)
     common = ["--steps", "5", "--samples", "10", "--diagnostic-draws", "0", "--no-progress"]
-    code, _, err = run(capsys, "fit", str(tmp_path / "weak.csv"), *common, "--out", str(tmp_path))
+    out = str(tmp_path / "out")
+    code, _, err = run(capsys, "fit", str(tmp_path / "weak.csv"), *common, "--out", out)
     assert code == 0, err
     lines = err.strip().splitlines()
     assert len(lines) == 3 and all(line.startswith("warning: ") for line in lines), err

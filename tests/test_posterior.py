@@ -126,6 +126,10 @@ def test_predict_what_if_prices(recovery_fit, tmp_path):
     saved = hbjax.load_fit(tmp_path / "fit")
     again = hbjax.predict(saved, saved.encoding, frame, num_samples=2000, key=jax.random.key(4))
     np.testing.assert_allclose(again["expected_units"], out["expected_units"], rtol=1e-6)
+    # the whole model comes back: the same prior (where the intercepts' prior sits included)
+    assert saved.info["intercept_prior"] == "reference"
+    latents = result.guide.mean()
+    assert float(saved.model.log_prior(latents)) == float(result.model.log_prior(latents))
     for bad, words in (
         (frame.assign(product="nope"), "not seen"),
         (frame.assign(price=-1.0), "> 0"),
