@@ -12,7 +12,10 @@ import argparse
 import json
 import os
 import platform
+import shlex
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -75,6 +78,16 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         """Print ``error: message`` (with the sub-command) and exit 2."""
         self.exit(USER_ERROR, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _draws(text: str) -> int:
+    """Posterior draws for 90% intervals: at least 20 (a 5% quantile of fewer is a minimum)."""
+    value = _positive_int(text)
+    if value < 20:
+        raise argparse.ArgumentTypeError(
+            f"needs at least 20 draws for 90% intervals (1000 by default); got {text!r}"
+        )
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -251,7 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
         "mean price, so answers do not depend on the currency unit; zero: at a price of 1 "
         "in the data's unit, the article's (dollars and cents then give different answers)",
     )
-    fit_cmd.add_argument("--samples", type=_positive_int, default=1000, help="posterior draws")
+    fit_cmd.add_argument(
+        "--samples", type=_draws, default=1000, help="posterior draws (at least 20)"
+    )
     fit_cmd.add_argument("--out", default="hbjax-out", help="output folder (default: hbjax-out)")
     fit_cmd.add_argument(
         "--checkpoint",
@@ -284,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict_cmd.add_argument(
         "--out", default=None, help="output file (default: PRICES.predictions.csv)"
     )
-    predict_cmd.add_argument("--samples", type=_positive_int, default=1000, help="draws")
+    predict_cmd.add_argument(
+        "--samples", type=_draws, default=1000, help="posterior draws (at least 20)"
+    )
     predict_cmd.add_argument("--seed", type=int, default=0)
 
     check_cmd = commands.add_parser(
@@ -480,7 +497,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     print(
         f"wrote {stats.n_units} units x {stats.n_periods} periods ({store.n_obs} rows, "
         f"{stats.n_groups} groups) to {out} in {time.perf_counter() - start:.1f} s; fit it with "
-        f"`hbjax fit {out} --batch-size B`"
+        f"`hbjax fit {shlex.quote(str(out))} --batch-size B`"
     )
     return 0
 
@@ -639,7 +656,7 @@ def _fit_and_write(args: argparse.Namespace, config: FitConfig, folder: AtomicFo
         f"{report['wall_seconds']:.1f} s; global elasticity {_interval(overall)}; "
         f"wrote {out}/elasticities.csv, groups.csv, losses.csv, summary.json"
         + (", plots/" if args.plots else "")
-        + f" and the fitted model (for `hbjax predict {out} PRICES.csv`)"
+        + f" and the fitted model (for `hbjax predict {shlex.quote(str(out))} PRICES.csv`)"
     )
     print(_convergence_line(result))
     if verdict is not None:
@@ -652,7 +669,13 @@ def run_predict(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out is not None else Path(str(args.prices) + ".predictions.csv")
     check_file_destination(out)  # before the work
     saved = load_fit(args.fit_dir)
-    frame = read_table(args.prices)
+    # labels as the fit read them: text exactly as written, unless the fit's were numbers
+    text = [
+        saved.encoding.columns[role]
+        for role, labels in (("unit", saved.encoding.units), ("group", saved.encoding.groups))
+        if labels.dtype == object
+    ]
+    frame = read_table(args.prices, labels=text)
     predictions = predict(
         saved,
         saved.encoding,
@@ -778,6 +801,15 @@ def _use_compilation_cache() -> None:
         jax.config.update("jax_compilation_cache_dir", directory)
 
 
+class _Terminated(Exception):
+    """SIGTERM arrived (a job scheduler ending the run)."""
+
+
+def _on_sigterm(signum: int, frame: object) -> NoReturn:
+    del signum, frame
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hbjax`` command; returns the exit status."""
     try:
@@ -794,6 +826,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if args.command in ("demo", "fit", "check"):
         _use_compilation_cache()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)  # unwinds: staging removed
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always", DataWarning)
@@ -808,6 +843,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print(
+            "error: terminated (SIGTERM); nothing was written (a --checkpoint keeps the last "
+            "saved step: --resume continues it)",
+            file=sys.stderr,
+        )
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -263,7 +263,13 @@ def _period_values(frame: pd.DataFrame, column: str) -> pd.Series:
                 f"{_show(raw[bad].iloc[0])} in {_rows(frame, bad)}."
             )
         return raw.astype(np.int64)
-    parsed = pd.to_datetime(raw.astype(str), format="ISO8601", errors="coerce")
+    try:
+        parsed = pd.to_datetime(raw.astype(str), format="ISO8601", errors="coerce")
+    except ValueError:  # pandas refuses to mix time-zone offsets in one column
+        raise DataValidationError(
+            f"column {column!r} mixes time-zone offsets (e.g. {_show(raw.iloc[0])}); write "
+            "every period in one zone, or without offsets (dates only)."
+        ) from None
     bad = parsed.isna().to_numpy()
     if bad.any():
         raise DataValidationError(
@@ -379,6 +385,27 @@ def _codes(frame: pd.DataFrame, column: str, values: pd.Series, labels: pd.Index
     return codes.astype(np.int32)
 
 
+def _check_spaces(labels: pd.Index, column: str) -> None:
+    """Labels with spaces around them: an error when that is all that tells two apart."""
+    text = [label for label in labels if isinstance(label, str) and label != label.strip()]
+    if not text:
+        return
+    stripped = pd.Index([x.strip() if isinstance(x, str) else x for x in labels])
+    if stripped.has_duplicates:
+        twin = next(x for x in text if x.strip() in set(labels))
+        raise DataValidationError(
+            f"column {column!r} has labels that differ only by spaces ({_show(twin)} and "
+            f"{_show(twin.strip())}): one product or two? Strip them, e.g. "
+            f"df[{column!r}] = df[{column!r}].str.strip(), or rename one."
+        )
+    warnings.warn(
+        f"column {column!r} has {len(text)} label(s) with spaces around them (e.g. "
+        f"{_show(text[0])}); they are kept as written. Strip them if that is not meant.",
+        DataWarning,
+        stacklevel=4,
+    )
+
+
 def _encode(
     frame: pd.DataFrame, roles: Mapping[str, str], encoding: Encoding | None = None
 ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], Encoding]:
@@ -393,6 +420,8 @@ def _encode(
     if encoding is None:
         unit_codes, unit_labels = _factorize(frame[unit])
         group_codes, group_labels = _factorize(frame[group])
+        _check_spaces(unit_labels, unit)
+        _check_spaces(group_labels, group)
         period_codes, period_labels = _factorize(periods)
         period_labels = period_labels.rename(period)
     else:
@@ -487,6 +516,13 @@ def from_frame(
     n_periods = len(encoding.periods)
     check_panel_shape(encoding, roles)
     warn_weak_units(constant_price_units(unit_codes[order], price_values[order]), encoding)
+    if not np.any(count_values > 0):
+        warnings.warn(
+            f"column {roles['units']!r} is 0 in every row: with no sales the elasticities "
+            "come from the priors alone. Check that it is the units sold.",
+            DataWarning,
+            stacklevel=2,
+        )
     unit_group = encoding.unit_group
     panel = Panel(
         unit_idx=unit_codes[order],
@@ -576,11 +612,69 @@ def _reader(path: Path) -> str:
     raise DataValidationError(f"cannot read {str(path)!r}: expected a .csv or .parquet file.")
 
 
+#: What pandas reads as missing in a CSV by default; label columns take only the empty
+#: field (a product named ``NA`` or ``None`` is a product).
+_CSV_MISSING = [
+    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+    "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null",
+]  # fmt: skip
+
+
+def check_csv_header(path: Path) -> None:
+    """The header of a CSV as written: UTF-8, comma-separated, no column named twice.
+
+    pandas would rename a second ``price`` to ``price.1`` and read a ``;``-separated file
+    as one column; both are refused here with the fix.
+    """
+    try:
+        first = pd.read_csv(path, nrows=1, header=None, dtype=str, keep_default_na=False)
+    except UnicodeDecodeError:
+        raise DataValidationError(
+            f"cannot read {str(path)!r}: it is not UTF-8 text (UTF-16 or a legacy encoding?); "
+            "save it as UTF-8 CSV."
+        ) from None
+    except Exception:  # noqa: BLE001 - empty or unparsable: read_table says how
+        return
+    names = [str(x) for x in first.iloc[0]] if len(first) else []
+    if len(names) == 1 and any(sep in names[0] for sep in (";", "\t", "|")):
+        sep = next(sep for sep in (";", "\t", "|") if sep in names[0])
+        raise DataValidationError(
+            f"{str(path)!r} reads as one column named {names[0]!r}: it is separated by "
+            f"{sep!r}, not commas. Save it with commas, or read it with "
+            f"pandas.read_csv(path, sep={sep!r}) and pass the DataFrame to hbjax.from_frame."
+        )
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise DataValidationError(
+            f"{str(path)!r} has more than one column named {twice[0]!r}; rename or drop the "
+            "extra one so that it is clear which to use."
+        )
+
+
+def csv_options(path: Path, labels: Sequence[str]) -> dict[str, object]:
+    """``pd.read_csv`` options that read ``labels`` columns as text exactly as written.
+
+    ``01`` stays ``01`` (not the number 1), ``1E2`` stays ``1E2``, 20-digit barcodes keep
+    every digit, ``NA`` and ``None`` are labels; only an empty field is a missing label.
+    Other columns keep pandas' usual parsing.
+    """
+    if not labels:
+        return {}
+    header = pd.read_csv(path, nrows=0).columns
+    wanted = [c for c in dict.fromkeys(labels) if c in header]
+    return {
+        "dtype": dict.fromkeys(wanted, str),
+        "keep_default_na": False,
+        "na_values": {c: [""] if c in wanted else _CSV_MISSING for c in header},
+    }
+
+
 def read_table(
     path: str | os.PathLike[str],
     *,
     columns: Sequence[str] | None = None,
     only: tuple[str, Sequence[object]] | None = None,
+    labels: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Read a CSV (``.csv``, ``.csv.gz``) or Parquet (``.parquet``, ``.pq``) file.
 
@@ -589,6 +683,8 @@ def read_table(
         columns: read only these columns (all by default).
         only: ``(column, values)``: keep only rows whose ``column`` is in ``values``
             (Parquet reads just those rows; CSV is parsed whole, then filtered).
+        labels: columns of labels, read from a CSV as text exactly as written
+            (:func:`csv_options`; Parquet keeps its own types).
 
     Raises:
         DataValidationError: the path does not exist, cannot be read, or has another suffix.
@@ -597,7 +693,12 @@ def read_table(
     kind = readable_kind(path)
     try:
         if kind == "CSV":
-            frame = pd.read_csv(path, usecols=list(columns) if columns is not None else None)
+            check_csv_header(path)
+            frame = pd.read_csv(
+                path,
+                usecols=list(columns) if columns is not None else None,
+                **csv_options(path, labels),
+            )
             if only is not None:
                 frame = frame[frame[only[0]].isin(list(only[1]))]
             return frame
@@ -607,6 +708,8 @@ def read_table(
         )
     except PermissionError:
         raise DataValidationError(f"cannot read {str(path)!r}: permission denied.") from None
+    except DataValidationError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any parser failure is a user-facing bad file
         message = f"{type(exc).__name__}: {exc}".splitlines()[0]
         if columns is not None and isinstance(exc, ValueError | KeyError) and kind == "CSV":
@@ -619,7 +722,8 @@ def from_file(path: str | os.PathLike[str], **columns: str) -> tuple[Panel, Enco
 
     For one process of a multi-host run, see :func:`hbjax.sharding.read_process_panel`.
     """
-    return from_frame(read_table(path), **columns)
+    roles = column_roles(columns)
+    return from_frame(read_table(path, labels=(roles["unit"], roles["group"])), **columns)
 
 
 def encode_rows(frame: pd.DataFrame, roles: Mapping[str, str]) -> tuple[np.ndarray, Encoding]:

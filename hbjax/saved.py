@@ -91,12 +91,29 @@ def load_fit(directory: str | os.PathLike[str]) -> SavedFit:
         raise DataValidationError(
             f"{str(folder)!r} holds no saved fit (fit.json); pass the --out folder of `hbjax fit`."
         )
-    info = json.loads((folder / "fit.json").read_text())
+    damaged = f"{str(folder)!r} holds a damaged saved fit (%s); fit again."
+    try:
+        info = json.loads((folder / "fit.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataValidationError(damaged % f"fit.json: {type(exc).__name__}") from None
+    if not isinstance(info, dict):
+        raise DataValidationError(damaged % "fit.json is not an object")
     if info.get("format") != FORMAT:
         raise DataValidationError(
             f"{str(folder)!r} holds a fit of format {info.get('format')!r}; this hbjax reads "
             f"{FORMAT!r}. Fit again with this version."
         )
+    try:
+        return _rebuild(folder, info)
+    except DataValidationError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a truncated or edited fit.eqx, a missing key
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        raise DataValidationError(damaged % reason) from None
+
+
+def _rebuild(folder: Path, info: dict) -> SavedFit:
+    """The model and guide of ``fit.json`` as templates, filled from ``fit.eqx``."""
     encoding = load_encoding(folder / "encoding")
     clip = info["clip_log_rate"]
     model = ElasticityModel(

@@ -445,7 +445,8 @@ def read_process_panel(
     """
     roles = column_roles(columns)
     label_columns = [roles["unit"], roles["group"], roles["period"]]
-    labels = read_table(path, columns=list(dict.fromkeys(label_columns)))
+    text = (roles["unit"], roles["group"])  # as written: 01 is not 1
+    labels = read_table(path, columns=list(dict.fromkeys(label_columns)), labels=text)
     unit_codes, encoding = encode_rows(labels, roles)
     unit_rows = np.bincount(unit_codes, minlength=len(encoding.units)).astype(np.int32)
     n_cells = len(encoding.groups) * len(encoding.periods)
@@ -453,7 +454,9 @@ def read_process_panel(
     units = plan_blocks(unit_rows, n_blocks)
     local = _local_blocks(mesh, n_blocks)
     first, last = units[local[0]], units[local[-1] + 1]
-    own = read_table(path, only=(encoding.unit_column, encoding.units[first:last].tolist()))
+    own = read_table(
+        path, only=(encoding.unit_column, encoding.units[first:last].tolist()), labels=text
+    )
     panel, _ = from_frame(own, **encoding.columns, encoding=encoding)
     return dataclasses.replace(panel, unit_rows=unit_rows, n_blocks=n_blocks), encoding
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,14 +35,17 @@ from .data import (
     DataValidationError,
     Encoding,
     _check_columns,
+    _check_spaces,
     _check_values,
     _factorize,
     _period_values,
     _reader,
     _rows,
     _show,
+    check_csv_header,
     check_panel_shape,
     column_roles,
+    csv_options,
     duplicate_pair_error,
     load_encoding,
     readable_kind,
@@ -84,14 +87,20 @@ def is_grid(path: str | os.PathLike[str]) -> bool:
     return (Path(path) / "store.json").is_file()
 
 
-def _chunks(path: Path, columns: list[str], chunk_rows: int) -> Iterator[pd.DataFrame]:
-    """The file's rows in chunks, indexed by their 0-based position in the file."""
+def _chunks(
+    path: Path, columns: list[str], chunk_rows: int, labels: Sequence[str]
+) -> Iterator[pd.DataFrame]:
+    """The file's rows in chunks, indexed by their 0-based position in the file.
+
+    ``labels``: columns read from a CSV as text exactly as written (:func:`csv_options`).
+    """
     kind = readable_kind(path)
     offset = 0
     try:
         if kind == "CSV":
+            check_csv_header(path)
             chunks: Iterator[pd.DataFrame] = pd.read_csv(
-                path, usecols=columns, chunksize=chunk_rows
+                path, usecols=columns, chunksize=chunk_rows, **csv_options(path, labels)
             )
         else:
             import pyarrow.parquet as pq
@@ -136,7 +145,9 @@ def _labels(
     periods: list[pd.Series] = []
     period_kind = None
     n_rows = 0
-    for i, chunk in enumerate(_chunks(path, list(dict.fromkeys(roles.values())), chunk_rows)):
+    label_columns = (roles["unit"], roles["group"])
+    columns = list(dict.fromkeys(roles.values()))
+    for i, chunk in enumerate(_chunks(path, columns, chunk_rows, label_columns)):
         _check_columns(chunk, roles)
         _check_values(chunk, roles["price"], roles["units"])
         values = _period_values(chunk, period)
@@ -167,6 +178,8 @@ def _labels(
         )
     unit_codes, unit_labels = _factorize(table[unit].reset_index(drop=True))
     group_codes, group_labels = _factorize(table[group].reset_index(drop=True))
+    _check_spaces(unit_labels, unit)
+    _check_spaces(group_labels, group)
     unit_group = np.empty(len(unit_labels), np.int32)
     unit_group[unit_codes] = group_codes
     _, period_labels = _factorize(pd.concat(periods).drop_duplicates().reset_index(drop=True))
@@ -260,7 +273,8 @@ def _write_cells(
     moments = np.zeros((5, n_units), np.float64)
     price_low, price_high = np.full(n_units, np.inf), np.full(n_units, -np.inf)
     unit, period = roles["unit"], roles["period"]
-    for chunk in _chunks(path, list(dict.fromkeys(roles.values())), chunk_rows):
+    label_columns = (roles["unit"], roles["group"])
+    for chunk in _chunks(path, list(dict.fromkeys(roles.values())), chunk_rows, label_columns):
         price, counts = _check_values(chunk, roles["price"], roles["units"])
         u = encoding.units.get_indexer(chunk[unit])
         p = encoding.periods.get_indexer(_period_values(chunk, period))

@@ -287,7 +287,7 @@ def test_plots_without_matplotlib_are_refused_before_the_fit(
 
 def test_warnings_are_one_line_each_and_the_fit_goes_on(tmp_path, capsys):
     frame().to_csv(tmp_path / "weak.csv", index=False)
-    common = ["--steps", "5", "--samples", "10", "--diagnostic-draws", "0", "--no-progress"]
+    common = ["--steps", "5", "--samples", "20", "--diagnostic-draws", "0", "--no-progress"]
     out = str(tmp_path / "out")
     code, _, err = run(capsys, "fit", str(tmp_path / "weak.csv"), *common, "--out", out)
     assert code == 0, err
@@ -389,8 +389,10 @@ def test_fit_with_a_batch_size(simulated_csv, tmp_path, capsys):
 
 
 def test_killed_fit_resumes_to_the_uninterrupted_result(simulated_csv, tmp_path, capsys):
-    # A fit is killed (SIGKILL) after its first checkpoint; --resume finishes it, and its
-    # outputs equal those of a fit never interrupted (same seed, one device).
+    # A fit is ended (SIGTERM, as a job scheduler does) after its first checkpoint: it says
+    # so in one line, exits 143 and leaves no output folder; --resume finishes it, and its
+    # outputs equal those of a fit never interrupted (same seed, one device). (Hard kills
+    # mid-write: test_checkpoint.py.)
     import signal
     import time
 
@@ -400,7 +402,10 @@ def test_killed_fit_resumes_to_the_uninterrupted_result(simulated_csv, tmp_path,
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     command = [sys.executable, "-m", "hbjax.cli", "fit", str(simulated_csv), *common]
     proc = subprocess.Popen(
-        [*command, "--checkpoint", str(folder), "--out", str(tmp_path / "killed")], env=env
+        [*command, "--checkpoint", str(folder), "--out", str(tmp_path / "killed")],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 120
@@ -408,8 +413,13 @@ def test_killed_fit_resumes_to_the_uninterrupted_result(simulated_csv, tmp_path,
             time.sleep(0.05)
         assert (folder / "checkpoint.eqx").exists(), "no checkpoint within 120 s"
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1].startswith("error: terminated (SIGTERM)"), stderr
+    assert "Traceback" not in stderr
+    assert not (tmp_path / "killed").exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
     from hbjax.checkpoint import saved_step
 
     assert 100 <= saved_step(folder) < 4000

@@ -1,5 +1,7 @@
 """Outputs written whole or not at all (issue: nothing lost)."""
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -88,6 +90,19 @@ def test_a_failed_fit_keeps_the_previous_results_and_a_refit_leaves_nothing_stal
     prices = tmp_path / "prices.csv"
     small_sim.frame.head(3)[["product", "price"]].to_csv(prices, index=False)
     capsys.readouterr()
+    # a damaged saved fit: one line, not a traceback
+    for name, damage in (
+        ("fit.json", b"garbage"),
+        ("fit.eqx", (out / "fit.eqx").read_bytes()[:99]),
+    ):
+        copy = tmp_path / f"damaged-{name}"
+        shutil.copytree(out, copy)
+        (copy / name).write_bytes(damage)
+        assert main(["predict", str(copy), str(prices), "--out", str(tmp_path / "p.csv")]) == 2
+        err = capsys.readouterr().err
+        assert (
+            err.startswith("error: ") and "damaged saved fit" in err and len(err.splitlines()) == 1
+        )
     for target, words in (
         (tmp_path, "is a folder"),
         ("", "empty"),
