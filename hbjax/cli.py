@@ -66,6 +66,8 @@ USER_ERROR = 2
 
 #: What ``hbjax fit`` writes in its ``--out`` folder (a folder holding none is refused).
 FIT_FILES = ("fit.json", "fit.eqx", "summary.json", "elasticities.csv", "groups.csv", "losses.csv")
+#: All a fit folder may hold (``hbjax check`` adds check.csv); anything else is the user's.
+FIT_FOLDER = (*FIT_FILES, "encoding", "plots", "check.csv")
 
 
 class UserError(Exception):
@@ -558,7 +560,9 @@ def run_fit(args: argparse.Namespace) -> int:
     config = _fit_config(args)
     _join_hosts(args)
     # only process 0 writes; checked (and staged) before the fit, replaced only when complete
-    folder = AtomicFolder(args.out, owns=FIT_FILES) if jax.process_index() == 0 else None
+    folder = None
+    if jax.process_index() == 0:
+        folder = AtomicFolder(args.out, owns=FIT_FILES, known=FIT_FOLDER)
     try:
         return _fit_and_write(args, config, folder)
     except BaseException:

@@ -35,6 +35,9 @@ class AtomicFolder:
         owns: names of files that mark a folder as one of these results (e.g.
             ``fit.json``): an existing non-empty folder with none of them holds something
             else and is refused rather than replaced.
+        known: if given, every name such a folder may hold; one holding anything else (a
+            file of yours saved beside the results) is refused too. Hidden names are
+            ignored.
         what: the option or argument that named the folder, for messages (``--out``).
 
     Raises:
@@ -42,7 +45,14 @@ class AtomicFolder:
             parent cannot be written.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, owns: Iterable[str], what: str = "--out"):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        owns: Iterable[str],
+        known: Iterable[str] | None = None,
+        what: str = "--out",
+    ):
         if str(path).strip() == "":
             raise OutputError(f"{what} is empty; name the folder to write the results to.")
         self.path = Path(path)
@@ -50,11 +60,13 @@ class AtomicFolder:
         if self.path.exists():
             if not self.path.is_dir():
                 raise OutputError(f"{what} {str(path)!r} exists and is not a folder.")
-            entries = {entry.name for entry in self.path.iterdir()}
-            if entries and not entries & set(owns):
+            entries = {e.name for e in self.path.iterdir() if not e.name.startswith(".")}
+            foreign = entries - set(known) if known is not None else set()
+            if (entries and not entries & set(owns)) or foreign:
+                names = sorted(foreign or entries)
                 raise OutputError(
-                    f"{what} {str(path)!r} holds other files ({', '.join(sorted(entries)[:3])}"
-                    f"{', ...' if len(entries) > 3 else ''}); name a new or empty folder, so "
+                    f"{what} {str(path)!r} holds other files ({', '.join(names[:3])}"
+                    f"{', ...' if len(names) > 3 else ''}); name a new or empty folder, so "
                     "that nothing of yours is replaced."
                 )
         parent = self.path.absolute().parent

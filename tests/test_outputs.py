@@ -39,6 +39,7 @@ def test_destinations_that_cannot_be_used_are_refused_before_any_work(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("years of work")
     (tmp_path / "a-file").write_text("")
+    (tmp_path / "mine" / "result.json").write_text("an old result")  # ours, beside theirs
     for path, words in (
         ("", "empty"),
         (tmp_path / "a-file", "not a folder"),
@@ -46,7 +47,7 @@ def test_destinations_that_cannot_be_used_are_refused_before_any_work(tmp_path):
         (tmp_path / "a-file" / "out", "cannot write"),
     ):
         with pytest.raises(OutputError, match=words):
-            AtomicFolder(path, owns=["result.json"])
+            AtomicFolder(path, owns=["result.json"], known=["result.json", "plots"])
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "years of work"
     for path, words in (("", "empty"), (tmp_path, "is a folder"), (tmp_path / "no" / "x", "not")):
         with pytest.raises(OutputError, match=words):
