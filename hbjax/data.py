@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gzip
+import io
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -620,14 +622,29 @@ _CSV_MISSING = [
 ]  # fmt: skip
 
 
-def check_csv_header(path: Path) -> None:
+def _read_once(path: Path) -> io.BytesIO:
+    """A pipe's bytes (``mkfifo``: it can be read only once), decompressed for ``.gz``."""
+    data = path.read_bytes()
+    return io.BytesIO(gzip.decompress(data) if path.name.lower().endswith(".gz") else data)
+
+
+def _rewound(source: Path | io.BytesIO) -> Path | io.BytesIO:
+    """``source`` ready to be read from its start (a buffer is rewound)."""
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+    return source
+
+
+def check_csv_header(path: Path, source: Path | io.BytesIO | None = None) -> None:
     """The header of a CSV as written: UTF-8, comma-separated, no column named twice.
 
     pandas would rename a second ``price`` to ``price.1`` and read a ``;``-separated file
-    as one column; both are refused here with the fix.
+    as one column; both are refused here with the fix. ``source``: the bytes, when ``path``
+    is a pipe that can be read only once.
     """
+    source = path if source is None else _rewound(source)
     try:
-        first = pd.read_csv(path, nrows=1, header=None, dtype=str, keep_default_na=False)
+        first = pd.read_csv(source, nrows=1, header=None, dtype=str, keep_default_na=False)
     except UnicodeDecodeError:
         raise DataValidationError(
             f"cannot read {str(path)!r}: it is not UTF-8 text (UTF-16 or a legacy encoding?); "
@@ -651,7 +668,7 @@ def check_csv_header(path: Path) -> None:
         )
 
 
-def csv_options(path: Path, labels: Sequence[str]) -> dict[str, object]:
+def csv_options(path: Path | io.BytesIO, labels: Sequence[str]) -> dict[str, object]:
     """``pd.read_csv`` options that read ``labels`` columns as text exactly as written.
 
     ``01`` stays ``01`` (not the number 1), ``1E2`` stays ``1E2``, 20-digit barcodes keep
@@ -660,7 +677,7 @@ def csv_options(path: Path, labels: Sequence[str]) -> dict[str, object]:
     """
     if not labels:
         return {}
-    header = pd.read_csv(path, nrows=0).columns
+    header = pd.read_csv(_rewound(path), nrows=0).columns
     wanted = [c for c in dict.fromkeys(labels) if c in header]
     return {
         "dtype": dict.fromkeys(wanted, str),
@@ -693,11 +710,11 @@ def read_table(
     kind = readable_kind(path)
     try:
         if kind == "CSV":
-            check_csv_header(path)
+            source = path if path.is_file() else _read_once(path)
+            check_csv_header(path, source)
+            options = csv_options(source, labels)
             frame = pd.read_csv(
-                path,
-                usecols=list(columns) if columns is not None else None,
-                **csv_options(path, labels),
+                _rewound(source), usecols=list(columns) if columns is not None else None, **options
             )
             if only is not None:
                 frame = frame[frame[only[0]].isin(list(only[1]))]

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from ._types import PRNGKeyArray, PyTree
-from .data import DataValidationError, Encoding, _numeric, _period_values, _rows
+from .data import DataValidationError, Encoding, _numeric, _period_values, _rows, _show
 from .extras import optional_import
 from .fit import FitResult
 
@@ -320,6 +320,10 @@ def to_arviz(
     )
 
 
+#: log(1e300): a larger log-rate overflows in float64.
+_MAX_LOG_RATE = 690.0
+
+
 def predict(
     fit: FitResult | SavedFit,
     encoding: Encoding,
@@ -397,6 +401,14 @@ def predict(
     )
     if model.clip_log_rate is not None:
         log_rate = np.clip(log_rate, *model.clip_log_rate)
+    too_large = np.any(log_rate > _MAX_LOG_RATE, axis=0)
+    if too_large.any():  # exp would overflow: inf units and NaN intervals, not an answer
+        first = int(np.flatnonzero(too_large)[0])
+        raise DataValidationError(
+            f"the prices in {_rows(frame, too_large)} (e.g. {_show(prices[first])} for "
+            f"{_show(frame[unit].iloc[first])}) give expected units beyond 1e300: they are "
+            "far outside what the fit has seen; check their unit (cents vs dollars?)."
+        )
     rate = np.exp(log_rate.astype(np.float64))
     tail = (1 - interval) / 2
     low, high = np.quantile(rate, [tail, 1 - tail], axis=0)

@@ -102,3 +102,18 @@ def test_too_few_draws_for_an_interval_are_refused(table, tmp_path, capsys):
         assert main([*command, "--samples", "1"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and "at least 20 draws" in err
+
+
+def test_a_named_pipe_is_read_once(table, tmp_path):
+    """``mkfifo`` + a writer (e.g. zcat into it): the header checks must not consume it."""
+    import os
+    import threading
+
+    path = tmp_path / "pipe.csv"
+    os.mkfifo(path)
+    text = table.to_csv(index=False)
+    writer = threading.Thread(target=path.write_text, args=(text,))
+    writer.start()
+    panel, encoding = hbjax.from_file(path)
+    writer.join(timeout=30)
+    assert panel.n_rows == len(table) and len(encoding.units) == table["product"].nunique()

@@ -135,6 +135,7 @@ def test_predict_what_if_prices(recovery_fit, tmp_path):
         (frame.assign(price=-1.0), "> 0"),
         (frame.drop(columns="price"), "needs columns"),
         (frame.assign(period=999), "periods the fit has not seen"),
+        (frame.assign(price=1e-300), "beyond 1e300"),  # exp would overflow: no inf answer
     ):
         with pytest.raises(hbjax.DataValidationError, match=words):
             hbjax.predict(result, encoding, bad, num_samples=10)
