@@ -370,7 +370,7 @@ def predict(
     bad = ~np.isfinite(prices) | ~(prices > 0)
     if bad.any():
         raise DataValidationError(
-            f"column {price!r} must be finite and > 0; found {prices[bad][0]!r} in "
+            f"column {price!r} must be finite and > 0; found {_show(prices[bad][0])} in "
             f"{_rows(frame, bad)}."
         )
     units = encoding.units.get_indexer(frame[unit])
@@ -378,7 +378,7 @@ def predict(
         unknown = frame[unit][units < 0]
         raise DataValidationError(
             f"{(units < 0).sum()} row(s) name units the fit has not seen (e.g. "
-            f"{unknown.iloc[0]!r} in column {unit!r}); predict covers fitted units only."
+            f"{_show(unknown.iloc[0])} in column {unit!r}); predict covers fitted units only."
         )
     n_periods = len(encoding.periods)
     periods = None

@@ -137,8 +137,9 @@ def test_predict_what_if_prices(recovery_fit, tmp_path):
         (frame.assign(period=999), "periods the fit has not seen"),
         (frame.assign(price=1e-300), "beyond 1e300"),  # exp would overflow: no inf answer
     ):
-        with pytest.raises(hbjax.DataValidationError, match=words):
+        with pytest.raises(hbjax.DataValidationError, match=words) as error:
             hbjax.predict(result, encoding, bad, num_samples=10)
+        assert "np." not in str(error.value)  # values as written, not np.float64(-1.0)
 
 
 @pytest.mark.parametrize(
