@@ -635,16 +635,16 @@ def _rewound(source: Path | io.BytesIO) -> Path | io.BytesIO:
     return source
 
 
-def check_csv_header(path: Path, source: Path | io.BytesIO | None = None) -> None:
+def _check_csv_header(path: Path, source: Path | io.BytesIO) -> None:
     """The header of a CSV as written: UTF-8, comma-separated, no column named twice.
 
     pandas would rename a second ``price`` to ``price.1`` and read a ``;``-separated file
-    as one column; both are refused here with the fix. ``source``: the bytes, when ``path``
-    is a pipe that can be read only once.
+    as one column; both are refused here with the fix.
     """
-    source = path if source is None else _rewound(source)
     try:
-        first = pd.read_csv(source, nrows=1, header=None, dtype=str, keep_default_na=False)
+        first = pd.read_csv(
+            _rewound(source), nrows=1, header=None, dtype=str, keep_default_na=False
+        )
     except UnicodeDecodeError:
         raise DataValidationError(
             f"cannot read {str(path)!r}: it is not UTF-8 text (UTF-16 or a legacy encoding?); "
@@ -668,16 +668,22 @@ def check_csv_header(path: Path, source: Path | io.BytesIO | None = None) -> Non
         )
 
 
-def csv_options(path: Path | io.BytesIO, labels: Sequence[str]) -> dict[str, object]:
-    """``pd.read_csv`` options that read ``labels`` columns as text exactly as written.
+def csv_options(
+    path: Path, labels: Sequence[str], source: io.BytesIO | None = None
+) -> dict[str, object]:
+    """``pd.read_csv`` options for a checked CSV: ``labels`` columns as text as written.
 
+    First checks the header (:func:`_check_csv_header`: UTF-8, commas, no column twice).
     ``01`` stays ``01`` (not the number 1), ``1E2`` stays ``1E2``, 20-digit barcodes keep
     every digit, ``NA`` and ``None`` are labels; only an empty field is a missing label.
-    Other columns keep pandas' usual parsing.
+    Other columns keep pandas' usual parsing. ``source``: the bytes, when ``path`` is a
+    pipe that can be read only once.
     """
+    source = path if source is None else source
+    _check_csv_header(path, source)
     if not labels:
         return {}
-    header = pd.read_csv(_rewound(path), nrows=0).columns
+    header = pd.read_csv(_rewound(source), nrows=0).columns
     wanted = [c for c in dict.fromkeys(labels) if c in header]
     return {
         "dtype": dict.fromkeys(wanted, str),
@@ -711,8 +717,7 @@ def read_table(
     try:
         if kind == "CSV":
             source = path if path.is_file() else _read_once(path)
-            check_csv_header(path, source)
-            options = csv_options(source, labels)
+            options = csv_options(path, labels, None if source is path else source)
             frame = pd.read_csv(
                 _rewound(source), usecols=list(columns) if columns is not None else None, **options
             )
@@ -739,8 +744,8 @@ def from_file(path: str | os.PathLike[str], **columns: str) -> tuple[Panel, Enco
 
     For one process of a multi-host run, see :func:`hbjax.sharding.read_process_panel`.
     """
-    roles = column_roles(columns)
-    return from_frame(read_table(path, labels=(roles["unit"], roles["group"])), **columns)
+    labels = label_columns(column_roles(columns))
+    return from_frame(read_table(path, labels=labels), **columns)
 
 
 def encode_rows(frame: pd.DataFrame, roles: Mapping[str, str]) -> tuple[np.ndarray, Encoding]:
@@ -807,6 +812,11 @@ def load_encoding(directory: str | os.PathLike[str]) -> Encoding:
         unit_group=np.load(folder / "unit_group.npy"),
         columns=roles,
     )
+
+
+def label_columns(roles: Mapping[str, str]) -> tuple[str, str]:
+    """The columns of labels (unit, group) among the roles: read as text as written."""
+    return roles["unit"], roles["group"]
 
 
 def column_roles(columns: Mapping[str, str]) -> dict[str, str]:

@@ -35,6 +35,7 @@ from .data import (
     column_roles,
     encode_rows,
     from_frame,
+    label_columns,
     read_table,
 )
 
@@ -444,9 +445,9 @@ def read_process_panel(
         **columns: column names, as in :func:`hbjax.from_frame`.
     """
     roles = column_roles(columns)
-    label_columns = [roles["unit"], roles["group"], roles["period"]]
-    text = (roles["unit"], roles["group"])  # as written: 01 is not 1
-    labels = read_table(path, columns=list(dict.fromkeys(label_columns)), labels=text)
+    keys = [roles["unit"], roles["group"], roles["period"]]
+    text = label_columns(roles)  # as written: 01 is not 1
+    labels = read_table(path, columns=list(dict.fromkeys(keys)), labels=text)
     unit_codes, encoding = encode_rows(labels, roles)
     unit_rows = np.bincount(unit_codes, minlength=len(encoding.units)).astype(np.int32)
     n_cells = len(encoding.groups) * len(encoding.periods)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +42,11 @@ from .data import (
     _reader,
     _rows,
     _show,
-    check_csv_header,
     check_panel_shape,
     column_roles,
     csv_options,
     duplicate_pair_error,
+    label_columns,
     load_encoding,
     readable_kind,
     save_encoding,
@@ -87,20 +87,19 @@ def is_grid(path: str | os.PathLike[str]) -> bool:
     return (Path(path) / "store.json").is_file()
 
 
-def _chunks(
-    path: Path, columns: list[str], chunk_rows: int, labels: Sequence[str]
-) -> Iterator[pd.DataFrame]:
-    """The file's rows in chunks, indexed by their 0-based position in the file.
+def _chunks(path: Path, roles: Mapping[str, str], chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """The role columns of the file's rows in chunks, indexed by their position in the file.
 
-    ``labels``: columns read from a CSV as text exactly as written (:func:`csv_options`).
+    Labels are read from a CSV as text exactly as written (:func:`csv_options`).
     """
     kind = readable_kind(path)
+    columns = list(dict.fromkeys(roles.values()))
     offset = 0
     try:
         if kind == "CSV":
-            check_csv_header(path)
+            options = csv_options(path, label_columns(roles))
             chunks: Iterator[pd.DataFrame] = pd.read_csv(
-                path, usecols=columns, chunksize=chunk_rows, **csv_options(path, labels)
+                path, usecols=columns, chunksize=chunk_rows, **options
             )
         else:
             import pyarrow.parquet as pq
@@ -145,9 +144,7 @@ def _labels(
     periods: list[pd.Series] = []
     period_kind = None
     n_rows = 0
-    label_columns = (roles["unit"], roles["group"])
-    columns = list(dict.fromkeys(roles.values()))
-    for i, chunk in enumerate(_chunks(path, columns, chunk_rows, label_columns)):
+    for i, chunk in enumerate(_chunks(path, roles, chunk_rows)):
         _check_columns(chunk, roles)
         _check_values(chunk, roles["price"], roles["units"])
         values = _period_values(chunk, period)
@@ -273,8 +270,7 @@ def _write_cells(
     moments = np.zeros((5, n_units), np.float64)
     price_low, price_high = np.full(n_units, np.inf), np.full(n_units, -np.inf)
     unit, period = roles["unit"], roles["period"]
-    label_columns = (roles["unit"], roles["group"])
-    for chunk in _chunks(path, list(dict.fromkeys(roles.values())), chunk_rows, label_columns):
+    for chunk in _chunks(path, roles, chunk_rows):
         price, counts = _check_values(chunk, roles["price"], roles["units"])
         u = encoding.units.get_indexer(chunk[unit])
         p = encoding.periods.get_indexer(_period_values(chunk, period))
