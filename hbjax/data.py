@@ -394,10 +394,11 @@ def _check_spaces(labels: pd.Index, column: str) -> None:
         return
     stripped = pd.Index([x.strip() if isinstance(x, str) else x for x in labels])
     if stripped.has_duplicates:
-        twin = next(x for x in text if x.strip() in set(labels))
+        # two labels that strip to the same text ("P00 " and "P00", or "P00 " and " P00")
+        first, second = labels[stripped == stripped[stripped.duplicated()][0]][:2]
         raise DataValidationError(
-            f"column {column!r} has labels that differ only by spaces ({_show(twin)} and "
-            f"{_show(twin.strip())}): one product or two? Strip them, e.g. "
+            f"column {column!r} has labels that differ only by spaces ({_show(first)} and "
+            f"{_show(second)}): one product or two? Strip them, e.g. "
             f"df[{column!r}] = df[{column!r}].str.strip(), or rename one."
         )
     warnings.warn(

@@ -45,6 +45,13 @@ def test_spaces_around_labels_are_an_error_when_they_split_a_product(table, tmp_
         hbjax.from_file(path)
     with pytest.raises(hbjax.DataValidationError, match="differ only by spaces"):
         hbjax.write_grid(path, tmp_path / "grid", progress=False)
+    # two spaced spellings and no bare one: still one error naming both
+    both = table.copy()
+    both.loc[both.index[::2], "product"] = both["product"] + " "
+    both.loc[both.index[1::2], "product"] = " " + both["product"]
+    both.to_csv(path, index=False)
+    with pytest.raises(hbjax.DataValidationError, match="differ only by spaces \\(' P00' and"):
+        hbjax.from_file(path)
     lone = table.assign(product=table["product"].where(table["product"] != "P00", " P00"))
     lone.to_csv(path, index=False)
     with pytest.warns(hbjax.DataWarning, match="spaces around them"):
