@@ -102,6 +102,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number from 0 to {2**32 - 1}, got {text!r}"
+        )
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -163,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--steps", type=_positive_int, default=20000, help="the most steps (stops when converged)"
     )
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_seed, default=0)
     demo.add_argument("--devices", type=_devices, default="all", help="N or 'all' (default)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -172,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--periods", type=_positive_int, default=156)
     sim.add_argument("--categories", type=_positive_int, default=10)
     sim.add_argument("--missing", type=_fraction, default=0.15)
-    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--seed", type=_seed, default=0)
     sim.add_argument("--out", required=True, help="output file, .csv or .parquet")
 
     prepare = commands.add_parser(
@@ -243,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"this many posterior sds (median; the largest watched mean's at most "
         f"{Convergence.tail}x; default {Convergence.mcse}; the error falls as 1/sqrt(steps))",
     )
-    fit_cmd.add_argument("--seed", type=int, default=0)
+    fit_cmd.add_argument("--seed", type=_seed, default=0)
     fit_cmd.add_argument("--clip", action="store_true", help="clip the log-rate to [-4, 20]")
     fit_cmd.add_argument(
         "--no-centring",
@@ -304,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict_cmd.add_argument(
         "--samples", type=_draws, default=1000, help="posterior draws (at least 20)"
     )
-    predict_cmd.add_argument("--seed", type=int, default=0)
+    predict_cmd.add_argument("--seed", type=_seed, default=0)
 
     check_cmd = commands.add_parser(
         "check",
@@ -320,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check_cmd.add_argument("--warmup", type=_positive_int, default=300, help="NUTS warm-up steps")
     check_cmd.add_argument("--draws", type=_positive_int, default=300, help="NUTS draws per chain")
-    check_cmd.add_argument("--seed", type=int, default=0)
+    check_cmd.add_argument("--seed", type=_seed, default=0)
     check_cmd.add_argument("--out", default=None, help="table (default: FIT_DIR/check.csv)")
 
     hosts = fit_cmd.add_argument_group("many hosts (jax.distributed)")

@@ -12,6 +12,8 @@ import functools
 import gzip
 import io
 import os
+import select
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -520,12 +522,7 @@ def from_frame(
     check_panel_shape(encoding, roles)
     warn_weak_units(constant_price_units(unit_codes[order], price_values[order]), encoding)
     if not np.any(count_values > 0):
-        warnings.warn(
-            f"column {roles['units']!r} is 0 in every row: with no sales the elasticities "
-            "come from the priors alone. Check that it is the units sold.",
-            DataWarning,
-            stacklevel=2,
-        )
+        warn_no_sales(roles["units"])
     unit_group = encoding.unit_group
     panel = Panel(
         unit_idx=unit_codes[order],
@@ -572,6 +569,16 @@ def constant_price_units(unit_codes: np.ndarray, price_values: np.ndarray) -> np
     low = np.minimum.reduceat(price_values, starts)
     high = np.maximum.reduceat(price_values, starts)
     return unit_codes[starts][low == high]
+
+
+def warn_no_sales(units: str) -> None:
+    """Warn that the ``units`` column is 0 in every row (the priors alone decide)."""
+    warnings.warn(
+        f"column {units!r} is 0 in every row: with no sales the elasticities come from the "
+        "priors alone. Check that it is the units sold.",
+        DataWarning,
+        stacklevel=3,
+    )
 
 
 def warn_weak_units(constant: np.ndarray, encoding: Encoding) -> None:
@@ -623,9 +630,44 @@ _CSV_MISSING = [
 ]  # fmt: skip
 
 
-def _read_once(path: Path) -> io.BytesIO:
-    """A pipe's bytes (``mkfifo``: it can be read only once), decompressed for ``.gz``."""
-    data = path.read_bytes()
+#: Seconds a named pipe may stay without a writer before reading it is refused.
+PIPE_WAIT_S = 10.0
+
+
+def _read_once(path: Path, wait: float | None = None) -> io.BytesIO:
+    """A pipe's bytes (``mkfifo``: it can be read only once), decompressed for ``.gz``.
+
+    A pipe that nothing writes into would block for ever; after ``wait`` seconds
+    (:data:`PIPE_WAIT_S`) without a writer it is refused.
+    """
+    wait = PIPE_WAIT_S if wait is None else wait
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opens without waiting for a writer
+    chunks: list[bytes] = []
+    writer = False
+    deadline = time.monotonic() + wait
+    try:
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 20)
+            except BlockingIOError:  # a writer, no data yet
+                writer = True
+                select.select([fd], [], [], 1.0)
+                continue
+            if chunk:
+                writer = True
+                chunks.append(chunk)
+            elif writer:  # end of the data
+                break
+            elif time.monotonic() > deadline:
+                raise DataValidationError(
+                    f"nothing writes into the named pipe {str(path)!r} (waited {wait:g} s); "
+                    "start the program that writes it first, or pass the file itself."
+                )
+            else:  # no writer yet
+                time.sleep(0.05)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
     return io.BytesIO(gzip.decompress(data) if path.name.lower().endswith(".gz") else data)
 
 

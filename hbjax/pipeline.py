@@ -13,6 +13,7 @@ import dataclasses
 
 import equinox as eqx
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from . import checkpoint
@@ -96,6 +97,10 @@ class FitConfig:
                 raise ValueError(
                     f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}."
                 )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer):
+            raise ValueError(f"seed must be an int; got {self.seed!r}.")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be from 0 to {2**32 - 1}; got {self.seed}.")
         if self.guide == "lowrank" and self.batch_size is not None:
             raise ValueError(
                 "the lowrank guide couples all products and cannot be minibatched; use the "

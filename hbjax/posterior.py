@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from statistics import NormalDist
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
@@ -13,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ._types import PRNGKeyArray, PyTree
-from .data import DataValidationError, Encoding, _numeric, _period_values, _rows, _show
+from .data import DataValidationError, DataWarning, Encoding, _numeric, _period_values, _rows, _show
 from .extras import optional_import
 from .fit import FitResult
 
@@ -322,6 +323,31 @@ def to_arviz(
 
 #: log(1e300): a larger log-rate overflows in float64.
 _MAX_LOG_RATE = 690.0
+#: predict warns for prices more than this factor above or below a unit's typical price.
+FAR_PRICE_FACTOR = 3.0
+
+
+def _warn_far_prices(
+    model: object, units: np.ndarray, prices: np.ndarray, frame: pd.DataFrame, unit: str
+) -> None:
+    """Warn when prices lie far from each unit's typical (demand-weighted) price."""
+    typical = getattr(model, "price_centre", None)
+    if typical is None:
+        typical = getattr(model, "intercept_prior_price", None)
+    if typical is None:  # the article's uncentred model keeps no typical price
+        return
+    typical = np.exp(np.asarray(typical, np.float64)[units])
+    far = np.abs(np.log(prices / typical)) > np.log(FAR_PRICE_FACTOR)
+    if far.any():
+        first = int(np.flatnonzero(far)[0])
+        warnings.warn(
+            f"prices more than {FAR_PRICE_FACTOR:g}x above or below the unit's typical price "
+            f"in {_rows(frame, far)} (e.g. {_show(prices[first])} for "
+            f"{_show(frame[unit].iloc[first])}, typically {typical[first]:.4g}): those "
+            "predictions extrapolate the fitted demand curve far from the data.",
+            DataWarning,
+            stacklevel=3,
+        )
 
 
 def predict(
@@ -390,6 +416,7 @@ def predict(
                 f"{_rows(frame, periods < 0)}; drop the column for a typical period."
             )
     model = fit.model
+    _warn_far_prices(model, units, prices, frame, unit)
     draws = _labelled_draws(fit, encoding, num_samples, key)
     gamma = np.asarray(draws.group_period_effect).reshape(num_samples, -1, n_periods)
     group = np.asarray(encoding.unit_group)[units]

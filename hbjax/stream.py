@@ -50,6 +50,7 @@ from .data import (
     load_encoding,
     readable_kind,
     save_encoding,
+    warn_no_sales,
     warn_weak_units,
 )
 from .minibatch import UnitSampler, UnitStats
@@ -144,9 +145,11 @@ def _labels(
     periods: list[pd.Series] = []
     period_kind = None
     n_rows = 0
+    sales = False
     for i, chunk in enumerate(_chunks(path, roles, chunk_rows)):
         _check_columns(chunk, roles)
-        _check_values(chunk, roles["price"], roles["units"])
+        _, counts = _check_values(chunk, roles["price"], roles["units"])
+        sales = sales or bool(np.any(counts > 0))
         values = _period_values(chunk, period)
         kind = "dates" if pd.api.types.is_datetime64_any_dtype(values) else "integers"
         if period_kind not in (None, kind):
@@ -164,6 +167,8 @@ def _labels(
         bar.update(len(chunk))
     if n_rows == 0:
         raise DataValidationError("the table is empty; it needs at least one row per unit.")
+    if not sales:
+        warn_no_sales(roles["units"])
     table = pd.concat(pairs).drop_duplicates()
     in_two = table[unit].duplicated(keep=False).to_numpy()
     if in_two.any():
@@ -228,6 +233,11 @@ def write_grid(
         raise ValueError(f"chunk_rows must be a positive int; got {chunk_rows!r}.")
     path, directory = Path(path), Path(directory)
     roles = column_roles(columns)
+    if readable_kind(path) and not path.is_file():
+        raise DataValidationError(
+            f"{str(path)!r} is not a regular file (a named pipe?): prepare reads the table "
+            "twice, a pipe only once. Write it to a file first."
+        )
     total = _row_count(path)
     # written into a staging folder, renamed into place once complete: a failure at any
     # point leaves an earlier grid in the folder as it was

@@ -241,6 +241,13 @@ def test_every_validation_error_through_the_cli(case, tmp_path, capsys):
         (["fit", "broken.parquet"], ["cannot read", "as Parquet"]),
         (["fit", "x.csv", "--steps", "0"], ["--steps", "positive integer"]),
         (["fit", "x.csv", "--lr", "abc"], ["--lr"]),
+        (["fit", "x.csv", "--lr", "nan"], ["--lr", "positive number"]),
+        (["fit", "x.csv", "--seed", "1e23"], ["--seed", "from 0 to 4294967295"]),
+        (["fit", "x.csv", "--seed", str(10**30)], ["--seed", "from 0 to 4294967295"]),
+        (["fit", "x.csv", "--samples", "abc"], ["--samples", "positive integer"]),
+        (["fit", "x.csv", "--batch-size", "0"], ["--batch-size", "positive integer"]),
+        (["fit", "x.csv", "--guide", "full"], ["--guide", "invalid choice"]),
+        (["prepare", "x.csv", "--out", "g", "--chunk-rows", "-5"], ["--chunk-rows"]),
         (["fit", "x.csv", "--bogus"], ["--bogus"]),
         (["simulate", "--products", "5", "--out", "x.txt"], [".csv or .parquet"]),
         (["launch"], ["invalid choice"]),
@@ -450,3 +457,14 @@ def test_a_warning_that_is_not_hbjax_s_prints_one_line(capsys, monkeypatch):
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith("warning: overflow") and "RuntimeWarning" in lines[0], lines[0]
+
+
+def test_ctrl_c_is_one_line_and_leaves_no_output(simulated_csv, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hbjax.cli, "fit_elasticities", interrupted)
+    out = tmp_path / "o"
+    code, _, err = run(capsys, "fit", str(simulated_csv), "--no-progress", "--out", str(out))
+    assert code == 130 and err.strip() == "error: interrupted", err
+    assert not out.exists() and os.listdir(tmp_path) == []

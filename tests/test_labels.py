@@ -2,6 +2,7 @@
 
 import warnings
 
+import numpy as np
 import pytest
 
 import hbjax
@@ -93,9 +94,13 @@ def test_tables_pandas_would_misread_are_refused_with_the_fix(table, tmp_path, w
         hbjax.write_grid(path, tmp_path / "grid", progress=False)
 
 
-def test_a_table_without_sales_warns(table):
+def test_a_table_without_sales_warns(table, tmp_path):
     with pytest.warns(hbjax.DataWarning, match="0 in every row"):
         hbjax.from_frame(table.assign(units_sold=0))
+    path = tmp_path / "nothing.csv"
+    table.assign(units_sold=0).to_csv(path, index=False)
+    with pytest.warns(hbjax.DataWarning, match="'units_sold' is 0 in every row"):
+        hbjax.write_grid(path, tmp_path / "grid", chunk_rows=20, progress=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         hbjax.from_frame(table)  # the normal table: no such warning
@@ -124,3 +129,90 @@ def test_a_named_pipe_is_read_once(table, tmp_path):
     panel, encoding = hbjax.from_file(path)
     writer.join(timeout=30)
     assert panel.n_rows == len(table) and len(encoding.units) == table["product"].nunique()
+
+
+def test_a_named_pipe_without_a_writer_is_refused_not_waited_on_for_ever(
+    table, tmp_path, monkeypatch
+):
+    import os
+    import time
+
+    import hbjax.data
+
+    monkeypatch.setattr(hbjax.data, "PIPE_WAIT_S", 0.3)
+    path = tmp_path / "pipe.csv"
+    os.mkfifo(path)
+    start = time.monotonic()
+    with pytest.raises(hbjax.DataValidationError, match="nothing writes into the named pipe"):
+        hbjax.from_file(path)
+    assert time.monotonic() - start < 10
+    # prepare reads a table twice: a pipe is refused before anything is read
+    with pytest.raises(hbjax.DataValidationError, match="reads the table twice"):
+        hbjax.write_grid(path, tmp_path / "grid", progress=False)
+    assert not (tmp_path / "grid").exists()
+
+
+def _save(frame, path, how):
+    """``frame`` written as people save tables (returns the path written)."""
+    if how == "utf-8 BOM (Excel)":
+        frame.to_csv(path, index=False, encoding="utf-8-sig")
+    elif how == "gzip":
+        path = path.with_name(path.name + ".gz")
+        frame.to_csv(path, index=False, compression="gzip")
+    elif how == "CRLF line ends":
+        frame.to_csv(path, index=False, lineterminator="\r\n")
+    elif how == "quoted fields":
+        frame.to_csv(path, index=False, quoting=1)  # csv.QUOTE_ALL
+    elif how == "Parquet categoricals":
+        path = path.with_suffix(".parquet")
+        frame.astype({"product": "category", "category": "category"}).to_parquet(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "how", ["utf-8 BOM (Excel)", "gzip", "CRLF line ends", "quoted fields", "Parquet categoricals"]
+)
+@pytest.mark.parametrize("names", ["plain", "unicode"])
+def test_tables_as_people_save_them_read_like_the_table_itself(table, tmp_path, how, names):
+    if names == "unicode":  # emoji, accents, CJK, a comma inside a label
+        labels = ["🍎 apple", "crème brûlée", "牛奶", "a, b", "Ω", "naïve", "🚀", "x" * 80,
+                  "ß", "😀😀", "東京", "é"]  # fmt: skip
+        table = _relabel(table, dict(zip(table["product"].unique(), labels, strict=True)))
+        table = table.assign(category=table["category"].map({"C0": "👟", "C1": "Café", "C2": "C2"}))
+    expected, reference = hbjax.from_frame(table)
+    path = _save(table, tmp_path / "t.csv", how)
+    panel, encoding = hbjax.from_file(path)
+    grid = hbjax.write_grid(path, tmp_path / "grid", chunk_rows=25, progress=False)
+    for codes in (encoding, grid.encoding):
+        assert list(codes.units) == list(reference.units)
+        assert list(codes.groups) == list(reference.groups)
+    np.testing.assert_array_equal(panel.counts, expected.counts)
+    np.testing.assert_array_equal(panel.log_price, expected.log_price)
+    np.testing.assert_array_equal(panel.unit_idx, expected.unit_idx)
+    np.testing.assert_array_equal(panel.cell_idx, expected.cell_idx)
+
+
+@pytest.mark.parametrize("zone", [None, "Europe/Paris", "UTC"])
+def test_dates_as_iso_text_or_in_one_time_zone_are_periods(table, tmp_path, zone):
+    import pandas as pd
+
+    dates = pd.Timestamp("2024-01-01") + pd.to_timedelta(7 * table["period"], "D")
+    if zone is None:
+        column = dates.dt.strftime("%Y-%m-%d")  # ISO text
+    else:
+        column = dates.dt.tz_localize(zone)
+    path = tmp_path / "dated.csv"
+    table.assign(period=column).to_csv(path, index=False)
+    expected, _ = hbjax.from_frame(table)
+    panel, encoding = hbjax.from_file(path)
+    assert len(encoding.periods) == table["period"].nunique()
+    assert encoding.periods[0].strftime("%Y-%m-%d") == "2024-01-01"
+    assert encoding.periods.is_monotonic_increasing
+    np.testing.assert_array_equal(panel.cell_idx, expected.cell_idx)
+
+
+def test_prices_with_a_currency_sign_name_the_value(table, tmp_path):
+    path = tmp_path / "dollars.csv"
+    table.assign(price="$" + table["price"].round(2).astype(str)).to_csv(path, index=False)
+    with pytest.raises(hbjax.DataValidationError, match=r"column 'price'.*'\$10\.58'"):
+        hbjax.from_file(path)

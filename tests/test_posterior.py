@@ -1,3 +1,5 @@
+import warnings
+
 import jax
 import numpy as np
 import pandas as pd
@@ -130,6 +132,14 @@ def test_predict_what_if_prices(recovery_fit, tmp_path):
     assert saved.info["intercept_prior"] == "reference"
     latents = result.guide.mean()
     assert float(saved.model.log_prior(latents)) == float(result.model.log_prior(latents))
+    # prices far from a product's typical price: a warning naming the rows, none in range
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hbjax.predict(result, encoding, frame, num_samples=10)
+    assert not [w for w in caught if issubclass(w.category, hbjax.DataWarning)]
+    far = frame.assign(price=frame["price"] * np.r_[1.0, 1.0, 3.5, 1.0, 0.25, [1.0] * 5])
+    with pytest.warns(hbjax.DataWarning, match=r"typical price in 2 row\(s\), first at index 2, 4"):
+        hbjax.predict(result, encoding, far, num_samples=10)
     for bad, words in (
         (frame.assign(product="nope"), "not seen"),
         (frame.assign(price=-1.0), "> 0"),
