@@ -4,6 +4,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import convergence as convergence
 from . import extras as extras
+from . import families as families
 from . import guide_check as guide_check
 from . import layers as layers
 from . import minibatch as minibatch
@@ -17,6 +18,9 @@ from .data import Panel as Panel
 from .data import from_file as from_file
 from .data import from_frame as from_frame
 from .data import read_table as read_table
+from .families import AbstractCountLikelihood as AbstractCountLikelihood
+from .families import NegativeBinomial as NegativeBinomial
+from .families import Poisson as Poisson
 from .fit import ConvergenceWarning as ConvergenceWarning
 from .fit import FitResult as FitResult
 from .fit import NonFiniteLossError as NonFiniteLossError

@@ -40,6 +40,7 @@ from .data import (
     read_table,
 )
 from .extras import optional_import
+from .families import LIKELIHOODS
 from .fit import ConvergenceWarning, FitResult, NonFiniteLossError
 from .guide import GUIDES
 from .guide_check import nuts_check, unit_importance
@@ -48,7 +49,7 @@ from .objectives import GRADIENTS
 from .outputs import AtomicFolder, OutputError, check_file_destination, write_file_atomically
 from .pipeline import DEFAULT_GUIDE, FitConfig, fit_elasticities
 from .plots import write_plots
-from .posterior import predict, summarize
+from .posterior import predict, summarize, summarize_dispersion
 from .saved import SavedFit, load_fit, save_fit
 from .sharding import (
     DistributedConfig,
@@ -141,6 +142,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _non_negative(text: str) -> float:
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
 def _devices(text: str) -> str | int:
     if text == "all":
         return text
@@ -184,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--periods", type=_positive_int, default=156)
     sim.add_argument("--categories", type=_positive_int, default=10)
     sim.add_argument("--missing", type=_fraction, default=0.15)
+    sim.add_argument(
+        "--dispersion",
+        type=_non_negative,
+        default=0.0,
+        help="negative-binomial counts with variance mu + PHI mu^2 (default 0: Poisson)",
+    )
     sim.add_argument("--seed", type=_seed, default=0)
     sim.add_argument("--out", required=True, help="output file, .csv or .parquet")
 
@@ -277,6 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="where each product's N(0, 3) intercept prior sits: reference (default) at its "
         "mean price, so answers do not depend on the currency unit; zero: at a price of 1 "
         "in the data's unit, the article's (dollars and cents then give different answers)",
+    )
+    fit_cmd.add_argument(
+        "--likelihood",
+        choices=tuple(LIKELIHOODS),
+        default="poisson",
+        help="the counts' distribution: poisson (default, the article's) or negbin (negative "
+        "binomial, variance mu + phi mu^2 with one dispersion phi: for overdispersed sales, "
+        "where a Poisson fit's intervals are far too narrow)",
     )
     fit_cmd.add_argument(
         "--samples", type=_draws, default=1000, help="posterior draws (at least 20)"
@@ -426,6 +448,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         n_periods=args.periods,
         n_groups=args.categories,
         missing=args.missing,
+        dispersion=args.dispersion,
         seed=args.seed,
     )
     if out.name.lower().endswith(".csv"):
@@ -532,6 +555,7 @@ def _fit_config(args: argparse.Namespace) -> FitConfig:
             hierarchy=args.hierarchy,
             intercept_prior=args.intercept_prior,
             clip=args.clip,
+            likelihood=args.likelihood,
             mcse=args.mcse,
             seed=args.seed,
             checkpoint_dir=args.checkpoint,
@@ -619,6 +643,9 @@ def _fit_and_write(args: argparse.Namespace, config: FitConfig, folder: AtomicFo
     except OSError as exc:
         raise UserError(f"cannot write the results to {args.out!r}: {exc.strerror}.") from None
     overall = summary.overall.iloc[0]
+    dispersion = summarize_dispersion(
+        result, num_samples=args.samples, key=jax.random.key(args.seed)
+    )
     report = {
         "input": str(args.file),
         "n_obs": n_obs,
@@ -635,6 +662,8 @@ def _fit_and_write(args: argparse.Namespace, config: FitConfig, folder: AtomicFo
         "price_centring": not args.no_centring,
         "hierarchy": args.hierarchy,
         "intercept_prior": args.intercept_prior,
+        "likelihood": args.likelihood,
+        "dispersion": dispersion,
         "clip_log_rate": args.clip,
         "alpha": args.alpha,
         "learning_rate": args.lr,
@@ -675,6 +704,11 @@ def _fit_and_write(args: argparse.Namespace, config: FitConfig, folder: AtomicFo
         + f" and the fitted model (for `hbjax predict {shlex.quote(str(out))} PRICES.csv`)"
     )
     print(_convergence_line(result))
+    if dispersion is not None:
+        print(
+            f"dispersion phi {dispersion['q50']:.3g} (90% interval {dispersion['q05']:.3g} to "
+            f"{dispersion['q95']:.3g}): variance = mean + phi x mean^2"
+        )
     if verdict is not None:
         print(f"guide check: {verdict}")
     return 0

@@ -1,4 +1,4 @@
-"""The Poisson log-likelihood kernel of the elasticity model.
+"""The log-likelihood kernels of the elasticity model (Poisson or negative binomial).
 
 :func:`elasticity_log_likelihood` is a plain function of *one shard* of observation rows
 and replicated parameters: sum it over shards and you get the full log-likelihood. Rows
@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from ._types import Array, Bool, CellFloat, Float, Int, ObsFloat, ObsInt, Scalar, UnitFloat
 from .data import DensePanel, Panel
+from .families import AbstractCountLikelihood, Poisson
 from .sharding import DATA_AXIS
 
 
@@ -70,17 +71,23 @@ def elasticity_log_likelihood(
     weight: ObsFloat,
     clip: tuple[float, float] | None = None,
     price_centre: UnitFloat | None = None,
+    family: AbstractCountLikelihood | None = None,
+    parameter: Array | None = None,
 ) -> Scalar:
-    """Poisson log-likelihood of one shard of rows (the per-shard kernel).
+    """Log-likelihood of one shard of rows (the per-shard kernel).
 
     Parameters (first three) are natural-scale and replicated; the rest are the shard's
     rows. Returns the shard's partial sum. ``clip`` and ``price_centre`` as in
-    :func:`elasticity_log_rate`.
+    :func:`elasticity_log_rate`. ``family``: the count likelihood (default
+    :class:`hbjax.Poisson`) and ``parameter`` its parameter (e.g. ``log phi``).
     """
     log_rate = elasticity_log_rate(
         unit_elasticity, unit_effect, cell_effect, unit_idx, cell_idx, log_price, clip, price_centre
     )
-    return poisson_log_likelihood(log_rate, counts, weight)
+    if family is None:
+        return poisson_log_likelihood(log_rate, counts, weight)
+    log_pmf = family.log_kernel(log_rate, counts, parameter) - gammaln(counts + 1.0)
+    return jnp.sum(weight * log_pmf)
 
 
 def panel_log_likelihood(
@@ -90,29 +97,36 @@ def panel_log_likelihood(
     panel: Panel,
     clip: tuple[float, float] | None = None,
     price_centre: UnitFloat | None = None,
+    family: AbstractCountLikelihood | None = None,
+    parameter: Array | None = None,
 ) -> Scalar:
-    """Poisson log-likelihood of every row of ``panel``, sharded when the panel is.
+    """Log-likelihood of every row of ``panel``, sharded when the panel is.
 
     An unsharded panel goes straight to :func:`elasticity_log_likelihood`. A panel placed
     by :func:`hbjax.sharding.shard_panel` goes to :func:`blocked_log_likelihood`, built here
-    from the panel's static mesh and block count at trace time.
+    from the panel's static mesh and block count at trace time. ``family`` and
+    ``parameter`` as in :func:`elasticity_log_likelihood`.
     """
     rows = (panel.unit_idx, panel.cell_idx, panel.log_price, panel.counts, panel.weight)
     if panel.mesh is None:
         return elasticity_log_likelihood(
-            unit_elasticity, unit_effect, cell_effect, *rows, clip, price_centre
+            unit_elasticity, unit_effect, cell_effect, *rows, clip, price_centre, family, parameter
         )
     assert panel.n_blocks is not None
     if price_centre is None:
         price_centre = jnp.zeros_like(unit_elasticity)
+    family = Poisson() if family is None else family
+    parameter = jnp.zeros((), jnp.float32) if parameter is None else parameter
     return blocked_log_likelihood(
         panel.mesh,
         panel.n_blocks,
         clip,
+        family,
         unit_elasticity,
         unit_effect,
         cell_effect,
         price_centre,
+        parameter,
         *rows,
     )
 
@@ -148,90 +162,108 @@ def _sum_over_blocks(partials: Float[Array, " block *rest"]) -> Float[Array, "*r
     return jnp.sum(gathered, axis=0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
 def blocked_log_likelihood(
     mesh: Mesh,
     n_blocks: int,
     clip: tuple[float, float] | None,
+    family: AbstractCountLikelihood,
     unit_elasticity: UnitFloat,
     unit_effect: UnitFloat,
     cell_effect: CellFloat,
     price_centre: UnitFloat,
+    parameter: Float[Array, ""],
     unit_idx: ObsInt,
     cell_idx: ObsInt,
     log_price: ObsFloat,
     counts: ObsFloat,
     weight: ObsFloat,
 ) -> Scalar:
-    """The Poisson log-likelihood of rows laid out as ``n_blocks`` equal blocks on ``mesh``.
+    """The log-likelihood of rows laid out as ``n_blocks`` equal blocks on ``mesh``.
 
     The log-rate is ``beta[unit] * (log_price - price_centre[unit]) + delta[unit] +
     gamma[cell]`` (pass zeros for no centring); no gradient flows to ``price_centre``.
+    ``family`` is the count likelihood and ``parameter`` its scalar parameter (any value
+    for one without: the Poisson).
 
     Each device sums each of its blocks; the per-block sums are gathered and added in
     block order. The gradient is written out (a custom VJP, from ``d loglik / d log_rate``
     saved by the forward pass) so that it too is reduced per block and then in block order:
     per-unit gradients come from one block each (exact under ``psum``), per-cell gradients
-    are summed over blocks in order. On CPU the value and the gradient are therefore
-    bitwise the same on any device count >= 2
+    (and the likelihood parameter's) are summed over blocks in order. On CPU the value and
+    the gradient are therefore bitwise the same on any device count >= 2
     that divides ``n_blocks`` (2 hosts x 1 device == 1 host x 2 devices). A single device
     is compiled (fused) differently by XLA and agrees to float rounding; so do GPUs, whose
     scatter-adds are unordered.
     """
-    return _blocked_value(
+    return _blocked_forward(
         mesh,
         n_blocks,
         clip,
+        family,
         unit_elasticity,
         unit_effect,
         cell_effect,
         price_centre,
+        parameter,
         unit_idx,
         cell_idx,
         log_price,
         counts,
         weight,
-    )
+    )[0]
 
 
-def _blocked_forward(mesh, n_blocks, clip, beta, delta, gamma, centre, *rows):  # noqa: ANN001, ANN202
-    """Value and ``d loglik / d log_rate`` of every row (the backward pass needs no more)."""
+def _blocked_forward(mesh, n_blocks, clip, family, beta, delta, gamma, centre, parameter, *rows):  # noqa: ANN001, ANN202, E501  # fmt: skip
+    """Value, ``d loglik / d log_rate`` of every row and ``d loglik / d parameter``."""
     per_block = n_blocks // mesh.devices.size
+    has_parameter = family.latent_shape() is not None
 
-    def per_device(beta, delta, gamma, centre, unit_idx, cell_idx, log_price, counts, weight):  # noqa: ANN001, ANN202
+    def per_device(beta, delta, gamma, centre, parameter, unit_idx, cell_idx, log_price, counts, weight):  # noqa: ANN001, ANN202, E501  # fmt: skip
         raw = elasticity_log_rate(
             beta, delta, gamma, unit_idx, cell_idx, log_price, price_centre=centre
         )
         log_rate = raw if clip is None else jnp.clip(raw, clip[0], clip[1])
-        rate = jnp.exp(log_rate)
-        log_pmf = counts * log_rate - rate - gammaln(counts + 1.0)
+        # per-row derivatives of the count term (elementwise: one pull-back gives them all).
+        # The parameter is made per row (varying over devices) before the pull-back: pulled
+        # back through a replicated value, its per-row cotangents would be psum-ed across
+        # devices here and again in the per-block sum below.
+        per_row = jnp.zeros_like(counts) + parameter
+        kernel, pull_back = jax.vjp(
+            lambda rate, theta: family.log_kernel(rate, counts, theta), log_rate, per_row
+        )
+        d_rate, d_parameter = pull_back(weight)
+        log_pmf = kernel - gammaln(counts + 1.0)
         partials = jnp.sum((weight * log_pmf).reshape(per_block, -1), axis=1)
-        d_rate = weight * (counts - rate)
         if clip is not None:  # the clip passes no gradient outside its range
             d_rate = jnp.where((raw > clip[0]) & (raw < clip[1]), d_rate, 0.0)
-        return _sum_over_blocks(partials), d_rate
+        if has_parameter:
+            d_parameter = _sum_over_blocks(jnp.sum(d_parameter.reshape(per_block, -1), axis=1))
+        else:
+            d_parameter = jnp.zeros((), log_rate.dtype)
+        return _sum_over_blocks(partials), d_rate, d_parameter
 
     return jax.shard_map(
         per_device,
         mesh=mesh,
-        in_specs=(P(), P(), P(), P()) + (P(DATA_AXIS),) * 5,
-        out_specs=(P(), P(DATA_AXIS)),
-    )(beta, delta, gamma, centre, *rows)
+        in_specs=(P(), P(), P(), P(), P()) + (P(DATA_AXIS),) * 5,
+        out_specs=(P(), P(DATA_AXIS), P()),
+    )(beta, delta, gamma, centre, parameter, *rows)
 
 
-def _blocked_fwd(mesh, n_blocks, clip, beta, delta, gamma, centre, *rows):  # noqa: ANN001, ANN202
-    value, d_rate = _blocked_forward(mesh, n_blocks, clip, beta, delta, gamma, centre, *rows)
+def _blocked_fwd(mesh, n_blocks, clip, family, beta, delta, gamma, centre, parameter, *rows):  # noqa: ANN001, ANN202, E501  # fmt: skip
+    value, d_rate, d_parameter = _blocked_forward(
+        mesh, n_blocks, clip, family, beta, delta, gamma, centre, parameter, *rows
+    )
     unit_idx, cell_idx, log_price = rows[:3]
-    residuals = (d_rate, centre, unit_idx, cell_idx, log_price, beta.shape[0], gamma.shape[0])
+    residuals = (
+        d_rate, d_parameter, centre, unit_idx, cell_idx, log_price, beta.shape[0], gamma.shape[0]
+    )  # fmt: skip
     return value, residuals
 
 
-def _blocked_value(mesh, n_blocks, clip, beta, delta, gamma, centre, *rows):  # noqa: ANN001, ANN202
-    return _blocked_forward(mesh, n_blocks, clip, beta, delta, gamma, centre, *rows)[0]
-
-
-def _blocked_bwd(mesh, n_blocks, clip, residuals, cotangent):  # noqa: ANN001, ANN202
-    d_rate, centre, unit_idx, cell_idx, log_price, n_units, n_cells = residuals
+def _blocked_bwd(mesh, n_blocks, clip, family, residuals, cotangent):  # noqa: ANN001, ANN202
+    d_rate, d_parameter, centre, unit_idx, cell_idx, log_price, n_units, n_cells = residuals
     per_block = n_blocks // mesh.devices.size
 
     def per_device(cotangent, d_rate, centre, unit_idx, cell_idx, log_price):  # noqa: ANN001, ANN202
@@ -249,7 +281,7 @@ def _blocked_bwd(mesh, n_blocks, clip, residuals, cotangent):  # noqa: ANN001, A
         in_specs=(P(), P(DATA_AXIS), P(), P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS)),
         out_specs=(P(), P(), P()),
     )(cotangent, d_rate, centre, unit_idx, cell_idx, log_price)
-    return (*grads, None, None, None, None, None, None)
+    return (*grads, None, cotangent * d_parameter, None, None, None, None, None)
 
 
 blocked_log_likelihood.defvjp(_blocked_fwd, _blocked_bwd)

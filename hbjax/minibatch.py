@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from ._types import AnyArray, Array, Bool, Float, Int, Scalar
 from .data import Panel
+from .families import AbstractCountLikelihood, Poisson
 from .likelihood import _sum_over_blocks
 from .sharding import (
     DATA_AXIS,
@@ -131,10 +132,13 @@ def slot_log_likelihood(
     observed: Bool[Array, "slot period"],
     log_factorial: Float[Array, " slot"],
     clip: tuple[float, float] | None = None,
+    family: AbstractCountLikelihood | None = None,
+    parameter: Array | None = None,
 ) -> Float[Array, " slot"]:
-    """Each slot's unweighted Poisson log-likelihood: its unit's observed rows.
+    """Each slot's unweighted log-likelihood: its unit's observed rows.
 
-    ``sum_t observed * log Poisson(y | exp(beta (x - m) + delta + gamma_{group, t}))``.
+    ``sum_t observed * log p(y | exp(beta (x - m) + delta + gamma_{group, t}))`` with the
+    count likelihood ``family`` (default :class:`hbjax.Poisson`) and its ``parameter``.
     """
     cells = cell_effect.reshape(-1, log_price.shape[1])
     log_rate = (
@@ -144,7 +148,8 @@ def slot_log_likelihood(
     )
     if clip is not None:
         log_rate = jnp.clip(log_rate, clip[0], clip[1])
-    terms = jnp.where(observed, counts * log_rate - jnp.exp(log_rate), 0.0)
+    family = Poisson() if family is None else family
+    terms = jnp.where(observed, family.log_kernel(log_rate, counts, parameter), 0.0)
     return jnp.sum(terms, axis=1) - log_factorial
 
 
@@ -155,16 +160,21 @@ def batch_log_likelihood(
     price_centre: Float[Array, " slot"],
     batch: UnitBatch,
     clip: tuple[float, float] | None = None,
+    family: AbstractCountLikelihood | None = None,
+    parameter: Array | None = None,
 ) -> Scalar:
-    """Weighted Poisson log-likelihood of a batch's units (an unbiased full-data estimate).
+    """Weighted log-likelihood of a batch's units (an unbiased full-data estimate).
 
     ``sum_slot weight * slot_log_likelihood``, per block on each device, then the blocks
     in order (the same sum on any device count). The slot parameters are the sampled
-    units' values; ``cell_effect`` is replicated.
+    units' values; ``cell_effect`` and ``parameter`` are replicated.
     """
+    parameter = jnp.zeros((), jnp.float32) if parameter is None else parameter
 
-    def per_device(beta, delta, gamma, centre, group, weight, *grid):  # noqa: ANN001, ANN202
-        per_slot = weight * slot_log_likelihood(beta, delta, gamma, centre, group, *grid, clip)
+    def per_device(beta, delta, gamma, theta, centre, group, weight, *grid):  # noqa: ANN001, ANN202
+        per_slot = weight * slot_log_likelihood(
+            beta, delta, gamma, centre, group, *grid, clip, family, theta
+        )
         local_blocks = batch.n_blocks // (1 if batch.mesh is None else batch.mesh.devices.size)
         partials = jnp.sum(per_slot.reshape(local_blocks, -1), axis=1)
         if batch.mesh is None:
@@ -175,6 +185,7 @@ def batch_log_likelihood(
         unit_elasticity,
         unit_effect,
         cell_effect,
+        parameter,
         price_centre,
         batch.group,
         batch.weight,
@@ -188,7 +199,7 @@ def batch_log_likelihood(
     return jax.shard_map(
         per_device,
         mesh=batch.mesh,
-        in_specs=(P(DATA_AXIS), P(DATA_AXIS), P(), P(DATA_AXIS)) + (P(DATA_AXIS),) * 6,
+        in_specs=(P(DATA_AXIS), P(DATA_AXIS), P(), P(), P(DATA_AXIS)) + (P(DATA_AXIS),) * 6,
         out_specs=P(),
     )(*args)
 

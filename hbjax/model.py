@@ -17,6 +17,7 @@ from jaxtyping import Array, ArrayLike, Float, Int, PyTree, Scalar
 
 from ._types import LatentLeaf, UnitInt
 from .data import DensePanel, Panel
+from .families import AbstractCountLikelihood, Poisson, make_likelihood
 from .layers import Nested, Normal
 from .likelihood import dense_log_likelihood, panel_log_likelihood
 from .minibatch import UnitBatch, UnitStats, batch_log_likelihood, slot_log_likelihood
@@ -115,6 +116,8 @@ class ElasticityLatents(eqx.Module):
         unit_effect: ``[unit]``, product intercepts.
         group_period_effect: ``[group * period]``, (category, period) effects, flattened
             as ``group * n_periods + period``.
+        dispersion: ``[]``, the count likelihood's parameter (the negative binomial's
+            dispersion ``phi``); ``None`` for the Poisson.
     """
 
     global_elasticity: Float[LatentLeaf, "*p"]
@@ -122,6 +125,7 @@ class ElasticityLatents(eqx.Module):
     unit_elasticity: Float[LatentLeaf, "*p unit"]
     unit_effect: Float[LatentLeaf, "*p unit"]
     group_period_effect: Float[LatentLeaf, "*p cell"]
+    dispersion: Float[LatentLeaf, "*p"] | None = None
 
 
 class ElasticityModel(AbstractModel):
@@ -130,6 +134,12 @@ class ElasticityModel(AbstractModel):
     ``log E[units_it] = beta_i log(price_it) + gamma_{c(i),t} + delta_i``, Poisson counts, with
     ``beta_g ~ N(-2, 1)``, ``beta_c ~ N(beta_g, 1)``, ``beta_i ~ N(beta_c(i), 2)``,
     ``delta_i ~ N(0, 3)``, ``gamma_ct ~ N(0, 3)``.
+
+    **Likelihood** (``likelihood``): Poisson counts (the article's), or negative binomial
+    counts with the same mean and one global dispersion ``phi`` (variance
+    ``mu + phi mu^2``; :class:`hbjax.NegativeBinomial`) for overdispersed sales, where a
+    Poisson fit reports intervals far too narrow. The negative binomial needs the rows
+    layout (:meth:`panel_layout`): its log-likelihood has no sufficient statistics.
 
     **Hierarchy** (``hierarchy``): ``"noncentred"`` (the article's LocScaleReparam) has
     latents ``z`` with ``beta_c = beta_g + 1 z_c`` and ``beta_i = beta_c + 2 z_i``;
@@ -173,6 +183,8 @@ class ElasticityModel(AbstractModel):
             prior sits (``delta_i + beta_i r_i ~ N(0, effect_scale)``), or ``None`` (at 0,
             the article's).
         hierarchy: ``"centred"`` or ``"noncentred"`` latents for the elasticities.
+        likelihood: the count likelihood (:class:`hbjax.Poisson` or
+            :class:`hbjax.NegativeBinomial`).
     """
 
     global_elasticity: Normal
@@ -184,6 +196,7 @@ class ElasticityModel(AbstractModel):
     price_centre: Float[Array, " unit"] | None
     intercept_prior_price: Float[Array, " unit"] | None
     hierarchy: str = eqx.field(static=True)
+    likelihood: AbstractCountLikelihood
 
     def __init__(
         self,
@@ -200,6 +213,7 @@ class ElasticityModel(AbstractModel):
         price_centre: Float[ArrayLike, " _unit"] | None = None,
         intercept_prior_price: Float[ArrayLike, " _unit"] | None = None,
         hierarchy: str = "noncentred",
+        likelihood: str | AbstractCountLikelihood = "poisson",
     ):
         """Build the model from the unit → group map and the sizes.
 
@@ -218,12 +232,15 @@ class ElasticityModel(AbstractModel):
                 it); ``None`` here: the article's prior at log price 0.
             hierarchy: ``"noncentred"`` (default here, the article's) or ``"centred"``
                 (the default of :meth:`from_panel`); see the class docstring.
+            likelihood: ``"poisson"`` (default), ``"negbin"``, or a likelihood module
+                (:mod:`hbjax.families`).
         """
         if hierarchy not in HIERARCHIES:
             raise ValueError(
                 f"hierarchy must be one of {', '.join(HIERARCHIES)}; got {hierarchy!r}."
             )
         self.hierarchy = hierarchy
+        self.likelihood = make_likelihood(likelihood)
         unit_group = jnp.asarray(unit_group, dtype=jnp.int32)
         self.global_elasticity = Normal(global_prior[0], global_prior[1], ())
         self.group_elasticity = Nested(group_scale, shape=(n_groups,))
@@ -297,6 +314,7 @@ class ElasticityModel(AbstractModel):
             self.unit_elasticity.latent_shape(),  # type: ignore[arg-type]
             self.unit_effect.latent_shape(),  # type: ignore[arg-type]
             self.group_period_effect.latent_shape(),  # type: ignore[arg-type]
+            self.likelihood.latent_shape(),  # type: ignore[arg-type]
         )
 
     def log_prior(self, latents: ElasticityLatents) -> Scalar:
@@ -313,6 +331,7 @@ class ElasticityModel(AbstractModel):
             + self.unit_elasticity.log_prior(z_unit)
             + self.unit_effect.log_prior(self._prior_effect_z(latents))
             + self.group_period_effect.log_prior(latents.group_period_effect)
+            + self.likelihood.log_prior(latents.dispersion)
         )
 
     def elasticities(
@@ -382,17 +401,24 @@ class ElasticityModel(AbstractModel):
             unit_elasticity=beta_i,
             unit_effect=delta_i,
             group_period_effect=self.group_period_effect(latents.group_period_effect),
+            dispersion=self.likelihood.natural(latents.dispersion),
         )
+
+    def _leaf_flags(self, flags: tuple[bool, ...], *, dispersion: bool) -> ElasticityLatents:
+        """One flag per latent leaf, in field order (the dispersion's only if it exists)."""
+        extra = [] if self.likelihood.latent_shape() is None else [dispersion]
+        return jax.tree.unflatten(jax.tree.structure(self.latent_shapes()), [*flags, *extra])
 
     def unit_leaves(self) -> ElasticityLatents:
         """Product elasticities and intercepts are per unit; the rest are shared."""
-        flags = [False, False, True, True, False]  # in field order
-        return jax.tree.unflatten(jax.tree.structure(self.latent_shapes()), flags)
+        return self._leaf_flags((False, False, True, True, False), dispersion=False)
 
     def reported_leaves(self) -> ElasticityLatents:
-        """The elasticities (global, group, unit): intercepts and period effects are nuisance."""
-        flags = [True, True, True, False, False]  # in field order
-        return jax.tree.unflatten(jax.tree.structure(self.latent_shapes()), flags)
+        """The elasticities and the dispersion (intercepts, period effects: nuisance)."""
+        return self._leaf_flags((True, True, True, False, False), dispersion=True)
+
+    def _likelihood_parameter(self, latents: ElasticityLatents) -> Array | None:
+        return self.likelihood.parameter(latents.dispersion)
 
     def _slot_terms(self, latents: ElasticityLatents, batch: UnitBatch) -> tuple:
         """What the batch functions share: ``z`` of the groups, the slots' values and priors."""
@@ -423,8 +449,15 @@ class ElasticityModel(AbstractModel):
             self.global_elasticity.log_prior(latents.global_elasticity)
             + self.group_elasticity.log_prior(z_group)
             + self.group_period_effect.log_prior(latents.group_period_effect)
+            + self.likelihood.log_prior(latents.dispersion)
         )
-        likelihood = batch_log_likelihood(*values, batch, self.clip_log_rate)
+        likelihood = batch_log_likelihood(
+            *values,
+            batch,
+            self.clip_log_rate,
+            self.likelihood,
+            self._likelihood_parameter(latents),
+        )
         return shared + jnp.sum(batch.weight * slot_prior) + likelihood
 
     def slot_log_joint(self, latents: ElasticityLatents, batch: UnitBatch) -> Float[Array, " slot"]:
@@ -432,16 +465,25 @@ class ElasticityModel(AbstractModel):
         _, (beta, delta, gamma, centre), slot_prior = self._slot_terms(latents, batch)
         grid = (batch.log_price, batch.counts, batch.observed, batch.log_factorial)
         likelihood = slot_log_likelihood(
-            beta, delta, gamma, centre, batch.group, *grid, self.clip_log_rate
+            beta,
+            delta,
+            gamma,
+            centre,
+            batch.group,
+            *grid,
+            self.clip_log_rate,
+            self.likelihood,
+            self._likelihood_parameter(latents),
         )
         return slot_prior + likelihood
 
     def panel_layout(self) -> str:
-        """Rows when the log-rate is clipped (not linear: no sufficient statistics)."""
-        return "rows" if self.clip_log_rate is not None else "auto"
+        """Rows when the log-rate is clipped or the counts are not Poisson (no dense stats)."""
+        poisson = isinstance(self.likelihood, Poisson)
+        return "rows" if self.clip_log_rate is not None or not poisson else "auto"
 
     def log_likelihood(self, latents: ElasticityLatents, panel: Panel | DensePanel) -> Scalar:
-        """Poisson log-likelihood of the panel's rows.
+        """Log-likelihood of the panel's rows (Poisson or the model's ``likelihood``).
 
         With price centring the kernels get the centred intercept and the centres, and
         subtract the centre from each log price: ``beta * (x - m) + delta_c``, never the
@@ -457,8 +499,14 @@ class ElasticityModel(AbstractModel):
             self.price_centre,
         )
         if isinstance(panel, DensePanel):
+            if not isinstance(self.likelihood, Poisson):
+                raise ValueError(
+                    f"the dense layout holds Poisson sufficient statistics; a "
+                    f"{self.likelihood.name} likelihood needs the rows layout "
+                    "(shard_panel(..., layout=model.panel_layout()))."
+                )
             return dense_log_likelihood(*args)
-        return panel_log_likelihood(*args)
+        return panel_log_likelihood(*args, self.likelihood, self._likelihood_parameter(latents))
 
     def init_latents(self, panel: Panel | DensePanel | UnitStats) -> ElasticityLatents:
         """A data-informed start, deterministic (no key).
@@ -507,6 +555,7 @@ class ElasticityModel(AbstractModel):
             unit_effect=(delta - self.unit_effect.loc) / self.unit_effect.scale,
             group_period_effect=(jnp.repeat(level, n_periods) - self.group_period_effect.loc)
             / self.group_period_effect.scale,
+            dispersion=zeros.dispersion,  # the prior's median
         )
 
 

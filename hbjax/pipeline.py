@@ -13,6 +13,7 @@ import dataclasses
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -20,8 +21,9 @@ from . import checkpoint
 from ._types import PyTree
 from .convergence import Convergence
 from .data import Panel
+from .families import LIKELIHOODS, NegativeBinomial
 from .fit import FitResult, default_optimizer, fit
-from .guide import GUIDES, make_guide
+from .guide import GUIDES, inverse_softplus, make_guide
 from .minibatch import UnitStats, seed_from_key
 from .model import HIERARCHIES, INTERCEPT_PRIORS, ElasticityModel
 from .objectives import GRADIENTS, renyi_elbo
@@ -56,6 +58,8 @@ class FitConfig:
         intercept_prior: ``"reference"`` (each intercept's prior at the product's mean
             price: free of the currency unit) or ``"zero"`` (at log price 0, the article's).
         clip: clip the log-rate to ``[-4, 20]`` as the article did.
+        likelihood: ``"poisson"`` (the article's) or ``"negbin"`` (negative binomial with
+            one global dispersion: overdispersed sales; :class:`hbjax.NegativeBinomial`).
         mcse: stop when the Monte Carlo error of the averaged means is at most this many
             posterior sds (:class:`hbjax.convergence.Convergence`).
         seed: the PRNG seed of the fit (and of the minibatch sampler).
@@ -77,6 +81,7 @@ class FitConfig:
     hierarchy: str = "centred"
     intercept_prior: str = "reference"
     clip: bool = False
+    likelihood: str = "poisson"
     mcse: float = Convergence.mcse
     seed: int = 0
     checkpoint_dir: str | None = None
@@ -92,6 +97,7 @@ class FitConfig:
             ("gradient", GRADIENTS),
             ("hierarchy", HIERARCHIES),
             ("intercept_prior", INTERCEPT_PRIORS),
+            ("likelihood", tuple(LIKELIHOODS)),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(
@@ -186,7 +192,10 @@ def fit_elasticities(
     key = jax.random.key(config.seed)
     stats = panel.stats if isinstance(panel, GridStore) else panel
     steps = config.max_steps(stats.n_units)
-    options: dict[str, object] = {"clip_log_rate": (-4.0, 20.0) if config.clip else None}
+    options: dict[str, object] = {
+        "clip_log_rate": (-4.0, 20.0) if config.clip else None,
+        "likelihood": config.likelihood,
+    }
     optimizer = default_optimizer(config.learning_rate)
     data: Panel | UnitStats = stats
     rows: object = panel
@@ -230,6 +239,13 @@ def fit_elasticities(
         rank=config.rank,
         key=jax.random.fold_in(key, 1),
     )
+    if isinstance(model.likelihood, NegativeBinomial):  # its sd is far below the usual 0.1
+        scale = model.likelihood.starting_scale(stats.n_units * stats.n_periods)
+        start = eqx.tree_at(
+            lambda guide: guide.raw_scale.dispersion,
+            start,
+            inverse_softplus(jnp.asarray(scale, jnp.float32)),
+        )
     return fit(
         model,
         start,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from statistics import NormalDist
 from types import SimpleNamespace
@@ -207,6 +208,38 @@ def _exact_elasticities(result: FitResult | SavedFit, n_units: int) -> tuple | N
     return None if moments is None else jax.tree.map(np.asarray, moments)
 
 
+def summarize_dispersion(
+    result: FitResult | SavedFit,
+    *,
+    num_samples: int = 1000,
+    key: PRNGKeyArray | None = None,
+) -> dict[str, float] | None:
+    """Mean, sd, median and 90% interval of a negative-binomial fit's dispersion ``phi``.
+
+    ``None`` for a likelihood without one (the Poisson). With a Gaussian guide ``log phi``
+    is Gaussian (affine in the latents) and ``phi`` log-normal: exact, no draws; other
+    guides are summarised from ``num_samples`` draws (``key``, default key 0).
+    """
+    from .families import NegativeBinomial
+    from .guide import GaussianGuide, linear_moments
+
+    model = result.model
+    if not isinstance(getattr(model, "likelihood", None), NegativeBinomial):
+        return None
+    moments = None
+    if isinstance(result.guide, GaussianGuide):
+        moments = linear_moments(result.guide, lambda z: model.likelihood.parameter(z.dispersion))
+    if moments is not None:
+        m, s = (float(np.asarray(x)) for x in moments)
+        stats = {"mean": math.exp(m + s * s / 2)}
+        stats["sd"] = stats["mean"] * math.sqrt(math.expm1(s * s))
+        stats.update({k: math.exp(m + NormalDist().inv_cdf(q) * s) for k, q in QUANTILES.items()})
+        return stats
+    key = jax.random.key(0) if key is None else key
+    draws = sample_posterior(result, num_samples, key=key).dispersion
+    return {k: float(v) for k, v in _describe(draws).items()}
+
+
 def _summarise_in_chunks(result: FitResult | SavedFit) -> bool:
     """Whether the fit's guide draws a subset of units on its own (``restrict``)."""
     from .guide import AbstractGuide
@@ -300,6 +333,8 @@ def to_arviz(
         "unit_effect": draws.unit_effect,
         "group_period_effect": draws.group_period_effect.reshape(shape),
     }
+    if getattr(draws, "dispersion", None) is not None:  # the negative binomial's phi
+        posterior["dispersion"] = draws.dispersion
     return az.from_dict(
         posterior={name: np.asarray(value)[None] for name, value in posterior.items()},
         coords={

@@ -59,6 +59,7 @@ def save_fit(result: FitResult, encoding: Encoding, directory: str | os.PathLike
         "hierarchy": model.hierarchy,
         "price_centring": model.price_centre is not None,
         "intercept_prior": "zero" if model.intercept_prior_price is None else "reference",
+        "likelihood": model.likelihood.name,
         "clip_log_rate": model.clip_log_rate,
         "n_units": len(encoding.units),
         "n_groups": len(encoding.groups),
@@ -127,6 +128,7 @@ def _rebuild(folder: Path, info: dict) -> SavedFit:
         if info.get("intercept_prior", "zero") == "reference"
         else None,
         hierarchy=info["hierarchy"],
+        likelihood=info.get("likelihood", "poisson"),  # fits saved before it was recorded
     )
     guide = make_guide(info["guide"], model, rank=info["rank"] or 8)
     model, guide = eqx.tree_deserialise_leaves(folder / "fit.eqx", (model, guide))

@@ -35,6 +35,8 @@ class SimulationConfig:
         unit_sd: sd of product elasticities around their category's.
         mean_units: median units sold per period at list price.
         promo_rate: probability of a promotion in a period.
+        dispersion: ``phi`` of negative-binomial counts (variance ``mu + phi mu^2``, a
+            gamma-Poisson mixture); 0: Poisson counts.
         seed: random seed; equal seeds give equal panels.
     """
 
@@ -48,6 +50,7 @@ class SimulationConfig:
     unit_sd: float = 0.5
     mean_units: float = 20.0
     promo_rate: float = 0.1
+    dispersion: float = 0.0
     seed: int = 0
 
 
@@ -89,6 +92,8 @@ def simulate(config: SimulationConfig | None = None, **overrides: float | int) -
     config = dataclasses.replace(config or SimulationConfig(), **overrides)
     if config.n_units < 1 or config.n_periods < 1 or config.n_groups < 1:
         raise ValueError("n_units, n_periods and n_groups must all be >= 1.")
+    if not config.dispersion >= 0.0:
+        raise ValueError(f"dispersion must be >= 0; got {config.dispersion}.")
     if not 0.0 <= config.missing < 1.0:
         raise ValueError(f"missing must be in [0, 1); got {config.missing}.")
     rng = np.random.default_rng(config.seed)
@@ -121,7 +126,11 @@ def simulate(config: SimulationConfig | None = None, **overrides: float | int) -
     log_rate = (
         unit_elasticity[:, None] * np.log(price) + group_period[unit_group] + unit_effect[:, None]
     )
-    counts = rng.poisson(np.exp(np.minimum(log_rate, 20.0)))
+    rate = np.exp(np.minimum(log_rate, 20.0))
+    if config.dispersion > 0:  # gamma-Poisson: mean rate, variance rate + phi rate^2
+        shape = 1.0 / config.dispersion
+        rate = rng.gamma(shape, rate / shape)
+    counts = rng.poisson(rate)
 
     observed = rng.random((n_u, n_t)) >= config.missing
     launch = np.where(rng.random(n_u) < 0.1, rng.integers(0, max(n_t // 2, 1), n_u), 0)
