@@ -43,7 +43,7 @@ from .extras import optional_import
 from .families import LIKELIHOODS
 from .fit import ConvergenceWarning, FitResult, NonFiniteLossError
 from .guide import GUIDES
-from .guide_check import nuts_check, unit_importance
+from .guide_check import PredictiveCheck, nuts_check, predictive_check, unit_importance
 from .model import HIERARCHIES, INTERCEPT_PRIORS
 from .objectives import GRADIENTS
 from .outputs import AtomicFolder, OutputError, check_file_destination, write_file_atomically
@@ -580,6 +580,17 @@ def _guide_check(
     return check.to_dict(encoding.units), check.verdict
 
 
+def _model_check(
+    result: FitResult, panel: Panel | GridStore, encoding: Encoding, seed: int
+) -> tuple[dict[str, object], PredictiveCheck | None]:
+    """The posterior predictive check where the rows are at hand: report and check."""
+    if not isinstance(panel, Panel) or jax.process_count() > 1:
+        return {"skipped": "the rows are not in this process (grid folder or several hosts)"}, None
+    key = jax.random.fold_in(jax.random.key(seed), 3)
+    check = predictive_check(result.model, result.guide, panel, key=key)
+    return check.to_dict(encoding.groups), check
+
+
 def run_fit(args: argparse.Namespace) -> int:
     """``hbjax fit``: fit a file and write elasticities, groups, losses and a summary."""
     if args.diagnostic_draws < 0 or 0 < args.diagnostic_draws < 50:
@@ -630,6 +641,7 @@ def _fit_and_write(args: argparse.Namespace, config: FitConfig, folder: AtomicFo
     result = fit_elasticities(panel, config, mesh=mesh)
     summary = summarize(result, encoding, num_samples=args.samples, key=jax.random.key(args.seed))
     check, verdict = _guide_check(result, panel, encoding, args.diagnostic_draws, args.seed)
+    predictive, model_check = _model_check(result, panel, encoding, args.seed)
     if folder is None:  # only process 0 writes outputs
         return 0
     staging = folder.staging
@@ -685,6 +697,7 @@ def _fit_and_write(args: argparse.Namespace, config: FitConfig, folder: AtomicFo
         "backend": jax.default_backend(),
         "global_elasticity": {k: float(overall[k]) for k in ("mean", "sd", "q05", "q50", "q95")},
         "guide_check": check,
+        "predictive_check": predictive,
         "hbjax_version": __version__,
         "jax_version": jax.__version__,
         "python_version": platform.python_version(),
@@ -692,7 +705,7 @@ def _fit_and_write(args: argparse.Namespace, config: FitConfig, folder: AtomicFo
     try:
         (staging / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
         if args.plots:
-            write_plots(result, summary, staging / "plots")
+            write_plots(result, summary, staging / "plots", predictive=model_check)
         folder.commit()
     except OSError as exc:
         raise UserError(f"cannot write the results to {args.out!r}: {exc.strerror}.") from None
@@ -711,6 +724,13 @@ def _fit_and_write(args: argparse.Namespace, config: FitConfig, folder: AtomicFo
         )
     if verdict is not None:
         print(f"guide check: {verdict}")
+    if model_check is not None and model_check.flagged:
+        problem = model_check.verdict.removeprefix("contradicted: ")
+        print(
+            f"warning: the data contradict the {args.likelihood} model: {problem}", file=sys.stderr
+        )
+    elif model_check is not None:
+        print(f"model check: {model_check.verdict}")
     return 0
 
 

@@ -14,11 +14,13 @@ elementwise in its arrays (the kernels differentiate it per row).
 from __future__ import annotations
 
 import abc
+import math
 from typing import ClassVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import gammaln
 
 from ._types import AnyArray, Array, Float, Scalar
@@ -51,6 +53,12 @@ class AbstractCountLikelihood(eqx.Module):
         """The reported value of the parameter (``None`` without one)."""
 
     @abc.abstractmethod
+    def sample(
+        self, rng: np.random.Generator, mean: np.ndarray, parameter: float | None
+    ) -> np.ndarray:
+        """Counts drawn with the given means (host, for predictive checks)."""
+
+    @abc.abstractmethod
     def log_kernel(
         self, log_rate: Float[Array, "*n"], counts: Float[AnyArray, "*n"], parameter: Array | None
     ) -> Float[Array, "*n"]:
@@ -78,6 +86,13 @@ class Poisson(AbstractCountLikelihood):
     def natural(self, z: None) -> None:
         """No parameter."""
         del z
+
+    def sample(
+        self, rng: np.random.Generator, mean: np.ndarray, parameter: float | None = None
+    ) -> np.ndarray:
+        """Poisson counts."""
+        del parameter
+        return rng.poisson(mean)
 
     def log_kernel(
         self,
@@ -143,6 +158,11 @@ class NegativeBinomial(AbstractCountLikelihood):
     def natural(self, z: Float[Array, "*p"]) -> Float[Array, "*p"]:
         """``phi``."""
         return jnp.exp(self.log_dispersion(z))
+
+    def sample(self, rng: np.random.Generator, mean: np.ndarray, parameter: float) -> np.ndarray:
+        """Gamma-Poisson counts (``parameter = log phi``)."""
+        r = math.exp(-float(parameter))
+        return rng.poisson(rng.gamma(r, np.asarray(mean) / r))
 
     def log_kernel(
         self, log_rate: Float[Array, "*n"], counts: Float[AnyArray, "*n"], parameter: Array

@@ -1,4 +1,4 @@
-"""Checks of a fitted guide that can tell a good fit from a bad one, unit by unit.
+"""Checks of a fit that can tell a good fit from a bad one, unit by unit.
 
 A global importance check (:func:`hbjax.diagnostics.importance_diagnostics`) weighs draws of
 *all* latents at once; with thousands of units its Pareto ``k`` is large for any Gaussian
@@ -23,6 +23,10 @@ sampling and MCMC are informative:
 Both need a :class:`~hbjax.guide.GaussianGuide` (the block's marginal in closed form), a
 model with :meth:`~hbjax.AbstractModel.unit_leaves` and
 :meth:`~hbjax.AbstractModel.slot_log_joint`, and a host panel.
+
+* :func:`predictive_check` checks the *model*: counts replicated from the fit against the
+  observed ones on a subsample of units (dispersion index, share of zeros; overall and per
+  group). A Poisson fit of overdispersed sales fails it; a negative binomial passes.
 """
 
 from __future__ import annotations
@@ -377,10 +381,224 @@ def nuts_check(
     return NutsCheck(pd.concat(rows, ignore_index=True), num_shared, draws, int(np.sum(divergent)))
 
 
+#: The predictive check flags a statistic whose observed value is beyond this tail
+#: probability of its replicated values (either side) ...
+PREDICTIVE_TAIL = 0.01
+#: ... and, for the dispersion index, this factor from the replicated median (either way);
+DISPERSION_FACTOR = 1.5
+#: for the share of zeros, this many points from it. With thousands of cells the replicated
+#: statistics are so precise that a tail probability alone flags misfits too small to
+#: matter (and the fitted means, made from the same data, sit a little closer to it than
+#: to replicas: a correct model's dispersion index is a few percent below its replicas').
+ZERO_SHARE_GAP = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictiveCheck:
+    """Observed counts against counts replicated from the fit (:func:`predictive_check`).
+
+    Attributes:
+        table: one row per statistic and scope: ``statistic`` (``dispersion_index``:
+            ``sum (y - mu)^2 / sum mu`` over observed cells, 1 for Poisson counts around
+            their means; ``zero_share``: share of cells with no sales), ``group`` (index,
+            or -1 for all checked units), ``observed`` and ``replicated`` (medians over
+            draws), ``replicated_q05``, ``replicated_q95`` and ``p_value``
+            (``P(replicated >= observed)``).
+        likelihood: the fitted likelihood's name.
+        units_checked: units in the subsample.
+        draws: replicated data sets.
+    """
+
+    table: pd.DataFrame
+    likelihood: str
+    units_checked: int
+    draws: int
+
+    def _overall(self, statistic: str) -> pd.Series:
+        rows = self.table[(self.table["statistic"] == statistic) & (self.table["group"] == -1)]
+        return rows.iloc[0]
+
+    @property
+    def flagged(self) -> list[str]:
+        """The overall statistics the data contradict (empty: none)."""
+        out = []
+        for statistic in ("dispersion_index", "zero_share"):
+            row = self._overall(statistic)
+            tail = row["p_value"] < PREDICTIVE_TAIL or row["p_value"] > 1 - PREDICTIVE_TAIL
+            if statistic == "dispersion_index":
+                ratio = row["observed"] / max(row["replicated"], 1e-300)
+                large = not 1 / DISPERSION_FACTOR <= ratio <= DISPERSION_FACTOR
+            else:
+                large = abs(row["observed"] - row["replicated"]) >= ZERO_SHARE_GAP
+            if tail and large:
+                out.append(statistic)
+        return out
+
+    @property
+    def verdict(self) -> str:
+        """``"consistent"`` or ``"contradicted"`` and the figures, in words."""
+        d, z = self._overall("dispersion_index"), self._overall("zero_share")
+        figures = (
+            f"dispersion index {d['observed']:.2f} observed vs {d['replicated']:.2f} "
+            f"replicated (90% {d['replicated_q05']:.2f}-{d['replicated_q95']:.2f}); zero "
+            f"share {z['observed']:.1%} vs {z['replicated']:.1%}"
+        )
+        if not self.flagged:
+            return f"consistent with the data ({figures})"
+        problems = []
+        if "dispersion_index" in self.flagged:
+            ratio = d["observed"] / d["replicated"]
+            if ratio > 1:
+                problems.append(
+                    f"the counts vary {ratio:.1f}x as much around the fitted means as the "
+                    f"{self.likelihood} likelihood allows, so its intervals are too narrow"
+                )
+            else:
+                problems.append(f"the counts vary less than the {self.likelihood} likelihood says")
+        if "zero_share" in self.flagged:
+            more = "more" if z["observed"] > z["replicated"] else "fewer"
+            problems.append(f"the data have {more} weeks without sales than it replicates")
+        advice = "; fit with --likelihood negbin" if self.likelihood == "poisson" else ""
+        return f"contradicted: {'; '.join(problems)} ({figures}){advice}"
+
+    def to_dict(self, groups: pd.Index | None = None) -> dict[str, object]:
+        """For JSON: the overall statistics, per-group ones (labelled), the verdict."""
+
+        def row(r: pd.Series) -> dict[str, float]:
+            keys = ("observed", "replicated", "replicated_q05", "replicated_q95", "p_value")
+            return {k: float(r[k]) for k in keys}
+
+        per_group = []
+        for g, rows in self.table[self.table["group"] >= 0].groupby("group", sort=True):
+            label = str(groups[g]) if groups is not None else int(g)
+            per_group.append(
+                {"group": label, **{r["statistic"]: row(r) for _, r in rows.iterrows()}}
+            )
+        return {
+            "likelihood": self.likelihood,
+            "units_checked": self.units_checked,
+            "draws": self.draws,
+            "dispersion_index": row(self._overall("dispersion_index")),
+            "zero_share": row(self._overall("zero_share")),
+            "groups": per_group,
+            "flagged": self.flagged,
+            "verdict": self.verdict,
+        }
+
+
+def predictive_check(
+    model: AbstractModel,
+    guide: GaussianGuide,
+    panel: Panel,
+    *,
+    key: PRNGKeyArray,
+    num_units: int = 1000,
+    num_draws: int = 50,
+) -> PredictiveCheck:
+    """A posterior predictive check of the count likelihood on a subsample of units.
+
+    For each of ``num_draws`` draws of the units' blocks from the guide (shared latents at
+    the guide's mean, as in :func:`unit_importance`), the expected units ``mu`` of every
+    observed cell and a replicated data set drawn from the model's likelihood give two
+    statistics, observed and replicated: the dispersion index ``sum (y - mu)^2 / sum mu``
+    (about ``1 + phi mu`` for negative-binomial counts, 1 for Poisson ones) and the share
+    of zero counts; overall and per group. A statistic whose observed value lies in the
+    outer 1% of its replicated values (either side) and far from them (a dispersion index
+    1.5x off, a zero share 2 points off: :data:`DISPERSION_FACTOR`,
+    :data:`ZERO_SHARE_GAP`) contradicts the likelihood: with overdispersed sales a Poisson
+    fit's dispersion index is several times its replicas'.
+
+    Args:
+        model: the fitted model (an :class:`hbjax.ElasticityModel`).
+        guide: the fitted guide.
+        panel: the host panel it was fitted to.
+        key: PRNG key (the subsample, the draws, the replicated counts).
+        num_units: units to check (all when the panel has fewer).
+        num_draws: replicated data sets (at least 20).
+    """
+    ids = _check_inputs(model, guide, panel)
+    if not hasattr(model, "slot_log_rate") or not hasattr(model, "likelihood"):
+        raise TypeError(
+            f"{type(model).__name__} has no slot_log_rate/likelihood: the predictive check is "
+            "for count regressions such as ElasticityModel."
+        )
+    if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 20:
+        raise ValueError(f"num_draws must be an int >= 20; got {num_draws!r}.")
+    rng = np.random.default_rng(seed_from_key(key))
+    units = _choose_units(panel.n_units, num_units, rng)
+    mean, cov = unit_block_moments(guide, ids, units)
+    chol = np.linalg.cholesky(cov + 1e-12 * np.eye(cov.shape[-1]))
+    eps = rng.standard_normal((num_draws, *mean.shape))
+    blocks = mean + np.einsum("ukl,sul->suk", chol, eps)  # [draw, unit, k]
+    batch = unit_batch(panel, units)
+    shared = guide.mean()
+
+    @eqx.filter_jit
+    def rates(model: AbstractModel, shared: PyTree, batch: object, blocks: jax.Array):  # noqa: ANN202
+        def one(block: jax.Array) -> jax.Array:
+            return jnp.exp(model.slot_log_rate(_with_blocks(shared, ids, block), batch))
+
+        return jax.lax.map(one, blocks, batch_size=8)
+
+    mu = np.asarray(rates(model, shared, batch, jnp.asarray(blocks, jnp.float32)), np.float64)
+    parameter = model.likelihood.parameter(shared.dispersion)
+    parameter = None if parameter is None else float(parameter)
+    observed = np.asarray(batch.observed)
+    y = np.where(observed, np.asarray(batch.counts, np.float64), 0.0)
+    group = np.asarray(batch.group)
+    n_groups = int(model.group_elasticity.shape[0])
+
+    def per_group(cells: np.ndarray) -> np.ndarray:
+        """``[group + 1]`` sums of ``[slot, period]`` cells: every group, then all."""
+        sums = np.bincount(group, weights=cells.sum(axis=1), minlength=n_groups)
+        return np.append(sums, sums.sum())
+
+    n_cells = per_group(observed.astype(np.float64))
+    zeros_observed = per_group((observed & (y == 0)).astype(np.float64)) / np.maximum(n_cells, 1)
+    stats: dict[str, list[np.ndarray]] = {k: [] for k in ("d_obs", "d_rep", "z_rep")}
+    for s in range(num_draws):
+        m = np.where(observed, mu[s], 0.0)
+        replica = np.where(observed, model.likelihood.sample(rng, m, parameter), 0.0)
+        total = np.maximum(per_group(m), 1e-300)
+        stats["d_obs"].append(per_group((y - m) ** 2) / total)
+        stats["d_rep"].append(per_group((replica - m) ** 2) / total)
+        z = per_group((observed & (replica == 0)).astype(np.float64)) / np.maximum(n_cells, 1)
+        stats["z_rep"].append(z)
+    d_obs, d_rep, z_rep = (np.stack(stats[k]) for k in ("d_obs", "d_rep", "z_rep"))
+    z_obs = np.broadcast_to(zeros_observed, z_rep.shape)
+    rows = []
+    scopes = [*range(n_groups), -1]
+    for name, obs, rep in (("dispersion_index", d_obs, d_rep), ("zero_share", z_obs, z_rep)):
+        # ties (e.g. no zeros anywhere) count half: a statistic the data cannot move is no flag
+        p = np.mean(rep > obs, axis=0) + 0.5 * np.mean(rep == obs, axis=0)
+        q05, q50, q95 = np.quantile(rep, [0.05, 0.5, 0.95], axis=0)
+        for j, scope in enumerate(scopes):
+            if n_cells[j] == 0:
+                continue
+            rows.append(
+                {
+                    "statistic": name,
+                    "group": scope,
+                    "observed": float(np.median(obs[:, j])),
+                    "replicated": float(q50[j]),
+                    "replicated_q05": float(q05[j]),
+                    "replicated_q95": float(q95[j]),
+                    "p_value": float(p[j]),
+                }
+            )
+    table = pd.DataFrame(rows)
+    return PredictiveCheck(table, model.likelihood.name, len(units), num_draws)
+
+
 __all__ = [
+    "DISPERSION_FACTOR",
+    "PREDICTIVE_TAIL",
+    "ZERO_SHARE_GAP",
     "NutsCheck",
+    "PredictiveCheck",
     "UnitImportance",
     "nuts_check",
+    "predictive_check",
     "unit_block_moments",
     "unit_importance",
 ]

@@ -121,6 +121,27 @@ class UnitStats(eqx.Module):
         return jnp.asarray(self.moments)
 
 
+def slot_log_rate(
+    unit_elasticity: Float[Array, " slot"],
+    unit_effect: Float[Array, " slot"],
+    cell_effect: Float[Array, " cell"],
+    price_centre: Float[Array, " slot"],
+    group: Int[Array, " slot"],
+    log_price: Float[Array, "slot period"],
+    clip: tuple[float, float] | None = None,
+) -> Float[Array, "slot period"]:
+    """``beta (x - m) + delta + gamma_{group, t}`` of each slot's grid (clipped if asked)."""
+    cells = cell_effect.reshape(-1, log_price.shape[1])
+    log_rate = (
+        unit_elasticity[:, None] * (log_price - price_centre[:, None])
+        + unit_effect[:, None]
+        + cells[group]
+    )
+    if clip is not None:
+        log_rate = jnp.clip(log_rate, clip[0], clip[1])
+    return log_rate
+
+
 def slot_log_likelihood(
     unit_elasticity: Float[Array, " slot"],
     unit_effect: Float[Array, " slot"],
@@ -140,14 +161,9 @@ def slot_log_likelihood(
     ``sum_t observed * log p(y | exp(beta (x - m) + delta + gamma_{group, t}))`` with the
     count likelihood ``family`` (default :class:`hbjax.Poisson`) and its ``parameter``.
     """
-    cells = cell_effect.reshape(-1, log_price.shape[1])
-    log_rate = (
-        unit_elasticity[:, None] * (log_price - price_centre[:, None])
-        + unit_effect[:, None]
-        + cells[group]
+    log_rate = slot_log_rate(
+        unit_elasticity, unit_effect, cell_effect, price_centre, group, log_price, clip
     )
-    if clip is not None:
-        log_rate = jnp.clip(log_rate, clip[0], clip[1])
     family = Poisson() if family is None else family
     terms = jnp.where(observed, family.log_kernel(log_rate, counts, parameter), 0.0)
     return jnp.sum(terms, axis=1) - log_factorial
@@ -500,6 +516,7 @@ __all__ = [
     "batch_log_likelihood",
     "seed_from_key",
     "slot_log_likelihood",
+    "slot_log_rate",
     "unit_batch",
     "units_in_batch",
 ]

@@ -20,7 +20,13 @@ from .data import DensePanel, Panel
 from .families import AbstractCountLikelihood, Poisson, make_likelihood
 from .layers import Nested, Normal
 from .likelihood import dense_log_likelihood, panel_log_likelihood
-from .minibatch import UnitBatch, UnitStats, batch_log_likelihood, slot_log_likelihood
+from .minibatch import (
+    UnitBatch,
+    UnitStats,
+    batch_log_likelihood,
+    slot_log_likelihood,
+    slot_log_rate,
+)
 
 _LOG_2PI = math.log(2 * math.pi)  # two standard normals per slot: 2 x log(2 pi) / 2
 
@@ -476,6 +482,15 @@ class ElasticityModel(AbstractModel):
             self._likelihood_parameter(latents),
         )
         return slot_prior + likelihood
+
+    def slot_log_rate(
+        self, latents: ElasticityLatents, batch: UnitBatch
+    ) -> Float[Array, "slot period"]:
+        """Each slot's log expected units on its ``[slot, period]`` grid (unplaced batch)."""
+        _, (beta, delta, gamma, centre), _ = self._slot_terms(latents, batch)
+        return slot_log_rate(
+            beta, delta, gamma, centre, batch.group, batch.log_price, self.clip_log_rate
+        )
 
     def panel_layout(self) -> str:
         """Rows when the log-rate is clipped or the counts are not Poisson (no dense stats)."""

@@ -1,4 +1,4 @@
-"""Figures of a fit (matplotlib): the loss trace, shrinkage, and a forest of categories.
+"""Figures of a fit (matplotlib): loss, shrinkage, categories, the predictive check.
 
 Written by ``hbjax fit --plots`` to ``OUT/plots/``; each function also returns its figure.
 """
@@ -12,6 +12,7 @@ import numpy as np
 
 from .extras import optional_import
 from .fit import FitResult
+from .guide_check import PredictiveCheck
 from .posterior import Summary
 
 
@@ -96,21 +97,68 @@ def category_forest(summary: Summary):  # noqa: ANN201
     return fig
 
 
-def write_plots(result: FitResult, summary: Summary, directory: str | os.PathLike[str]) -> list:
-    """Write ``loss.png``, ``shrinkage.png`` and ``categories.png``; return their paths."""
+def predictive_plot(check: PredictiveCheck, groups: list[str] | None = None):  # noqa: ANN201
+    """Observed dispersion index and zero share of each group against their replicas."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (statistic, label) in zip(
+        axes,
+        (("dispersion_index", "dispersion index: sum (y - mu)^2 / sum mu"),
+         ("zero_share", "share of cells without sales")),
+        strict=True,
+    ):  # fmt: skip
+        rows = check.table[check.table["statistic"] == statistic]
+        names = [
+            "all" if g < 0 else (groups[g] if groups is not None else str(g)) for g in rows["group"]
+        ]
+        y = np.arange(len(rows))
+        ax.hlines(y, rows["replicated_q05"], rows["replicated_q95"], color="tab:blue", lw=3,
+                  alpha=0.5, label="replicated, 90%")  # fmt: skip
+        ax.plot(rows["observed"], y, "o", color="black", label="observed")
+        ax.set_yticks(y, names)
+        ax.set(xlabel=label)
+        if statistic == "dispersion_index":
+            ax.set_xscale("log")
+    axes[0].legend(frameon=False, fontsize="small")
+    word = "contradicted by the data" if check.flagged else "consistent with the data"
+    fig.suptitle(f"posterior predictive check: the {check.likelihood} model is {word}")
+    fig.tight_layout()
+    return fig
+
+
+def write_plots(
+    result: FitResult,
+    summary: Summary,
+    directory: str | os.PathLike[str],
+    *,
+    predictive: PredictiveCheck | None = None,
+) -> list:
+    """Write ``loss.png``, ``shrinkage.png``, ``categories.png`` (``predictive.png``).
+
+    ``predictive``: a predictive check to plot as well. Returns the paths written.
+    """
     plt = _pyplot()
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, figure in (
+    figures = [
         ("loss.png", loss_trace(result)),
         ("shrinkage.png", shrinkage(summary)),
         ("categories.png", category_forest(summary)),
-    ):
+    ]
+    if predictive is not None:
+        group_col = summary.groups.columns[0]
+        figures.append(
+            (
+                "predictive.png",
+                predictive_plot(predictive, list(map(str, summary.groups[group_col]))),
+            )
+        )
+    for name, figure in figures:
         figure.savefig(folder / name, dpi=110)
         plt.close(figure)
         paths.append(folder / name)
     return paths
 
 
-__all__ = ["category_forest", "loss_trace", "shrinkage", "write_plots"]
+__all__ = ["category_forest", "loss_trace", "predictive_plot", "shrinkage", "write_plots"]

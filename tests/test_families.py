@@ -13,6 +13,7 @@ from scipy import special, stats
 import hbjax
 from hbjax.cli import main
 from hbjax.families import NegativeBinomial, Poisson, make_likelihood
+from hbjax.guide_check import predictive_check
 from hbjax.likelihood import elasticity_log_likelihood, panel_log_likelihood
 from hbjax.minibatch import unit_batch
 
@@ -143,11 +144,16 @@ def test_negative_binomial_fit_recovers_the_dispersion_and_honest_intervals(seed
     covers ~40%."""
     sim = hbjax.simulate(n_units=200, n_periods=52, n_groups=4, seed=seed, dispersion=1 / 3)
     panel, encoding = hbjax.from_frame(sim.frame)
-    results = {}
+    results, flagged = {}, {}
     for likelihood in ("poisson", "negbin"):
         config = hbjax.FitConfig(likelihood=likelihood, progress=False, seed=seed)
         result = hbjax.fit_elasticities(panel, config)
         results[likelihood] = _coverage(hbjax.summarize(result, encoding), sim.truth)
+        check = predictive_check(result.model, result.guide, panel, key=jax.random.key(seed))
+        flagged[likelihood] = check.flagged
+    # the predictive check flags the Poisson fit (its dispersion index is ~20x its
+    # replicas') and passes the negative binomial
+    assert "dispersion_index" in flagged["poisson"] and flagged["negbin"] == [], flagged
     # the truth within 4 posterior sds (a 90% interval misses it for 1 seed in 10)
     dispersion = hbjax.posterior.summarize_dispersion(result)
     assert abs(dispersion["mean"] - 1 / 3) <= 4 * dispersion["sd"], dispersion
@@ -180,13 +186,18 @@ def test_cli_negative_binomial_fit_saves_and_reports_the_dispersion(
     np.testing.assert_allclose(again["q50"], d["q50"], rtol=1e-5)
     prices = pd.DataFrame({"product": list(saved.encoding.units[:2]), "price": [5.0, 6.0]})
     assert (hbjax.predict(saved, saved.encoding, prices)["expected_units"] > 0).all()
-    # a Poisson fit reports no dispersion
-    assert (
-        main(["fit", str(path), "--steps", "30", "--no-progress", "--out", str(tmp_path / "p")])
-        == 0
-    )
-    capsys.readouterr()
-    assert json.loads((tmp_path / "p" / "summary.json").read_text())["dispersion"] is None
+    assert summary["predictive_check"]["likelihood"] == "negbin"
+    # a Poisson fit reports no dispersion, and a warning: the data contradict it
+    poisson = ["--steps", "100", "--no-progress", "--out", str(tmp_path / "p"), "--plots"]
+    assert main(["fit", str(path), *poisson]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the data contradict the poisson model" in err and "--likelihood negbin" in err
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert summary["dispersion"] is None
+    check = summary["predictive_check"]
+    assert check["flagged"] == ["dispersion_index"] and len(check["groups"]) == 3
+    assert check["dispersion_index"]["observed"] > 3 * check["dispersion_index"]["replicated"]
+    assert (tmp_path / "p" / "plots" / "predictive.png").stat().st_size > 0
     assert hbjax.load_fit(tmp_path / "p").info["likelihood"] == "poisson"
 
 
@@ -200,3 +211,17 @@ def test_negative_binomial_minibatch_fit_runs_on_four_devices(overdispersed):
     _, encoding = hbjax.from_frame(overdispersed.frame)
     idata = hbjax.to_arviz(result, encoding, num_samples=50)
     assert idata.posterior["dispersion"].shape == (1, 50)
+
+
+def test_the_predictive_check_passes_a_poisson_fit_of_poisson_counts(recovery_fit):
+    sim, panel, encoding, result = recovery_fit
+    check = predictive_check(result.model, result.guide, panel, key=jax.random.key(1))
+    assert check.flagged == [] and check.verdict.startswith("consistent"), check.verdict
+    row = check.table[
+        (check.table["statistic"] == "dispersion_index") & (check.table["group"] == -1)
+    ]
+    assert 0.8 < float(row["observed"].iloc[0]) < 1.25  # Poisson counts: about 1
+    groups = check.to_dict(encoding.groups)["groups"]
+    assert [g["group"] for g in groups] == list(map(str, encoding.groups))
+    with pytest.raises(ValueError, match="num_draws"):
+        predictive_check(result.model, result.guide, panel, key=jax.random.key(1), num_draws=5)
