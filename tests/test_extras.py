@@ -86,3 +86,28 @@ def test_to_arviz_without_arviz_is_one_line(monkeypatch, recovery_fit):
 def test_installed_versions_names_only_installed_distributions():
     assert extras.installed_versions("jax").startswith("jax ")
     assert extras.installed_versions("no-such-distribution-hbjax") == "none of them installed"
+
+
+def test_the_layers_import_without_pandas_and_every_public_name_resolves(tmp_path):
+    code = """
+    import hbjax.layers, hbjax.families
+    heavy = [m for m in ("pandas", "optax", "tqdm", "pyarrow", "hbjax.fit") if m in sys.modules]
+    assert not heavy, heavy
+    import types
+    import hbjax.posterior  # imports the submodules hbjax.fit and hbjax.simulate's users
+    import hbjax
+    assert callable(hbjax.fit) and not isinstance(hbjax.fit, types.ModuleType)
+    assert callable(hbjax.simulate) and not isinstance(hbjax.simulate, types.ModuleType)
+    for name in hbjax.__all__:
+        assert getattr(hbjax, name) is not None, name
+    assert set(hbjax.__all__) <= set(dir(hbjax))
+    assert hbjax.guide_check.predictive_check and hbjax.stream.write_grid
+    try:
+        hbjax.no_such_name
+    except AttributeError as exc:
+        assert "no_such_name" in str(exc)
+    print("OK")
+    """
+    done = _run(code, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("OK")

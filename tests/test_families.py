@@ -134,7 +134,7 @@ def _coverage(summary, truth):
 
 
 @pytest.mark.filterwarnings("ignore::hbjax.fit.ConvergenceWarning")
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0])  # seeds 0-7 pass (benchmarks/README.md); one here
 def test_negative_binomial_fit_recovers_the_dispersion_and_honest_intervals(seed):
     """On an overdispersed panel (truth known) the Poisson fit's 90% intervals cover far too
     few elasticities; the negative binomial's cover about 90% and its dispersion is the truth's.
@@ -170,7 +170,7 @@ def test_cli_negative_binomial_fit_saves_and_reports_the_dispersion(
     path = tmp_path / "panel.csv"
     overdispersed.frame.to_csv(path, index=False)
     out = tmp_path / "o"
-    flags = ["--likelihood", "negbin", "--steps", "300", "--no-progress", "--out", str(out)]
+    flags = ["--likelihood", "negbin", "--steps", "120", "--no-progress", "--out", str(out)]
     assert main(["fit", str(path), *flags, "--diagnostic-draws", "0"]) == 0
     printed = capsys.readouterr().out
     assert "dispersion phi" in printed
@@ -188,7 +188,7 @@ def test_cli_negative_binomial_fit_saves_and_reports_the_dispersion(
     assert (hbjax.predict(saved, saved.encoding, prices)["expected_units"] > 0).all()
     assert summary["predictive_check"]["likelihood"] == "negbin"
     # a Poisson fit reports no dispersion, and a warning: the data contradict it
-    poisson = ["--steps", "100", "--no-progress", "--out", str(tmp_path / "p"), "--plots"]
+    poisson = ["--steps", "40", "--no-progress", "--out", str(tmp_path / "p"), "--plots"]
     assert main(["fit", str(path), *poisson]) == 0
     err = capsys.readouterr().err
     assert "warning: the data contradict the poisson model" in err and "--likelihood negbin" in err
@@ -204,7 +204,7 @@ def test_cli_negative_binomial_fit_saves_and_reports_the_dispersion(
 @pytest.mark.filterwarnings("ignore::hbjax.fit.ConvergenceWarning")
 def test_negative_binomial_minibatch_fit_runs_on_four_devices(overdispersed):
     panel, _ = hbjax.from_frame(overdispersed.frame)
-    config = hbjax.FitConfig(likelihood="negbin", batch_size=10, steps=200, progress=False)
+    config = hbjax.FitConfig(likelihood="negbin", batch_size=10, steps=80, progress=False)
     result = hbjax.fit_elasticities(panel, config, mesh=hbjax.make_mesh(4))
     d = hbjax.posterior.summarize_dispersion(result)
     assert np.isfinite(result.final_loss) and 0.05 < d["q50"] < 2.0, d
