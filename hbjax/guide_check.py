@@ -111,6 +111,28 @@ def unit_block_moments(
     return mean[:, :k], cov
 
 
+def _block_draws(
+    guide: GaussianGuide,
+    ids: list[int],
+    panel: Panel,
+    num_units: int,
+    num_draws: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A subsample of units and draws of their blocks from the guide's marginals (host).
+
+    Returns ``units [slot]``, the blocks' ``mean [slot, k]`` and Cholesky factors
+    ``[slot, k, k]``, the standard normals ``[draw, slot, k]`` and the draws
+    ``[draw, slot, k]``.
+    """
+    units = _choose_units(panel.n_units, num_units, rng)
+    mean, cov = unit_block_moments(guide, ids, units)
+    chol = np.linalg.cholesky(cov + 1e-12 * np.eye(cov.shape[-1]))
+    eps = rng.standard_normal((num_draws, *mean.shape))
+    blocks = mean + np.einsum("ukl,sul->suk", chol, eps)
+    return units, mean, chol, eps, blocks
+
+
 def _with_blocks(shared: PyTree, ids: list[int], block: jax.Array) -> PyTree:
     """``shared`` (a latents pytree) with its unit leaves replaced by ``block[:, j]``."""
     leaves, treedef = jax.tree.flatten(shared)
@@ -205,11 +227,7 @@ def unit_importance(
         raise ValueError(f"num_draws must be an int >= 50; got {num_draws!r}.")
     # drawn on the host: the check compiles one function, not a sampler too
     rng = np.random.default_rng(seed_from_key(key))
-    units = _choose_units(panel.n_units, num_units, rng)
-    mean, cov = unit_block_moments(guide, ids, units)
-    chol = np.linalg.cholesky(cov + 1e-12 * np.eye(cov.shape[-1]))
-    eps = rng.standard_normal((num_draws, *mean.shape))
-    blocks = mean + np.einsum("ukl,sul->suk", chol, eps)  # [draw, unit, k]
+    units, mean, chol, eps, blocks = _block_draws(guide, ids, panel, num_units, num_draws, rng)
     log_det = np.sum(np.log(np.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
     log_q = np.sum(-0.5 * eps**2, axis=-1) - log_det - mean.shape[-1] * 0.5 * math.log(2 * math.pi)
     log_p = _slot_log_joint(model, guide.mean(), ids, unit_batch(panel, units), blocks)
@@ -525,11 +543,7 @@ def predictive_check(
     if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 20:
         raise ValueError(f"num_draws must be an int >= 20; got {num_draws!r}.")
     rng = np.random.default_rng(seed_from_key(key))
-    units = _choose_units(panel.n_units, num_units, rng)
-    mean, cov = unit_block_moments(guide, ids, units)
-    chol = np.linalg.cholesky(cov + 1e-12 * np.eye(cov.shape[-1]))
-    eps = rng.standard_normal((num_draws, *mean.shape))
-    blocks = mean + np.einsum("ukl,sul->suk", chol, eps)  # [draw, unit, k]
+    units, _, _, _, blocks = _block_draws(guide, ids, panel, num_units, num_draws, rng)
     batch = unit_batch(panel, units)
     shared = guide.mean()
 
