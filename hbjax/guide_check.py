@@ -510,8 +510,8 @@ def predictive_check(
     panel: Panel,
     *,
     key: PRNGKeyArray,
-    num_units: int = 1000,
-    num_draws: int = 50,
+    num_units: int = 500,
+    num_draws: int = 30,
 ) -> PredictiveCheck:
     """A posterior predictive check of the count likelihood on a subsample of units.
 
