@@ -225,18 +225,3 @@ def test_the_predictive_check_passes_a_poisson_fit_of_poisson_counts(recovery_fi
     assert [g["group"] for g in groups] == list(map(str, encoding.groups))
     with pytest.raises(ValueError, match="num_draws"):
         predictive_check(result.model, result.guide, panel, key=jax.random.key(1), num_draws=5)
-
-
-@pytest.mark.filterwarnings("ignore::hbjax.fit.ConvergenceWarning")
-def test_the_predictive_check_is_near_one_for_poisson_counts_of_best_sellers():
-    # ~5,000 units a week on 30 weeks: the observed index stays near 1. The means are drawn
-    # from the posterior: their spread makes up for the fitted means' closeness to the
-    # data, which alone reads 0.79 here (and 0.88-0.91 on 200 x 52 Poisson panels).
-    sim = hbjax.simulate(n_units=60, n_periods=30, n_groups=3, seed=4, mean_units=5000.0)
-    panel, _ = hbjax.from_frame(sim.frame)
-    result = hbjax.fit_elasticities(panel, hbjax.FitConfig(progress=False))
-    check = predictive_check(result.model, result.guide, panel, key=jax.random.key(0))
-    row = check.table[
-        (check.table["statistic"] == "dispersion_index") & (check.table["group"] == -1)
-    ]
-    assert check.flagged == [] and 0.9 < float(row["observed"].iloc[0]) < 1.2, check.verdict
