@@ -567,14 +567,23 @@ def _fit_config(args: argparse.Namespace) -> FitConfig:
         raise UserError(str(exc)) from None
 
 
+#: What a check says where the rows are not in this process.
+_ROWS_ELSEWHERE = {"skipped": "the rows are not in this process (grid folder or several hosts)"}
+
+
+def _rows_at_hand(panel: Panel | GridStore) -> bool:
+    """Whether this process holds the fitted rows (the per-product checks need them)."""
+    return isinstance(panel, Panel) and jax.process_count() == 1
+
+
 def _guide_check(
     result: FitResult, panel: Panel | GridStore, encoding: Encoding, draws: int, seed: int
 ) -> tuple[dict[str, object], str | None]:
     """The per-product importance check where the rows are at hand: report and verdict."""
     if draws == 0:
         return {"skipped": "--diagnostic-draws 0"}, None
-    if not isinstance(panel, Panel) or jax.process_count() > 1:
-        return {"skipped": "the rows are not in this process (grid folder or several hosts)"}, None
+    if not _rows_at_hand(panel):
+        return dict(_ROWS_ELSEWHERE), None
     key = jax.random.fold_in(jax.random.key(seed), 2)
     check = unit_importance(result.model, result.guide, panel, key=key, num_draws=draws)
     return check.to_dict(encoding.units), check.verdict
@@ -584,8 +593,8 @@ def _model_check(
     result: FitResult, panel: Panel | GridStore, encoding: Encoding, seed: int
 ) -> tuple[dict[str, object], PredictiveCheck | None]:
     """The posterior predictive check where the rows are at hand: report and check."""
-    if not isinstance(panel, Panel) or jax.process_count() > 1:
-        return {"skipped": "the rows are not in this process (grid folder or several hosts)"}, None
+    if not _rows_at_hand(panel):
+        return dict(_ROWS_ELSEWHERE), None
     key = jax.random.fold_in(jax.random.key(seed), 3)
     check = predictive_check(result.model, result.guide, panel, key=key)
     return check.to_dict(encoding.groups), check

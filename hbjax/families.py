@@ -53,6 +53,10 @@ class AbstractCountLikelihood(eqx.Module):
         """The reported value of the parameter (``None`` without one)."""
 
     @abc.abstractmethod
+    def starting_scale(self, n_obs: int) -> float | None:
+        """A guide's starting sd for the parameter's latent (``None``: no parameter)."""
+
+    @abc.abstractmethod
     def sample(
         self, rng: np.random.Generator, mean: np.ndarray, parameter: float | None
     ) -> np.ndarray:
@@ -86,6 +90,10 @@ class Poisson(AbstractCountLikelihood):
     def natural(self, z: None) -> None:
         """No parameter."""
         del z
+
+    def starting_scale(self, n_obs: int) -> None:
+        """No parameter."""
+        del n_obs
 
     def sample(
         self, rng: np.random.Generator, mean: np.ndarray, parameter: float | None = None

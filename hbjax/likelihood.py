@@ -32,7 +32,7 @@ def poisson_log_likelihood(log_rate: ObsFloat, counts: ObsFloat, weight: ObsFloa
         counts: observed counts.
         weight: 1 for observed rows, 0 for padding (any non-negative weight is allowed).
     """
-    log_pmf = counts * log_rate - jnp.exp(log_rate) - gammaln(counts + 1.0)
+    log_pmf = Poisson().log_kernel(log_rate, counts) - gammaln(counts + 1.0)
     return jnp.sum(weight * log_pmf)
 
 
@@ -84,8 +84,7 @@ def elasticity_log_likelihood(
     log_rate = elasticity_log_rate(
         unit_elasticity, unit_effect, cell_effect, unit_idx, cell_idx, log_price, clip, price_centre
     )
-    if family is None:
-        return poisson_log_likelihood(log_rate, counts, weight)
+    family = Poisson() if family is None else family
     log_pmf = family.log_kernel(log_rate, counts, parameter) - gammaln(counts + 1.0)
     return jnp.sum(weight * log_pmf)
 

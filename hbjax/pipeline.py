@@ -21,7 +21,7 @@ from . import checkpoint
 from ._types import PyTree
 from .convergence import Convergence
 from .data import Panel
-from .families import LIKELIHOODS, NegativeBinomial
+from .families import LIKELIHOODS
 from .fit import FitResult, default_optimizer, fit
 from .guide import GUIDES, inverse_softplus, make_guide
 from .minibatch import UnitStats, seed_from_key
@@ -239,8 +239,9 @@ def fit_elasticities(
         rank=config.rank,
         key=jax.random.fold_in(key, 1),
     )
-    if isinstance(model.likelihood, NegativeBinomial):  # its sd is far below the usual 0.1
-        scale = model.likelihood.starting_scale(stats.n_units * stats.n_periods)
+    # a likelihood parameter's posterior sd is far below the guides' usual starting 0.1
+    scale = model.likelihood.starting_scale(stats.n_units * stats.n_periods)
+    if scale is not None:
         start = eqx.tree_at(
             lambda guide: guide.raw_scale.dispersion,
             start,
