@@ -47,7 +47,7 @@ from .guide_check import PredictiveCheck, nuts_check, predictive_check, unit_imp
 from .model import HIERARCHIES, INTERCEPT_PRIORS
 from .objectives import GRADIENTS
 from .outputs import AtomicFolder, OutputError, check_file_destination, write_file_atomically
-from .pipeline import DEFAULT_GUIDE, FitConfig, fit_elasticities
+from .pipeline import DEFAULT_GUIDE, SEEDS, FitConfig, fit_elasticities
 from .plots import write_plots
 from .posterior import predict, summarize, summarize_dispersion
 from .saved import SavedFit, load_fit, save_fit
@@ -108,9 +108,9 @@ def _seed(text: str) -> int:
         value = int(text)
     except ValueError:
         value = -1
-    if not 0 <= value < 2**32:
+    if not 0 <= value < SEEDS:
         raise argparse.ArgumentTypeError(
-            f"expected a whole number from 0 to {2**32 - 1}, got {text!r}"
+            f"expected a whole number from 0 to {SEEDS - 1}, got {text!r}"
         )
     return value
 

@@ -37,6 +37,10 @@ DEFAULT_STEPS, DEFAULT_EPOCHS = 20_000, 250
 DEFAULT_GUIDE = "unitblock"
 
 
+#: Seeds are whole numbers below this (what every command and ``FitConfig`` accept).
+SEEDS = 2**32
+
+
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
     """Every choice of the standard elasticity fit (the ``hbjax fit`` flags).
@@ -105,8 +109,8 @@ class FitConfig:
                 )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer):
             raise ValueError(f"seed must be an int; got {self.seed!r}.")
-        if not 0 <= self.seed < 2**32:
-            raise ValueError(f"seed must be from 0 to {2**32 - 1}; got {self.seed}.")
+        if not 0 <= self.seed < SEEDS:
+            raise ValueError(f"seed must be from 0 to {SEEDS - 1}; got {self.seed}.")
         if self.guide == "lowrank" and self.batch_size is not None:
             raise ValueError(
                 "the lowrank guide couples all products and cannot be minibatched; use the "
