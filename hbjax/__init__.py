@@ -18,7 +18,7 @@ _SUBMODULES = frozenset(
         "checkpoint", "cli", "convergence", "data", "diagnostics", "extras", "families",
         "guide", "guide_check", "layers", "likelihood", "loop", "minibatch", "model",
         "objectives", "outputs", "perf", "pipeline", "plots", "posterior", "saved",
-        "sharding", "step", "stream",
+        "parallel", "sharding", "step", "stream", "vi",
     }
 )  # fmt: skip
 
@@ -36,7 +36,10 @@ _EXPORTS = {
          "UnitBlockNormal", "make_guide"], "guide"),
     **dict.fromkeys(["elasticity_log_likelihood", "poisson_log_likelihood"], "likelihood"),
     **dict.fromkeys(["UnitBatch", "UnitSampler", "UnitStats"], "minibatch"),
-    **dict.fromkeys(["AbstractModel", "ElasticityLatents", "ElasticityModel"], "model"),
+    **dict.fromkeys(["ElasticityLatents", "ElasticityModel"], "model"),
+    **dict.fromkeys(["AbstractModel", "AbstractUnitBatch", "AbstractUnitModel"], "vi.model"),
+    **dict.fromkeys(
+        ["AbstractRowModel", "RowBatch", "RowSampler", "UnitRows", "shard_rows"], "parallel.rows"),
     **dict.fromkeys(["elbo", "log_weights", "renyi_bound", "renyi_elbo"], "objectives"),
     **dict.fromkeys(["FitConfig", "fit_elasticities"], "pipeline"),
     **dict.fromkeys(

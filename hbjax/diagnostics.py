@@ -25,8 +25,8 @@ import numpy as np
 
 from ._types import PRNGKeyArray, PyTree
 from .guide import AbstractGuide
-from .model import AbstractModel
 from .objectives import log_weights
+from .vi.model import AbstractModel
 
 #: ``k`` thresholds of the verdict (Vehtari et al. 2024, section 3).
 K_GOOD, K_OK = 0.5, 0.7

@@ -29,10 +29,11 @@ from .data import Panel
 from .guide import AbstractGuide
 from .loop import Checkpoints, FullBatch, Minibatches, Outcome, run
 from .minibatch import UnitSampler, seed_from_key
-from .model import AbstractModel
 from .objectives import default_objective
+from .parallel.rows import AbstractRowModel, RowSampler, UnitRows, shard_rows
 from .sharding import make_mesh, shard_panel, to_host
 from .step import SVI, Objective
+from .vi.model import AbstractModel, AbstractUnitModel
 
 
 class ConvergenceWarning(UserWarning):
@@ -176,7 +177,9 @@ def fit(
     Args:
         model: the model.
         guide: the starting guide (e.g. ``MeanFieldNormal.from_shapes(...)``).
-        panel: the data (host or device arrays).
+        panel: the data: a :class:`~hbjax.Panel` (the elasticity model), host
+            :class:`~hbjax.UnitRows` (an :class:`~hbjax.AbstractRowModel` of your own:
+            sharded and minibatched like a panel), or any pytree of arrays (one device).
         key: PRNG key; step ``i`` uses ``jax.random.fold_in(key, i)``.
         steps: the most optimisation steps (the fit stops earlier once converged).
         optimizer: any ``optax.GradientTransformation``; default :func:`default_optimizer`.
@@ -186,9 +189,9 @@ def fit(
         chunk_size: steps per compiled ``lax.scan`` call (the progress bar's granularity).
         progress: show a tqdm progress bar with iterations/s and the running loss.
         mesh: split a host panel over this mesh (:func:`hbjax.make_mesh`; default: one
-            device) with :func:`hbjax.shard_panel`, in the model's ``panel_layout()``; a panel
-            already placed keeps its mesh and layout. Parameters are replicated; the result
-            does not depend on the number of devices.
+            device) with :func:`hbjax.shard_panel`, in the model's ``panel_layout()``, or
+            host rows with :func:`hbjax.shard_rows`; placed data keeps its mesh and layout.
+            Parameters are replicated; the result does not depend on the number of devices.
         callback: called after each chunk as ``callback(steps_done, guide)`` with a host
             copy of the reported guide (averaged once averaging began; e.g. to track
             recovery); its time is not counted in the fit's timings.
@@ -198,7 +201,9 @@ def fit(
             weights them so that log weights are unbiased, and updates the drawn units'
             guide parameters and every shared one; the optimiser state of units not drawn
             is left as it was (lazy Adam). ``panel`` must be a host :class:`~hbjax.Panel`
-            (or a :class:`hbjax.minibatch.UnitSampler`, e.g. a memory-mapped grid from
+            or host :class:`~hbjax.UnitRows` with an :class:`~hbjax.AbstractUnitModel`
+            (:class:`~hbjax.AbstractRowModel` for rows), or a
+            :class:`hbjax.minibatch.UnitSampler` (e.g. a memory-mapped grid from
             ``UnitSampler.load``, with ``batch_size`` left out): it stays on the host and
             chunks of batches go to the devices, each prepared while the previous one
             runs. The default optimiser's decay is then per epoch (``transition_steps =
@@ -256,9 +261,8 @@ def fit(
         sampler = _sampler(model, guide, panel, batch_size, mesh, key, steps, chunk_size)
         source: FullBatch | Minibatches = Minibatches(sampler)
         mesh, per_epoch = sampler.mesh, sampler.steps_per_epoch
-        # one batch is ~ units x (9 bytes per period + 16): at most _CHUNK_BYTES per chunk
-        per_step = sampler.batch_size * (sampler.n_periods * 9 + 16)
-        chunk = max(1, min(chunk_size, steps, _CHUNK_BYTES // per_step))
+        # at most _CHUNK_BYTES of batches per chunk
+        chunk = max(1, min(chunk_size, steps, _CHUNK_BYTES // sampler.bytes_per_step))
         # once per epoch, and no more often than a full-batch fit checks
         every = max(per_epoch, convergence.check_every if convergence is not None else 1)
         check_every = chunk * math.ceil(every / chunk)
@@ -368,18 +372,28 @@ _CHUNK_BYTES = 64 * 2**20
 
 
 def _place(model: AbstractModel, panel: PyTree, mesh: Mesh | None) -> tuple[PyTree, Mesh | None]:
-    """A host panel split over ``mesh`` (default one device) in the model's layout.
+    """Host data split over ``mesh``: a panel in the model's layout, rows in blocks of units.
 
-    A placed panel keeps its mesh; custom data goes to the default device.
+    A host :class:`~hbjax.Panel` goes to one device without a mesh; host
+    :class:`~hbjax.UnitRows` and other data stay unplaced without one. Placed data keeps
+    its mesh.
     """
     if isinstance(panel, Panel) and panel.mesh is None:
         mesh = mesh if mesh is not None else make_mesh(1)
         return shard_panel(panel, mesh, layout=model.panel_layout()), mesh
+    if isinstance(panel, UnitRows) and panel.mesh is None:
+        if mesh is None:
+            return jax.device_put(panel), None
+        return shard_rows(panel, mesh), mesh
     placed_on = getattr(panel, "mesh", None)
     if placed_on is not None:
         return panel, placed_on
     if mesh is not None:
-        raise TypeError("fit(..., mesh=...) shards an hbjax Panel; got custom data.")
+        raise TypeError(
+            "fit(..., mesh=...) splits an hbjax Panel or UnitRows over the devices; got "
+            f"{type(panel).__name__}. Put your data in hbjax.UnitRows (rows of whole units) "
+            "and write the model as an hbjax.AbstractRowModel."
+        )
     return jax.device_put(panel), None
 
 
@@ -392,7 +406,7 @@ def _sampler(
     key: PRNGKeyArray,
     steps: int,
     chunk_size: int,
-) -> UnitSampler:
+) -> UnitSampler | RowSampler:
     """The minibatch sampler of a host panel (or the one given), checked."""
     if isinstance(panel, UnitSampler):  # e.g. UnitSampler.load: a memory-mapped grid
         if batch_size is not None and batch_size != panel.batch_size:
@@ -403,19 +417,27 @@ def _sampler(
         stand_in = (np.zeros(1, np.float32),)  # for the argument checks
         _check_fit_arguments(model, guide, stand_in, steps, chunk_size)
         sampler = panel
-    elif not isinstance(panel, Panel) or panel.mesh is not None:
+    elif not isinstance(panel, Panel | UnitRows) or panel.mesh is not None:
         raise TypeError(
             "fit(..., batch_size=...) takes a host Panel (from hbjax.from_frame or "
-            "read_process_panel), not a placed one: the full panel stays on the host."
+            "read_process_panel) or host hbjax.UnitRows, not placed ones: the full data "
+            "stays on the host."
         )
     else:
         _check_fit_arguments(model, guide, panel, steps, chunk_size)
         sampler = None
-    if model.unit_leaves() is None:
+    if not isinstance(model, AbstractUnitModel):
         raise TypeError(
-            f"{type(model).__name__} does not declare unit_leaves(): it cannot be minibatched; "
-            "fit it without batch_size."
+            f"{type(model).__name__} is not an hbjax.AbstractUnitModel (it declares no unit "
+            "latents): it cannot be minibatched; fit it without batch_size."
         )
+    if isinstance(panel, UnitRows):
+        if not isinstance(model, AbstractRowModel):
+            raise TypeError(
+                f"minibatches of UnitRows need an hbjax.AbstractRowModel; "
+                f"{type(model).__name__} is not one."
+            )
+        return RowSampler(panel, batch_size, mesh=mesh, seed=seed_from_key(key))
     if sampler is None:
         sampler = UnitSampler(panel, batch_size, mesh=mesh, seed=seed_from_key(key))
     return sampler

@@ -46,7 +46,7 @@ from .diagnostics import K_OK, psis
 from .extras import optional_import
 from .guide import GaussianGuide, linear_moments
 from .minibatch import seed_from_key, unit_batch
-from .model import AbstractModel
+from .vi.model import AbstractModel, AbstractUnitModel
 
 #: A unit check is "good" when at most this share of units has ``k >= 0.7``.
 GOOD_SHARE = 0.05
@@ -65,9 +65,9 @@ def _check_inputs(model: AbstractModel, guide: object, panel: object) -> list[in
         )
     if not isinstance(panel, Panel) or panel.mesh is not None:
         raise TypeError("the unit checks take the host Panel (from hbjax.from_frame).")
+    if not isinstance(model, AbstractUnitModel):
+        raise ValueError(f"{type(model).__name__} declares no unit latents: nothing per unit.")
     flags = model.unit_leaves()
-    if flags is None:
-        raise ValueError(f"{type(model).__name__} declares no unit_leaves(): nothing per unit.")
     return [i for i, flag in enumerate(jax.tree.leaves(flags)) if flag]
 
 

@@ -62,6 +62,11 @@ class AbstractEffect(eqx.Module):
         """Log density of ``z`` under its N(0, 1) prior."""
         return standard_normal_log_prob(z)
 
+    def log_prior_terms(self, z: Float[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
+        """Each entry's N(0, 1) log density (e.g. a model's per-unit prior terms)."""
+        z = jnp.asarray(z)
+        return -0.5 * z * z - HALF_LOG_2PI
+
 
 class Normal(AbstractEffect):
     """An effect with prior ``N(loc, scale)``: ``value = loc + scale * z``.
@@ -114,3 +119,9 @@ class Nested(AbstractEffect):
         """Natural-scale value given the parent's natural-scale value."""
         centre = parent if self.index is None else parent[self.index]
         return centre + self.scale * z
+
+    def restrict(self, units: Int[Array, " slot"]) -> Nested:
+        """The effect of the elements at ``units`` only (a minibatch of units)."""
+        if self.index is None:
+            return Nested(self.scale, shape=(units.shape[0], *self.shape[1:]))
+        return Nested(self.scale, index=self.index[units])

@@ -21,7 +21,8 @@ from jax.sharding import PartitionSpec as P
 from ._types import Array, Bool, CellFloat, Float, Int, ObsFloat, ObsInt, Scalar, UnitFloat
 from .data import DensePanel, Panel
 from .families import AbstractCountLikelihood, Poisson
-from .sharding import DATA_AXIS
+from .parallel.blocks import DATA_AXIS
+from .parallel.blocks import sum_over_blocks as _sum_over_blocks
 
 
 def poisson_log_likelihood(log_rate: ObsFloat, counts: ObsFloat, weight: ObsFloat) -> Scalar:
@@ -149,16 +150,6 @@ def _per_block_segment_sum(
         values, ids, n_blocks * num_segments, indices_are_sorted=indices_are_sorted
     )
     return sums.reshape(n_blocks, -1)
-
-
-def _sum_over_blocks(partials: Float[Array, " block *rest"]) -> Float[Array, "*rest"]:
-    """Gather every device's per-block partials and sum them in block order.
-
-    The same reduction, of the same shape, runs whatever the device count: the sum over
-    blocks does not depend on how blocks are spread over devices.
-    """
-    gathered = jax.lax.all_gather(partials, DATA_AXIS, tiled=True, to="invarying")
-    return jnp.sum(gathered, axis=0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))

@@ -33,6 +33,7 @@ from ._types import PRNGKeyArray, PyTree
 from .convergence import Convergence, Monitor, Status, Watch
 from .guide import AbstractGuide
 from .minibatch import UnitSampler
+from .parallel.rows import RowSampler
 from .sharding import replicate, to_host
 from .step import _TRUE, SVI, SVIState, start_averaging
 
@@ -57,7 +58,7 @@ class FullBatch:
 class Minibatches:
     """Chunks of a sampler's batches, the next drawn and sent while the current one runs."""
 
-    def __init__(self, sampler: UnitSampler):
+    def __init__(self, sampler: UnitSampler | RowSampler):
         self.sampler, self.data = sampler, None
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self.upcoming: concurrent.futures.Future | None = None

@@ -33,7 +33,8 @@ from jax.sharding import PartitionSpec as P
 from ._types import AnyArray, Array, Bool, Float, Int, Scalar
 from .data import Panel
 from .families import AbstractCountLikelihood, Poisson
-from .likelihood import _sum_over_blocks
+from .parallel.blocks import draw_units
+from .parallel.blocks import sum_over_blocks as _sum_over_blocks
 from .sharding import (
     DATA_AXIS,
     ShardingError,
@@ -44,9 +45,10 @@ from .sharding import (
     make_mesh,
     plan_blocks,
 )
+from .vi.model import AbstractUnitBatch, units_in_batch
 
 
-class UnitBatch(eqx.Module):
+class UnitBatch(AbstractUnitBatch):
     """One minibatch of whole units on a [slot, period] grid, split over ``"data"``.
 
     Slots come in ``n_blocks`` equal runs, one per block of the sharding plan (a chunk
@@ -272,13 +274,6 @@ def unit_batch(panel: Panel, units: Int[np.ndarray, " slot"]) -> UnitBatch:
     )
 
 
-def units_in_batch(batch: UnitBatch) -> Bool[Array, " unit"]:
-    """``[unit]`` whether each unit is in the batch (with a non-zero weight)."""
-    present = (jnp.asarray(batch.weight) > 0).astype(jnp.float32)
-    hits = jnp.zeros(batch.n_units, jnp.float32).at[batch.unit].max(present)
-    return hits > 0
-
-
 class UnitSampler:
     """Draws :class:`UnitBatch` es from a panel held in host memory.
 
@@ -444,22 +439,12 @@ class UnitSampler:
 
     def host_batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's slots of step ``step``'s batch, as host arrays."""
-        picks, weights = [], []
-        for b in self.local:
-            lo, hi = int(self.units[b]), int(self.units[b + 1])
-            n = hi - lo
-            rng = np.random.default_rng((self.seed, int(step), b))
-            take = min(self.per_block, n)
-            chosen = np.sort(rng.choice(n, size=take, replace=False)) + lo if n else np.zeros(0)
-            pad = np.full(self.per_block - take, max(hi - 1, 0))
-            picks.append(np.r_[chosen, pad].astype(np.int64))
-            weights.append(np.r_[np.full(take, n / max(take, 1)), np.zeros(len(pad))])
-        unit = np.concatenate(picks)
+        unit, weight = draw_units(self.units, self.local, self.per_block, self.seed, step)
         local = unit - self.first_unit
         return {
             "unit": unit.astype(np.int32),
             "group": self.unit_group[unit].astype(np.int32),
-            "weight": np.concatenate(weights).astype(np.float32),
+            "weight": weight,
             "log_price": np.asarray(self.grid["log_price"][local]),
             "counts": np.asarray(self.grid["counts"][local]),
             "observed": np.asarray(self.grid["observed"][local]),
@@ -497,6 +482,11 @@ class UnitSampler:
             n_blocks=self.n_blocks,
             mesh=self.mesh,
         )
+
+    @property
+    def bytes_per_step(self) -> int:
+        """Bytes of one step's batch (~9 per cell and 16 per slot)."""
+        return self.batch_size * (self.n_periods * 9 + 16)
 
     def host_bytes(self) -> int:
         """Bytes of this process's host grid (what never goes to the devices whole)."""

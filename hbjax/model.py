@@ -1,19 +1,17 @@
-"""Models: a prior over latents (built from layers) and a log-likelihood of a panel.
+"""The article's elasticity model (:class:`ElasticityModel`) and its latents.
 
-A model is an Equinox module whose latents' structure is declared up front
-(:meth:`AbstractModel.latent_shapes`), so a guide can be built before any data is seen.
-``log_joint(latents, panel)`` is a pure scalar function of one set of latents.
+The interface every model implements, and the capability of minibatched models, live in
+:mod:`hbjax.vi.model` (:class:`~hbjax.AbstractModel`, :class:`~hbjax.AbstractUnitModel`).
 """
 
 from __future__ import annotations
 
-import abc
 import math
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float, Int, PyTree, Scalar
+from jaxtyping import Array, ArrayLike, Float, Int, Scalar
 
 from ._types import LatentLeaf, UnitInt
 from .data import DensePanel, Panel
@@ -27,87 +25,9 @@ from .minibatch import (
     slot_log_likelihood,
     slot_log_rate,
 )
+from .vi.model import AbstractUnitModel
 
 _LOG_2PI = math.log(2 * math.pi)  # two standard normals per slot: 2 x log(2 pi) / 2
-
-
-class AbstractModel(eqx.Module):
-    """Interface of a model: latent structure, prior, likelihood, natural-scale values.
-
-    The data argument (``panel``) is a :class:`~hbjax.Panel` for hbjax's models and any
-    pytree of arrays for a model of your own.
-    """
-
-    @abc.abstractmethod
-    def latent_shapes(self) -> PyTree[jax.ShapeDtypeStruct]:
-        """Structure, shapes and dtypes of the (non-centred) latents."""
-
-    @abc.abstractmethod
-    def log_prior(self, latents: PyTree[Float[Array, "..."]]) -> Scalar:
-        """Log prior density of one set of latents."""
-
-    @abc.abstractmethod
-    def log_likelihood(self, latents: PyTree[Float[Array, "..."]], panel: PyTree) -> Scalar:
-        """Log-likelihood of the panel given one set of latents."""
-
-    def log_joint(self, latents: PyTree[Float[Array, "..."]], panel: PyTree) -> Scalar:
-        """``log p(latents) + log p(panel | latents)``."""
-        return self.log_prior(latents) + self.log_likelihood(latents, panel)
-
-    def natural(self, latents: PyTree[Float[Array, "..."]]) -> PyTree[Float[Array, "..."]]:
-        """Latents on the natural (reported) scale; the identity unless overridden."""
-        return latents
-
-    def panel_layout(self) -> str:
-        """The layout :func:`hbjax.shard_panel` should give this model's panels."""
-        return "auto"
-
-    def init_latents(self, panel: PyTree) -> PyTree[Float[Array, "..."]]:
-        """A starting point for a guide's location; zeros unless overridden."""
-        del panel
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.latent_shapes())
-
-    def unit_leaves(self) -> PyTree[bool] | None:
-        """Which latent leaves are per unit (unit axis last): what minibatching subsamples.
-
-        ``None`` (the default): the model cannot be minibatched.
-        """
-        return None
-
-    def reported_leaves(self) -> PyTree[bool]:
-        """Which latent leaves carry what a fit reports: the convergence check watches them.
-
-        Every leaf by default; a model with nuisance latents narrows it.
-        """
-        return jax.tree.map(lambda _: True, self.latent_shapes())
-
-    def slot_log_joint(
-        self, latents: PyTree[Float[Array, "..."]], batch: UnitBatch
-    ) -> Float[Array, " slot"]:
-        """Each slot's own terms of the log joint, unweighted.
-
-        ``log p(z_i | shared) + log p(rows of unit i | z_i, shared)`` for the unit latents
-        ``z_i`` of each slot.
-
-        ``latents`` as in :meth:`batch_log_joint` (unit leaves ``[slot]``), ``batch``
-        unplaced (:func:`hbjax.minibatch.unit_batch`). The per-unit guide checks of
-        :mod:`hbjax.guide_check` need it; the default raises ``NotImplementedError``.
-        """
-        raise NotImplementedError(
-            f"{type(self).__name__} does not implement slot_log_joint: the per-unit guide "
-            "checks need each unit's own log-joint terms."
-        )
-
-    def batch_log_joint(self, latents: PyTree[Float[Array, "..."]], batch: UnitBatch) -> Scalar:
-        """Unbiased estimate of :meth:`log_joint` from a :class:`~hbjax.minibatch.UnitBatch`.
-
-        ``latents`` hold the batch's slots in the unit leaves (:meth:`unit_leaves`); each
-        slot's prior and likelihood terms are weighted by ``batch.weight``.
-        """
-        raise NotImplementedError(
-            f"{type(self).__name__} does not implement batch_log_joint: it cannot be "
-            "minibatched; fit it without batch_size."
-        )
 
 
 class ElasticityLatents(eqx.Module):
@@ -134,7 +54,7 @@ class ElasticityLatents(eqx.Module):
     dispersion: Float[LatentLeaf, "*p"] | None = None
 
 
-class ElasticityModel(AbstractModel):
+class ElasticityModel(AbstractUnitModel):
     """The article's model of log demand.
 
     ``log E[units_it] = beta_i log(price_it) + gamma_{c(i),t} + delta_i``, Poisson counts, with

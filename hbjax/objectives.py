@@ -41,8 +41,7 @@ import jax.numpy as jnp
 
 from ._types import ParticleFloat, PRNGKeyArray, PyTree, Scalar
 from .guide import AbstractGuide
-from .minibatch import UnitBatch
-from .model import AbstractModel
+from .vi.model import AbstractModel, AbstractUnitBatch, AbstractUnitModel
 
 #: How particles go through the model (:func:`map_particles`).
 PARTICLE_MAPS = ("auto", "sequential", "vectorized")
@@ -85,7 +84,7 @@ def log_weights(
     reach them only through the particles): stick-the-landing and DReG.
     ``particle_map``: how the particles go through the model (:func:`map_particles`).
     """
-    if isinstance(panel, UnitBatch):  # a minibatch: unbiased estimates of the full weights
+    if isinstance(panel, AbstractUnitBatch):  # a minibatch: unbiased estimates of the full weights
         return batch_log_weights(
             model,
             guide,
@@ -118,7 +117,7 @@ def _draw(
 def batch_log_weights(
     model: AbstractModel,
     guide: AbstractGuide,
-    batch: UnitBatch,
+    batch: AbstractUnitBatch,
     *,
     key: PRNGKeyArray,
     num_particles: int,
@@ -133,11 +132,11 @@ def batch_log_weights(
     log weight is its full-data log weight; the ELBO (``alpha = 1``) is then unbiased,
     while a bound with ``alpha < 1`` takes a log-mean-exp of estimates and is not.
     """
-    unit_leaves = model.unit_leaves()
-    if unit_leaves is None:
+    if not isinstance(model, AbstractUnitModel):
         raise TypeError(
-            f"{type(model).__name__} does not declare unit_leaves(): it cannot be minibatched."
+            f"{type(model).__name__} is not an hbjax.AbstractUnitModel: it cannot be minibatched."
         )
+    unit_leaves = model.unit_leaves()
     weights = jax.tree.map(lambda is_unit: batch.weight if is_unit else 1.0, unit_leaves)
     local = guide.restrict(batch.unit, unit_leaves)
     particles, log_q = _draw(local, num_particles, key=key, stop_score=stop_score, weights=weights)

@@ -19,15 +19,13 @@ import dataclasses
 import os
 import socket
 import time
-from collections.abc import Sequence
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ._types import PyTree
 from .data import (
     DensePanel,
     Encoding,
@@ -39,116 +37,20 @@ from .data import (
     read_table,
 )
 
-#: The mesh axis along which observation rows are split.
-DATA_AXIS = "data"
+# the parallel core's names, also reachable here (hbjax.sharding is their historical home)
+from .parallel.blocks import DATA_AXIS as DATA_AXIS
+from .parallel.blocks import ShardingError as ShardingError
+from .parallel.blocks import (
+    _block_rows,
+    _local_blocks,
+)
+from .parallel.blocks import default_block_count as default_block_count
+from .parallel.blocks import make_mesh as make_mesh
+from .parallel.blocks import plan_blocks as plan_blocks
+from .parallel.blocks import replicate as replicate
+from .parallel.blocks import to_host as to_host
 
 _OBS_FIELDS = ("unit_idx", "cell_idx", "log_price", "counts", "weight")
-
-
-class ShardingError(ValueError):
-    """A device or multi-host configuration that cannot work; the message says the fix."""
-
-
-def make_mesh(devices: int | Sequence[jax.Device] | None = None) -> Mesh:
-    """A one-axis (``"data"``) mesh over ``devices``.
-
-    Args:
-        devices: ``None`` for all devices (of every process), a number ``n`` for the
-            first ``n``, or the devices themselves.
-
-    Raises:
-        ShardingError: more devices asked for than exist.
-    """
-    available = jax.devices()
-    if devices is None:
-        chosen = available
-    elif isinstance(devices, int) and not isinstance(devices, bool):
-        if not 1 <= devices <= len(available):
-            raise ShardingError(
-                f"asked for {devices} devices but {len(available)} "
-                f"{jax.default_backend()} device(s) exist; use --devices 1..{len(available)} "
-                "or 'all' (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N "
-                "before starting Python gives N virtual devices)."
-            )
-        chosen = available[:devices]
-    else:
-        chosen = list(devices)
-        if not chosen:
-            raise ShardingError("the device list is empty.")
-    return jax.make_mesh((len(chosen),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=chosen)
-
-
-#: Block counts tried in order: 24 first (divisible by 1, 2, 3, 4, 6, 8, 12, 24), larger ones
-#: for device counts 24 does not cover, smaller ones for small panels. Few blocks keep the
-#: per-block partial sums (what makes results independent of the device count) cheap.
-BLOCK_COUNTS = (24, 48, 120, 240, 480, 960, 12, 6, 4, 2, 1)
-_MIN_UNITS_PER_BLOCK = 4
-_MAX_CELL_PARTIALS = 2**22  # floats in the [blocks, cells] gradient partials
-
-
-def default_block_count(n_units: int, n_cells: int, n_devices: int) -> int:
-    """How many blocks of whole units to cut a panel into for ``n_devices`` devices.
-
-    The first of :data:`BLOCK_COUNTS` that ``n_devices`` divides, with at least four units
-    per block and ``blocks * n_cells`` below 4M floats. The count depends on the device
-    count only through divisibility: fits of one panel on 1, 2, 3, 4, 6, 8, 12 or 24
-    devices use the same 24 blocks (and give bitwise-identical results on CPU for 2 or more
-    devices).
-    """
-    for count in BLOCK_COUNTS:
-        if (
-            count % n_devices == 0
-            and n_units >= _MIN_UNITS_PER_BLOCK * count
-            and count * n_cells <= _MAX_CELL_PARTIALS
-        ):
-            return count
-    return n_devices
-
-
-def plan_blocks(unit_rows: np.ndarray, n_blocks: int) -> np.ndarray:
-    """Cut units ``0..n_units-1`` into ``n_blocks`` contiguous runs balanced by rows.
-
-    Args:
-        unit_rows: ``[unit]`` rows of each unit.
-        n_blocks: number of blocks.
-
-    Returns:
-        ``[n_blocks + 1]`` unit offsets: block ``b`` holds units ``[out[b], out[b + 1])``.
-        Each cut falls at the unit boundary nearest to an equal split of the rows.
-    """
-    unit_rows = np.asarray(unit_rows, dtype=np.int64)
-    ends = np.cumsum(unit_rows)  # rows before the end of each unit
-    starts = np.r_[0, ends]  # rows before unit u, for u = 0..n_units
-    targets = np.arange(1, n_blocks) * starts[-1] / n_blocks
-    right = np.clip(np.searchsorted(starts, targets), 0, len(starts) - 1)
-    left = np.clip(right - 1, 0, len(starts) - 1)
-    nearest = np.where(targets - starts[left] <= starts[right] - targets, left, right)
-    cuts = np.maximum.accumulate(nearest) if n_blocks > 1 else np.zeros(0, np.int64)
-    return np.r_[0, cuts, len(unit_rows)].astype(np.int64)
-
-
-def _block_rows(unit_rows: np.ndarray, units: np.ndarray) -> np.ndarray:
-    """Rows of each block, from the unit offsets of :func:`plan_blocks`."""
-    starts = np.r_[0, np.cumsum(np.asarray(unit_rows, dtype=np.int64))]
-    return np.diff(starts[units])
-
-
-def _device_blocks(mesh: Mesh, n_blocks: int) -> list[range]:
-    """Blocks held by each device of the mesh, in mesh order."""
-    per_device = n_blocks // mesh.devices.size
-    return [range(i * per_device, (i + 1) * per_device) for i in range(mesh.devices.size)]
-
-
-def _local_blocks(mesh: Mesh, n_blocks: int) -> list[int]:
-    """Blocks held by this process's devices, in mesh order."""
-    blocks = _device_blocks(mesh, n_blocks)
-    mine = [
-        b
-        for device, device_blocks in zip(mesh.devices.flat, blocks, strict=True)
-        if device.process_index == jax.process_index()
-        for b in device_blocks
-    ]
-    return mine
 
 
 def _block_count(panel: Panel, mesh: Mesh, n_blocks: int | None) -> int:
@@ -460,42 +362,6 @@ def read_process_panel(
     )
     panel, _ = from_frame(own, **encoding.columns, encoding=encoding)
     return dataclasses.replace(panel, unit_rows=unit_rows, n_blocks=n_blocks), encoding
-
-
-def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
-    """Place every array leaf of ``tree`` on every device of ``mesh`` (``P()``).
-
-    Each process passes the same values (e.g. a guide built from the same seed).
-    """
-    replicated = NamedSharding(mesh, P())
-
-    def place(x: object) -> object:
-        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            data = place(jax.random.key_data(x))
-            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already global
-            return jax.device_put(x, replicated)
-        if isinstance(x, jax.Array | np.ndarray | np.generic):
-            return jax.make_array_from_process_local_data(replicated, np.asarray(x))
-        return x
-
-    return jax.tree.map(place, tree)
-
-
-def to_host(tree: PyTree) -> PyTree:
-    """Replicated arrays → ordinary single-device arrays (this process's first copy).
-
-    Results then combine freely with other arrays, whatever mesh they were fitted on.
-    """
-
-    def local(x: object) -> object:
-        if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
-            if not x.sharding.is_fully_replicated:
-                raise ValueError("to_host takes replicated arrays; gather sharded ones first.")
-            return x.addressable_data(0)
-        return x
-
-    return jax.tree.map(local, tree)
 
 
 def all_processes_agree(ok: bool) -> bool:  # noqa: FBT001

@@ -5,7 +5,7 @@
 >>> state, info = svi.step(state, batch, key)
 
 ``batch`` is whatever the objective takes: a placed panel (full batch, 1..N devices, many
-hosts) or a :class:`~hbjax.minibatch.UnitBatch` (whole-unit minibatches). For a
+hosts) or a batch of whole units (:class:`~hbjax.AbstractUnitBatch`). For a
 minibatch, only the drawn units' parameters and their optimiser state move
 (:func:`lazy_units`, an optax-style wrapper); shared parameters move every step.
 
@@ -28,8 +28,7 @@ import optax
 
 from ._types import Bool, Int, PRNGKeyArray, PyTree, Scalar
 from .guide import AbstractGuide
-from .minibatch import UnitBatch, units_in_batch
-from .model import AbstractModel
+from .vi.model import AbstractModel, AbstractUnitBatch, units_in_batch
 
 #: A loss to minimise: ``objective(model, guide, batch, *, key) -> scalar``.
 Objective = Callable[..., Scalar]
@@ -159,7 +158,7 @@ class SVI(eqx.Module):
         loss, grads = eqx.filter_value_and_grad(loss_fn)(state.guide)
         params = eqx.filter(state.guide, eqx.is_inexact_array)
         extra = {}
-        if isinstance(batch, UnitBatch):
+        if isinstance(batch, AbstractUnitBatch):
             unit_leaves = model.unit_leaves()
             extra["update_mask"] = state.guide.unit_update_mask(units_in_batch(batch), unit_leaves)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, params, **extra)
