@@ -31,7 +31,11 @@ class SchoolLatents(eqx.Module):
 
 
 class SchoolModel(hbjax.AbstractRowModel):
-    """score = a_s + b_s (hours - 5) + N(0, sigma); a_s ~ N(a_d, 3); a_d ~ N(a, 5); b_s ~ N(0.3, 0.2)."""
+    """score = a_s + b_s (hours - 5) + N(0, sigma).
+
+    School intercepts ``a_s ~ N(a_d, 3)`` around their district's ``a_d ~ N(a, 5)``;
+    slopes ``b_s ~ N(0.3, 0.2)``.
+    """
 
     overall: layers.Normal
     slope: layers.Normal
