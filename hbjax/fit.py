@@ -426,10 +426,10 @@ def _sampler(
     else:
         _check_fit_arguments(model, guide, panel, steps, chunk_size)
         sampler = None
-    if not isinstance(model, AbstractUnitModel):
+    if not isinstance(model, AbstractUnitModel) or model.unit_leaves() is None:
         raise TypeError(
-            f"{type(model).__name__} is not an hbjax.AbstractUnitModel (it declares no unit "
-            "latents): it cannot be minibatched; fit it without batch_size."
+            f"{type(model).__name__} is not an hbjax.AbstractUnitModel declaring its unit "
+            "latents (unit_leaves): it cannot be minibatched; fit it without batch_size."
         )
     if isinstance(panel, UnitRows):
         if not isinstance(model, AbstractRowModel):

@@ -88,9 +88,9 @@ def test_installed_versions_names_only_installed_distributions():
     assert extras.installed_versions("no-such-distribution-hbjax") == "none of them installed"
 
 
-def test_the_layers_import_without_pandas_and_every_public_name_resolves(tmp_path):
+def test_the_layers_core_and_rows_import_without_pandas_and_every_public_name_resolves(tmp_path):
     code = """
-    import hbjax.layers, hbjax.families
+    import hbjax.layers, hbjax.families, hbjax.vi.model, hbjax.parallel.rows
     heavy = [m for m in ("pandas", "optax", "tqdm", "pyarrow", "hbjax.fit") if m in sys.modules]
     assert not heavy, heavy
     import types

@@ -177,13 +177,28 @@ def test_placed_panels_and_models_without_unit_leaves_are_refused(mini):
             model, guide, placed, key=jax.random.key(0), steps=1, batch_size=8, progress=False
         )
 
-    class Plain(hbjax.ElasticityModel):
+    class Plain(hbjax.AbstractModel):  # the same model without the minibatch capability
+        inner: hbjax.ElasticityModel
+
+        def latent_shapes(self):  # noqa: ANN202
+            return self.inner.latent_shapes()
+
+        def log_prior(self, z):  # noqa: ANN001, ANN202
+            return self.inner.log_prior(z)
+
+        def log_likelihood(self, z, data):  # noqa: ANN001, ANN202
+            return self.inner.log_likelihood(z, data)
+
+    class Undeclared(hbjax.ElasticityModel):  # a unit model that declares no unit leaves
         def unit_leaves(self):  # noqa: ANN202
             return None
 
-    plain = Plain(panel.unit_group, panel.n_groups, panel.n_periods)
-    with pytest.raises(TypeError, match="cannot be minibatched"):
-        hbjax.fit(plain, guide, panel, key=jax.random.key(0), steps=1, batch_size=8, progress=False)
+    undeclared = Undeclared(panel.unit_group, panel.n_groups, panel.n_periods)
+    for plain in (Plain(model), undeclared):
+        with pytest.raises(TypeError, match="cannot be minibatched"):
+            hbjax.fit(
+                plain, guide, panel, key=jax.random.key(0), steps=1, batch_size=8, progress=False
+            )
 
 
 def test_memory_mapped_grid_gives_the_same_batches(mini, tmp_path):

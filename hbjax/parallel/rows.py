@@ -13,7 +13,8 @@ which unit each row belongs to. Then
 - ``fit(..., batch_size=n)`` draws whole units in every block each step
   (:class:`RowSampler`) and weighs their terms so that the log weights are unbiased.
 
-Padding rows (blocks made equal) repeat a real row of their block with weight 0.
+Padding rows (blocks made equal) repeat a real row (of their block, unless it has none)
+with weight 0.
 """
 
 from __future__ import annotations
@@ -156,6 +157,8 @@ def shard_rows(rows: UnitRows, mesh: Mesh, *, n_blocks: int | None = None) -> Un
     """
     if not isinstance(rows, UnitRows) or rows.mesh is not None:
         raise ShardingError("shard_rows takes host UnitRows (UnitRows.build), once.")
+    if not len(rows.unit):
+        raise ShardingError("there are no rows to place.")
     n_devices = mesh.devices.size
     n_blocks = n_blocks or default_block_count(rows.n_units, 1, n_devices)
     if n_blocks % n_devices:
@@ -172,8 +175,6 @@ def shard_rows(rows: UnitRows, mesh: Mesh, *, n_blocks: int | None = None) -> Un
         weight = np.r_[np.ones(hi - lo), np.zeros(length - (hi - lo))]
         parts.append(_gather_rows(rows, index, weight, np.asarray(rows.unit)[index]))
     host = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
-    if not len(rows.unit):
-        raise ShardingError("there are no rows to place.")
     placed = _place(mesh, host, n_blocks * length, stacked=False)
     return UnitRows(**placed, n_units=rows.n_units, n_blocks=n_blocks, mesh=mesh)
 
