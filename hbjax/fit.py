@@ -375,15 +375,13 @@ def _place(model: AbstractModel, panel: PyTree, mesh: Mesh | None) -> tuple[PyTr
     """Host data split over ``mesh``: a panel in the model's layout, rows in blocks of units.
 
     A host :class:`~hbjax.Panel` goes to one device without a mesh; host
-    :class:`~hbjax.UnitRows` and other data stay unplaced without one. Placed data keeps
-    its mesh.
+    :class:`~hbjax.UnitRows` and other data go to the default device without one (summed
+    plainly, not per block). Placed data keeps its mesh.
     """
     if isinstance(panel, Panel) and panel.mesh is None:
         mesh = mesh if mesh is not None else make_mesh(1)
         return shard_panel(panel, mesh, layout=model.panel_layout()), mesh
-    if isinstance(panel, UnitRows) and panel.mesh is None:
-        if mesh is None:
-            return jax.device_put(panel), None
+    if isinstance(panel, UnitRows) and panel.mesh is None and mesh is not None:
         return shard_rows(panel, mesh), mesh
     placed_on = getattr(panel, "mesh", None)
     if placed_on is not None:

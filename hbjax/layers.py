@@ -119,9 +119,3 @@ class Nested(AbstractEffect):
         """Natural-scale value given the parent's natural-scale value."""
         centre = parent if self.index is None else parent[self.index]
         return centre + self.scale * z
-
-    def restrict(self, units: Int[Array, " slot"]) -> Nested:
-        """The effect of the elements at ``units`` only (a minibatch of units)."""
-        if self.index is None:
-            return Nested(self.scale, shape=(units.shape[0], *self.shape[1:]))
-        return Nested(self.scale, index=self.index[units])

@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 from ._types import AnyArray, Array, Bool, Float, Int, Scalar
 from .data import Panel
 from .families import AbstractCountLikelihood, Poisson
-from .parallel.blocks import draw_units
+from .parallel.blocks import checked_batch_size, checked_block_count, draw_units
 from .parallel.blocks import sum_over_blocks as _sum_over_blocks
 from .sharding import (
     DATA_AXIS,
@@ -331,22 +331,9 @@ class UnitSampler:
     ) -> None:
         """Check the batch size and set the plan (shared by ``__init__`` and :meth:`load`)."""
         self.n_units, self.n_groups, self.n_periods = sizes
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-            raise TypeError(f"batch_size must be an int; got {batch_size!r}.")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1 unit; got {batch_size}.")
-        if batch_size >= self.n_units:
-            raise ValueError(
-                f"batch_size {batch_size} is not smaller than the number of units "
-                f"({self.n_units}): fit the full batch instead (leave batch_size out)."
-            )
-        self.mesh, self.units, self.n_blocks = mesh, units, len(units) - 1
-        n_devices = mesh.devices.size
-        if self.n_blocks % n_devices:
-            raise ShardingError(
-                f"{self.n_blocks} blocks cannot be split evenly over {n_devices} devices; "
-                f"pass n_blocks as a multiple of {n_devices}."
-            )
+        batch_size = checked_batch_size(batch_size, self.n_units)
+        self.mesh, self.units = mesh, units
+        self.n_blocks = checked_block_count(len(units) - 1, mesh)
         self.per_block = math.ceil(batch_size / self.n_blocks)
         self.batch_size = self.per_block * self.n_blocks
         self.steps_per_epoch = self.n_units / self.batch_size

@@ -43,6 +43,7 @@ from .parallel.blocks import ShardingError as ShardingError
 from .parallel.blocks import (
     _block_rows,
     _local_blocks,
+    checked_block_count,
 )
 from .parallel.blocks import default_block_count as default_block_count
 from .parallel.blocks import make_mesh as make_mesh
@@ -58,12 +59,7 @@ def _block_count(panel: Panel, mesh: Mesh, n_blocks: int | None) -> int:
     count = (
         n_blocks or panel.n_blocks or default_block_count(panel.n_units, panel.n_cells, n_devices)
     )
-    if count % n_devices:
-        raise ShardingError(
-            f"{count} blocks cannot be split evenly over {n_devices} devices; pass "
-            f"n_blocks as a multiple of {n_devices}."
-        )
-    return count
+    return checked_block_count(count, mesh)
 
 
 #: A panel at least this full (observed / (units x periods)) gets the dense layout.

@@ -164,6 +164,31 @@ def to_host(tree: PyTree) -> PyTree:
     return jax.tree.map(local, tree)
 
 
+def checked_block_count(n_blocks: int, mesh: Mesh) -> int:
+    """``n_blocks``, refused unless the mesh's device count divides it."""
+    n_devices = mesh.devices.size
+    if n_blocks % n_devices:
+        raise ShardingError(
+            f"{n_blocks} blocks cannot be split evenly over {n_devices} devices; pass "
+            f"n_blocks as a multiple of {n_devices}."
+        )
+    return n_blocks
+
+
+def checked_batch_size(batch_size: object, n_units: int) -> int:
+    """``batch_size`` as an int, refused unless it is from 1 to ``n_units - 1``."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer):
+        raise TypeError(f"batch_size must be an int; got {batch_size!r}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1 unit; got {batch_size}.")
+    if batch_size >= n_units:
+        raise ValueError(
+            f"batch_size {batch_size} is not smaller than the number of units "
+            f"({n_units}): fit the full batch instead (leave batch_size out)."
+        )
+    return int(batch_size)
+
+
 def sum_over_blocks(partials: Float[Array, " block *rest"]) -> Float[Array, "*rest"]:
     """Gather every device's per-block partials and sum them in block order (in shard_map).
 
@@ -202,6 +227,8 @@ def draw_units(
 
 __all__ = [
     "BLOCK_COUNTS",
+    "checked_batch_size",
+    "checked_block_count",
     "DATA_AXIS",
     "ShardingError",
     "default_block_count",

@@ -30,19 +30,20 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int, PyTree, Scalar, Shaped
 
+from .._types import AnyArray
 from ..vi.model import AbstractUnitBatch, AbstractUnitModel
 from .blocks import (
     DATA_AXIS,
     ShardingError,
     _local_blocks,
+    checked_batch_size,
+    checked_block_count,
     default_block_count,
     draw_units,
     make_mesh,
     plan_blocks,
     sum_over_blocks,
 )
-
-_AnyArray = Array | np.ndarray
 
 
 class UnitRows(eqx.Module):
@@ -58,9 +59,9 @@ class UnitRows(eqx.Module):
         mesh: the mesh the rows are placed on; ``None`` on the host.
     """
 
-    unit: Int[_AnyArray, "*step row"]
-    weight: Float[_AnyArray, "*step row"]
-    columns: PyTree[_AnyArray]
+    unit: Int[AnyArray, "*step row"]
+    weight: Float[AnyArray, "*step row"]
+    columns: PyTree[AnyArray]
     n_units: int = eqx.field(static=True)
     n_blocks: int | None = eqx.field(static=True, default=None)
     mesh: Mesh | None = eqx.field(static=True, default=None)
@@ -68,8 +69,8 @@ class UnitRows(eqx.Module):
     @classmethod
     def build(
         cls,
-        unit: Shaped[_AnyArray, " row"],
-        columns: PyTree[_AnyArray],
+        unit: Shaped[AnyArray, " row"],
+        columns: PyTree[AnyArray],
         *,
         n_units: int | None = None,
     ) -> UnitRows:
@@ -118,10 +119,9 @@ class UnitRows(eqx.Module):
         return np.bincount(np.asarray(self.unit), minlength=self.n_units)
 
 
-def _block_capacity(rows: UnitRows, units: np.ndarray) -> tuple[np.ndarray, int]:
-    """Start row of every unit, and the rows of the longest block."""
-    starts = np.r_[0, np.cumsum(rows.unit_rows)]
-    return starts, int(max(np.diff(starts[units]).max(initial=0), 1))
+def _unit_starts(unit_rows: np.ndarray) -> np.ndarray:
+    """``[unit + 1]`` the first row of every unit (host rows sorted by unit), then the end."""
+    return np.r_[0, np.cumsum(unit_rows)]
 
 
 def _gather_rows(rows: UnitRows, index: np.ndarray, weight: np.ndarray, unit: np.ndarray) -> dict:
@@ -159,15 +159,13 @@ def shard_rows(rows: UnitRows, mesh: Mesh, *, n_blocks: int | None = None) -> Un
         raise ShardingError("shard_rows takes host UnitRows (UnitRows.build), once.")
     if not len(rows.unit):
         raise ShardingError("there are no rows to place.")
-    n_devices = mesh.devices.size
-    n_blocks = n_blocks or default_block_count(rows.n_units, 1, n_devices)
-    if n_blocks % n_devices:
-        raise ShardingError(
-            f"{n_blocks} blocks cannot be split evenly over {n_devices} devices; pass n_blocks "
-            f"as a multiple of {n_devices}."
-        )
-    units = plan_blocks(rows.unit_rows, n_blocks)
-    starts, length = _block_capacity(rows, units)
+    n_blocks = checked_block_count(
+        n_blocks or default_block_count(rows.n_units, 1, mesh.devices.size), mesh
+    )
+    unit_rows = rows.unit_rows
+    units = plan_blocks(unit_rows, n_blocks)
+    starts = _unit_starts(unit_rows)
+    length = int(max(np.diff(starts[units]).max(initial=0), 1))  # the longest block's rows
     parts = []
     for b in _local_blocks(mesh, n_blocks):
         lo, hi = starts[units[b]], starts[units[b + 1]]
@@ -189,8 +187,8 @@ class RowBatch(AbstractUnitBatch):
         n_units: units in the whole data set.
     """
 
-    unit: Int[_AnyArray, "*step slot"]
-    weight: Float[_AnyArray, "*step slot"]
+    unit: Int[AnyArray, "*step slot"]
+    weight: Float[AnyArray, "*step slot"]
     rows: UnitRows
     n_units: int = eqx.field(static=True)
 
@@ -227,28 +225,20 @@ class RowSampler:
     ):
         if not isinstance(rows, UnitRows) or rows.mesh is not None:
             raise TypeError("RowSampler takes host UnitRows (UnitRows.build), not placed ones.")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer):
-            raise TypeError(f"batch_size must be an int; got {batch_size!r}.")
-        if not 1 <= batch_size < rows.n_units:
-            raise ValueError(
-                f"batch_size must be from 1 to {rows.n_units - 1} (fewer than the units); got "
-                f"{batch_size}. Leave it out to fit the full batch."
-            )
+        batch_size = checked_batch_size(batch_size, rows.n_units)
         self.rows, self.mesh = rows, make_mesh() if mesh is None else mesh
-        n_devices = self.mesh.devices.size
-        self.n_blocks = n_blocks or default_block_count(rows.n_units, 1, n_devices)
-        if self.n_blocks % n_devices:
-            raise ShardingError(
-                f"{self.n_blocks} blocks cannot be split evenly over {n_devices} devices."
-            )
-        self.units = plan_blocks(rows.unit_rows, self.n_blocks)
+        self.n_blocks = checked_block_count(
+            n_blocks or default_block_count(rows.n_units, 1, self.mesh.devices.size), self.mesh
+        )
+        unit_rows = rows.unit_rows
+        self.units = plan_blocks(unit_rows, self.n_blocks)
         self.per_block = math.ceil(batch_size / self.n_blocks)
         self.batch_size = self.per_block * self.n_blocks
         self.steps_per_epoch = rows.n_units / self.batch_size
         self.seed, self.local = int(seed), _local_blocks(self.mesh, self.n_blocks)
-        self.starts = np.r_[0, np.cumsum(rows.unit_rows)]
+        self.starts = _unit_starts(unit_rows)
         largest = [
-            np.sort(rows.unit_rows[self.units[b] : self.units[b + 1]])[::-1][: self.per_block].sum()
+            np.sort(unit_rows[self.units[b] : self.units[b + 1]])[::-1][: self.per_block].sum()
             for b in range(self.n_blocks)
         ]
         self.capacity = int(max(max(largest, default=0), 1))
@@ -394,17 +384,14 @@ def _per_block(model: AbstractRowModel, latents: PyTree, rows: UnitRows, slot_we
     return jnp.sum(terms.reshape(per_device, -1), axis=1)
 
 
-def _split(tree: PyTree) -> tuple[PyTree, PyTree]:
-    return eqx.partition(tree, eqx.is_array)
-
-
 @eqx.filter_custom_vjp
 def _blocked_total(latents, model, rows, slot_weight):  # noqa: ANN001, ANN202
     return _blocked_forward(latents, model, rows, slot_weight)
 
 
 def _blocked_forward(latents, model, rows, slot_weight):  # noqa: ANN001, ANN202
-    (model_arrays, model_static), (row_arrays, row_static) = _split(model), _split(rows)
+    model_arrays, model_static = eqx.partition(model, eqx.is_array)
+    row_arrays, row_static = eqx.partition(rows, eqx.is_array)
 
     def local(latents, model_arrays, row_arrays, slot_weight):  # noqa: ANN001, ANN202
         model = eqx.combine(model_arrays, model_static)
@@ -428,7 +415,8 @@ def _blocked_fwd(perturbed, latents, model, rows, slot_weight):  # noqa: ANN001,
 @_blocked_total.def_bwd
 def _blocked_bwd(residuals, cotangent, perturbed, latents, model, rows, slot_weight):  # noqa: ANN001, ANN202
     del residuals, perturbed
-    (model_arrays, model_static), (row_arrays, row_static) = _split(model), _split(rows)
+    model_arrays, model_static = eqx.partition(model, eqx.is_array)
+    row_arrays, row_static = eqx.partition(rows, eqx.is_array)
     unit_flags = model.unit_leaves()
     flags = jax.tree.structure(latents).flatten_up_to(unit_flags)
 

@@ -16,11 +16,9 @@ import abc
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
-#: Host (numpy) or device (jax) array.
-_AnyArray = Array | np.ndarray
+from .._types import AnyArray
 
 
 class AbstractModel(eqx.Module):
@@ -87,8 +85,8 @@ class AbstractUnitBatch(eqx.Module):
         n_units: units in the whole data set.
     """
 
-    unit: eqx.AbstractVar[Int[_AnyArray, "*step slot"]]
-    weight: eqx.AbstractVar[Float[_AnyArray, "*step slot"]]
+    unit: eqx.AbstractVar[Int[AnyArray, "*step slot"]]
+    weight: eqx.AbstractVar[Float[AnyArray, "*step slot"]]
     n_units: eqx.AbstractVar[int]
 
 
