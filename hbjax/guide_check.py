@@ -46,6 +46,7 @@ from .diagnostics import K_OK, psis
 from .extras import optional_import
 from .guide import GaussianGuide, linear_moments
 from .minibatch import seed_from_key, unit_batch
+from .model import ElasticityModel
 from .vi.model import AbstractModel, AbstractUnitModel
 
 #: A unit check is "good" when at most this share of units has ``k >= 0.7``.
@@ -535,10 +536,10 @@ def predictive_check(
         num_draws: replicated data sets (at least 20).
     """
     ids = _check_inputs(model, guide, panel)
-    if not hasattr(model, "slot_log_rate") or not hasattr(model, "likelihood"):
+    if not isinstance(model, ElasticityModel):
         raise TypeError(
-            f"{type(model).__name__} has no slot_log_rate/likelihood: the predictive check is "
-            "for count regressions such as ElasticityModel."
+            f"{type(model).__name__} is not an ElasticityModel: the predictive check is for "
+            "its count regression (rates and a count likelihood)."
         )
     if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 20:
         raise ValueError(f"num_draws must be an int >= 20; got {num_draws!r}.")
