@@ -17,7 +17,7 @@ _SUBMODULES = frozenset(
     {
         "checkpoint", "cli", "convergence", "data", "diagnostics", "extras", "families",
         "guide", "guide_check", "layers", "likelihood", "loop", "minibatch", "model",
-        "objectives", "outputs", "perf", "pipeline", "plots", "posterior", "saved",
+        "objectives", "outputs", "perf", "pipeline", "plots", "posterior", "saved", "counts",
         "parallel", "sharding", "step", "stream", "vi",
     }
 )  # fmt: skip

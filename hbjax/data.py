@@ -339,6 +339,11 @@ def _check_values(frame: pd.DataFrame, price: str, units: str) -> tuple[np.ndarr
             f"column {price!r} must be finite and > 0 (log price is used); found {_show(first)} in "
             f"{_rows(frame, bad)}. Drop those rows or fix the prices."
         )
+    return price_values, check_counts(frame, units)
+
+
+def check_counts(frame: pd.DataFrame, units: str) -> np.ndarray:
+    """Column ``units`` as float64 counts: whole, finite, >= 0, exact in float32."""
     count_values = _numeric(frame, units)
     checks = [
         (np.isnan(count_values), "missing (NaN)", "drop those rows or fill them"),
@@ -347,7 +352,7 @@ def _check_values(frame: pd.DataFrame, price: str, units: str) -> tuple[np.ndarr
         (
             np.isfinite(count_values) & (count_values != np.round(count_values)),
             "not whole numbers",
-            "the Poisson model needs integer counts; round them or fix the column",
+            "a count model needs integer counts; round them or fix the column",
         ),
         (
             count_values > MAX_COUNT,
@@ -361,7 +366,7 @@ def _check_values(frame: pd.DataFrame, price: str, units: str) -> tuple[np.ndarr
                 f"column {units!r} has values that are {what} "
                 f"({_show(count_values[mask][0])}) in {_rows(frame, mask)}; {fix}."
             )
-    return price_values, count_values
+    return count_values
 
 
 def duplicate_pair_error(

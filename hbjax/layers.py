@@ -14,10 +14,14 @@ Layers are plain pytrees, usable inside any JAX/Equinox code::
     beta_c = category(z_c, beta_g)        # [10]
     beta_i = product(z_i, beta_c)         # [n_products]
     log_p = category.log_prior(z_c) + product.log_prior(z_i)
+
+How a nested value is parameterised is a module too: :class:`NonCentred` (the above) or
+:class:`Centred` (latents on the values' own axis; :class:`AbstractHierarchy`).
 """
 
 from __future__ import annotations
 
+import abc
 import math
 
 import equinox as eqx
@@ -119,3 +123,64 @@ class Nested(AbstractEffect):
         """Natural-scale value given the parent's natural-scale value."""
         centre = parent if self.index is None else parent[self.index]
         return centre + self.scale * z
+
+
+class AbstractHierarchy(eqx.Module):
+    """How a nested effect's latent maps to its value: a parameterisation, not a prior.
+
+    Either way the prior is ``value ~ N(parent, scale)``; ``loc`` is the prior mean of
+    the hierarchy's top (where a centred latent's zero sits).
+    """
+
+    @abc.abstractmethod
+    def value(self, latent: Array, parent: ArrayLike, loc: float, scale: float) -> Array:
+        """The natural-scale value of ``latent``."""
+
+    @abc.abstractmethod
+    def latent(self, value: ArrayLike, parent: ArrayLike, loc: float, scale: float) -> Array:
+        """The latent of a natural-scale value (a starting point, say)."""
+
+    def standardised(self, latent: Array, parent: ArrayLike, loc: float, scale: float) -> Array:
+        """``(value - parent) / scale``: standard normal a priori (unit Jacobian)."""
+        return (self.value(latent, parent, loc, scale) - parent) / scale
+
+
+class NonCentred(AbstractHierarchy):
+    """``value = parent + scale * z``: the latent is the standardised deviation.
+
+    The article's LocScaleReparam; best when the data say little about each value.
+    """
+
+    def value(self, latent: Array, parent: ArrayLike, loc: float, scale: float) -> Array:
+        """``parent + scale * latent``."""
+        del loc
+        return parent + scale * latent
+
+    def latent(self, value: ArrayLike, parent: ArrayLike, loc: float, scale: float) -> Array:
+        """``(value - parent) / scale``."""
+        del loc
+        return (jnp.asarray(value) - parent) / scale
+
+    def standardised(self, latent: Array, parent: ArrayLike, loc: float, scale: float) -> Array:
+        """The latent itself."""
+        del parent, loc, scale
+        return latent
+
+
+class Centred(AbstractHierarchy):
+    """``value = loc + scale * v``: the latent is the value on its own (scaled) axis.
+
+    With much data per value (a year of weekly sales per product) the posterior pins each
+    value and leaves its parent loose; centred latents are then nearly independent a
+    posteriori, where non-centred ones are strongly correlated (Betancourt & Girolami 2015).
+    """
+
+    def value(self, latent: Array, parent: ArrayLike, loc: float, scale: float) -> Array:
+        """``loc + scale * latent``."""
+        del parent
+        return loc + scale * latent
+
+    def latent(self, value: ArrayLike, parent: ArrayLike, loc: float, scale: float) -> Array:
+        """``(value - loc) / scale``."""
+        del parent
+        return (jnp.asarray(value) - loc) / scale

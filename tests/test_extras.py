@@ -91,6 +91,7 @@ def test_installed_versions_names_only_installed_distributions():
 def test_the_layers_core_and_rows_import_without_pandas_and_every_public_name_resolves(tmp_path):
     code = """
     import hbjax.layers, hbjax.families, hbjax.vi.model, hbjax.parallel.rows
+    import hbjax.counts.regression, hbjax.counts.slopes
     heavy = [m for m in ("pandas", "optax", "tqdm", "pyarrow", "hbjax.fit") if m in sys.modules]
     assert not heavy, heavy
     import types
@@ -101,6 +102,8 @@ def test_the_layers_core_and_rows_import_without_pandas_and_every_public_name_re
     for name in hbjax.__all__:
         assert getattr(hbjax, name) is not None, name
     assert set(hbjax.__all__) <= set(dir(hbjax))
+    for name in hbjax.counts.__all__:
+        assert getattr(hbjax.counts, name) is not None, name
     assert hbjax.guide_check.predictive_check and hbjax.stream.write_grid
     try:
         hbjax.no_such_name

@@ -1,0 +1,34 @@
+"""The count-regression application: a model vocabulary over hbjax's layers.
+
+:class:`CountRegression` (any covariates with fixed or hierarchical slopes over any nesting
+of the units' labels, additive effects over label cells, an offset, Poisson or negative
+binomial counts, optionally zero-inflated) is an :class:`~hbjax.AbstractRowModel`: it is
+sharded and minibatched like any row model. :func:`from_frame` builds it from a table.
+
+Names are imported on first use: ``hbjax.counts.regression`` and ``hbjax.counts.slopes``
+load JAX and Equinox only; :func:`from_frame` loads pandas.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    **dict.fromkeys(["CountData", "Effect", "Slope", "from_frame"], "frame"),
+    **dict.fromkeys(["CountLatents", "CountRegression", "UnitTable"], "regression"),
+    "HierarchicalSlope": "slopes",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> object:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

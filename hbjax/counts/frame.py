@@ -1,0 +1,405 @@
+"""A count regression from a table: columns in, model and rows out, labels kept.
+
+>>> data = hbjax.counts.from_frame(
+...     sales, unit="sku", counts="qty", groups=("subcategory", "category"),
+...     slopes=[Slope("price", log=True, over=("unit", "subcategory", "category"),
+...                   prior=(-2.0, 1.0)),
+...             Slope("promo", over=("category",))],
+...     effects=[Effect(("category", "week"))],
+...     likelihood="negbin")
+>>> guide = hbjax.make_guide("unitblock", data.model, loc=data.model.init_latents(data.rows))
+>>> result = hbjax.fit(data.model, guide, data.rows, key=jax.random.key(0))
+>>> tables = data.summary(result.guide)      # {"log_price/category": DataFrame, ...}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+from jax.scipy.special import gammaln
+
+from ..data import DataValidationError, _factorize, _numeric, _rows, _show, check_counts
+from ..families import AbstractCountLikelihood, make_likelihood
+from ..layers import AbstractHierarchy, Centred, NonCentred, Normal
+from ..parallel.rows import UnitRows
+from ..posterior import _describe
+from .regression import CountRegression, UnitTable
+from .slopes import GLOBAL, UNIT, HierarchicalSlope
+
+#: ``hierarchy=`` names of the parameterisations (:mod:`hbjax.layers`).
+HIERARCHIES: dict[str, type[AbstractHierarchy]] = {"centred": Centred, "noncentred": NonCentred}
+
+
+@dataclasses.dataclass(frozen=True)
+class Slope:
+    """A covariate and how its slope varies.
+
+    Attributes:
+        column: the table's column.
+        over: where the slope varies, finest first: ``"unit"`` and/or group levels (in the
+            order of ``groups``); ``()``: one fixed slope.
+        prior: ``(mean, sd)`` of the global slope.
+        scales: prior sd of each entry of ``over`` around its parent (default 1 each).
+        log: use ``log(column)`` (e.g. prices; the column must be > 0).
+    """
+
+    column: str
+    over: tuple[str, ...] = ()
+    prior: tuple[float, float] = (0.0, 1.0)
+    scales: tuple[float, ...] | None = None
+    log: bool = False
+
+    @property
+    def name(self) -> str:
+        """The covariate's name: ``log_<column>`` with ``log``, else the column."""
+        return f"log_{self.column}" if self.log else self.column
+
+
+@dataclasses.dataclass(frozen=True)
+class Effect:
+    """An additive effect per cell of label columns (e.g. ``("category", "week")``).
+
+    Attributes:
+        labels: the columns whose combinations are the cells.
+        scale: prior sd of each cell's effect.
+    """
+
+    labels: tuple[str, ...]
+    scale: float = 3.0
+
+    @property
+    def name(self) -> str:
+        """``"a:b"`` for labels ``("a", "b")``."""
+        return ":".join(self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class CountData:
+    """A table turned into a :class:`CountRegression` and its :class:`~hbjax.UnitRows`.
+
+    Attributes:
+        model: the model.
+        rows: host rows (pass to :func:`hbjax.fit`, with ``mesh=`` or ``batch_size=``).
+        units: the unit labels (unit ``i`` is ``units[i]``).
+        levels: per group level, its labels.
+        cells: per effect, its cells' labels.
+    """
+
+    model: CountRegression
+    rows: UnitRows
+    units: pd.Index
+    levels: dict[str, pd.Index]
+    cells: dict[str, pd.Index]
+
+    def labels(self, level: str) -> pd.Index:
+        """The labels of ``"unit"``, a group level or ``"global"``."""
+        if level == UNIT:
+            return self.units
+        if level == GLOBAL:
+            return pd.Index(["global"])
+        return self.levels[level]
+
+    def summary(
+        self, guide: object, *, draws: int = 1000, key: jax.Array | None = None
+    ) -> dict[str, pd.DataFrame]:
+        """Posterior mean, sd, 5% and 95% quantiles of every value, on the original labels.
+
+        Keys: ``"<covariate>/<level>"`` for slopes (``global``, each level, ``unit``),
+        ``"intercept"``, ``"effect/<name>"``, ``"dispersion"``,
+        ``"dispersion/<level>"``, ``"zero_inflation"``. From ``draws`` guide draws
+        (Monte Carlo sd of a mean: ``sd / sqrt(draws)``).
+        """
+        key = jax.random.key(0) if key is None else key
+        natural = jax.jit(jax.vmap(self.model.natural))(guide.sample(draws, key=key))  # type: ignore[attr-defined]
+        tables: dict[str, pd.DataFrame] = {}
+
+        def table(name: str, values: jax.Array, labels: pd.Index) -> None:
+            values = np.asarray(values).reshape(draws, -1)
+            tables[name] = pd.DataFrame(_describe(values), index=labels)
+
+        for covariate, levels in natural.slopes.items():
+            for level, values in levels.items():
+                table(f"{covariate}/{level}", values, self.labels(level))
+        table("intercept", natural.intercept, self.units)
+        for name, values in natural.effects.items():
+            table(f"effect/{name}", values, self.cells[name])
+        if natural.dispersion is not None:
+            table("dispersion", natural.dispersion, pd.Index(["global"]))
+        if natural.group_dispersion is not None:
+            level = self.model.dispersion_level
+            table(f"dispersion/{level}", natural.group_dispersion, self.levels[level])
+        if natural.zero_inflation is not None:
+            table("zero_inflation", natural.zero_inflation, pd.Index(["global"]))
+        return tables
+
+
+def from_frame(
+    frame: pd.DataFrame,
+    *,
+    unit: str,
+    counts: str,
+    groups: Sequence[str] = (),
+    slopes: Sequence[Slope] = (),
+    effects: Sequence[Effect] = (),
+    offset: str | None = None,
+    likelihood: str | AbstractCountLikelihood = "poisson",
+    dispersion_by: str | None = None,
+    zero_inflation: bool | tuple[float, float] = False,
+    hierarchy: str = "centred",
+    intercept: tuple[float, float] = (0.0, 3.0),
+    intercept_prior: str = "reference",
+) -> CountData:
+    """A :class:`CountRegression` and its rows from a table of counts.
+
+    Args:
+        frame: one row per observation.
+        unit: the unit column (e.g. product); units are what minibatches draw.
+        counts: the count column (whole numbers >= 0).
+        groups: group columns, finest first (e.g. ``("subcategory", "category")``); each
+            unit belongs to one group per level and each group to one group of the next.
+        slopes: the covariates (:class:`Slope`).
+        effects: additive effects (:class:`Effect`).
+        offset: a column added to the log rate (e.g. log exposure), or ``None``.
+        likelihood: ``"poisson"``, ``"negbin"`` or a likelihood module.
+        dispersion_by: a group level with its own dispersion (negative binomial).
+        zero_inflation: ``True`` (prior ``N(-2, 2)`` on the logit of the structural-zero
+            share), ``(mean, sd)`` of that prior, or ``False``.
+        hierarchy: ``"centred"`` (default: much data per value) or ``"noncentred"``.
+        intercept: ``(mean, sd)`` of the intercepts' prior.
+        intercept_prior: ``"reference"``: the prior sits on each unit's log rate at its
+            mean covariates (weighted by ``counts + 1/2``), free of the covariates' units;
+            ``"zero"``: at covariates 0 (the article's).
+
+    Raises:
+        DataValidationError: a missing column, a bad value or a broken nesting (named).
+    """
+    groups, slopes, effects = tuple(groups), tuple(slopes), tuple(effects)
+    _check_arguments(frame, unit, counts, groups, slopes, effects, offset, dispersion_by)
+    if hierarchy not in HIERARCHIES:
+        raise ValueError(f"hierarchy must be one of {', '.join(HIERARCHIES)}; got {hierarchy!r}.")
+    if intercept_prior not in ("reference", "zero"):
+        raise ValueError(f"intercept_prior must be 'reference' or 'zero'; got {intercept_prior!r}.")
+    y = check_counts(frame, counts)
+    unit_codes, units = _factorize(frame[unit])
+    n_units = len(units)
+    level_codes, levels, unit_level = _levels(frame, unit, unit_codes, n_units, groups)
+    weight = y + 0.5
+    per_unit_weight = np.bincount(unit_codes, weight, n_units)
+    x, centre, reference = {}, {}, {}
+    for slope in slopes:
+        values = _covariate(frame, slope)
+        x[slope.name] = values.astype(np.float32)
+        mean = np.bincount(unit_codes, weight * values, n_units) / per_unit_weight
+        centre[slope.name] = mean.astype(np.float32)
+        reference[slope.name] = (mean if intercept_prior == "reference" else 0 * mean).astype(
+            np.float32
+        )
+    cells, cell_labels = {}, {}
+    for effect in effects:
+        codes, labels = _cells(frame, effect)
+        cells[effect.name], cell_labels[effect.name] = codes, labels
+    columns = {
+        "counts": y.astype(np.float32),
+        "log_factorial": np.asarray(gammaln(jnp.asarray(y + 1.0, jnp.float32))),
+        "x": x,
+        "cells": cells,
+    }
+    if offset is not None:
+        columns["offset"] = _finite(frame, offset).astype(np.float32)
+    rows = UnitRows.build(unit_codes, columns, n_units=n_units)
+    table = UnitTable(
+        levels={g: jnp.asarray(unit_level[g]) for g in groups},
+        centre={k: jnp.asarray(v) for k, v in centre.items()},
+        reference={k: jnp.asarray(v) for k, v in reference.items()},
+    )
+    mode = HIERARCHIES[hierarchy]()
+    layers = {s.name: _slope_layer(s, groups, levels, level_codes, mode) for s in slopes}
+    if zero_inflation is True:
+        zero_inflation = (-2.0, 2.0)
+    model = CountRegression(
+        table,
+        {g: len(levels[g]) for g in groups},
+        slopes=layers,
+        effects={e.name: Normal(0.0, float(e.scale), (len(cell_labels[e.name]),)) for e in effects},
+        intercept=intercept,
+        likelihood=make_likelihood(likelihood),
+        dispersion_level=dispersion_by,
+        zero_inflation=zero_inflation or None,
+    )
+    return CountData(model, rows, units, levels, cell_labels)
+
+
+def _check_arguments(
+    frame: object,
+    unit: str,
+    counts: str,
+    groups: tuple[str, ...],
+    slopes: tuple[Slope, ...],
+    effects: tuple[Effect, ...],
+    offset: str | None,
+    dispersion_by: str | None,
+) -> None:
+    """A non-empty DataFrame with every named column; levels and names used consistently."""
+    if not isinstance(frame, pd.DataFrame):
+        raise DataValidationError(
+            f"expected a pandas DataFrame, got {type(frame).__name__}; "
+            "use hbjax.read_table(path) for CSV or Parquet files."
+        )
+    if len(frame) == 0:
+        raise DataValidationError("the table is empty; it needs at least one row.")
+    named = {"unit": [unit], "counts": [counts], "groups": list(groups)}
+    named["slopes"] = [s.column for s in slopes]
+    named["effects"] = [c for e in effects for c in e.labels]
+    named["offset"] = [] if offset is None else [offset]
+    for role, columns in named.items():
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise DataValidationError(
+                f"{role}: no column {missing[0]!r}; the table has columns "
+                f"{list(map(str, frame.columns))}."
+            )
+    if len(set(groups)) != len(groups) or unit in groups:
+        raise DataValidationError(
+            f"groups must be distinct columns other than the unit; got {groups}."
+        )
+    names = [s.name for s in slopes]
+    if len(set(names)) != len(names):
+        raise DataValidationError(f"two slopes share a name ({names}); give each covariate once.")
+    for slope in slopes:
+        allowed = (UNIT, *groups)
+        unknown = [level for level in slope.over if level not in allowed]
+        if unknown:
+            raise DataValidationError(
+                f"slope of {slope.name!r}: over= names {unknown[0]!r}, which is neither 'unit' "
+                f"nor one of groups= {list(groups)}."
+            )
+        order = [allowed.index(level) for level in slope.over]
+        if order != sorted(set(order)):
+            raise DataValidationError(
+                f"slope of {slope.name!r}: over= must run from fine to coarse without "
+                f"repeats, in the order of 'unit' then groups= {list(groups)}; got {slope.over}."
+            )
+        if slope.scales is not None and len(slope.scales) != len(slope.over):
+            raise DataValidationError(
+                f"slope of {slope.name!r}: scales= needs one sd per entry of over= "
+                f"({len(slope.over)}); got {len(slope.scales)}."
+            )
+    if dispersion_by is not None and dispersion_by not in groups:
+        raise DataValidationError(
+            f"dispersion_by={dispersion_by!r} must be one of groups= {list(groups)}."
+        )
+    for column in (unit, *groups, *named["effects"]):
+        missing = frame[column].isna().to_numpy()
+        if missing.any():
+            raise DataValidationError(
+                f"column {column!r} has missing labels in {_rows(frame, missing)}; fill or "
+                "drop those rows."
+            )
+
+
+def _levels(
+    frame: pd.DataFrame, unit: str, unit_codes: np.ndarray, n_units: int, groups: tuple[str, ...]
+) -> tuple[dict, dict, dict]:
+    """Each row's and each unit's code at every group level; the nesting checked."""
+    level_codes, labels, unit_level = {}, {}, {}
+    for finer, group in zip((unit, *groups), groups, strict=False):
+        codes, labels[group] = _factorize(frame[group])
+        level_codes[group] = codes
+        per_unit = np.full(n_units, -1, np.int32)
+        per_unit[unit_codes] = codes
+        conflict = codes != per_unit[unit_codes]
+        if conflict.any():
+            bad = frame[unit].to_numpy()[conflict][0]
+            raise DataValidationError(
+                f"unit {_show(bad)} (column {unit!r}) appears in more than one {group!r} "
+                f"({_rows(frame, conflict)}); each unit needs one {group!r}."
+            )
+        unit_level[group] = per_unit
+        if finer != unit:  # each finer group within one of this level's
+            parent = np.full(len(labels[finer]), -1, np.int32)
+            parent[level_codes[finer]] = codes
+            broken = codes != parent[level_codes[finer]]
+            if broken.any():
+                bad = labels[finer][level_codes[finer][broken][0]]
+                raise DataValidationError(
+                    f"{finer!r} {_show(bad)} lies in more than one {group!r} "
+                    f"({_rows(frame, broken)}); groups= must nest, finest first."
+                )
+    return level_codes, labels, unit_level
+
+
+def _finite(frame: pd.DataFrame, column: str) -> np.ndarray:
+    values = _numeric(frame, column)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise DataValidationError(
+            f"column {column!r} must be finite; found {_show(values[bad][0])} in "
+            f"{_rows(frame, bad)}. Drop or fill those rows."
+        )
+    return values
+
+
+def _covariate(frame: pd.DataFrame, slope: Slope) -> np.ndarray:
+    values = _finite(frame, slope.column)
+    if slope.log:
+        bad = ~(values > 0)
+        if bad.any():
+            raise DataValidationError(
+                f"column {slope.column!r} must be > 0 (its log is used); found "
+                f"{_show(values[bad][0])} in {_rows(frame, bad)}."
+            )
+        values = np.log(values)
+    return values
+
+
+def _cells(frame: pd.DataFrame, effect: Effect) -> tuple[np.ndarray, pd.Index]:
+    """Each row's cell of ``effect`` and the cells' labels (sorted where they can be)."""
+    keys = frame[list(effect.labels)]
+    try:
+        grouped = keys.groupby(list(effect.labels), sort=True, observed=True)
+        codes = grouped.ngroup().to_numpy()
+    except TypeError:  # labels of mixed types cannot be sorted
+        grouped = keys.groupby(list(effect.labels), sort=False, observed=True)
+        codes = grouped.ngroup().to_numpy()
+    labels = pd.Index(list(grouped.groups.keys()))
+    if len(effect.labels) > 1:
+        labels = pd.MultiIndex.from_tuples(list(grouped.groups.keys()), names=effect.labels)
+    else:
+        labels = labels.rename(effect.labels[0])
+    return codes.astype(np.int32), labels
+
+
+def _slope_layer(
+    slope: Slope,
+    groups: tuple[str, ...],
+    labels: dict[str, pd.Index],
+    level_codes: dict[str, np.ndarray],
+    mode: AbstractHierarchy,
+) -> HierarchicalSlope:
+    """The slope's layer: its group levels' sizes, parent maps and scales."""
+    scales = tuple(slope.scales) if slope.scales is not None else (1.0,) * len(slope.over)
+    per_unit = bool(slope.over) and slope.over[0] == UNIT
+    group_levels = slope.over[1:] if per_unit else slope.over
+    group_scales = scales[1:] if per_unit else scales
+    parents = []
+    for finer, coarser in zip(group_levels, group_levels[1:], strict=False):
+        parent = np.zeros(len(labels[finer]), np.int32)
+        parent[level_codes[finer]] = level_codes[coarser]
+        parents.append(parent)
+    return HierarchicalSlope(
+        slope.prior,
+        levels=group_levels,
+        parents=tuple(parents),
+        sizes=tuple(len(labels[g]) for g in group_levels),
+        scales=group_scales,
+        unit_scale=scales[0] if per_unit else None,
+        hierarchy=mode,
+    )
+
+
+__all__ = ["HIERARCHIES", "CountData", "Effect", "Slope", "from_frame"]

@@ -1,0 +1,342 @@
+"""A hierarchical count regression assembled from layers: the model vocabulary.
+
+For row ``r`` of unit ``i``::
+
+    log E[y_r] = a_i + sum_k b_k(i) (x_rk - c_ik) + sum_e g_e[cell_e(r)] + offset_r
+
+- ``a_i``: the unit's intercept, taken at the unit's covariate centres ``c_i`` (e.g. its
+  mean log price; a shift of the usual intercept ``d_i = a_i - sum_k b_k(i) c_ik`` that
+  makes it nearly uncorrelated with the slopes a posteriori). Its prior
+  ``N(loc, scale)`` sits on the log demand at the reference covariates ``r_i``:
+  ``d_i + sum_k b_k(i) r_ik`` (``r = c`` by default; ``r = 0`` is the article's prior);
+- ``b_k``: covariate ``k``'s slope (:class:`~hbjax.counts.slopes.HierarchicalSlope`):
+  fixed, or varying over any nesting of group levels and optionally by unit;
+- ``g_e``: additive effects over cells of labels (category x week, store x week, ...),
+  ``g ~ N(0, scale)``;
+- the count likelihood: Poisson, or negative binomial with a global dispersion or one per
+  group of a level (``log phi_g ~ N(log phi, dispersion_scale)``), optionally
+  zero-inflated (``P(structural zero) = sigmoid(w)``, ``w ~ N(loc, scale)``).
+
+It is an :class:`~hbjax.AbstractRowModel` over :class:`~hbjax.UnitRows`, so it is
+sharded over devices and minibatched by whole units like any row model. Its rows'
+``columns`` are ``{"counts": [row], "log_factorial": [row], "x": {name: [row]},
+"cells": {effect: [row] int}}`` and optionally ``"offset": [row]``
+(:func:`hbjax.counts.from_frame` builds them from a table).
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int, Scalar
+
+from .._types import LatentLeaf
+from ..families import AbstractCountLikelihood, make_likelihood
+from ..layers import HALF_LOG_2PI, Normal
+from ..parallel.rows import AbstractRowModel, UnitRows
+from .slopes import UNIT, HierarchicalSlope
+
+
+class CountLatents(eqx.Module):
+    """Latents (or natural values) of a :class:`CountRegression`.
+
+    Attributes:
+        slopes: per covariate, the slope's latents (``{"global", level..., "unit"}``).
+        intercept: ``[unit]`` intercepts.
+        effects: per effect, ``[cell]``.
+        dispersion: ``[]`` the negative binomial's (global) dispersion; ``None`` else.
+        group_dispersion: ``[group]`` per-group dispersions; ``None`` without them.
+        zero_inflation: ``[]`` the structural-zero share; ``None`` without it.
+    """
+
+    slopes: dict[str, dict[str, LatentLeaf]]
+    intercept: Float[LatentLeaf, "*p unit"]
+    effects: dict[str, LatentLeaf]
+    dispersion: LatentLeaf | None = None
+    group_dispersion: LatentLeaf | None = None
+    zero_inflation: LatentLeaf | None = None
+
+
+class UnitTable(eqx.Module):
+    """What the model knows per unit (all ``[unit]``; a batch takes them at its units).
+
+    Attributes:
+        levels: each unit's index at every group level.
+        centre: per covariate, the value ``c_i`` where the latent intercept is taken.
+        reference: per covariate, ``r_i``: where the intercept's prior sits.
+    """
+
+    levels: dict[str, Int[Array, " unit"]]
+    centre: dict[str, Float[Array, " unit"]]
+    reference: dict[str, Float[Array, " unit"]]
+
+
+class CountRegression(AbstractRowModel):
+    """A hierarchical count regression (see the module docstring).
+
+    Attributes:
+        slopes: one :class:`~hbjax.counts.slopes.HierarchicalSlope` per covariate.
+        intercept: the intercepts' prior layer, ``N(loc, scale)`` per unit.
+        effects: one ``N(0, scale)`` layer per additive effect, shape ``[cell]``.
+        likelihood: :class:`~hbjax.Poisson` or :class:`~hbjax.NegativeBinomial`.
+        dispersion_level: the group level with its own dispersions, or ``None``.
+        dispersion_scale: prior sd of a group's log dispersion around the global one.
+        zero_inflation: prior layer of the structural zeros' logit, or ``None``.
+        table: the per-unit arrays (:class:`UnitTable`).
+        level_sizes: the number of groups at each level.
+        n_units: units.
+    """
+
+    slopes: dict[str, HierarchicalSlope]
+    intercept: Normal
+    effects: dict[str, Normal]
+    likelihood: AbstractCountLikelihood
+    dispersion_level: str | None = eqx.field(static=True)
+    dispersion_scale: float = eqx.field(static=True)
+    zero_inflation: Normal | None
+    table: UnitTable
+    level_sizes: dict[str, int] = eqx.field(static=True)
+    n_units: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        table: UnitTable,
+        level_sizes: dict[str, int],
+        *,
+        slopes: dict[str, HierarchicalSlope],
+        effects: dict[str, Normal] | None = None,
+        intercept: tuple[float, float] = (0.0, 3.0),
+        likelihood: str | AbstractCountLikelihood = "poisson",
+        dispersion_level: str | None = None,
+        dispersion_scale: float = 0.5,
+        zero_inflation: tuple[float, float] | None = None,
+    ):
+        """Assemble the model (:func:`hbjax.counts.from_frame` does it from a table).
+
+        Args:
+            table: the per-unit arrays; ``table.centre`` and ``table.reference`` need one
+                entry per slope.
+            level_sizes: groups at each level named in ``table.levels``.
+            slopes: per covariate (the rows' ``x`` names), its slope layer.
+            effects: per effect (the rows' ``cells`` names), an ``N(0, scale)`` layer.
+            intercept: ``(loc, scale)`` of the intercepts' prior.
+            likelihood: ``"poisson"``, ``"negbin"`` or a likelihood module.
+            dispersion_level: a level of ``table.levels`` with one dispersion per group
+                (negative binomial only).
+            dispersion_scale: prior sd of the groups' log dispersions around the global.
+            zero_inflation: ``(loc, scale)`` of the structural zeros' logit prior, or
+                ``None`` (no zero inflation).
+        """
+        units = {int(np.shape(a)[0]) for a in jax.tree.leaves(table)}
+        if len(units) != 1:
+            raise ValueError(f"every per-unit array needs the same length; got {sorted(units)}.")
+        self.n_units = units.pop()
+        for name in slopes:
+            if name not in table.centre or name not in table.reference:
+                raise ValueError(
+                    f"covariate {name!r} needs a centre and a reference per unit in the table."
+                )
+        for name, slope in slopes.items():
+            if slope.levels and slope.levels[0] not in table.levels:
+                raise ValueError(
+                    f"the slope of {name!r} varies over level {slope.levels[0]!r}, which the "
+                    f"table does not have (it has {sorted(table.levels)})."
+                )
+        self.slopes, self.effects, self.table = dict(slopes), dict(effects or {}), table
+        self.level_sizes = {k: int(v) for k, v in level_sizes.items()}
+        self.intercept = Normal(float(intercept[0]), float(intercept[1]), (self.n_units,))
+        self.likelihood = make_likelihood(likelihood)
+        if dispersion_level is not None:
+            if self.likelihood.latent_shape() is None:
+                raise ValueError(
+                    f"dispersion by {dispersion_level!r} needs a likelihood with a "
+                    f"dispersion (negbin); got {self.likelihood.name}."
+                )
+            if dispersion_level not in table.levels:
+                raise ValueError(
+                    f"dispersion_level {dispersion_level!r} is not a level of the table "
+                    f"({sorted(table.levels)})."
+                )
+        self.dispersion_level, self.dispersion_scale = dispersion_level, float(dispersion_scale)
+        self.zero_inflation = (
+            None if zero_inflation is None else Normal(*(float(v) for v in zero_inflation), ())
+        )
+
+    # --- structure -------------------------------------------------------------------
+    def latent_shapes(self) -> CountLatents:
+        """Shapes of the latents (see :class:`CountLatents`)."""
+        scalar = jax.ShapeDtypeStruct((), jnp.float32)
+        groups = None
+        if self.dispersion_level is not None:
+            groups = jax.ShapeDtypeStruct((self.level_sizes[self.dispersion_level],), jnp.float32)
+        return CountLatents(
+            slopes={k: s.latent_shapes(self.n_units) for k, s in self.slopes.items()},
+            intercept=self.intercept.latent_shape(),
+            effects={k: e.latent_shape() for k, e in self.effects.items()},
+            dispersion=self.likelihood.latent_shape(),
+            group_dispersion=groups,
+            zero_inflation=None if self.zero_inflation is None else scalar,
+        )
+
+    def _flags(self, *, unit: bool, slope_groups: bool, dispersion: bool) -> CountLatents:
+        """One flag per latent leaf.
+
+        Unit leaves (intercepts, per-unit slopes) get ``unit``, slopes' other leaves
+        ``slope_groups``, the likelihood's ``dispersion``; effects ``False``.
+        """
+        shapes = self.latent_shapes()
+
+        def flag(path: tuple) -> bool:
+            field = path[0].name
+            if field == "slopes":
+                return unit if path[-1].key == UNIT else slope_groups
+            return {"intercept": unit, "effects": False}.get(field, dispersion)
+
+        paths, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+        return jax.tree.unflatten(treedef, [flag(p) for p, _ in paths])
+
+    def unit_leaves(self) -> CountLatents:
+        """Intercepts and per-unit slopes are per unit; the rest are shared."""
+        return self._flags(unit=True, slope_groups=False, dispersion=False)
+
+    def reported_leaves(self) -> CountLatents:
+        """Slopes and the likelihood's parameters (intercepts and effects: nuisance)."""
+        return self._flags(unit=True, slope_groups=True, dispersion=True)
+
+    # --- values ------------------------------------------------------------------------
+    def _unit_level(self, slope: HierarchicalSlope) -> Array | None:
+        return self.table.levels[slope.levels[0]] if slope.levels else None
+
+    def unit_slopes(self, latents: CountLatents) -> dict[str, Float[Array, "*p unit"]]:
+        """Each covariate's slope for every unit (natural scale)."""
+        n_units = jnp.shape(latents.intercept)[-1]
+        out = {}
+        for name, slope in self.slopes.items():
+            z = latents.slopes[name]
+            values = slope.group_values(z)
+            out[name] = slope.unit_values(z, values, self._unit_level(slope), n_units)
+        return out
+
+    def log_dispersion(self, latents: CountLatents) -> Array | None:
+        """The likelihood's parameter: ``log phi`` (``[group]`` with group dispersions)."""
+        parameter = self.likelihood.parameter(latents.dispersion)
+        if self.dispersion_level is None or parameter is None:
+            return parameter
+        return parameter[..., None] + self.dispersion_scale * latents.group_dispersion
+
+    def natural(self, latents: CountLatents) -> CountLatents:
+        """Natural values of one set (or draws) of latents.
+
+        Slopes at every level, intercepts at covariates 0 (``d_i``), effects, dispersions
+        ``phi`` and the structural-zero share.
+        """
+        slopes = {}
+        for name, slope in self.slopes.items():
+            values = dict(slope.group_values(latents.slopes[name]))
+            if slope.per_unit:
+                values[UNIT] = self.unit_slopes(latents)[name]
+            slopes[name] = values
+        unit_slopes = self.unit_slopes(latents)
+        intercept = self.intercept(latents.intercept)
+        for name, b in unit_slopes.items():
+            intercept = intercept - b * self.table.centre[name]
+        log_phi = self.log_dispersion(latents)
+        grouped = self.dispersion_level is not None
+        return CountLatents(
+            slopes=slopes,
+            intercept=intercept,
+            effects={k: e(latents.effects[k]) for k, e in self.effects.items()},
+            dispersion=self.likelihood.natural(latents.dispersion),
+            group_dispersion=jnp.exp(log_phi) if grouped else None,
+            zero_inflation=None
+            if self.zero_inflation is None
+            else jax.nn.sigmoid(self.zero_inflation(latents.zero_inflation)),
+        )
+
+    # --- densities ---------------------------------------------------------------------
+    def shared_log_prior(self, latents: CountLatents) -> Scalar:
+        """Slopes' global and group values, effects, dispersions, zero inflation."""
+        total = self.likelihood.log_prior(latents.dispersion)
+        for name, slope in self.slopes.items():
+            z = latents.slopes[name]
+            total = total + slope.shared_log_prior(z, slope.group_values(z))
+        for name, effect in self.effects.items():
+            total = total + effect.log_prior(latents.effects[name])
+        if latents.group_dispersion is not None:
+            total = total + Normal(0.0, 1.0).log_prior(latents.group_dispersion)
+        if self.zero_inflation is not None:
+            total = total + self.zero_inflation.log_prior(latents.zero_inflation)
+        return total
+
+    def unit_log_prior(self, latents: CountLatents) -> Float[Array, " unit"]:
+        """``[unit]`` each unit's intercept and per-unit slopes' log priors."""
+        n_units = jnp.shape(latents.intercept)[-1]
+        at_reference = self.intercept(latents.intercept)
+        total = jnp.zeros(n_units, jnp.float32)
+        for name, slope in self.slopes.items():
+            z = latents.slopes[name]
+            values = slope.group_values(z)
+            level = self._unit_level(slope)
+            b = slope.unit_values(z, values, level, n_units)
+            shift = self.table.centre[name] - self.table.reference[name]
+            at_reference = at_reference - b * shift
+            total = total + slope.unit_log_prior(z, values, level, n_units)
+        u = (at_reference - self.intercept.loc) / self.intercept.scale
+        return total - 0.5 * u * u - HALF_LOG_2PI
+
+    def log_rate(self, latents: CountLatents, rows: UnitRows) -> Float[Array, " row"]:
+        """``[row]`` the log expected count of each row."""
+        unit, columns = rows.unit, rows.columns
+        rate = jnp.take(self.intercept(latents.intercept), unit)
+        for name, b in self.unit_slopes(latents).items():
+            x = columns["x"][name] - jnp.take(self.table.centre[name], unit)
+            rate = rate + jnp.take(b, unit) * x
+        for name, effect in self.effects.items():
+            rate = rate + jnp.take(effect(latents.effects[name]), columns["cells"][name])
+        if "offset" in columns:
+            rate = rate + columns["offset"]
+        return rate
+
+    def row_log_likelihood(self, latents: CountLatents, rows: UnitRows) -> Float[Array, " row"]:
+        """``[row]`` each row's log-probability (zero-inflated when the model says so)."""
+        counts = rows.columns["counts"]
+        parameter = self.log_dispersion(latents)
+        if self.dispersion_level is not None:
+            parameter = jnp.take(parameter, self.table.levels[self.dispersion_level][rows.unit])
+        log_rate = self.log_rate(latents, rows)
+        log_p = self.likelihood.log_kernel(log_rate, counts, parameter)
+        log_p = log_p - rows.columns["log_factorial"]
+        if self.zero_inflation is None:
+            return log_p
+        w = self.zero_inflation(latents.zero_inflation)
+        log_zero, log_count = jax.nn.log_sigmoid(w), jax.nn.log_sigmoid(-w)
+        return jnp.where(counts > 0, log_count + log_p, jnp.logaddexp(log_zero, log_count + log_p))
+
+    def restrict(self, units: Int[Array, " slot"]) -> CountRegression:
+        """The model of a batch: per-unit arrays taken at ``units``."""
+        table = jax.tree.map(lambda a: jnp.take(a, units, axis=0), self.table)
+        # sizes are read off the latents, so the static unit count may stay
+        return eqx.tree_at(lambda m: m.table, self, table)
+
+    def init_latents(self, rows: UnitRows) -> CountLatents:
+        """A start from host rows: intercepts at each unit's log mean count.
+
+        Less the unit's mean offset; the rest at their priors' centres.
+        """
+        unit = np.asarray(rows.unit)
+        weight = np.asarray(rows.weight, np.float64)
+        counts = np.asarray(rows.columns["counts"], np.float64)
+        n = np.bincount(unit, weight, self.n_units)
+        total = np.bincount(unit, weight * counts, self.n_units)
+        level = np.log((total + 0.5) / (n + 0.5))
+        if "offset" in rows.columns:
+            offset = np.asarray(rows.columns["offset"], np.float64)
+            level -= np.bincount(unit, weight * offset, self.n_units) / np.maximum(n, 1)
+        start = super().init_latents(rows)
+        intercept = (level - self.intercept.loc) / self.intercept.scale
+        return eqx.tree_at(lambda z: z.intercept, start, jnp.asarray(intercept, jnp.float32))
+
+
+__all__ = ["CountLatents", "CountRegression", "UnitTable"]
