@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 
 from . import __version__
 from .checkpoint import CheckpointError
+from .cli_vocabulary import fit_vocabulary, wants_vocabulary
 from .convergence import Convergence
 from .data import (
     DataValidationError,
@@ -66,7 +67,10 @@ USER_ERROR = 2
 
 
 #: What ``hbjax fit`` writes in its ``--out`` folder (a folder holding none is refused).
-FIT_FILES = ("fit.json", "fit.eqx", "summary.json", "elasticities.csv", "groups.csv", "losses.csv")
+FIT_FILES = (
+    *("fit.json", "fit.eqx", "summary.json", "elasticities.csv", "groups.csv", "losses.csv"),
+    "estimates.csv",  # --group a,b or --covariates (hbjax.cli_vocabulary)
+)
 #: All a fit folder may hold (``hbjax check`` adds check.csv); anything else is the user's.
 FIT_FOLDER = (*FIT_FILES, "encoding", "plots", "check.csv")
 
@@ -160,7 +164,11 @@ def _devices(text: str) -> str | int:
 
 def _column_flags(command: argparse.ArgumentParser) -> None:
     command.add_argument("--unit", default="product", help="unit column (default: product)")
-    command.add_argument("--group", default="category", help="group column")
+    command.add_argument(
+        "--group",
+        default="category",
+        help="group column; for `fit`, several levels finest first (subcategory,category)",
+    )
     command.add_argument("--period", default="period", help="period column (integers or dates)")
     command.add_argument("--price", default="price", help="price column (> 0)")
     command.add_argument("--units", default="units_sold", help="counts column (integers >= 0)")
@@ -302,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit_cmd.add_argument(
         "--samples", type=_draws, default=1000, help="posterior draws (at least 20)"
+    )
+    fit_cmd.add_argument(
+        "--covariates",
+        default="",
+        help="more columns with a slope each, by the coarsest group (e.g. promo,feature)",
     )
     fit_cmd.add_argument("--out", default="hbjax-out", help="output folder (default: hbjax-out)")
     fit_cmd.add_argument(
@@ -620,11 +633,39 @@ def run_fit(args: argparse.Namespace) -> int:
     if jax.process_index() == 0:
         folder = AtomicFolder(args.out, owns=FIT_FILES, known=FIT_FOLDER)
     try:
+        if wants_vocabulary(args):
+            return _fit_vocabulary(args, config, folder)
         return _fit_and_write(args, config, folder)
     except BaseException:
         if folder is not None:
             folder.discard()
         raise
+
+
+def _fit_vocabulary(
+    args: argparse.Namespace, config: FitConfig, folder: AtomicFolder | None
+) -> int:
+    """``hbjax fit --group a,b`` / ``--covariates``: the vocabulary's model and its outputs."""
+    try:
+        report = fit_vocabulary(args, config, folder, _mesh(args.devices))
+    except ValueError as exc:
+        if isinstance(exc, DataValidationError):
+            raise
+        raise UserError(str(exc)) from None
+    price = report["price_elasticity"]
+    print(
+        f"fitted {report['n_units']} units ({report['n_obs']} rows) in "
+        f"{report['wall_seconds']:.1f} s; global price elasticity {price['mean']:.3f} "
+        f"(90% interval {price['q05']:.3f} to {price['q95']:.3f}); wrote {args.out}/"
+        "estimates.csv, losses.csv, summary.json"
+    )
+    if report["dispersion"] is not None:
+        phi = report["dispersion"]
+        print(
+            f"dispersion phi {phi['q50']:.3g} (90% interval {phi['q05']:.3g} to "
+            f"{phi['q95']:.3g}): variance = mean + phi x mean^2"
+        )
+    return 0
 
 
 def _fit_and_write(args: argparse.Namespace, config: FitConfig, folder: AtomicFolder | None) -> int:

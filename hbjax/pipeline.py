@@ -21,14 +21,15 @@ from . import checkpoint
 from ._types import PyTree
 from .convergence import Convergence
 from .data import Panel
-from .families import LIKELIHOODS
+from .families import LIKELIHOODS, AbstractCountLikelihood
 from .fit import FitResult, default_optimizer, fit
-from .guide import GUIDES, inverse_softplus, make_guide
+from .guide import GUIDES, AbstractGuide, inverse_softplus, make_guide
 from .minibatch import UnitStats, seed_from_key
 from .model import HIERARCHIES, INTERCEPT_PRIORS, ElasticityModel
 from .objectives import GRADIENTS, renyi_elbo
 from .sharding import shard_panel
 from .stream import GridStore
+from .vi.model import AbstractModel
 
 #: The most steps of a full-batch fit, and the most epochs of a minibatch fit (minibatch
 #: fits converged in 40-80 epochs in our tests).
@@ -132,7 +133,7 @@ class FitConfig:
             return DEFAULT_STEPS
         return round(DEFAULT_EPOCHS * n_units / self.batch_size)
 
-    def objective(self, model: ElasticityModel, guide: PyTree, panel: PyTree, *, key: jax.Array):  # noqa: ANN201
+    def objective(self, model: AbstractModel, guide: PyTree, panel: PyTree, *, key: jax.Array):  # noqa: ANN201
         """The configured Rényi bound (an objective for :func:`hbjax.fit`)."""
         return renyi_elbo(
             model,
@@ -243,14 +244,7 @@ def fit_elasticities(
         rank=config.rank,
         key=jax.random.fold_in(key, 1),
     )
-    # a likelihood parameter's posterior sd is far below the guides' usual starting 0.1
-    scale = model.likelihood.starting_scale(stats.n_units * stats.n_periods)
-    if scale is not None:
-        start = eqx.tree_at(
-            lambda guide: guide.raw_scale.dispersion,
-            start,
-            inverse_softplus(jnp.asarray(scale, jnp.float32)),
-        )
+    start = start_dispersion_scale(start, model.likelihood, stats.n_units * stats.n_periods)
     return fit(
         model,
         start,
@@ -270,4 +264,28 @@ def fit_elasticities(
     )
 
 
-__all__ = ["DEFAULT_EPOCHS", "DEFAULT_GUIDE", "DEFAULT_STEPS", "FitConfig", "fit_elasticities"]
+def start_dispersion_scale(
+    guide: AbstractGuide, likelihood: AbstractCountLikelihood, n_obs: int
+) -> AbstractGuide:
+    """The guide with its ``dispersion`` latent's sd started at the likelihood's guess.
+
+    A likelihood parameter's posterior sd is far below the guides' usual starting 0.1
+    (:meth:`~hbjax.AbstractCountLikelihood.starting_scale`); from 0.1 Adam spends
+    thousands of steps shrinking it (benchmarks/README.md). Unchanged without one.
+    """
+    scale = likelihood.starting_scale(n_obs)
+    if scale is None:
+        return guide
+    return eqx.tree_at(
+        lambda g: g.raw_scale.dispersion, guide, inverse_softplus(jnp.asarray(scale, jnp.float32))
+    )
+
+
+__all__ = [
+    "DEFAULT_EPOCHS",
+    "DEFAULT_GUIDE",
+    "DEFAULT_STEPS",
+    "FitConfig",
+    "fit_elasticities",
+    "start_dispersion_scale",
+]

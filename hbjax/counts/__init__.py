@@ -16,6 +16,7 @@ import importlib
 _EXPORTS = {
     **dict.fromkeys(["CountData", "Effect", "Slope", "from_frame"], "frame"),
     **dict.fromkeys(["CountLatents", "CountRegression", "UnitTable"], "regression"),
+    "fit_counts": "fit",
     "HierarchicalSlope": "slopes",
 }
 

@@ -1,0 +1,153 @@
+"""``hbjax fit`` with ``--group a,b,...`` or ``--covariates``: the vocabulary's model.
+
+``log E[units] = a_i + b_i (log price - c_i) + sum_k lift_k[top group] x_k
++ g[top group, period]``, the price slope by product and every group level
+(:func:`hbjax.counts.from_frame`), each covariate's slope by the coarsest group. Writes
+``estimates.csv`` (every value on its labels), ``losses.csv`` and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pandas as pd
+
+from . import __version__
+from .counts import Effect, Slope, fit_counts, from_frame
+from .data import _period_values, duplicate_pair_error, read_table
+from .outputs import AtomicFolder
+from .pipeline import FitConfig
+
+#: What the vocabulary's fit does not do yet: flag -> whether it was given.
+_NOT_YET = {
+    "--checkpoint": lambda a: a.checkpoint is not None,
+    "--plots": lambda a: a.plots,
+    "--clip": lambda a: a.clip,
+    "--no-centring": lambda a: a.no_centring,
+}
+
+
+def wants_vocabulary(args: argparse.Namespace) -> bool:
+    """Several group levels or covariates: the vocabulary's model."""
+    return "," in args.group or bool(args.covariates)
+
+
+def _names(text: str, flag: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",")) if text else ()
+    if any(not name for name in names):
+        raise ValueError(f"{flag} {text!r} has an empty name; write names separated by commas.")
+    return names
+
+
+def fit_vocabulary(
+    args: argparse.Namespace, config: FitConfig, folder: AtomicFolder | None, mesh: object
+) -> dict:
+    """Fit the table with the vocabulary's model and write its outputs into ``folder``.
+
+    Returns the report (``summary.json``). Raises ``ValueError`` for flags it cannot
+    honour yet (named) and :class:`~hbjax.DataValidationError` for bad input.
+    """
+    given = [flag for flag, used in _NOT_YET.items() if used(args)]
+    if given or jax.process_count() > 1:
+        what = given[0] if given else "several processes"
+        raise ValueError(
+            f"{what} is not available with --group a,b,... or --covariates yet; leave it out."
+        )
+    groups = _names(args.group, "--group")
+    covariates = _names(args.covariates, "--covariates")
+    start = time.perf_counter()
+    frame = read_table(args.file)
+    columns = [args.unit, *groups, args.period, args.price, args.units, *covariates]
+    if len(set(columns)) != len(columns):
+        raise ValueError(f"each column may have one role; got {columns}.")
+    if args.period in frame.columns and args.unit in frame.columns:
+        frame[args.period] = _period_values(frame, args.period)
+        twice = frame.duplicated([args.unit, args.period], keep=False).to_numpy()
+        if twice.any():
+            first = frame[twice].iloc[0]
+            roles = {"unit": args.unit, "period": args.period}
+            where = f"{int(twice.sum())} rows are duplicates"
+            raise duplicate_pair_error(roles, first[args.unit], first[args.period], where)
+    top = groups[-1]
+    data = from_frame(
+        frame,
+        unit=args.unit,
+        counts=args.units,
+        groups=groups,
+        slopes=[
+            Slope(
+                args.price,
+                log=True,
+                over=("unit", *groups),
+                prior=(-2.0, 1.0),
+                scales=(2.0,) + (1.0,) * len(groups),
+            ),
+            *(Slope(c, over=(top,)) for c in covariates),
+        ],
+        effects=[Effect((top, args.period), scale=3.0)],
+        likelihood=args.likelihood,
+        hierarchy=args.hierarchy,
+        intercept_prior=args.intercept_prior,
+    )
+    result = fit_counts(data, config, mesh=mesh)
+    tables = data.summary(result.guide, draws=args.samples, key=jax.random.key(args.seed))
+    status = result.convergence
+    report = {
+        "input": str(args.file),
+        "model": "vocabulary (hbjax.counts)",
+        "n_obs": len(frame),
+        "n_units": len(data.units),
+        "groups": {g: len(data.levels[g]) for g in groups},
+        "covariates": list(covariates),
+        "likelihood": args.likelihood,
+        "steps": result.steps,
+        "batch_size": result.batch_size,
+        "converged": result.converged,
+        "averaged_from_step": status.average_from,
+        "averaged_to_step": status.average_to,
+        "mcse_of_means_in_sd": status.mcse,
+        "mcse_of_means_in_sd_max": status.mcse_max,
+        "summaries": f"monte carlo ({args.samples} draws)",
+        "price_elasticity": _rows(tables[f"log_{args.price}/global"]),
+        "covariate_slopes": {c: _rows(tables[f"{c}/global"]) for c in covariates},
+        "dispersion": _rows(tables["dispersion"]) if "dispersion" in tables else None,
+        "wall_seconds": time.perf_counter() - start,
+        "devices": mesh.size,  # type: ignore[attr-defined]
+        "hbjax_version": __version__,
+        "jax_version": jax.__version__,
+        "python_version": platform.python_version(),
+    }
+    if folder is not None:
+        staging = Path(folder.staging)
+        _long(tables).to_csv(staging / "estimates.csv", index=False)
+        pd.DataFrame({"step": np.arange(len(result.losses)), "loss": result.losses}).to_csv(
+            staging / "losses.csv", index=False
+        )
+        (staging / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
+        folder.commit()
+    return report
+
+
+def _rows(table: pd.DataFrame) -> dict[str, float]:
+    """The one row of a table as ``{mean, sd, q05, q50, q95}``."""
+    row = table.iloc[0]
+    return {k: float(row[k]) for k in ("mean", "sd", "q05", "q50", "q95")}
+
+
+def _long(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Every table in one: ``quantity, label, mean, sd, q05, q50, q95``."""
+    parts = []
+    for name, table in tables.items():
+        labels = [":".join(map(str, x)) if isinstance(x, tuple) else str(x) for x in table.index]
+        parts.append(table.reset_index(drop=True).assign(quantity=name, label=labels))
+    long = pd.concat(parts, ignore_index=True)
+    return long[["quantity", "label", "mean", "sd", "q05", "q50", "q95"]]
+
+
+__all__ = ["fit_vocabulary", "wants_vocabulary"]

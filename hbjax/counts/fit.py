@@ -1,0 +1,69 @@
+"""A vocabulary model fitted as a :class:`~hbjax.FitConfig` says.
+
+What ``hbjax fit`` runs for ``--group a,b`` or ``--covariates``.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import Mesh
+
+from ..convergence import Convergence
+from ..fit import FitResult, default_optimizer, fit
+from ..guide import make_guide
+from ..parallel.blocks import make_mesh
+from ..pipeline import FitConfig, start_dispersion_scale
+from .frame import CountData
+
+
+def fit_counts(
+    data: CountData, config: FitConfig = FitConfig(), *, mesh: Mesh | None = None
+) -> FitResult:
+    """Fit ``data.model`` to ``data.rows`` as ``config`` says.
+
+    Sharded over ``mesh`` (default all devices), minibatched with ``config.batch_size``,
+    stopped when converged (at most ``config.max_steps``).
+
+    The guide starts at :meth:`CountRegression.init_latents` and, for a negative binomial,
+    with the dispersion's sd at its expected posterior sd. ``config``'s price-specific
+    options (``centre_prices``, ``clip``, ``hierarchy``, ``intercept_prior``,
+    ``likelihood``) belong to :func:`hbjax.counts.from_frame` here and are not read.
+    """
+    model, rows = data.model, data.rows
+    key = jax.random.key(config.seed)
+    mesh = make_mesh() if mesh is None else mesh
+    optimizer = default_optimizer(config.learning_rate)
+    if config.batch_size is not None:
+        if config.batch_size >= model.n_units:
+            raise ValueError(
+                f"batch_size {config.batch_size} is not smaller than the number of units "
+                f"({model.n_units}); leave it out to fit the full batch."
+            )
+        per_epoch = model.n_units / config.batch_size
+        optimizer = default_optimizer(
+            config.learning_rate, transition_steps=round(1000 * per_epoch)
+        )
+    guide = make_guide(
+        config.guide,
+        model,
+        loc=model.init_latents(rows),
+        rank=config.rank,
+        key=jax.random.fold_in(key, 1),
+    )
+    guide = start_dispersion_scale(guide, model.likelihood, len(rows.unit))
+    return fit(
+        model,
+        guide,
+        rows,
+        key=key,
+        steps=config.max_steps(model.n_units),
+        optimizer=optimizer,
+        objective=config.objective,
+        progress=config.progress,
+        mesh=mesh,
+        batch_size=config.batch_size,
+        convergence=Convergence(mcse=config.mcse),
+    )
+
+
+__all__ = ["fit_counts"]
