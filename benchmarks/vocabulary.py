@@ -22,24 +22,21 @@ import time
 import jax
 
 import hbjax
-from hbjax.counts import Effect, Slope, from_frame
+from hbjax.counts import elasticity_terms, from_frame
 
 
 def _fits(products: int, periods: int, groups: int) -> dict:
     sim = hbjax.simulate(n_units=products, n_periods=periods, n_groups=groups, seed=0)
     panel, _ = hbjax.from_frame(sim.frame)
     reference = hbjax.ElasticityModel.from_panel(panel)
+    slopes, effects = elasticity_terms("price", ("category",), "period")
     data = from_frame(
         sim.frame,
         unit="product",
         counts="units_sold",
         groups=("category",),
-        slopes=[
-            Slope(
-                "price", log=True, over=("unit", "category"), prior=(-2.0, 1.0), scales=(2.0, 1.0)
-            )
-        ],
-        effects=[Effect(("category", "period"), scale=3.0)],
+        slopes=slopes,
+        effects=effects,
     )
     mesh = hbjax.make_mesh()
     return {

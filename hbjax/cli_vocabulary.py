@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
-from .counts import Effect, Slope, fit_counts, from_frame
+from .counts import elasticity_terms, fit_counts, from_frame
 from .data import _period_values, duplicate_pair_error, read_table
 from .outputs import AtomicFolder
 from .pipeline import FitConfig
@@ -74,23 +74,14 @@ def fit_vocabulary(
             roles = {"unit": args.unit, "period": args.period}
             where = f"{int(twice.sum())} rows are duplicates"
             raise duplicate_pair_error(roles, first[args.unit], first[args.period], where)
-    top = groups[-1]
+    slopes, effects = elasticity_terms(args.price, groups, args.period, covariates)
     data = from_frame(
         frame,
         unit=args.unit,
         counts=args.units,
         groups=groups,
-        slopes=[
-            Slope(
-                args.price,
-                log=True,
-                over=("unit", *groups),
-                prior=(-2.0, 1.0),
-                scales=(2.0,) + (1.0,) * len(groups),
-            ),
-            *(Slope(c, over=(top,)) for c in covariates),
-        ],
-        effects=[Effect((top, args.period), scale=3.0)],
+        slopes=slopes,
+        effects=effects,
         likelihood=args.likelihood,
         hierarchy=args.hierarchy,
         intercept_prior=args.intercept_prior,

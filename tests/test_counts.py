@@ -18,17 +18,14 @@ from hbjax.data import DataValidationError
 
 
 def _article(frame: pd.DataFrame, hierarchy: str, intercept_prior: str) -> hbjax.counts.CountData:
+    slopes, effects = hbjax.counts.elasticity_terms("price", ("category",), "period")
     return from_frame(
         frame,
         unit="product",
         counts="units_sold",
         groups=("category",),
-        slopes=[
-            Slope(
-                "price", log=True, over=("unit", "category"), prior=(-2.0, 1.0), scales=(2.0, 1.0)
-            )
-        ],
-        effects=[Effect(("category", "period"), scale=3.0)],
+        slopes=slopes,
+        effects=effects,
         hierarchy=hierarchy,
         intercept_prior=intercept_prior,
     )

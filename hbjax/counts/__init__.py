@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    **dict.fromkeys(["CountData", "Effect", "Slope", "from_frame"], "frame"),
+    **dict.fromkeys(["CountData", "Effect", "Slope", "elasticity_terms", "from_frame"], "frame"),
     **dict.fromkeys(["CountLatents", "CountRegression", "UnitTable"], "regression"),
     "fit_counts": "fit",
     "HierarchicalSlope": "slopes",

@@ -138,6 +138,30 @@ class CountData:
         return tables
 
 
+def elasticity_terms(
+    price: str, groups: Sequence[str], period: str, covariates: Sequence[str] = ()
+) -> tuple[list[Slope], list[Effect]]:
+    """The article's terms over any group levels, plus covariates.
+
+    The log-price slope by unit and by every group level (prior ``N(-2, 1)`` globally, sd 1
+    per level and 2 per unit, as the article's), each covariate's slope by the coarsest
+    group, and (coarsest group x period) effects with sd 3. With ``groups=("category",)``
+    and no covariates this is the article's model (:class:`~hbjax.ElasticityModel`'s
+    numbers, tested).
+    """
+    groups = tuple(groups)
+    top = groups[-1:]
+    price_slope = Slope(
+        price,
+        log=True,
+        over=("unit", *groups),
+        prior=(-2.0, 1.0),
+        scales=(2.0,) + (1.0,) * len(groups),
+    )
+    slopes = [price_slope, *(Slope(c, over=top) for c in covariates)]
+    return slopes, [Effect((*top, period), scale=3.0)]
+
+
 def from_frame(
     frame: pd.DataFrame,
     *,
@@ -402,4 +426,4 @@ def _slope_layer(
     )
 
 
-__all__ = ["HIERARCHIES", "CountData", "Effect", "Slope", "from_frame"]
+__all__ = ["HIERARCHIES", "CountData", "Effect", "Slope", "elasticity_terms", "from_frame"]
