@@ -390,11 +390,11 @@ def _cells(frame: pd.DataFrame, effect: Effect) -> tuple[np.ndarray, pd.Index]:
     except TypeError:  # labels of mixed types cannot be sorted
         grouped = keys.groupby(list(effect.labels), sort=False, observed=True)
         codes = grouped.ngroup().to_numpy()
-    labels = pd.Index(list(grouped.groups.keys()))
+    keys = list(grouped.groups.keys())
     if len(effect.labels) > 1:
-        labels = pd.MultiIndex.from_tuples(list(grouped.groups.keys()), names=effect.labels)
+        labels = pd.MultiIndex.from_tuples(keys, names=effect.labels)
     else:
-        labels = labels.rename(effect.labels[0])
+        labels = pd.Index(keys, name=effect.labels[0])
     return codes.astype(np.int32), labels
 
 

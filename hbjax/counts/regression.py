@@ -232,13 +232,13 @@ class CountRegression(AbstractRowModel):
         Slopes at every level, intercepts at covariates 0 (``d_i``), effects, dispersions
         ``phi`` and the structural-zero share.
         """
+        unit_slopes = self.unit_slopes(latents)
         slopes = {}
         for name, slope in self.slopes.items():
             values = dict(slope.group_values(latents.slopes[name]))
             if slope.per_unit:
-                values[UNIT] = self.unit_slopes(latents)[name]
+                values[UNIT] = unit_slopes[name]
             slopes[name] = values
-        unit_slopes = self.unit_slopes(latents)
         intercept = self.intercept(latents.intercept)
         for name, b in unit_slopes.items():
             intercept = intercept - b * self.table.centre[name]
