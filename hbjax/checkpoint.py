@@ -5,7 +5,8 @@ convergence status) followed by the leaves of a pytree of arrays (the
 :class:`hbjax.step.SVIState`, the losses, the key and the watched trace), written with
 :func:`equinox.tree_serialise_leaves` (no pickle). It is written to a temporary file in
 the same folder, flushed to disk and renamed over the old one: a kill at any moment
-leaves the last complete checkpoint. The fingerprint must match on resume: the guide type,
+leaves the last complete checkpoint, and a SIGTERM or Ctrl-C that arrives during the write
+is handled once the write is complete. The fingerprint must match on resume: the guide type,
 the state's structure and shapes, the model (a hash of its arrays, options and priors),
 the objective, and what the caller adds (:func:`hbjax.fit`'s ``fingerprint``: the data's
 content hash, the optimiser's settings, ...); a checkpoint of another fit is refused,
@@ -14,11 +15,14 @@ naming what differs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,13 +89,49 @@ def save(directory: str | os.PathLike[str], *, tree: Any, header: dict[str, obje
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{FILENAME}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as handle:
-        handle.write((json.dumps({"format": FORMAT, **header}) + "\n").encode())
-        eqx.tree_serialise_leaves(handle, tree)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, folder / FILENAME)
+    with _signals_deferred():
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write((json.dumps({"format": FORMAT, **header}) + "\n").encode())
+                eqx.tree_serialise_leaves(handle, tree)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, folder / FILENAME)
+        finally:
+            tmp.unlink(missing_ok=True)
     return folder / FILENAME
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT until the block ends, then hand them to their own handlers.
+
+    A handler that raises (the CLI's SIGTERM handler, Python's KeyboardInterrupt) would
+    otherwise interrupt the serialisation half-way. Only the main thread can set handlers;
+    elsewhere the block runs as is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    deferred = (signal.SIGTERM, signal.SIGINT)
+    previous = {s: signal.signal(s, lambda signum, _: arrived.append(signum)) for s in deferred}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        for signum in deferred:  # SIGTERM first: a scheduler's end outranks a Ctrl-C
+            if signum in arrived:
+                _deliver(signum, previous[signum])
+
+
+def _deliver(signum: int, handler: Any) -> None:
+    """Do what ``handler`` (as :func:`signal.getsignal` returns it) would have done."""
+    if callable(handler):
+        handler(signum, None)
+    elif handler in (signal.SIG_DFL, None):
+        os.kill(os.getpid(), signum)  # the default action (SIGTERM: exit), now unmasked
 
 
 def load(

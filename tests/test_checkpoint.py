@@ -1,4 +1,6 @@
 import functools
+import os
+import time
 
 import equinox as eqx
 import jax
@@ -161,6 +163,59 @@ def test_a_kill_while_writing_leaves_the_last_checkpoint(small_panel, tmp_path):
             checkpoint_dir=folder,
             resume=True,
         )
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_signal_during_a_write_is_handled_after_it(tmp_path, monkeypatch):
+    # SIGTERM (a scheduler) and SIGINT (Ctrl-C) that arrive while the arrays are being
+    # written reach their handlers once the checkpoint is complete, never half-way.
+    import signal
+
+    tree = {"a": jnp.arange(5.0), "b": jnp.ones((2, 3))}
+    write = eqx.tree_serialise_leaves
+
+    def interrupted_write(handle, leaves):
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # both handled by now, were they not deferred
+        write(handle, leaves)
+
+    def stop(signum, frame):
+        raise _Stop(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    monkeypatch.setattr(checkpoint.eqx, "tree_serialise_leaves", interrupted_write)
+    try:
+        with pytest.raises(_Stop, match="SIGTERM"):
+            checkpoint.save(tmp_path, tree=tree, header={"step": 3})
+        assert signal.getsignal(signal.SIGTERM) is stop
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    header, loaded = checkpoint.load(tmp_path, like=lambda header: tree, fingerprint={})
+    assert header["step"] == 3
+    np.testing.assert_array_equal(loaded["b"], np.ones((2, 3)))
+    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.FILENAME]
+
+
+def test_a_failed_write_leaves_the_last_checkpoint_and_no_temporary_file(tmp_path, monkeypatch):
+    tree = {"a": jnp.arange(5.0)}
+    checkpoint.save(tmp_path, tree=tree, header={"step": 1})
+
+    def failing_write(handle, leaves):
+        handle.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.eqx, "tree_serialise_leaves", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save(tmp_path, tree={"a": jnp.zeros(5)}, header={"step": 2})
+    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.FILENAME]
+    header, loaded = checkpoint.load(tmp_path, like=lambda header: tree, fingerprint={})
+    assert header["step"] == 1
+    np.testing.assert_array_equal(loaded["a"], np.arange(5.0))
 
 
 def test_non_finite_step_saves_the_last_good_state(small_panel, tmp_path):
