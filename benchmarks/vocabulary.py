@@ -4,7 +4,8 @@ Both fit the same simulated panel with the same guide family, objective and opti
 the figure is steps per second after compilation (``FitResult.iterations_per_second``),
 alternating the two and repeating, medians reported. ElasticityModel runs its default
 layout (``auto``: Poisson sufficient statistics when they pay) and the rows layout, the
-vocabulary its rows (:class:`hbjax.UnitRows`).
+vocabulary its grid (:meth:`hbjax.counts.CountData.grid`) and its rows
+(:class:`hbjax.UnitRows`).
 
 Usage::
 
@@ -37,6 +38,7 @@ def _fits(products: int, periods: int, groups: int) -> dict:
         groups=("category",),
         slopes=slopes,
         effects=effects,
+        period="period",
     )
     mesh = hbjax.make_mesh()
     return {
@@ -46,6 +48,7 @@ def _fits(products: int, periods: int, groups: int) -> dict:
             hbjax.shard_panel(panel, mesh, layout="rows"),
             panel,
         ),
+        "vocabulary (CountRegression grid)": (data.model, data.grid(mesh), data.rows),
         "vocabulary (CountRegression rows)": (
             data.model,
             hbjax.shard_rows(data.rows, mesh),

@@ -22,12 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 from jax.scipy.special import gammaln
+from jax.sharding import Mesh
 
 from ..data import DataValidationError, _factorize, _numeric, _rows, _show, check_counts
 from ..families import AbstractCountLikelihood, make_likelihood
 from ..layers import AbstractHierarchy, Centred, NonCentred, Normal
 from ..parallel.rows import UnitRows
 from ..posterior import _describe
+from .grid import CountGrid, GridError, place_grid
 from .regression import CountRegression, UnitTable
 from .slopes import GLOBAL, UNIT, HierarchicalSlope
 
@@ -88,6 +90,8 @@ class CountData:
         units: the unit labels (unit ``i`` is ``units[i]``).
         levels: per group level, its labels.
         cells: per effect, its cells' labels.
+        period: ``[row]`` each row's period code (in the order of ``rows``), or ``None``.
+        periods: the period labels, or ``None``.
     """
 
     model: CountRegression
@@ -95,6 +99,28 @@ class CountData:
     units: pd.Index
     levels: dict[str, pd.Index]
     cells: dict[str, pd.Index]
+    period: np.ndarray | None = None
+    periods: pd.Index | None = None
+
+    def grid(self, mesh: Mesh, *, n_blocks: int | None = None) -> CountGrid:
+        """The rows placed on ``mesh`` as a ``[unit, period]`` grid (the fast layout).
+
+        Raises:
+            GridError: no ``period=`` was given, a unit has two rows in a period, or an
+                effect's cells are not (unit label x period); fit ``rows`` instead.
+        """
+        if self.period is None:
+            raise GridError("the grid needs each row's period: from_frame(..., period=column).")
+        return place_grid(
+            self.model, self.rows, self.period, len(self.periods), mesh, n_blocks=n_blocks
+        )
+
+    @property
+    def grid_fill(self) -> float:
+        """Rows per unit x period cell (0 without ``period=``)."""
+        if self.period is None:
+            return 0.0
+        return len(self.period) / max(self.model.n_units * len(self.periods), 1)
 
     def labels(self, level: str) -> pd.Index:
         """The labels of ``"unit"``, a group level or ``"global"``."""
@@ -171,6 +197,7 @@ def from_frame(
     slopes: Sequence[Slope] = (),
     effects: Sequence[Effect] = (),
     offset: str | None = None,
+    period: str | None = None,
     likelihood: str | AbstractCountLikelihood = "poisson",
     dispersion_by: str | None = None,
     zero_inflation: bool | tuple[float, float] = False,
@@ -189,6 +216,8 @@ def from_frame(
         slopes: the covariates (:class:`Slope`).
         effects: additive effects (:class:`Effect`).
         offset: a column added to the log rate (e.g. log exposure), or ``None``.
+        period: the time column (e.g. week), or ``None``. With it, and one row per unit and
+            period, the data can also sit on the fast grid layout (:meth:`CountData.grid`).
         likelihood: ``"poisson"``, ``"negbin"`` or a likelihood module.
         dispersion_by: a group level with its own dispersion (negative binomial).
         zero_inflation: ``True`` (prior ``N(-2, 2)`` on the logit of the structural-zero
@@ -203,7 +232,7 @@ def from_frame(
         DataValidationError: a missing column, a bad value or a broken nesting (named).
     """
     groups, slopes, effects = tuple(groups), tuple(slopes), tuple(effects)
-    _check_arguments(frame, unit, counts, groups, slopes, effects, offset, dispersion_by)
+    _check_arguments(frame, unit, counts, groups, slopes, effects, offset, period, dispersion_by)
     if hierarchy not in HIERARCHIES:
         raise ValueError(f"hierarchy must be one of {', '.join(HIERARCHIES)}; got {hierarchy!r}.")
     if intercept_prior not in ("reference", "zero"):
@@ -255,7 +284,11 @@ def from_frame(
         dispersion_level=dispersion_by,
         zero_inflation=zero_inflation or None,
     )
-    return CountData(model, rows, units, levels, cell_labels)
+    period_codes, periods = None, None
+    if period is not None:
+        period_codes, periods = _factorize(frame[period])
+        period_codes = period_codes[np.argsort(unit_codes, kind="stable")]  # rows' order
+    return CountData(model, rows, units, levels, cell_labels, period_codes, periods)
 
 
 def _check_arguments(
@@ -266,6 +299,7 @@ def _check_arguments(
     slopes: tuple[Slope, ...],
     effects: tuple[Effect, ...],
     offset: str | None,
+    period: str | None,
     dispersion_by: str | None,
 ) -> None:
     """A non-empty DataFrame with every named column; levels and names used consistently."""
@@ -280,6 +314,7 @@ def _check_arguments(
     named["slopes"] = [s.column for s in slopes]
     named["effects"] = [c for e in effects for c in e.labels]
     named["offset"] = [] if offset is None else [offset]
+    named["period"] = [] if period is None else [period]
     for role, columns in named.items():
         missing = [c for c in columns if c not in frame.columns]
         if missing:
@@ -317,7 +352,7 @@ def _check_arguments(
         raise DataValidationError(
             f"dispersion_by={dispersion_by!r} must be one of groups= {list(groups)}."
         )
-    for column in (unit, *groups, *named["effects"]):
+    for column in (unit, *groups, *named["effects"], *named["period"]):
         missing = frame[column].isna().to_numpy()
         if missing.any():
             raise DataValidationError(

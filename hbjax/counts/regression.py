@@ -36,6 +36,7 @@ from .._types import LatentLeaf
 from ..families import AbstractCountLikelihood, make_likelihood
 from ..layers import HALF_LOG_2PI, Normal
 from ..parallel.rows import AbstractRowModel, UnitRows
+from .grid import CountGrid, grid_log_likelihood
 from .slopes import UNIT, HierarchicalSlope
 
 
@@ -313,6 +314,12 @@ class CountRegression(AbstractRowModel):
         w = self.zero_inflation(latents.zero_inflation)
         log_zero, log_count = jax.nn.log_sigmoid(w), jax.nn.log_sigmoid(-w)
         return jnp.where(counts > 0, log_count + log_p, jnp.logaddexp(log_zero, log_count + log_p))
+
+    def log_likelihood(self, latents: CountLatents, panel: UnitRows | CountGrid) -> Scalar:
+        """The rows' log-likelihood: on the grid's dense kernel, or summed per row."""
+        if isinstance(panel, CountGrid):
+            return grid_log_likelihood(self, latents, panel)
+        return super().log_likelihood(latents, panel)
 
     def restrict(self, units: Int[Array, " slot"]) -> CountRegression:
         """The model of a batch: per-unit arrays taken at ``units``."""

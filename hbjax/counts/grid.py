@@ -1,0 +1,400 @@
+"""A count regression on a [unit slot, period] grid: its fast, dense layout.
+
+When each unit has at most one row per period and every effect's cell is set by the
+period and a label of the unit (category x week: the category is the unit's), the rows fit
+on a grid of unit slots by periods. Then the linear predictor is
+
+    eta[s, t] = a[u] + sum_k b_k[u] x_k[s, t] + sum_e G_e[key_e[s], t] + offset[s, t]
+
+with ``u`` the slot's unit and ``G_e`` effect ``e`` laid on ``[key, period]``: no per-row
+index is read, and the likelihood and its gradient come from one pass over the grid
+(a custom VJP whose residuals are per-unit and per-cell sums, as the article model's
+dense kernel). For a Poisson likelihood the ``y * eta`` part comes from sufficient
+statistics, so only ``exp(eta)`` touches the grid; other likelihoods read the counts
+there and differentiate each cell's term in place.
+
+Like every placed layout, the units are cut into blocks (:func:`hbjax.parallel.blocks.
+plan_blocks`) and the shared sums are added per block, then over blocks in order: the
+same value and gradient on any device count that divides the blocks.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
+
+from .._types import AnyArray
+from ..families import AbstractCountLikelihood, Poisson
+from ..likelihood import _per_block_segment_sum
+from ..parallel.blocks import (
+    DATA_AXIS,
+    _local_blocks,
+    checked_block_count,
+    default_block_count,
+    plan_blocks,
+    replicate,
+    sum_over_blocks,
+)
+from ..parallel.rows import UnitRows, _place
+from ..sharding import slot_plan
+
+if TYPE_CHECKING:
+    from .regression import CountLatents, CountRegression
+
+#: A grid at least this full (rows / (units x periods)) is worth it (as for panels).
+GRID_MIN_FILL = 0.5
+
+
+class GridError(ValueError):
+    """These rows do not fit the grid; the message says why (the rows layout still works)."""
+
+
+class CountGrid(eqx.Module):
+    """A count regression's rows placed on a ``[slot, period]`` grid (see the module doc).
+
+    Attributes:
+        x: per covariate, ``x - c_u`` (the unit's centre) where observed, 0 elsewhere.
+        offset: the offset column on the grid, or ``None``.
+        counts: the counts on the grid (``None`` for a Poisson likelihood, which needs
+            only sufficient statistics).
+        observed: where a row is.
+        slot_unit: ``[slot]`` each slot's unit (padding slots: a unit of their block).
+        slot_key: per effect, ``[slot]`` the row of ``cell_table`` of the slot's unit.
+        cell_table: per effect, ``[key, period]`` the effect's cell (``n_cells``: none);
+            ``None`` where cell ``key * periods + period`` is the effect's own order.
+        counts_by_unit: ``[unit]`` ``sum y`` per unit.
+        counts_x_by_unit: per covariate, ``[unit]`` ``sum y (x - c_u)``.
+        counts_by_cell: per effect, ``[cell]`` ``sum y`` per cell.
+        constant: ``sum y * offset - sum log y!`` (Poisson), ``- sum log y!`` (others).
+        n_units: units.
+        n_blocks: blocks of whole units.
+        mesh: the mesh the grid is placed on.
+    """
+
+    x: dict[str, Float[AnyArray, "slot period"]]
+    offset: Float[AnyArray, "slot period"] | None
+    counts: Float[AnyArray, "slot period"] | None
+    observed: Bool[AnyArray, "slot period"]
+    slot_unit: Int[AnyArray, " slot"]
+    slot_key: dict[str, Int[AnyArray, " slot"]]
+    cell_table: dict[str, Int[AnyArray, "key period"] | None]
+    counts_by_unit: Float[AnyArray, " unit"]
+    counts_x_by_unit: dict[str, Float[AnyArray, " unit"]]
+    counts_by_cell: dict[str, Float[AnyArray, " cell"]]
+    constant: Float[AnyArray, ""]
+    n_units: int = eqx.field(static=True)
+    n_blocks: int = eqx.field(static=True)
+    mesh: Mesh = eqx.field(static=True)
+
+
+def effect_keys(
+    model: CountRegression, rows: UnitRows, period: Int[np.ndarray, " row"], n_periods: int
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per effect, ``([unit] key, [key, period] cell table)``: the cell as (unit label, period).
+
+    The coarsest of: one key for all units, a group level of the model's table, the unit.
+
+    Raises:
+        GridError: an effect whose cell is not set by the period and a label of the unit.
+    """
+    unit = np.asarray(rows.unit)
+    candidates = [np.zeros(model.n_units, np.int64)]
+    candidates += [np.asarray(v, np.int64) for v in reversed(model.table.levels.values())]
+    candidates.append(np.arange(model.n_units))
+    out = {}
+    for name, effect in model.effects.items():
+        cells = np.asarray(rows.columns["cells"][name], np.int64)
+        n_cells = int(effect.shape[0])
+        for key in candidates:
+            n_keys = int(key.max(initial=0)) + 1
+            pair = key[unit] * n_periods + period
+            table = np.full(n_keys * n_periods, n_cells, np.int64)
+            table[pair] = cells
+            if np.array_equal(table[pair], cells):
+                out[name] = (key.astype(np.int32), table.reshape(n_keys, n_periods))
+                break
+        else:
+            raise GridError(
+                f"effect {name!r}: a cell is not set by the period and a label of the unit "
+                "(its cells vary within a unit's period), so it cannot sit on the grid."
+            )
+    return out
+
+
+def place_grid(
+    model: CountRegression,
+    rows: UnitRows,
+    period: Int[np.ndarray, " row"],
+    n_periods: int,
+    mesh: Mesh,
+    *,
+    n_blocks: int | None = None,
+) -> CountGrid:
+    """Place host ``rows`` of ``model`` on ``mesh`` as a grid of ``[slot, period]``.
+
+    Args:
+        model: the model (its table gives the centres and the group levels).
+        rows: host rows (:func:`hbjax.counts.from_frame`'s), all of weight 1.
+        period: ``[row]`` each row's period, ``0 .. n_periods - 1``.
+        n_periods: periods.
+        mesh: a one-axis ``"data"`` mesh.
+        n_blocks: blocks of whole units (default
+            :func:`~hbjax.parallel.blocks.default_block_count`).
+
+    Raises:
+        GridError: two rows of one unit in one period, or an effect off the grid.
+    """
+    if rows.mesh is not None:
+        raise GridError("place_grid takes host rows, once.")
+    unit, period = np.asarray(rows.unit, np.int64), np.asarray(period, np.int64)
+    n_units = model.n_units
+    pair = unit * n_periods + period
+    if len(np.unique(pair)) != len(pair):
+        raise GridError("a unit has two rows in one period; the grid holds one per period.")
+    keys = effect_keys(model, rows, period, n_periods)
+    partials = sum(t.size for _, t in keys.values())
+    if n_blocks is None:
+        n_blocks = default_block_count(n_units, partials, mesh.devices.size)
+    n_blocks = checked_block_count(n_blocks, mesh)
+    unit_rows = np.bincount(unit, minlength=n_units)
+    units = plan_blocks(unit_rows, n_blocks)
+    first_key = next(iter(keys.values()))[0] if keys else np.zeros(n_units, np.int32)
+    slots, slot_of_unit, block_slot_unit = slot_plan(first_key, units, 1)
+    block_of_unit = np.repeat(np.arange(n_blocks), np.diff(units))
+    local = _local_blocks(mesh, n_blocks)
+    position = np.full(n_blocks, -1, np.int64)
+    position[local] = np.arange(len(local))
+    row_block = position[block_of_unit[unit]]
+    mine = row_block >= 0  # this process's rows
+    slot = row_block[mine] * slots + slot_of_unit[unit[mine]]
+    t = period[mine]
+    columns = rows.columns
+
+    def on_grid(values: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+        grid = np.zeros((len(local) * slots, n_periods), dtype)
+        grid[slot, t] = np.asarray(values)[mine]
+        return grid
+
+    counts = np.asarray(columns["counts"], np.float64)
+    centred = {
+        k: np.asarray(columns["x"][k], np.float64) - np.asarray(model.table.centre[k])[unit]
+        for k in model.slopes
+    }
+    slot_unit = block_slot_unit[local].reshape(-1)
+    host = {
+        "x": {k: on_grid(v) for k, v in centred.items()},
+        "observed": on_grid(np.ones(len(unit), bool), bool),
+        "slot_unit": slot_unit.astype(np.int32),
+        "slot_key": {e: k[slot_unit].astype(np.int32) for e, (k, _) in keys.items()},
+    }
+    if "offset" in columns:
+        host["offset"] = on_grid(columns["offset"])
+    poisson = isinstance(model.likelihood, Poisson) and model.zero_inflation is None
+    if not poisson:
+        host["counts"] = on_grid(counts)
+    placed = _place(mesh, host, n_blocks * slots, stacked=False)
+    constant = -np.sum(np.asarray(columns["log_factorial"], np.float64))
+    if poisson and "offset" in columns:
+        constant += np.sum(counts * np.asarray(columns["offset"], np.float64))
+    stats = {
+        "cell_table": {e: _table_or_none(t) for e, (_, t) in keys.items()},
+        "counts_by_unit": np.bincount(unit, counts, n_units).astype(np.float32),
+        "counts_x_by_unit": {
+            k: np.bincount(unit, counts * v, n_units).astype(np.float32) for k, v in centred.items()
+        },
+        "counts_by_cell": {
+            e: np.bincount(
+                np.asarray(columns["cells"][e]), counts, int(model.effects[e].shape[0])
+            ).astype(np.float32)
+            for e in model.effects
+        },
+        "constant": np.asarray(constant, np.float32),
+    }
+    return CountGrid(
+        **{"offset": None, "counts": None, **placed},
+        **replicate(stats, mesh),
+        n_units=n_units,
+        n_blocks=n_blocks,
+        mesh=mesh,
+    )
+
+
+def _table_or_none(table: np.ndarray) -> np.ndarray | None:
+    """``None`` for the identity table (cells already ``key * periods + period``)."""
+    if np.array_equal(table.ravel(), np.arange(table.size)):
+        return None
+    return table.astype(np.int32)
+
+
+def _on_grid(values: Float[Array, " cell"], table: Array | None, n_periods: int) -> Array:
+    """An effect's cell values laid on ``[key, period]`` (0 where a pair has no cell)."""
+    if table is None:  # a reshape, not a gather XLA would redo in every grid cell
+        return values.reshape(-1, n_periods)
+    return jnp.append(values, 0.0)[table]
+
+
+def grid_log_likelihood(model: CountRegression, latents: CountLatents, grid: CountGrid) -> Scalar:
+    """The model's log-likelihood of the rows on ``grid`` (equal to the rows layout's)."""
+    params = {
+        "a": model.intercept(latents.intercept),
+        "b": model.unit_slopes(latents),
+        "g": {
+            e: _on_grid(layer(latents.effects[e]), grid.cell_table[e], grid.observed.shape[1])
+            for e, layer in model.effects.items()
+        },
+    }
+    poisson = grid.counts is None
+    if not poisson:
+        parameter = model.log_dispersion(latents)
+        if parameter is not None:
+            if model.dispersion_level is not None:
+                parameter = parameter[model.table.levels[model.dispersion_level]]
+            params["p"] = jnp.broadcast_to(parameter, (model.n_units,))
+        if model.zero_inflation is not None:
+            params["w"] = model.zero_inflation(latents.zero_inflation)
+    total = _grid_total(params, grid, None if poisson else model.likelihood)
+    if not poisson:
+        return total + grid.constant
+    linear = jnp.dot(params["a"], grid.counts_by_unit) + grid.constant
+    for k, b in params["b"].items():
+        linear = linear + jnp.dot(b, grid.counts_x_by_unit[k])
+    for e, layer in model.effects.items():
+        linear = linear + jnp.dot(layer(latents.effects[e]), grid.counts_by_cell[e])
+    return linear + total
+
+
+#: the grid's arrays split over devices (the rest is replicated)
+_SHARDED = ("x", "offset", "counts", "observed", "slot_unit", "slot_key")
+
+
+def _cell_terms(
+    params: dict, grid: dict, likelihood: AbstractCountLikelihood | None
+) -> tuple[Float[Array, "slot period"], dict, float]:
+    """Each cell's term and its derivatives with respect to the slot's parameters.
+
+    ``grid``: this device's :data:`_SHARDED` arrays. Derivatives: ``"eta"`` per cell,
+    ``"p"`` and ``"w"`` per slot (summed over its periods). Unobserved cells give 0. The
+    terms and derivatives are ``sign`` (the last output) times the arrays returned.
+    """
+    su, observed = grid["slot_unit"], grid["observed"]
+    eta = jnp.broadcast_to(params["a"][su][:, None], observed.shape)
+    for k, b in params["b"].items():
+        eta = eta + b[su][:, None] * grid["x"][k]
+    for e, table in params["g"].items():
+        eta = eta + table[grid["slot_key"][e]]
+    if grid["offset"] is not None:
+        eta = eta + grid["offset"]
+    if likelihood is None:  # Poisson: -exp(eta); y * eta is in the sufficient statistics
+        rate = jnp.where(observed, jnp.exp(eta), 0.0)
+        return rate, {"eta": rate}, -1.0  # the sign applied to the sums, not to every cell
+    counts = grid["counts"]
+    slots = (observed.shape[0], 1)
+    p = jnp.broadcast_to(params["p"][su][:, None], slots) if "p" in params else None
+    w = None
+    if "w" in params:  # varying: the vjp of a replicated input would psum over devices
+        w = jnp.broadcast_to(jax.lax.pcast(params["w"], DATA_AXIS, to="varying"), slots)
+
+    def term(eta: Array, p: Array | None, w: Array | None) -> Array:
+        log_p = likelihood.log_kernel(eta, counts, p)
+        if w is None:
+            return log_p
+        log_zero, log_count = jax.nn.log_sigmoid(w), jax.nn.log_sigmoid(-w)
+        return jnp.where(counts > 0, log_count + log_p, jnp.logaddexp(log_zero, log_count + log_p))
+
+    values, vjp = jax.vjp(term, eta, p, w)
+    d_eta, d_p, d_w = vjp(observed.astype(values.dtype))
+    derivatives = {"eta": d_eta}
+    if p is not None:
+        derivatives["p"] = d_p[:, 0]
+    if w is not None:
+        derivatives["w"] = d_w[:, 0]
+    return jnp.where(observed, values, 0.0), derivatives, 1.0
+
+
+@eqx.filter_custom_vjp
+def _grid_total(
+    params: dict, grid: CountGrid, likelihood: AbstractCountLikelihood | None
+) -> Scalar:
+    return _grid_forward(params, grid, likelihood)[0]
+
+
+def _grid_forward(params: dict, grid: CountGrid, likelihood: Any) -> tuple[Scalar, PyTree]:
+    """The sum over the grid and its gradient with respect to ``params``, in one pass.
+
+    Per-unit gradients add each unit's one slot (exact across devices); the value and the
+    shared gradients are summed per block, then over blocks in order.
+    """
+    n_units, n_blocks, mesh = grid.n_units, grid.n_blocks, grid.mesh
+    per_device = n_blocks // mesh.devices.size
+
+    def local(params: dict, arrays: dict) -> tuple[Scalar, PyTree]:
+        terms, d, sign = _cell_terms(params, arrays, likelihood)
+        su, d_eta = arrays["slot_unit"], d["eta"]
+
+        def by_block(per_slot: Array) -> Array:
+            per_block = jnp.sum(per_slot.reshape(per_device, -1, *per_slot.shape[1:]), 1)
+            return sign * sum_over_blocks(per_block)
+
+        def by_unit(per_slot: Array) -> Array:
+            return sign * jax.lax.psum(jax.ops.segment_sum(per_slot, su, n_units), DATA_AXIS)
+
+        grads = {
+            "a": by_unit(jnp.sum(d_eta, axis=1)),
+            "b": {k: by_unit(jnp.sum(d_eta * arrays["x"][k], axis=1)) for k in params["b"]},
+            "g": {},
+        }
+        for i, (e, table) in enumerate(params["g"].items()):
+            per_key = _per_block_segment_sum(
+                d_eta,
+                arrays["slot_key"][e],
+                per_device,
+                table.shape[0],
+                indices_are_sorted=i == 0,  # the slots go by the first effect's key
+            )
+            grads["g"][e] = sign * sum_over_blocks(per_key).reshape(table.shape)
+        if "p" in params:
+            grads["p"] = by_unit(d["p"])
+        if "w" in params:
+            grads["w"] = by_block(d["w"])
+        return by_block(jnp.sum(terms, axis=1)), grads
+
+    arrays = {k: getattr(grid, k) for k in _SHARDED}
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()))(
+        params, arrays
+    )
+
+
+@_grid_total.def_fwd
+def _grid_fwd(perturbed: Any, params: dict, grid: CountGrid, likelihood: Any) -> tuple:
+    del perturbed
+    return _grid_forward(params, grid, likelihood)
+
+
+@_grid_total.def_bwd
+def _grid_bwd(
+    residuals: PyTree,
+    cotangent: Scalar,
+    perturbed: Any,
+    params: dict,
+    grid: CountGrid,
+    likelihood: Any,
+) -> PyTree:
+    del perturbed, params, grid, likelihood
+    return jax.tree.map(lambda g: cotangent * g, residuals)
+
+
+__all__ = [
+    "GRID_MIN_FILL",
+    "CountGrid",
+    "GridError",
+    "effect_keys",
+    "grid_log_likelihood",
+    "place_grid",
+]
