@@ -9,7 +9,7 @@ vocabulary its grid (:meth:`hbjax.counts.CountData.grid`) and its rows
 
 Usage::
 
-    python -m benchmarks.vocabulary --products 2000 --periods 52 --steps 300 --repeats 3
+    python -m benchmarks.vocabulary --products 2000 --periods 52 --steps 1000 --repeats 5
 """
 
 from __future__ import annotations
@@ -62,15 +62,16 @@ def main() -> None:
     parser.add_argument("--products", type=int, default=2000)
     parser.add_argument("--periods", type=int, default=52)
     parser.add_argument("--groups", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--guide", default="meanfield", help="the guide family of every fit")
     parser.add_argument("--out", default=None, help="append the figures here (JSON lines)")
     args = parser.parse_args()
     fits = _fits(args.products, args.periods, args.groups)
     speeds: dict[str, list[float]] = {name: [] for name in fits}
     for repeat in range(args.repeats):
         for name, (model, placed, host) in fits.items():
-            guide = hbjax.make_guide("meanfield", model, loc=model.init_latents(host))
+            guide = hbjax.make_guide(args.guide, model, loc=model.init_latents(host))
             with jax.numpy_dtype_promotion("standard"):
                 result = hbjax.fit(
                     model,
@@ -93,6 +94,7 @@ def main() -> None:
         "products": args.products,
         "periods": args.periods,
         "steps": args.steps,
+        "guide": args.guide,
         "median steps/s": {k: statistics.median(v) for k, v in speeds.items()},
         "ratio to ElasticityModel (auto)": {
             k: statistics.median(v) / base for k, v in speeds.items()

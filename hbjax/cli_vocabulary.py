@@ -82,6 +82,7 @@ def fit_vocabulary(
         groups=groups,
         slopes=slopes,
         effects=effects,
+        period=args.period,
         likelihood=args.likelihood,
         hierarchy=args.hierarchy,
         intercept_prior=args.intercept_prior,

@@ -147,7 +147,7 @@ class DensePanel(eqx.Module):
         n_periods: number of periods.
         n_blocks: number of blocks.
         cell_chunk: slots per chunk: each block's run of each group's units fills whole
-            chunks (:func:`hbjax.sharding.slot_plan`), so cell sums add chunks first.
+            chunks (:func:`hbjax.parallel.blocks.slot_plan`), so cell sums add chunks first.
         mesh: the mesh the slots are split over, or ``None``.
     """
 

@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 from ._types import Array, Bool, CellFloat, Float, Int, ObsFloat, ObsInt, Scalar, UnitFloat
 from .data import DensePanel, Panel
 from .families import AbstractCountLikelihood, Poisson
-from .parallel.blocks import DATA_AXIS
+from .parallel.blocks import DATA_AXIS, per_block_segment_sum
 from .parallel.blocks import sum_over_blocks as _sum_over_blocks
 
 
@@ -129,27 +129,6 @@ def panel_log_likelihood(
         parameter,
         *rows,
     )
-
-
-def _per_block_segment_sum(
-    values: Float[Array, " item *rest"],
-    segment_ids: Int[Array, " item"],
-    n_blocks: int,
-    num_segments: int,
-    *,
-    indices_are_sorted: bool = False,
-) -> Float[Array, "block segment_values"]:
-    """Segment sums of each of ``n_blocks`` equal consecutive blocks of ``values``.
-
-    One segment sum over ``(block, segment)`` ids, not one per block: returns
-    ``[n_blocks, num_segments * prod(rest)]``.
-    """
-    per_block = segment_ids.shape[0] // n_blocks
-    ids = jnp.arange(segment_ids.shape[0]) // per_block * num_segments + segment_ids
-    sums = jax.ops.segment_sum(
-        values, ids, n_blocks * num_segments, indices_are_sorted=indices_are_sorted
-    )
-    return sums.reshape(n_blocks, -1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
@@ -262,7 +241,7 @@ def _blocked_bwd(mesh, n_blocks, clip, family, residuals, cotangent):  # noqa: A
         # each unit's rows sit in one block on one device: psum adds exact zeros
         d_beta = jax.lax.psum(jax.ops.segment_sum(d_rate * centred, unit_idx, n_units), DATA_AXIS)
         d_delta = jax.lax.psum(jax.ops.segment_sum(d_rate, unit_idx, n_units), DATA_AXIS)
-        d_gamma_blocks = _per_block_segment_sum(d_rate, cell_idx, per_block, n_cells)
+        d_gamma_blocks = per_block_segment_sum(d_rate, cell_idx, per_block, n_cells)
         return d_beta, d_delta, _sum_over_blocks(d_gamma_blocks)
 
     grads = jax.shard_map(
@@ -345,7 +324,7 @@ def _dense_partials(beta, delta, gamma, log_price, observed, slot_unit, slot_gro
     per_block = jnp.sum(by_slot.reshape(n_blocks, -1), axis=1)
     chunk_rate = rate.reshape(-1, chunk, rate.shape[1]).sum(axis=1) if chunk > 1 else rate
     chunk_group = slot_group.reshape(-1, chunk)[:, 0] if chunk > 1 else slot_group
-    by_block_cell = _per_block_segment_sum(
+    by_block_cell = per_block_segment_sum(
         chunk_rate, chunk_group, n_blocks, n_groups, indices_are_sorted=True
     )
     return per_block, by_slot_log_price, by_slot, by_block_cell
@@ -371,7 +350,7 @@ def dense_rate_sum(
     combined exactly (``psum`` of disjoint supports); per-block sums are gathered and added
     in block order, so on CPU every device count >= 2 dividing ``n_blocks`` gives bitwise
     the same value and gradient. ``cell_chunk``: the layout's slots per chunk
-    (:func:`hbjax.sharding.slot_plan`).
+    (:func:`hbjax.parallel.blocks.slot_plan`).
     """
     return _dense_forward(
         mesh,

@@ -49,6 +49,7 @@ from .parallel.blocks import default_block_count as default_block_count
 from .parallel.blocks import make_mesh as make_mesh
 from .parallel.blocks import plan_blocks as plan_blocks
 from .parallel.blocks import replicate as replicate
+from .parallel.blocks import slot_plan as slot_plan
 from .parallel.blocks import to_host as to_host
 
 _OBS_FIELDS = ("unit_idx", "cell_idx", "log_price", "counts", "weight")
@@ -204,60 +205,6 @@ def _block_slots(unit_group: np.ndarray, units: np.ndarray, chunk: int) -> int:
     run_units = np.bincount(blocks * n_groups + unit_group, minlength=(len(units) - 1) * n_groups)
     padded = (-(-run_units // chunk) * chunk).reshape(len(units) - 1, n_groups).sum(axis=1)
     return int(max(padded.max(initial=0), chunk))
-
-
-def slot_plan(
-    unit_group: np.ndarray, units: np.ndarray, chunk: int
-) -> tuple[int, np.ndarray, np.ndarray]:
-    """Where each unit sits in the dense grid, and what fills the padding slots.
-
-    Within a block, units go by group (then by unit), and each group's run of units is
-    padded to a whole number of ``chunk`` slots; blocks are padded to one length (a
-    multiple of ``chunk``). A chunk of slots then never mixes groups, so the kernel sums
-    each chunk first and scatters ``chunk`` times fewer rows onto the (block, group, period)
-    cells (few targets: the costly case for a GPU's atomic adds). Padding slots belong to a
-    unit of their run (of their block, for the block's tail) and observe nothing.
-
-    Args:
-        unit_group: ``[unit]`` group of each unit.
-        units: ``[block + 1]`` unit offsets (:func:`plan_blocks`).
-        chunk: slots per chunk (1: no padding within blocks).
-
-    Returns:
-        ``(slots, slot_of_unit, slot_unit)``: slots per block, ``[unit]`` slot of each unit
-        within its block, and ``[block, slots]`` unit of each slot.
-    """
-    n_units, n_blocks = len(unit_group), len(units) - 1
-    block_of = np.repeat(np.arange(n_blocks), np.diff(units))
-    order = np.lexsort((np.arange(n_units), unit_group, block_of))  # by block, group, unit
-    block_sorted, group_sorted = block_of[order], unit_group[order]
-    changes = (block_sorted[1:] != block_sorted[:-1]) | (group_sorted[1:] != group_sorted[:-1])
-    run_start = np.flatnonzero(np.r_[n_units > 0, changes])  # runs: (block, group)
-    run_of = np.cumsum(np.r_[n_units > 0, changes]) - 1
-    padded = -(-np.diff(np.r_[run_start, n_units]) // chunk) * chunk
-    run_block = block_sorted[run_start]
-    before = np.cumsum(padded) - padded  # padded slots before each run, over all blocks
-    first_run = np.searchsorted(run_block, np.arange(n_blocks))
-    run_offset = before - np.r_[before, 0][first_run][run_block]  # ... within its block
-    per_block = np.bincount(run_block, padded, minlength=n_blocks).astype(np.int64)
-    slots = int(max(per_block.max(initial=0), chunk))
-    slot_of_unit = np.empty(n_units, np.int64)
-    slot_of_unit[order] = np.arange(n_units) - run_start[run_of] + run_offset[run_of]
-    # padding slots point at: in a run, the run's last unit; in a block's tail, its last
-    # run's last unit (the tail's chunks are then of one group too); in an empty block, a
-    # unit next to it. They observe nothing, so they add exact zeros.
-    slot_unit = np.repeat(np.maximum(units[1:] - 1, 0)[:, None], slots, axis=1)
-    if n_units:
-        last_in_run = order[np.r_[run_start[1:], n_units] - 1]
-        run_slots = np.repeat(np.arange(len(run_start)), padded)
-        within = np.arange(len(run_slots)) - np.repeat(before, padded)
-        slot_unit[run_block[run_slots], run_offset[run_slots] + within] = last_in_run[run_slots]
-        slot_unit[block_of, slot_of_unit] = np.arange(n_units)
-        has_units = per_block > 0
-        last_run = np.searchsorted(run_block, np.arange(n_blocks), "right") - 1
-        tail = (np.arange(slots)[None, :] >= per_block[:, None]) & has_units[:, None]
-        slot_unit = np.where(tail, last_in_run[np.maximum(last_run, 0)][:, None], slot_unit)
-    return slots, slot_of_unit, slot_unit
 
 
 def _dense_panel(panel: Panel, mesh: Mesh, units: np.ndarray, cell_chunk: int) -> DensePanel:

@@ -219,7 +219,8 @@ def _three_levels(rng, n_units=160, n_weeks=30, phi=1 / 3):
 @pytest.mark.usefixtures("standard_promotion")
 @pytest.mark.parametrize("batch_size", [None, 40])
 def test_three_levels_two_covariates_negbin_recovered_sharded(batch_size):
-    """Sharded over 4 devices (and minibatched): intervals cover the truth.
+    """Sharded over 4 devices on the grid layout (and minibatched rows): intervals cover
+    the truth.
 
     96 product slopes: the share of 90% intervals that cover them is binomial, sd 0.031
     at 0.9; the test asks for 0.78 (4 sd below; 0.88-0.97 over seeds 0-8). Their
@@ -238,17 +239,18 @@ def test_three_levels_two_covariates_negbin_recovered_sharded(batch_size):
             Slope("promo", over=("cat",)),
         ],
         effects=[Effect(("cat", "week"), scale=1.0)],
+        period="week",
         likelihood="negbin",
     )
-    model = data.model
+    model, mesh = data.model, hbjax.make_mesh()
     guide = hbjax.make_guide("unitblock", model, loc=model.init_latents(data.rows))
     result = hbjax.fit(
         model,
         guide,
-        data.rows,
+        data.rows if batch_size else data.grid(mesh),
         key=jax.random.key(0),
         steps=1000,
-        mesh=hbjax.make_mesh(),
+        mesh=mesh,
         batch_size=batch_size,
         convergence=None,
         progress=False,
@@ -288,6 +290,74 @@ def test_sharded_log_joint_and_gradient_match_one_device():
     for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(grad_4), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
     assert jnp.isfinite(value)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"likelihood": "negbin", "dispersion_by": "cat", "zero_inflation": True, "offset": "x"},
+    ],
+)
+def test_the_grid_layout_equals_the_rows(options):
+    """The grid's one-pass kernel gives the rows' log-likelihood and gradient (Poisson from
+    sufficient statistics; NB with group dispersions, zero inflation and an offset
+    differentiated per cell), with holes in the grid and effects keyed by a group level,
+    by nothing (week alone) and by the unit; 2 and 4 devices give the same bits."""
+    rng = np.random.default_rng(3)
+    frame, _ = _three_levels(rng, n_units=40, n_weeks=8)
+    frame["x"] = rng.normal(0, 0.3, len(frame))
+    frame["store"] = frame["sku"]  # an effect per (unit, week): keyed by the unit
+    frame = frame.sample(frac=0.8, random_state=0)  # holes
+    data = from_frame(
+        frame,
+        unit="sku",
+        counts="qty",
+        groups=("sub", "cat"),
+        slopes=[Slope("price", log=True, over=("unit", "sub")), Slope("promo", over=("cat",))],
+        effects=[Effect(("cat", "week")), Effect(("week",)), Effect(("store", "week"))],
+        period="week",
+        **options,
+    )
+    model = data.model
+    shapes = model.latent_shapes()
+    leaves = jax.tree.leaves(shapes)
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    z = jax.tree.unflatten(
+        jax.tree.structure(shapes),
+        [0.3 * jax.random.normal(k, s.shape) for k, s in zip(keys, leaves, strict=True)],
+    )
+    value, grad = jax.value_and_grad(model.log_likelihood)(z, data.rows)
+    on = {
+        n: jax.value_and_grad(model.log_likelihood)(z, data.grid(hbjax.make_mesh(n), n_blocks=4))
+        for n in (1, 2, 4)
+    }
+    for got, got_grad in on.values():
+        assert abs(float(got) - float(value)) < 1e-6 * abs(float(value))
+        for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(got_grad), strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(a))))
+    assert float(on[2][0]) == float(on[4][0])
+    for a, b in zip(jax.tree.leaves(on[2][1]), jax.tree.leaves(on[4][1]), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.usefixtures("standard_promotion")
+def test_rows_that_do_not_fit_the_grid_are_named_and_fitted_as_rows():
+    frame, _ = _three_levels(np.random.default_rng(4), n_units=24, n_weeks=6)
+    terms = {"unit": "sku", "counts": "qty", "slopes": [Slope("price", log=True)]}
+    with pytest.raises(hbjax.counts.GridError, match="period=column"):
+        from_frame(frame, **terms).grid(hbjax.make_mesh())
+    twice = from_frame(pd.concat([frame, frame.iloc[[7]]]), period="week", **terms)
+    with pytest.raises(
+        hbjax.counts.GridError, match="unit 's001' has more than one row in period 1"
+    ):
+        twice.grid(hbjax.make_mesh())
+    config = hbjax.FitConfig(steps=20, progress=False)
+    with pytest.raises(hbjax.counts.GridError, match="more than one row"):
+        hbjax.counts.fit_counts(twice, config, layout="grid")
+    assert hbjax.counts.fit_counts(twice, config).steps == 20  # auto: the rows
+    with pytest.raises(ValueError, match="full-batch"):
+        hbjax.counts.fit_counts(twice, hbjax.FitConfig(steps=20, batch_size=8), layout="grid")
 
 
 @pytest.mark.usefixtures("standard_promotion")

@@ -3,7 +3,9 @@
 :class:`CountRegression` (any covariates with fixed or hierarchical slopes over any nesting
 of the units' labels, additive effects over label cells, an offset, Poisson or negative
 binomial counts, optionally zero-inflated) is an :class:`~hbjax.AbstractRowModel`: it is
-sharded and minibatched like any row model. :func:`from_frame` builds it from a table.
+sharded and minibatched like any row model; with one row per unit and period it also sits
+on a dense grid (:mod:`hbjax.counts.grid`: the fast layout). :func:`from_frame` builds it
+from a table.
 
 Names are imported on first use: ``hbjax.counts.regression`` and ``hbjax.counts.slopes``
 load JAX and Equinox only; :func:`from_frame` loads pandas.
@@ -16,6 +18,7 @@ import importlib
 _EXPORTS = {
     **dict.fromkeys(["CountData", "Effect", "Slope", "elasticity_terms", "from_frame"], "frame"),
     **dict.fromkeys(["CountLatents", "CountRegression", "UnitTable"], "regression"),
+    **dict.fromkeys(["CountGrid", "GridError", "place_grid"], "grid"),
     "fit_counts": "fit",
     "HierarchicalSlope": "slopes",
 }

@@ -14,15 +14,25 @@ from ..guide import make_guide
 from ..parallel.blocks import make_mesh
 from ..pipeline import FitConfig, start_dispersion_scale
 from .frame import CountData
+from .grid import GRID_MIN_FILL, GridError
 
 
 def fit_counts(
-    data: CountData, config: FitConfig = FitConfig(), *, mesh: Mesh | None = None
+    data: CountData,
+    config: FitConfig = FitConfig(),
+    *,
+    mesh: Mesh | None = None,
+    layout: str = "auto",
 ) -> FitResult:
     """Fit ``data.model`` to ``data.rows`` as ``config`` says.
 
     Sharded over ``mesh`` (default all devices), minibatched with ``config.batch_size``,
     stopped when converged (at most ``config.max_steps``).
+
+    ``layout``: ``"grid"`` (the dense kernel, :meth:`CountData.grid`: full batch, needs
+    ``from_frame(..., period=)``), ``"rows"``, or ``"auto"`` (default): the grid for a
+    full-batch fit whose rows fill at least :data:`~hbjax.counts.grid.GRID_MIN_FILL` of the
+    unit x period cells and fit on it, else the rows.
 
     The guide starts at :meth:`CountRegression.init_latents` and, for a negative binomial,
     with the dispersion's sd at its expected posterior sd. ``config``'s price-specific
@@ -32,6 +42,7 @@ def fit_counts(
     model, rows = data.model, data.rows
     key = jax.random.key(config.seed)
     mesh = make_mesh() if mesh is None else mesh
+    placed = _placed(data, mesh, layout, config.batch_size)
     optimizer = default_optimizer(config.learning_rate)
     if config.batch_size is not None:
         if config.batch_size >= model.n_units:
@@ -54,7 +65,7 @@ def fit_counts(
     return fit(
         model,
         guide,
-        rows,
+        placed,
         key=key,
         steps=config.max_steps(model.n_units),
         optimizer=optimizer,
@@ -64,6 +75,24 @@ def fit_counts(
         batch_size=config.batch_size,
         convergence=Convergence(mcse=config.mcse),
     )
+
+
+def _placed(data: CountData, mesh: Mesh, layout: str, batch_size: int | None) -> object:
+    """The data ``fit`` gets: a placed grid, or the host rows (placed or sampled by ``fit``)."""
+    if layout not in ("auto", "grid", "rows"):
+        raise ValueError(f"layout must be 'auto', 'grid' or 'rows'; got {layout!r}.")
+    if layout == "grid" and batch_size is not None:
+        raise ValueError("the grid layout is for full-batch fits; minibatches draw rows.")
+    if layout == "rows" or batch_size is not None:
+        return data.rows
+    if layout == "auto" and data.grid_fill < GRID_MIN_FILL:
+        return data.rows
+    try:
+        return data.grid(mesh)
+    except GridError:
+        if layout == "grid":
+            raise
+        return data.rows
 
 
 __all__ = ["fit_counts"]

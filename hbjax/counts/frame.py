@@ -106,11 +106,22 @@ class CountData:
         """The rows placed on ``mesh`` as a ``[unit, period]`` grid (the fast layout).
 
         Raises:
-            GridError: no ``period=`` was given, a unit has two rows in a period, or an
-                effect's cells are not (unit label x period); fit ``rows`` instead.
+            GridError: no ``period=`` was given, or a unit has two rows in a period; fit
+                ``rows`` instead.
         """
         if self.period is None:
             raise GridError("the grid needs each row's period: from_frame(..., period=column).")
+        unit = np.asarray(self.rows.unit)
+        pair = unit.astype(np.int64) * len(self.periods) + self.period
+        twice = np.flatnonzero(np.diff(np.sort(pair)) == 0)
+        if len(twice):
+            first = np.sort(pair)[twice[0]]
+            u, t = divmod(int(first), len(self.periods))
+            raise GridError(
+                f"unit {_show(self.units[u])} has more than one row in period "
+                f"{_show(self.periods[t])}; the grid holds one per unit and period (fit the "
+                "rows instead, or add the rows up)."
+            )
         return place_grid(
             self.model, self.rows, self.period, len(self.periods), mesh, n_blocks=n_blocks
         )
@@ -418,6 +429,8 @@ def _covariate(frame: pd.DataFrame, slope: Slope) -> np.ndarray:
 
 def _cells(frame: pd.DataFrame, effect: Effect) -> tuple[np.ndarray, pd.Index]:
     """Each row's cell of ``effect`` and the cells' labels (sorted where they can be)."""
+    if len(effect.labels) == 1:
+        return _factorize(frame[effect.labels[0]])
     keys = frame[list(effect.labels)]
     try:
         grouped = keys.groupby(list(effect.labels), sort=True, observed=True)
@@ -425,11 +438,7 @@ def _cells(frame: pd.DataFrame, effect: Effect) -> tuple[np.ndarray, pd.Index]:
     except TypeError:  # labels of mixed types cannot be sorted
         grouped = keys.groupby(list(effect.labels), sort=False, observed=True)
         codes = grouped.ngroup().to_numpy()
-    keys = list(grouped.groups.keys())
-    if len(effect.labels) > 1:
-        labels = pd.MultiIndex.from_tuples(keys, names=effect.labels)
-    else:
-        labels = pd.Index(keys, name=effect.labels[0])
+    labels = pd.MultiIndex.from_tuples(list(grouped.groups.keys()), names=effect.labels)
     return codes.astype(np.int32), labels
 
 

@@ -32,18 +32,18 @@ from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
 from .._types import AnyArray
 from ..families import AbstractCountLikelihood, Poisson
-from ..likelihood import _per_block_segment_sum
 from ..parallel.blocks import (
     DATA_AXIS,
     _local_blocks,
     checked_block_count,
     default_block_count,
+    per_block_segment_sum,
     plan_blocks,
     replicate,
+    slot_plan,
     sum_over_blocks,
 )
 from ..parallel.rows import UnitRows, _place
-from ..sharding import slot_plan
 
 if TYPE_CHECKING:
     from .regression import CountLatents, CountRegression
@@ -97,12 +97,10 @@ class CountGrid(eqx.Module):
 def effect_keys(
     model: CountRegression, rows: UnitRows, period: Int[np.ndarray, " row"], n_periods: int
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per effect, ``([unit] key, [key, period] cell table)``: the cell as (unit label, period).
+    """Per effect, ``([unit] key, [key, period] cell table)``: each cell as (key, period).
 
-    The coarsest of: one key for all units, a group level of the model's table, the unit.
-
-    Raises:
-        GridError: an effect whose cell is not set by the period and a label of the unit.
+    The key is the coarsest of: one for all units, a group level of the model's table, the
+    unit itself (which always fits when a unit has one row per period).
     """
     unit = np.asarray(rows.unit)
     candidates = [np.zeros(model.n_units, np.int64)]
@@ -111,20 +109,14 @@ def effect_keys(
     out = {}
     for name, effect in model.effects.items():
         cells = np.asarray(rows.columns["cells"][name], np.int64)
-        n_cells = int(effect.shape[0])
         for key in candidates:
             n_keys = int(key.max(initial=0)) + 1
             pair = key[unit] * n_periods + period
-            table = np.full(n_keys * n_periods, n_cells, np.int64)
+            table = np.full(n_keys * n_periods, effect.shape[0], np.int64)
             table[pair] = cells
             if np.array_equal(table[pair], cells):
                 out[name] = (key.astype(np.int32), table.reshape(n_keys, n_periods))
                 break
-        else:
-            raise GridError(
-                f"effect {name!r}: a cell is not set by the period and a label of the unit "
-                "(its cells vary within a unit's period), so it cannot sit on the grid."
-            )
     return out
 
 
@@ -149,7 +141,7 @@ def place_grid(
             :func:`~hbjax.parallel.blocks.default_block_count`).
 
     Raises:
-        GridError: two rows of one unit in one period, or an effect off the grid.
+        GridError: two rows of one unit in one period.
     """
     if rows.mesh is not None:
         raise GridError("place_grid takes host rows, once.")
@@ -351,7 +343,7 @@ def _grid_forward(params: dict, grid: CountGrid, likelihood: Any) -> tuple[Scala
             "g": {},
         }
         for i, (e, table) in enumerate(params["g"].items()):
-            per_key = _per_block_segment_sum(
+            per_key = per_block_segment_sum(
                 d_eta,
                 arrays["slot_key"][e],
                 per_device,
