@@ -647,7 +647,7 @@ def _fit_vocabulary(
 ) -> int:
     """``hbjax fit --group a,b`` / ``--covariates``: the vocabulary's model and its outputs."""
     try:
-        report = fit_vocabulary(args, config, folder, _mesh(args.devices))
+        report, model_check = fit_vocabulary(args, config, folder, _mesh(args.devices))
     except ValueError as exc:
         if isinstance(exc, DataValidationError):
             raise
@@ -659,13 +659,29 @@ def _fit_vocabulary(
         f"(90% interval {price['q05']:.3f} to {price['q95']:.3f}); wrote {args.out}/"
         "estimates.csv, losses.csv, summary.json"
     )
-    if report["dispersion"] is not None:
-        phi = report["dispersion"]
-        print(
-            f"dispersion phi {phi['q50']:.3g} (90% interval {phi['q05']:.3g} to "
-            f"{phi['q95']:.3g}): variance = mean + phi x mean^2"
-        )
+    _print_checks(report["dispersion"], None, model_check, args.likelihood)
     return 0
+
+
+def _print_checks(
+    dispersion: dict | None,
+    guide_verdict: str | None,
+    model_check: PredictiveCheck | None,
+    likelihood: str,
+) -> None:
+    """Print the dispersion, the guide check and the predictive check (a warning if flagged)."""
+    if dispersion is not None:
+        print(
+            f"dispersion phi {dispersion['q50']:.3g} (90% interval {dispersion['q05']:.3g} to "
+            f"{dispersion['q95']:.3g}): variance = mean + phi x mean^2"
+        )
+    if guide_verdict is not None:
+        print(f"guide check: {guide_verdict}")
+    if model_check is not None and model_check.flagged:
+        problem = model_check.verdict.removeprefix("contradicted: ")
+        print(f"warning: the data contradict the {likelihood} model: {problem}", file=sys.stderr)
+    elif model_check is not None:
+        print(f"model check: {model_check.verdict}")
 
 
 def _fit_and_write(args: argparse.Namespace, config: FitConfig, folder: AtomicFolder | None) -> int:
@@ -767,20 +783,7 @@ def _fit_and_write(args: argparse.Namespace, config: FitConfig, folder: AtomicFo
         + f" and the fitted model (for `hbjax predict {shlex.quote(str(out))} PRICES.csv`)"
     )
     print(_convergence_line(result))
-    if dispersion is not None:
-        print(
-            f"dispersion phi {dispersion['q50']:.3g} (90% interval {dispersion['q05']:.3g} to "
-            f"{dispersion['q95']:.3g}): variance = mean + phi x mean^2"
-        )
-    if verdict is not None:
-        print(f"guide check: {verdict}")
-    if model_check is not None and model_check.flagged:
-        problem = model_check.verdict.removeprefix("contradicted: ")
-        print(
-            f"warning: the data contradict the {args.likelihood} model: {problem}", file=sys.stderr
-        )
-    elif model_check is not None:
-        print(f"model check: {model_check.verdict}")
+    _print_checks(dispersion, verdict, model_check, args.likelihood)
     return 0
 
 

@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
-from .counts import elasticity_terms, fit_counts, from_frame
+from .counts import elasticity_terms, fit_counts, from_frame, predictive_check
 from .data import _period_values, duplicate_pair_error, read_table
+from .guide_check import PredictiveCheck
 from .outputs import AtomicFolder
 from .pipeline import FitConfig
 
@@ -47,11 +48,12 @@ def _names(text: str, flag: str) -> tuple[str, ...]:
 
 def fit_vocabulary(
     args: argparse.Namespace, config: FitConfig, folder: AtomicFolder | None, mesh: object
-) -> dict:
+) -> tuple[dict, PredictiveCheck]:
     """Fit the table with the vocabulary's model and write its outputs into ``folder``.
 
-    Returns the report (``summary.json``). Raises ``ValueError`` for flags it cannot
-    honour yet (named) and :class:`~hbjax.DataValidationError` for bad input.
+    Returns the report (``summary.json``) and the posterior predictive check. Raises
+    ``ValueError`` for flags it cannot honour yet (named) and
+    :class:`~hbjax.DataValidationError` for bad input.
     """
     given = [flag for flag, used in _NOT_YET.items() if used(args)]
     if given or jax.process_count() > 1:
@@ -89,6 +91,10 @@ def fit_vocabulary(
     )
     result = fit_counts(data, config, mesh=mesh)
     tables = data.summary(result.guide, draws=args.samples, key=jax.random.key(args.seed))
+    level = groups[-1]
+    check = predictive_check(
+        data, result.guide, key=jax.random.fold_in(jax.random.key(args.seed), 3), level=level
+    )
     status = result.convergence
     report = {
         "input": str(args.file),
@@ -109,6 +115,7 @@ def fit_vocabulary(
         "price_elasticity": _rows(tables[f"log_{args.price}/global"]),
         "covariate_slopes": {c: _rows(tables[f"{c}/global"]) for c in covariates},
         "dispersion": _rows(tables["dispersion"]) if "dispersion" in tables else None,
+        "predictive_check": {"level": level, **check.to_dict(data.levels[level])},
         "wall_seconds": time.perf_counter() - start,
         "devices": mesh.size,  # type: ignore[attr-defined]
         "hbjax_version": __version__,
@@ -123,7 +130,7 @@ def fit_vocabulary(
         )
         (staging / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
         folder.commit()
-    return report
+    return report, check
 
 
 def _rows(table: pd.DataFrame) -> dict[str, float]:

@@ -14,7 +14,6 @@ elementwise in its arrays (the kernels differentiate it per row).
 from __future__ import annotations
 
 import abc
-import math
 from typing import ClassVar
 
 import equinox as eqx
@@ -58,9 +57,12 @@ class AbstractCountLikelihood(eqx.Module):
 
     @abc.abstractmethod
     def sample(
-        self, rng: np.random.Generator, mean: np.ndarray, parameter: float | None
+        self, rng: np.random.Generator, mean: np.ndarray, parameter: float | np.ndarray | None
     ) -> np.ndarray:
-        """Counts drawn with the given means (host, for predictive checks)."""
+        """Counts drawn with the given means (host, for predictive checks).
+
+        ``parameter``: one value, or one per count.
+        """
 
     @abc.abstractmethod
     def log_kernel(
@@ -167,9 +169,11 @@ class NegativeBinomial(AbstractCountLikelihood):
         """``phi``."""
         return jnp.exp(self.log_dispersion(z))
 
-    def sample(self, rng: np.random.Generator, mean: np.ndarray, parameter: float) -> np.ndarray:
-        """Gamma-Poisson counts (``parameter = log phi``)."""
-        r = math.exp(-float(parameter))
+    def sample(
+        self, rng: np.random.Generator, mean: np.ndarray, parameter: float | np.ndarray
+    ) -> np.ndarray:
+        """Gamma-Poisson counts (``parameter = log phi``: one, or one per count)."""
+        r = np.exp(-np.asarray(parameter, np.float64))
         return rng.poisson(rng.gamma(r, np.asarray(mean) / r))
 
     def log_kernel(

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -40,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from ._types import PRNGKeyArray, PyTree
+from ._types import Bool, Float, Int, PRNGKeyArray, PyTree
 from .data import Panel
 from .diagnostics import K_OK, psis
 from .extras import optional_import
@@ -559,13 +560,42 @@ def predictive_check(
     parameter = model.likelihood.parameter(shared.dispersion)
     parameter = None if parameter is None else float(parameter)
     observed = np.asarray(batch.observed)
-    y = np.where(observed, np.asarray(batch.counts, np.float64), 0.0)
-    group = np.asarray(batch.group)
-    n_groups = int(model.group_elasticity.shape[0])
+    group = np.broadcast_to(np.asarray(batch.group)[:, None], observed.shape)
+    table = predictive_table(
+        mu.reshape(num_draws, -1),
+        np.asarray(batch.counts, np.float64).ravel(),
+        observed.ravel(),
+        group.ravel(),
+        int(model.group_elasticity.shape[0]),
+        lambda draw, m: model.likelihood.sample(rng, m, parameter),
+    )
+    return PredictiveCheck(table, model.likelihood.name, len(units), num_draws)
+
+
+def predictive_table(
+    mu: Float[np.ndarray, "draw cell"],
+    counts: Float[np.ndarray, " cell"],
+    observed: Bool[np.ndarray, " cell"],
+    group: Int[np.ndarray, " cell"],
+    n_groups: int,
+    replicate: Callable[[int, np.ndarray], np.ndarray],
+) -> pd.DataFrame:
+    """:class:`PredictiveCheck`'s table from expected counts drawn from the fit.
+
+    Args:
+        mu: the expected count of every cell, per draw of the latents.
+        counts: the observed counts.
+        observed: which cells hold data (the others are ignored).
+        group: each cell's group (for the per-group rows).
+        n_groups: groups.
+        replicate: ``replicate(draw, mu[draw]) -> counts`` drawn from the likelihood.
+    """
+    num_draws = mu.shape[0]
+    y = np.where(observed, counts, 0.0)
 
     def per_group(cells: np.ndarray) -> np.ndarray:
-        """``[group + 1]`` sums of ``[slot, period]`` cells: every group, then all."""
-        sums = np.bincount(group, weights=cells.sum(axis=1), minlength=n_groups)
+        """``[group + 1]`` sums of cells: every group, then all."""
+        sums = np.bincount(group, weights=cells, minlength=n_groups)
         return np.append(sums, sums.sum())
 
     n_cells = per_group(observed.astype(np.float64))
@@ -573,7 +603,7 @@ def predictive_check(
     stats: dict[str, list[np.ndarray]] = {k: [] for k in ("d_obs", "d_rep", "z_rep")}
     for s in range(num_draws):
         m = np.where(observed, mu[s], 0.0)
-        replica = np.where(observed, model.likelihood.sample(rng, m, parameter), 0.0)
+        replica = np.where(observed, replicate(s, m), 0.0)
         total = np.maximum(per_group(m), 1e-300)
         stats["d_obs"].append(per_group((y - m) ** 2) / total)
         stats["d_rep"].append(per_group((replica - m) ** 2) / total)
@@ -601,8 +631,7 @@ def predictive_check(
                     "p_value": float(p[j]),
                 }
             )
-    table = pd.DataFrame(rows)
-    return PredictiveCheck(table, model.likelihood.name, len(units), num_draws)
+    return pd.DataFrame(rows)
 
 
 __all__ = [
@@ -614,6 +643,7 @@ __all__ = [
     "UnitImportance",
     "nuts_check",
     "predictive_check",
+    "predictive_table",
     "unit_block_moments",
     "unit_importance",
 ]

@@ -20,6 +20,7 @@ _EXPORTS = {
     **dict.fromkeys(["CountLatents", "CountRegression", "UnitTable"], "regression"),
     **dict.fromkeys(["CountGrid", "GridError", "place_grid"], "grid"),
     "fit_counts": "fit",
+    "predictive_check": "check",
     "HierarchicalSlope": "slopes",
 }
 
