@@ -31,6 +31,16 @@ def _article(frame: pd.DataFrame, hierarchy: str, intercept_prior: str) -> hbjax
     )
 
 
+def _random_latents(shapes, seed: int, scale: float = 1.0):
+    """Latents of the given shapes, each entry ``scale * N(0, 1)``."""
+    leaves = jax.tree.leaves(shapes)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(
+        jax.tree.structure(shapes),
+        [scale * jax.random.normal(k, s.shape) for k, s in zip(keys, leaves, strict=True)],
+    )
+
+
 def _as_count_latents(z: hbjax.ElasticityLatents, data) -> hbjax.counts.CountLatents:
     return hbjax.counts.CountLatents(
         slopes={
@@ -61,12 +71,7 @@ def test_the_article_model_is_one_instance(small_sim, small_panel, hierarchy, in
     assert list(data.units) == list(encoding.units)
     shapes = reference.latent_shapes()
     for seed in range(3):
-        leaves = jax.tree.leaves(shapes)
-        keys = jax.random.split(jax.random.key(seed), len(leaves))
-        z = jax.tree.unflatten(
-            jax.tree.structure(shapes),
-            [0.5 * jax.random.normal(k, s.shape) for k, s in zip(keys, leaves, strict=True)],
-        )
+        z = _random_latents(shapes, seed, 0.5)
         mine = _as_count_latents(z, data)
         expected = reference.log_joint(z, panel)
         got = data.model.log_joint(mine, data.rows)
@@ -110,13 +115,7 @@ def test_negative_binomial_by_group_and_zero_inflation_match_scipy():
         zero_inflation=True,
     )
     model = data.model
-    shapes = model.latent_shapes()
-    leaves = jax.tree.leaves(shapes)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    z = jax.tree.unflatten(
-        jax.tree.structure(shapes),
-        [jax.random.normal(k, s.shape) for k, s in zip(keys, leaves, strict=True)],
-    )
+    z = _random_latents(model.latent_shapes(), 1)
     got = np.asarray(model.row_log_likelihood(z, data.rows))
     # the reference: rows in the data's order, values from the natural parameters
     natural = model.natural(z)
@@ -321,13 +320,7 @@ def test_the_grid_layout_equals_the_rows(options):
         **options,
     )
     model = data.model
-    shapes = model.latent_shapes()
-    leaves = jax.tree.leaves(shapes)
-    keys = jax.random.split(jax.random.key(0), len(leaves))
-    z = jax.tree.unflatten(
-        jax.tree.structure(shapes),
-        [0.3 * jax.random.normal(k, s.shape) for k, s in zip(keys, leaves, strict=True)],
-    )
+    z = _random_latents(model.latent_shapes(), 0, 0.3)
     value_and_grad = jax.jit(jax.value_and_grad(model.log_likelihood))
     value, grad = value_and_grad(z, data.rows)
     on = {n: value_and_grad(z, data.grid(hbjax.make_mesh(n), n_blocks=4)) for n in (1, 2, 4)}
