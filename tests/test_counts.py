@@ -5,12 +5,13 @@ model with two covariates recovered sharded and minibatched."""
 import json
 import math
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import stats
+from scipy import integrate, special, stats
 
 import hbjax
 from hbjax.counts import Effect, Slope, from_frame
@@ -385,7 +386,7 @@ def test_cli_speaks_the_vocabulary(tmp_path, capsys):
     assert check["level"] == "cat" and check["flagged"] == [], check["verdict"]
     assert [g["group"] for g in check["groups"]] == ["c0", "c1", "c2"]
     # a Poisson fit of these overdispersed counts: flagged, with a warning line
-    poisson = [*common, "--steps", "300", "--samples", "100", "--no-progress"]
+    poisson = [*common, "--steps", "150", "--samples", "100", "--no-progress"]
     assert main([*poisson, "--out", str(tmp_path / "poisson")]) == 0
     err = capsys.readouterr().err
     assert "warning: the data contradict the poisson model" in err, err
@@ -434,3 +435,75 @@ def test_the_predictive_check_sees_structural_zeros():
     assert "zero_share" in flagged[False] and flagged[True] == [], flagged
     with pytest.raises(ValueError, match="num_draws"):
         hbjax.counts.predictive_check(data, result.guide, key=jax.random.key(1), num_draws=3)
+
+
+@pytest.mark.usefixtures("standard_promotion")
+def test_summaries_are_exact_for_a_gaussian_guide():
+    """Closed-form summaries against 100,000 draws of the same (low-rank, correlated)
+    guide. Values affine in the latents: means within 5 Monte Carlo standard errors
+    (sd / 316), sds within 5 of theirs (sd / 447), quantiles within 5 of theirs (at most
+    2.1 sd / 316). Dispersions and the zero share, monotone transforms of normals: their
+    quantiles mapped back (log, logit) within 5 standard errors of the normal's quantiles,
+    and their means and sds equal to scipy's log-normal and to the logit-normal's integral."""
+    frame, _ = _three_levels(np.random.default_rng(6), n_units=30, n_weeks=10)
+    data = from_frame(
+        frame,
+        unit="sku",
+        counts="qty",
+        groups=("sub", "cat"),
+        slopes=[Slope("price", log=True, over=("unit", "cat")), Slope("promo", over=("cat",))],
+        effects=[Effect(("cat", "week"))],
+        period="week",
+        likelihood="negbin",
+        dispersion_by="cat",
+        zero_inflation=True,
+    )
+    config = hbjax.FitConfig(steps=200, progress=False, guide="lowrank")
+    guide = hbjax.counts.fit_counts(data, config).guide
+    # more correlated and wider than the fit's, so that the transforms' curvature shows
+    guide = eqx.tree_at(lambda g: g.factor, guide, replace_fn=lambda w: 0.1 + 3.0 * w)
+    linear_mean, linear_sd = data.exact_for(guide)
+    exact = data.summary(guide)
+
+    class Draws:  # not a GaussianGuide: the summary draws
+        def sample(self, n, *, key):
+            return guide.sample(n, key=key)
+
+    n = 100_000
+    drawn = data.summary(Draws(), draws=n, key=jax.random.key(3))
+    assert exact.keys() == drawn.keys()
+    quantiles = ("q05", "q50", "q95")
+    transformed = {
+        "dispersion": (np.log, linear_mean.dispersion, linear_sd.dispersion),
+        "dispersion/cat": (np.log, linear_mean.group_dispersion, linear_sd.group_dispersion),
+        "zero_inflation": (
+            lambda p: np.log(p / (1 - p)),
+            linear_mean.zero_inflation,
+            linear_sd.zero_inflation,
+        ),
+    }
+    for name, table in exact.items():
+        other, sd = drawn[name], drawn[name]["sd"].to_numpy()
+        assert np.all(np.abs(table["mean"] - other["mean"]) < 5 * sd / np.sqrt(n)), name
+        if name not in transformed:
+            assert np.all(np.abs(table["sd"] - other["sd"]) < 5 * sd / np.sqrt(2 * n)), name
+            for q in quantiles:
+                assert np.all(np.abs(table[q] - other[q]) < 5 * 2.2 * sd / np.sqrt(n)), name
+            continue
+        inverse, m, s = transformed[name]
+        for q in quantiles:
+            gap = np.abs(inverse(table[q].to_numpy()) - inverse(other[q].to_numpy()))
+            assert np.all(gap < 5 * 2.2 * np.asarray(s) / np.sqrt(n)), (name, q)
+        m, s = np.atleast_1d(m), np.atleast_1d(s)
+        if name.startswith("dispersion"):
+            expected = stats.lognorm(s, scale=np.exp(m))
+            np.testing.assert_allclose(table["mean"], expected.mean(), rtol=1e-6)
+            np.testing.assert_allclose(table["sd"], expected.std(), rtol=1e-6)
+        else:
+            density = stats.norm(m[0], s[0]).pdf
+            moment = [
+                integrate.quad(lambda x, k=k: density(x) * special.expit(x) ** k, -40, 40)[0]
+                for k in (1, 2)
+            ]
+            np.testing.assert_allclose(table["mean"], moment[0], rtol=1e-7)
+            np.testing.assert_allclose(table["sd"], np.sqrt(moment[1] - moment[0] ** 2), rtol=1e-6)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,11 +27,12 @@ from jax.sharding import Mesh
 
 from ..data import DataValidationError, _factorize, _numeric, _rows, _show, check_counts
 from ..families import AbstractCountLikelihood, make_likelihood
+from ..guide import GaussianGuide, linear_moments
 from ..layers import AbstractHierarchy, Centred, NonCentred, Normal
 from ..parallel.rows import UnitRows
-from ..posterior import _describe
+from ..posterior import _describe, _gaussian
 from .grid import CountGrid, GridError, place_grid
-from .regression import CountRegression, UnitTable
+from .regression import CountLatents, CountRegression, UnitTable
 from .slopes import GLOBAL, UNIT, HierarchicalSlope
 
 #: ``hierarchy=`` names of the parameterisations (:mod:`hbjax.layers`).
@@ -144,35 +146,105 @@ class CountData:
     def summary(
         self, guide: object, *, draws: int = 1000, key: jax.Array | None = None
     ) -> dict[str, pd.DataFrame]:
-        """Posterior mean, sd, 5% and 95% quantiles of every value, on the original labels.
+        """Posterior mean, sd, 5%, 50% and 95% quantiles of every value, on its labels.
 
         Keys: ``"<covariate>/<level>"`` for slopes (``global``, each level, ``unit``),
         ``"intercept"``, ``"effect/<name>"``, ``"dispersion"``,
-        ``"dispersion/<level>"``, ``"zero_inflation"``. From ``draws`` guide draws
-        (Monte Carlo sd of a mean: ``sd / sqrt(draws)``).
+        ``"dispersion/<level>"``, ``"zero_inflation"``.
+
+        Exact for a Gaussian guide (:attr:`exact_for`): every value is affine in the
+        latents, or a monotone function of an affine one (``phi = exp(log phi)``, the
+        zero share ``sigmoid(logit)``), so quantiles are the normal's, transformed; the
+        dispersions' means and sds are the log-normal's, the zero share's by quadrature.
+        Otherwise from ``draws`` guide draws (Monte Carlo sd of a mean:
+        ``sd / sqrt(draws)``).
         """
+        moments = self.exact_for(guide)
+        if moments is not None:
+            return self._tables(_exact_stats(*moments))
         key = jax.random.key(0) if key is None else key
         natural = jax.jit(jax.vmap(self.model.natural))(guide.sample(draws, key=key))  # type: ignore[attr-defined]
+        return self._tables(
+            jax.tree.map(lambda v: _describe(np.asarray(v).reshape(draws, -1)), natural)
+        )
+
+    def exact_for(self, guide: object) -> tuple[CountLatents, CountLatents] | None:
+        """Exact means and sds of :meth:`CountRegression.linear_values` under ``guide``.
+
+        ``None`` when the guide is not Gaussian (or the values are not affine in its
+        latents): :meth:`summary` then draws.
+        """
+        if not isinstance(guide, GaussianGuide):
+            return None
+        return linear_moments(guide, self.model.linear_values)
+
+    def _tables(self, stats: CountLatents) -> dict[str, pd.DataFrame]:
+        """Labelled tables from per-value statistics (dicts of ``mean, sd, q..``)."""
         tables: dict[str, pd.DataFrame] = {}
 
-        def table(name: str, values: jax.Array, labels: pd.Index) -> None:
-            values = np.asarray(values).reshape(draws, -1)
-            tables[name] = pd.DataFrame(_describe(values), index=labels)
+        def table(name: str, values: dict, labels: pd.Index) -> None:
+            columns = {k: np.asarray(v, np.float64).reshape(-1) for k, v in values.items()}
+            tables[name] = pd.DataFrame(columns, index=labels)
 
-        for covariate, levels in natural.slopes.items():
+        for covariate, levels in stats.slopes.items():
             for level, values in levels.items():
                 table(f"{covariate}/{level}", values, self.labels(level))
-        table("intercept", natural.intercept, self.units)
-        for name, values in natural.effects.items():
+        table("intercept", stats.intercept, self.units)
+        for name, values in stats.effects.items():
             table(f"effect/{name}", values, self.cells[name])
-        if natural.dispersion is not None:
-            table("dispersion", natural.dispersion, pd.Index(["global"]))
-        if natural.group_dispersion is not None:
+        if stats.dispersion is not None:
+            table("dispersion", stats.dispersion, pd.Index(["global"]))
+        if stats.group_dispersion is not None:
             level = self.model.dispersion_level
-            table(f"dispersion/{level}", natural.group_dispersion, self.levels[level])
-        if natural.zero_inflation is not None:
-            table("zero_inflation", natural.zero_inflation, pd.Index(["global"]))
+            table(f"dispersion/{level}", stats.group_dispersion, self.levels[level])
+        if stats.zero_inflation is not None:
+            table("zero_inflation", stats.zero_inflation, pd.Index(["global"]))
         return tables
+
+
+def _exact_stats(mean: CountLatents, sd: CountLatents) -> CountLatents:
+    """Per value: the summary of a normal, or of its exp or sigmoid (see ``summary``)."""
+    stats = jax.tree.map(_gaussian, mean, sd)
+    if mean.dispersion is not None:
+        stats = eqx.tree_at(
+            lambda s: s.dispersion, stats, _log_normal(mean.dispersion, sd.dispersion)
+        )
+    if mean.group_dispersion is not None:
+        stats = eqx.tree_at(
+            lambda s: s.group_dispersion,
+            stats,
+            _log_normal(mean.group_dispersion, sd.group_dispersion),
+        )
+    if mean.zero_inflation is not None:
+        stats = eqx.tree_at(
+            lambda s: s.zero_inflation,
+            stats,
+            _logit_normal(mean.zero_inflation, sd.zero_inflation),
+        )
+    return stats
+
+
+def _log_normal(m: np.ndarray, s: np.ndarray) -> dict[str, np.ndarray | np.floating]:
+    """``exp(N(m, s^2))``: mean, sd, quantiles."""
+    m, s = np.asarray(m, np.float64), np.asarray(s, np.float64)
+    out = {k: np.exp(v) for k, v in _gaussian(m, s).items() if k not in ("mean", "sd")}
+    mean = np.exp(m + 0.5 * s * s)
+    return {"mean": mean, "sd": mean * np.sqrt(np.expm1(s * s)), **out}
+
+
+def _logit_normal(m: np.ndarray, s: np.ndarray) -> dict[str, np.ndarray | np.floating]:
+    """``sigmoid(N(m, s^2))``: quantiles exact, mean and sd by quadrature."""
+    m, s = np.asarray(m, np.float64), np.asarray(s, np.float64)
+    out = {
+        k: 1.0 / (1.0 + np.exp(-v)) for k, v in _gaussian(m, s).items() if k not in ("mean", "sd")
+    }
+    # the trapezoid rule over +-12 sd: exact to float64 for this smooth, fast-decaying
+    # integrand (Gauss-Hermite nodes converge slowly once sd is a few units)
+    u = np.linspace(-12.0, 12.0, 2401)
+    weights = np.exp(-0.5 * u * u) * (u[1] - u[0]) / np.sqrt(2.0 * np.pi)
+    p = 1.0 / (1.0 + np.exp(-(m[..., None] + s[..., None] * u)))
+    mean, second = np.sum(weights * p, axis=-1), np.sum(weights * p * p, axis=-1)
+    return {"mean": mean, "sd": np.sqrt(np.maximum(second - mean * mean, 0.0)), **out}
 
 
 def elasticity_terms(

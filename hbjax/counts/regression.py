@@ -233,6 +233,27 @@ class CountRegression(AbstractRowModel):
         Slopes at every level, intercepts at covariates 0 (``d_i``), effects, dispersions
         ``phi`` and the structural-zero share.
         """
+        linear = self.linear_values(latents)
+        return CountLatents(
+            slopes=linear.slopes,
+            intercept=linear.intercept,
+            effects=linear.effects,
+            dispersion=self.likelihood.natural(latents.dispersion),
+            group_dispersion=None
+            if linear.group_dispersion is None
+            else jnp.exp(linear.group_dispersion),
+            zero_inflation=None
+            if linear.zero_inflation is None
+            else jax.nn.sigmoid(linear.zero_inflation),
+        )
+
+    def linear_values(self, latents: CountLatents) -> CountLatents:
+        """:meth:`natural` before its last, monotone step: affine in the latents.
+
+        As :meth:`natural`, but the likelihood's parameter (``log phi``) for the
+        dispersions and the logit of the structural-zero share (exact summaries:
+        :meth:`~hbjax.counts.CountData.summary`).
+        """
         unit_slopes = self.unit_slopes(latents)
         slopes = {}
         for name, slope in self.slopes.items():
@@ -243,17 +264,16 @@ class CountRegression(AbstractRowModel):
         intercept = self.intercept(latents.intercept)
         for name, b in unit_slopes.items():
             intercept = intercept - b * self.table.centre[name]
-        log_phi = self.log_dispersion(latents)
         grouped = self.dispersion_level is not None
         return CountLatents(
             slopes=slopes,
             intercept=intercept,
             effects={k: e(latents.effects[k]) for k, e in self.effects.items()},
-            dispersion=self.likelihood.natural(latents.dispersion),
-            group_dispersion=jnp.exp(log_phi) if grouped else None,
+            dispersion=self.likelihood.parameter(latents.dispersion),
+            group_dispersion=self.log_dispersion(latents) if grouped else None,
             zero_inflation=None
             if self.zero_inflation is None
-            else jax.nn.sigmoid(self.zero_inflation(latents.zero_inflation)),
+            else self.zero_inflation(latents.zero_inflation),
         )
 
     # --- densities ---------------------------------------------------------------------
