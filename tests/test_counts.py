@@ -216,6 +216,11 @@ def _three_levels(rng, n_units=160, n_weeks=30, phi=1 / 3):
     return frame, {"unit": b_i, "cat": lift, "phi": phi}
 
 
+def _skus(frame: pd.DataFrame, **options) -> hbjax.counts.CountData:
+    """A `_three_levels` table's model: products (sku) in subcategories in categories."""
+    return from_frame(frame, unit="sku", counts="qty", groups=("sub", "cat"), **options)
+
+
 @pytest.mark.usefixtures("standard_promotion")
 @pytest.mark.parametrize("batch_size", [None, 40])
 def test_three_levels_two_covariates_negbin_recovered_sharded(batch_size):
@@ -229,11 +234,8 @@ def test_three_levels_two_covariates_negbin_recovered_sharded(batch_size):
     sd of the truth (within 2.4 over seeds 0-8).
     """
     frame, truth = _three_levels(np.random.default_rng(5), n_units=96, n_weeks=20)
-    data = from_frame(
+    data = _skus(
         frame,
-        unit="sku",
-        counts="qty",
-        groups=("sub", "cat"),
         slopes=[
             Slope("price", log=True, over=("unit", "sub", "cat"), prior=(-2.0, 1.0)),
             Slope("promo", over=("cat",)),
@@ -270,11 +272,8 @@ def test_three_levels_two_covariates_negbin_recovered_sharded(batch_size):
 def test_sharded_log_joint_and_gradient_match_one_device():
     """The vocabulary's rows sum in block order: 4 devices = unplaced, value and gradient."""
     frame, _ = _three_levels(np.random.default_rng(1), n_units=40, n_weeks=8)
-    data = from_frame(
+    data = _skus(
         frame,
-        unit="sku",
-        counts="qty",
-        groups=("sub", "cat"),
         slopes=[Slope("price", log=True, over=("unit", "sub")), Slope("promo")],
         effects=[Effect(("cat", "week"))],
         likelihood="negbin",
@@ -310,11 +309,8 @@ def test_the_grid_layout_equals_the_rows(options):
     frame["x"] = rng.normal(0, 0.3, len(frame))
     frame["store"] = frame["sku"]  # an effect per (unit, week): keyed by the unit
     frame = frame.sample(frac=0.8, random_state=0)  # holes
-    data = from_frame(
+    data = _skus(
         frame,
-        unit="sku",
-        counts="qty",
-        groups=("sub", "cat"),
         slopes=[Slope("price", log=True, over=("unit", "sub")), Slope("promo", over=("cat",))],
         effects=[Effect(("cat", "week")), Effect(("week",)), Effect(("store", "week"))],
         period="week",
@@ -446,11 +442,8 @@ def test_summaries_are_exact_for_a_gaussian_guide():
     quantiles mapped back (log, logit) within 5 standard errors of the normal's quantiles,
     and their means and sds equal to scipy's log-normal and to the logit-normal's integral."""
     frame, _ = _three_levels(np.random.default_rng(6), n_units=30, n_weeks=10)
-    data = from_frame(
+    data = _skus(
         frame,
-        unit="sku",
-        counts="qty",
-        groups=("sub", "cat"),
         slopes=[Slope("price", log=True, over=("unit", "cat")), Slope("promo", over=("cat",))],
         effects=[Effect(("cat", "week"))],
         period="week",
