@@ -27,7 +27,6 @@ from .pipeline import FitConfig
 
 #: What the vocabulary's fit does not do yet: flag -> whether it was given.
 _NOT_YET = {
-    "--checkpoint": lambda a: a.checkpoint is not None,
     "--plots": lambda a: a.plots,
     "--clip": lambda a: a.clip,
     "--no-centring": lambda a: a.no_centring,

@@ -162,6 +162,11 @@ def _identity(panel: Panel | GridStore, config: FitConfig) -> dict[str, object]:
         data = UnitStats.gather(panel)
     else:
         data = panel
+    return fit_identity(data, config)
+
+
+def fit_identity(data: object, config: FitConfig) -> dict[str, object]:
+    """A checkpoint's ``fingerprint``: ``data``'s hash and ``config``'s fit-changing settings."""
     settings = {
         f.name: getattr(config, f.name)
         for f in dataclasses.fields(config)
@@ -282,6 +287,7 @@ def start_dispersion_scale(
 
 
 __all__ = [
+    "fit_identity",
     "DEFAULT_EPOCHS",
     "DEFAULT_GUIDE",
     "DEFAULT_STEPS",

@@ -500,3 +500,31 @@ def test_summaries_are_exact_for_a_gaussian_guide():
             ]
             np.testing.assert_allclose(table["mean"], moment[0], rtol=1e-7)
             np.testing.assert_allclose(table["sd"], np.sqrt(moment[1] - moment[0] ** 2), rtol=1e-6)
+
+
+@pytest.mark.usefixtures("standard_promotion")
+@pytest.mark.filterwarnings("ignore::hbjax.fit.ConvergenceWarning")
+def test_a_resumed_vocabulary_fit_equals_the_uninterrupted_one(tmp_path):
+    frame, _ = _three_levels(np.random.default_rng(7), n_units=16, n_weeks=6)
+    terms = {
+        "slopes": [Slope("price", log=True, over=("unit", "cat")), Slope("promo")],
+        "effects": [Effect(("cat", "week"))],
+        "period": "week",
+        "likelihood": "negbin",
+    }
+    data = _skus(frame, **terms)
+    folder = str(tmp_path / "ckpt")
+    common = {"progress": False, "checkpoint_every": 50}
+    hbjax.counts.fit_counts(data, hbjax.FitConfig(steps=100, checkpoint_dir=folder, **common))
+    resumed = hbjax.counts.fit_counts(
+        data, hbjax.FitConfig(steps=150, checkpoint_dir=folder, resume=True, **common)
+    )
+    whole = hbjax.counts.fit_counts(data, hbjax.FitConfig(steps=150, **common))
+    assert resumed.steps == whole.steps == 150
+    np.testing.assert_array_equal(resumed.losses, whole.losses)
+    for a, b in zip(jax.tree.leaves(resumed.guide), jax.tree.leaves(whole.guide), strict=True):
+        np.testing.assert_array_equal(a, b)
+    other = _skus(frame.assign(qty=frame["qty"] + 1), **terms)
+    config = hbjax.FitConfig(steps=200, checkpoint_dir=folder, resume=True, **common)
+    with pytest.raises(hbjax.checkpoint.CheckpointError, match="data"):
+        hbjax.counts.fit_counts(other, config)

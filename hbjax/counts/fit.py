@@ -12,7 +12,7 @@ from ..convergence import Convergence
 from ..fit import FitResult, default_optimizer, fit
 from ..guide import make_guide
 from ..parallel.blocks import make_mesh
-from ..pipeline import FitConfig, start_dispersion_scale
+from ..pipeline import FitConfig, fit_identity, start_dispersion_scale
 from .frame import CountData
 from .grid import GRID_MIN_FILL, GridError
 
@@ -27,7 +27,8 @@ def fit_counts(
     """Fit ``data.model`` to ``data.rows`` as ``config`` says.
 
     Sharded over ``mesh`` (default all devices), minibatched with ``config.batch_size``,
-    stopped when converged (at most ``config.max_steps``).
+    stopped when converged (at most ``config.max_steps``), checkpointed and resumed as
+    ``config`` says (a resume must use the same table and settings).
 
     ``layout``: ``"grid"`` (the dense kernel, :meth:`CountData.grid`: full batch, needs
     ``from_frame(..., period=)``), ``"rows"``, or ``"auto"`` (default): the grid for a
@@ -74,6 +75,10 @@ def fit_counts(
         mesh=mesh,
         batch_size=config.batch_size,
         convergence=Convergence(mcse=config.mcse),
+        checkpoint_dir=config.checkpoint_dir,
+        checkpoint_every=config.checkpoint_every,
+        resume=config.resume,
+        fingerprint=None if config.checkpoint_dir is None else fit_identity(rows, config),
     )
 
 
