@@ -141,8 +141,44 @@ def hbjax_child(args: argparse.Namespace, base: dict) -> None:
               "iterations_per_second": args.block / float(np.median(chunks[1:])),
               "chunk_seconds": chunks.tolist(), "wall_seconds": clock.lap(),
               "peak_device_bytes": peak_device_bytes()}, out)  # fmt: skip
+    if args.vocabulary:
+        _vocabulary_speed(hbjax, table, args, base, clock)
     if args.converge:
         _converge(hbjax, model, placed, start, truth, key, args, base)
+
+
+def _vocabulary_speed(hbjax, table, args, base, clock) -> None:  # noqa: ANN001
+    """The article's model through hbjax.counts on its grid: steps/s of both guides."""
+    import jax
+    import numpy as np
+    import pandas as pd
+
+    from hbjax.counts import elasticity_terms, from_frame
+
+    slopes, effects = elasticity_terms("price", ("category",), "period")
+    data = from_frame(
+        pd.read_parquet(table),
+        unit="product",
+        counts="units_sold",
+        groups=("category",),
+        slopes=slopes,
+        effects=effects,
+        period="period",
+    )
+    grid = jax.block_until_ready(data.grid(hbjax.make_mesh()))
+    emit({**base, "phase": "vocabulary_grid", "seconds": clock.lap()}, args.out)
+    start = data.model.init_latents(data.rows)
+    for guide_name in ("meanfield", "unitblock"):
+        guide = hbjax.make_guide(guide_name, data.model, loc=start)
+        clock.lap()
+        result = hbjax.fit(data.model, guide, grid, key=jax.random.key(0),
+                           steps=args.block * (args.blocks + 1), chunk_size=args.block,
+                           progress=False, convergence=None)  # fmt: skip
+        chunks = np.asarray(result.chunk_seconds)
+        emit({**base, "phase": "vocabulary_speed", "guide": guide_name,
+              "compile_seconds": result.compile_seconds,
+              "iterations_per_second": args.block / float(np.median(chunks[1:])),
+              "wall_seconds": clock.lap()}, args.out)  # fmt: skip
 
 
 def _with_particle_map(hbjax: object, how: str):  # noqa: ANN202
@@ -243,6 +279,7 @@ def _child_command(args: argparse.Namespace, framework: str, products: int) -> l
     if str(products) in args.converge_sizes.split(","):
         command.append("--converge")
     command += ["--hlo"] * args.hlo + ["--variants"] * args.variants
+    command += ["--vocabulary"] * args.vocabulary
     return command
 
 
@@ -279,6 +316,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hlo", action="store_true", help="report the step's program")
     parser.add_argument("--variants", action="store_true", help="also time the CPU shapes")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script")
+    parser.add_argument(
+        "--vocabulary", action="store_true", help="also time the article's model via hbjax.counts"
+    )
     parser.add_argument("--child", choices=["hbjax", "numpyro"], help=argparse.SUPPRESS)
     parser.add_argument("--products", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--converge", action="store_true", help=argparse.SUPPRESS)

@@ -15,7 +15,7 @@ def test_gpu_benchmark_smoke_reports_every_phase(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.gpu", "--smoke", "--frameworks", "hbjax",
-         "--sizes", "60", "--converge-sizes", "60", "--hlo", "--out", str(out),
+         "--sizes", "60", "--converge-sizes", "60", "--hlo", "--vocabulary", "--out", str(out),
          "--cache", str(tmp_path / "cache")],
         cwd=ROOT, capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
@@ -32,6 +32,9 @@ def test_gpu_benchmark_smoke_reports_every_phase(tmp_path):
     for r in speeds:
         assert r["iterations_per_second"] > 0 and r["compile_seconds"] > 0
         assert len(r["chunk_seconds"]) == 3  # the first chunk and 2 timed ones
+    vocabulary = [r for r in records if r["phase"] == "vocabulary_speed"]
+    assert [r["guide"] for r in vocabulary] == ["meanfield", "unitblock"]
+    assert all(r["iterations_per_second"] > 0 for r in vocabulary)
     program = next(r for r in records if r["phase"] == "program")
     assert "0 conditionals" in program["report"]
     converge = next(r for r in records if r["phase"] == "converge")
