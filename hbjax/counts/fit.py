@@ -32,8 +32,9 @@ def fit_counts(
 
     ``layout``: ``"grid"`` (the dense kernel, :meth:`CountData.grid`: full batch, needs
     ``from_frame(..., period=)``), ``"rows"``, or ``"auto"`` (default): the grid for a
-    full-batch fit whose rows fill at least :data:`~hbjax.counts.grid.GRID_MIN_FILL` of the
-    unit x period cells and fit on it, else the rows.
+    full-batch fit with one row per unit and period that fills at least
+    :data:`~hbjax.counts.grid.GRID_MIN_FILL` of the unit x period cells, else the rows.
+    A resume should keep the layout: the sums' order, and so the last bits, differ.
 
     The guide starts at :meth:`CountRegression.init_latents` and, for a negative binomial,
     with the dispersion's sd at its expected posterior sd. ``config``'s price-specific
