@@ -153,18 +153,9 @@ def _vocabulary_speed(hbjax, table, args, base, clock) -> None:  # noqa: ANN001
     import numpy as np
     import pandas as pd
 
-    from hbjax.counts import elasticity_terms, from_frame
+    from benchmarks.vocabulary import article_data
 
-    slopes, effects = elasticity_terms("price", ("category",), "period")
-    data = from_frame(
-        pd.read_parquet(table),
-        unit="product",
-        counts="units_sold",
-        groups=("category",),
-        slopes=slopes,
-        effects=effects,
-        period="period",
-    )
+    data = article_data(pd.read_parquet(table))
     grid = jax.block_until_ready(data.grid(hbjax.make_mesh()))
     emit({**base, "phase": "vocabulary_grid", "seconds": clock.lap()}, args.out)
     start = data.model.init_latents(data.rows)

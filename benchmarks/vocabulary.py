@@ -21,18 +21,17 @@ import statistics
 import time
 
 import jax
+import pandas as pd
 
 import hbjax
-from hbjax.counts import elasticity_terms, from_frame
+from hbjax.counts import CountData, elasticity_terms, from_frame
 
 
-def _fits(products: int, periods: int, groups: int) -> dict:
-    sim = hbjax.simulate(n_units=products, n_periods=periods, n_groups=groups, seed=0)
-    panel, _ = hbjax.from_frame(sim.frame)
-    reference = hbjax.ElasticityModel.from_panel(panel)
+def article_data(frame: pd.DataFrame) -> CountData:
+    """The article's model through the vocabulary, on a table of :func:`hbjax.simulate`."""
     slopes, effects = elasticity_terms("price", ("category",), "period")
-    data = from_frame(
-        sim.frame,
+    return from_frame(
+        frame,
         unit="product",
         counts="units_sold",
         groups=("category",),
@@ -40,6 +39,13 @@ def _fits(products: int, periods: int, groups: int) -> dict:
         effects=effects,
         period="period",
     )
+
+
+def _fits(products: int, periods: int, groups: int) -> dict:
+    sim = hbjax.simulate(n_units=products, n_periods=periods, n_groups=groups, seed=0)
+    panel, _ = hbjax.from_frame(sim.frame)
+    reference = hbjax.ElasticityModel.from_panel(panel)
+    data = article_data(sim.frame)
     mesh = hbjax.make_mesh()
     return {
         "ElasticityModel (auto layout)": (reference, hbjax.shard_panel(panel, mesh), panel),

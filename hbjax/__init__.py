@@ -7,10 +7,11 @@ fitting machinery; ``hbjax.fit`` loads what a fit needs when it is first touched
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 from importlib.metadata import PackageNotFoundError, version
+
+from ._lazy import lazy_module
 
 #: Submodules reachable as attributes (``hbjax.guide_check``, ...).
 _SUBMODULES = frozenset(
@@ -54,18 +55,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> object:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    if name in _SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS, *_SUBMODULES})
+__getattr__, __dir__ = lazy_module(__name__, _EXPORTS, _SUBMODULES)
 
 
 class _Package(types.ModuleType):

@@ -110,9 +110,7 @@ def fit_vocabulary(
         "averaged_to_step": status.average_to,
         "mcse_of_means_in_sd": status.mcse,
         "mcse_of_means_in_sd_max": status.mcse_max,
-        "summaries": "exact (Gaussian guide)"
-        if data.exact_for(result.guide) is not None
-        else f"monte carlo ({args.samples} draws)",
+        "summaries": tables["intercept"].attrs["summary"],
         "price_elasticity": _rows(tables[f"log_{args.price}/global"]),
         "covariate_slopes": {c: _rows(tables[f"{c}/global"]) for c in covariates},
         "dispersion": _rows(tables["dispersion"]) if "dispersion" in tables else None,

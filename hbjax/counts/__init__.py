@@ -13,7 +13,7 @@ load JAX and Equinox only; :func:`from_frame` loads pandas.
 
 from __future__ import annotations
 
-import importlib
+from .._lazy import lazy_module
 
 _EXPORTS = {
     **dict.fromkeys(["CountData", "Effect", "Slope", "elasticity_terms", "from_frame"], "frame"),
@@ -27,13 +27,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> object:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_module(__name__, _EXPORTS)

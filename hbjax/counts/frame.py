@@ -114,10 +114,10 @@ class CountData:
         if self.period is None:
             raise GridError("the grid needs each row's period: from_frame(..., period=column).")
         unit = np.asarray(self.rows.unit)
-        pair = unit.astype(np.int64) * len(self.periods) + self.period
-        twice = np.flatnonzero(np.diff(np.sort(pair)) == 0)
+        pair = np.sort(unit.astype(np.int64) * len(self.periods) + self.period)
+        twice = np.flatnonzero(np.diff(pair) == 0)
         if len(twice):
-            first = np.sort(pair)[twice[0]]
+            first = pair[twice[0]]
             u, t = divmod(int(first), len(self.periods))
             raise GridError(
                 f"unit {_show(self.units[u])} has more than one row in period "
@@ -150,7 +150,8 @@ class CountData:
 
         Keys: ``"<covariate>/<level>"`` for slopes (``global``, each level, ``unit``),
         ``"intercept"``, ``"effect/<name>"``, ``"dispersion"``,
-        ``"dispersion/<level>"``, ``"zero_inflation"``.
+        ``"dispersion/<level>"``, ``"zero_inflation"``; each table's ``attrs["summary"]``
+        says how it was computed.
 
         Exact for a Gaussian guide (:attr:`exact_for`): every value is affine in the
         latents, or a monotone function of an affine one (``phi = exp(log phi)``, the
@@ -161,11 +162,12 @@ class CountData:
         """
         moments = self.exact_for(guide)
         if moments is not None:
-            return self._tables(_exact_stats(*moments))
+            return self._tables(_exact_stats(*moments), "exact (Gaussian guide)")
         key = jax.random.key(0) if key is None else key
         natural = jax.jit(jax.vmap(self.model.natural))(guide.sample(draws, key=key))  # type: ignore[attr-defined]
         return self._tables(
-            jax.tree.map(lambda v: _describe(np.asarray(v).reshape(draws, -1)), natural)
+            jax.tree.map(lambda v: _describe(np.asarray(v).reshape(draws, -1)), natural),
+            f"monte carlo ({draws} draws)",
         )
 
     def exact_for(self, guide: object) -> tuple[CountLatents, CountLatents] | None:
@@ -178,13 +180,17 @@ class CountData:
             return None
         return linear_moments(guide, self.model.linear_values)
 
-    def _tables(self, stats: CountLatents) -> dict[str, pd.DataFrame]:
-        """Labelled tables from per-value statistics (dicts of ``mean, sd, q..``)."""
+    def _tables(self, stats: CountLatents, method: str) -> dict[str, pd.DataFrame]:
+        """Labelled tables from per-value statistics (dicts of ``mean, sd, q..``).
+
+        Each table's ``attrs["summary"]`` says how they were computed (``method``).
+        """
         tables: dict[str, pd.DataFrame] = {}
 
         def table(name: str, values: dict, labels: pd.Index) -> None:
             columns = {k: np.asarray(v, np.float64).reshape(-1) for k, v in values.items()}
             tables[name] = pd.DataFrame(columns, index=labels)
+            tables[name].attrs["summary"] = method
 
         for covariate, levels in stats.slopes.items():
             for level, values in levels.items():

@@ -234,13 +234,12 @@ def _on_grid(values: Float[Array, " cell"], table: Array | None, n_periods: int)
 
 def grid_log_likelihood(model: CountRegression, latents: CountLatents, grid: CountGrid) -> Scalar:
     """The model's log-likelihood of the rows on ``grid`` (equal to the rows layout's)."""
+    effects = {e: layer(latents.effects[e]) for e, layer in model.effects.items()}
+    n_periods = grid.observed.shape[1]
     params = {
         "a": model.intercept(latents.intercept),
         "b": model.unit_slopes(latents),
-        "g": {
-            e: _on_grid(layer(latents.effects[e]), grid.cell_table[e], grid.observed.shape[1])
-            for e, layer in model.effects.items()
-        },
+        "g": {e: _on_grid(g, grid.cell_table[e], n_periods) for e, g in effects.items()},
     }
     poisson = grid.counts is None
     if not poisson:
@@ -257,8 +256,8 @@ def grid_log_likelihood(model: CountRegression, latents: CountLatents, grid: Cou
     linear = jnp.dot(params["a"], grid.counts_by_unit) + grid.constant
     for k, b in params["b"].items():
         linear = linear + jnp.dot(b, grid.counts_x_by_unit[k])
-    for e, layer in model.effects.items():
-        linear = linear + jnp.dot(layer(latents.effects[e]), grid.counts_by_cell[e])
+    for e, g in effects.items():
+        linear = linear + jnp.dot(g, grid.counts_by_cell[e])
     return linear + total
 
 
