@@ -83,6 +83,49 @@ class Effect:
 
 
 @dataclasses.dataclass(frozen=True)
+class CountSpec:
+    """How a table became a model: :func:`from_frame`'s arguments, less the table.
+
+    With the labels and the per-unit arrays it rebuilds the model (saved fits); it also
+    names the columns a what-if table needs (:func:`hbjax.counts.predict`).
+    """
+
+    unit: str
+    counts: str
+    groups: tuple[str, ...] = ()
+    slopes: tuple[Slope, ...] = ()
+    effects: tuple[Effect, ...] = ()
+    offset: str | None = None
+    period: str | None = None
+    likelihood: str = "poisson"
+    dispersion_by: str | None = None
+    zero_inflation: tuple[float, float] | None = None
+    hierarchy: str = "centred"
+    intercept: tuple[float, float] = (0.0, 3.0)
+    intercept_prior: str = "reference"
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict (:meth:`from_json` reads it back)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, values: dict) -> CountSpec:
+        """The spec :meth:`to_json` wrote (lists back to tuples)."""
+
+        def tupled(v: object) -> object:
+            return tuple(tupled(x) for x in v) if isinstance(v, list) else v
+
+        values = {k: tupled(v) for k, v in values.items()}
+        values["slopes"] = tuple(
+            Slope(**{k: tupled(v) for k, v in x.items()}) for x in values["slopes"]
+        )
+        values["effects"] = tuple(
+            Effect(**{k: tupled(v) for k, v in x.items()}) for x in values["effects"]
+        )
+        return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
 class CountData:
     """A table turned into a :class:`CountRegression` and its :class:`~hbjax.UnitRows`.
 
@@ -94,15 +137,17 @@ class CountData:
         cells: per effect, its cells' labels.
         period: ``[row]`` each row's period code (in the order of ``rows``), or ``None``.
         periods: the period labels, or ``None``.
+        spec: how the table became the model (``None`` when built by hand).
     """
 
     model: CountRegression
-    rows: UnitRows
+    rows: UnitRows | None
     units: pd.Index
     levels: dict[str, pd.Index]
     cells: dict[str, pd.Index]
     period: np.ndarray | None = None
     periods: pd.Index | None = None
+    spec: CountSpec | None = None
 
     def grid(self, mesh: Mesh, *, n_blocks: int | None = None) -> CountGrid:
         """The rows placed on ``mesh`` as a ``[unit, period]`` grid (the fast layout).
@@ -326,10 +371,28 @@ def from_frame(
         raise ValueError(f"hierarchy must be one of {', '.join(HIERARCHIES)}; got {hierarchy!r}.")
     if intercept_prior not in ("reference", "zero"):
         raise ValueError(f"intercept_prior must be 'reference' or 'zero'; got {intercept_prior!r}.")
+    likelihood = make_likelihood(likelihood)
+    if zero_inflation is True:
+        zero_inflation = (-2.0, 2.0)
+    spec = CountSpec(
+        unit=unit,
+        counts=counts,
+        groups=groups,
+        slopes=slopes,
+        effects=effects,
+        offset=offset,
+        period=period,
+        likelihood=likelihood.name,
+        dispersion_by=dispersion_by,
+        zero_inflation=tuple(zero_inflation) if zero_inflation else None,
+        hierarchy=hierarchy,
+        intercept=tuple(intercept),
+        intercept_prior=intercept_prior,
+    )
     y = check_counts(frame, counts)
     unit_codes, units = _factorize(frame[unit])
     n_units = len(units)
-    level_codes, levels, unit_level = _levels(frame, unit, unit_codes, n_units, groups)
+    levels, unit_level = _levels(frame, unit, unit_codes, n_units, groups)
     weight = y + 0.5
     per_unit_weight = np.bincount(unit_codes, weight, n_units)
     x, centre, reference = {}, {}, {}
@@ -359,25 +422,13 @@ def from_frame(
         centre={k: jnp.asarray(v) for k, v in centre.items()},
         reference={k: jnp.asarray(v) for k, v in reference.items()},
     )
-    mode = HIERARCHIES[hierarchy]()
-    layers = {s.name: _slope_layer(s, groups, levels, level_codes, mode) for s in slopes}
-    if zero_inflation is True:
-        zero_inflation = (-2.0, 2.0)
-    model = CountRegression(
-        table,
-        {g: len(levels[g]) for g in groups},
-        slopes=layers,
-        effects={e.name: Normal(0.0, float(e.scale), (len(cell_labels[e.name]),)) for e in effects},
-        intercept=intercept,
-        likelihood=make_likelihood(likelihood),
-        dispersion_level=dispersion_by,
-        zero_inflation=zero_inflation or None,
-    )
+    cell_sizes = {name: len(labels) for name, labels in cell_labels.items()}
+    model = build_model(spec, table, {g: len(levels[g]) for g in groups}, cell_sizes, likelihood)
     period_codes, periods = None, None
     if period is not None:
         period_codes, periods = _factorize(frame[period])
         period_codes = period_codes[np.argsort(unit_codes, kind="stable")]  # rows' order
-    return CountData(model, rows, units, levels, cell_labels, period_codes, periods)
+    return CountData(model, rows, units, levels, cell_labels, period_codes, periods, spec)
 
 
 def _check_arguments(
@@ -452,8 +503,8 @@ def _check_arguments(
 
 def _levels(
     frame: pd.DataFrame, unit: str, unit_codes: np.ndarray, n_units: int, groups: tuple[str, ...]
-) -> tuple[dict, dict, dict]:
-    """Each row's and each unit's code at every group level; the nesting checked."""
+) -> tuple[dict, dict]:
+    """Each level's labels and each unit's code at every level; the nesting checked."""
     level_codes, labels, unit_level = {}, {}, {}
     for finer, group in zip((unit, *groups), groups, strict=False):
         codes, labels[group] = _factorize(frame[group])
@@ -478,7 +529,7 @@ def _levels(
                     f"{finer!r} {_show(bad)} lies in more than one {group!r} "
                     f"({_rows(frame, broken)}); groups= must nest, finest first."
                 )
-    return level_codes, labels, unit_level
+    return labels, unit_level
 
 
 def _finite(frame: pd.DataFrame, column: str) -> np.ndarray:
@@ -520,11 +571,37 @@ def _cells(frame: pd.DataFrame, effect: Effect) -> tuple[np.ndarray, pd.Index]:
     return codes.astype(np.int32), labels
 
 
+def build_model(
+    spec: CountSpec,
+    table: UnitTable,
+    level_sizes: dict[str, int],
+    cell_sizes: dict[str, int],
+    likelihood: AbstractCountLikelihood | None = None,
+) -> CountRegression:
+    """The model ``spec`` describes, over ``table``'s units.
+
+    Parent maps come from ``table.levels`` (each unit's code at every level). With zero
+    arrays this is the template a saved fit's arrays are read into.
+    """
+    mode = HIERARCHIES[spec.hierarchy]()
+    unit_level = {g: np.asarray(codes) for g, codes in table.levels.items()}
+    layers = {s.name: _slope_layer(s, level_sizes, unit_level, mode) for s in spec.slopes}
+    return CountRegression(
+        table,
+        level_sizes,
+        slopes=layers,
+        effects={e.name: Normal(0.0, float(e.scale), (cell_sizes[e.name],)) for e in spec.effects},
+        intercept=spec.intercept,
+        likelihood=likelihood if likelihood is not None else make_likelihood(spec.likelihood),
+        dispersion_level=spec.dispersion_by,
+        zero_inflation=spec.zero_inflation,
+    )
+
+
 def _slope_layer(
     slope: Slope,
-    groups: tuple[str, ...],
-    labels: dict[str, pd.Index],
-    level_codes: dict[str, np.ndarray],
+    level_sizes: dict[str, int],
+    unit_level: dict[str, np.ndarray],
     mode: AbstractHierarchy,
 ) -> HierarchicalSlope:
     """The slope's layer: its group levels' sizes, parent maps and scales."""
@@ -534,18 +611,27 @@ def _slope_layer(
     group_scales = scales[1:] if per_unit else scales
     parents = []
     for finer, coarser in zip(group_levels, group_levels[1:], strict=False):
-        parent = np.zeros(len(labels[finer]), np.int32)
-        parent[level_codes[finer]] = level_codes[coarser]
+        parent = np.zeros(level_sizes[finer], np.int32)
+        parent[unit_level[finer]] = unit_level[coarser]  # every group has a unit
         parents.append(parent)
     return HierarchicalSlope(
         slope.prior,
         levels=group_levels,
         parents=tuple(parents),
-        sizes=tuple(len(labels[g]) for g in group_levels),
+        sizes=tuple(level_sizes[g] for g in group_levels),
         scales=group_scales,
         unit_scale=scales[0] if per_unit else None,
         hierarchy=mode,
     )
 
 
-__all__ = ["HIERARCHIES", "CountData", "Effect", "Slope", "elasticity_terms", "from_frame"]
+__all__ = [
+    "HIERARCHIES",
+    "CountData",
+    "CountSpec",
+    "build_model",
+    "Effect",
+    "Slope",
+    "elasticity_terms",
+    "from_frame",
+]
