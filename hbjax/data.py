@@ -809,28 +809,65 @@ def encode_rows(frame: pd.DataFrame, roles: Mapping[str, str]) -> tuple[np.ndarr
     return unit_codes, dataclasses.replace(encoding, columns=full)
 
 
-def save_encoding(encoding: Encoding, directory: str | os.PathLike[str]) -> None:
-    """Write an :class:`Encoding` to ``directory`` (labels as Parquet, roles as JSON).
+def write_labels(labels: pd.Index, folder: Path, name: str) -> str:
+    """Write ``labels`` to ``folder/name.parquet`` (or ``.json``); return which.
 
     Labels of one type keep it (strings, integers, dates); a column mixing types (e.g.
     ``"a"`` and ``3``) is written as JSON instead, which keeps strings and numbers apart.
+    A MultiIndex keeps its levels and names.
     """
     import json
 
     import pyarrow as pa
 
+    frame = labels.to_frame(index=False) if isinstance(labels, pd.MultiIndex) else None
+    try:
+        table = frame if frame is not None else pd.DataFrame({"label": labels})
+        table.to_parquet(folder / f"{name}.parquet", index=False)
+        return "parquet"
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        (folder / f"{name}.parquet").unlink(missing_ok=True)
+
+        def plain(x: object) -> object:
+            if isinstance(x, tuple):
+                return [plain(v) for v in x]
+            return x.item() if isinstance(x, np.generic) else x
+
+        names = list(labels.names) if frame is not None else None
+        values = {"names": names, "values": [plain(x) for x in labels]}
+        (folder / f"{name}.json").write_text(json.dumps(values))
+        return "json"
+
+
+def read_labels(folder: Path, name: str, kind: str, column: str | None = None) -> pd.Index:
+    """The labels :func:`write_labels` wrote (``kind``: what it returned), named ``column``."""
+    import json
+
+    if kind == "parquet":
+        frame = pd.read_parquet(folder / f"{name}.parquet")
+        if list(frame.columns) != ["label"]:
+            return pd.MultiIndex.from_frame(frame)
+        return pd.Index(frame["label"], name=column)
+    stored = json.loads((folder / f"{name}.json").read_text())
+    if isinstance(stored, list):  # encodings written before MultiIndex support
+        stored = {"names": None, "values": stored}
+    if stored["names"] is not None:
+        return pd.MultiIndex.from_tuples(
+            [tuple(v) for v in stored["values"]], names=stored["names"]
+        )
+    return pd.Index(pd.Series(stored["values"], dtype=object), name=column)
+
+
+def save_encoding(encoding: Encoding, directory: str | os.PathLike[str]) -> None:
+    """Write an :class:`Encoding` to ``directory`` (labels as :func:`write_labels`)."""
+    import json
+
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
-    formats = {}
-    for name in ("units", "groups", "periods"):
-        labels = getattr(encoding, name)
-        try:
-            pd.DataFrame({"label": labels}).to_parquet(folder / f"{name}.parquet", index=False)
-            formats[name] = "parquet"
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-            values = [x.item() if isinstance(x, np.generic) else x for x in labels]
-            (folder / f"{name}.json").write_text(json.dumps(values))
-            formats[name] = "json"
+    formats = {
+        name: write_labels(getattr(encoding, name), folder, name)
+        for name in ("units", "groups", "periods")
+    }
     np.save(folder / "unit_group.npy", np.asarray(encoding.unit_group, np.int32))
     meta = {"columns": dict(encoding.columns), "formats": formats}
     (folder / "encoding.json").write_text(json.dumps(meta, indent=2))
@@ -846,13 +883,10 @@ def load_encoding(directory: str | os.PathLike[str]) -> Encoding:
     meta = json.loads((folder / "encoding.json").read_text())
     roles = column_roles(meta["columns"])
     names = {"units": roles["unit"], "groups": roles["group"], "periods": roles["period"]}
-    labels = {}
-    for name, column in names.items():
-        if meta["formats"][name] == "parquet":
-            values = pd.read_parquet(folder / f"{name}.parquet")["label"]
-        else:
-            values = pd.Series(json.loads((folder / f"{name}.json").read_text()), dtype=object)
-        labels[name] = pd.Index(values, name=column)
+    labels = {
+        name: read_labels(folder, name, meta["formats"][name], column)
+        for name, column in names.items()
+    }
     return Encoding(
         units=labels["units"],
         groups=labels["groups"],

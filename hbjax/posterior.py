@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from collections.abc import Callable
 from statistics import NormalDist
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
@@ -13,6 +14,7 @@ import equinox as eqx
 import jax
 import numpy as np
 import pandas as pd
+from jaxtyping import Float
 
 from ._types import PRNGKeyArray, PyTree
 from .data import DataValidationError, DataWarning, Encoding, _numeric, _period_values, _rows, _show
@@ -463,15 +465,37 @@ def predict(
     )
     if model.clip_log_rate is not None:
         log_rate = np.clip(log_rate, *model.clip_log_rate)
+    return with_expected_units(
+        frame,
+        log_rate,
+        interval,
+        lambda i: f"(e.g. {_show(prices[i])} for {_show(frame[unit].iloc[i])})",
+    )
+
+
+def with_expected_units(
+    frame: pd.DataFrame,
+    log_rate: Float[np.ndarray, "draw row"],
+    interval: float,
+    example: Callable[[int], str],
+) -> pd.DataFrame:
+    """``frame`` with ``expected_units``, ``expected_units_lo`` and ``expected_units_hi``.
+
+    The mean of ``exp(log_rate)`` over draws and its central ``interval``.
+
+    Raises:
+        DataValidationError: a row's expected units pass 1e300 (its values are far from the
+            data); ``example(row)`` names what the row holds.
+    """
     too_large = np.any(log_rate > _MAX_LOG_RATE, axis=0)
     if too_large.any():  # exp would overflow: inf units and NaN intervals, not an answer
         first = int(np.flatnonzero(too_large)[0])
         raise DataValidationError(
-            f"the prices in {_rows(frame, too_large)} (e.g. {_show(prices[first])} for "
-            f"{_show(frame[unit].iloc[first])}) give expected units beyond 1e300: they are "
-            "far outside what the fit has seen; check their unit (cents vs dollars?)."
+            f"the values in {_rows(frame, too_large)} {example(first)} give expected units "
+            "beyond 1e300: they are far outside what the fit has seen; check their units "
+            "(cents vs dollars?)."
         )
-    rate = np.exp(log_rate.astype(np.float64))
+    rate = np.exp(np.asarray(log_rate, np.float64))
     tail = (1 - interval) / 2
     low, high = np.quantile(rate, [tail, 1 - tail], axis=0)
     return frame.assign(

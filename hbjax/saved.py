@@ -9,17 +9,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import equinox as eqx
 import jax.numpy as jnp
 
+from . import __version__
 from .data import DataValidationError, Encoding, load_encoding, save_encoding
 from .fit import FitResult
 from .guide import AbstractGuide, LowRankNormal, MeanFieldNormal, UnitBlockNormal, make_guide
 from .model import ElasticityModel
 
 FORMAT = "hbjax-fit-1"
+#: the format of a vocabulary fit (:func:`hbjax.counts.save_fit`).
+COUNTS_FORMAT = "hbjax-counts-fit-1"
+_DAMAGED = "%r holds a damaged saved fit (%s); fit again."
+T = TypeVar("T")
 _KINDS = {MeanFieldNormal: "meanfield", UnitBlockNormal: "unitblock", LowRankNormal: "lowrank"}
 
 
@@ -43,19 +50,17 @@ class SavedFit:
 def save_fit(result: FitResult, encoding: Encoding, directory: str | os.PathLike[str]) -> None:
     """Save an :class:`~hbjax.ElasticityModel` fit with one of hbjax's guides."""
     model, guide = result.model, result.guide
-    kind = _KINDS.get(type(guide))
-    if not isinstance(model, ElasticityModel) or kind is None:
+    if not isinstance(model, ElasticityModel):
         raise TypeError(
-            "save_fit saves ElasticityModel fits with MeanFieldNormal, UnitBlockNormal or "
-            f"LowRankNormal guides; got {type(model).__name__} and {type(guide).__name__} "
-            "(serialise your own with equinox.tree_serialise_leaves)."
+            f"save_fit saves ElasticityModel fits; got {type(model).__name__} (a vocabulary "
+            "fit: hbjax.counts.save_fit; your own: equinox.tree_serialise_leaves)."
         )
+    kinds = guide_info(guide)
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     info = {
         "format": FORMAT,
-        "guide": kind,
-        "rank": int(guide.factor.shape[1]) if isinstance(guide, LowRankNormal) else None,
+        **kinds,
         "hierarchy": model.hierarchy,
         "price_centring": model.price_centre is not None,
         "intercept_prior": "zero" if model.intercept_prior_price is None else "reference",
@@ -65,20 +70,11 @@ def save_fit(result: FitResult, encoding: Encoding, directory: str | os.PathLike
         "n_groups": len(encoding.groups),
         "n_periods": len(encoding.periods),
         "steps": result.steps,
-        "hbjax_version": _version(),
+        "hbjax_version": __version__,
     }
     eqx.tree_serialise_leaves(folder / "fit.eqx", (model, guide))
     save_encoding(encoding, folder / "encoding")
     (folder / "fit.json").write_text(json.dumps(info, indent=2) + "\n")  # last: marks complete
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("hbjax")
-    except PackageNotFoundError:
-        return "0.0.0+unknown"
 
 
 def load_fit(directory: str | os.PathLike[str]) -> SavedFit:
@@ -88,29 +84,58 @@ def load_fit(directory: str | os.PathLike[str]) -> SavedFit:
         DataValidationError: the folder holds no complete saved fit.
     """
     folder = Path(directory)
+    info = read_info(folder, FORMAT)
+    return rebuilt(folder, info, _rebuild)
+
+
+def saved_format(folder: Path) -> object:
+    """The ``format`` a saved fit's ``fit.json`` names (``None`` if it names none).
+
+    Raises:
+        DataValidationError: no ``fit.json``, or one that cannot be read.
+    """
     if not (folder / "fit.json").is_file():
         raise DataValidationError(
             f"{str(folder)!r} holds no saved fit (fit.json); pass the --out folder of `hbjax fit`."
         )
-    damaged = f"{str(folder)!r} holds a damaged saved fit (%s); fit again."
     try:
         info = json.loads((folder / "fit.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataValidationError(damaged % f"fit.json: {type(exc).__name__}") from None
-    if not isinstance(info, dict):
-        raise DataValidationError(damaged % "fit.json is not an object")
-    if info.get("format") != FORMAT:
         raise DataValidationError(
-            f"{str(folder)!r} holds a fit of format {info.get('format')!r}; this hbjax reads "
-            f"{FORMAT!r}. Fit again with this version."
+            _DAMAGED % (str(folder), f"fit.json: {type(exc).__name__}")
+        ) from None
+    if not isinstance(info, dict):
+        raise DataValidationError(_DAMAGED % (str(folder), "fit.json is not an object"))
+    return info.get("format")
+
+
+def read_info(folder: Path, expected: str) -> dict:
+    """``fit.json`` of a saved fit of format ``expected``.
+
+    Raises:
+        DataValidationError: no or a damaged ``fit.json``, or another format (named).
+    """
+    found = saved_format(folder)
+    if found != expected:
+        hint = {
+            FORMAT: "load it with hbjax.load_fit",
+            COUNTS_FORMAT: "a vocabulary fit: load it with hbjax.counts.load_fit",
+        }.get(found, "fit again with this version")
+        raise DataValidationError(
+            f"{str(folder)!r} holds a fit of format {found!r}; this reads {expected!r} ({hint})."
         )
+    return json.loads((folder / "fit.json").read_text())
+
+
+def rebuilt(folder: Path, info: dict, rebuild: Callable[[Path, dict], T]) -> T:
+    """``rebuild(folder, info)``, any failure of a truncated or edited fit named in one line."""
     try:
-        return _rebuild(folder, info)
+        return rebuild(folder, info)
     except DataValidationError:
         raise
     except Exception as exc:  # noqa: BLE001 - a truncated or edited fit.eqx, a missing key
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        raise DataValidationError(damaged % reason) from None
+        raise DataValidationError(_DAMAGED % (str(folder), reason)) from None
 
 
 def _rebuild(folder: Path, info: dict) -> SavedFit:
@@ -133,6 +158,22 @@ def _rebuild(folder: Path, info: dict) -> SavedFit:
     guide = make_guide(info["guide"], model, rank=info["rank"] or 8)
     model, guide = eqx.tree_deserialise_leaves(folder / "fit.eqx", (model, guide))
     return SavedFit(model, guide, encoding, info)
+
+
+def guide_info(guide: AbstractGuide) -> dict:
+    """``{"guide": kind, "rank": rank or None}`` of one of hbjax's Gaussian guides.
+
+    Raises:
+        TypeError: another guide (save it with ``equinox.tree_serialise_leaves``).
+    """
+    kind = _KINDS.get(type(guide))
+    if kind is None:
+        raise TypeError(
+            "saved fits hold MeanFieldNormal, UnitBlockNormal or LowRankNormal guides; got "
+            f"{type(guide).__name__} (serialise your own with equinox.tree_serialise_leaves)."
+        )
+    rank = int(guide.factor.shape[1]) if isinstance(guide, LowRankNormal) else None
+    return {"guide": kind, "rank": rank}
 
 
 __all__ = ["SavedFit", "load_fit", "save_fit"]

@@ -20,6 +20,10 @@ _EXPORTS = {
     **dict.fromkeys(["CountLatents", "CountRegression", "UnitTable"], "regression"),
     **dict.fromkeys(["CountGrid", "GridError", "place_grid"], "grid"),
     "fit_counts": "fit",
+    **dict.fromkeys(["SavedCountFit", "load_fit", "save_fit"], "saved"),
+    "predict": "whatif",
+    "to_arviz": "export",
+    "CountSpec": "frame",
     "predictive_check": "check",
     "HierarchicalSlope": "slopes",
 }

@@ -209,9 +209,9 @@ class CountData:
         if moments is not None:
             return self._tables(_exact_stats(*moments), "exact (Gaussian guide)")
         key = jax.random.key(0) if key is None else key
-        natural = jax.jit(jax.vmap(self.model.natural))(guide.sample(draws, key=key))  # type: ignore[attr-defined]
+        natural = self.natural_draws(guide, draws, key)
         return self._tables(
-            jax.tree.map(lambda v: _describe(np.asarray(v).reshape(draws, -1)), natural),
+            jax.tree.map(lambda v: _describe(v.reshape(draws, -1)), natural),
             f"monte carlo ({draws} draws)",
         )
 
@@ -225,31 +225,39 @@ class CountData:
             return None
         return linear_moments(guide, self.model.linear_values)
 
+    def natural_draws(self, guide: object, draws: int, key: jax.Array) -> CountLatents:
+        """``draws`` guide draws of every natural value (leading axis ``draw``; host arrays)."""
+        natural = jax.jit(jax.vmap(self.model.natural))(guide.sample(draws, key=key))  # type: ignore[attr-defined]
+        return jax.tree.map(np.asarray, natural)
+
+    def labelled(self, values: CountLatents) -> dict[str, tuple[object, pd.Index]]:
+        """Each of ``values``' entries by its :meth:`summary` name, with its labels."""
+        out: dict[str, tuple[object, pd.Index]] = {}
+        for covariate, levels in values.slopes.items():
+            for level, value in levels.items():
+                out[f"{covariate}/{level}"] = value, self.labels(level)
+        out["intercept"] = values.intercept, self.units
+        for name, value in values.effects.items():
+            out[f"effect/{name}"] = value, self.cells[name]
+        if values.dispersion is not None:
+            out["dispersion"] = values.dispersion, pd.Index(["global"])
+        if values.group_dispersion is not None:
+            level = self.model.dispersion_level
+            out[f"dispersion/{level}"] = values.group_dispersion, self.levels[level]
+        if values.zero_inflation is not None:
+            out["zero_inflation"] = values.zero_inflation, pd.Index(["global"])
+        return out
+
     def _tables(self, stats: CountLatents, method: str) -> dict[str, pd.DataFrame]:
         """Labelled tables from per-value statistics (dicts of ``mean, sd, q..``).
 
         Each table's ``attrs["summary"]`` says how they were computed (``method``).
         """
         tables: dict[str, pd.DataFrame] = {}
-
-        def table(name: str, values: dict, labels: pd.Index) -> None:
+        for name, (values, labels) in self.labelled(stats).items():
             columns = {k: np.asarray(v, np.float64).reshape(-1) for k, v in values.items()}
             tables[name] = pd.DataFrame(columns, index=labels)
             tables[name].attrs["summary"] = method
-
-        for covariate, levels in stats.slopes.items():
-            for level, values in levels.items():
-                table(f"{covariate}/{level}", values, self.labels(level))
-        table("intercept", stats.intercept, self.units)
-        for name, values in stats.effects.items():
-            table(f"effect/{name}", values, self.cells[name])
-        if stats.dispersion is not None:
-            table("dispersion", stats.dispersion, pd.Index(["global"]))
-        if stats.group_dispersion is not None:
-            level = self.model.dispersion_level
-            table(f"dispersion/{level}", stats.group_dispersion, self.levels[level])
-        if stats.zero_inflation is not None:
-            table("zero_inflation", stats.zero_inflation, pd.Index(["global"]))
         return tables
 
 
