@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Float, Int
 
-from .._types import PRNGKeyArray
+from .._types import AnyArray, PRNGKeyArray
 from ..data import DataValidationError, _rows, _show
 from ..parallel.rows import UnitRows
 from ..posterior import with_expected_units
@@ -107,7 +107,7 @@ def _log_rates(
     model: object,
     draws: object,
     rows: UnitRows,
-    averaged: dict[str, tuple[Int[np.ndarray, " cell"], Int[np.ndarray, " row"], int]],
+    averaged: dict[str, tuple[Int[AnyArray, " cell"], Int[AnyArray, " row"], int]],
 ) -> Float[jax.Array, "draw row"]:
     """``[draw, row]`` log expected counts: known cells by the model, the rest averaged."""
     partial = eqx.tree_at(
