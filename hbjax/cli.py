@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 
 from . import __version__
 from .checkpoint import CheckpointError
-from .cli_vocabulary import fit_vocabulary, wants_vocabulary
+from .cli_vocabulary import fit_vocabulary, predict_vocabulary, wants_vocabulary
 from .convergence import Convergence
 from .data import (
     DataValidationError,
@@ -51,7 +51,7 @@ from .outputs import AtomicFolder, OutputError, check_file_destination, write_fi
 from .pipeline import DEFAULT_GUIDE, SEEDS, FitConfig, fit_elasticities
 from .plots import write_plots
 from .posterior import predict, summarize, summarize_dispersion
-from .saved import SavedFit, load_fit, save_fit
+from .saved import COUNTS_FORMAT, SavedFit, load_fit, save_fit, saved_format
 from .sharding import (
     DistributedConfig,
     ShardingError,
@@ -72,7 +72,7 @@ FIT_FILES = (
     "estimates.csv",  # --group a,b or --covariates (hbjax.cli_vocabulary)
 )
 #: All a fit folder may hold (``hbjax check`` adds check.csv); anything else is the user's.
-FIT_FOLDER = (*FIT_FILES, "encoding", "plots", "check.csv")
+FIT_FOLDER = (*FIT_FILES, "encoding", "labels", "plots", "check.csv")
 
 
 class UserError(Exception):
@@ -657,7 +657,8 @@ def _fit_vocabulary(
         f"fitted {report['n_units']} units ({report['n_obs']} rows) in "
         f"{report['wall_seconds']:.1f} s; global price elasticity {price['mean']:.3f} "
         f"(90% interval {price['q05']:.3f} to {price['q95']:.3f}); wrote {args.out}/"
-        "estimates.csv, losses.csv, summary.json"
+        "estimates.csv, losses.csv, summary.json and the fitted model (for `hbjax predict "
+        f"{shlex.quote(str(args.out))} SCENARIOS.csv`)"
     )
     _print_checks(report["dispersion"], None, model_check, args.likelihood)
     return 0
@@ -791,6 +792,9 @@ def run_predict(args: argparse.Namespace) -> int:
     """``hbjax predict``: expected units at new prices from a saved fit."""
     out = Path(args.out) if args.out is not None else Path(str(args.prices) + ".predictions.csv")
     check_file_destination(out)  # before the work
+    if saved_format(Path(args.fit_dir)) == COUNTS_FORMAT:
+        print(predict_vocabulary(args, out))
+        return 0
     saved = load_fit(args.fit_dir)
     # labels as the fit read them: text exactly as written, unless the fit's were numbers
     text = [

@@ -3,7 +3,9 @@
 ``log E[units] = a_i + b_i (log price - c_i) + sum_k lift_k[top group] x_k
 + g[top group, period]``, the price slope by product and every group level
 (:func:`hbjax.counts.from_frame`), each covariate's slope by the coarsest group. Writes
-``estimates.csv`` (every value on its labels), ``losses.csv`` and ``summary.json``.
+``estimates.csv`` (every value on its labels), ``losses.csv``, ``summary.json`` and the
+fitted model (:func:`hbjax.counts.save_fit`: ``fit.json``, ``fit.eqx``, ``labels/``), which
+``hbjax predict`` reads (:func:`predict_vocabulary`).
 """
 
 from __future__ import annotations
@@ -19,10 +21,18 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
-from .counts import elasticity_terms, fit_counts, from_frame, predictive_check
+from .counts import (
+    elasticity_terms,
+    fit_counts,
+    from_frame,
+    load_fit,
+    predict,
+    predictive_check,
+    save_fit,
+)
 from .data import _period_values, duplicate_pair_error, read_table
 from .guide_check import PredictiveCheck
-from .outputs import AtomicFolder
+from .outputs import AtomicFolder, write_file_atomically
 from .pipeline import FitConfig
 
 #: What the vocabulary's fit does not do yet: flag -> whether it was given.
@@ -128,8 +138,32 @@ def fit_vocabulary(
             staging / "losses.csv", index=False
         )
         (staging / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
+        save_fit(data, result, staging)
         folder.commit()
     return report, check
+
+
+def predict_vocabulary(args: argparse.Namespace, out: Path) -> str:
+    """``hbjax predict`` of a vocabulary fit: expected counts for the scenarios' rows.
+
+    Label columns are read as the fit read them (text as written, unless the fit's labels
+    were numbers); periods as in the fit. Returns the line to print.
+    """
+    saved = load_fit(args.fit_dir)
+    data, spec = saved.data, saved.data.spec
+    levels = {spec.unit: data.units, **data.levels}
+    text = [column for column, labels in levels.items() if labels.dtype == object]
+    frame = read_table(args.prices, labels=text)
+    if spec.period is not None and spec.period in frame.columns:
+        frame[spec.period] = _period_values(frame, spec.period)
+    predictions = predict(
+        data, saved.guide, frame, num_samples=args.samples, key=jax.random.key(args.seed)
+    )
+    write_file_atomically(out, lambda path: predictions.to_csv(path, index=False))
+    return (
+        f"predicted expected {spec.counts} for {len(predictions)} rows (vocabulary fit, "
+        f"{saved.info['guide']} guide, {args.samples} draws, 90% intervals); wrote {out}"
+    )
 
 
 def _rows(table: pd.DataFrame) -> dict[str, float]:
@@ -148,4 +182,4 @@ def _long(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return long[["quantity", "label", "mean", "sd", "q05", "q50", "q95"]]
 
 
-__all__ = ["fit_vocabulary", "wants_vocabulary"]
+__all__ = ["fit_vocabulary", "predict_vocabulary", "wants_vocabulary"]

@@ -381,6 +381,20 @@ def test_cli_speaks_the_vocabulary(tmp_path, capsys):
     check = report["predictive_check"]
     assert check["level"] == "cat" and check["flagged"] == [], check["verdict"]
     assert [g["group"] for g in check["groups"]] == ["c0", "c1", "c2"]
+    # `hbjax predict OUT scenarios.csv` reads the saved fit: the Python API's answer
+    scenarios = frame.iloc[[0, 0, 20]][["sku", "week", "price", "promo"]]
+    scenarios = scenarios.assign(price=[1.0, 2.0, 1.5], promo=[0.0, 0.0, 1.0])
+    scenarios.to_csv(tmp_path / "scenarios.csv", index=False)
+    predict_args = ["predict", str(out), str(tmp_path / "scenarios.csv"), "--samples", "300"]
+    assert main(predict_args) == 0
+    assert "predicted expected qty for 3 rows (vocabulary fit" in capsys.readouterr().out
+    written = pd.read_csv(tmp_path / "scenarios.csv.predictions.csv")
+    saved = hbjax.counts.load_fit(out)
+    expected = hbjax.counts.predict(
+        saved.data, saved.guide, scenarios, num_samples=300, key=jax.random.key(0)
+    )
+    np.testing.assert_allclose(written["expected_units"], expected["expected_units"], rtol=1e-6)
+    assert written["expected_units"][0] > written["expected_units"][1]  # the price doubled
     # a Poisson fit of these overdispersed counts: flagged, with a warning line
     poisson = [*common, "--steps", "150", "--samples", "100", "--no-progress"]
     assert main([*poisson, "--out", str(tmp_path / "poisson")]) == 0
