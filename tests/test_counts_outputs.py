@@ -81,6 +81,8 @@ def test_a_saved_fit_reads_back_the_same_model_guide_and_labels(everything, tmp_
     for name in ours:
         pd.testing.assert_frame_equal(ours[name], theirs[name])
     assert saved.info["steps"] == result.steps
+    with pytest.raises(ValueError, match="holds no rows"):
+        hbjax.counts.fit_counts(saved.data)
 
 
 def test_a_folder_without_a_vocabulary_fit_is_one_clear_line(everything, tmp_path):

@@ -42,6 +42,11 @@ def fit_counts(
     ``likelihood``) belong to :func:`hbjax.counts.from_frame` here and are not read.
     """
     model, rows = data.model, data.rows
+    if rows is None:
+        raise ValueError(
+            "data holds no rows (a saved fit keeps the model and labels only); build it "
+            "with hbjax.counts.from_frame to fit."
+        )
     key = jax.random.key(config.seed)
     mesh = make_mesh() if mesh is None else mesh
     placed = _placed(data, mesh, layout, config.batch_size)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from .. import __version__
 from ..data import read_labels, write_labels
+from ..families import LIKELIHOODS
 from ..fit import FitResult
 from ..guide import AbstractGuide, make_guide
 from ..saved import COUNTS_FORMAT, guide_info, read_info, rebuilt
@@ -46,13 +47,20 @@ def save_fit(data: CountData, result: FitResult, directory: str | os.PathLike[st
     ``fit.json`` is written last: a folder without it holds no complete fit.
 
     Raises:
-        TypeError: ``data`` has no spec (built by hand, not by ``from_frame``), or the guide
-            is not one of hbjax's Gaussian guides.
+        TypeError: ``data`` has no spec (built by hand, not by ``from_frame``), a likelihood
+            of your own, or a guide that is not one of hbjax's Gaussian guides.
     """
     if data.spec is None:
         raise TypeError(
             "save_fit needs data from hbjax.counts.from_frame (it records how to rebuild the "
             "model); save a hand-built model with equinox.tree_serialise_leaves."
+        )
+    named = LIKELIHOODS.get(data.spec.likelihood)
+    if named is None or type(data.model.likelihood) is not named:
+        raise TypeError(
+            f"save_fit saves the likelihoods {', '.join(LIKELIHOODS)}; got "
+            f"{type(data.model.likelihood).__name__} (save it with "
+            "equinox.tree_serialise_leaves)."
         )
     folder = Path(directory)
     (folder / "labels").mkdir(parents=True, exist_ok=True)
