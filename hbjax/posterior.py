@@ -436,13 +436,7 @@ def predict(
             f"column {price!r} must be finite and > 0; found {_show(prices[bad][0])} in "
             f"{_rows(frame, bad)}."
         )
-    units = encoding.units.get_indexer(frame[unit])
-    if (units < 0).any():
-        unknown = frame[unit][units < 0]
-        raise DataValidationError(
-            f"{(units < 0).sum()} row(s) name units the fit has not seen (e.g. "
-            f"{_show(unknown.iloc[0])} in column {unit!r}); predict covers fitted units only."
-        )
+    units = fitted_units(encoding.units, frame, unit)
     n_periods = len(encoding.periods)
     periods = None
     if period in frame.columns:
@@ -471,6 +465,23 @@ def predict(
         interval,
         lambda i: f"(e.g. {_show(prices[i])} for {_show(frame[unit].iloc[i])})",
     )
+
+
+def fitted_units(units: pd.Index, frame: pd.DataFrame, column: str) -> np.ndarray:
+    """``[row]`` each row's unit code among the fitted ``units``.
+
+    Raises:
+        DataValidationError: rows that name units the fit has not seen (the first named).
+    """
+    codes = units.get_indexer(frame[column])
+    unknown = codes < 0
+    if unknown.any():
+        raise DataValidationError(
+            f"{int(unknown.sum())} row(s) name units the fit has not seen (e.g. "
+            f"{_show(frame[column][unknown].iloc[0])} in column {column!r}, "
+            f"{_rows(frame, unknown)}); predict covers fitted units only."
+        )
+    return codes
 
 
 def with_expected_units(

@@ -94,6 +94,11 @@ def saved_format(folder: Path) -> object:
     Raises:
         DataValidationError: no ``fit.json``, or one that cannot be read.
     """
+    return _fit_json(folder).get("format")
+
+
+def _fit_json(folder: Path) -> dict:
+    """``folder/fit.json``, read and parsed once; a missing or damaged one named."""
     if not (folder / "fit.json").is_file():
         raise DataValidationError(
             f"{str(folder)!r} holds no saved fit (fit.json); pass the --out folder of `hbjax fit`."
@@ -106,7 +111,7 @@ def saved_format(folder: Path) -> object:
         ) from None
     if not isinstance(info, dict):
         raise DataValidationError(_DAMAGED % (str(folder), "fit.json is not an object"))
-    return info.get("format")
+    return info
 
 
 def read_info(folder: Path, expected: str) -> dict:
@@ -115,7 +120,8 @@ def read_info(folder: Path, expected: str) -> dict:
     Raises:
         DataValidationError: no or a damaged ``fit.json``, or another format (named).
     """
-    found = saved_format(folder)
+    info = _fit_json(folder)
+    found = info.get("format")
     if found != expected:
         hint = {
             FORMAT: "load it with hbjax.load_fit",
@@ -124,7 +130,7 @@ def read_info(folder: Path, expected: str) -> dict:
         raise DataValidationError(
             f"{str(folder)!r} holds a fit of format {found!r}; this reads {expected!r} ({hint})."
         )
-    return json.loads((folder / "fit.json").read_text())
+    return info
 
 
 def rebuilt(folder: Path, info: dict, rebuild: Callable[[Path, dict], T]) -> T:

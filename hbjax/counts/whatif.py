@@ -18,7 +18,7 @@ from jaxtyping import Float, Int
 from .._types import AnyArray, PRNGKeyArray
 from ..data import DataValidationError, _rows, _show
 from ..parallel.rows import UnitRows
-from ..posterior import with_expected_units
+from ..posterior import fitted_units, with_expected_units
 from .frame import CountData, CountSpec, Effect, _covariate, _finite
 
 
@@ -71,13 +71,7 @@ def predict(
             f"the scenarios need columns {missing} (the fit's unit, covariate and offset "
             f"columns; the table has {list(map(str, frame.columns))})."
         )
-    units = data.units.get_indexer(frame[spec.unit])
-    if (units < 0).any():
-        raise DataValidationError(
-            f"{int((units < 0).sum())} row(s) name units the fit has not seen (e.g. "
-            f"{_show(frame[spec.unit][units < 0].iloc[0])} in column {spec.unit!r}, "
-            f"{_rows(frame, units < 0)}); predict covers fitted units only."
-        )
+    units = fitted_units(data.units, frame, spec.unit)
     labels = _row_labels(data, spec, frame, units)
     columns: dict = {"x": {s.name: _covariate(frame, s).astype(np.float32) for s in spec.slopes}}
     if spec.offset is not None:
