@@ -42,8 +42,8 @@ class StudentTGuide(hbjax.AbstractGuide):
         return jax.tree.unflatten(treedef, draws)
 
     def log_prob(self, particles, weights=None):
-        if weights is not None:
-            raise NotImplementedError("this example guide does not minibatch")
+        if weights is not None:  # only an hbjax.AbstractMinibatchGuide is given weights
+            raise TypeError("this example guide does not minibatch")
 
         def leaf(z, loc, raw):
             scale = jax.nn.softplus(raw)

@@ -33,8 +33,8 @@ _EXPORTS = {
         ["ConvergenceWarning", "FitResult", "NonFiniteLossError", "default_optimizer", "fit"],
         "fit"),
     **dict.fromkeys(
-        ["AbstractGuide", "GaussianGuide", "LowRankNormal", "MeanFieldNormal",
-         "UnitBlockNormal", "make_guide"], "guide"),
+        ["AbstractGuide", "AbstractMinibatchGuide", "GaussianGuide", "LowRankNormal",
+         "MeanFieldNormal", "UnitBlockNormal", "make_guide"], "guide"),
     **dict.fromkeys(["elasticity_log_likelihood", "poisson_log_likelihood"], "likelihood"),
     **dict.fromkeys(["UnitBatch", "UnitSampler", "UnitStats"], "minibatch"),
     **dict.fromkeys(["ElasticityLatents", "ElasticityModel"], "model"),

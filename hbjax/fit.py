@@ -26,7 +26,7 @@ from . import checkpoint
 from ._types import PRNGKeyArray, PyTree
 from .convergence import Convergence, Status
 from .data import Panel
-from .guide import AbstractGuide
+from .guide import AbstractGuide, check_minibatch_guide
 from .loop import Checkpoints, FullBatch, Minibatches, Outcome, run
 from .minibatch import UnitSampler, seed_from_key
 from .objectives import default_objective
@@ -429,6 +429,7 @@ def _sampler(
             f"{type(model).__name__} is not an hbjax.AbstractUnitModel declaring its unit "
             "latents (unit_leaves): it cannot be minibatched; fit it without batch_size."
         )
+    check_minibatch_guide(guide)
     if isinstance(panel, UnitRows):
         if not isinstance(model, AbstractRowModel):
             raise TypeError(

@@ -73,20 +73,35 @@ class AbstractGuide(eqx.Module):
         particles = self.sample(num_particles, key=key)
         return particles, self.log_prob(particles, weights)
 
-    def restrict(self, units: Int[Array, " slot"], unit_leaves: PyTree[bool]) -> AbstractGuide:
-        """The guide of a batch's latents: per-unit leaves taken at ``units`` (minibatching).
+
+class AbstractMinibatchGuide(AbstractGuide):
+    """A guide that factorises over units, so a step can see a batch of units only.
+
+    Minibatch fits (``fit(..., batch_size=)``) take only guides of this kind, checked
+    before anything runs; a subclass that leaves out either method cannot be instantiated.
+    """
+
+    @abc.abstractmethod
+    def restrict(
+        self, units: Int[Array, " slot"], unit_leaves: PyTree[bool]
+    ) -> AbstractMinibatchGuide:
+        """The guide of a batch's latents: per-unit leaves taken at ``units``.
 
         Gradients flow back to the selected units' parameters only.
         """
-        raise NotImplementedError(
-            f"{type(self).__name__} does not support minibatching (restrict); fit it without "
-            "batch_size."
-        )
 
+    @abc.abstractmethod
     def unit_update_mask(self, in_batch: Bool[Array, " unit"], unit_leaves: PyTree[bool]) -> PyTree:
         """Booleans like the guide's parameters: which entries a batch step may update."""
-        raise NotImplementedError(
-            f"{type(self).__name__} does not support minibatching (unit_update_mask)."
+
+
+def check_minibatch_guide(guide: AbstractGuide) -> None:
+    """Raise a one-line ``TypeError`` unless ``guide`` can be minibatched."""
+    if not isinstance(guide, AbstractMinibatchGuide):
+        raise TypeError(
+            f"{type(guide).__name__} is not an hbjax.AbstractMinibatchGuide (a guide that "
+            "factorises over units): it cannot be minibatched; use UnitBlockNormal or "
+            "MeanFieldNormal, or fit without batch_size."
         )
 
 
@@ -187,7 +202,7 @@ def linear_moments(
     return mean, jax.tree.map(lambda v: np.asarray(np.sqrt(v)), variance)
 
 
-class MeanFieldNormal(GaussianGuide):
+class MeanFieldNormal(GaussianGuide, AbstractMinibatchGuide):
     """Independent normals over every latent: ``z ~ N(loc, softplus(raw_scale))``.
 
     Attributes:
@@ -354,7 +369,7 @@ def _pairs(k: int) -> list[tuple[int, int]]:
     return [(j, m) for j in range(k) for m in range(j)]
 
 
-class UnitBlockNormal(GaussianGuide):
+class UnitBlockNormal(GaussianGuide, AbstractMinibatchGuide):
     """Each unit's latents jointly normal (a full k x k covariance), independent across units.
 
     For a model whose :meth:`~hbjax.AbstractModel.unit_leaves` are ``k`` per-unit leaves
@@ -624,7 +639,7 @@ class LowRankNormal(GaussianGuide):
     ) -> tuple[PyTree[Float[Array, "..."]], ParticleFloat]:
         """Particles ``loc + d eps + W eta`` and their log density (total gradient)."""
         if weights is not None:
-            raise NotImplementedError(
+            raise TypeError(
                 "LowRankNormal couples all units and cannot be minibatched; use "
                 "UnitBlockNormal or MeanFieldNormal with batch_size."
             )
@@ -645,7 +660,7 @@ class LowRankNormal(GaussianGuide):
     ) -> ParticleFloat:
         """Log density of each particle."""
         if weights is not None:
-            raise NotImplementedError("LowRankNormal cannot be minibatched (no weights).")
+            raise TypeError("LowRankNormal cannot be minibatched (no weights).")
         return self._log_q(self._flat(particles) - self._flat(self.loc)[None])
 
     def covariance(self) -> Float[Array, "latent latent"]:

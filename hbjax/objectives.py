@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from ._types import ParticleFloat, PRNGKeyArray, PyTree, Scalar
-from .guide import AbstractGuide
+from .guide import AbstractGuide, check_minibatch_guide
 from .vi.model import AbstractModel, AbstractUnitBatch, AbstractUnitModel
 
 #: How particles go through the model (:func:`map_particles`).
@@ -136,6 +136,7 @@ def batch_log_weights(
         raise TypeError(
             f"{type(model).__name__} is not an hbjax.AbstractUnitModel: it cannot be minibatched."
         )
+    check_minibatch_guide(guide)
     unit_leaves = model.unit_leaves()
     weights = jax.tree.map(lambda is_unit: batch.weight if is_unit else 1.0, unit_leaves)
     local = guide.restrict(batch.unit, unit_leaves)

@@ -244,11 +244,12 @@ def summarize_dispersion(
 
 def _summarise_in_chunks(result: FitResult | SavedFit) -> bool:
     """Whether the fit's guide draws a subset of units on its own (``restrict``)."""
-    from .guide import AbstractGuide
+    from .guide import AbstractMinibatchGuide
     from .model import ElasticityModel
 
-    overrides = type(result.guide).restrict is not AbstractGuide.restrict
-    return overrides and isinstance(result.model, ElasticityModel)
+    return isinstance(result.guide, AbstractMinibatchGuide) and isinstance(
+        result.model, ElasticityModel
+    )
 
 
 def _unit_stats_in_chunks(

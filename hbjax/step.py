@@ -78,7 +78,7 @@ def lazy_units(
 
     ``update(updates, state, params, update_mask=mask)``: ``mask`` is a pytree of booleans
     like ``params`` (broadcastable leaves), e.g. a guide's
-    :meth:`~hbjax.AbstractGuide.unit_update_mask` for a minibatch. Masked-out entries get
+    :meth:`~hbjax.AbstractMinibatchGuide.unit_update_mask` for a minibatch. Masked-out entries get
     a zero update and keep their optimiser state (lazy Adam: no stale momentum moves a
     unit that was not drawn). Without ``update_mask`` it is ``optimizer`` unchanged.
     """

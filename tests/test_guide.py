@@ -184,5 +184,5 @@ def test_make_guide_by_name(small_model):
         assert isinstance(make_guide(kind, small_model), cls)
     with pytest.raises(ValueError, match="unknown guide"):
         make_guide("fullrank", small_model)
-    with pytest.raises(NotImplementedError, match="minibatch"):
+    with pytest.raises(TypeError, match="minibatch"):
         make_guide("lowrank", small_model).sample_and_log_prob(2, key=jax.random.key(0), weights={})

@@ -201,6 +201,30 @@ def test_placed_panels_and_models_without_unit_leaves_are_refused(mini):
             )
 
 
+def test_only_guides_that_factorise_over_units_are_minibatched(mini):
+    _, panel, _, model, _ = mini
+    low_rank = hbjax.make_guide("lowrank", model)
+    with pytest.raises(TypeError, match="LowRankNormal is not an hbjax.AbstractMinibatchGuide"):
+        hbjax.fit(
+            model, low_rank, panel, key=jax.random.key(0), steps=1, batch_size=8, progress=False
+        )
+    with pytest.raises(TypeError, match="cannot be minibatched"):  # the objective checks too
+        batch = UnitSampler(panel, 8, seed=0).batch(0)
+        log_weights(model, low_rank, batch, key=jax.random.key(0), num_particles=2)
+
+    class HalfDone(hbjax.AbstractMinibatchGuide):  # restrict and unit_update_mask left out
+        loc: jax.Array
+
+        def sample(self, num_particles, *, key):  # noqa: ANN001, ANN202
+            return self.loc + jax.random.normal(key, (num_particles, *self.loc.shape))
+
+        def log_prob(self, particles, weights=None):  # noqa: ANN001, ANN202
+            return -0.5 * jnp.sum((particles - self.loc) ** 2, axis=-1)
+
+    with pytest.raises(TypeError, match="abstract"):  # refused when built, not mid-fit
+        HalfDone(jnp.zeros(3))
+
+
 def test_memory_mapped_grid_gives_the_same_batches(mini, tmp_path):
     _, panel, _, _, _ = mini
     in_memory = UnitSampler(panel, 24, n_blocks=8, seed=4)
