@@ -41,7 +41,8 @@ _EXPORTS = {
     **dict.fromkeys(["AbstractModel", "AbstractUnitBatch", "AbstractUnitModel"], "vi.model"),
     **dict.fromkeys(
         ["AbstractRowModel", "RowBatch", "RowSampler", "UnitRows", "shard_rows"], "parallel.rows"),
-    **dict.fromkeys(["elbo", "log_weights", "renyi_bound", "renyi_elbo"], "objectives"),
+    **dict.fromkeys(
+        ["RenyiBound", "elbo", "log_weights", "renyi_bound", "renyi_elbo"], "objectives"),
     **dict.fromkeys(["FitConfig", "fit_elasticities"], "pipeline"),
     **dict.fromkeys(
         ["Summary", "predict", "sample_posterior", "summarize", "to_arviz"], "posterior"),

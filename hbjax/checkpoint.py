@@ -74,6 +74,8 @@ def describe(function: Any) -> str:
             [repr(a) for a in function.args] + [f"{k}={v!r}" for k, v in function.keywords.items()]
         )
         return f"partial({describe(function.func)}, {bound})"
+    if isinstance(function, eqx.Module):  # e.g. RenyiBound(alpha=0.0, num_particles=4, ...)
+        return f"{type(function).__module__}.{function!r}"
     module = getattr(function, "__module__", type(function).__module__)
     name = getattr(function, "__qualname__", type(function).__qualname__)
     return f"{module}.{name}"

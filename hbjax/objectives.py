@@ -16,9 +16,10 @@ With K particles :math:`z_k \sim q` and log importance weights
 
 Every objective returns a **loss to minimise**: the negative bound. An objective is any
 function ``(model, guide, panel, *, key) -> loss``; pass your own to :func:`hbjax.fit`.
+:class:`RenyiBound` is this bound as an Equinox module, its options checked when built.
 
-**Gradient estimators** (``gradient=``) change where ``stop_gradient`` goes, never the
-loss's value:
+**Gradient estimators** (``gradient=``: an :class:`AbstractGradient` module or its name)
+change where ``stop_gradient`` goes, never the loss's value:
 
 * ``"total"``: the plain reparameterised gradient of the bound;
 * ``"stl"`` (stick the landing, Roeder et al. 2017; the ELBO, ``alpha = 1`` or K = 1):
@@ -34,10 +35,14 @@ loss's value:
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
+from typing import ClassVar
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._types import ParticleFloat, PRNGKeyArray, PyTree, Scalar
 from .guide import AbstractGuide, check_minibatch_guide
@@ -45,6 +50,11 @@ from .vi.model import AbstractModel, AbstractUnitBatch, AbstractUnitModel
 
 #: How particles go through the model (:func:`map_particles`).
 PARTICLE_MAPS = ("auto", "sequential", "vectorized")
+
+
+def _check_particle_map(how: str) -> None:
+    if how not in PARTICLE_MAPS:
+        raise ValueError(f"particle_map must be one of {', '.join(PARTICLE_MAPS)}; got {how!r}.")
 
 
 def map_particles(
@@ -59,8 +69,7 @@ def map_particles(
     ``"auto"``: sequential on CPU, vectorized on GPU and TPU (the default backend's).
     Both give the same values and gradients (tested).
     """
-    if how not in PARTICLE_MAPS:
-        raise ValueError(f"particle_map must be one of {', '.join(PARTICLE_MAPS)}; got {how!r}.")
+    _check_particle_map(how)
     if how == "auto":
         how = "sequential" if jax.default_backend() == "cpu" else "vectorized"
     if how == "vectorized":
@@ -145,8 +154,138 @@ def batch_log_weights(
     return log_p - log_q
 
 
-#: Gradient estimators of :func:`renyi_elbo` (see the module docstring).
-GRADIENTS = ("total", "stl", "dreg")
+class AbstractGradient(eqx.Module):
+    """A gradient estimator of the Rényi bound: where ``stop_gradient`` goes, never the value.
+
+    Subclasses say whether ``log q`` is scored with the guide's parameters frozen
+    (``stop_score``), give the loss whose gradient is the estimator (:meth:`loss`), and
+    refuse the bounds they are biased for (:meth:`check`, run when a :class:`RenyiBound`
+    is built). A subclass sets ``stop_score: ClassVar[bool] = ...`` and defines ``loss``.
+    """
+
+    stop_score: eqx.AbstractClassVar[bool]
+
+    @abc.abstractmethod
+    def loss(self, log_w: ParticleFloat, alpha: float) -> Scalar:
+        """The negative bound from log weights, differentiated as this estimator."""
+
+    def check(self, alpha: float, num_particles: int) -> None:
+        """Raise ``ValueError`` if the estimator is biased for this bound (default: never)."""
+
+
+class TotalGradient(AbstractGradient):
+    """The plain reparameterised gradient of the bound (score term included)."""
+
+    stop_score: ClassVar[bool] = False
+
+    def loss(self, log_w: ParticleFloat, alpha: float) -> Scalar:
+        """``-renyi_bound(log_w, alpha)``."""
+        return -renyi_bound(log_w, alpha)
+
+
+class StickingTheLanding(AbstractGradient):
+    """Stick the landing (Roeder et al. 2017): the score term dropped; the ELBO only."""
+
+    stop_score: ClassVar[bool] = True
+
+    def loss(self, log_w: ParticleFloat, alpha: float) -> Scalar:
+        """``-renyi_bound(log_w, alpha)`` of stop-score log weights."""
+        return -renyi_bound(log_w, alpha)
+
+    def check(self, alpha: float, num_particles: int) -> None:
+        """Biased for an importance-weighted bound: the ELBO (alpha 1) or 1 particle only."""
+        if alpha != 1.0 and num_particles > 1:
+            raise ValueError(
+                f"the stick-the-landing gradient is biased for an importance-weighted bound "
+                f"(alpha = {alpha}, {num_particles} particles); use gradient='dreg' with "
+                "alpha = 0, or 'stl' with the ELBO (alpha = 1)."
+            )
+
+
+class DReG(AbstractGradient):
+    """Doubly reparameterised (Tucker et al. 2019): the importance-weighted bound only."""
+
+    stop_score: ClassVar[bool] = True
+
+    def loss(self, log_w: ParticleFloat, alpha: float) -> Scalar:
+        """``-dreg_surrogate(log_w)``."""
+        return -dreg_surrogate(log_w)
+
+    def check(self, alpha: float, num_particles: int) -> None:
+        """Derived for alpha 0 only."""
+        if alpha != 0.0:
+            raise ValueError(
+                f"the DReG gradient is derived for the importance-weighted bound (alpha = 0); "
+                f"got alpha = {alpha}. Use gradient='stl' for other alphas."
+            )
+
+
+#: Gradient estimators by name (``gradient=`` and ``--gradient``; see the module docstring).
+GRADIENTS: dict[str, type[AbstractGradient]] = {
+    "total": TotalGradient,
+    "stl": StickingTheLanding,
+    "dreg": DReG,
+}
+
+
+def as_gradient(gradient: str | AbstractGradient) -> AbstractGradient:
+    """A gradient estimator from itself or its name (:data:`GRADIENTS`)."""
+    if isinstance(gradient, AbstractGradient):
+        return gradient
+    if isinstance(gradient, str) and gradient in GRADIENTS:
+        return GRADIENTS[gradient]()
+    raise ValueError(
+        f"unknown gradient {gradient!r}; choose one of {', '.join(GRADIENTS)} or pass an "
+        "hbjax.objectives.AbstractGradient."
+    )
+
+
+class RenyiBound(eqx.Module):
+    """The negative Rényi-α bound as an objective, its options checked once when built.
+
+    ``RenyiBound(alpha, num_particles, gradient)(model, guide, panel, key=key)`` is the loss
+    :func:`hbjax.fit` minimises (pass the module as ``objective=``).
+
+    Attributes:
+        alpha: the Rényi order; 0 is importance weighted (the article's choice), 1 the ELBO.
+        num_particles: K, the number of particles.
+        gradient: an :class:`AbstractGradient` or its name, ``"total"``, ``"stl"`` or
+            ``"dreg"`` (``alpha = 0`` only); the loss's value is the same for all three.
+        particle_map: ``"auto"``, ``"sequential"`` or ``"vectorized"``
+            (:func:`map_particles`); the same loss and gradient, a different speed.
+
+    Example:
+        >>> import hbjax
+        >>> objective = hbjax.RenyiBound(alpha=0.0, num_particles=8, gradient="dreg")
+        >>> # hbjax.fit(model, guide, panel, key=key, steps=1000, objective=objective)
+    """
+
+    alpha: float = eqx.field(static=True, default=0.0, converter=float)
+    num_particles: int = eqx.field(static=True, default=4)
+    gradient: AbstractGradient = eqx.field(static=True, default="total", converter=as_gradient)
+    particle_map: str = eqx.field(static=True, default="auto")
+
+    def __check_init__(self) -> None:
+        n = self.num_particles
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+            raise ValueError(f"num_particles must be an integer >= 1; got {n!r}.")
+        _check_particle_map(self.particle_map)
+        self.gradient.check(self.alpha, n)
+
+    def __call__(
+        self, model: AbstractModel, guide: AbstractGuide, panel: PyTree, *, key: PRNGKeyArray
+    ) -> Scalar:
+        """The loss: minus the bound, differentiated as :attr:`gradient` says."""
+        log_w = log_weights(
+            model,
+            guide,
+            panel,
+            key=key,
+            num_particles=self.num_particles,
+            stop_score=self.gradient.stop_score,
+            particle_map=self.particle_map,
+        )
+        return self.gradient.loss(log_w, self.alpha)
 
 
 def renyi_bound(log_w: ParticleFloat, alpha: float) -> Scalar:
@@ -172,55 +311,24 @@ def renyi_elbo(
     key: PRNGKeyArray,
     alpha: float = 0.0,
     num_particles: int = 4,
-    gradient: str = "total",
+    gradient: str | AbstractGradient = "total",
     particle_map: str = "auto",
 ) -> Scalar:
     """Negative Rényi-α bound with ``num_particles`` particles (a loss to minimise).
 
-    Args:
-        model: the model (prior and likelihood).
-        guide: the variational family.
-        panel: the data.
-        key: PRNG key for the particles.
-        alpha: the Rényi order; 0 is importance weighted (the article's choice), 1 the ELBO.
-        num_particles: K, the number of particles.
-        gradient: the gradient estimator, ``"total"``, ``"stl"`` or ``"dreg"`` (``alpha = 0``
-            only); see the module docstring. The loss's value is the same for all three.
-        particle_map: ``"auto"``, ``"sequential"`` or ``"vectorized"``
-            (:func:`map_particles`); the same loss and gradient, a different speed.
+    The function form of :class:`RenyiBound` (the same arguments, see there).
 
     Example:
         >>> import functools, hbjax
         >>> objective = functools.partial(hbjax.renyi_elbo, alpha=0.5, num_particles=8)
         >>> # hbjax.fit(model, guide, panel, key=key, steps=1000, objective=objective)
     """
-    if num_particles < 1:
-        raise ValueError(f"num_particles must be >= 1; got {num_particles}.")
-    if gradient not in GRADIENTS:
-        raise ValueError(f"unknown gradient {gradient!r}; choose one of {', '.join(GRADIENTS)}.")
-    if gradient == "dreg" and alpha != 0.0:
-        raise ValueError(
-            f"the DReG gradient is derived for the importance-weighted bound (alpha = 0); got "
-            f"alpha = {alpha}. Use gradient='stl' for other alphas."
-        )
-    if gradient == "stl" and alpha != 1.0 and num_particles > 1:
-        raise ValueError(
-            f"the stick-the-landing gradient is biased for an importance-weighted bound "
-            f"(alpha = {alpha}, {num_particles} particles); use gradient='dreg' with alpha = 0, "
-            "or 'stl' with the ELBO (alpha = 1)."
-        )
-    log_w = log_weights(
-        model,
-        guide,
-        panel,
-        key=key,
-        num_particles=num_particles,
-        stop_score=gradient != "total",
-        particle_map=particle_map,
-    )
-    if gradient == "dreg":
-        return -dreg_surrogate(log_w)
-    return -renyi_bound(log_w, alpha)
+    bound = RenyiBound(alpha, num_particles, gradient, particle_map)
+    return bound(model, guide, panel, key=key)
+
+
+#: :func:`hbjax.fit`'s objective (see :func:`default_objective`).
+DEFAULT_BOUND = RenyiBound(alpha=0.0, num_particles=4, gradient=DReG())
 
 
 def default_objective(
@@ -233,7 +341,7 @@ def default_objective(
     Monte Carlo target in fewer steps (10k x 156 panel: 1,300 steps instead of 5,300, the
     same answer; benchmarks/README.md, "Converged fits").
     """
-    return renyi_elbo(model, guide, panel, key=key, gradient="dreg")
+    return DEFAULT_BOUND(model, guide, panel, key=key)
 
 
 def dreg_surrogate(log_w: ParticleFloat) -> Scalar:
@@ -256,7 +364,7 @@ def elbo(
     *,
     key: PRNGKeyArray,
     num_particles: int = 1,
-    gradient: str = "total",
+    gradient: str | AbstractGradient = "total",
 ) -> Scalar:
     """Negative ELBO, ``-mean_k log w_k`` (a loss to minimise); ``gradient``: total or stl."""
     return renyi_elbo(

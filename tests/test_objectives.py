@@ -1,4 +1,5 @@
 import functools
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -211,3 +212,53 @@ def test_gradient_estimator_does_not_change_the_value_and_is_validated():
         renyi_elbo(MODEL, guide, Y, key=key, gradient="reinforce")
     with pytest.raises(ValueError, match="particle_map must be one of auto, sequential"):
         renyi_elbo(MODEL, guide, Y, key=key, particle_map="parallel")
+
+
+def test_objectives_and_gradient_estimators_are_modules_checked_when_built():
+    guide = exact_posterior_guide()
+    guide = eqx.tree_at(lambda g: g.loc["mu"], guide, guide.loc["mu"] + 0.8)
+    key = jax.random.key(5)
+    for gradient in ("total", "dreg"):  # the module is the function's objective
+        bound = hbjax.RenyiBound(alpha=0.0, num_particles=4, gradient=gradient)
+        assert isinstance(bound.gradient, hbjax.objectives.GRADIENTS[gradient])
+        np.testing.assert_array_equal(
+            bound(MODEL, guide, Y, key=key),
+            renyi_elbo(MODEL, guide, Y, key=key, num_particles=4, gradient=gradient),
+        )
+    with pytest.raises(ValueError, match="alpha = 0"):  # at construction, before any data
+        hbjax.RenyiBound(alpha=0.5, gradient=hbjax.objectives.DReG())
+    with pytest.raises(ValueError, match="biased"):
+        hbjax.RenyiBound(num_particles=2, gradient="stl")
+    with pytest.raises(ValueError, match="num_particles must be an integer >= 1"):
+        hbjax.RenyiBound(num_particles=0)
+
+    class Halved(hbjax.objectives.AbstractGradient):  # a researcher's own estimator
+        stop_score: ClassVar[bool] = False
+
+        def loss(self, log_w, alpha):
+            return -0.5 * renyi_bound(log_w, alpha)
+
+    def value_and_grad(gradient):
+        bound = hbjax.RenyiBound(num_particles=4, gradient=gradient)
+        value, grad = eqx.filter_value_and_grad(lambda g: bound(MODEL, g, Y, key=key))(guide)
+        return float(value), np.concatenate([np.ravel(x) for x in jax.tree.leaves(grad)])
+
+    (total, total_grad), (half, half_grad) = value_and_grad("total"), value_and_grad(Halved())
+    np.testing.assert_allclose(half, 0.5 * total, rtol=1e-6)
+    np.testing.assert_allclose(half_grad, 0.5 * total_grad, rtol=1e-5)
+    assert np.abs(total_grad).max() > 0.1  # away from the posterior: a gradient to halve
+
+    class NoLoss(hbjax.objectives.AbstractGradient):
+        stop_score: ClassVar[bool] = True
+
+    class NoStopScore(hbjax.objectives.AbstractGradient):
+        def loss(self, log_w, alpha):
+            return -renyi_bound(log_w, alpha)
+
+    for incomplete in (NoLoss, NoStopScore):
+        with pytest.raises(TypeError):
+            incomplete()
+    described = [
+        hbjax.checkpoint.describe(hbjax.RenyiBound(alpha=a, gradient="total")) for a in (0, 0.5)
+    ]
+    assert described[0] != described[1]  # a resume with another alpha is refused
