@@ -45,7 +45,8 @@ from .families import LIKELIHOODS
 from .fit import ConvergenceWarning, FitResult, NonFiniteLossError
 from .guide import GUIDES
 from .guide_check import PredictiveCheck, nuts_check, predictive_check, unit_importance
-from .model import HIERARCHIES, INTERCEPT_PRIORS
+from .layers import HIERARCHIES
+from .model import INTERCEPT_PRIORS
 from .objectives import GRADIENTS
 from .outputs import AtomicFolder, OutputError, check_file_destination, write_file_atomically
 from .pipeline import DEFAULT_GUIDE, SEEDS, FitConfig, fit_elasticities

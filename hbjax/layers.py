@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import abc
 import math
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -129,8 +130,11 @@ class AbstractHierarchy(eqx.Module):
     """How a nested effect's latent maps to its value: a parameterisation, not a prior.
 
     Either way the prior is ``value ~ N(parent, scale)``; ``loc`` is the prior mean of
-    the hierarchy's top (where a centred latent's zero sits).
+    the hierarchy's top (where a centred latent's zero sits). ``name`` is what
+    ``hierarchy=`` strings, ``--hierarchy`` and saved fits call it.
     """
+
+    name: eqx.AbstractClassVar[str]
 
     @abc.abstractmethod
     def value(self, latent: Array, parent: ArrayLike, loc: float, scale: float) -> Array:
@@ -150,6 +154,8 @@ class NonCentred(AbstractHierarchy):
 
     The article's LocScaleReparam; best when the data say little about each value.
     """
+
+    name: ClassVar[str] = "noncentred"
 
     def value(self, latent: Array, parent: ArrayLike, loc: float, scale: float) -> Array:
         """``parent + scale * latent``."""
@@ -175,6 +181,8 @@ class Centred(AbstractHierarchy):
     posteriori, where non-centred ones are strongly correlated (Betancourt & Girolami 2015).
     """
 
+    name: ClassVar[str] = "centred"
+
     def value(self, latent: Array, parent: ArrayLike, loc: float, scale: float) -> Array:
         """``loc + scale * latent``."""
         del parent
@@ -184,3 +192,19 @@ class Centred(AbstractHierarchy):
         """``(value - loc) / scale``."""
         del parent
         return (jnp.asarray(value) - loc) / scale
+
+
+#: ``hierarchy=`` names of the parameterisations.
+HIERARCHIES: dict[str, type[AbstractHierarchy]] = {"centred": Centred, "noncentred": NonCentred}
+
+
+def as_hierarchy(hierarchy: str | AbstractHierarchy) -> AbstractHierarchy:
+    """A parameterisation from itself or its name (:data:`HIERARCHIES`)."""
+    if isinstance(hierarchy, AbstractHierarchy):
+        return hierarchy
+    if isinstance(hierarchy, str) and hierarchy in HIERARCHIES:
+        return HIERARCHIES[hierarchy]()
+    raise ValueError(
+        f"hierarchy must be one of {', '.join(HIERARCHIES)} or an hbjax.layers."
+        f"AbstractHierarchy; got {hierarchy!r}."
+    )

@@ -16,7 +16,7 @@ from jaxtyping import Array, ArrayLike, Float, Int, Scalar
 from ._types import LatentLeaf, UnitInt
 from .data import DensePanel, Panel
 from .families import AbstractCountLikelihood, Poisson, make_likelihood
-from .layers import Nested, Normal
+from .layers import AbstractHierarchy, Nested, Normal, as_hierarchy
 from .likelihood import dense_log_likelihood, panel_log_likelihood
 from .minibatch import (
     UnitBatch,
@@ -108,7 +108,8 @@ class ElasticityModel(AbstractUnitModel):
         intercept_prior_price: ``[unit]`` log price ``r_i`` at which the intercept's
             prior sits (``delta_i + beta_i r_i ~ N(0, effect_scale)``), or ``None`` (at 0,
             the article's).
-        hierarchy: ``"centred"`` or ``"noncentred"`` latents for the elasticities.
+        hierarchy: the elasticities' parameterisation, :class:`hbjax.layers.Centred` or
+            :class:`hbjax.layers.NonCentred` (an :class:`~hbjax.layers.AbstractHierarchy`).
         likelihood: the count likelihood (:class:`hbjax.Poisson` or
             :class:`hbjax.NegativeBinomial`).
     """
@@ -121,7 +122,7 @@ class ElasticityModel(AbstractUnitModel):
     clip_log_rate: tuple[float, float] | None = eqx.field(static=True)
     price_centre: Float[Array, " unit"] | None
     intercept_prior_price: Float[Array, " unit"] | None
-    hierarchy: str = eqx.field(static=True)
+    hierarchy: AbstractHierarchy = eqx.field(static=True)
     likelihood: AbstractCountLikelihood
 
     def __init__(
@@ -138,7 +139,7 @@ class ElasticityModel(AbstractUnitModel):
         group_period_scale: float = 3.0,
         price_centre: Float[ArrayLike, " _unit"] | None = None,
         intercept_prior_price: Float[ArrayLike, " _unit"] | None = None,
-        hierarchy: str = "noncentred",
+        hierarchy: str | AbstractHierarchy = "noncentred",
         likelihood: str | AbstractCountLikelihood = "poisson",
     ):
         """Build the model from the unit → group map and the sizes.
@@ -157,15 +158,12 @@ class ElasticityModel(AbstractUnitModel):
             intercept_prior_price: see the class attributes (:meth:`from_panel` computes
                 it); ``None`` here: the article's prior at log price 0.
             hierarchy: ``"noncentred"`` (default here, the article's) or ``"centred"``
-                (the default of :meth:`from_panel`); see the class docstring.
+                (the default of :meth:`from_panel`), or the module itself; see the class
+                docstring.
             likelihood: ``"poisson"`` (default), ``"negbin"``, or a likelihood module
                 (:mod:`hbjax.families`).
         """
-        if hierarchy not in HIERARCHIES:
-            raise ValueError(
-                f"hierarchy must be one of {', '.join(HIERARCHIES)}; got {hierarchy!r}."
-            )
-        self.hierarchy = hierarchy
+        self.hierarchy = as_hierarchy(hierarchy)
         self.likelihood = make_likelihood(likelihood)
         unit_group = jnp.asarray(unit_group, dtype=jnp.int32)
         self.global_elasticity = Normal(global_prior[0], global_prior[1], ())
@@ -192,7 +190,7 @@ class ElasticityModel(AbstractUnitModel):
         panel: Panel | DensePanel | UnitStats,
         *,
         centre_prices: bool = True,
-        hierarchy: str = "centred",
+        hierarchy: str | AbstractHierarchy = "centred",
         intercept_prior: str = "reference",
         **options: object,
     ) -> ElasticityModel:
@@ -270,14 +268,11 @@ class ElasticityModel(AbstractUnitModel):
         """
         index = self.unit_elasticity.index if unit_group is None else unit_group
         beta_g = self.global_elasticity(latents.global_elasticity)
+        top, how = self.global_elasticity.loc, self.hierarchy
         scale_c, scale_i = self.group_elasticity.scale, self.unit_elasticity.scale
-        if self.hierarchy == "centred":
-            reference = self.global_elasticity.loc
-            beta_c = reference + scale_c * latents.group_elasticity
-            return beta_g, beta_c, reference + scale_i * latents.unit_elasticity
-        beta_c = self.group_elasticity(latents.group_elasticity, beta_g)
-        beta_i = jnp.take(beta_c, index, axis=-1) + scale_i * latents.unit_elasticity
-        return beta_g, beta_c, beta_i
+        beta_c = how.value(latents.group_elasticity, jnp.expand_dims(beta_g, -1), top, scale_c)
+        parent = jnp.take(beta_c, index, axis=-1)
+        return beta_g, beta_c, how.value(latents.unit_elasticity, parent, top, scale_i)
 
     def _noncentred_z(
         self,
@@ -286,12 +281,17 @@ class ElasticityModel(AbstractUnitModel):
         unit_group: Int[Array, " slot"] | None = None,
     ) -> tuple[Float[ArrayLike, "*p group"], Float[ArrayLike, "*p unit"]]:
         """The standard-normal ``z`` of the group and unit elasticities (their priors)."""
-        if self.hierarchy != "centred":
-            return latents.group_elasticity, latents.unit_elasticity
-        beta_g, beta_c, beta_i = elasticities
+        beta_g, beta_c, _ = elasticities
         index = self.unit_elasticity.index if unit_group is None else unit_group
-        z_group = (beta_c - jnp.expand_dims(beta_g, -1)) / self.group_elasticity.scale
-        z_unit = (beta_i - jnp.take(beta_c, index, axis=-1)) / self.unit_elasticity.scale
+        top, how = self.global_elasticity.loc, self.hierarchy
+        z_group = how.standardised(
+            latents.group_elasticity,
+            jnp.expand_dims(beta_g, -1),
+            top,
+            self.group_elasticity.scale,
+        )
+        parent = jnp.take(beta_c, index, axis=-1)
+        z_unit = how.standardised(latents.unit_elasticity, parent, top, self.unit_elasticity.scale)
         return z_group, z_unit
 
     def _unit_elasticity(self, latents: ElasticityLatents) -> Float[ArrayLike, "*p unit"]:
@@ -480,13 +480,16 @@ class ElasticityModel(AbstractUnitModel):
         group = jax.ops.segment_sum(beta, unit_group, n_groups) / jnp.maximum(members, 1.0)
         group = jnp.where(members > 0, group, beta_0)
         zeros = super().init_latents(panel)
-        # the global latent starts at its prior mean beta_0: a group's parent is beta_0 in
-        # either hierarchy; a unit's is beta_0 (centred) or its group (non-centred)
-        unit_parent = beta_0 if self.hierarchy == "centred" else group[unit_group]
+        # the global latent starts at its prior mean beta_0, the groups' parent
+        how, scale_c, scale_i = (
+            self.hierarchy,
+            self.group_elasticity.scale,
+            self.unit_elasticity.scale,
+        )
         return ElasticityLatents(
             global_elasticity=zeros.global_elasticity,
-            group_elasticity=(group - beta_0) / self.group_elasticity.scale,
-            unit_elasticity=(beta - unit_parent) / self.unit_elasticity.scale,
+            group_elasticity=how.latent(group, beta_0, beta_0, scale_c),
+            unit_elasticity=how.latent(beta, group[unit_group], beta_0, scale_i),
             unit_effect=(delta - self.unit_effect.loc) / self.unit_effect.scale,
             group_period_effect=(jnp.repeat(level, n_periods) - self.group_period_effect.loc)
             / self.group_period_effect.scale,
@@ -494,8 +497,6 @@ class ElasticityModel(AbstractUnitModel):
         )
 
 
-#: Parameterisations of the elasticity hierarchy (see :class:`ElasticityModel`).
-HIERARCHIES = ("centred", "noncentred")
 #: Where the intercept's prior sits (see :meth:`ElasticityModel.from_panel`).
 INTERCEPT_PRIORS = ("reference", "zero")
 

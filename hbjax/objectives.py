@@ -215,8 +215,8 @@ class DReG(AbstractGradient):
         """Derived for alpha 0 only."""
         if alpha != 0.0:
             raise ValueError(
-                f"the DReG gradient is derived for the importance-weighted bound (alpha = 0); "
-                f"got alpha = {alpha}. Use gradient='stl' for other alphas."
+                f"the DReG gradient ('dreg') is derived for the importance-weighted bound "
+                f"(alpha = 0); got alpha = {alpha}. Use gradient 'stl' for other alphas."
             )
 
 

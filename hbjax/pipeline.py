@@ -24,8 +24,9 @@ from .data import Panel
 from .families import LIKELIHOODS, AbstractCountLikelihood
 from .fit import FitResult, default_optimizer, fit
 from .guide import GUIDES, AbstractGuide, inverse_softplus, make_guide
+from .layers import HIERARCHIES
 from .minibatch import UnitStats, seed_from_key
-from .model import HIERARCHIES, INTERCEPT_PRIORS, ElasticityModel
+from .model import INTERCEPT_PRIORS, ElasticityModel
 from .objectives import RenyiBound
 from .sharding import shard_panel
 from .stream import GridStore

@@ -61,7 +61,7 @@ def save_fit(result: FitResult, encoding: Encoding, directory: str | os.PathLike
     info = {
         "format": FORMAT,
         **kinds,
-        "hierarchy": model.hierarchy,
+        "hierarchy": model.hierarchy.name,
         "price_centring": model.price_centre is not None,
         "intercept_prior": "zero" if model.intercept_prior_price is None else "reference",
         "likelihood": model.likelihood.name,

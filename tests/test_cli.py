@@ -181,7 +181,7 @@ def test_fit_guides_and_gradients(simulated_csv, tmp_path, capsys, argv, expecte
     ("argv", "words"),
     [
         (["--guide", "lowrank", "--batch-size", "8"], ["lowrank", "minibatch"]),
-        (["--gradient", "dreg", "--alpha", "0.5"], ["dreg", "alpha 0"]),
+        (["--gradient", "dreg", "--alpha", "0.5"], ["'dreg'", "alpha = 0"]),
         (["--gradient", "stl"], ["stl", "biased"]),
         (["--diagnostic-draws", "5"], ["--diagnostic-draws", "50"]),
         (["--guide", "fullrank"], ["--guide", "invalid choice"]),

@@ -43,7 +43,7 @@ def test_model_latent_shapes_and_natural(small_panel):
         panel, centre_prices=False, hierarchy="noncentred"
     )
     centred = hbjax.ElasticityModel.from_panel(panel, centre_prices=False)
-    assert centred.hierarchy == "centred"  # the default
+    assert isinstance(centred.hierarchy, hbjax.layers.Centred)  # the default
     shapes = noncentred.latent_shapes()
     assert shapes.unit_elasticity.shape == (panel.n_units,)
     assert shapes.group_period_effect.shape == (panel.n_groups * panel.n_periods,)
@@ -57,7 +57,13 @@ def test_model_latent_shapes_and_natural(small_panel):
     values = centred.natural(z)  # beta_c = -2 + 1 v_c, beta_i = -2 + 2 u_i
     np.testing.assert_allclose(values.group_elasticity, -1.5)
     np.testing.assert_allclose(values.unit_elasticity, -1.0)
-    with pytest.raises(ValueError, match="hierarchy"):
+    as_module = hbjax.ElasticityModel.from_panel(  # the module or its name: one model
+        panel, centre_prices=False, hierarchy=hbjax.layers.NonCentred()
+    )
+    assert as_module.hierarchy == noncentred.hierarchy
+    for a, b in zip(jax.tree.leaves(as_module.natural(z)), jax.tree.leaves(noncentred.natural(z))):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="hierarchy must be one of centred, noncentred"):
         hbjax.ElasticityModel.from_panel(panel, hierarchy="partial")
 
 

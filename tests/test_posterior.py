@@ -28,7 +28,7 @@ def test_summaries_match_the_closed_form_of_a_mean_field_guide(recovery_fit, max
     # Under a mean-field normal guide and the (default) centred hierarchy, beta_i = -2 + 2 u_i
     # is normal with mean -2 + 2 loc_i and sd 2 s_i.
     _, panel, encoding, result = recovery_fit
-    assert result.model.hierarchy == "centred"
+    assert result.model.hierarchy.name == "centred"
     n = 4000
     summary = hbjax.summarize(
         result, encoding, num_samples=n, key=jax.random.key(9), max_unit_draws=max_unit_draws

@@ -28,15 +28,12 @@ from jax.sharding import Mesh
 from ..data import DataValidationError, _factorize, _numeric, _rows, _show, check_counts
 from ..families import AbstractCountLikelihood, make_likelihood
 from ..guide import GaussianGuide, linear_moments
-from ..layers import AbstractHierarchy, Centred, NonCentred, Normal
+from ..layers import HIERARCHIES, AbstractHierarchy, Normal, as_hierarchy
 from ..parallel.rows import UnitRows
 from ..posterior import _describe, _gaussian
 from .grid import CountGrid, GridError, place_grid
 from .regression import CountLatents, CountRegression, UnitTable
 from .slopes import GLOBAL, UNIT, HierarchicalSlope
-
-#: ``hierarchy=`` names of the parameterisations (:mod:`hbjax.layers`).
-HIERARCHIES: dict[str, type[AbstractHierarchy]] = {"centred": Centred, "noncentred": NonCentred}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,7 +340,7 @@ def from_frame(
     likelihood: str | AbstractCountLikelihood = "poisson",
     dispersion_by: str | None = None,
     zero_inflation: bool | tuple[float, float] = False,
-    hierarchy: str = "centred",
+    hierarchy: str | AbstractHierarchy = "centred",
     intercept: tuple[float, float] = (0.0, 3.0),
     intercept_prior: str = "reference",
 ) -> CountData:
@@ -364,7 +361,8 @@ def from_frame(
         dispersion_by: a group level with its own dispersion (negative binomial).
         zero_inflation: ``True`` (prior ``N(-2, 2)`` on the logit of the structural-zero
             share), ``(mean, sd)`` of that prior, or ``False``.
-        hierarchy: ``"centred"`` (default: much data per value) or ``"noncentred"``.
+        hierarchy: ``"centred"`` (default: much data per value) or ``"noncentred"``, or
+            the :mod:`hbjax.layers` module itself.
         intercept: ``(mean, sd)`` of the intercepts' prior.
         intercept_prior: ``"reference"``: the prior sits on each unit's log rate at its
             mean covariates (weighted by ``counts + 1/2``), free of the covariates' units;
@@ -375,7 +373,8 @@ def from_frame(
     """
     groups, slopes, effects = tuple(groups), tuple(slopes), tuple(effects)
     _check_arguments(frame, unit, counts, groups, slopes, effects, offset, period, dispersion_by)
-    if hierarchy not in HIERARCHIES:
+    hierarchy = as_hierarchy(hierarchy).name
+    if hierarchy not in HIERARCHIES:  # the spec records a name it can rebuild from
         raise ValueError(f"hierarchy must be one of {', '.join(HIERARCHIES)}; got {hierarchy!r}.")
     if intercept_prior not in ("reference", "zero"):
         raise ValueError(f"intercept_prior must be 'reference' or 'zero'; got {intercept_prior!r}.")
@@ -591,7 +590,7 @@ def build_model(
     Parent maps come from ``table.levels`` (each unit's code at every level). With zero
     arrays this is the template a saved fit's arrays are read into.
     """
-    mode = HIERARCHIES[spec.hierarchy]()
+    mode = as_hierarchy(spec.hierarchy)
     unit_level = {g: np.asarray(codes) for g, codes in table.levels.items()}
     layers = {s.name: _slope_layer(s, level_sizes, unit_level, mode) for s in spec.slopes}
     return CountRegression(
