@@ -137,14 +137,16 @@ class AbstractHierarchy(eqx.Module):
     name: eqx.AbstractClassVar[str]
 
     @abc.abstractmethod
-    def value(self, latent: Array, parent: ArrayLike, loc: float, scale: float) -> Array:
+    def value(self, latent: ArrayLike, parent: ArrayLike, loc: float, scale: float) -> ArrayLike:
         """The natural-scale value of ``latent``."""
 
     @abc.abstractmethod
-    def latent(self, value: ArrayLike, parent: ArrayLike, loc: float, scale: float) -> Array:
+    def latent(self, value: ArrayLike, parent: ArrayLike, loc: float, scale: float) -> ArrayLike:
         """The latent of a natural-scale value (a starting point, say)."""
 
-    def standardised(self, latent: Array, parent: ArrayLike, loc: float, scale: float) -> Array:
+    def standardised(
+        self, latent: ArrayLike, parent: ArrayLike, loc: float, scale: float
+    ) -> ArrayLike:
         """``(value - parent) / scale``: standard normal a priori (unit Jacobian)."""
         return (self.value(latent, parent, loc, scale) - parent) / scale
 
@@ -157,17 +159,19 @@ class NonCentred(AbstractHierarchy):
 
     name: ClassVar[str] = "noncentred"
 
-    def value(self, latent: Array, parent: ArrayLike, loc: float, scale: float) -> Array:
+    def value(self, latent: ArrayLike, parent: ArrayLike, loc: float, scale: float) -> ArrayLike:
         """``parent + scale * latent``."""
         del loc
         return parent + scale * latent
 
-    def latent(self, value: ArrayLike, parent: ArrayLike, loc: float, scale: float) -> Array:
+    def latent(self, value: ArrayLike, parent: ArrayLike, loc: float, scale: float) -> ArrayLike:
         """``(value - parent) / scale``."""
         del loc
         return (jnp.asarray(value) - parent) / scale
 
-    def standardised(self, latent: Array, parent: ArrayLike, loc: float, scale: float) -> Array:
+    def standardised(
+        self, latent: ArrayLike, parent: ArrayLike, loc: float, scale: float
+    ) -> ArrayLike:
         """The latent itself."""
         del parent, loc, scale
         return latent
@@ -183,12 +187,12 @@ class Centred(AbstractHierarchy):
 
     name: ClassVar[str] = "centred"
 
-    def value(self, latent: Array, parent: ArrayLike, loc: float, scale: float) -> Array:
+    def value(self, latent: ArrayLike, parent: ArrayLike, loc: float, scale: float) -> ArrayLike:
         """``loc + scale * latent``."""
         del parent
         return loc + scale * latent
 
-    def latent(self, value: ArrayLike, parent: ArrayLike, loc: float, scale: float) -> Array:
+    def latent(self, value: ArrayLike, parent: ArrayLike, loc: float, scale: float) -> ArrayLike:
         """``(value - loc) / scale``."""
         del parent
         return (jnp.asarray(value) - loc) / scale

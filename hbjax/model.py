@@ -25,6 +25,7 @@ from .minibatch import (
     slot_log_likelihood,
     slot_log_rate,
 )
+from .parallel.layouts import AbstractLayout, Auto, Rows
 from .vi.model import AbstractUnitModel
 
 _LOG_2PI = math.log(2 * math.pi)  # two standard normals per slot: 2 x log(2 pi) / 2
@@ -412,10 +413,10 @@ class ElasticityModel(AbstractUnitModel):
             beta, delta, gamma, centre, batch.group, batch.log_price, self.clip_log_rate
         )
 
-    def panel_layout(self) -> str:
+    def panel_layout(self) -> AbstractLayout:
         """Rows when the log-rate is clipped or the counts are not Poisson (no dense stats)."""
         poisson = isinstance(self.likelihood, Poisson)
-        return "rows" if self.clip_log_rate is not None or not poisson else "auto"
+        return Rows() if self.clip_log_rate is not None or not poisson else Auto()
 
     def log_likelihood(self, latents: ElasticityLatents, panel: Panel | DensePanel) -> Scalar:
         """Log-likelihood of the panel's rows (Poisson or the model's ``likelihood``).

@@ -51,6 +51,8 @@ from .parallel.blocks import plan_blocks as plan_blocks
 from .parallel.blocks import replicate as replicate
 from .parallel.blocks import slot_plan as slot_plan
 from .parallel.blocks import to_host as to_host
+from .parallel.layouts import DENSE_MIN_FILL as DENSE_MIN_FILL
+from .parallel.layouts import AbstractLayout, Auto, Dense, Rows, as_layout
 
 _OBS_FIELDS = ("unit_idx", "cell_idx", "log_price", "counts", "weight")
 
@@ -63,16 +65,12 @@ def _block_count(panel: Panel, mesh: Mesh, n_blocks: int | None) -> int:
     return checked_block_count(count, mesh)
 
 
-#: A panel at least this full (observed / (units x periods)) gets the dense layout.
-DENSE_MIN_FILL = 0.5
-
-
 def shard_panel(
     panel: Panel,
     mesh: Mesh,
     *,
     n_blocks: int | None = None,
-    layout: str = "auto",
+    layout: str | AbstractLayout = "auto",
     cell_chunk: int | None = None,
 ) -> Panel | DensePanel:
     """Pad and place a panel on a mesh: equal blocks of whole units, split on ``"data"``.
@@ -82,12 +80,15 @@ def shard_panel(
     ``d * n_blocks / n_devices ...``. Arrays over rows or unit slots are placed with
     ``NamedSharding(mesh, P("data"))``; per-unit and per-cell arrays are replicated.
 
-    Layouts:
-        ``"rows"``: the panel's rows, each block padded to the longest with zero-weight
-        rows that point at one of the block's own units (a :class:`~hbjax.Panel`).
-        ``"dense"``: a [unit slot, period] grid with a mask and sufficient statistics (a
-        :class:`~hbjax.DensePanel`): fastest for mostly complete panels.
-        ``"auto"`` (default): dense when at least half the unit x period cells are observed.
+    Layouts (:mod:`hbjax.parallel.layouts`, the modules or their names):
+        :class:`~hbjax.parallel.layouts.Rows`: the panel's rows, each block padded to the
+        longest with zero-weight rows that point at one of the block's own units (a
+        :class:`~hbjax.Panel`).
+        :class:`~hbjax.parallel.layouts.Dense`: a [unit slot, period] grid with a mask and
+        sufficient statistics (a :class:`~hbjax.DensePanel`): fastest for mostly complete
+        panels.
+        :class:`~hbjax.parallel.layouts.Auto` (default): dense when at least half the
+        unit x period cells are observed.
 
     With several processes, ``panel`` holds this process's units' rows
     (:func:`read_process_panel`) and every process calls this together.
@@ -96,31 +97,30 @@ def shard_panel(
         panel: a host panel.
         mesh: a one-axis ``"data"`` mesh (:func:`make_mesh`).
         n_blocks: number of blocks; default :func:`default_block_count` (or the panel's).
-        layout: ``"auto"``, ``"dense"`` or ``"rows"``.
-        cell_chunk: dense layout: slots summed together before the per-cell scatter
-            (:func:`slot_plan`); default :func:`default_cell_chunk` for the mesh's
-            backend (1 on CPU: none).
+        layout: a layout module, or ``"auto"``, ``"dense"`` or ``"rows"``.
+        cell_chunk: with a named dense or auto layout: slots summed together before the
+            per-cell scatter (:func:`slot_plan`); default :func:`default_cell_chunk` for
+            the mesh's backend (1 on CPU: none). (``Dense(cell_chunk=...)`` says the same.)
 
     Returns:
         A panel of global device arrays that remembers its mesh and blocks.
     """
     if not isinstance(panel, Panel) or panel.mesh is not None:
         raise ShardingError("shard_panel takes a host Panel (from hbjax.from_frame), once.")
-    if layout not in ("auto", "dense", "rows"):
-        raise ShardingError(f"layout must be 'auto', 'dense' or 'rows'; got {layout!r}.")
+    layout = as_layout(layout, cell_chunk)
     n_blocks = _block_count(panel, mesh, n_blocks)
     unit_rows = np.asarray(panel.unit_rows)
     units = plan_blocks(unit_rows, n_blocks)
-    if layout == "auto":
-        fill = unit_rows.sum() / max(panel.n_units * panel.n_periods, 1)
-        layout = "dense" if fill >= DENSE_MIN_FILL else "rows"
-    if layout == "rows":
+    if isinstance(layout, Auto):
+        layout = layout.choose(unit_rows.sum() / max(panel.n_units * panel.n_periods, 1))
+    if isinstance(layout, Rows):
         return _row_panel(panel, mesh, units)
+    if not isinstance(layout, Dense):
+        raise ShardingError(f"shard_panel cannot place an elasticity panel as {layout!r}.")
+    cell_chunk = layout.cell_chunk
     if cell_chunk is None:
         platform = mesh.devices.flat[0].platform
         cell_chunk = default_cell_chunk(np.asarray(panel.unit_group), units, platform)
-    elif isinstance(cell_chunk, bool) or not isinstance(cell_chunk, int) or cell_chunk < 1:
-        raise ShardingError(f"cell_chunk must be a positive int; got {cell_chunk!r}.")
     return _dense_panel(panel, mesh, units, cell_chunk)
 
 

@@ -335,6 +335,8 @@ def test_the_grid_layout_equals_the_rows(options):
 
 @pytest.mark.usefixtures("standard_promotion")
 def test_rows_that_do_not_fit_the_grid_are_named_and_fitted_as_rows():
+    from hbjax.parallel.layouts import Dense
+
     frame, _ = _three_levels(np.random.default_rng(4), n_units=24, n_weeks=6)
     terms = {"unit": "sku", "counts": "qty", "slopes": [Slope("price", log=True)]}
     with pytest.raises(hbjax.counts.GridError, match="period=column"):
@@ -345,8 +347,11 @@ def test_rows_that_do_not_fit_the_grid_are_named_and_fitted_as_rows():
     ):
         twice.grid(hbjax.make_mesh())
     config = hbjax.FitConfig(steps=20, progress=False)
-    with pytest.raises(hbjax.counts.GridError, match="more than one row"):
-        hbjax.counts.fit_counts(twice, config, layout="grid")
+    for grid in ("grid", Dense()):  # asked for by name or module: refused with the reason
+        with pytest.raises(hbjax.counts.GridError, match="more than one row"):
+            hbjax.counts.fit_counts(twice, config, layout=grid)
+    with pytest.raises(ValueError, match="no cell_chunk"):
+        hbjax.counts.fit_counts(twice, config, layout=Dense(cell_chunk=4))
     assert hbjax.counts.fit_counts(twice, config).steps == 20  # auto: the rows
     with pytest.raises(ValueError, match="full-batch"):
         hbjax.counts.fit_counts(twice, hbjax.FitConfig(steps=20, batch_size=8), layout="grid")

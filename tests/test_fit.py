@@ -176,7 +176,7 @@ def test_layout_does_not_change_the_fit(small_panel, small_model):
 def test_a_clipped_model_gets_the_row_layout(small_panel):
     panel, _ = small_panel
     clipped = hbjax.ElasticityModel.from_panel(panel, clip_log_rate=(-4.0, 20.0))
-    assert clipped.panel_layout() == "rows"
+    assert clipped.panel_layout().name == "rows"
     result = fit(
         clipped, start(clipped, panel), panel, key=jax.random.key(0), steps=20, progress=False
     )

@@ -22,6 +22,31 @@ def odd_panel():
     return panel, encoding
 
 
+def test_layouts_are_modules_checked_when_built():
+    from hbjax.parallel.layouts import Auto, Dense, Rows
+
+    panel, _ = odd_panel()
+    mesh = hbjax.make_mesh(2)
+    by_name = hbjax.shard_panel(panel, mesh, layout="dense", cell_chunk=2)
+    by_module = hbjax.shard_panel(panel, mesh, layout=Dense(cell_chunk=2))
+    assert isinstance(by_module, hbjax.DensePanel) and by_module.cell_chunk == 2
+    for a, b in zip(jax.tree.leaves(by_name), jax.tree.leaves(by_module), strict=True):
+        np.testing.assert_array_equal(a, b)
+    sparse = panel.n_rows / (panel.n_units * panel.n_periods)
+    assert Auto(min_fill=sparse).choose(sparse) == Dense()
+    assert Auto(min_fill=min(1.0, sparse + 0.01)).choose(sparse) == Rows()
+    assert isinstance(hbjax.shard_panel(panel, mesh, layout=Rows()), hbjax.Panel)
+    for build, words in (
+        (lambda: Dense(cell_chunk=0), "cell_chunk must be a positive int"),  # when built
+        (lambda: Auto(min_fill=1.5), "min_fill must be from 0 to 1"),
+        (lambda: hbjax.shard_panel(panel, mesh, layout=Dense(), cell_chunk=2), "into the layout"),
+        (lambda: hbjax.shard_panel(panel, mesh, layout="grid"), "layout must be one of auto"),
+        (lambda: hbjax.shard_panel(panel, mesh, layout="rows", cell_chunk=2), "dense layout"),
+    ):
+        with pytest.raises(sharding.ShardingError, match=words):
+            build()
+
+
 def test_blocks_hold_whole_units_and_are_balanced():
     rng = np.random.default_rng(0)
     unit_rows = rng.integers(1, 30, 50)

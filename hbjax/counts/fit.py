@@ -12,9 +12,10 @@ from ..convergence import Convergence
 from ..fit import FitResult, default_optimizer, fit
 from ..guide import make_guide
 from ..parallel.blocks import make_mesh
+from ..parallel.layouts import AbstractLayout, Auto, Dense, Rows, as_layout
 from ..pipeline import FitConfig, fit_identity, start_dispersion_scale
 from .frame import CountData
-from .grid import GRID_MIN_FILL, GridError
+from .grid import GridError
 
 
 def fit_counts(
@@ -22,7 +23,7 @@ def fit_counts(
     config: FitConfig = FitConfig(),
     *,
     mesh: Mesh | None = None,
-    layout: str = "auto",
+    layout: str | AbstractLayout = "auto",
 ) -> FitResult:
     """Fit ``data.model`` to ``data.rows`` as ``config`` says.
 
@@ -30,11 +31,13 @@ def fit_counts(
     stopped when converged (at most ``config.max_steps``), checkpointed and resumed as
     ``config`` says (a resume must use the same table and settings).
 
-    ``layout``: ``"grid"`` (the dense kernel, :meth:`CountData.grid`: full batch, needs
-    ``from_frame(..., period=)``), ``"rows"``, or ``"auto"`` (default): the grid for a
-    full-batch fit with one row per unit and period that fills at least
-    :data:`~hbjax.counts.grid.GRID_MIN_FILL` of the unit x period cells, else the rows.
-    A resume should keep the layout: the sums' order, and so the last bits, differ.
+    ``layout`` (:mod:`hbjax.parallel.layouts`, a module or its name): ``Dense()`` or
+    ``"grid"`` (the dense kernel on :meth:`CountData.grid`: full batch, needs
+    ``from_frame(..., period=)``; no ``cell_chunk`` yet), ``Rows()`` or ``"rows"``, or
+    ``Auto()``/``"auto"`` (default): the grid for a full-batch fit with one row per unit
+    and period that fills at least ``Auto().min_fill`` of the unit x period cells, else
+    the rows. A resume should keep the layout: the sums' order, and so the last bits,
+    differ.
 
     The guide starts at :meth:`CountRegression.init_latents` and, for a negative binomial,
     with the dispersion's sd at its expected posterior sd. ``config``'s price-specific
@@ -88,20 +91,23 @@ def fit_counts(
     )
 
 
-def _placed(data: CountData, mesh: Mesh, layout: str, batch_size: int | None) -> object:
+def _placed(
+    data: CountData, mesh: Mesh, layout: str | AbstractLayout, batch_size: int | None
+) -> object:
     """The data ``fit`` gets: a placed grid, or the host rows (placed or sampled by ``fit``)."""
-    if layout not in ("auto", "grid", "rows"):
-        raise ValueError(f"layout must be 'auto', 'grid' or 'rows'; got {layout!r}.")
-    if layout == "grid" and batch_size is not None:
+    layout = as_layout("dense" if layout == "grid" else layout)
+    if isinstance(layout, Dense | Auto) and layout.cell_chunk is not None:
+        raise ValueError("the count grid takes no cell_chunk (yet); leave it out.")
+    if isinstance(layout, Dense) and batch_size is not None:
         raise ValueError("the grid layout is for full-batch fits; minibatches draw rows.")
-    if layout == "rows" or batch_size is not None:
+    if isinstance(layout, Rows) or batch_size is not None:
         return data.rows
-    if layout == "auto" and data.grid_fill < GRID_MIN_FILL:
+    if isinstance(layout, Auto) and isinstance(layout.choose(data.grid_fill), Rows):
         return data.rows
     try:
         return data.grid(mesh)
     except GridError:
-        if layout == "grid":
+        if isinstance(layout, Dense):  # asked for by name: say why not
             raise
         return data.rows
 

@@ -48,9 +48,6 @@ from ..parallel.rows import UnitRows, _place
 if TYPE_CHECKING:
     from .regression import CountLatents, CountRegression
 
-#: A grid at least this full (rows / (units x periods)) is worth it (as for panels).
-GRID_MIN_FILL = 0.5
-
 
 class GridError(ValueError):
     """These rows do not fit the grid; the message says why (the rows layout still works)."""
@@ -413,7 +410,6 @@ def _grid_bwd(
 
 
 __all__ = [
-    "GRID_MIN_FILL",
     "CountGrid",
     "GridError",
     "effect_keys",

@@ -50,7 +50,10 @@ class AbstractModel(eqx.Module):
         return latents
 
     def panel_layout(self) -> str:
-        """The layout :func:`hbjax.shard_panel` should give this model's panels."""
+        """The layout :func:`hbjax.shard_panel` should give this model's panels.
+
+        A layout module (:mod:`hbjax.parallel.layouts`) or its name; default ``"auto"``.
+        """
         return "auto"
 
     def init_latents(self, panel: PyTree) -> PyTree[Float[Array, "..."]]:
