@@ -692,11 +692,15 @@ class LowRankNormal(GaussianGuide):
 
 
 #: Guide names for :func:`make_guide` and ``hbjax fit --guide``.
-GUIDES = ("meanfield", "unitblock", "lowrank")
+GUIDES: dict[str, type[GaussianGuide]] = {
+    "meanfield": MeanFieldNormal,
+    "unitblock": UnitBlockNormal,
+    "lowrank": LowRankNormal,
+}
 
 
 def make_guide(
-    kind: str,
+    kind: str | type[GaussianGuide],
     model: eqx.Module,
     *,
     loc: PyTree | None = None,
@@ -704,22 +708,24 @@ def make_guide(
     rank: int = 8,
     scale: float = 0.1,
 ) -> AbstractGuide:
-    """A guide for ``model`` by name: ``"meanfield"``, ``"unitblock"`` or ``"lowrank"``.
+    """A guide for ``model``: ``MeanFieldNormal``, ``UnitBlockNormal`` or ``LowRankNormal``.
 
     Args:
-        kind: one of :data:`GUIDES`.
+        kind: the class, or its name in :data:`GUIDES` (``"meanfield"``, ``"unitblock"``,
+            ``"lowrank"``).
         model: the model (an :class:`hbjax.AbstractModel`).
         loc: starting means (e.g. ``model.init_latents(panel)``).
         key: PRNG key (``"lowrank"`` only: the factor's random start); default key 0.
         rank: the factor's rank (``"lowrank"``).
         scale: starting standard deviation.
     """
+    cls = GUIDES.get(kind) if isinstance(kind, str) else kind
     shapes = model.latent_shapes()
-    if kind == "meanfield":
+    if cls is MeanFieldNormal:
         return MeanFieldNormal.from_shapes(shapes, loc=loc, scale=scale)
-    if kind == "unitblock":
+    if cls is UnitBlockNormal:
         return UnitBlockNormal.from_shapes(shapes, model.unit_leaves(), loc=loc, scale=scale)
-    if kind == "lowrank":
+    if cls is LowRankNormal:
         key = jax.random.key(0) if key is None else key
         return LowRankNormal.from_shapes(shapes, rank=rank, key=key, loc=loc, scale=scale)
     raise ValueError(f"unknown guide {kind!r}; choose one of {', '.join(GUIDES)}.")

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from . import __version__
 from .data import DataValidationError, Encoding, load_encoding, save_encoding
 from .fit import FitResult
-from .guide import AbstractGuide, LowRankNormal, MeanFieldNormal, UnitBlockNormal, make_guide
+from .guide import GUIDES, AbstractGuide, LowRankNormal, make_guide
 from .model import ElasticityModel
 
 FORMAT = "hbjax-fit-1"
@@ -27,7 +27,7 @@ FORMAT = "hbjax-fit-1"
 COUNTS_FORMAT = "hbjax-counts-fit-1"
 _DAMAGED = "%r holds a damaged saved fit (%s); fit again."
 T = TypeVar("T")
-_KINDS = {MeanFieldNormal: "meanfield", UnitBlockNormal: "unitblock", LowRankNormal: "lowrank"}
+_KINDS = {cls: name for name, cls in GUIDES.items()}
 
 
 @dataclasses.dataclass(frozen=True)

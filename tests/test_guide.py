@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+import hbjax
 from hbjax import LowRankNormal, MeanFieldNormal, UnitBlockNormal
 from hbjax.guide import make_guide
 
@@ -182,7 +183,9 @@ def test_make_guide_by_name(small_model):
         ("lowrank", LowRankNormal),
     ):
         assert isinstance(make_guide(kind, small_model), cls)
-    with pytest.raises(ValueError, match="unknown guide"):
-        make_guide("fullrank", small_model)
+        assert isinstance(make_guide(cls, small_model), cls)  # the class or its name
+    for unknown in ("fullrank", hbjax.GaussianGuide):
+        with pytest.raises(ValueError, match="unknown guide"):
+            make_guide(unknown, small_model)
     with pytest.raises(TypeError, match="minibatch"):
         make_guide("lowrank", small_model).sample_and_log_prob(2, key=jax.random.key(0), weights={})
