@@ -333,7 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit_cmd.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     fit_cmd.add_argument(
-        "--plots", action="store_true", help="also write OUT/plots/: loss, shrinkage, categories"
+        "--plots",
+        action="store_true",
+        help="also write OUT/plots/: loss, shrinkage, categories (with --group a,b: a forest "
+        "per level), the predictive check",
     )
     fit_cmd.add_argument(
         "--devices", type=_devices, default="all", help="devices to split rows over: N or 'all'"

@@ -22,6 +22,7 @@ import pandas as pd
 
 from . import __version__
 from .counts import (
+    CountData,
     elasticity_terms,
     fit_counts,
     from_frame,
@@ -31,13 +32,14 @@ from .counts import (
     save_fit,
 )
 from .data import _period_values, duplicate_pair_error, read_table
+from .fit import FitResult
 from .guide_check import PredictiveCheck
 from .outputs import AtomicFolder, write_file_atomically
 from .pipeline import FitConfig
+from .posterior import Summary
 
 #: What the vocabulary's fit does not do yet: flag -> whether it was given.
 _NOT_YET = {
-    "--plots": lambda a: a.plots,
     "--clip": lambda a: a.clip,
     "--no-centring": lambda a: a.no_centring,
 }
@@ -139,6 +141,8 @@ def fit_vocabulary(
         )
         (staging / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
         save_fit(data, result, staging)
+        if args.plots:
+            _write_plots(args, result, data, tables, (check, level), staging / "plots")
         folder.commit()
     return report, check
 
@@ -163,6 +167,43 @@ def predict_vocabulary(args: argparse.Namespace, out: Path) -> str:
     return (
         f"predicted expected {spec.counts} for {len(predictions)} rows (vocabulary fit, "
         f"{saved.info['guide']} guide, {args.samples} draws, 90% intervals); wrote {out}"
+    )
+
+
+def _write_plots(
+    args: argparse.Namespace,
+    result: FitResult,
+    data: CountData,
+    tables: dict[str, pd.DataFrame],
+    checked: tuple[PredictiveCheck, str],
+    folder: Path,
+) -> None:
+    """``--plots``: the loss, elasticities by level, the predictive check.
+
+    Each product's price elasticity around its finest group, a forest of every group
+    level's elasticities, the predictive check per group of the level it was checked at.
+    """
+    from .plots import write_hierarchy_plots
+
+    slope = f"log_{args.price}"
+    overall = tables[f"{slope}/global"]
+    groups = list(data.levels)
+    units = tables[f"{slope}/unit"].reset_index()
+    finest = groups[0]
+    codes = np.asarray(data.model.table.levels[finest])
+    units.insert(1, finest, np.asarray(data.levels[finest])[codes])
+
+    def level(name: str) -> Summary:
+        return Summary(units, tables[f"{slope}/{name}"].reset_index(), overall, num_samples=0)
+
+    check, check_level = checked
+    write_hierarchy_plots(
+        result,
+        level(finest),
+        [level(name) for name in groups],
+        folder,
+        predictive=check,
+        predictive_groups=[str(label) for label in data.levels[check_level]],
     )
 
 

@@ -132,33 +132,75 @@ def write_plots(
     directory: str | os.PathLike[str],
     *,
     predictive: PredictiveCheck | None = None,
-) -> list:
+) -> list[Path]:
     """Write ``loss.png``, ``shrinkage.png``, ``categories.png`` (``predictive.png``).
 
     ``predictive``: a predictive check to plot as well. Returns the paths written.
     """
+    figures = [
+        ("loss.png", lambda: loss_trace(result)),
+        ("shrinkage.png", lambda: shrinkage(summary)),
+        ("categories.png", lambda: category_forest(summary)),
+    ]
+    if predictive is not None:
+        group_col = summary.groups.columns[0]
+        names = list(map(str, summary.groups[group_col]))
+        figures.append(("predictive.png", lambda: predictive_plot(predictive, names)))
+    return save_figures(figures, directory)
+
+
+def write_hierarchy_plots(
+    result: FitResult,
+    units: Summary,
+    levels: list[Summary],
+    directory: str | os.PathLike[str],
+    *,
+    predictive: PredictiveCheck | None = None,
+    predictive_groups: list[str] | None = None,
+) -> list[Path]:
+    """Plots of a fit with several group levels (``hbjax fit --group a,b,...``).
+
+    ``loss.png``; ``shrinkage.png``: each unit's slope around its finest group (``units``);
+    ``forest_<level>.png`` for each level's summary in ``levels`` (groups around the
+    global slope); ``predictive.png`` with ``predictive`` (its groups named
+    ``predictive_groups``). Returns the paths written.
+    """
+    figures = [
+        ("loss.png", lambda: loss_trace(result)),
+        ("shrinkage.png", lambda: shrinkage(units)),
+    ]
+    for level in levels:
+        name = f"forest_{_file_safe(str(level.groups.columns[0]))}.png"
+        figures.append((name, lambda level=level: category_forest(level)))
+    if predictive is not None:
+        figures.append(("predictive.png", lambda: predictive_plot(predictive, predictive_groups)))
+    return save_figures(figures, directory)
+
+
+def _file_safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name) or "level"
+
+
+def save_figures(figures: list, directory: str | os.PathLike[str]) -> list[Path]:
+    """Draw each ``(file name, make_figure)`` in turn, save it as PNG and close it."""
     plt = _pyplot()
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    figures = [
-        ("loss.png", loss_trace(result)),
-        ("shrinkage.png", shrinkage(summary)),
-        ("categories.png", category_forest(summary)),
-    ]
-    if predictive is not None:
-        group_col = summary.groups.columns[0]
-        figures.append(
-            (
-                "predictive.png",
-                predictive_plot(predictive, list(map(str, summary.groups[group_col]))),
-            )
-        )
-    for name, figure in figures:
+    for name, make in figures:
+        figure = make()
         figure.savefig(folder / name, dpi=110)
         plt.close(figure)
         paths.append(folder / name)
     return paths
 
 
-__all__ = ["category_forest", "loss_trace", "predictive_plot", "shrinkage", "write_plots"]
+__all__ = [
+    "category_forest",
+    "loss_trace",
+    "predictive_plot",
+    "save_figures",
+    "shrinkage",
+    "write_hierarchy_plots",
+    "write_plots",
+]

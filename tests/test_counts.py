@@ -401,16 +401,20 @@ def test_cli_speaks_the_vocabulary(tmp_path, capsys):
     np.testing.assert_allclose(written["expected_units"], expected["expected_units"], rtol=1e-6)
     assert written["expected_units"][0] > written["expected_units"][1]  # the price doubled
     # a Poisson fit of these overdispersed counts: flagged, with a warning line
-    poisson = [*common, "--steps", "150", "--samples", "100", "--no-progress"]
+    poisson = [*common, "--steps", "150", "--samples", "100", "--no-progress", "--plots"]
     assert main([*poisson, "--out", str(tmp_path / "poisson")]) == 0
     err = capsys.readouterr().err
+    figures = ["loss", "shrinkage", "forest_sub", "forest_cat", "predictive"]
+    for name in figures:  # --plots: every level's elasticities and the predictive check
+        png = (tmp_path / "poisson" / "plots" / f"{name}.png").read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 10_000, name
     assert "warning: the data contradict the poisson model" in err, err
     check = json.loads((tmp_path / "poisson" / "summary.json").read_text())["predictive_check"]
     assert check["flagged"] == ["dispersion_index"]
     index = check["dispersion_index"]
     assert index["observed"] > 2 * index["replicated"]
-    assert main([*common, "--plots", "--out", str(tmp_path / "other")]) == 2
-    assert "--plots is not available with --group a,b" in capsys.readouterr().err
+    assert main([*common, "--clip", "--out", str(tmp_path / "other")]) == 2
+    assert "--clip is not available with --group a,b" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
     twice = pd.concat([frame, frame.iloc[:1]])
     twice.to_csv(table, index=False)
