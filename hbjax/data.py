@@ -26,6 +26,7 @@ import pandas as pd
 from jax.sharding import Mesh
 
 from ._types import AnyArray, Array, Bool, Float, Int, ObsFloat, ObsInt, UnitInt
+from .parallel.host import AbstractHostData, AbstractSampler
 
 #: Largest count that float32 represents exactly (2**24); the kernel works in float32.
 MAX_COUNT = 2**24
@@ -40,7 +41,7 @@ class DataWarning(UserWarning):
     """A table that can be fitted but has units or groups whose estimates rest on the prior."""
 
 
-class Panel(eqx.Module):
+class Panel(AbstractHostData):
     """Observation arrays of a unit × period panel, ready to go to devices.
 
     Rows are sorted by unit then period, so each unit's rows are contiguous. Padding rows
@@ -101,6 +102,19 @@ class Panel(eqx.Module):
             jnp.asarray(self.weight),
             self.n_units,
         )
+
+    def place(self, mesh: Mesh | None, layout: object = "auto") -> tuple[Panel, Mesh]:
+        """:func:`hbjax.shard_panel` on ``mesh`` (default: one device) in ``layout``."""
+        from .sharding import make_mesh, shard_panel  # placement imports this module
+
+        mesh = make_mesh(1) if mesh is None else mesh
+        return shard_panel(self, mesh, layout=layout), mesh
+
+    def sampler(self, batch_size: int, mesh: Mesh | None, seed: int) -> AbstractSampler:
+        """A :class:`hbjax.UnitSampler` of ``batch_size`` units per step."""
+        from .minibatch import UnitSampler  # it imports this module
+
+        return UnitSampler(self, batch_size, mesh=mesh, seed=seed)
 
 
 @functools.partial(jax.jit, static_argnames="n_units")

@@ -25,13 +25,12 @@ from jax.sharding import Mesh
 from . import checkpoint
 from ._types import PRNGKeyArray, PyTree
 from .convergence import Convergence, Status
-from .data import Panel
 from .guide import AbstractGuide, check_minibatch_guide
 from .loop import Checkpoints, FullBatch, Minibatches, Outcome, run
-from .minibatch import UnitSampler, seed_from_key
 from .objectives import default_objective
-from .parallel.rows import AbstractRowModel, RowSampler, UnitRows, shard_rows
-from .sharding import make_mesh, shard_panel, to_host
+from .parallel.blocks import seed_from_key, to_host
+from .parallel.host import AbstractHostData, AbstractSampler
+from .parallel.rows import AbstractRowModel, UnitRows
 from .step import SVI, Objective
 from .vi.model import AbstractModel, AbstractUnitModel
 
@@ -254,7 +253,7 @@ def fit(
         raise TypeError(
             f"convergence must be an hbjax.convergence.Convergence or None; got {convergence!r}."
         )
-    minibatch = isinstance(panel, UnitSampler) or batch_size is not None
+    minibatch = isinstance(panel, AbstractSampler) or batch_size is not None
     start = time.perf_counter()
     key = _typed_key(key)
     if minibatch:
@@ -378,11 +377,8 @@ def _place(model: AbstractModel, panel: PyTree, mesh: Mesh | None) -> tuple[PyTr
     :class:`~hbjax.UnitRows` and other data go to the default device without one (summed
     plainly, not per block). Placed data keeps its mesh.
     """
-    if isinstance(panel, Panel) and panel.mesh is None:
-        mesh = mesh if mesh is not None else make_mesh(1)
-        return shard_panel(panel, mesh, layout=model.panel_layout()), mesh
-    if isinstance(panel, UnitRows) and panel.mesh is None and mesh is not None:
-        return shard_rows(panel, mesh), mesh
+    if isinstance(panel, AbstractHostData) and panel.mesh is None:
+        return panel.place(mesh, model.panel_layout())
     placed_on = getattr(panel, "mesh", None)
     if placed_on is not None:
         return panel, placed_on
@@ -404,9 +400,9 @@ def _sampler(
     key: PRNGKeyArray,
     steps: int,
     chunk_size: int,
-) -> UnitSampler | RowSampler:
-    """The minibatch sampler of a host panel (or the one given), checked."""
-    if isinstance(panel, UnitSampler):  # e.g. UnitSampler.load: a memory-mapped grid
+) -> AbstractSampler:
+    """The minibatch sampler of host data (or the one given), checked."""
+    if isinstance(panel, AbstractSampler):  # e.g. UnitSampler.load: a memory-mapped grid
         if batch_size is not None and batch_size != panel.batch_size:
             raise ValueError(
                 f"batch_size {batch_size} differs from the sampler's ({panel.batch_size}); "
@@ -415,7 +411,7 @@ def _sampler(
         stand_in = (np.zeros(1, np.float32),)  # for the argument checks
         _check_fit_arguments(model, guide, stand_in, steps, chunk_size)
         sampler = panel
-    elif not isinstance(panel, Panel | UnitRows) or panel.mesh is not None:
+    elif not isinstance(panel, AbstractHostData) or panel.mesh is not None:
         raise TypeError(
             "fit(..., batch_size=...) takes a host Panel (from hbjax.from_frame or "
             "read_process_panel) or host hbjax.UnitRows, not placed ones: the full data "
@@ -430,13 +426,11 @@ def _sampler(
             "latents (unit_leaves): it cannot be minibatched; fit it without batch_size."
         )
     check_minibatch_guide(guide)
-    if isinstance(panel, UnitRows):
-        if not isinstance(model, AbstractRowModel):
-            raise TypeError(
-                f"minibatches of UnitRows need an hbjax.AbstractRowModel; "
-                f"{type(model).__name__} is not one."
-            )
-        return RowSampler(panel, batch_size, mesh=mesh, seed=seed_from_key(key))
+    if isinstance(panel, UnitRows) and not isinstance(model, AbstractRowModel):
+        raise TypeError(
+            f"minibatches of UnitRows need an hbjax.AbstractRowModel; "
+            f"{type(model).__name__} is not one."
+        )
     if sampler is None:
-        sampler = UnitSampler(panel, batch_size, mesh=mesh, seed=seed_from_key(key))
+        sampler = panel.sampler(batch_size, mesh, seed_from_key(key))
     return sampler

@@ -32,9 +32,8 @@ from . import checkpoint
 from ._types import PRNGKeyArray, PyTree
 from .convergence import Convergence, Monitor, Status, Watch
 from .guide import AbstractGuide
-from .minibatch import UnitSampler
-from .parallel.rows import RowSampler
-from .sharding import replicate, to_host
+from .parallel.blocks import replicate, to_host
+from .parallel.host import AbstractSampler
 from .step import _TRUE, SVI, SVIState, start_averaging
 
 
@@ -58,7 +57,7 @@ class FullBatch:
 class Minibatches:
     """Chunks of a sampler's batches, the next drawn and sent while the current one runs."""
 
-    def __init__(self, sampler: UnitSampler | RowSampler):
+    def __init__(self, sampler: AbstractSampler):
         self.sampler, self.data = sampler, None
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self.upcoming: concurrent.futures.Future | None = None

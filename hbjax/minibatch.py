@@ -34,7 +34,9 @@ from ._types import AnyArray, Array, Bool, Float, Int, Scalar
 from .data import Panel
 from .families import AbstractCountLikelihood, Poisson
 from .parallel.blocks import checked_batch_size, checked_block_count, draw_units
+from .parallel.blocks import seed_from_key as seed_from_key
 from .parallel.blocks import sum_over_blocks as _sum_over_blocks
+from .parallel.host import AbstractSampler
 from .sharding import (
     DATA_AXIS,
     ShardingError,
@@ -274,7 +276,7 @@ def unit_batch(panel: Panel, units: Int[np.ndarray, " slot"]) -> UnitBatch:
     )
 
 
-class UnitSampler:
+class UnitSampler(AbstractSampler):
     """Draws :class:`UnitBatch` es from a panel held in host memory.
 
     Every process builds the same block plan as :func:`hbjax.shard_panel` (so a panel from
@@ -478,12 +480,6 @@ class UnitSampler:
     def host_bytes(self) -> int:
         """Bytes of this process's host grid (what never goes to the devices whole)."""
         return int(sum(v.nbytes for v in self.grid.values()) + self.log_factorial.nbytes)
-
-
-def seed_from_key(key: jax.Array) -> int:
-    """The sampling seed :func:`hbjax.fit` derives from its PRNG key (host-side)."""
-    data = np.asarray(jax.random.key_data(key)).ravel()
-    return int(data[-1]) ^ (int(data[0]) << 32)
 
 
 __all__ = [

@@ -88,12 +88,18 @@ def test_installed_versions_names_only_installed_distributions():
     assert extras.installed_versions("no-such-distribution-hbjax") == "none of them installed"
 
 
-def test_the_layers_core_and_rows_import_without_pandas_and_every_public_name_resolves(tmp_path):
+def test_the_layers_fitting_core_and_rows_import_without_pandas_and_every_name_resolves(tmp_path):
     code = """
     import hbjax.layers, hbjax.families, hbjax.vi.model, hbjax.parallel.rows
     import hbjax.counts.regression, hbjax.counts.slopes
     heavy = [m for m in ("pandas", "optax", "tqdm", "pyarrow", "hbjax.fit") if m in sys.modules]
     assert not heavy, heavy
+    import hbjax.fit, hbjax.step, hbjax.objectives  # the fitting core: no pandas, no files
+    import hbjax.parallel.layouts
+    application = ("pandas", "pyarrow", "hbjax.data", "hbjax.model", "hbjax.sharding")
+    application += ("hbjax.minibatch", "hbjax.counts.frame")
+    loaded = [m for m in application if m in sys.modules]
+    assert not loaded, loaded
     import types
     import hbjax.posterior  # imports the submodules hbjax.fit and hbjax.simulate's users
     import hbjax

@@ -300,6 +300,12 @@ def draw_units(
     return np.concatenate(picks), np.concatenate(weights).astype(np.float32)
 
 
+def seed_from_key(key: jax.Array) -> int:
+    """The sampling seed :func:`hbjax.fit` derives from its PRNG key (host-side)."""
+    data = np.asarray(jax.random.key_data(key)).ravel()
+    return int(data[-1]) ^ (int(data[0]) << 32)
+
+
 __all__ = [
     "BLOCK_COUNTS",
     "checked_batch_size",
@@ -312,6 +318,7 @@ __all__ = [
     "per_block_segment_sum",
     "plan_blocks",
     "replicate",
+    "seed_from_key",
     "slot_plan",
     "sum_over_blocks",
     "to_host",

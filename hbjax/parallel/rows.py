@@ -44,9 +44,10 @@ from .blocks import (
     plan_blocks,
     sum_over_blocks,
 )
+from .host import AbstractHostData, AbstractSampler
 
 
-class UnitRows(eqx.Module):
+class UnitRows(AbstractHostData):
     """Rows of data, each belonging to one unit; sorted by unit (:meth:`build`).
 
     Attributes:
@@ -117,6 +118,21 @@ class UnitRows(eqx.Module):
     def unit_rows(self) -> np.ndarray:
         """``[unit]`` rows of each unit (host rows)."""
         return np.bincount(np.asarray(self.unit), minlength=self.n_units)
+
+    def place(self, mesh: Mesh | None, layout: object = None) -> tuple[UnitRows, Mesh | None]:
+        """Blocks of whole units on ``mesh`` (:func:`shard_rows`), or unsplit without one.
+
+        Without a mesh the rows go to the default device and are summed plainly.
+        ``layout``: rows are their own layout (unused).
+        """
+        del layout
+        if mesh is None:
+            return jax.device_put(self), None
+        return shard_rows(self, mesh), mesh
+
+    def sampler(self, batch_size: int, mesh: Mesh | None, seed: int) -> RowSampler:
+        """A :class:`RowSampler` of ``batch_size`` units per step."""
+        return RowSampler(self, batch_size, mesh=mesh, seed=seed)
 
 
 def _unit_starts(unit_rows: np.ndarray) -> np.ndarray:
@@ -193,7 +209,7 @@ class RowBatch(AbstractUnitBatch):
     n_units: int = eqx.field(static=True)
 
 
-class RowSampler:
+class RowSampler(AbstractSampler):
     """Draws :class:`RowBatch` es of whole units from host :class:`UnitRows`.
 
     Uses the block plan :func:`shard_rows` would: step ``s`` draws, in block ``b``,
