@@ -374,17 +374,30 @@ def _warn_far_prices(
         typical = getattr(model, "intercept_prior_price", None)
     if typical is None:  # the article's uncentred model keeps no typical price
         return
-    typical = np.exp(np.asarray(typical, np.float64)[units])
-    far = np.abs(np.log(prices / typical)) > np.log(FAR_PRICE_FACTOR)
+    warn_far_from_typical(np.asarray(typical)[units], np.log(prices), frame, unit, "price")
+
+
+def warn_far_from_typical(
+    typical_log: Float[np.ndarray, " row"],
+    values_log: Float[np.ndarray, " row"],
+    frame: pd.DataFrame,
+    unit: str,
+    what: str,
+) -> None:
+    """Warn when values lie :data:`FAR_PRICE_FACTOR` times above or below their unit's typical.
+
+    Both on the log scale, one per scenario row; one warning names the rows.
+    """
+    far = np.abs(np.asarray(values_log, np.float64) - typical_log) > np.log(FAR_PRICE_FACTOR)
     if far.any():
         first = int(np.flatnonzero(far)[0])
         warnings.warn(
-            f"prices more than {FAR_PRICE_FACTOR:g}x above or below the unit's typical price "
-            f"in {_rows(frame, far)} (e.g. {_show(prices[first])} for "
-            f"{_show(frame[unit].iloc[first])}, typically {typical[first]:.4g}): those "
-            "predictions extrapolate the fitted demand curve far from the data.",
+            f"{what} more than {FAR_PRICE_FACTOR:g}x above or below the unit's typical {what} "
+            f"in {_rows(frame, far)} (e.g. {np.exp(values_log[first]):.4g} for "
+            f"{_show(frame[unit].iloc[first])}, typically {np.exp(typical_log[first]):.4g}): "
+            "those predictions extrapolate the fitted demand curve far from the data.",
             DataWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
 

@@ -1,5 +1,7 @@
 """A vocabulary fit's outputs: saved fits, what-if predictions, ArviZ export."""
 
+import warnings
+
 import equinox as eqx
 import jax
 import numpy as np
@@ -153,6 +155,22 @@ def test_predict_is_the_models_expected_count_at_new_values(everything):
         np.testing.assert_allclose(out["expected_units_lo"], low, rtol=2e-5)
         np.testing.assert_allclose(out["expected_units_hi"], high, rtol=2e-5)
         assert list(out["note"]) == ["a", "b", "c", "d"]
+
+
+def test_predict_warns_at_prices_far_from_each_units_typical_price(everything):
+    _, data, result = everything
+    typical = np.exp(np.asarray(data.model.table.centre["log_price"], np.float64))
+    scenarios = pd.DataFrame(
+        {"sku": data.units[:4], "price": typical[:4] * [1.0, 2.9, 1 / 2.9, 3.2]}
+    ).assign(promo=0.0, week=10, store=1, exposure=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hbjax.DataWarning)  # within 3x: no warning
+        predict(data, result.guide, scenarios[:3], num_samples=5)
+    with pytest.warns(
+        hbjax.DataWarning, match=r"price more than 3x .* in 1 row\(s\), first at index 3"
+    ):
+        out = predict(data, result.guide, scenarios, num_samples=5)
+    assert len(out) == 4  # still answered
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from jaxtyping import Float, Int
 from .._types import AnyArray, PRNGKeyArray
 from ..data import DataValidationError, _rows, _show
 from ..parallel.rows import UnitRows
-from ..posterior import fitted_units, with_expected_units
+from ..posterior import fitted_units, warn_far_from_typical, with_expected_units
 from .frame import CountData, CountSpec, Effect, _covariate, _finite
 
 
@@ -74,6 +74,10 @@ def predict(
     units = fitted_units(data.units, frame, spec.unit)
     labels = _row_labels(data, spec, frame, units)
     columns: dict = {"x": {s.name: _covariate(frame, s).astype(np.float32) for s in spec.slopes}}
+    for slope in spec.slopes:  # log covariates (prices) far from each unit's typical value
+        if slope.log:
+            typical = np.asarray(data.model.table.centre[slope.name], np.float64)[units]
+            warn_far_from_typical(typical, columns["x"][slope.name], frame, spec.unit, slope.column)
     if spec.offset is not None:
         columns["offset"] = _finite(frame, spec.offset).astype(np.float32)
     known, averaged = {}, {}
