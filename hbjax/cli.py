@@ -29,7 +29,12 @@ from jax.sharding import Mesh
 
 from . import __version__
 from .checkpoint import CheckpointError
-from .cli_vocabulary import fit_vocabulary, predict_vocabulary, wants_vocabulary
+from .cli_vocabulary import (
+    check_vocabulary,
+    fit_vocabulary,
+    predict_vocabulary,
+    wants_vocabulary,
+)
 from .convergence import Convergence
 from .data import (
     DataValidationError,
@@ -44,7 +49,14 @@ from .extras import optional_import
 from .families import LIKELIHOODS
 from .fit import ConvergenceWarning, FitResult, NonFiniteLossError
 from .guide import GUIDES
-from .guide_check import PredictiveCheck, nuts_check, predictive_check, unit_importance
+from .guide_check import (
+    NutsCheck,
+    PredictiveCheck,
+    UnitImportance,
+    nuts_check,
+    predictive_check,
+    unit_importance,
+)
 from .layers import HIERARCHIES
 from .model import INTERCEPT_PRIORS
 from .objectives import GRADIENTS
@@ -363,7 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
         '(needs BlackJAX: pip install "hbjax[blackjax]")',
     )
     check_cmd.add_argument("fit_dir", help="the --out folder of `hbjax fit`")
-    check_cmd.add_argument("file", help="the table the fit was fitted to")
+    check_cmd.add_argument(
+        "file",
+        help="the table the fit was fitted to (for a --group a,b / --covariates fit the "
+        "column flags are read from the fit)",
+    )
     _column_flags(check_cmd)
     check_cmd.add_argument("--products", type=_positive_int, default=50, help="products to check")
     check_cmd.add_argument(
@@ -828,9 +844,18 @@ def run_check(args: argparse.Namespace) -> int:
         raise UserError(
             f"--warmup must be >= 10 and --draws >= 20; got {args.warmup}, {args.draws}."
         )
-    saved = load_fit(args.fit_dir)
     default = Path(args.fit_dir) / "check.csv"
     out = check_file_destination(args.out if args.out is not None else default)
+    if saved_format(Path(args.fit_dir)) == COUNTS_FORMAT:
+        try:
+            table, nuts, importance = check_vocabulary(args)
+        except (ValueError, ImportError) as exc:
+            if isinstance(exc, DataValidationError):
+                raise
+            raise UserError(str(exc)) from None
+        _report_check(table, nuts, importance, out)
+        return 0
+    saved = load_fit(args.fit_dir)
     panel, encoding = from_file(args.file, **_columns(args))
     for name in ("units", "groups", "periods"):
         if not getattr(encoding, name).equals(getattr(saved.encoding, name)):
@@ -853,17 +878,25 @@ def run_check(args: argparse.Namespace) -> int:
         )
     except ImportError as exc:
         raise UserError(str(exc)) from None
-    table = _elasticity_table(saved, nuts.table, encoding)
+    _report_check(_elasticity_table(saved, nuts.table, encoding), nuts, importance, out)
+    return 0
+
+
+def _report_check(
+    table: pd.DataFrame, nuts: NutsCheck, importance: UnitImportance, out: Path
+) -> None:
+    """Write the check's table (its first column names the product) and print it."""
     write_file_atomically(out, lambda path: table.to_csv(path, index=False))
+    unit = table.columns[0]
     print(
-        f"checked {table['product'].nunique()} random products with NUTS (BlackJAX; "
+        f"checked {table[unit].nunique()} random products with NUTS (BlackJAX; "
         f"{nuts.num_shared} chains x {nuts.draws} draws, each chain given one draw of the "
         f"shared latents from the fit; {nuts.divergences} divergent)"
     )
-    print(f"\n{'product':<12} {'fit mean [5%, 95%]':>28} {'NUTS median':>11} {'sd ratio':>8}")
+    print(f"\n{unit:<12} {'fit mean [5%, 95%]':>28} {'NUTS median':>11} {'sd ratio':>8}")
     for _, row in table.head(20).iterrows():
         print(
-            f"{str(row['product']):<12} {_interval(row):>28} {row['nuts_median']:11.3f} "
+            f"{str(row[unit]):<12} {_interval(row):>28} {row['nuts_median']:11.3f} "
             f"{row['sd_ratio']:8.2f}" + ("" if row["covered"] else "  outside")
         )
     if len(table) > 20:
@@ -871,7 +904,6 @@ def run_check(args: argparse.Namespace) -> int:
     print(f"\nintervals against NUTS: {nuts.verdict}")
     print(f"per-product k-hat: {importance.verdict}")
     print(f"wrote {out}")
-    return 0
 
 
 def _elasticity_table(saved: SavedFit, table: pd.DataFrame, encoding: Encoding) -> pd.DataFrame:

@@ -33,7 +33,8 @@ from .counts import (
 )
 from .data import _period_values, duplicate_pair_error, read_table
 from .fit import FitResult
-from .guide_check import PredictiveCheck
+from .guide_check import NutsCheck, PredictiveCheck, UnitImportance, nuts_check, unit_importance
+from .layers import Centred
 from .outputs import AtomicFolder, write_file_atomically
 from .pipeline import FitConfig
 from .posterior import Summary
@@ -170,6 +171,58 @@ def predict_vocabulary(args: argparse.Namespace, out: Path) -> str:
     )
 
 
+def check_vocabulary(
+    args: argparse.Namespace,
+) -> tuple[pd.DataFrame, NutsCheck, UnitImportance]:
+    """``hbjax check`` of a vocabulary fit: its price elasticities against NUTS, and k-hat.
+
+    The table is read and encoded as the fit read it (the saved spec names the columns;
+    the column flags are not needed) and must give the fit's labels. Returns the NUTS
+    table of the products' price elasticities (on the elasticity scale with the centred
+    hierarchy, else their latents), the NUTS check and the per-product k-hat.
+    """
+    saved = load_fit(args.fit_dir)
+    spec, fitted = saved.data.spec, saved.data
+    frame = read_table(args.file)
+    if spec.period is not None and spec.period in frame.columns:
+        frame[spec.period] = _period_values(frame, spec.period)
+    data = spec.data(frame)
+    for name, here, there in (
+        ("units", data.units, fitted.units),
+        *((f"{level} labels", data.levels[level], fitted.levels[level]) for level in data.levels),
+    ):
+        if not here.equals(there):
+            raise ValueError(
+                f"{args.file!r} is not the table {args.fit_dir!r} was fitted to (its {name} "
+                "differ); pass the same file as to `hbjax fit`."
+            )
+    key = jax.random.key(args.seed)
+    model = fitted.model
+    importance = unit_importance(model, saved.guide, data.rows, key=jax.random.fold_in(key, 0))
+    nuts = nuts_check(
+        model,
+        saved.guide,
+        data.rows,
+        key=jax.random.fold_in(key, 1),
+        num_units=args.products,
+        num_shared=args.chains,
+        warmup=args.warmup,
+        draws=args.draws,
+    )
+    price = next(s for s in spec.slopes if s.log and "unit" in s.over)
+    layer = model.slopes[price.name]
+    table = nuts.table[nuts.table["leaf"] == f"slopes['{price.name}']['unit']"].copy()
+    table.insert(0, spec.unit, fitted.units[table.pop("unit").to_numpy()])
+    if isinstance(layer.hierarchy, Centred):  # b_i = loc + scale v_i: the elasticity itself
+        loc, scale = float(layer.top.loc), float(layer.unit_scale)
+        for column in ("mean", "q05", "q95", "nuts_mean", "nuts_median"):
+            table[column] = loc + scale * table[column]
+        for column in ("sd", "nuts_sd"):
+            table[column] = scale * table[column]
+        table["leaf"] = "elasticity"
+    return table.reset_index(drop=True), nuts, importance
+
+
 def _write_plots(
     args: argparse.Namespace,
     result: FitResult,
@@ -223,4 +276,4 @@ def _long(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return long[["quantity", "label", "mean", "sd", "q05", "q50", "q95"]]
 
 
-__all__ = ["fit_vocabulary", "predict_vocabulary", "wants_vocabulary"]
+__all__ = ["check_vocabulary", "fit_vocabulary", "predict_vocabulary", "wants_vocabulary"]

@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 
 from ._types import AnyArray, Array, Bool, Float, Int, ObsFloat, ObsInt, UnitInt
 from .parallel.host import AbstractHostData, AbstractSampler
+from .vi.model import AbstractUnitBatch
 
 #: Largest count that float32 represents exactly (2**24); the kernel works in float32.
 MAX_COUNT = 2**24
@@ -115,6 +116,12 @@ class Panel(AbstractHostData):
         from .minibatch import UnitSampler  # it imports this module
 
         return UnitSampler(self, batch_size, mesh=mesh, seed=seed)
+
+    def unit_batch(self, units: Int[np.ndarray, " slot"]) -> AbstractUnitBatch:
+        """:func:`hbjax.minibatch.unit_batch`: the units' rows as one unplaced batch."""
+        from .minibatch import unit_batch
+
+        return unit_batch(self, units)
 
 
 @functools.partial(jax.jit, static_argnames="n_units")

@@ -48,6 +48,7 @@ from .extras import optional_import
 from .guide import GaussianGuide, linear_moments
 from .minibatch import seed_from_key, unit_batch
 from .model import ElasticityModel
+from .parallel.host import AbstractHostData
 from .vi.model import AbstractModel, AbstractUnitModel
 
 #: A unit check is "good" when at most this share of units has ``k >= 0.7``.
@@ -65,8 +66,11 @@ def _check_inputs(model: AbstractModel, guide: object, panel: object) -> list[in
             f"the unit checks need a Gaussian guide (MeanFieldNormal, UnitBlockNormal, "
             f"LowRankNormal); got {type(guide).__name__}."
         )
-    if not isinstance(panel, Panel) or panel.mesh is not None:
-        raise TypeError("the unit checks take the host Panel (from hbjax.from_frame).")
+    if not isinstance(panel, AbstractHostData) or panel.mesh is not None:
+        raise TypeError(
+            "the unit checks take host data: the Panel from hbjax.from_frame, or host "
+            "UnitRows (hbjax.counts.from_frame(...).rows)."
+        )
     if not isinstance(model, AbstractUnitModel):
         raise ValueError(f"{type(model).__name__} declares no unit latents: nothing per unit.")
     flags = model.unit_leaves()
@@ -116,7 +120,7 @@ def unit_block_moments(
 def _block_draws(
     guide: GaussianGuide,
     ids: list[int],
-    panel: Panel,
+    panel: AbstractHostData,
     num_units: int,
     num_draws: int,
     rng: np.random.Generator,
@@ -202,7 +206,7 @@ class UnitImportance:
 def unit_importance(
     model: AbstractModel,
     guide: GaussianGuide,
-    panel: Panel,
+    panel: AbstractHostData,
     *,
     key: PRNGKeyArray,
     num_units: int = 1000,
@@ -232,7 +236,7 @@ def unit_importance(
     units, mean, chol, eps, blocks = _block_draws(guide, ids, panel, num_units, num_draws, rng)
     log_det = np.sum(np.log(np.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
     log_q = np.sum(-0.5 * eps**2, axis=-1) - log_det - mean.shape[-1] * 0.5 * math.log(2 * math.pi)
-    log_p = _slot_log_joint(model, guide.mean(), ids, unit_batch(panel, units), blocks)
+    log_p = _slot_log_joint(model, guide.mean(), ids, panel.unit_batch(units), blocks)
     log_w = log_p - log_q
     k_hat = np.array(
         [psis(w)[1] if np.all(np.isfinite(w)) else math.inf for w in log_w.T], np.float64
@@ -307,7 +311,7 @@ class NutsCheck:
 def nuts_check(
     model: AbstractModel,
     guide: GaussianGuide,
-    panel: Panel,
+    panel: AbstractHostData,
     *,
     key: PRNGKeyArray,
     num_units: int = 50,
@@ -346,7 +350,7 @@ def nuts_check(
     unit_key, shared_key, chain_key = jax.random.split(key, 3)
     units = _choose_units(panel.n_units, num_units, np.random.default_rng(seed_from_key(unit_key)))
     mean, cov = unit_block_moments(guide, ids, units)
-    batch = unit_batch(panel, units)
+    batch = panel.unit_batch(units)
     shared = guide.sample(num_shared, key=shared_key)
     start = jnp.asarray(mean.ravel(), jnp.float32)
 

@@ -423,6 +423,45 @@ def test_cli_speaks_the_vocabulary(tmp_path, capsys):
 
 
 @pytest.mark.usefixtures("standard_promotion")
+def test_hbjax_check_of_a_vocabulary_fit_tells_good_from_bad(tmp_path, capsys):
+    """`hbjax check OUT FILE` on a --group a,b fit: NUTS on a subsample of products and the
+    per-product k-hat, on the elasticity scale; the same checks call a deliberately narrow
+    guide poor (measured, tables 5-6 x keys 0-2: good sd ratio 0.99-1.04, all covered,
+    no unit at k-hat >= 0.7; narrow sd ratio 0.12-0.17, 70-75% of units at k-hat >= 0.7)."""
+    from hbjax.cli import main
+    from hbjax.guide_check import nuts_check, unit_importance
+
+    frame, _ = _three_levels(np.random.default_rng(5), n_units=40, n_weeks=16)
+    frame.to_csv(tmp_path / "sales.csv", index=False)
+    flags = ["--unit", "sku", "--group", "sub,cat", "--period", "week", "--price", "price"]
+    flags += ["--units", "qty", "--likelihood", "negbin", "--steps", "3000", "--no-progress"]
+    out = tmp_path / "out"
+    assert main(["fit", str(tmp_path / "sales.csv"), *flags, "--out", str(out)]) == 0
+    check = ["check", str(out), str(tmp_path / "sales.csv"), "--products", "8"]
+    assert main([*check, "--warmup", "100", "--draws", "100", "--chains", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "intervals against NUTS: good" in printed and "per-product k-hat: good" in printed
+    table = pd.read_csv(out / "check.csv")
+    assert len(table) == 8 and set(table["leaf"]) == {"elasticity"}
+    assert set(table["sku"]) <= set(frame["sku"]) and table["covered"].all()
+    assert ((table["q05"] < table["nuts_median"]) & (table["nuts_median"] < table["q95"])).all()
+    saved = hbjax.counts.load_fit(out)
+    data = saved.data.spec.data(frame)
+    narrow = hbjax.make_guide("meanfield", data.model, loc=saved.guide.mean(), scale=0.02)
+    key = jax.random.key(0)
+    importance = unit_importance(saved.data.model, narrow, data.rows, key=key)
+    nuts = nuts_check(
+        saved.data.model, narrow, data.rows, key=key, num_units=8, warmup=100, draws=100
+    )
+    assert importance.verdict.startswith("poor") and nuts.verdict.startswith("poor")
+    assert nuts.sd_ratio < 0.3 and importance.share_poor > 0.4
+    other = frame.assign(sku=frame["sku"].str.upper())  # another table: refused, named
+    other.to_csv(tmp_path / "other.csv", index=False)
+    assert main(["check", str(out), str(tmp_path / "other.csv")]) == 2
+    assert "is not the table" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("standard_promotion")
 def test_the_predictive_check_sees_structural_zeros():
     """Poisson counts with 30% structural zeros: a plain Poisson fit is flagged for its zero
     share (it replicates ~10% zeros against ~32% observed) and a zero-inflated fit is not

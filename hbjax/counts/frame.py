@@ -101,6 +101,12 @@ class CountSpec:
     intercept: tuple[float, float] = (0.0, 3.0)
     intercept_prior: str = "reference"
 
+    def data(self, frame: pd.DataFrame) -> CountData:
+        """The table's data under this spec: :func:`from_frame` with these arguments."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields["zero_inflation"] = fields["zero_inflation"] or False  # None: recorded as off
+        return from_frame(frame, **fields)
+
     def to_json(self) -> dict:
         """A JSON-ready dict (:meth:`from_json` reads it back)."""
         return dataclasses.asdict(self)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 
 import equinox as eqx
+import numpy as np
 from jax.sharding import Mesh
 from jaxtyping import PyTree
 
@@ -59,6 +60,14 @@ class AbstractHostData(eqx.Module):
     @abc.abstractmethod
     def sampler(self, batch_size: int, mesh: Mesh | None, seed: int) -> AbstractSampler:
         """A sampler of ``batch_size`` units per step on ``mesh``, drawing with ``seed``."""
+
+    @abc.abstractmethod
+    def unit_batch(self, units: np.ndarray) -> PyTree:
+        """A batch of the given units with all their rows, weight 1, unplaced.
+
+        For checks on a subsample of units (:mod:`hbjax.guide_check`): the model's
+        ``slot_log_joint`` of it gives each unit's own terms.
+        """
 
 
 __all__ = ["AbstractHostData", "AbstractSampler"]

@@ -134,6 +134,23 @@ class UnitRows(AbstractHostData):
         """A :class:`RowSampler` of ``batch_size`` units per step."""
         return RowSampler(self, batch_size, mesh=mesh, seed=seed)
 
+    def unit_batch(self, units: Int[np.ndarray, " slot"]) -> RowBatch:
+        """A :class:`RowBatch` of the given units with all their rows, weight 1, unplaced."""
+        if self.mesh is not None:
+            raise TypeError("unit_batch takes host UnitRows, not placed ones.")
+        units = np.asarray(units, np.int64)
+        starts = _unit_starts(self.unit_rows)
+        index = np.concatenate([np.arange(starts[u], starts[u + 1]) for u in units] or [[]])
+        slot = np.repeat(np.arange(len(units)), starts[units + 1] - starts[units])
+        host = _gather_rows(self, index.astype(np.int64), np.ones(len(index)), slot)
+        rows = jax.tree.map(jnp.asarray, host)
+        return RowBatch(
+            unit=jnp.asarray(units, jnp.int32),
+            weight=jnp.ones(len(units), jnp.float32),
+            rows=UnitRows(**rows, n_units=len(units)),
+            n_units=self.n_units,
+        )
+
 
 def _unit_starts(unit_rows: np.ndarray) -> np.ndarray:
     """``[unit + 1]`` the first row of every unit (host rows sorted by unit), then the end."""
