@@ -181,30 +181,37 @@ class CountRegression(AbstractRowModel):
             zero_inflation=None if self.zero_inflation is None else scalar,
         )
 
-    def _flags(self, *, unit: bool, slope_groups: bool, dispersion: bool) -> CountLatents:
+    def _flags(
+        self, *, intercept: bool, unit_slopes: bool, slope_groups: bool, dispersion: bool
+    ) -> CountLatents:
         """One flag per latent leaf.
 
-        Unit leaves (intercepts, per-unit slopes) get ``unit``, slopes' other leaves
-        ``slope_groups``, the likelihood's ``dispersion``; effects ``False``.
+        Intercepts, per-unit slopes, slopes' other leaves and the likelihood's get the flag
+        of that name; effects ``False``.
         """
         shapes = self.latent_shapes()
 
         def flag(path: tuple) -> bool:
             field = path[0].name
             if field == "slopes":
-                return unit if path[-1].key == UNIT else slope_groups
-            return {"intercept": unit, "effects": False}.get(field, dispersion)
+                return unit_slopes if path[-1].key == UNIT else slope_groups
+            return {"intercept": intercept, "effects": False}.get(field, dispersion)
 
         paths, treedef = jax.tree_util.tree_flatten_with_path(shapes)
         return jax.tree.unflatten(treedef, [flag(p) for p, _ in paths])
 
     def unit_leaves(self) -> CountLatents:
         """Intercepts and per-unit slopes are per unit; the rest are shared."""
-        return self._flags(unit=True, slope_groups=False, dispersion=False)
+        return self._flags(intercept=True, unit_slopes=True, slope_groups=False, dispersion=False)
 
     def reported_leaves(self) -> CountLatents:
-        """Slopes and the likelihood's parameters (intercepts and effects: nuisance)."""
-        return self._flags(unit=True, slope_groups=True, dispersion=True)
+        """Slopes and the likelihood's parameters: what convergence watches, checks compare.
+
+        Intercepts and effects are nuisance: with an effect over a group and the period
+        they share a level along which the iterates wander slowly, as the elasticity
+        model's intercepts and (category, period) effects do.
+        """
+        return self._flags(intercept=False, unit_slopes=True, slope_groups=True, dispersion=True)
 
     # --- values ------------------------------------------------------------------------
     def _unit_level(self, slope: HierarchicalSlope) -> Array | None:
