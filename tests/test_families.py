@@ -101,7 +101,7 @@ def test_sharded_negative_binomial_kernel_equals_the_plain_one(overdispersed):
 def test_negative_binomial_model_minibatch_and_dense_layout(overdispersed):
     panel, _ = hbjax.from_frame(overdispersed.frame)
     model = hbjax.ElasticityModel.from_panel(panel, likelihood="negbin")
-    assert model.panel_layout() == "rows"
+    assert model.panel_layout().name == "rows"
     assert model.latent_shapes().dispersion.shape == ()
     assert hbjax.ElasticityModel.from_panel(panel).latent_shapes().dispersion is None
     latents = jax.tree.map(
