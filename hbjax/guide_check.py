@@ -541,8 +541,8 @@ def predictive_check(
     of zero counts; overall and per group. A statistic whose observed value lies in the
     outer 1% of its replicated values (either side) and far from them (a dispersion index
     1.5x off, a zero share 2 points and 1.5x off: :data:`DISPERSION_FACTOR`,
-    :data:`ZERO_SHARE_GAP`, :data:`ZERO_SHARE_FACTOR`) contradicts the likelihood: with overdispersed sales a Poisson
-    fit's dispersion index is several times its replicas'.
+    :data:`ZERO_SHARE_GAP`, :data:`ZERO_SHARE_FACTOR`) contradicts the likelihood: with
+    overdispersed sales a Poisson fit's dispersion index is several times its replicas'.
 
     Args:
         model: the fitted model (an :class:`hbjax.ElasticityModel`).

@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, Scalar
 
+from ._modes import from_name
+
 #: ``log(2 pi) / 2``, the normal density's constant.
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -204,11 +206,4 @@ HIERARCHIES: dict[str, type[AbstractHierarchy]] = {"centred": Centred, "noncentr
 
 def as_hierarchy(hierarchy: str | AbstractHierarchy) -> AbstractHierarchy:
     """A parameterisation from itself or its name (:data:`HIERARCHIES`)."""
-    if isinstance(hierarchy, AbstractHierarchy):
-        return hierarchy
-    if isinstance(hierarchy, str) and hierarchy in HIERARCHIES:
-        return HIERARCHIES[hierarchy]()
-    raise ValueError(
-        f"hierarchy must be one of {', '.join(HIERARCHIES)} or an hbjax.layers."
-        f"AbstractHierarchy; got {hierarchy!r}."
-    )
+    return from_name(hierarchy, AbstractHierarchy, HIERARCHIES, "hierarchy")

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._modes import from_name
 from ._types import ParticleFloat, PRNGKeyArray, PyTree, Scalar
 from .guide import AbstractGuide, check_minibatch_guide
 from .vi.model import AbstractModel, AbstractUnitBatch, AbstractUnitModel
@@ -230,14 +231,7 @@ GRADIENTS: dict[str, type[AbstractGradient]] = {
 
 def as_gradient(gradient: str | AbstractGradient) -> AbstractGradient:
     """A gradient estimator from itself or its name (:data:`GRADIENTS`)."""
-    if isinstance(gradient, AbstractGradient):
-        return gradient
-    if isinstance(gradient, str) and gradient in GRADIENTS:
-        return GRADIENTS[gradient]()
-    raise ValueError(
-        f"unknown gradient {gradient!r}; choose one of {', '.join(GRADIENTS)} or pass an "
-        "hbjax.objectives.AbstractGradient."
-    )
+    return from_name(gradient, AbstractGradient, GRADIENTS, "gradient")
 
 
 class RenyiBound(eqx.Module):

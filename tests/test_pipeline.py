@@ -27,7 +27,7 @@ def test_defaults_and_derived_choices():
         ({"guide": "fullrank"}, "guide must be one of"),
         ({"guide": "lowrank", "batch_size": 8}, "cannot be minibatched"),
         ({"gradient": "dreg", "alpha": 0.5}, "DReG gradient .* is derived for .* alpha = 0"),
-        ({"gradient": "reinforce"}, "unknown gradient 'reinforce'"),
+        ({"gradient": "reinforce"}, "gradient must be one of .* got 'reinforce'"),
         ({"gradient": "stl"}, "biased"),
         ({"hierarchy": "flat"}, "hierarchy must be one of"),
         ({"intercept_prior": "mean"}, "intercept_prior must be one of"),
