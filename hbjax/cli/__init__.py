@@ -27,16 +27,10 @@ import numpy as np
 import pandas as pd
 from jax.sharding import Mesh
 
-from . import __version__
-from .checkpoint import CheckpointError
-from .cli_vocabulary import (
-    check_vocabulary,
-    fit_vocabulary,
-    predict_vocabulary,
-    wants_vocabulary,
-)
-from .convergence import Convergence
-from .data import (
+from .. import __version__
+from ..checkpoint import CheckpointError
+from ..convergence import Convergence
+from ..data import (
     DataValidationError,
     DataWarning,
     Encoding,
@@ -45,11 +39,11 @@ from .data import (
     from_frame,
     read_table,
 )
-from .extras import optional_import
-from .families import LIKELIHOODS
-from .fit import ConvergenceWarning, FitResult, NonFiniteLossError
-from .guide import GUIDES
-from .guide_check import (
+from ..extras import optional_import
+from ..families import LIKELIHOODS
+from ..fit import ConvergenceWarning, FitResult, NonFiniteLossError
+from ..guide import GUIDES
+from ..guide_check import (
     NutsCheck,
     PredictiveCheck,
     UnitImportance,
@@ -57,15 +51,15 @@ from .guide_check import (
     predictive_check,
     unit_importance,
 )
-from .layers import HIERARCHIES
-from .model import INTERCEPT_PRIORS
-from .objectives import GRADIENTS
-from .outputs import AtomicFolder, OutputError, check_file_destination, write_file_atomically
-from .pipeline import DEFAULT_GUIDE, SEEDS, FitConfig, fit_elasticities
-from .plots import write_plots
-from .posterior import predict, summarize, summarize_dispersion
-from .saved import COUNTS_FORMAT, SavedFit, load_fit, save_fit, saved_format
-from .sharding import (
+from ..layers import HIERARCHIES
+from ..model import INTERCEPT_PRIORS
+from ..objectives import GRADIENTS
+from ..outputs import AtomicFolder, OutputError, check_file_destination, write_file_atomically
+from ..pipeline import DEFAULT_GUIDE, SEEDS, FitConfig, fit_elasticities
+from ..plots import write_plots
+from ..posterior import predict, summarize, summarize_dispersion
+from ..saved import COUNTS_FORMAT, SavedFit, load_fit, save_fit, saved_format
+from ..sharding import (
     DistributedConfig,
     ShardingError,
     all_processes_agree,
@@ -73,8 +67,14 @@ from .sharding import (
     make_mesh,
     read_process_panel,
 )
-from .simulate import simulate
-from .stream import GridStore, is_grid, read_grid, write_grid
+from ..simulate import simulate
+from ..stream import GridStore, is_grid, read_grid, write_grid
+from .vocabulary import (
+    check_vocabulary,
+    fit_vocabulary,
+    predict_vocabulary,
+    wants_vocabulary,
+)
 
 USER_ERROR = 2
 
@@ -82,7 +82,7 @@ USER_ERROR = 2
 #: What ``hbjax fit`` writes in its ``--out`` folder (a folder holding none is refused).
 FIT_FILES = (
     *("fit.json", "fit.eqx", "summary.json", "elasticities.csv", "groups.csv", "losses.csv"),
-    "estimates.csv",  # --group a,b or --covariates (hbjax.cli_vocabulary)
+    "estimates.csv",  # --group a,b or --covariates (hbjax.cli.vocabulary)
 )
 #: All a fit folder may hold (``hbjax check`` adds check.csv); anything else is the user's.
 FIT_FOLDER = (*FIT_FILES, "encoding", "labels", "plots", "check.csv")
@@ -1016,7 +1016,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,8 +20,8 @@ import jax
 import numpy as np
 import pandas as pd
 
-from . import __version__
-from .counts import (
+from .. import __version__
+from ..counts import (
     CountData,
     elasticity_terms,
     fit_counts,
@@ -31,13 +31,13 @@ from .counts import (
     predictive_check,
     save_fit,
 )
-from .data import _period_values, duplicate_pair_error, read_table
-from .fit import FitResult
-from .guide_check import NutsCheck, PredictiveCheck, UnitImportance, nuts_check, unit_importance
-from .layers import Centred
-from .outputs import AtomicFolder, write_file_atomically
-from .pipeline import FitConfig
-from .posterior import Summary
+from ..data import _period_values, duplicate_pair_error, read_table
+from ..fit import FitResult
+from ..guide_check import NutsCheck, PredictiveCheck, UnitImportance, nuts_check, unit_importance
+from ..layers import Centred
+from ..outputs import AtomicFolder, write_file_atomically
+from ..pipeline import FitConfig
+from ..posterior import Summary
 
 #: What the vocabulary's fit does not do yet: flag -> whether it was given.
 _NOT_YET = {
@@ -236,7 +236,7 @@ def _write_plots(
     Each product's price elasticity around its finest group, a forest of every group
     level's elasticities, the predictive check per group of the level it was checked at.
     """
-    from .plots import write_hierarchy_plots
+    from ..plots import write_hierarchy_plots
 
     slope = f"log_{args.price}"
     overall = tables[f"{slope}/global"]
