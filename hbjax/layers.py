@@ -139,15 +139,19 @@ class AbstractHierarchy(eqx.Module):
     name: eqx.AbstractClassVar[str]
 
     @abc.abstractmethod
-    def value(self, latent: ArrayLike, parent: ArrayLike, loc: float, scale: float) -> ArrayLike:
+    def value(
+        self, latent: ArrayLike, parent: ArrayLike, loc: ArrayLike, scale: ArrayLike
+    ) -> ArrayLike:
         """The natural-scale value of ``latent``."""
 
     @abc.abstractmethod
-    def latent(self, value: ArrayLike, parent: ArrayLike, loc: float, scale: float) -> ArrayLike:
+    def latent(
+        self, value: ArrayLike, parent: ArrayLike, loc: ArrayLike, scale: ArrayLike
+    ) -> ArrayLike:
         """The latent of a natural-scale value (a starting point, say)."""
 
     def standardised(
-        self, latent: ArrayLike, parent: ArrayLike, loc: float, scale: float
+        self, latent: ArrayLike, parent: ArrayLike, loc: ArrayLike, scale: ArrayLike
     ) -> ArrayLike:
         """``(value - parent) / scale``: standard normal a priori (unit Jacobian)."""
         return (self.value(latent, parent, loc, scale) - parent) / scale
@@ -161,18 +165,22 @@ class NonCentred(AbstractHierarchy):
 
     name: ClassVar[str] = "noncentred"
 
-    def value(self, latent: ArrayLike, parent: ArrayLike, loc: float, scale: float) -> ArrayLike:
+    def value(
+        self, latent: ArrayLike, parent: ArrayLike, loc: ArrayLike, scale: ArrayLike
+    ) -> ArrayLike:
         """``parent + scale * latent``."""
         del loc
         return parent + scale * latent
 
-    def latent(self, value: ArrayLike, parent: ArrayLike, loc: float, scale: float) -> ArrayLike:
+    def latent(
+        self, value: ArrayLike, parent: ArrayLike, loc: ArrayLike, scale: ArrayLike
+    ) -> ArrayLike:
         """``(value - parent) / scale``."""
         del loc
         return (jnp.asarray(value) - parent) / scale
 
     def standardised(
-        self, latent: ArrayLike, parent: ArrayLike, loc: float, scale: float
+        self, latent: ArrayLike, parent: ArrayLike, loc: ArrayLike, scale: ArrayLike
     ) -> ArrayLike:
         """The latent itself."""
         del parent, loc, scale
@@ -189,12 +197,16 @@ class Centred(AbstractHierarchy):
 
     name: ClassVar[str] = "centred"
 
-    def value(self, latent: ArrayLike, parent: ArrayLike, loc: float, scale: float) -> ArrayLike:
+    def value(
+        self, latent: ArrayLike, parent: ArrayLike, loc: ArrayLike, scale: ArrayLike
+    ) -> ArrayLike:
         """``loc + scale * latent``."""
         del parent
         return loc + scale * latent
 
-    def latent(self, value: ArrayLike, parent: ArrayLike, loc: float, scale: float) -> ArrayLike:
+    def latent(
+        self, value: ArrayLike, parent: ArrayLike, loc: ArrayLike, scale: ArrayLike
+    ) -> ArrayLike:
         """``(value - loc) / scale``."""
         del parent
         return (jnp.asarray(value) - loc) / scale
