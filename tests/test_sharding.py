@@ -319,6 +319,36 @@ def test_two_processes_match_one_process(panel_file, tmp_path, batch):
     assert summary["n_obs"] == len(pd.read_parquet(panel_file))
 
 
+@pytest.mark.parametrize("batch", [[], ["--batch-size", "12"]], ids=["grid", "minibatch"])
+def test_a_vocabulary_fit_on_two_processes_equals_one_on_two_devices(tmp_path, batch):
+    """`hbjax fit --group a,b --covariates ... --likelihood negbin` over 2 hosts x 1 device
+    (the grid layout, or minibatched rows drawn per block) runs the program of 1 host x 2
+    devices: identical estimates."""
+    from test_counts import _three_levels
+
+    frame, _ = _three_levels(np.random.default_rng(5), n_units=24, n_weeks=10)
+    frame.to_csv(tmp_path / "sales.csv", index=False)
+    common = ["fit", str(tmp_path / "sales.csv"), "--unit", "sku", "--group", "sub,cat"]
+    common += ["--period", "week", "--price", "price", "--units", "qty", "--covariates"]
+    common += ["promo", "--likelihood", "negbin", "--steps", "40", "--samples", "50"]
+    common += ["--no-progress", *batch]
+    address = f"127.0.0.1:{free_port()}"
+    hosts = ["--coordinator", address, "--num-processes", "2", "--process-id"]
+    procs = [cli(*common, "--out", str(tmp_path / f"p{i}"), *hosts, str(i)) for i in range(2)]
+    two_devices = cli(*common, "--out", str(tmp_path / "two_devices"), devices=2)
+    for proc in (*procs, two_devices):
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err
+    assert not (tmp_path / "p1").exists()  # only process 0 writes
+    pd.testing.assert_frame_equal(
+        pd.read_csv(tmp_path / "p0" / "estimates.csv"),
+        pd.read_csv(tmp_path / "two_devices" / "estimates.csv"),
+    )
+    summary = pd.read_json(tmp_path / "p0" / "summary.json", typ="series")
+    assert summary["devices"] == 2 and summary["processes"] == 2
+    assert summary["batch_size"] == (12 if batch else None)
+
+
 def test_unreachable_coordinator_is_a_bounded_one_line_error(panel_file):
     proc = cli(
         "fit",

@@ -68,8 +68,8 @@ def fit_vocabulary(
     :class:`~hbjax.DataValidationError` for bad input.
     """
     given = [flag for flag, used in _NOT_YET.items() if used(args)]
-    if given or jax.process_count() > 1:
-        what = given[0] if given else "several processes"
+    if given:
+        what = given[0]
         raise ValueError(
             f"{what} is not available with --group a,b,... or --covariates yet; leave it out."
         )
@@ -130,6 +130,7 @@ def fit_vocabulary(
         "predictive_check": {"level": level, **check.to_dict(data.levels[level])},
         "wall_seconds": time.perf_counter() - start,
         "devices": mesh.size,  # type: ignore[attr-defined]
+        "processes": jax.process_count(),
         "hbjax_version": __version__,
         "jax_version": jax.__version__,
         "python_version": platform.python_version(),
