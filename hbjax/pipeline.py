@@ -10,6 +10,7 @@ with your own model, guide or objective.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import equinox as eqx
 import jax
@@ -117,6 +118,18 @@ class FitConfig:
                 "the lowrank guide couples all products and cannot be minibatched; use the "
                 "unitblock or meanfield guide with batch_size."
             )
+        for name in ("particles", "rank", "checkpoint_every", "steps", "batch_size"):
+            value = getattr(self, name)
+            if value is None and name in ("steps", "batch_size"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+        for name, least in (("learning_rate", 0.0), ("mcse", 0.0)):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > least):
+                raise ValueError(f"{name} must be a finite number > 0; got {value!r}.")
+        if not (isinstance(self.alpha, int | float) and math.isfinite(self.alpha)):
+            raise ValueError(f"alpha must be a finite number; got {self.alpha!r}.")
         self.bound()  # checks gradient, alpha and particles together
 
     def max_steps(self, n_units: int) -> int:

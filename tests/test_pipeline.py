@@ -31,6 +31,12 @@ def test_defaults_and_derived_choices():
         ({"gradient": "stl"}, "biased"),
         ({"hierarchy": "flat"}, "hierarchy must be one of"),
         ({"intercept_prior": "mean"}, "intercept_prior must be one of"),
+        ({"particles": 0}, "particles must be a positive integer; got 0"),
+        ({"steps": 0}, "steps must be a positive integer"),
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"learning_rate": -0.01}, "learning_rate must be a finite number > 0"),
+        ({"mcse": 0.0}, "mcse must be a finite number > 0"),
+        ({"alpha": float("nan")}, "alpha must be a finite number"),
     ],
 )
 def test_impossible_configurations_are_refused(options, words):
