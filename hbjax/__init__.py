@@ -18,16 +18,17 @@ _SUBMODULES = frozenset(
     {
         "checkpoint", "cli", "convergence", "data", "diagnostics", "extras", "families",
         "guide", "guide_check", "layers", "likelihood", "loop", "minibatch", "model",
-        "objectives", "outputs", "perf", "pipeline", "plots", "posterior", "saved", "counts",
-        "parallel", "sharding", "step", "stream", "vi",
+        "objectives", "outputs", "panel", "perf", "pipeline", "plots", "posterior", "saved",
+        "counts", "parallel", "sharding", "step", "stream", "vi",
     }
 )  # fmt: skip
 
 #: Public names and the submodule each comes from.
 _EXPORTS = {
     **dict.fromkeys(
-        ["DataValidationError", "DataWarning", "DensePanel", "Encoding", "Panel", "from_file",
-         "from_frame", "read_table"], "data"),
+        ["DataValidationError", "DataWarning", "Encoding", "from_file", "from_frame",
+         "read_table"], "data"),
+    **dict.fromkeys(["DensePanel", "Panel"], "panel"),
     **dict.fromkeys(["AbstractCountLikelihood", "NegativeBinomial", "Poisson"], "families"),
     **dict.fromkeys(
         ["ConvergenceWarning", "FitResult", "NonFiniteLossError", "default_optimizer", "fit"],

@@ -19,8 +19,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from ._types import Array, Bool, CellFloat, Float, Int, ObsFloat, ObsInt, Scalar, UnitFloat
-from .data import DensePanel, Panel
 from .families import AbstractCountLikelihood, Poisson
+from .panel import DensePanel, Panel
 from .parallel.blocks import DATA_AXIS, per_block_segment_sum
 from .parallel.blocks import sum_over_blocks as _sum_over_blocks
 

@@ -31,8 +31,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ._types import AnyArray, Array, Bool, Float, Int, Scalar
-from .data import Panel
 from .families import AbstractCountLikelihood, Poisson
+from .panel import Panel
 from .parallel.blocks import checked_batch_size, checked_block_count, draw_units
 from .parallel.blocks import seed_from_key as seed_from_key
 from .parallel.blocks import sum_over_blocks as _sum_over_blocks

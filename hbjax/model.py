@@ -14,7 +14,6 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int, Scalar
 
 from ._types import LatentLeaf, UnitInt
-from .data import DensePanel, Panel
 from .families import AbstractCountLikelihood, Poisson, make_likelihood
 from .layers import AbstractHierarchy, Nested, Normal, as_hierarchy
 from .likelihood import dense_log_likelihood, panel_log_likelihood
@@ -25,6 +24,7 @@ from .minibatch import (
     slot_log_likelihood,
     slot_log_rate,
 )
+from .panel import DensePanel, Panel
 from .parallel.layouts import AbstractLayout, Auto, Rows
 from .vi.model import AbstractUnitModel
 

@@ -16,7 +16,6 @@ CPU); each process reads only its blocks' rows and builds its part of the global
 from __future__ import annotations
 
 import dataclasses
-import os
 import socket
 import time
 
@@ -26,16 +25,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from .data import (
-    DensePanel,
-    Encoding,
-    Panel,
-    column_roles,
-    encode_rows,
-    from_frame,
-    label_columns,
-    read_table,
-)
+from .panel import DensePanel, Panel
 
 # the parallel core's names, also reachable here (hbjax.sharding is their historical home)
 from .parallel.blocks import DATA_AXIS as DATA_AXIS
@@ -274,39 +264,6 @@ def _dense_panel(panel: Panel, mesh: Mesh, units: np.ndarray, cell_chunk: int) -
     )
 
 
-def read_process_panel(
-    path: str | os.PathLike[str], mesh: Mesh, **columns: str
-) -> tuple[Panel, Encoding]:
-    """This process's part of a panel in a file, for a multi-host run.
-
-    Every process reads the label columns of the whole file and builds the same
-    :class:`~hbjax.Encoding` and block plan; it then reads and validates only the rows of
-    the units in its own devices' blocks (Parquet reads just those rows; CSV is parsed
-    whole and filtered). Pass the result to :func:`shard_panel` with the same mesh.
-
-    Args:
-        path: a CSV or Parquet file.
-        mesh: the global mesh (:func:`make_mesh`).
-        **columns: column names, as in :func:`hbjax.from_frame`.
-    """
-    roles = column_roles(columns)
-    keys = [roles["unit"], roles["group"], roles["period"]]
-    text = label_columns(roles)  # as written: 01 is not 1
-    labels = read_table(path, columns=list(dict.fromkeys(keys)), labels=text)
-    unit_codes, encoding = encode_rows(labels, roles)
-    unit_rows = np.bincount(unit_codes, minlength=len(encoding.units)).astype(np.int32)
-    n_cells = len(encoding.groups) * len(encoding.periods)
-    n_blocks = default_block_count(len(encoding.units), n_cells, mesh.devices.size)
-    units = plan_blocks(unit_rows, n_blocks)
-    local = _local_blocks(mesh, n_blocks)
-    first, last = units[local[0]], units[local[-1] + 1]
-    own = read_table(
-        path, only=(encoding.unit_column, encoding.units[first:last].tolist()), labels=text
-    )
-    panel, _ = from_frame(own, **encoding.columns, encoding=encoding)
-    return dataclasses.replace(panel, unit_rows=unit_rows, n_blocks=n_blocks), encoding
-
-
 def all_processes_agree(ok: bool) -> bool:  # noqa: FBT001
     """Whether ``ok`` holds in every process (``ok`` itself with a single process)."""
     if jax.process_count() == 1:
@@ -401,3 +358,12 @@ def initialize_distributed(config: DistributedConfig) -> None:
             f"of {config.num_processes} within {config.timeout_seconds} s ({first[:200]}); "
             "check that every process uses the same coordinator and that process 0 is running."
         ) from None
+
+
+def __getattr__(name: str) -> object:
+    """``read_process_panel`` lives with the other table readers (:mod:`hbjax.data`)."""
+    if name == "read_process_panel":
+        from .data import read_process_panel
+
+        return read_process_panel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

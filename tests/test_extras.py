@@ -100,6 +100,8 @@ def test_the_layers_fitting_core_and_rows_import_without_pandas_and_every_name_r
     application += ("hbjax.minibatch", "hbjax.counts.frame")
     loaded = [m for m in application if m in sys.modules]
     assert not loaded, loaded
+    import hbjax.model, hbjax.minibatch, hbjax.sharding, hbjax.counts.grid  # the applications
+    assert not [m for m in ("pandas", "pyarrow", "hbjax.data") if m in sys.modules]
     import types
     import hbjax.posterior  # imports the submodules hbjax.fit and hbjax.simulate's users
     import hbjax

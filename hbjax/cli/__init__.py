@@ -37,6 +37,7 @@ from ..data import (
     Panel,
     from_file,
     from_frame,
+    read_process_panel,
     read_table,
 )
 from ..extras import optional_import
@@ -65,7 +66,6 @@ from ..sharding import (
     all_processes_agree,
     initialize_distributed,
     make_mesh,
-    read_process_panel,
 )
 from ..simulate import simulate
 from ..stream import GridStore, is_grid, read_grid, write_grid
