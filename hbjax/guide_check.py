@@ -402,6 +402,11 @@ def nuts_check(
                 }
             )
         )
+    if not rows:
+        raise ValueError(
+            f"{type(model).__name__} reports none of its per-unit latents (reported_leaves): "
+            "nothing for NUTS to compare."
+        )
     return NutsCheck(pd.concat(rows, ignore_index=True), num_shared, draws, int(np.sum(divergent)))
 
 

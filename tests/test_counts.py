@@ -475,6 +475,16 @@ def test_hbjax_check_of_a_vocabulary_fit_tells_good_from_bad(tmp_path, capsys):
     )
     assert importance.verdict.startswith("poor") and nuts.verdict.startswith("poor")
     assert nuts.sd_ratio < 0.3 and importance.share_poor > 0.4
+    no_price = _skus(frame, slopes=[Slope("promo", over=("cat",))], period="week")
+    with jax.numpy_dtype_promotion("standard"):
+        fitted = hbjax.counts.fit_counts(no_price, hbjax.FitConfig(steps=20, progress=False))
+    hbjax.counts.save_fit(no_price, fitted, tmp_path / "no_price")
+    assert main(["check", str(tmp_path / "no_price"), str(tmp_path / "sales.csv")]) == 2
+    assert "no per-product log slope" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="nothing for NUTS to compare"):  # no reported unit leaf
+        nuts_check(
+            fitted.model, fitted.guide, no_price.rows, key=key, num_units=2, warmup=10, draws=20
+        )
     other = frame.assign(sku=frame["sku"].str.upper())  # another table: refused, named
     other.to_csv(tmp_path / "other.csv", index=False)
     assert main(["check", str(out), str(tmp_path / "other.csv")]) == 2

@@ -184,6 +184,12 @@ def check_vocabulary(
     """
     saved = load_fit(args.fit_dir)
     spec, fitted = saved.data.spec, saved.data
+    price = next((s for s in spec.slopes if s.log and "unit" in s.over), None)
+    if price is None:
+        raise ValueError(
+            f"{args.fit_dir!r} has no per-product log slope (a price) to check; hbjax check "
+            "compares products' price elasticities with NUTS."
+        )
     frame = read_table(args.file)
     if spec.period is not None and spec.period in frame.columns:
         frame[spec.period] = _period_values(frame, spec.period)
@@ -210,7 +216,6 @@ def check_vocabulary(
         warmup=args.warmup,
         draws=args.draws,
     )
-    price = next(s for s in spec.slopes if s.log and "unit" in s.over)
     layer = model.slopes[price.name]
     table = nuts.table[nuts.table["leaf"] == f"slopes['{price.name}']['unit']"].copy()
     table.insert(0, spec.unit, fitted.units[table.pop("unit").to_numpy()])
