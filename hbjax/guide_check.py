@@ -410,6 +410,20 @@ def nuts_check(
     return NutsCheck(pd.concat(rows, ignore_index=True), num_shared, draws, int(np.sum(divergent)))
 
 
+def on_value_scale(table: pd.DataFrame, loc: float, scale: float, leaf: str) -> pd.DataFrame:
+    """A :class:`NutsCheck` table of a latent ``v`` restated for the value ``loc + scale v``.
+
+    Means, quantiles and medians map affinely, sds scale; ratios and coverage are the same.
+    """
+    table = table.copy()
+    for column in ("mean", "q05", "q95", "nuts_mean", "nuts_median"):
+        table[column] = loc + scale * table[column]
+    for column in ("sd", "nuts_sd"):
+        table[column] = scale * table[column]
+    table["leaf"] = leaf
+    return table
+
+
 #: The predictive check flags a statistic whose observed value is beyond this tail
 #: probability of its replicated values (either side) ...
 PREDICTIVE_TAIL = 0.01
@@ -665,6 +679,7 @@ __all__ = [
     "UnitImportance",
     "nuts_check",
     "predictive_check",
+    "on_value_scale",
     "predictive_table",
     "unit_block_moments",
     "unit_importance",

@@ -482,11 +482,8 @@ class ElasticityModel(AbstractUnitModel):
         group = jnp.where(members > 0, group, beta_0)
         zeros = super().init_latents(panel)
         # the global latent starts at its prior mean beta_0, the groups' parent
-        how, scale_c, scale_i = (
-            self.hierarchy,
-            self.group_elasticity.scale,
-            self.unit_elasticity.scale,
-        )
+        how = self.hierarchy
+        scale_c, scale_i = self.group_elasticity.scale, self.unit_elasticity.scale
         return ElasticityLatents(
             global_elasticity=zeros.global_elasticity,
             group_elasticity=how.latent(group, beta_0, beta_0, scale_c),

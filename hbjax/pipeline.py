@@ -124,9 +124,9 @@ class FitConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}.")
-        for name, least in (("learning_rate", 0.0), ("mcse", 0.0)):
+        for name in ("learning_rate", "mcse"):
             value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value > least):
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0; got {value!r}.")
         if not (isinstance(self.alpha, int | float) and math.isfinite(self.alpha)):
             raise ValueError(f"alpha must be a finite number; got {self.alpha!r}.")

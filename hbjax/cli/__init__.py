@@ -49,6 +49,7 @@ from ..guide_check import (
     PredictiveCheck,
     UnitImportance,
     nuts_check,
+    on_value_scale,
     predictive_check,
     unit_importance,
 )
@@ -913,11 +914,7 @@ def _elasticity_table(saved: SavedFit, table: pd.DataFrame, encoding: Encoding) 
     model = saved.model
     if saved.info["hierarchy"] == "centred":  # beta_i = beta_0 + scale u_i
         loc, scale = float(model.global_elasticity.loc), float(model.unit_elasticity.scale)
-        for column in ("mean", "q05", "q95", "nuts_mean", "nuts_median"):
-            table[column] = loc + scale * table[column]
-        for column in ("sd", "nuts_sd"):
-            table[column] = scale * table[column]
-        table["leaf"] = "elasticity"
+        return on_value_scale(table, loc, scale, "elasticity")
     return table
 
 

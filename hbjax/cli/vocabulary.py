@@ -33,7 +33,14 @@ from ..counts import (
 )
 from ..data import _period_values, duplicate_pair_error, read_table
 from ..fit import FitResult
-from ..guide_check import NutsCheck, PredictiveCheck, UnitImportance, nuts_check, unit_importance
+from ..guide_check import (
+    NutsCheck,
+    PredictiveCheck,
+    UnitImportance,
+    nuts_check,
+    on_value_scale,
+    unit_importance,
+)
 from ..layers import Centred
 from ..outputs import AtomicFolder, write_file_atomically
 from ..pipeline import FitConfig
@@ -159,9 +166,7 @@ def predict_vocabulary(args: argparse.Namespace, out: Path) -> str:
     data, spec = saved.data, saved.data.spec
     levels = {spec.unit: data.units, **data.levels}
     text = [column for column, labels in levels.items() if labels.dtype == object]
-    frame = read_table(args.prices, labels=text)
-    if spec.period is not None and spec.period in frame.columns:
-        frame[spec.period] = _period_values(frame, spec.period)
+    frame = _with_periods(read_table(args.prices, labels=text), spec.period)
     predictions = predict(
         data, saved.guide, frame, num_samples=args.samples, key=jax.random.key(args.seed)
     )
@@ -190,10 +195,7 @@ def check_vocabulary(
             f"{args.fit_dir!r} has no per-product log slope (a price) to check; hbjax check "
             "compares products' price elasticities with NUTS."
         )
-    frame = read_table(args.file)
-    if spec.period is not None and spec.period in frame.columns:
-        frame[spec.period] = _period_values(frame, spec.period)
-    data = spec.data(frame)
+    data = spec.data(_with_periods(read_table(args.file), spec.period))
     for name, here, there in (
         ("units", data.units, fitted.units),
         *((f"{level} labels", data.levels[level], fitted.levels[level]) for level in data.levels),
@@ -220,12 +222,7 @@ def check_vocabulary(
     table = nuts.table[nuts.table["leaf"] == f"slopes['{price.name}']['unit']"].copy()
     table.insert(0, spec.unit, fitted.units[table.pop("unit").to_numpy()])
     if isinstance(layer.hierarchy, Centred):  # b_i = loc + scale v_i: the elasticity itself
-        loc, scale = float(layer.top.loc), float(layer.unit_scale)
-        for column in ("mean", "q05", "q95", "nuts_mean", "nuts_median"):
-            table[column] = loc + scale * table[column]
-        for column in ("sd", "nuts_sd"):
-            table[column] = scale * table[column]
-        table["leaf"] = "elasticity"
+        table = on_value_scale(table, float(layer.top.loc), float(layer.unit_scale), "elasticity")
     return table.reset_index(drop=True), nuts, importance
 
 
@@ -264,6 +261,13 @@ def _write_plots(
         predictive=check,
         predictive_groups=[str(label) for label in data.levels[check_level]],
     )
+
+
+def _with_periods(frame: pd.DataFrame, period: str | None) -> pd.DataFrame:
+    """``frame`` with its period column (if any) parsed as the fit parsed it."""
+    if period is not None and period in frame.columns:
+        frame[period] = _period_values(frame, period)
+    return frame
 
 
 def _rows(table: pd.DataFrame) -> dict[str, float]:
