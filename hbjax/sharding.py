@@ -29,13 +29,16 @@ from .panel import DensePanel, Panel
 
 # the parallel core's names, also reachable here (hbjax.sharding is their historical home)
 from .parallel.blocks import DATA_AXIS as DATA_AXIS
+from .parallel.blocks import MAX_CELL_CHUNK as MAX_CELL_CHUNK
 from .parallel.blocks import ShardingError as ShardingError
 from .parallel.blocks import (
     _block_rows,
     _local_blocks,
     checked_block_count,
 )
+from .parallel.blocks import _block_slots as _block_slots
 from .parallel.blocks import default_block_count as default_block_count
+from .parallel.blocks import default_cell_chunk as default_cell_chunk
 from .parallel.blocks import make_mesh as make_mesh
 from .parallel.blocks import plan_blocks as plan_blocks
 from .parallel.blocks import replicate as replicate
@@ -162,39 +165,6 @@ def _sum_over_processes(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return values
     gathered = multihost_utils.process_allgather(values)
     return {name: np.asarray(v).sum(axis=0) for name, v in gathered.items()}
-
-
-#: Most slots a dense grid's cell sums add at once per chunk (see :func:`slot_plan`).
-MAX_CELL_CHUNK = 64
-#: Most padding the chunked slot layout may add, as a share of the units.
-_CHUNK_PADDING = 0.1
-
-
-def default_cell_chunk(unit_group: np.ndarray, units: np.ndarray, platform: str = "gpu") -> int:
-    """Slots per chunk of the dense grid for a backend (``platform``: ``"cpu"``, ``"gpu"``...).
-
-    On CPU 1: there the padding costs more than the shorter scatter saves (measured on 2
-    cores: chunks of 64 at 100k products, 7% fewer iterations/s). Elsewhere the largest power of two
-    <= :data:`MAX_CELL_CHUNK` whose padding (each block's run of each group rounded up to
-    whole chunks) grows the grid by at most 10%. Depends on the data, the block plan and
-    the backend, never on the device count, so every device count gives the same sums.
-    """
-    if platform == "cpu":
-        return 1
-    unpadded = _block_slots(unit_group, units, 1)
-    chunk = MAX_CELL_CHUNK
-    while chunk > 1 and _block_slots(unit_group, units, chunk) > (1 + _CHUNK_PADDING) * unpadded:
-        chunk //= 2
-    return chunk
-
-
-def _block_slots(unit_group: np.ndarray, units: np.ndarray, chunk: int) -> int:
-    """Slots per block of :func:`slot_plan`'s layout (the longest block's padded runs)."""
-    blocks = np.repeat(np.arange(len(units) - 1), np.diff(units))
-    n_groups = int(unit_group.max(initial=0)) + 1
-    run_units = np.bincount(blocks * n_groups + unit_group, minlength=(len(units) - 1) * n_groups)
-    padded = (-(-run_units // chunk) * chunk).reshape(len(units) - 1, n_groups).sum(axis=1)
-    return int(max(padded.max(initial=0), chunk))
 
 
 def _dense_panel(panel: Panel, mesh: Mesh, units: np.ndarray, cell_chunk: int) -> DensePanel:

@@ -338,6 +338,12 @@ def test_the_grid_layout_equals_the_rows(options):
     value_and_grad = jax.jit(jax.value_and_grad(model.log_likelihood))
     value, grad = value_and_grad(z, data.rows)
     on = {n: value_and_grad(z, data.grid(hbjax.make_mesh(n), n_blocks=4)) for n in (1, 2, 4)}
+    # a GPU's layout: 4 slots summed before each cell scatter, where one key fills them
+    chunked = data.grid(hbjax.make_mesh(2), n_blocks=4, cell_chunk=4)
+    assert chunked.cell_chunk == {"cat:week": 4, "week": 4, "store:week": 1}
+    unchunked = data.grid(hbjax.make_mesh(2), n_blocks=4)
+    assert chunked.observed.shape[0] > unchunked.observed.shape[0]  # padded runs
+    on["chunked"] = value_and_grad(z, chunked)
     for got, got_grad in on.values():
         assert abs(float(got) - float(value)) < 1e-6 * abs(float(value))
         for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(got_grad), strict=True):
@@ -367,9 +373,9 @@ def test_rows_that_do_not_fit_the_grid_are_named_and_fitted_as_rows():
     for grid in ("grid", Dense()):  # asked for by name or module: refused with the reason
         with pytest.raises(hbjax.counts.GridError, match="more than one row"):
             hbjax.counts.fit_counts(twice, config, layout=grid)
-    with pytest.raises(ValueError, match="no cell_chunk"):
-        hbjax.counts.fit_counts(twice, config, layout=Dense(cell_chunk=4))
     assert hbjax.counts.fit_counts(twice, config).steps == 20  # auto: the rows
+    once = from_frame(frame, period="week", **terms)  # a GPU's chunked grid, asked for
+    assert hbjax.counts.fit_counts(once, config, layout=Dense(cell_chunk=4)).steps == 20
     with pytest.raises(ValueError, match="full-batch"):
         hbjax.counts.fit_counts(twice, hbjax.FitConfig(steps=20, batch_size=8), layout="grid")
 

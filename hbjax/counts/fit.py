@@ -33,7 +33,8 @@ def fit_counts(
 
     ``layout`` (:mod:`hbjax.parallel.layouts`, a module or its name): ``Dense()`` or
     ``"grid"`` (the dense kernel on :meth:`CountData.grid`: full batch, needs
-    ``from_frame(..., period=)``; no ``cell_chunk`` yet), ``Rows()`` or ``"rows"``, or
+    ``from_frame(..., period=)``; ``Dense(cell_chunk=k)`` sums ``k`` slots before each
+    effect's scatter, by default 1 on CPU and up to 64 on a GPU), ``Rows()`` or ``"rows"``, or
     ``Auto()``/``"auto"`` (default): the grid for a full-batch fit with one row per unit
     and period that fills at least ``Auto().min_fill`` of the unit x period cells, else
     the rows. A resume should keep the layout: the sums' order, and so the last bits,
@@ -96,8 +97,6 @@ def _placed(
 ) -> object:
     """The data ``fit`` gets: a placed grid, or the host rows (placed or sampled by ``fit``)."""
     layout = as_layout("dense" if layout == "grid" else layout)
-    if isinstance(layout, Dense | Auto) and layout.cell_chunk is not None:
-        raise ValueError("the count grid takes no cell_chunk (yet); leave it out.")
     if isinstance(layout, Dense) and batch_size is not None:
         raise ValueError("the grid layout is for full-batch fits; minibatches draw rows.")
     if isinstance(layout, Rows) or batch_size is not None:
@@ -105,7 +104,7 @@ def _placed(
     if isinstance(layout, Auto) and isinstance(layout.choose(data.grid_fill), Rows):
         return data.rows
     try:
-        return data.grid(mesh)
+        return data.grid(mesh, cell_chunk=layout.cell_chunk)
     except GridError:
         if isinstance(layout, Dense):  # asked for by name: say why not
             raise

@@ -152,8 +152,12 @@ class CountData:
     periods: pd.Index | None = None
     spec: CountSpec | None = None
 
-    def grid(self, mesh: Mesh, *, n_blocks: int | None = None) -> CountGrid:
+    def grid(
+        self, mesh: Mesh, *, n_blocks: int | None = None, cell_chunk: int | None = None
+    ) -> CountGrid:
         """The rows placed on ``mesh`` as a ``[unit, period]`` grid (the fast layout).
+
+        ``n_blocks`` and ``cell_chunk``: as :func:`~hbjax.counts.grid.place_grid` says.
 
         Raises:
             GridError: no ``period=`` was given, or a unit has two rows in a period; fit
@@ -173,7 +177,13 @@ class CountData:
                 "rows instead, or add the rows up)."
             )
         return place_grid(
-            self.model, self.rows, self.period, len(self.periods), mesh, n_blocks=n_blocks
+            self.model,
+            self.rows,
+            self.period,
+            len(self.periods),
+            mesh,
+            n_blocks=n_blocks,
+            cell_chunk=cell_chunk,
         )
 
     @property

@@ -37,6 +37,7 @@ from ..parallel.blocks import (
     _local_blocks,
     checked_block_count,
     default_block_count,
+    default_cell_chunk,
     per_block_segment_sum,
     plan_blocks,
     replicate,
@@ -72,6 +73,10 @@ class CountGrid(eqx.Module):
         constant: ``sum y * offset - sum log y!`` (Poisson), ``- sum log y!`` (others).
         n_units: units.
         n_blocks: blocks of whole units.
+        cell_chunk: per effect, slots summed together before its per-cell scatter (1:
+            none). The slots go by the first effect's key, each run of a key padded to
+            whole chunks (:func:`~hbjax.parallel.blocks.slot_plan`); an effect whose key
+            varies within a chunk (a finer one) scatters every slot.
         mesh: the mesh the grid is placed on.
     """
 
@@ -88,6 +93,7 @@ class CountGrid(eqx.Module):
     constant: Float[AnyArray, ""]
     n_units: int = eqx.field(static=True)
     n_blocks: int = eqx.field(static=True)
+    cell_chunk: dict[str, int] = eqx.field(static=True)
     mesh: Mesh = eqx.field(static=True)
 
 
@@ -125,6 +131,7 @@ def place_grid(
     mesh: Mesh,
     *,
     n_blocks: int | None = None,
+    cell_chunk: int | None = None,
 ) -> CountGrid:
     """Place host ``rows`` of ``model`` on ``mesh`` as a grid of ``[slot, period]``.
 
@@ -136,6 +143,10 @@ def place_grid(
         mesh: a one-axis ``"data"`` mesh.
         n_blocks: blocks of whole units (default
             :func:`~hbjax.parallel.blocks.default_block_count`).
+        cell_chunk: slots summed together before the per-cell scatter of the effects (see
+            :class:`CountGrid`); default
+            :func:`~hbjax.parallel.blocks.default_cell_chunk` for the mesh's backend (1 on
+            CPU: none; on a GPU up to 64, fewer atomic adds onto few cells).
 
     Raises:
         GridError: two rows of one unit in one period.
@@ -155,7 +166,9 @@ def place_grid(
     unit_rows = np.bincount(unit, minlength=n_units)
     units = plan_blocks(unit_rows, n_blocks)
     first_key = next(iter(keys.values()))[0] if keys else np.zeros(n_units, np.int32)
-    slots, slot_of_unit, block_slot_unit = slot_plan(first_key, units, 1)
+    if cell_chunk is None:
+        cell_chunk = default_cell_chunk(first_key, units, mesh.devices.flat[0].platform)
+    slots, slot_of_unit, block_slot_unit = slot_plan(first_key, units, cell_chunk)
     block_of_unit = np.repeat(np.arange(n_blocks), np.diff(units))
     local = _local_blocks(mesh, n_blocks)
     position = np.full(n_blocks, -1, np.int64)
@@ -183,6 +196,9 @@ def place_grid(
         "slot_unit": slot_unit.astype(np.int32),
         "slot_key": {e: k[slot_unit].astype(np.int32) for e, (k, _) in keys.items()},
     }
+    chunks = {e: k.reshape(-1, cell_chunk) for e, k in host["slot_key"].items()}
+    whole = {e: bool(np.all(c == c[:, :1])) for e, c in chunks.items()}
+    effect_chunk = _all_processes({e: cell_chunk if ok else 1 for e, ok in whole.items()})
     if "offset" in columns:
         host["offset"] = on_grid(columns["offset"])
     poisson = isinstance(model.likelihood, Poisson) and model.zero_inflation is None
@@ -211,8 +227,20 @@ def place_grid(
         **replicate(stats, mesh),
         n_units=n_units,
         n_blocks=n_blocks,
+        cell_chunk=effect_chunk,
         mesh=mesh,
     )
+
+
+def _all_processes(effect_chunk: dict[str, int]) -> dict[str, int]:
+    """Each effect's chunk where every process's slots allow it, else 1 (one program)."""
+    if jax.process_count() == 1:
+        return effect_chunk
+    from jax.experimental import multihost_utils
+
+    values = np.asarray(list(effect_chunk.values()), np.int32)
+    lowest = np.min(multihost_utils.process_allgather(values), axis=0)
+    return dict(zip(effect_chunk, (int(v) for v in lowest), strict=True))
 
 
 def _table_or_none(table: np.ndarray) -> np.ndarray | None:
@@ -307,13 +335,18 @@ def _cell_terms(
 
 
 def _block_partials(
-    params: dict, arrays: dict, likelihood: AbstractCountLikelihood | None, n_blocks: int
+    params: dict,
+    arrays: dict,
+    likelihood: AbstractCountLikelihood | None,
+    n_blocks: int,
+    cell_chunk: dict[str, int],
 ) -> tuple[dict, float]:
     """What the value and gradient need from ``n_blocks`` consecutive blocks of slots.
 
     Per block: the sum of the terms (``"value"``), the per-key effect sums (``"g"``) and
     the zero-inflation derivative (``"w"``); per slot: the intercept's, slopes' and
     dispersion's derivatives (``"a"``, ``"b"``, ``"p"``). All times ``sign`` (returned).
+    An effect's sums add each chunk of ``cell_chunk[effect]`` slots (one key) first.
     """
     terms, d, sign = _cell_terms(params, arrays, likelihood)
     d_eta = d["eta"]
@@ -327,8 +360,7 @@ def _block_partials(
         "b": {k: jnp.sum(d_eta * arrays["x"][k], axis=1) for k in params["b"]},
         "g": {
             e: per_block_segment_sum(
-                d_eta,
-                arrays["slot_key"][e],
+                *_chunked(d_eta, arrays["slot_key"][e], cell_chunk[e]),
                 n_blocks,
                 table.shape[0],
                 indices_are_sorted=i == 0,  # the slots go by the first effect's key
@@ -341,6 +373,15 @@ def _block_partials(
     if "w" in params:
         out["w"] = per_block(d["w"])
     return out, sign
+
+
+def _chunked(
+    values: Float[Array, "slot period"], key: Int[Array, " slot"], chunk: int
+) -> tuple[Float[Array, "chunk period"], Int[Array, " chunk"]]:
+    """``values`` summed over each run of ``chunk`` slots (one key), and each run's key."""
+    if chunk == 1:
+        return values, key
+    return values.reshape(-1, chunk, values.shape[1]).sum(axis=1), key[::chunk]
 
 
 @eqx.filter_custom_vjp
@@ -364,7 +405,7 @@ def _grid_forward(params: dict, grid: CountGrid, likelihood: Any) -> tuple[Scala
     per_device = n_blocks // mesh.devices.size
 
     def local(params: dict, arrays: dict) -> tuple[Scalar, PyTree]:
-        parts, sign = _block_partials(params, arrays, likelihood, per_device)
+        parts, sign = _block_partials(params, arrays, likelihood, per_device, grid.cell_chunk)
         su = arrays["slot_unit"]
 
         def by_unit(per_slot: Array) -> Array:

@@ -243,6 +243,39 @@ def slot_plan(
     return slots, slot_of_unit, slot_unit
 
 
+#: Most slots a dense grid's cell sums add at once per chunk (see :func:`slot_plan`).
+MAX_CELL_CHUNK = 64
+#: Most padding the chunked slot layout may add, as a share of the units.
+_CHUNK_PADDING = 0.1
+
+
+def default_cell_chunk(unit_group: np.ndarray, units: np.ndarray, platform: str = "gpu") -> int:
+    """Slots per chunk of the dense grid for a backend (``platform``: ``"cpu"``, ``"gpu"``...).
+
+    On CPU 1: there the padding costs more than the shorter scatter saves (measured on 2
+    cores: chunks of 64 at 100k products, 7% fewer iterations/s). Elsewhere the largest power of two
+    <= :data:`MAX_CELL_CHUNK` whose padding (each block's run of each group rounded up to
+    whole chunks) grows the grid by at most 10%. Depends on the data, the block plan and
+    the backend, never on the device count, so every device count gives the same sums.
+    """
+    if platform == "cpu":
+        return 1
+    unpadded = _block_slots(unit_group, units, 1)
+    chunk = MAX_CELL_CHUNK
+    while chunk > 1 and _block_slots(unit_group, units, chunk) > (1 + _CHUNK_PADDING) * unpadded:
+        chunk //= 2
+    return chunk
+
+
+def _block_slots(unit_group: np.ndarray, units: np.ndarray, chunk: int) -> int:
+    """Slots per block of :func:`slot_plan`'s layout (the longest block's padded runs)."""
+    blocks = np.repeat(np.arange(len(units) - 1), np.diff(units))
+    n_groups = int(unit_group.max(initial=0)) + 1
+    run_units = np.bincount(blocks * n_groups + unit_group, minlength=(len(units) - 1) * n_groups)
+    padded = (-(-run_units // chunk) * chunk).reshape(len(units) - 1, n_groups).sum(axis=1)
+    return int(max(padded.max(initial=0), chunk))
+
+
 def per_block_segment_sum(
     values: Float[Array, " item *rest"],
     segment_ids: Int[Array, " item"],
@@ -313,6 +346,8 @@ __all__ = [
     "DATA_AXIS",
     "ShardingError",
     "default_block_count",
+    "default_cell_chunk",
+    "MAX_CELL_CHUNK",
     "draw_units",
     "make_mesh",
     "per_block_segment_sum",

@@ -51,7 +51,7 @@ class Dense(AbstractLayout):
     Attributes:
         cell_chunk: slots summed together before the per-cell scatter
             (:func:`hbjax.sharding.slot_plan`); ``None``: the backend's default
-            (:func:`hbjax.sharding.default_cell_chunk`: 1 on CPU, none needed).
+            (:func:`hbjax.parallel.blocks.default_cell_chunk`: 1 on CPU, none needed).
     """
 
     name: ClassVar[str] = "dense"
