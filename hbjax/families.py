@@ -197,6 +197,30 @@ LIKELIHOODS: dict[str, type[AbstractCountLikelihood]] = {
 }
 
 
+#: The article's log-rate clip (``hbjax fit --clip``).
+ARTICLE_CLIP = (-4.0, 20.0)
+
+
+def checked_clip(clip: tuple[float, float] | None) -> tuple[float, float] | None:
+    """``clip`` as floats ``(lo, hi)`` with ``lo < hi`` (``None``: no clip).
+
+    The log-rate clip of the article (``(-4, 20)``): rates outside it are taken at its
+    edges, and their gradients are then 0.
+
+    Raises:
+        ValueError: not two numbers with ``lo < hi``.
+    """
+    if clip is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in clip)
+    except (TypeError, ValueError):
+        raise ValueError(f"clip_log_rate must be (lo, hi); got {clip!r}.") from None
+    if not lo < hi:
+        raise ValueError(f"clip_log_rate must be (lo, hi) with lo < hi; got {clip!r}.")
+    return lo, hi
+
+
 def make_likelihood(likelihood: str | AbstractCountLikelihood) -> AbstractCountLikelihood:
     """A likelihood module from its name (``"poisson"``, ``"negbin"``) or itself."""
     if isinstance(likelihood, AbstractCountLikelihood):
@@ -210,6 +234,8 @@ def make_likelihood(likelihood: str | AbstractCountLikelihood) -> AbstractCountL
 
 
 __all__ = [
+    "ARTICLE_CLIP",
+    "checked_clip",
     "LIKELIHOODS",
     "AbstractCountLikelihood",
     "NegativeBinomial",

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int, Scalar
 
 from ._types import LatentLeaf, UnitInt
-from .families import AbstractCountLikelihood, Poisson, make_likelihood
+from .families import AbstractCountLikelihood, Poisson, checked_clip, make_likelihood
 from .layers import AbstractHierarchy, Nested, Normal, as_hierarchy
 from .likelihood import dense_log_likelihood, panel_log_likelihood
 from .minibatch import (
@@ -172,14 +172,7 @@ class ElasticityModel(AbstractUnitModel):
         self.unit_elasticity = Nested(unit_scale, index=unit_group)
         self.unit_effect = Normal(0.0, effect_scale, (int(unit_group.shape[0]),))
         self.group_period_effect = Normal(0.0, group_period_scale, (n_groups * n_periods,))
-        if clip_log_rate is not None:
-            lo, hi = (float(v) for v in clip_log_rate)
-            if not lo < hi:
-                raise ValueError(
-                    f"clip_log_rate must be (lo, hi) with lo < hi; got {clip_log_rate}."
-                )
-            clip_log_rate = (lo, hi)
-        self.clip_log_rate = clip_log_rate
+        self.clip_log_rate = checked_clip(clip_log_rate)
         self.price_centre = _per_unit("price_centre", price_centre, unit_group.shape)
         self.intercept_prior_price = _per_unit(
             "intercept_prior_price", intercept_prior_price, unit_group.shape

@@ -22,7 +22,7 @@ from . import checkpoint
 from ._types import PyTree
 from .convergence import Convergence
 from .data import Panel
-from .families import LIKELIHOODS, AbstractCountLikelihood
+from .families import ARTICLE_CLIP, LIKELIHOODS, AbstractCountLikelihood
 from .fit import FitResult, default_optimizer, fit
 from .guide import GUIDES, AbstractGuide, inverse_softplus, make_guide
 from .layers import HIERARCHIES
@@ -206,7 +206,7 @@ def fit_elasticities(
     stats = panel.stats if isinstance(panel, GridStore) else panel
     steps = config.max_steps(stats.n_units)
     options: dict[str, object] = {
-        "clip_log_rate": (-4.0, 20.0) if config.clip else None,
+        "clip_log_rate": ARTICLE_CLIP if config.clip else None,
         "likelihood": config.likelihood,
     }
     optimizer = default_optimizer(config.learning_rate)

@@ -380,11 +380,53 @@ def test_rows_that_do_not_fit_the_grid_are_named_and_fitted_as_rows():
         hbjax.counts.fit_counts(twice, hbjax.FitConfig(steps=20, batch_size=8), layout="grid")
 
 
+def test_centring_is_a_reparametrisation_and_the_clip_clips():
+    """`centre=False` takes the intercepts at covariates 0: at the same usual intercepts
+    (a - b c) the log joint is the same, prior included. `clip_log_rate` clips every row's
+    log rate (the unclipped model's, clipped by NumPy), keeps the grid out and is saved."""
+    frame, _ = _three_levels(np.random.default_rng(6), n_units=30, n_weeks=8)
+    terms = {
+        "slopes": [Slope("price", log=True, over=("unit", "sub")), Slope("promo", over=("cat",))],
+        "effects": [Effect(("cat", "week"))],
+        "period": "week",
+    }
+    centred, raw = _skus(frame, **terms), _skus(frame, centre=False, **terms)
+    assert not raw.model.centre_covariates and not np.any(raw.model.centre("log_price"))
+    typical = centred.model.table.centre["log_price"]  # kept: predict's warnings need it
+    np.testing.assert_array_equal(raw.model.table.centre["log_price"], typical)
+    np.testing.assert_array_equal(centred.model.centre("log_price"), typical)
+    assert not np.allclose(typical, 0)
+    z = _random_latents(centred.model.latent_shapes(), 1, 0.3)
+    usual = centred.model.linear_values(z).intercept  # a - sum_k b_k c_k
+    z_raw = eqx.tree_at(
+        lambda v: v.intercept, z, (usual - raw.model.intercept.loc) / raw.model.intercept.scale
+    )
+    np.testing.assert_allclose(raw.model.intercept(z_raw.intercept), usual, rtol=1e-5)
+    joint = jax.jit(lambda m, z, rows: m.log_joint(z, rows))
+    value = float(joint(centred.model, z, centred.rows))
+    assert float(joint(raw.model, z_raw, raw.rows)) == pytest.approx(value, rel=1e-6)
+
+    clip = (-1.0, 1.5)
+    clipped = _skus(frame, clip_log_rate=clip, **terms)
+    assert clipped.spec.clip_log_rate == clip and clipped.model.clip_log_rate == clip
+    log_rate = np.asarray(centred.model.log_rate(z, centred.rows), np.float64)
+    assert np.mean(log_rate < clip[0]) > 0.05 and np.mean(log_rate > clip[1]) > 0.05
+    y = np.asarray(centred.rows.columns["counts"], np.float64)
+    rate = np.clip(log_rate, *clip)
+    expected = np.sum(y * rate - np.exp(rate) - special.gammaln(y + 1))
+    got = float(clipped.model.log_likelihood(z, clipped.rows))
+    assert got == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(hbjax.counts.GridError, match="clipped log rate"):
+        clipped.grid(hbjax.make_mesh())
+    with pytest.raises(ValueError, match="lo < hi"):
+        _skus(frame, clip_log_rate=(2.0, 1.0), **terms)
+
+
 @pytest.mark.usefixtures("standard_promotion")
 def test_cli_speaks_the_vocabulary(tmp_path, capsys):
     """`hbjax fit --group sub,cat --covariates promo --likelihood negbin` fits the
-    vocabulary's model and reports the dispersion with its interval; flags it cannot honour
-    yet are refused in one line."""
+    vocabulary's model and reports the dispersion with its interval; `--clip` and
+    `--no-centring` are the article's options there too."""
     from hbjax.cli import main
 
     frame, truth = _three_levels(np.random.default_rng(2), n_units=48, n_weeks=16)
@@ -436,13 +478,19 @@ def test_cli_speaks_the_vocabulary(tmp_path, capsys):
     assert check["flagged"] == ["dispersion_index"]
     index = check["dispersion_index"]
     assert index["observed"] > 2 * index["replicated"]
-    assert main([*common, "--clip", "--out", str(tmp_path / "other")]) == 2
-    assert "--clip is not available with --group a,b" in capsys.readouterr().err
-    assert not (tmp_path / "other").exists()
+    # the article's options: intercepts at log price 0, the log rate clipped (on rows)
+    article = [*common, "--clip", "--no-centring", "--steps", "60", "--samples", "50"]
+    assert main([*article, "--no-progress", "--out", str(tmp_path / "article")]) == 0
+    report = json.loads((tmp_path / "article" / "summary.json").read_text())
+    assert report["centring"] is False and report["clip_log_rate"] == [-4.0, 20.0]
+    model = hbjax.counts.load_fit(tmp_path / "article").data.model
+    assert model.clip_log_rate == (-4.0, 20.0)
+    assert not model.centre_covariates
     twice = pd.concat([frame, frame.iloc[:1]])
     twice.to_csv(table, index=False)
-    assert main([*common, "--out", str(tmp_path / "other")]) == 2
+    assert main([*common, "--out", str(tmp_path / "twice")]) == 2
     assert "appears more than once" in capsys.readouterr().err
+    assert not (tmp_path / "twice").exists()
 
 
 @pytest.mark.usefixtures("standard_promotion")

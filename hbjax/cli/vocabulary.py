@@ -32,6 +32,7 @@ from ..counts import (
     save_fit,
 )
 from ..data import _period_values, duplicate_pair_error, read_table
+from ..families import ARTICLE_CLIP
 from ..fit import FitResult
 from ..guide_check import (
     NutsCheck,
@@ -45,12 +46,6 @@ from ..layers import Centred
 from ..outputs import AtomicFolder, write_file_atomically
 from ..pipeline import FitConfig
 from ..posterior import Summary
-
-#: What the vocabulary's fit does not do yet: flag -> whether it was given.
-_NOT_YET = {
-    "--clip": lambda a: a.clip,
-    "--no-centring": lambda a: a.no_centring,
-}
 
 
 def wants_vocabulary(args: argparse.Namespace) -> bool:
@@ -71,15 +66,10 @@ def fit_vocabulary(
     """Fit the table with the vocabulary's model and write its outputs into ``folder``.
 
     Returns the report (``summary.json``) and the posterior predictive check. Raises
-    ``ValueError`` for flags it cannot honour yet (named) and
-    :class:`~hbjax.DataValidationError` for bad input.
+    ``ValueError`` for bad flags and :class:`~hbjax.DataValidationError` for bad input.
+    ``--no-centring`` takes the intercepts at covariates 0; ``--clip`` clips the log rate
+    to the article's range (the fit then runs on rows, not the grid).
     """
-    given = [flag for flag, used in _NOT_YET.items() if used(args)]
-    if given:
-        what = given[0]
-        raise ValueError(
-            f"{what} is not available with --group a,b,... or --covariates yet; leave it out."
-        )
     groups = _names(args.group, "--group")
     covariates = _names(args.covariates, "--covariates")
     start = time.perf_counter()
@@ -107,6 +97,8 @@ def fit_vocabulary(
         likelihood=args.likelihood,
         hierarchy=args.hierarchy,
         intercept_prior=args.intercept_prior,
+        centre=not args.no_centring,
+        clip_log_rate=ARTICLE_CLIP if args.clip else None,
     )
     result = fit_counts(data, config, mesh=mesh)
     tables = data.summary(result.guide, draws=args.samples, key=jax.random.key(args.seed))
@@ -123,6 +115,8 @@ def fit_vocabulary(
         "groups": {g: len(data.levels[g]) for g in groups},
         "covariates": list(covariates),
         "likelihood": args.likelihood,
+        "centring": not args.no_centring,
+        "clip_log_rate": data.model.clip_log_rate,
         "steps": result.steps,
         "batch_size": result.batch_size,
         "converged": result.converged,

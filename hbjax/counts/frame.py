@@ -26,7 +26,7 @@ from jax.scipy.special import gammaln
 from jax.sharding import Mesh
 
 from ..data import DataValidationError, _factorize, _numeric, _rows, _show, check_counts
-from ..families import AbstractCountLikelihood, make_likelihood
+from ..families import AbstractCountLikelihood, checked_clip, make_likelihood
 from ..guide import GaussianGuide, linear_moments
 from ..layers import HIERARCHIES, AbstractHierarchy, Normal, as_hierarchy
 from ..parallel.rows import UnitRows
@@ -100,6 +100,8 @@ class CountSpec:
     hierarchy: str = "centred"
     intercept: tuple[float, float] = (0.0, 3.0)
     intercept_prior: str = "reference"
+    centre: bool = True
+    clip_log_rate: tuple[float, float] | None = None
 
     def data(self, frame: pd.DataFrame) -> CountData:
         """The table's data under this spec: :func:`from_frame` with these arguments."""
@@ -359,6 +361,8 @@ def from_frame(
     hierarchy: str | AbstractHierarchy = "centred",
     intercept: tuple[float, float] = (0.0, 3.0),
     intercept_prior: str = "reference",
+    centre: bool = True,
+    clip_log_rate: tuple[float, float] | None = None,
 ) -> CountData:
     """A :class:`CountRegression` and its rows from a table of counts.
 
@@ -383,6 +387,11 @@ def from_frame(
         intercept_prior: ``"reference"``: the prior sits on each unit's log rate at its
             mean covariates (weighted by ``counts + 1/2``), free of the covariates' units;
             ``"zero"``: at covariates 0 (the article's).
+        centre: take each unit's intercept at its mean covariates (weighted as above;
+            default), nearly uncorrelated with its slopes a posteriori, or at covariates 0
+            (``False``: the article's parametrisation). The same model either way.
+        clip_log_rate: ``(lo, hi)`` to clip the log rate to (the article's ``(-4, 20)``),
+            or ``None`` (default). A clipped model is fitted on rows, not the grid.
 
     Raises:
         DataValidationError: a missing column, a bad value or a broken nesting (named).
@@ -411,6 +420,8 @@ def from_frame(
         hierarchy=hierarchy,
         intercept=tuple(intercept),
         intercept_prior=intercept_prior,
+        centre=bool(centre),
+        clip_log_rate=checked_clip(clip_log_rate),
     )
     y = check_counts(frame, counts)
     unit_codes, units = _factorize(frame[unit])
@@ -618,6 +629,8 @@ def build_model(
         likelihood=likelihood if likelihood is not None else make_likelihood(spec.likelihood),
         dispersion_level=spec.dispersion_by,
         zero_inflation=spec.zero_inflation,
+        clip_log_rate=spec.clip_log_rate,
+        centre_covariates=spec.centre,
     )
 
 

@@ -149,10 +149,15 @@ def place_grid(
             CPU: none; on a GPU up to 64, fewer atomic adds onto few cells).
 
     Raises:
-        GridError: two rows of one unit in one period.
+        GridError: two rows of one unit in one period, or a clipped log rate.
     """
     if rows.mesh is not None:
         raise GridError("place_grid takes host rows, once.")
+    if model.clip_log_rate is not None:
+        raise GridError(
+            "a clipped log rate is not linear in the latents, so the grid cannot take it; "
+            "fit the rows (layout='rows')."
+        )
     unit, period = np.asarray(rows.unit, np.int64), np.asarray(period, np.int64)
     n_units = model.n_units
     pair = unit * n_periods + period
@@ -186,7 +191,7 @@ def place_grid(
 
     counts = np.asarray(columns["counts"], np.float64)
     centred = {
-        k: np.asarray(columns["x"][k], np.float64) - np.asarray(model.table.centre[k])[unit]
+        k: np.asarray(columns["x"][k], np.float64) - np.asarray(model.centre(k))[unit]
         for k in model.slopes
     }
     slot_unit = block_slot_unit[local].reshape(-1)

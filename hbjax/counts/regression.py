@@ -33,7 +33,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int, Scalar
 
 from .._types import LatentLeaf
-from ..families import AbstractCountLikelihood, make_likelihood
+from ..families import AbstractCountLikelihood, checked_clip, make_likelihood
 from ..layers import HALF_LOG_2PI, Normal
 from ..parallel.rows import AbstractRowModel, UnitRows
 from .grid import CountGrid, grid_log_likelihood
@@ -65,7 +65,9 @@ class UnitTable(eqx.Module):
 
     Attributes:
         levels: each unit's index at every group level.
-        centre: per covariate, the value ``c_i`` where the latent intercept is taken.
+        centre: per covariate, the unit's typical value ``c_i`` (its weighted mean), where
+            the latent intercept is taken when the model centres (:meth:`CountRegression.
+            centre`).
         reference: per covariate, ``r_i``: where the intercept's prior sits.
     """
 
@@ -85,6 +87,10 @@ class CountRegression(AbstractRowModel):
         dispersion_level: the group level with its own dispersions, or ``None``.
         dispersion_scale: prior sd of a group's log dispersion around the global one.
         zero_inflation: prior layer of the structural zeros' logit, or ``None``.
+        clip_log_rate: ``(lo, hi)`` the log rate is clipped to (the article's
+            ``(-4, 20)``), or ``None``. A clipped model is fitted on rows, not the grid.
+        centre_covariates: whether the intercepts are taken at ``table.centre`` (default)
+            or at covariates 0 (the article's parametrisation; the same model).
         table: the per-unit arrays (:class:`UnitTable`).
         level_sizes: the number of groups at each level.
         n_units: units.
@@ -97,6 +103,8 @@ class CountRegression(AbstractRowModel):
     dispersion_level: str | None = eqx.field(static=True)
     dispersion_scale: float = eqx.field(static=True)
     zero_inflation: Normal | None
+    clip_log_rate: tuple[float, float] | None = eqx.field(static=True)
+    centre_covariates: bool = eqx.field(static=True)
     table: UnitTable
     level_sizes: dict[str, int] = eqx.field(static=True)
     n_units: int = eqx.field(static=True)
@@ -113,6 +121,8 @@ class CountRegression(AbstractRowModel):
         dispersion_level: str | None = None,
         dispersion_scale: float = 0.5,
         zero_inflation: tuple[float, float] | None = None,
+        clip_log_rate: tuple[float, float] | None = None,
+        centre_covariates: bool = True,
     ):
         """Assemble the model (:func:`hbjax.counts.from_frame` does it from a table).
 
@@ -129,6 +139,8 @@ class CountRegression(AbstractRowModel):
             dispersion_scale: prior sd of the groups' log dispersions around the global.
             zero_inflation: ``(loc, scale)`` of the structural zeros' logit prior, or
                 ``None`` (no zero inflation).
+            clip_log_rate: ``(lo, hi)`` to clip the log rate to, or ``None``.
+            centre_covariates: see the attributes.
         """
         units = {int(np.shape(a)[0]) for a in jax.tree.leaves(table)}
         if len(units) != 1:
@@ -164,6 +176,8 @@ class CountRegression(AbstractRowModel):
         self.zero_inflation = (
             None if zero_inflation is None else Normal(*(float(v) for v in zero_inflation), ())
         )
+        self.clip_log_rate = checked_clip(clip_log_rate)
+        self.centre_covariates = bool(centre_covariates)
 
     # --- structure -------------------------------------------------------------------
     def latent_shapes(self) -> CountLatents:
@@ -270,7 +284,7 @@ class CountRegression(AbstractRowModel):
             slopes[name] = values
         intercept = self.intercept(latents.intercept)
         for name, b in unit_slopes.items():
-            intercept = intercept - b * self.table.centre[name]
+            intercept = intercept - b * self.centre(name)
         grouped = self.dispersion_level is not None
         return CountLatents(
             slopes=slopes,
@@ -308,18 +322,33 @@ class CountRegression(AbstractRowModel):
             values = slope.group_values(z)
             level = self._unit_level(slope)
             b = slope.unit_values(z, values, level, n_units)
-            shift = self.table.centre[name] - self.table.reference[name]
+            shift = self.centre(name) - self.table.reference[name]
             at_reference = at_reference - b * shift
             total = total + slope.unit_log_prior(z, values, level, n_units)
         u = (at_reference - self.intercept.loc) / self.intercept.scale
         return total - 0.5 * u * u - HALF_LOG_2PI
 
+    def centre(self, name: str) -> Float[Array, " unit"]:
+        """``[unit]`` where covariate ``name``'s intercepts are taken: ``c_i`` or 0."""
+        centre = self.table.centre[name]
+        return centre if self.centre_covariates else jnp.zeros_like(centre)
+
     def log_rate(self, latents: CountLatents, rows: UnitRows) -> Float[Array, " row"]:
-        """``[row]`` the log expected count of each row."""
+        """``[row]`` the log expected count of each row (clipped if the model says so)."""
+        return self.clipped(self.linear_log_rate(latents, rows))
+
+    def clipped(self, log_rate: Float[Array, "*rows"]) -> Float[Array, "*rows"]:
+        """``log_rate`` clipped to :attr:`clip_log_rate` (itself when there is none)."""
+        if self.clip_log_rate is None:
+            return log_rate
+        return jnp.clip(log_rate, *self.clip_log_rate)
+
+    def linear_log_rate(self, latents: CountLatents, rows: UnitRows) -> Float[Array, " row"]:
+        """``[row]`` the sum of the log rate's terms, before any clip."""
         unit, columns = rows.unit, rows.columns
         rate = jnp.take(self.intercept(latents.intercept), unit)
         for name, b in self.unit_slopes(latents).items():
-            x = columns["x"][name] - jnp.take(self.table.centre[name], unit)
+            x = columns["x"][name] - jnp.take(self.centre(name), unit)
             rate = rate + jnp.take(b, unit) * x
         for name, effect in self.effects.items():
             rate = rate + jnp.take(effect(latents.effects[name]), columns["cells"][name])

@@ -113,12 +113,13 @@ def _log_rates(
     )  # type: ignore[attr-defined]
 
     def one(z: object) -> jax.Array:
-        rate = partial.log_rate(z, rows)
+        rate = partial.linear_log_rate(z, rows)
         for name, (group, row_group, n_groups) in averaged.items():
             values = model.effects[name](z.effects[name])  # type: ignore[attr-defined]
             total = jax.ops.segment_sum(values, group, n_groups)
             count = jax.ops.segment_sum(jnp.ones_like(values), group, n_groups)
             rate = rate + jnp.take(total / count, row_group)
+        rate = model.clipped(rate)  # type: ignore[attr-defined]
         if model.zero_inflation is not None:  # type: ignore[attr-defined]
             w = model.zero_inflation(z.zero_inflation)  # type: ignore[attr-defined]
             rate = rate + jax.nn.log_sigmoid(-w)
