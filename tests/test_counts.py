@@ -539,6 +539,20 @@ def test_hbjax_check_of_a_vocabulary_fit_tells_good_from_bad(tmp_path, capsys):
         nuts_check(
             fitted.model, fitted.guide, no_price.rows, key=key, num_units=2, warmup=10, draws=20
         )
+    # every per-product slope the verdict covers is in the table, the price first
+    slopes = [Slope("price", log=True, over=("unit", "sub")), Slope("promo", over=("unit",))]
+    two = _skus(frame, slopes=slopes, period="week")
+    hbjax.counts.save_fit(
+        two,
+        hbjax.counts.fit_counts(two, hbjax.FitConfig(steps=20, progress=False)),
+        tmp_path / "two",
+    )
+    check_two = ["check", str(tmp_path / "two"), str(tmp_path / "sales.csv"), "--products", "3"]
+    assert main([*check_two, "--warmup", "20", "--draws", "20", "--chains", "1"]) == 0
+    assert " slope " in capsys.readouterr().out
+    table = pd.read_csv(tmp_path / "two" / "check.csv")
+    assert list(table["leaf"]) == ["elasticity"] * 3 + ["promo"] * 3
+    assert list(table["sku"][:3]) == list(table["sku"][3:])
     other = frame.assign(sku=frame["sku"].str.upper())  # another table: refused, named
     other.to_csv(tmp_path / "other.csv", index=False)
     assert main(["check", str(out), str(tmp_path / "other.csv")]) == 2

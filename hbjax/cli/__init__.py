@@ -894,10 +894,14 @@ def _report_check(
         f"{nuts.num_shared} chains x {nuts.draws} draws, each chain given one draw of the "
         f"shared latents from the fit; {nuts.divergences} divergent)"
     )
-    print(f"\n{unit:<12} {'fit mean [5%, 95%]':>28} {'NUTS median':>11} {'sd ratio':>8}")
+    leaves = table["leaf"].nunique() > 1  # several slopes per product: name each row's
+    head = f"{unit:<12} " + (f"{'slope':<12} " if leaves else "")
+    print(f"\n{head}{'fit mean [5%, 95%]':>28} {'NUTS median':>11} {'sd ratio':>8}")
     for _, row in table.head(20).iterrows():
         print(
-            f"{str(row[unit]):<12} {_interval(row):>28} {row['nuts_median']:11.3f} "
+            f"{str(row[unit]):<12} "
+            + (f"{str(row['leaf']):<12} " if leaves else "")
+            + f"{_interval(row):>28} {row['nuts_median']:11.3f} "
             f"{row['sd_ratio']:8.2f}" + ("" if row["covered"] else "  outside")
         )
     if len(table) > 20:

@@ -174,12 +174,13 @@ def predict_vocabulary(args: argparse.Namespace, out: Path) -> str:
 def check_vocabulary(
     args: argparse.Namespace,
 ) -> tuple[pd.DataFrame, NutsCheck, UnitImportance]:
-    """``hbjax check`` of a vocabulary fit: its price elasticities against NUTS, and k-hat.
+    """``hbjax check`` of a vocabulary fit: its per-product slopes against NUTS, and k-hat.
 
     The table is read and encoded as the fit read it (the saved spec names the columns;
     the column flags are not needed) and must give the fit's labels. Returns the NUTS
-    table of the products' price elasticities (on the elasticity scale with the centred
-    hierarchy, else their latents), the NUTS check and the per-product k-hat.
+    table of every per-product slope the verdict covers, price elasticities first
+    (``leaf`` ``"elasticity"``, then the covariate's name; on the slope's scale with the
+    centred hierarchy, else their latents), the NUTS check and the per-product k-hat.
     """
     saved = load_fit(args.fit_dir)
     spec, fitted = saved.data.spec, saved.data
@@ -212,12 +213,18 @@ def check_vocabulary(
         warmup=args.warmup,
         draws=args.draws,
     )
-    layer = model.slopes[price.name]
-    table = nuts.table[nuts.table["leaf"] == f"slopes['{price.name}']['unit']"].copy()
-    table.insert(0, spec.unit, fitted.units[table.pop("unit").to_numpy()])
-    if isinstance(layer.hierarchy, Centred):  # b_i = loc + scale v_i: the elasticity itself
-        table = on_value_scale(table, float(layer.top.loc), float(layer.unit_scale), "elasticity")
-    return table.reset_index(drop=True), nuts, importance
+    parts = []  # the price first, then every other per-product slope the verdict covers
+    for slope in sorted(spec.slopes, key=lambda s: s is not price):
+        part = nuts.table[nuts.table["leaf"] == f"slopes['{slope.name}']['unit']"].copy()
+        if part.empty:
+            continue
+        part.insert(0, spec.unit, fitted.units[part.pop("unit").to_numpy()])
+        layer = model.slopes[slope.name]
+        name = "elasticity" if slope is price else slope.name
+        if isinstance(layer.hierarchy, Centred):  # b_i = loc + scale v_i: the slope itself
+            part = on_value_scale(part, float(layer.top.loc), float(layer.unit_scale), name)
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True), nuts, importance
 
 
 def _write_plots(
