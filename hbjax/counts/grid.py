@@ -26,6 +26,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
@@ -241,8 +242,6 @@ def _all_processes(effect_chunk: dict[str, int]) -> dict[str, int]:
     """Each effect's chunk where every process's slots allow it, else 1 (one program)."""
     if jax.process_count() == 1:
         return effect_chunk
-    from jax.experimental import multihost_utils
-
     values = np.asarray(list(effect_chunk.values()), np.int32)
     lowest = np.min(multihost_utils.process_allgather(values), axis=0)
     return dict(zip(effect_chunk, (int(v) for v in lowest), strict=True))
