@@ -157,7 +157,8 @@ def _vocabulary_speed(hbjax, table, args, base, clock) -> None:  # noqa: ANN001
 
     data = article_data(pd.read_parquet(table))
     grid = jax.block_until_ready(data.grid(hbjax.make_mesh()))
-    emit({**base, "phase": "vocabulary_grid", "seconds": clock.lap()}, args.out)
+    emit({**base, "phase": "vocabulary_grid", "cell_chunk": grid.cell_chunk,
+          "seconds": clock.lap()}, args.out)  # fmt: skip
     start = data.model.init_latents(data.rows)
     for guide_name in ("meanfield", "unitblock"):
         guide = hbjax.make_guide(guide_name, data.model, loc=start)

@@ -32,6 +32,8 @@ def test_gpu_benchmark_smoke_reports_every_phase(tmp_path):
     for r in speeds:
         assert r["iterations_per_second"] > 0 and r["compile_seconds"] > 0
         assert len(r["chunk_seconds"]) == 3  # the first chunk and 2 timed ones
+    placed = next(r for r in records if r["phase"] == "vocabulary_grid")
+    assert set(placed["cell_chunk"].values()) == {1}  # CPU: no chunks (a GPU's: up to 64)
     vocabulary = [r for r in records if r["phase"] == "vocabulary_speed"]
     assert [r["guide"] for r in vocabulary] == ["meanfield", "unitblock"]
     assert all(r["iterations_per_second"] > 0 for r in vocabulary)
