@@ -386,7 +386,10 @@ def test_centring_is_a_reparametrisation_and_the_clip_clips():
     log rate (the unclipped model's, clipped by NumPy), keeps the grid out and is saved."""
     frame, _ = _three_levels(np.random.default_rng(6), n_units=30, n_weeks=8)
     terms = {
-        "slopes": [Slope("price", log=True, over=("unit", "sub")), Slope("promo", over=("cat",))],
+        "slopes": [
+            Slope("price", log=True, over=("unit", "sub"), prior=(-2.0, 1.0)),
+            Slope("promo", over=("cat",)),
+        ],
         "effects": [Effect(("cat", "week"))],
         "period": "week",
     }
@@ -402,6 +405,8 @@ def test_centring_is_a_reparametrisation_and_the_clip_clips():
         lambda v: v.intercept, z, (usual - raw.model.intercept.loc) / raw.model.intercept.scale
     )
     np.testing.assert_allclose(raw.model.intercept(z_raw.intercept), usual, rtol=1e-5)
+    starts = [d.model.log_rate(d.model.init_latents(d.rows), d.rows) for d in (centred, raw)]
+    np.testing.assert_allclose(*starts, rtol=1e-5, atol=1e-5)  # the same start either way
     joint = jax.jit(lambda m, z, rows: m.log_joint(z, rows))
     value = float(joint(centred.model, z, centred.rows))
     assert float(joint(raw.model, z_raw, raw.rows)) == pytest.approx(value, rel=1e-6)

@@ -386,7 +386,9 @@ class CountRegression(AbstractRowModel):
     def init_latents(self, rows: UnitRows) -> CountLatents:
         """A start from host rows: intercepts at each unit's log mean count.
 
-        Less the unit's mean offset; the rest at their priors' centres.
+        Less the unit's mean offset; the rest at their priors' centres. Uncentred
+        (``centre_covariates=False``), less the starting slopes times the unit's typical
+        covariates: the start's log rate at those is the same either way.
         """
         unit = np.asarray(rows.unit)
         weight = np.asarray(rows.weight, np.float64)
@@ -398,6 +400,9 @@ class CountRegression(AbstractRowModel):
             offset = np.asarray(rows.columns["offset"], np.float64)
             level -= np.bincount(unit, weight * offset, self.n_units) / np.maximum(n, 1)
         start = super().init_latents(rows)
+        if not self.centre_covariates:
+            for name, b in self.unit_slopes(start).items():
+                level -= np.asarray(b, np.float64) * np.asarray(self.table.centre[name])
         intercept = (level - self.intercept.loc) / self.intercept.scale
         return eqx.tree_at(lambda z: z.intercept, start, jnp.asarray(intercept, jnp.float32))
 
