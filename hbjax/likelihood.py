@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 from ._types import Array, Bool, CellFloat, Float, Int, ObsFloat, ObsInt, Scalar, UnitFloat
 from .families import AbstractCountLikelihood, Poisson
 from .panel import DensePanel, Panel
-from .parallel.blocks import DATA_AXIS, per_block_segment_sum
+from .parallel.blocks import DATA_AXIS, chunk_sums, per_block_segment_sum
 from .parallel.blocks import sum_over_blocks as _sum_over_blocks
 
 
@@ -322,8 +322,7 @@ def _dense_partials(beta, delta, gamma, log_price, observed, slot_unit, slot_gro
     by_slot = jnp.sum(rate, axis=1)
     by_slot_log_price = jnp.sum(rate * log_price, axis=1)
     per_block = jnp.sum(by_slot.reshape(n_blocks, -1), axis=1)
-    chunk_rate = rate.reshape(-1, chunk, rate.shape[1]).sum(axis=1) if chunk > 1 else rate
-    chunk_group = slot_group.reshape(-1, chunk)[:, 0] if chunk > 1 else slot_group
+    chunk_rate, chunk_group = chunk_sums(rate, slot_group, chunk)
     by_block_cell = per_block_segment_sum(
         chunk_rate, chunk_group, n_blocks, n_groups, indices_are_sorted=True
     )

@@ -37,6 +37,7 @@ from ..parallel.blocks import (
     DATA_AXIS,
     _local_blocks,
     checked_block_count,
+    chunk_sums,
     default_block_count,
     default_cell_chunk,
     per_block_segment_sum,
@@ -364,7 +365,7 @@ def _block_partials(
         "b": {k: jnp.sum(d_eta * arrays["x"][k], axis=1) for k in params["b"]},
         "g": {
             e: per_block_segment_sum(
-                *_chunked(d_eta, arrays["slot_key"][e], cell_chunk[e]),
+                *chunk_sums(d_eta, arrays["slot_key"][e], cell_chunk[e]),
                 n_blocks,
                 table.shape[0],
                 indices_are_sorted=i == 0,  # the slots go by the first effect's key
@@ -377,15 +378,6 @@ def _block_partials(
     if "w" in params:
         out["w"] = per_block(d["w"])
     return out, sign
-
-
-def _chunked(
-    values: Float[Array, "slot period"], key: Int[Array, " slot"], chunk: int
-) -> tuple[Float[Array, "chunk period"], Int[Array, " chunk"]]:
-    """``values`` summed over each run of ``chunk`` slots (one key), and each run's key."""
-    if chunk == 1:
-        return values, key
-    return values.reshape(-1, chunk, values.shape[1]).sum(axis=1), key[::chunk]
 
 
 @eqx.filter_custom_vjp

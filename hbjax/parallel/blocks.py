@@ -276,6 +276,19 @@ def _block_slots(unit_group: np.ndarray, units: np.ndarray, chunk: int) -> int:
     return int(max(padded.max(initial=0), chunk))
 
 
+def chunk_sums(
+    values: Float[Array, "slot period"], key: Int[Array, " slot"], chunk: int
+) -> tuple[Float[Array, "chunk period"], Int[Array, " chunk"]]:
+    """``values`` summed over each run of ``chunk`` slots, and each run's ``key``.
+
+    For :func:`slot_plan`'s layout, where a run of ``chunk`` slots never mixes keys: the
+    dense kernels add each run before their per-cell scatter (``chunk`` 1: unchanged).
+    """
+    if chunk == 1:
+        return values, key
+    return values.reshape(-1, chunk, values.shape[1]).sum(axis=1), key[::chunk]
+
+
 def per_block_segment_sum(
     values: Float[Array, " item *rest"],
     segment_ids: Int[Array, " item"],
@@ -343,6 +356,7 @@ __all__ = [
     "BLOCK_COUNTS",
     "checked_batch_size",
     "checked_block_count",
+    "chunk_sums",
     "DATA_AXIS",
     "ShardingError",
     "default_block_count",

@@ -50,7 +50,7 @@ class Dense(AbstractLayout):
 
     Attributes:
         cell_chunk: slots summed together before the per-cell scatter
-            (:func:`hbjax.sharding.slot_plan`); ``None``: the backend's default
+            (:func:`hbjax.parallel.blocks.slot_plan`); ``None``: the backend's default
             (:func:`hbjax.parallel.blocks.default_cell_chunk`: 1 on CPU, none needed).
     """
 
