@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tolerances import f32_rtol
 
 import hbjax
 from hbjax.minibatch import UnitSampler, seed_from_key, units_in_batch
@@ -78,7 +79,10 @@ def test_batches_do_not_depend_on_the_device_count(mini):
             np.testing.assert_array_equal(a[name], b[name])
     batch = one.batch(3)
     # each block contributes its share of whole units; weights sum to the unit count
-    assert float(jnp.sum(batch.weight)) == pytest.approx(panel.n_units, rel=1e-6)
+    # a float32 sum of the batch's weights: one rounding per slot
+    assert float(jnp.sum(batch.weight)) == pytest.approx(
+        panel.n_units, rel=f32_rtol(len(batch.weight))
+    )
     in_batch = np.asarray(units_in_batch(batch))
     assert in_batch.sum() == 24
     # the slots hold the units' own rows

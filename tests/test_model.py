@@ -4,9 +4,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
+from tolerances import assert_f32_close, f32_rtol
 
 import hbjax
 from hbjax import layers
+
+
+def joint_rtol(panel):
+    """Two float32 log joints: sums of every row's and latent's log density (all <= 0)."""
+    return f32_rtol(terms=panel.n_rows + 2 * panel.n_units + panel.n_cells + 16)
 
 
 def test_layers_are_non_centred_and_compose():
@@ -18,12 +24,12 @@ def test_layers_are_non_centred_and_compose():
     beta_c = mid(z_mid, beta_g)
     beta_i = low(z_low, beta_c)
     np.testing.assert_allclose(beta_g, -1.5)
-    np.testing.assert_allclose(beta_c, -1.5 + np.array([0.1, -0.2, 0.3]), rtol=1e-6)
+    assert_f32_close(beta_c, -1.5 + np.array([0.1, -0.2, 0.3]), terms=2)
     np.testing.assert_allclose(beta_i, np.asarray(beta_c)[[0, 0, 2, 1]] + 2 * np.arange(4.0))
     assert low.latent_shape().shape == (4,) and mid.latent_shape().shape == (3,)
     # log prior of z equals the natural-scale density up to the constant log-Jacobian
     natural = stats.norm(np.asarray(beta_c)[[0, 0, 2, 1]], 2.0).logpdf(np.asarray(beta_i)).sum()
-    np.testing.assert_allclose(float(low.log_prior(z_low)), natural + 4 * np.log(2.0), rtol=1e-5)
+    assert_f32_close(low.log_prior(z_low), natural + 4 * np.log(2.0), terms=4 * 6, magnitude=10)
 
 
 def test_layers_inside_user_jax_code():
@@ -51,7 +57,7 @@ def test_model_latent_shapes_and_natural(small_panel):
     values = noncentred.natural(z)
     np.testing.assert_allclose(values.global_elasticity, -1.5)
     np.testing.assert_allclose(values.group_elasticity, -1.0)
-    np.testing.assert_allclose(values.unit_elasticity, 0.0, atol=1e-6)
+    assert_f32_close(values.unit_elasticity, 0.0, terms=4, magnitude=2.0)  # -1 + 2 x 0.5
     np.testing.assert_allclose(values.unit_effect, 1.5)
     np.testing.assert_allclose(values.group_period_effect, 1.5)
     values = centred.natural(z)  # beta_c = -2 + 1 v_c, beta_i = -2 + 2 u_i
@@ -84,9 +90,11 @@ def test_centred_hierarchy_is_a_reparameterisation(small_panel, small_model):
         ((v.group_elasticity + 2.0) / 1.0, (v.unit_elasticity + 2.0) / 2.0),
     )
     for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(small_model.natural(u)), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        assert_f32_close(a, b, terms=8, magnitude=np.abs(b).max() + 1)  # a few roundings
     np.testing.assert_allclose(
-        float(small_model.log_joint(u, panel)), float(noncentred.log_joint(z, panel)), rtol=1e-6
+        float(small_model.log_joint(u, panel)),
+        float(noncentred.log_joint(z, panel)),
+        rtol=joint_rtol(panel),
     )
     # the starts are the same natural values
     for a, b in zip(
@@ -94,7 +102,7 @@ def test_centred_hierarchy_is_a_reparameterisation(small_panel, small_model):
         jax.tree.leaves(small_model.natural(small_model.init_latents(panel))),
         strict=True,
     ):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        assert_f32_close(a, b, terms=8, magnitude=np.abs(b).max() + 1)  # a few roundings
     # a minibatch's estimate too, at matching latents
     batch = hbjax.UnitSampler(panel, 40, n_blocks=4, mesh=hbjax.make_mesh(1)).batch(0)
     estimates = []
@@ -105,7 +113,7 @@ def test_centred_hierarchy_is_a_reparameterisation(small_panel, small_model):
             model.unit_leaves(),
         )
         estimates.append(float(model.batch_log_joint(local, batch)))
-    np.testing.assert_allclose(estimates[0], estimates[1], rtol=1e-6)
+    np.testing.assert_allclose(estimates[0], estimates[1], rtol=joint_rtol(panel))
 
 
 def _reference_log_prices(panel) -> np.ndarray:
@@ -177,7 +185,7 @@ def test_log_joint_is_prior_plus_kernel(small_panel, small_model):
     np.testing.assert_allclose(
         float(small_model.log_joint(z, panel)),
         float(small_model.log_prior(z)) + float(lik),
-        rtol=1e-6,
+        rtol=joint_rtol(panel),
     )
 
 
@@ -191,7 +199,8 @@ def test_price_centring_is_a_reparameterisation(small_panel, small_model):
     for unit in (0, 7, 51):
         rows = panel.unit_idx == unit
         expected = np.average(panel.log_price[rows], weights=panel.counts[rows] + 0.5)
-        np.testing.assert_allclose(centre[unit], expected, rtol=1e-5, atol=1e-6)
+        # a float32 weighted mean of n_periods log prices
+        assert_f32_close(centre[unit], expected, terms=2 * panel.n_periods, magnitude=5.0)
     z_raw = jax.tree.map(
         lambda s: jnp.asarray(np.random.default_rng(1).normal(0, 0.5, s.shape), s.dtype),
         raw.latent_shapes(),
@@ -203,11 +212,11 @@ def test_price_centring_is_a_reparameterisation(small_panel, small_model):
         jax.tree.leaves(small_model.natural(z_centred)),
         strict=True,
     ):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        assert_f32_close(a, b, terms=8, magnitude=np.abs(b).max() + 1)  # a few roundings
     np.testing.assert_allclose(
         float(small_model.log_joint(z_centred, panel)),
         float(raw.log_joint(z_raw, panel)),
-        rtol=1e-5,
+        rtol=joint_rtol(panel),
     )
     # both start at the same natural values
     for a, b in zip(
@@ -215,7 +224,7 @@ def test_price_centring_is_a_reparameterisation(small_panel, small_model):
         jax.tree.leaves(small_model.natural(small_model.init_latents(panel))),
         strict=True,
     ):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        assert_f32_close(a, b, terms=8, magnitude=np.abs(b).max() + 1)  # a few roundings
     with pytest.raises(ValueError, match="one value per unit"):
         hbjax.ElasticityModel.from_panel(panel, price_centre=np.zeros(3))
 
@@ -249,7 +258,10 @@ def test_init_is_a_shrunk_weighted_regression_per_unit(small_panel, small_model)
     # categories start at their units' mean elasticity; deterministic (no key involved)
     group = np.asarray(v.group_elasticity)
     for g in range(panel.n_groups):
-        np.testing.assert_allclose(group[g], beta[panel.unit_group == g].mean(), rtol=1e-5)
+        members = beta[panel.unit_group == g]
+        assert_f32_close(
+            group[g], members.mean(), terms=len(members), magnitude=np.abs(members).max()
+        )
     again = small_model.init_latents(panel)
     for a, b in zip(jax.tree.leaves(z0), jax.tree.leaves(again), strict=True):
         np.testing.assert_array_equal(a, b)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax.scipy.special import logsumexp
 from scipy import stats
+from tolerances import assert_f32_close, f32_rtol
 
 import hbjax
 from hbjax import MeanFieldNormal, elbo, layers, log_weights, renyi_bound, renyi_elbo
@@ -55,8 +56,9 @@ def test_exact_posterior_bound_equals_log_evidence():
         renyi_elbo(MODEL, guide, Y, key=key, alpha=0.0, num_particles=16),
         renyi_elbo(MODEL, guide, Y, key=key, alpha=0.5, num_particles=16),
     ):
-        # every log weight equals log p(y) exactly; only float32 rounding remains
-        np.testing.assert_allclose(-float(loss), log_evidence(), rtol=1e-5)
+        # every log weight equals log p(y) exactly; only float32 rounding remains: the log
+        # joint and log q, sums over the observations' terms (each at most |log p(y)|)
+        assert_f32_close(-float(loss), log_evidence(), terms=4 * (len(Y) + 2))
     log_w = log_weights(MODEL, guide, Y, key=key, num_particles=16)
     assert float(jnp.std(log_w)) < 1e-4
 
@@ -95,7 +97,9 @@ def test_stable_formula_equals_the_textbook_one(small_panel, small_model):
     for alpha in (0.0, 0.5, 3.0):
         textbook = (logsumexp((1 - alpha) * log_w) - jnp.log(8.0)) / (1 - alpha)
         got = -renyi_elbo(small_model, guide, panel, key=key, alpha=alpha, num_particles=8)
-        np.testing.assert_allclose(float(got), float(textbook), rtol=1e-6)
+        # one log-sum-exp of 8 log weights in either form; each weight's own rounding is
+        # the same in both, so only the 8-term sum and a few operations differ
+        assert_f32_close(got, textbook, terms=16, magnitude=np.abs(np.asarray(log_w)).max())
 
 
 def test_importance_weighted_bound_tightens_with_k():
@@ -203,7 +207,9 @@ def test_gradient_estimator_does_not_change_the_value_and_is_validated():
         float(renyi_elbo(MODEL, guide, Y, key=key, alpha=0.0, gradient=g))
         for g in ("total", "dreg")
     ]
-    np.testing.assert_allclose(values, values[0], rtol=1e-6)
+    # the same log weights; the estimators differ in where stop_gradient goes, so the
+    # traced programs (and their float32 rounding of the particles' log-sum-exp) may differ
+    np.testing.assert_allclose(values, values[0], rtol=f32_rtol(terms=4 * (len(Y) + 2)))
     with pytest.raises(ValueError, match="alpha = 0"):
         renyi_elbo(MODEL, guide, Y, key=key, alpha=0.5, gradient="dreg")
     with pytest.raises(ValueError, match="biased"):
@@ -244,8 +250,11 @@ def test_objectives_and_gradient_estimators_are_modules_checked_when_built():
         return float(value), np.concatenate([np.ravel(x) for x in jax.tree.leaves(grad)])
 
     (total, total_grad), (half, half_grad) = value_and_grad("total"), value_and_grad(Halved())
-    np.testing.assert_allclose(half, 0.5 * total, rtol=1e-6)
-    np.testing.assert_allclose(half_grad, 0.5 * total_grad, rtol=1e-5)
+    # halving is exact in binary floating point; the two programs may still fuse the sums
+    # over particles and observations in other orders
+    rtol = f32_rtol(terms=4 * (len(Y) + 2))
+    np.testing.assert_allclose(half, 0.5 * total, rtol=rtol)
+    assert_f32_close(half_grad, 0.5 * total_grad, terms=4 * (len(Y) + 2))
     assert np.abs(total_grad).max() > 0.1  # away from the posterior: a gradient to halve
 
     class NoLoss(hbjax.objectives.AbstractGradient):

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from tolerances import assert_f32_close
 
 import hbjax
 from hbjax.step import NEVER, start_averaging
@@ -56,7 +57,8 @@ def test_the_average_is_the_mean_of_the_iterates_since_it_began(small_panel, sma
     reported = eqx.filter(svi.guide(state), eqx.is_inexact_array)
     mean = jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *iterates)
     for got, want in zip(jax.tree.leaves(reported), jax.tree.leaves(mean), strict=True):
-        np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
+        # a float32 running mean of 7 iterates vs NumPy's float32 mean: 7 roundings each
+        assert_f32_close(got, want, terms=2 * 7, magnitude=np.abs(want).max() + 1e-3)
     # the iterates did move: the average is not the last iterate
     last = jax.tree.leaves(eqx.filter(state.guide, eqx.is_inexact_array))
     assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(reported), last, strict=True))

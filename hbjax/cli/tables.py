@@ -1,0 +1,149 @@
+"""``hbjax fit``'s table as the vocabulary's data, and ``predict``/``check`` of a saved fit.
+
+``log E[units] = a_i + b_i (log price - c_i) + sum_k lift_k[top group] x_k
++ g[top group, period]``: the price slope by product and every group level in ``--group``
+(one level: the article's model), each ``--covariates`` slope by the coarsest group
+(:func:`hbjax.counts.elasticity_terms`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import jax
+import pandas as pd
+
+from ..counts import CountData, elasticity_terms, from_file, load_fit, predict
+from ..counts.frame import read_frame
+from ..counts.report import price_slope
+from ..data import DataValidationError
+from ..families import ARTICLE_CLIP
+from ..guide_check import NutsCheck, UnitImportance, nuts_check, on_value_scale, unit_importance
+from ..layers import Centred
+from ..outputs import write_file_atomically
+
+
+def _names(text: str, flag: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",")) if text else ()
+    if any(not name for name in names):
+        raise DataValidationError(
+            f"{flag} {text!r} has an empty name; write names separated by commas."
+        )
+    return names
+
+
+def count_data(args: argparse.Namespace) -> CountData:
+    """The table of ``hbjax fit`` (its column flags and model options) as count data.
+
+    Raises:
+        DataValidationError: a column given two roles, or anything
+            :func:`hbjax.counts.from_frame` refuses (named, with the fix).
+    """
+    groups = _names(args.group, "--group")
+    covariates = _names(args.covariates, "--covariates")
+    roles = {"unit": [args.unit], "group": list(groups), "period": [args.period]}
+    roles |= {"price": [args.price], "units": [args.units], "covariates": list(covariates)}
+    seen: dict[str, str] = {}
+    for role, columns in roles.items():
+        for column in columns:
+            if column in seen:
+                raise DataValidationError(
+                    f"column {column!r} is given for both {seen[column]} and {role}; each "
+                    "role needs its own column."
+                )
+            seen[column] = role
+    slopes, effects = elasticity_terms(args.price, groups, args.period, covariates)
+    return from_file(
+        args.file,
+        unit=args.unit,
+        counts=args.units,
+        groups=groups,
+        slopes=slopes,
+        effects=effects,
+        period=args.period,
+        likelihood=args.likelihood,
+        hierarchy=args.hierarchy,
+        intercept_prior=args.intercept_prior,
+        centre=not args.no_centring,
+        clip_log_rate=ARTICLE_CLIP if args.clip else None,
+        one_row_per_period=True,
+    )
+
+
+def predict_counts(args: argparse.Namespace, out: Path) -> str:
+    """``hbjax predict``: expected counts for the scenarios' rows; returns the line to print.
+
+    Label columns are read as the fit read them (text as written, unless the fit's labels
+    were numbers); periods as in the fit.
+    """
+    saved = load_fit(args.fit_dir)
+    data, spec = saved.data, saved.data.spec
+    levels = {spec.unit: data.units, **data.levels}
+    text = [column for column, labels in levels.items() if labels.dtype == object]
+    frame = read_frame(args.prices, labels=text, period=spec.period)
+    predictions = predict(
+        data, saved.guide, frame, num_samples=args.samples, key=jax.random.key(args.seed)
+    )
+    write_file_atomically(out, lambda path: predictions.to_csv(path, index=False))
+    return (
+        f"predicted expected {spec.counts} for {len(predictions)} rows ({saved.info['guide']} "
+        f"guide, {args.samples} draws, 90% intervals); wrote {out}"
+    )
+
+
+def check_counts(args: argparse.Namespace) -> tuple[pd.DataFrame, NutsCheck, UnitImportance]:
+    """``hbjax check``: a saved fit's per-product slopes against NUTS, and k-hat.
+
+    The table is read and encoded as the fit read it (the saved spec names the columns;
+    the column flags are not needed) and must give the fit's labels. Returns the NUTS
+    table of every per-product slope the verdict covers, price elasticities first
+    (``leaf`` ``"elasticity"``, then the covariate's name; on the slope's scale with the
+    centred hierarchy, else their latents), the NUTS check and the per-product k-hat.
+    """
+    saved = load_fit(args.fit_dir)
+    spec, fitted = saved.data.spec, saved.data
+    price = price_slope(fitted)
+    if price is None:
+        raise ValueError(
+            f"{args.fit_dir!r} has no per-product log slope (a price) to check; hbjax check "
+            "compares products' price elasticities with NUTS."
+        )
+    data = spec.read(args.file)
+    for name, here, there in (
+        ("units", data.units, fitted.units),
+        *((f"{level} labels", data.levels[level], fitted.levels[level]) for level in data.levels),
+    ):
+        if not here.equals(there):
+            raise ValueError(
+                f"{args.file!r} is not the table {args.fit_dir!r} was fitted to (its {name} "
+                "differ); pass the same file as to `hbjax fit`."
+            )
+    key = jax.random.key(args.seed)
+    model = fitted.model
+    importance = unit_importance(model, saved.guide, data.rows, key=jax.random.fold_in(key, 0))
+    nuts = nuts_check(
+        model,
+        saved.guide,
+        data.rows,
+        key=jax.random.fold_in(key, 1),
+        num_units=args.products,
+        num_shared=args.chains,
+        warmup=args.warmup,
+        draws=args.draws,
+    )
+    parts = []  # the price first, then every other per-product slope the verdict covers
+    for slope in sorted(spec.slopes, key=lambda s: s is not price):
+        part = nuts.table[nuts.table["leaf"] == f"slopes['{slope.name}']['unit']"].copy()
+        if part.empty:
+            continue
+        part.insert(0, spec.unit, fitted.units[part.pop("unit").to_numpy()])
+        layer = model.slopes[slope.name]
+        name = "elasticity" if slope is price else slope.name
+        if isinstance(layer.hierarchy, Centred):  # b_i = loc + scale v_i: the slope itself
+            part = on_value_scale(part, float(layer.top.loc), float(layer.unit_scale), name)
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True), nuts, importance
+
+
+__all__ = ["check_counts", "count_data", "predict_counts"]
