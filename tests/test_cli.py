@@ -215,7 +215,7 @@ def test_fit_with_custom_column_names(simulated_csv, tmp_path, capsys):
     assert code == 0, err
     assert pd.read_csv(tmp_path / "o" / "elasticities.csv").columns[0] == "sku"
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
-    assert summary["price_centring"] is False and summary["clip_log_rate"] is False
+    assert summary["price_centring"] is False and summary["clip_log_rate"] is None
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
@@ -277,7 +277,8 @@ def test_fit_writes_plots(simulated_csv, tmp_path, capsys):
     common = ["--steps", "30", "--samples", "50", "--diagnostic-draws", "0", "--no-progress"]
     code, _, err = run(capsys, "fit", str(simulated_csv), *common, "--plots", "--out", str(out_dir))
     assert code == 0, err
-    for name in ("loss.png", "shrinkage.png", "categories.png"):
+    # the category forest is named after the level, as every level's is with --group a,b
+    for name in ("loss.png", "shrinkage.png", "forest_category.png", "predictive.png"):
         data = (out_dir / "plots" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
 
@@ -463,7 +464,7 @@ def test_ctrl_c_is_one_line_and_leaves_no_output(simulated_csv, tmp_path, capsys
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(hbjax.cli, "fit_elasticities", interrupted)
+    monkeypatch.setattr(hbjax.cli, "fit_counts", interrupted)
     out = tmp_path / "o"
     code, _, err = run(capsys, "fit", str(simulated_csv), "--no-progress", "--out", str(out))
     assert code == 130 and err.strip() == "error: interrupted", err

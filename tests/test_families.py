@@ -183,14 +183,14 @@ def test_cli_negative_binomial_fit_saves_and_reports_the_dispersion(
     assert summary["likelihood"] == "negbin"
     d = summary["dispersion"]
     assert 0 < d["q05"] < d["q50"] < d["q95"] and d["sd"] > 0
-    saved = hbjax.load_fit(out)
-    assert isinstance(saved.model.likelihood, NegativeBinomial)
-    assert saved.info["likelihood"] == "negbin"
+    saved = hbjax.counts.load_fit(out)
+    assert isinstance(saved.data.model.likelihood, NegativeBinomial)
+    assert saved.data.spec.likelihood == "negbin"
     # the saved fit holds the fitted dispersion: the same summary again
-    again = hbjax.posterior.summarize_dispersion(saved)
+    again = saved.data.summary(saved.guide)["dispersion"].iloc[0]
     np.testing.assert_allclose(again["q50"], d["q50"], rtol=f32_rtol(terms=4))  # exp(m)
-    prices = pd.DataFrame({"product": list(saved.encoding.units[:2]), "price": [5.0, 6.0]})
-    assert (hbjax.predict(saved, saved.encoding, prices)["expected_units"] > 0).all()
+    prices = pd.DataFrame({"product": list(saved.data.units[:2]), "price": [5.0, 6.0]})
+    assert (hbjax.counts.predict(saved.data, saved.guide, prices)["expected_units"] > 0).all()
     assert summary["predictive_check"]["likelihood"] == "negbin"
     # a Poisson fit reports no dispersion, and a warning: the data contradict it
     poisson = ["--steps", "40", "--no-progress", "--out", str(tmp_path / "p"), "--plots"]
@@ -203,7 +203,7 @@ def test_cli_negative_binomial_fit_saves_and_reports_the_dispersion(
     assert check["flagged"] == ["dispersion_index"] and len(check["groups"]) == 3
     assert check["dispersion_index"]["observed"] > 3 * check["dispersion_index"]["replicated"]
     assert (tmp_path / "p" / "plots" / "predictive.png").stat().st_size > 0
-    assert hbjax.load_fit(tmp_path / "p").info["likelihood"] == "poisson"
+    assert hbjax.counts.load_fit(tmp_path / "p").data.spec.likelihood == "poisson"
 
 
 @pytest.mark.filterwarnings("ignore::hbjax.fit.ConvergenceWarning")

@@ -85,7 +85,7 @@ def test_a_failed_fit_keeps_the_previous_results_and_a_refit_leaves_nothing_stal
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert main([*args, "--seed", "1"]) == 0
     assert not (out / "plots").exists()  # the new results, and only they
-    assert hbjax.load_fit(out).info["steps"] == 100
+    assert hbjax.counts.load_fit(out).info["steps"] == 100
     assert _leftovers(tmp_path) == []
     # predict to a folder, to nothing, to a missing folder: one line each, before any work
     prices = tmp_path / "prices.csv"

@@ -30,13 +30,15 @@ from jax.sharding import Mesh
 from .. import __version__
 from ..checkpoint import CheckpointError
 from ..convergence import Convergence
+from ..counts import fit_counts, from_frame
+from ..counts.frame import elasticity_terms
+from ..counts.report import FitReport
 from ..data import (
     DataValidationError,
     DataWarning,
     Encoding,
     Panel,
     from_file,
-    from_frame,
     read_process_panel,
     read_table,
 )
@@ -70,12 +72,7 @@ from ..sharding import (
 )
 from ..simulate import simulate
 from ..stream import GridStore, is_grid, read_grid, write_grid
-from .vocabulary import (
-    check_vocabulary,
-    fit_vocabulary,
-    predict_vocabulary,
-    wants_vocabulary,
-)
+from .tables import check_counts, count_data, predict_counts
 
 USER_ERROR = 2
 
@@ -413,7 +410,7 @@ def _convergence_line(result: FitResult) -> str:
     )
 
 
-def _interval(row: pd.Series) -> str:
+def _interval(row: pd.Series | dict[str, float]) -> str:
     return f"{row['mean']:7.3f}  [{row['q05']:7.3f}, {row['q95']:7.3f}]"
 
 
@@ -422,17 +419,28 @@ def run_demo(args: argparse.Namespace) -> int:
     sim = simulate(
         n_units=args.products, n_periods=args.periods, n_groups=args.categories, seed=args.seed
     )
-    panel, encoding = from_frame(sim.frame)
+    slopes, effects = elasticity_terms("price", ("category",), "period")
+    data = from_frame(
+        sim.frame,
+        unit="product",
+        counts="units_sold",
+        groups=("category",),
+        slopes=slopes,
+        effects=effects,
+        period="period",
+        one_row_per_period=True,
+    )
     mesh = _mesh(args.devices)
     print(
-        f"hbjax {__version__} demo: {panel.n_units} products x {panel.n_periods} periods x "
-        f"{panel.n_groups} categories = {panel.n_rows} observations "
+        f"hbjax {__version__} demo: {len(data.units)} products x {len(data.periods)} periods "
+        f"x {len(data.levels['category'])} categories = {len(data.rows.unit)} observations "
         f"({mesh.size} {jax.default_backend()} device(s))"
     )
     config = FitConfig(steps=args.steps, seed=args.seed, progress=not args.no_progress)
-    result = fit_elasticities(panel, config, mesh=mesh)
-    summary = summarize(result, encoding, key=jax.random.key(args.seed))
-    units = summary.units.merge(sim.truth, on=["product", "category"])
+    result = fit_counts(data, config, mesh=mesh)
+    tables = data.summary(result.guide, key=jax.random.key(args.seed))
+    report = FitReport(data, result, tables, None, None, {})
+    units = report.elasticities().merge(sim.truth, on=["product", "category"])
     error = units["mean"] - units["elasticity"]
     covered = (units["q05"] <= units["elasticity"]) & (units["elasticity"] <= units["q95"])
     print(
@@ -446,15 +454,10 @@ def run_demo(args: argparse.Namespace) -> int:
         f"(truth sd {units['elasticity'].std():.3f}), "
         f"90% interval coverage {covered.mean():.1%}"
     )
-    if covered.mean() < 0.75:
-        print(
-            "note: mean-field intervals are too narrow when a product's elasticity and "
-            "intercept are strongly correlated a posteriori (the article's second open problem; "
-            "price centring, on by default, removes most of it)."
-        )
     print("\nelasticity          mean  [   5%,    95%]   truth")
-    print(f"global           {_interval(summary.overall.iloc[0])}  {sim.global_elasticity:7.3f}")
-    groups = summary.groups.merge(sim.group_truth, on="category")
+    overall = tables["log_price/global"].iloc[0]
+    print(f"global           {_interval(overall)}  {sim.global_elasticity:7.3f}")
+    groups = report.groups().merge(sim.group_truth, on="category")
     for _, row in groups.iterrows():
         print(f"  {row['category']:<14} {_interval(row)}  {row['elasticity']:7.3f}")
     ranked = units.sort_values("mean")
@@ -654,34 +657,58 @@ def run_fit(args: argparse.Namespace) -> int:
     if jax.process_index() == 0:
         folder = AtomicFolder(args.out, owns=FIT_FILES, known=FIT_FOLDER)
     try:
-        if wants_vocabulary(args):
-            return _fit_vocabulary(args, config, folder)
-        return _fit_and_write(args, config, folder)
+        if is_grid(args.file):
+            return _fit_and_write(args, config, folder)  # not yet on the one path
+        return _fit_table(args, config, folder)
     except BaseException:
         if folder is not None:
             folder.discard()
         raise
 
 
-def _fit_vocabulary(
-    args: argparse.Namespace, config: FitConfig, folder: AtomicFolder | None
-) -> int:
-    """``hbjax fit --group a,b`` / ``--covariates``: the vocabulary's model and its outputs."""
+def _fit_table(args: argparse.Namespace, config: FitConfig, folder: AtomicFolder | None) -> int:
+    """``hbjax fit`` of a table: the count model its flags name, and every output."""
+    start = time.perf_counter()
+    mesh = _mesh(args.devices)
+    data = count_data(args)
+    if args.batch_size is not None and args.batch_size >= len(data.units):
+        raise UserError(
+            f"--batch-size {args.batch_size} is not smaller than the number of products "
+            f"({len(data.units)}); leave it out to fit the full batch."
+        )
     try:
-        report, model_check = fit_vocabulary(args, config, folder, _mesh(args.devices))
+        result = fit_counts(data, config, mesh=mesh)
     except ValueError as exc:
-        if isinstance(exc, DataValidationError):
-            raise
         raise UserError(str(exc)) from None
-    price = report["price_elasticity"]
-    print(
-        f"fitted {report['n_units']} units ({report['n_obs']} rows) in "
-        f"{report['wall_seconds']:.1f} s; global price elasticity {price['mean']:.3f} "
-        f"(90% interval {price['q05']:.3f} to {price['q95']:.3f}); wrote {args.out}/"
-        "estimates.csv, losses.csv, summary.json and the fitted model (for `hbjax predict "
-        f"{shlex.quote(str(args.out))} SCENARIOS.csv`)"
+    report = FitReport.build(
+        data,
+        result,
+        config,
+        source=str(args.file),
+        samples=args.samples,
+        diagnostic_draws=args.diagnostic_draws,
+        devices=mesh.size,
+        started=start,
     )
-    _print_checks(report["dispersion"], None, model_check, args.likelihood)
+    if folder is None:  # only process 0 writes outputs
+        return 0
+    try:
+        written = report.write(folder.staging, plots=args.plots)
+        folder.commit()
+    except OSError as exc:
+        raise UserError(f"cannot write the results to {args.out!r}: {exc.strerror}.") from None
+    summary = report.summary
+    periods = f" x {summary['n_periods']} periods" if summary["n_periods"] else ""
+    price = summary["global_elasticity"]
+    print(
+        f"fitted {summary['n_units']} units{periods} ({summary['n_obs']} rows) in "
+        f"{summary['wall_seconds']:.1f} s; global elasticity {_interval(price)}; wrote "
+        f"{args.out}/{', '.join(written)} and the fitted model (for `hbjax predict "
+        f"{shlex.quote(str(args.out))} PRICES.csv`)"
+    )
+    print(_convergence_line(result))
+    verdict = None if report.importance is None else report.importance.verdict
+    _print_checks(summary["dispersion"], verdict, report.predictive, summary["likelihood"])
     return 0
 
 
@@ -814,7 +841,7 @@ def run_predict(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out is not None else Path(str(args.prices) + ".predictions.csv")
     check_file_destination(out)  # before the work
     if saved_format(Path(args.fit_dir)) == COUNTS_FORMAT:
-        print(predict_vocabulary(args, out))
+        print(predict_counts(args, out))
         return 0
     saved = load_fit(args.fit_dir)
     # labels as the fit read them: text exactly as written, unless the fit's were numbers
@@ -849,7 +876,7 @@ def run_check(args: argparse.Namespace) -> int:
     out = check_file_destination(args.out if args.out is not None else default)
     if saved_format(Path(args.fit_dir)) == COUNTS_FORMAT:
         try:
-            table, nuts, importance = check_vocabulary(args)
+            table, nuts, importance = check_counts(args)
         except (ValueError, ImportError) as exc:
             if isinstance(exc, DataValidationError):
                 raise

@@ -16,7 +16,10 @@ from __future__ import annotations
 from .._lazy import lazy_module
 
 _EXPORTS = {
-    **dict.fromkeys(["CountData", "Effect", "Slope", "elasticity_terms", "from_frame"], "frame"),
+    **dict.fromkeys(
+        ["CountData", "Effect", "Slope", "elasticity_terms", "from_file", "from_frame"], "frame"
+    ),
+    "FitReport": "report",
     **dict.fromkeys(["CountLatents", "CountRegression", "UnitTable"], "regression"),
     **dict.fromkeys(["CountGrid", "GridError", "place_grid"], "grid"),
     "fit_counts": "fit",

@@ -15,6 +15,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import warnings
 from collections.abc import Sequence
 
 import equinox as eqx
@@ -25,7 +27,20 @@ import pandas as pd
 from jax.scipy.special import gammaln
 from jax.sharding import Mesh
 
-from ..data import DataValidationError, _factorize, _numeric, _rows, _show, check_counts
+from ..data import (
+    DataValidationError,
+    DataWarning,
+    _check_spaces,
+    _factorize,
+    _numeric,
+    _period_values,
+    _rows,
+    _show,
+    check_counts,
+    duplicate_pair_error,
+    read_table,
+    warn_no_sales,
+)
 from ..families import AbstractCountLikelihood, checked_clip, make_likelihood
 from ..guide import GaussianGuide, linear_moments
 from ..layers import HIERARCHIES, AbstractHierarchy, Normal, as_hierarchy
@@ -105,9 +120,21 @@ class CountSpec:
 
     def data(self, frame: pd.DataFrame) -> CountData:
         """The table's data under this spec: :func:`from_frame` with these arguments."""
+        return from_frame(frame, **self._arguments())
+
+    def read(self, path: str | os.PathLike[str]) -> CountData:
+        """A file's data under this spec, read as :func:`from_file` reads it."""
+        return from_file(path, **self._arguments())
+
+    def _arguments(self) -> dict[str, object]:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         fields["zero_inflation"] = fields["zero_inflation"] or False  # None: recorded as off
-        return from_frame(frame, **fields)
+        return fields
+
+    def label_columns(self) -> list[str]:
+        """The columns of labels: the unit, the groups and the effects' (not the period)."""
+        effects = (c for e in self.effects for c in e.labels if c != self.period)
+        return list(dict.fromkeys([self.unit, *self.groups, *effects]))
 
     def to_json(self) -> dict:
         """A JSON-ready dict (:meth:`from_json` reads it back)."""
@@ -363,6 +390,7 @@ def from_frame(
     intercept_prior: str = "reference",
     centre: bool = True,
     clip_log_rate: tuple[float, float] | None = None,
+    one_row_per_period: bool = False,
 ) -> CountData:
     """A :class:`CountRegression` and its rows from a table of counts.
 
@@ -392,9 +420,18 @@ def from_frame(
             (``False``: the article's parametrisation). The same model either way.
         clip_log_rate: ``(lo, hi)`` to clip the log rate to (the article's ``(-4, 20)``),
             or ``None`` (default). A clipped model is fitted on rows, not the grid.
+        one_row_per_period: refuse a unit with two rows in one period (a table of weekly
+            sales), naming them.
+
+    Warns:
+        DataWarning: labels with spaces around them; units whose covariate never changes
+            (a per-unit slope then comes from its groups and prior); groups of the finest
+            level with one unit; no counts above 0.
 
     Raises:
-        DataValidationError: a missing column, a bad value or a broken nesting (named).
+        DataValidationError: a missing column, a bad value, a broken nesting, fewer than
+            two units (or periods), a unit twice in a period with ``one_row_per_period``:
+            each named, with the fix.
     """
     groups, slopes, effects = tuple(groups), tuple(slopes), tuple(effects)
     _check_arguments(frame, unit, counts, groups, slopes, effects, offset, period, dispersion_by)
@@ -426,7 +463,15 @@ def from_frame(
     y = check_counts(frame, counts)
     unit_codes, units = _factorize(frame[unit])
     n_units = len(units)
+    _check_spaces(units, unit)
     levels, unit_level = _levels(frame, unit, unit_codes, n_units, groups)
+    for group in groups:
+        _check_spaces(levels[group], group)
+    if n_units < 2:
+        raise DataValidationError(
+            f"the table has a single unit ({_show(units[0])} in column {unit!r}); a "
+            "hierarchical model pools several units: fit at least 2."
+        )
     weight = y + 0.5
     per_unit_weight = np.bincount(unit_codes, weight, n_units)
     x, centre, reference = {}, {}, {}
@@ -461,8 +506,106 @@ def from_frame(
     period_codes, periods = None, None
     if period is not None:
         period_codes, periods = _factorize(frame[period])
+        _check_periods(frame, unit, period, unit_codes, period_codes, periods, one_row_per_period)
         period_codes = period_codes[np.argsort(unit_codes, kind="stable")]  # rows' order
+    # the table is sound: now what it says little about
+    for slope in slopes:
+        if UNIT in slope.over:
+            _warn_constant(slope, unit_codes, np.asarray(x[slope.name]), units)
+    if groups:
+        _warn_lone_groups(unit_level[groups[0]], levels[groups[0]], groups[0])
+    if not np.any(y > 0):
+        warn_no_sales(counts)
     return CountData(model, rows, units, levels, cell_labels, period_codes, periods, spec)
+
+
+def from_file(path: str | os.PathLike[str], **arguments: object) -> CountData:
+    """A CSV or Parquet file's :class:`CountData`: :func:`from_frame` of :func:`read_frame`.
+
+    ``arguments`` are :func:`from_frame`'s. Label columns (the unit, the groups, the
+    effects') are read from a CSV as text exactly as written (``01`` is not ``1``, ``NA``
+    is a label, a 20-digit barcode keeps its digits); the period as integers or dates.
+    """
+    spec_like = CountSpec(
+        unit=arguments["unit"],
+        counts=arguments["counts"],
+        groups=tuple(arguments.get("groups", ())),
+        effects=tuple(arguments.get("effects", ())),
+        period=arguments.get("period"),
+    )
+    frame = read_frame(path, labels=spec_like.label_columns(), period=spec_like.period)
+    return from_frame(frame, **arguments)
+
+
+def read_frame(
+    path: str | os.PathLike[str], *, labels: Sequence[str], period: str | None
+) -> pd.DataFrame:
+    """A table as :func:`from_file` reads it: ``labels`` as text, ``period`` parsed."""
+    frame = read_table(path, labels=list(labels))
+    if period is not None and period in frame.columns:
+        frame[period] = _period_values(frame, period)
+    return frame
+
+
+def _check_periods(
+    frame: pd.DataFrame,
+    unit: str,
+    period: str,
+    unit_codes: np.ndarray,
+    period_codes: np.ndarray,
+    periods: pd.Index,
+    one_row_per_period: bool,  # noqa: FBT001
+) -> None:
+    """At least two periods; with ``one_row_per_period``, no unit twice in one."""
+    if len(periods) < 2:
+        raise DataValidationError(
+            f"the table has a single period ({_show(periods[0])} in column {period!r}); "
+            "slopes are identified from covariates changing over time: give at least 2 periods."
+        )
+    if not one_row_per_period:
+        return
+    key = unit_codes.astype(np.int64) * len(periods) + period_codes
+    if len(np.unique(key)) < len(key):  # the error path may take its time
+        twice = pd.Series(key).duplicated(keep=False).to_numpy()
+        first = frame[twice].iloc[0]
+        roles = {"unit": unit, "period": period}
+        where = f"{_rows(frame, twice)} are duplicates"
+        raise duplicate_pair_error(roles, first[unit], first[period], where)
+
+
+def _warn_constant(
+    slope: Slope, unit_codes: np.ndarray, values: np.ndarray, units: pd.Index
+) -> None:
+    """Warn about units whose covariate never changes: their slope is their groups'."""
+    low = np.full(len(units), np.inf)
+    high = np.full(len(units), -np.inf)
+    np.minimum.at(low, unit_codes, values)
+    np.maximum.at(high, unit_codes, values)
+    constant = np.flatnonzero(low == high)
+    if len(constant):
+        shown = ", ".join(_show(x) for x in units[constant[:5]].tolist())
+        more = f" and {len(constant) - 5} more" if len(constant) > 5 else ""
+        warnings.warn(
+            f"{len(constant)} unit(s) never change {slope.column} ({units.name!r}: "
+            f"{shown}{more}): their slopes of {slope.name!r} come from their group and the "
+            "prior, not from their own data.",
+            DataWarning,
+            stacklevel=3,
+        )
+
+
+def _warn_lone_groups(unit_group: np.ndarray, labels: pd.Index, level: str) -> None:
+    """Warn about groups with a single unit: their slopes rest on that unit and the prior."""
+    lone = np.flatnonzero(np.bincount(unit_group, minlength=len(labels)) == 1)
+    if len(lone):
+        shown = ", ".join(_show(x) for x in labels[lone[:5]].tolist())
+        more = f" and {len(lone) - 5} more" if len(lone) > 5 else ""
+        warnings.warn(
+            f"{len(lone)} group(s) have a single unit ({level!r}: {shown}{more}): their group "
+            "slopes rest on that unit and the prior.",
+            DataWarning,
+            stacklevel=3,
+        )
 
 
 def _check_arguments(
@@ -493,7 +636,7 @@ def _check_arguments(
         missing = [c for c in columns if c not in frame.columns]
         if missing:
             raise DataValidationError(
-                f"{role}: no column {missing[0]!r}; the table has columns "
+                f"missing column {missing[0]!r} ({role}); the table has columns "
                 f"{list(map(str, frame.columns))}."
             )
     if len(set(groups)) != len(groups) or unit in groups:
@@ -549,8 +692,8 @@ def _levels(
         if conflict.any():
             bad = frame[unit].to_numpy()[conflict][0]
             raise DataValidationError(
-                f"unit {_show(bad)} (column {unit!r}) appears in more than one {group!r} "
-                f"({_rows(frame, conflict)}); each unit needs one {group!r}."
+                f"unit {_show(bad)} (column {unit!r}) appears in more than one group (column "
+                f"{group!r}) in {_rows(frame, conflict)}; each unit needs one {group!r}."
             )
         unit_level[group] = per_unit
         if finer != unit:  # each finer group within one of this level's
@@ -669,5 +812,7 @@ __all__ = [
     "Effect",
     "Slope",
     "elasticity_terms",
+    "from_file",
     "from_frame",
+    "read_frame",
 ]

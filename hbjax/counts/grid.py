@@ -216,7 +216,9 @@ def place_grid(
     if poisson and "offset" in columns:
         constant += np.sum(counts * np.asarray(columns["offset"], np.float64))
     stats = {
-        "cell_table": {e: _table_or_none(t) for e, (_, t) in keys.items()},
+        "cell_table": {
+            e: _table_or_none(t, model.effects[e].shape[0]) for e, (_, t) in keys.items()
+        },
         "counts_by_unit": np.bincount(unit, counts, n_units).astype(np.float32),
         "counts_x_by_unit": {
             k: np.bincount(unit, counts * v, n_units).astype(np.float32) for k, v in centred.items()
@@ -248,9 +250,13 @@ def _all_processes(effect_chunk: dict[str, int]) -> dict[str, int]:
     return dict(zip(effect_chunk, (int(v) for v in lowest), strict=True))
 
 
-def _table_or_none(table: np.ndarray) -> np.ndarray | None:
-    """``None`` for the identity table (cells already ``key * periods + period``)."""
-    if np.array_equal(table.ravel(), np.arange(table.size)):
+def _table_or_none(table: np.ndarray, n_cells: int) -> np.ndarray | None:
+    """``None`` for the identity table (cells already ``key * periods + period``).
+
+    Only when every (key, period) pair is a cell: a table whose last pair has no cell
+    points it at ``n_cells`` (the zero appended to the values), which is not the identity.
+    """
+    if table.size == n_cells and np.array_equal(table.ravel(), np.arange(table.size)):
         return None
     return table.astype(np.int32)
 
