@@ -153,9 +153,9 @@ def _vocabulary_speed(hbjax, table, args, base, clock) -> None:  # noqa: ANN001
     import numpy as np
     import pandas as pd
 
-    from benchmarks.vocabulary import article_data
+    from hbjax.counts import elasticity_data
 
-    data = article_data(pd.read_parquet(table))
+    data = elasticity_data(pd.read_parquet(table))
     grid = jax.block_until_ready(data.grid(hbjax.make_mesh()))
     emit({**base, "phase": "vocabulary_grid", "cell_chunk": grid.cell_chunk,
           "seconds": clock.lap()}, args.out)  # fmt: skip

@@ -21,31 +21,16 @@ import statistics
 import time
 
 import jax
-import pandas as pd
 
 import hbjax
-from hbjax.counts import CountData, elasticity_terms, from_frame
-
-
-def article_data(frame: pd.DataFrame) -> CountData:
-    """The article's model through the vocabulary, on a table of :func:`hbjax.simulate`."""
-    slopes, effects = elasticity_terms("price", ("category",), "period")
-    return from_frame(
-        frame,
-        unit="product",
-        counts="units_sold",
-        groups=("category",),
-        slopes=slopes,
-        effects=effects,
-        period="period",
-    )
+from hbjax.counts import elasticity_data
 
 
 def _fits(products: int, periods: int, groups: int) -> dict:
     sim = hbjax.simulate(n_units=products, n_periods=periods, n_groups=groups, seed=0)
     panel, _ = hbjax.from_frame(sim.frame)
     reference = hbjax.ElasticityModel.from_panel(panel)
-    data = article_data(sim.frame)
+    data = elasticity_data(sim.frame)
     mesh = hbjax.make_mesh()
     return {
         "ElasticityModel (auto layout)": (reference, hbjax.shard_panel(panel, mesh), panel),

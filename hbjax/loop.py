@@ -375,7 +375,11 @@ def run(
                 elif monitor is not None and log.done % check_every == 0:
                     decision = monitor.check(log.done, np.asarray(jax.device_get(to_host(scale))))
                     if decision == "average":
-                        state_arrays = start_averaging(state_arrays, put(np.int32(log.done)))
+                        # an explicit placement (on several processes, of every process's
+                        # copy): the guard is there to catch implicit ones
+                        with jax.transfer_guard_host_to_device("allow"):
+                            begun = put(np.int32(log.done))
+                        state_arrays = start_averaging(state_arrays, begun)
                     stop = decision == "stop"
                 log.show(None if monitor is None else monitor.status)
                 state = eqx.combine(state_arrays, state_static)

@@ -272,17 +272,6 @@ def test_default_fit_stops_by_itself_converged(simulated_csv, tmp_path, capsys):
     assert summary["mcse_of_means_in_sd"] <= 0.04 and summary["rhat"] < 1.1
 
 
-def test_fit_writes_plots(simulated_csv, tmp_path, capsys):
-    out_dir = tmp_path / "o"
-    common = ["--steps", "30", "--samples", "50", "--diagnostic-draws", "0", "--no-progress"]
-    code, _, err = run(capsys, "fit", str(simulated_csv), *common, "--plots", "--out", str(out_dir))
-    assert code == 0, err
-    # the category forest is named after the level, as every level's is with --group a,b
-    for name in ("loss.png", "shrinkage.png", "forest_category.png", "predictive.png"):
-        data = (out_dir / "plots" / name).read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
-
-
 def test_plots_without_matplotlib_are_refused_before_the_fit(
     simulated_csv, tmp_path, capsys, monkeypatch
 ):

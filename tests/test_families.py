@@ -6,7 +6,6 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pandas as pd
 import pytest
 from scipy import special, stats
 from tolerances import assert_f32_close, f32_rtol
@@ -169,30 +168,11 @@ def test_negative_binomial_fit_recovers_the_dispersion_and_honest_intervals(seed
     assert rmse < poisson_rmse, results
 
 
-def test_cli_negative_binomial_fit_saves_and_reports_the_dispersion(
-    overdispersed, tmp_path, capsys
-):
+def test_cli_poisson_fit_of_overdispersed_counts_is_flagged(overdispersed, tmp_path, capsys):
+    """A Poisson fit of negative-binomial counts: no dispersion, and a warning line that
+    the data contradict it (the negative binomial's CLI fit: tests/test_counts.py)."""
     path = tmp_path / "panel.csv"
     overdispersed.frame.to_csv(path, index=False)
-    out = tmp_path / "o"
-    flags = ["--likelihood", "negbin", "--steps", "120", "--no-progress", "--out", str(out)]
-    assert main(["fit", str(path), *flags, "--diagnostic-draws", "0"]) == 0
-    printed = capsys.readouterr().out
-    assert "dispersion phi" in printed
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["likelihood"] == "negbin"
-    d = summary["dispersion"]
-    assert 0 < d["q05"] < d["q50"] < d["q95"] and d["sd"] > 0
-    saved = hbjax.counts.load_fit(out)
-    assert isinstance(saved.data.model.likelihood, NegativeBinomial)
-    assert saved.data.spec.likelihood == "negbin"
-    # the saved fit holds the fitted dispersion: the same summary again
-    again = saved.data.summary(saved.guide)["dispersion"].iloc[0]
-    np.testing.assert_allclose(again["q50"], d["q50"], rtol=f32_rtol(terms=4))  # exp(m)
-    prices = pd.DataFrame({"product": list(saved.data.units[:2]), "price": [5.0, 6.0]})
-    assert (hbjax.counts.predict(saved.data, saved.guide, prices)["expected_units"] > 0).all()
-    assert summary["predictive_check"]["likelihood"] == "negbin"
-    # a Poisson fit reports no dispersion, and a warning: the data contradict it
     poisson = ["--steps", "40", "--no-progress", "--out", str(tmp_path / "p"), "--plots"]
     assert main(["fit", str(path), *poisson]) == 0
     err = capsys.readouterr().err
@@ -202,7 +182,10 @@ def test_cli_negative_binomial_fit_saves_and_reports_the_dispersion(
     check = summary["predictive_check"]
     assert check["flagged"] == ["dispersion_index"] and len(check["groups"]) == 3
     assert check["dispersion_index"]["observed"] > 3 * check["dispersion_index"]["replicated"]
-    assert (tmp_path / "p" / "plots" / "predictive.png").stat().st_size > 0
+    # --plots with one level: the category forest is named after it, as every level's is
+    for name in ("loss.png", "shrinkage.png", "forest_category.png", "predictive.png"):
+        png = (tmp_path / "p" / "plots" / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, name
     assert hbjax.counts.load_fit(tmp_path / "p").data.spec.likelihood == "poisson"
 
 

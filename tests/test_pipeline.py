@@ -50,16 +50,7 @@ def test_the_cli_writes_what_the_library_computes(tmp_path, capsys):
     flags = ["--steps", "60", "--seed", "3", "--guide", "meanfield", "--no-progress"]
     code = main(["fit", str(tmp_path / "panel.csv"), *flags, "--out", str(tmp_path / "o")])
     assert code == 0, capsys.readouterr().err
-    slopes, effects = hbjax.counts.elasticity_terms("price", ("category",), "period")
-    data = hbjax.counts.from_file(
-        tmp_path / "panel.csv",
-        unit="product",
-        counts="units_sold",
-        groups=("category",),
-        slopes=slopes,
-        effects=effects,
-        period="period",
-    )
+    data = hbjax.counts.elasticity_data(tmp_path / "panel.csv")  # what the CLI reads
     config = hbjax.FitConfig(steps=60, seed=3, guide="meanfield", progress=False)
     result = hbjax.counts.fit_counts(data, config, mesh=hbjax.make_mesh())
     expected = data.summary(result.guide)["log_price/unit"].reset_index()

@@ -30,8 +30,7 @@ from jax.sharding import Mesh
 from .. import __version__
 from ..checkpoint import CheckpointError
 from ..convergence import Convergence
-from ..counts import fit_counts, from_frame
-from ..counts.frame import elasticity_terms
+from ..counts import elasticity_data, fit_counts
 from ..counts.report import FitReport
 from ..data import (
     DataValidationError,
@@ -419,17 +418,7 @@ def run_demo(args: argparse.Namespace) -> int:
     sim = simulate(
         n_units=args.products, n_periods=args.periods, n_groups=args.categories, seed=args.seed
     )
-    slopes, effects = elasticity_terms("price", ("category",), "period")
-    data = from_frame(
-        sim.frame,
-        unit="product",
-        counts="units_sold",
-        groups=("category",),
-        slopes=slopes,
-        effects=effects,
-        period="period",
-        one_row_per_period=True,
-    )
+    data = elasticity_data(sim.frame)
     mesh = _mesh(args.devices)
     print(
         f"hbjax {__version__} demo: {len(data.units)} products x {len(data.periods)} periods "

@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import pandas as pd
 
-from ..counts import CountData, elasticity_terms, from_file, load_fit, predict
+from ..counts import CountData, elasticity_data, load_fit, predict
 from ..counts.frame import read_frame
 from ..counts.report import price_slope
 from ..data import DataValidationError
@@ -53,21 +53,19 @@ def count_data(args: argparse.Namespace) -> CountData:
                     "role needs its own column."
                 )
             seen[column] = role
-    slopes, effects = elasticity_terms(args.price, groups, args.period, covariates)
-    return from_file(
+    return elasticity_data(
         args.file,
         unit=args.unit,
-        counts=args.units,
         groups=groups,
-        slopes=slopes,
-        effects=effects,
         period=args.period,
+        price=args.price,
+        counts=args.units,
+        covariates=covariates,
         likelihood=args.likelihood,
         hierarchy=args.hierarchy,
         intercept_prior=args.intercept_prior,
         centre=not args.no_centring,
         clip_log_rate=ARTICLE_CLIP if args.clip else None,
-        one_row_per_period=True,
     )
 
 
