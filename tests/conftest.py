@@ -11,6 +11,9 @@ import tempfile
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 ).strip()
+# every compiled program goes to the shared cache below, not only those that took >= 1 s
+# to compile (JAX's default): the small ones recur across tests and subprocesses too
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 # the CLI's cache in the user's folder stays out of the tests (tested in a subprocess) ...
 os.environ["HBJAX_COMPILATION_CACHE"] = "0"

@@ -69,6 +69,12 @@ def count_data(args: argparse.Namespace) -> CountData:
     )
 
 
+def _text_labels(data: CountData) -> list[str]:
+    """The label columns a fit read as text (all, unless its labels were numbers)."""
+    levels = {data.spec.unit: data.units, **data.levels}
+    return [column for column, labels in levels.items() if labels.dtype == object]
+
+
 def predict_counts(args: argparse.Namespace, out: Path) -> str:
     """``hbjax predict``: expected counts for the scenarios' rows; returns the line to print.
 
@@ -77,9 +83,7 @@ def predict_counts(args: argparse.Namespace, out: Path) -> str:
     """
     saved = load_fit(args.fit_dir)
     data, spec = saved.data, saved.data.spec
-    levels = {spec.unit: data.units, **data.levels}
-    text = [column for column, labels in levels.items() if labels.dtype == object]
-    frame = read_frame(args.prices, labels=text, period=spec.period)
+    frame = read_frame(args.prices, labels=_text_labels(data), period=spec.period)
     predictions = predict(
         data, saved.guide, frame, num_samples=args.samples, key=jax.random.key(args.seed)
     )
@@ -107,7 +111,7 @@ def check_counts(args: argparse.Namespace) -> tuple[pd.DataFrame, NutsCheck, Uni
             f"{args.fit_dir!r} has no per-product log slope (a price) to check; hbjax check "
             "compares products' price elasticities with NUTS."
         )
-    data = spec.read(args.file)
+    data = spec.data(read_frame(args.file, labels=_text_labels(fitted), period=spec.period))
     for name, here, there in (
         ("units", data.units, fitted.units),
         *((f"{level} labels", data.levels[level], fitted.levels[level]) for level in data.levels),

@@ -120,16 +120,9 @@ class CountSpec:
 
     def data(self, frame: pd.DataFrame) -> CountData:
         """The table's data under this spec: :func:`from_frame` with these arguments."""
-        return from_frame(frame, **self._arguments())
-
-    def read(self, path: str | os.PathLike[str]) -> CountData:
-        """A file's data under this spec, read as :func:`from_file` reads it."""
-        return from_file(path, **self._arguments())
-
-    def _arguments(self) -> dict[str, object]:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         fields["zero_inflation"] = fields["zero_inflation"] or False  # None: recorded as off
-        return fields
+        return from_frame(frame, **fields)
 
     def label_columns(self) -> list[str]:
         """The columns of labels: the unit, the groups and the effects' (not the period)."""
@@ -519,22 +512,25 @@ def from_frame(
     return CountData(model, rows, units, levels, cell_labels, period_codes, periods, spec)
 
 
-def from_file(path: str | os.PathLike[str], **arguments: object) -> CountData:
+def from_file(
+    path: str | os.PathLike[str], *, unit: str, counts: str, **arguments: object
+) -> CountData:
     """A CSV or Parquet file's :class:`CountData`: :func:`from_frame` of :func:`read_frame`.
 
-    ``arguments`` are :func:`from_frame`'s. Label columns (the unit, the groups, the
-    effects') are read from a CSV as text exactly as written (``01`` is not ``1``, ``NA``
-    is a label, a 20-digit barcode keeps its digits); the period as integers or dates.
+    ``unit``, ``counts`` and ``arguments`` are :func:`from_frame`'s. Label columns (the
+    unit, the groups, the effects') are read from a CSV as text exactly as written (``01``
+    is not ``1``, ``NA`` is a label, a 20-digit barcode keeps its digits); the period as
+    integers or dates.
     """
-    spec_like = CountSpec(
-        unit=arguments["unit"],
-        counts=arguments["counts"],
+    labels = CountSpec(
+        unit=unit,
+        counts=counts,
         groups=tuple(arguments.get("groups", ())),
         effects=tuple(arguments.get("effects", ())),
         period=arguments.get("period"),
-    )
-    frame = read_frame(path, labels=spec_like.label_columns(), period=spec_like.period)
-    return from_frame(frame, **arguments)
+    ).label_columns()
+    frame = read_frame(path, labels=labels, period=arguments.get("period"))
+    return from_frame(frame, unit=unit, counts=counts, **arguments)
 
 
 def read_frame(

@@ -92,7 +92,7 @@ class FitReport:
         tables = data.summary(result.guide, draws=samples, key=key)
         spec, levels = data.spec, list(data.levels)
         level = levels[-1] if levels else None
-        rows_here = data.rows is not None and jax.process_count() == 1
+        rows_here = data.rows is not None  # every process holds the table's rows
         predictive = importance = None
         if rows_here:
             predictive = predictive_check(
@@ -261,8 +261,8 @@ class FitReport:
         )
 
 
-#: What a check says where the rows are not in this process.
-_ELSEWHERE = "the rows are not in this process (several hosts)"
+#: What a check says where the rows are not at hand (a saved fit's data).
+_ELSEWHERE = "the rows are not at hand"
 
 
 def _skipped(draws: int, rows_here: bool, guide: object) -> dict[str, str]:  # noqa: FBT001
