@@ -1,9 +1,8 @@
-"""``hbjax fit``'s table as the vocabulary's data, and ``predict``/``check`` of a saved fit.
+"""``hbjax fit``'s table as count data, and ``predict``/``check`` of a saved fit.
 
-``log E[units] = a_i + b_i (log price - c_i) + sum_k lift_k[top group] x_k
-+ g[top group, period]``: the price slope by product and every group level in ``--group``
-(one level: the article's model), each ``--covariates`` slope by the coarsest group
-(:func:`hbjax.counts.elasticity_terms`).
+The model is :func:`hbjax.counts.elasticity_data`'s: the price slope by product and every
+level of ``--group`` (one level: the article's model), each ``--covariates`` slope by the
+coarsest group.
 """
 
 from __future__ import annotations
@@ -37,22 +36,11 @@ def count_data(args: argparse.Namespace) -> CountData:
     """The table of ``hbjax fit`` (its column flags and model options) as count data.
 
     Raises:
-        DataValidationError: a column given two roles, or anything
-            :func:`hbjax.counts.from_frame` refuses (named, with the fix).
+        DataValidationError: anything :func:`hbjax.counts.elasticity_data` refuses (named,
+            with the fix).
     """
     groups = _names(args.group, "--group")
     covariates = _names(args.covariates, "--covariates")
-    roles = {"unit": [args.unit], "group": list(groups), "period": [args.period]}
-    roles |= {"price": [args.price], "units": [args.units], "covariates": list(covariates)}
-    seen: dict[str, str] = {}
-    for role, columns in roles.items():
-        for column in columns:
-            if column in seen:
-                raise DataValidationError(
-                    f"column {column!r} is given for both {seen[column]} and {role}; each "
-                    "role needs its own column."
-                )
-            seen[column] = role
     return elasticity_data(
         args.file,
         unit=args.unit,

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from ..data import DataValidationError
 from .frame import CountData, elasticity_terms, from_file, from_frame
 
 
@@ -46,8 +47,20 @@ def elasticity_data(
             ``hierarchy``, ``intercept_prior``, ``centre``, ``clip_log_rate``, ...).
 
     Raises:
-        DataValidationError: a bad table (named, with the fix), a unit twice in a period.
+        DataValidationError: a column given two roles, a bad table (named, with the fix),
+            a unit twice in a period.
     """
+    roles = {"unit": [unit], "groups": list(groups), "period": [period], "price": [price]}
+    roles |= {"counts": [counts], "covariates": list(covariates)}
+    seen: dict[str, str] = {}
+    for role, columns in roles.items():
+        for column in columns:
+            if column in seen:
+                raise DataValidationError(
+                    f"column {column!r} is given for both {seen[column]} and {role}; each "
+                    "role needs its own column."
+                )
+            seen[column] = role
     slopes, effects = elasticity_terms(price, groups, period, covariates)
     arguments = {
         "unit": unit,

@@ -75,7 +75,7 @@ class FitReport:
         devices: int = 1,
         started: float | None = None,
     ) -> FitReport:
-        """Summarise ``result`` and check it (on ``data``'s rows, where this process has them).
+        """Summarise ``result`` and check it on ``data``'s rows (a saved fit's data has none).
 
         Args:
             data: the fitted table.
