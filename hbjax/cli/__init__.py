@@ -344,8 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit_cmd.add_argument(
         "--plots",
         action="store_true",
-        help="also write OUT/plots/: loss, shrinkage, categories (with --group a,b: a forest "
-        "per level), the predictive check",
+        help="also write OUT/plots/: loss, shrinkage, a forest per group level, the "
+        "predictive check",
     )
     fit_cmd.add_argument(
         "--devices", type=_devices, default="all", help="devices to split rows over: N or 'all'"
