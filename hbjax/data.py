@@ -446,23 +446,37 @@ def warn_no_sales(units: str) -> None:
 
 def warn_weak_units(constant: np.ndarray, encoding: Encoding) -> None:
     """Warn (:class:`DataWarning`) about units whose price never changes and lone units."""
+    warn_constant_units(constant, encoding.units, encoding.unit_column, "price", "elasticities")
+    warn_lone_groups(encoding.unit_group, encoding.groups, encoding.group_column, "elasticity")
+
+
+def warn_constant_units(
+    constant: np.ndarray, units: pd.Index, unit: str, column: str, what: str
+) -> None:
+    """Warn that the units coded ``constant`` never change ``column``.
+
+    Their ``what`` (their slopes of it) then come from their groups and the prior.
+    """
     if len(constant):
         warnings.warn(
-            f"{len(constant)} unit(s) never change price ({encoding.unit_column!r}: "
-            f"{_labels_of(encoding.units, constant)}): their elasticities come from their "
-            "group and the prior, not from their own data.",
+            f"{len(constant)} unit(s) never change {column} ({unit!r}: "
+            f"{_labels_of(units, constant)}): their {what} come from their group and the "
+            "prior, not from their own data.",
             DataWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-    members = np.bincount(encoding.unit_group, minlength=len(encoding.groups))
-    lone = np.flatnonzero(members == 1)
+
+
+def warn_lone_groups(unit_group: np.ndarray, groups: pd.Index, level: str, what: str) -> None:
+    """Warn about groups of ``level`` with a single unit: their ``what`` rests on it."""
+    lone = np.flatnonzero(np.bincount(unit_group, minlength=len(groups)) == 1)
     if len(lone):
         warnings.warn(
-            f"{len(lone)} group(s) have a single unit ({encoding.group_column!r}: "
-            f"{_labels_of(encoding.groups, lone)}): their group elasticity rests on that unit "
-            "and the prior.",
+            f"{len(lone)} group(s) have a single unit ({level!r}: "
+            f"{_labels_of(groups, lone)}): their group {what} rests on that unit and the "
+            "prior.",
             DataWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
 

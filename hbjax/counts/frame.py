@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from collections.abc import Sequence
 
 import equinox as eqx
@@ -29,7 +28,6 @@ from jax.sharding import Mesh
 
 from ..data import (
     DataValidationError,
-    DataWarning,
     _check_spaces,
     _factorize,
     _numeric,
@@ -39,6 +37,8 @@ from ..data import (
     check_counts,
     duplicate_pair_error,
     read_table,
+    warn_constant_units,
+    warn_lone_groups,
     warn_no_sales,
 )
 from ..families import AbstractCountLikelihood, checked_clip, make_likelihood
@@ -504,9 +504,11 @@ def from_frame(
     # the table is sound: now what it says little about
     for slope in slopes:
         if UNIT in slope.over:
-            _warn_constant(slope, unit_codes, np.asarray(x[slope.name]), units)
+            constant = _constant_units(unit_codes, np.asarray(x[slope.name]), n_units)
+            what = f"slopes of {slope.name!r}"
+            warn_constant_units(constant, units, unit, slope.column, what)
     if groups:
-        _warn_lone_groups(unit_level[groups[0]], levels[groups[0]], groups[0])
+        warn_lone_groups(unit_level[groups[0]], levels[groups[0]], groups[0], "slopes")
     if not np.any(y > 0):
         warn_no_sales(counts)
     return CountData(model, rows, units, levels, cell_labels, period_codes, periods, spec)
@@ -569,39 +571,12 @@ def _check_periods(
         raise duplicate_pair_error(roles, first[unit], first[period], where)
 
 
-def _warn_constant(
-    slope: Slope, unit_codes: np.ndarray, values: np.ndarray, units: pd.Index
-) -> None:
-    """Warn about units whose covariate never changes: their slope is their groups'."""
-    low = np.full(len(units), np.inf)
-    high = np.full(len(units), -np.inf)
+def _constant_units(unit_codes: np.ndarray, values: np.ndarray, n_units: int) -> np.ndarray:
+    """Codes of the units whose ``values`` (one per row, any order) never change."""
+    low, high = np.full(n_units, np.inf), np.full(n_units, -np.inf)
     np.minimum.at(low, unit_codes, values)
     np.maximum.at(high, unit_codes, values)
-    constant = np.flatnonzero(low == high)
-    if len(constant):
-        shown = ", ".join(_show(x) for x in units[constant[:5]].tolist())
-        more = f" and {len(constant) - 5} more" if len(constant) > 5 else ""
-        warnings.warn(
-            f"{len(constant)} unit(s) never change {slope.column} ({units.name!r}: "
-            f"{shown}{more}): their slopes of {slope.name!r} come from their group and the "
-            "prior, not from their own data.",
-            DataWarning,
-            stacklevel=3,
-        )
-
-
-def _warn_lone_groups(unit_group: np.ndarray, labels: pd.Index, level: str) -> None:
-    """Warn about groups with a single unit: their slopes rest on that unit and the prior."""
-    lone = np.flatnonzero(np.bincount(unit_group, minlength=len(labels)) == 1)
-    if len(lone):
-        shown = ", ".join(_show(x) for x in labels[lone[:5]].tolist())
-        more = f" and {len(lone) - 5} more" if len(lone) > 5 else ""
-        warnings.warn(
-            f"{len(lone)} group(s) have a single unit ({level!r}: {shown}{more}): their group "
-            "slopes rest on that unit and the prior.",
-            DataWarning,
-            stacklevel=3,
-        )
+    return np.flatnonzero(low == high)
 
 
 def _check_arguments(
