@@ -508,7 +508,7 @@ def from_frame(
             what = f"slopes of {slope.name!r}"
             warn_constant_units(constant, units, unit, slope.column, what)
     if groups:
-        warn_lone_groups(unit_level[groups[0]], levels[groups[0]], groups[0], "slopes")
+        warn_lone_groups(unit_level[groups[0]], levels[groups[0]], groups[0], "slope")
     if not np.any(y > 0):
         warn_no_sales(counts)
     return CountData(model, rows, units, levels, cell_labels, period_codes, periods, spec)
