@@ -727,3 +727,11 @@ def test_the_grid_of_a_table_whose_last_cell_is_missing_equals_the_rows():
     grid = data.model.log_likelihood(z, data.grid(hbjax.make_mesh(1)))
     values = np.asarray(data.model.row_log_likelihood(z, data.rows))
     assert_f32_close(grid, rows, terms=len(values), magnitude=np.abs(values).max())
+
+
+@pytest.mark.parametrize(
+    "bad", [{"prior": (-2.0, -1.0)}, {"prior": (float("nan"), 1.0)}, {"scales": (1.0, 0.0)}]
+)
+def test_a_slope_with_an_impossible_prior_is_refused_when_built(bad):
+    with pytest.raises(ValueError, match="Slope\\('price'\\)"):
+        Slope("price", over=("unit", "g"), **bad)

@@ -70,6 +70,18 @@ class Slope:
     scales: tuple[float, ...] | None = None
     log: bool = False
 
+    def __post_init__(self) -> None:
+        mean, sd = self.prior
+        if not (np.isfinite(mean) and np.isfinite(sd) and sd > 0):
+            raise ValueError(
+                f"Slope({self.column!r}): prior must be (mean, sd) with a finite mean and an "
+                f"sd > 0; got {self.prior}."
+            )
+        if self.scales is not None and not all(np.isfinite(v) and v > 0 for v in self.scales):
+            raise ValueError(
+                f"Slope({self.column!r}): every scale must be a finite sd > 0; got {self.scales}."
+            )
+
     @property
     def name(self) -> str:
         """The covariate's name: ``log_<column>`` with ``log``, else the column."""
