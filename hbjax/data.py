@@ -383,7 +383,7 @@ def from_frame(
     (unit_codes, period_codes, order), encoding = _encode(frame, roles, encoding)
     n_periods = len(encoding.periods)
     check_panel_shape(encoding, roles)
-    warn_weak_units(constant_price_units(unit_codes[order], price_values[order]), encoding)
+    warn_weak_units(constant_units(unit_codes, price_values, len(encoding.units)), encoding)
     if not np.any(count_values > 0):
         warn_no_sales(roles["units"])
     unit_group = encoding.unit_group
@@ -424,14 +424,12 @@ def _labels_of(labels: pd.Index, codes: np.ndarray) -> str:
     return shown + more
 
 
-def constant_price_units(unit_codes: np.ndarray, price_values: np.ndarray) -> np.ndarray:
-    """Codes of the units whose price never changes (``unit_codes`` sorted)."""
-    if len(unit_codes) == 0:
-        return np.zeros(0, np.int64)
-    starts = np.flatnonzero(np.r_[True, unit_codes[1:] != unit_codes[:-1]])
-    low = np.minimum.reduceat(price_values, starts)
-    high = np.maximum.reduceat(price_values, starts)
-    return unit_codes[starts][low == high]
+def constant_units(unit_codes: np.ndarray, values: np.ndarray, n_units: int) -> np.ndarray:
+    """Codes of the units whose ``values`` (one per row, rows in any order) never change."""
+    low, high = np.full(n_units, np.inf), np.full(n_units, -np.inf)
+    np.minimum.at(low, unit_codes, values)
+    np.maximum.at(high, unit_codes, values)
+    return np.flatnonzero(low == high)
 
 
 def warn_no_sales(units: str) -> None:

@@ -71,7 +71,7 @@ from ..sharding import (
 )
 from ..simulate import simulate
 from ..stream import GridStore, is_grid, read_grid, write_grid
-from .tables import check_counts, count_data, predict_counts
+from .tables import check_saved_fit, count_data, predict_saved_fit
 
 USER_ERROR = 2
 
@@ -836,7 +836,7 @@ def run_predict(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out is not None else Path(str(args.prices) + ".predictions.csv")
     check_file_destination(out)  # before the work
     if saved_format(Path(args.fit_dir)) == COUNTS_FORMAT:
-        print(predict_counts(args, out))
+        print(predict_saved_fit(args, out))
         return 0
     saved = load_fit(args.fit_dir)
     # labels as the fit read them: text exactly as written, unless the fit's were numbers
@@ -871,7 +871,7 @@ def run_check(args: argparse.Namespace) -> int:
     out = check_file_destination(args.out if args.out is not None else default)
     if saved_format(Path(args.fit_dir)) == COUNTS_FORMAT:
         try:
-            table, nuts, importance = check_counts(args)
+            table, nuts, importance = check_saved_fit(args)
         except (ValueError, ImportError) as exc:
             if isinstance(exc, DataValidationError):
                 raise

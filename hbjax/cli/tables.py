@@ -63,7 +63,7 @@ def _text_labels(data: CountData) -> list[str]:
     return [column for column, labels in levels.items() if labels.dtype == object]
 
 
-def predict_counts(args: argparse.Namespace, out: Path) -> str:
+def predict_saved_fit(args: argparse.Namespace, out: Path) -> str:
     """``hbjax predict``: expected counts for the scenarios' rows; returns the line to print.
 
     Label columns are read as the fit read them (text as written, unless the fit's labels
@@ -82,7 +82,7 @@ def predict_counts(args: argparse.Namespace, out: Path) -> str:
     )
 
 
-def check_counts(args: argparse.Namespace) -> tuple[pd.DataFrame, NutsCheck, UnitImportance]:
+def check_saved_fit(args: argparse.Namespace) -> tuple[pd.DataFrame, NutsCheck, UnitImportance]:
     """``hbjax check``: a saved fit's per-product slopes against NUTS, and k-hat.
 
     The table is read and encoded as the fit read it (the saved spec names the columns;
@@ -136,4 +136,4 @@ def check_counts(args: argparse.Namespace) -> tuple[pd.DataFrame, NutsCheck, Uni
     return pd.concat(parts, ignore_index=True), nuts, importance
 
 
-__all__ = ["check_counts", "count_data", "predict_counts"]
+__all__ = ["check_saved_fit", "count_data", "predict_saved_fit"]

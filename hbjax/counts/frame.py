@@ -35,6 +35,7 @@ from ..data import (
     _rows,
     _show,
     check_counts,
+    constant_units,
     duplicate_pair_error,
     read_table,
     warn_constant_units,
@@ -516,7 +517,7 @@ def from_frame(
     # the table is sound: now what it says little about
     for slope in slopes:
         if UNIT in slope.over:
-            constant = _constant_units(unit_codes, np.asarray(x[slope.name]), n_units)
+            constant = constant_units(unit_codes, np.asarray(x[slope.name]), n_units)
             what = f"slopes of {slope.name!r}"
             warn_constant_units(constant, units, unit, slope.column, what)
     if groups:
@@ -581,14 +582,6 @@ def _check_periods(
         roles = {"unit": unit, "period": period}
         where = f"{_rows(frame, twice)} are duplicates"
         raise duplicate_pair_error(roles, first[unit], first[period], where)
-
-
-def _constant_units(unit_codes: np.ndarray, values: np.ndarray, n_units: int) -> np.ndarray:
-    """Codes of the units whose ``values`` (one per row, any order) never change."""
-    low, high = np.full(n_units, np.inf), np.full(n_units, -np.inf)
-    np.minimum.at(low, unit_codes, values)
-    np.maximum.at(high, unit_codes, values)
-    return np.flatnonzero(low == high)
 
 
 def _check_arguments(
