@@ -50,6 +50,9 @@ def fingerprint(state: Any, guide_static: Any) -> dict[str, object]:
     }
 
 
+_HASH_ITEMS = 1 << 22  # array entries hashed at once
+
+
 def content_hash(tree: Any) -> str:
     """A short hash of a pytree's structure and the bytes of its leaves (arrays on the host).
 
@@ -59,9 +62,10 @@ def content_hash(tree: Any) -> str:
     digest = hashlib.blake2b(str(jax.tree.structure(tree)).encode(), digest_size=16)
     for leaf in jax.tree.leaves(tree):
         if hasattr(leaf, "dtype") and hasattr(leaf, "shape"):
-            array = np.ascontiguousarray(np.asarray(leaf))
-            digest.update(f"{array.dtype}{array.shape}".encode())
-            digest.update(array.tobytes())
+            array = np.asarray(leaf).reshape(-1)
+            digest.update(f"{array.dtype}{np.shape(leaf)}".encode())
+            for lo in range(0, array.size, _HASH_ITEMS):  # arrays on disk read in pieces
+                digest.update(np.ascontiguousarray(array[lo : lo + _HASH_ITEMS]).tobytes())
         else:
             digest.update(repr(leaf).encode())
     return digest.hexdigest()

@@ -144,19 +144,19 @@ def test_cli_destinations_are_checked_before_the_fit(small_sim, tmp_path, capsys
     assert "is a folder" in capsys.readouterr().err
 
 
-def test_a_failed_prepare_keeps_the_earlier_grid(small_sim, tmp_path, capsys):
-    table, grid = tmp_path / "rows.csv", tmp_path / "grid"
+def test_a_failed_prepare_keeps_the_earlier_folder(small_sim, tmp_path, capsys):
+    table, folder = tmp_path / "rows.csv", tmp_path / "rows"
     small_sim.frame.to_csv(table, index=False)
-    assert main(["prepare", str(table), "--out", str(grid), "--no-progress"]) == 0
-    before = hbjax.read_grid(grid)
+    assert main(["prepare", str(table), "--out", str(folder), "--no-progress"]) == 0
+    before = np.array(hbjax.counts.elasticity_data(folder).rows.columns["counts"])
     duplicated = tmp_path / "dup.csv"
     frame = small_sim.frame
     frame.iloc[np.r_[np.arange(len(frame)), 3]].to_csv(duplicated, index=False)  # last row
     capsys.readouterr()
     code = main(
-        ["prepare", str(duplicated), "--out", str(grid), "--no-progress", "--chunk-rows", "50"]
+        ["prepare", str(duplicated), "--out", str(folder), "--no-progress", "--chunk-rows", "50"]
     )
     assert code == 2 and "more than once" in capsys.readouterr().err
-    after = hbjax.read_grid(grid)
-    np.testing.assert_array_equal(after.stats.moments, before.stats.moments)
-    assert after.n_obs == before.n_obs and _leftovers(tmp_path) == []
+    after = hbjax.counts.elasticity_data(folder).rows.columns["counts"]
+    np.testing.assert_array_equal(after, before)
+    assert _leftovers(tmp_path) == []

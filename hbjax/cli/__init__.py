@@ -9,9 +9,7 @@ and exits with status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shlex
 import signal
 import sys
@@ -30,16 +28,11 @@ from jax.sharding import Mesh
 from .. import __version__
 from ..checkpoint import CheckpointError
 from ..convergence import Convergence
-from ..counts import elasticity_data, fit_counts
+from ..counts import elasticity_data, fit_counts, prepare
 from ..counts.report import FitReport
 from ..data import (
     DataValidationError,
     DataWarning,
-    Encoding,
-    Panel,
-    from_file,
-    read_process_panel,
-    read_table,
 )
 from ..extras import optional_import
 from ..families import LIKELIHOODS
@@ -49,29 +42,20 @@ from ..guide_check import (
     NutsCheck,
     PredictiveCheck,
     UnitImportance,
-    nuts_check,
-    on_value_scale,
-    predictive_check,
-    unit_importance,
 )
 from ..layers import HIERARCHIES
 from ..model import INTERCEPT_PRIORS
 from ..objectives import GRADIENTS
 from ..outputs import AtomicFolder, OutputError, check_file_destination, write_file_atomically
-from ..pipeline import DEFAULT_GUIDE, SEEDS, FitConfig, fit_elasticities
-from ..plots import write_plots
-from ..posterior import predict, summarize, summarize_dispersion
-from ..saved import COUNTS_FORMAT, SavedFit, load_fit, save_fit, saved_format
+from ..pipeline import DEFAULT_GUIDE, SEEDS, FitConfig
 from ..sharding import (
     DistributedConfig,
     ShardingError,
-    all_processes_agree,
     initialize_distributed,
     make_mesh,
 )
 from ..simulate import simulate
-from ..stream import GridStore, is_grid, read_grid, write_grid
-from .tables import check_saved_fit, count_data, predict_saved_fit
+from .tables import check_saved_fit, column_arguments, count_data, predict_saved_fit
 
 USER_ERROR = 2
 
@@ -177,15 +161,16 @@ def _column_flags(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--group",
         default="category",
-        help="group column; for `fit`, several levels finest first (subcategory,category)",
+        help="group columns, finest first (default: category; e.g. subcategory,category)",
     )
     command.add_argument("--period", default="period", help="period column (integers or dates)")
     command.add_argument("--price", default="price", help="price column (> 0)")
     command.add_argument("--units", default="units_sold", help="counts column (integers >= 0)")
-
-
-def _columns(args: argparse.Namespace) -> dict[str, str]:
-    return {role: getattr(args, role) for role in ("unit", "group", "period", "price", "units")}
+    command.add_argument(
+        "--covariates",
+        default="",
+        help="more columns with a slope each, by the coarsest group (e.g. promo,feature)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,11 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     prepare = commands.add_parser(
         "prepare",
-        help="stream a table too large for memory into a grid folder for `fit --batch-size`",
+        help="stream a table too large for memory into a folder for `fit --batch-size`",
     )
     prepare.add_argument("file", help="long table (.csv or .parquet): one row per (unit, period)")
     _column_flags(prepare)
-    prepare.add_argument("--out", required=True, help="grid folder to write")
+    prepare.add_argument("--out", required=True, help="folder to write")
     prepare.add_argument(
         "--chunk-rows", type=_positive_int, default=1_000_000, help="rows read at once"
     )
@@ -234,8 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit_cmd = commands.add_parser("fit", help="fit the elasticity model to a CSV/Parquet file")
     fit_cmd.add_argument(
         "file",
-        help="long table (.csv or .parquet), one row per (unit, period); or a grid folder "
-        "from `hbjax prepare` (with --batch-size)",
+        help="long table (.csv or .parquet), one row per (unit, period); or a folder from "
+        "`hbjax prepare` (with --batch-size; its column flags are the prepared ones)",
     )
     _column_flags(fit_cmd)
     fit_cmd.add_argument(
@@ -321,11 +306,6 @@ def build_parser() -> argparse.ArgumentParser:
     fit_cmd.add_argument(
         "--samples", type=_draws, default=1000, help="posterior draws (at least 20)"
     )
-    fit_cmd.add_argument(
-        "--covariates",
-        default="",
-        help="more columns with a slope each, by the coarsest group (e.g. promo,feature)",
-    )
     fit_cmd.add_argument("--out", default="hbjax-out", help="output folder (default: hbjax-out)")
     fit_cmd.add_argument(
         "--checkpoint",
@@ -374,10 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     check_cmd.add_argument("fit_dir", help="the --out folder of `hbjax fit`")
     check_cmd.add_argument(
         "file",
-        help="the table the fit was fitted to (for a --group a,b / --covariates fit the "
-        "column flags are read from the fit)",
+        help="the table the fit was fitted to (its columns are read as the fit read them)",
     )
-    _column_flags(check_cmd)
     check_cmd.add_argument("--products", type=_positive_int, default=50, help="products to check")
     check_cmd.add_argument(
         "--chains", type=_positive_int, default=4, help="shared-latent draws, one chain each"
@@ -526,47 +504,24 @@ def _join_hosts(args: argparse.Namespace) -> None:
         raise UserError(str(exc)) from None
 
 
-def _load_own_rows(args: argparse.Namespace, mesh: Mesh) -> tuple[Panel | GridStore, Encoding]:
-    """This process's rows (or the grid folder); every process learns whether all could."""
-    columns = _columns(args)
-    error = None
-    loaded: tuple[Panel | GridStore, Encoding] | None = None
-    try:
-        if is_grid(args.file):
-            store = read_grid(args.file)
-            loaded = store, store.encoding
-        elif jax.process_count() == 1:
-            loaded = from_file(args.file, **columns)
-        else:
-            loaded = read_process_panel(args.file, mesh, **columns)
-    except DataValidationError as exc:
-        error = exc
-    if not all_processes_agree(error is None):
-        if error is not None:
-            raise error
-        raise UserError("another process could not read its rows of the input; see its error.")
-    assert loaded is not None
-    return loaded
-
-
 def run_prepare(args: argparse.Namespace) -> int:
-    """``hbjax prepare``: stream a table into a grid folder for ``hbjax fit --batch-size``."""
+    """``hbjax prepare``: stream a table into a folder for ``hbjax fit --batch-size``."""
     out = Path(args.out)
     if not args.out.strip() or (out.exists() and not out.is_dir()):
         raise UserError(f"--out {args.out!r} is empty or not a folder; name a folder.")
     start = time.perf_counter()
-    store = write_grid(
+    data = prepare(
         args.file,
         out,
+        **column_arguments(args),
         chunk_rows=args.chunk_rows,
         progress=not args.no_progress,
-        **_columns(args),
     )
-    stats = store.stats
+    groups = ", ".join(f"{len(v)} {g}" for g, v in data.levels.items())
     print(
-        f"wrote {stats.n_units} units x {stats.n_periods} periods ({store.n_obs} rows, "
-        f"{stats.n_groups} groups) to {out} in {time.perf_counter() - start:.1f} s; fit it with "
-        f"`hbjax fit {shlex.quote(str(out))} --batch-size B`"
+        f"wrote {len(data.units)} units x {len(data.periods)} periods ({len(data.rows.unit)} "
+        f"rows{', ' + groups if groups else ''}) to {out} in {time.perf_counter() - start:.1f} "
+        f"s; fit it with `hbjax fit {shlex.quote(str(out))} --batch-size B`"
     )
     return 0
 
@@ -599,39 +554,6 @@ def _fit_config(args: argparse.Namespace) -> FitConfig:
         raise UserError(str(exc)) from None
 
 
-#: What a check says where the rows are not in this process.
-_ROWS_ELSEWHERE = {"skipped": "the rows are not in this process (grid folder or several hosts)"}
-
-
-def _rows_at_hand(panel: Panel | GridStore) -> bool:
-    """Whether this process holds the fitted rows (the per-product checks need them)."""
-    return isinstance(panel, Panel) and jax.process_count() == 1
-
-
-def _guide_check(
-    result: FitResult, panel: Panel | GridStore, encoding: Encoding, draws: int, seed: int
-) -> tuple[dict[str, object], str | None]:
-    """The per-product importance check where the rows are at hand: report and verdict."""
-    if draws == 0:
-        return {"skipped": "--diagnostic-draws 0"}, None
-    if not _rows_at_hand(panel):
-        return dict(_ROWS_ELSEWHERE), None
-    key = jax.random.fold_in(jax.random.key(seed), 2)
-    check = unit_importance(result.model, result.guide, panel, key=key, num_draws=draws)
-    return check.to_dict(encoding.units), check.verdict
-
-
-def _model_check(
-    result: FitResult, panel: Panel | GridStore, encoding: Encoding, seed: int
-) -> tuple[dict[str, object], PredictiveCheck | None]:
-    """The posterior predictive check where the rows are at hand: report and check."""
-    if not _rows_at_hand(panel):
-        return dict(_ROWS_ELSEWHERE), None
-    key = jax.random.fold_in(jax.random.key(seed), 3)
-    check = predictive_check(result.model, result.guide, panel, key=key)
-    return check.to_dict(encoding.groups), check
-
-
 def run_fit(args: argparse.Namespace) -> int:
     """``hbjax fit``: fit a file and write elasticities, groups, losses and a summary."""
     if args.diagnostic_draws < 0 or 0 < args.diagnostic_draws < 50:
@@ -652,8 +574,6 @@ def run_fit(args: argparse.Namespace) -> int:
     if jax.process_index() == 0:
         folder = AtomicFolder(args.out, owns=FIT_FILES, known=FIT_FOLDER)
     try:
-        if is_grid(args.file):
-            return _fit_and_write(args, config, folder)  # not yet on the one path
         return _fit_table(args, config, folder)
     except BaseException:
         if folder is not None:
@@ -666,6 +586,11 @@ def _fit_table(args: argparse.Namespace, config: FitConfig, folder: AtomicFolder
     start = time.perf_counter()
     mesh = _mesh(args.devices)
     data = count_data(args)
+    if data.on_disk and args.batch_size is None:
+        raise UserError(
+            f"{args.file!r} is a folder from `hbjax prepare`: fit it with --batch-size (or fit "
+            "the original table without it)."
+        )
     if args.batch_size is not None and args.batch_size >= len(data.units):
         raise UserError(
             f"--batch-size {args.batch_size} is not smaller than the number of products "
@@ -728,136 +653,11 @@ def _print_checks(
         print(f"model check: {model_check.verdict}")
 
 
-def _fit_and_write(args: argparse.Namespace, config: FitConfig, folder: AtomicFolder | None) -> int:
-    """The fit of ``hbjax fit`` and its outputs, written into ``folder``'s staging folder."""
-    out = Path(args.out)
-    mesh = _mesh(args.devices)
-    panel, encoding = _load_own_rows(args, mesh)
-    start = time.perf_counter()
-    if isinstance(panel, GridStore):
-        if args.batch_size is None:
-            raise UserError(
-                f"{args.file!r} is a grid folder from `hbjax prepare`: fit it with --batch-size "
-                "(or fit the original table without it)."
-            )
-        n_obs, sizes = panel.n_obs, panel.stats
-    else:
-        n_obs, sizes = int(np.sum(panel.unit_rows)), panel  # the whole table's rows
-    if args.batch_size is not None and args.batch_size >= sizes.n_units:
-        raise UserError(
-            f"--batch-size {args.batch_size} is not smaller than the number of products "
-            f"({sizes.n_units}); leave it out to fit the full batch."
-        )
-    result = fit_elasticities(panel, config, mesh=mesh)
-    summary = summarize(result, encoding, num_samples=args.samples, key=jax.random.key(args.seed))
-    check, verdict = _guide_check(result, panel, encoding, args.diagnostic_draws, args.seed)
-    predictive, model_check = _model_check(result, panel, encoding, args.seed)
-    if folder is None:  # only process 0 writes outputs
-        return 0
-    staging = folder.staging
-    try:
-        save_fit(result, encoding, staging)
-        summary.units.to_csv(staging / "elasticities.csv", index=False)
-        summary.groups.to_csv(staging / "groups.csv", index=False)
-        pd.DataFrame({"step": np.arange(len(result.losses)), "loss": result.losses}).to_csv(
-            staging / "losses.csv", index=False
-        )
-    except OSError as exc:
-        raise UserError(f"cannot write the results to {args.out!r}: {exc.strerror}.") from None
-    overall = summary.overall.iloc[0]
-    dispersion = summarize_dispersion(
-        result, num_samples=args.samples, key=jax.random.key(args.seed)
-    )
-    report = {
-        "input": str(args.file),
-        "n_obs": n_obs,
-        "n_units": sizes.n_units,
-        "n_groups": sizes.n_groups,
-        "n_periods": sizes.n_periods,
-        "steps": result.steps,
-        "batch_size": result.batch_size,
-        "epochs": result.epochs,
-        "guide": args.guide,
-        "rank": args.rank if args.guide == "lowrank" else None,
-        "gradient": config.gradient,
-        "particles": args.particles,
-        "price_centring": not args.no_centring,
-        "hierarchy": args.hierarchy,
-        "intercept_prior": args.intercept_prior,
-        "likelihood": args.likelihood,
-        "dispersion": dispersion,
-        "clip_log_rate": args.clip,
-        "alpha": args.alpha,
-        "learning_rate": args.lr,
-        "seed": args.seed,
-        "checkpoint": args.checkpoint,
-        "final_loss": result.final_loss,
-        "converged": result.converged,
-        "averaged_from_step": result.convergence.average_from,
-        "averaged_to_step": result.convergence.average_to,
-        "mcse_of_means_in_sd": result.convergence.mcse,
-        "mcse_of_means_in_sd_max": result.convergence.mcse_max,
-        "rhat": result.convergence.rhat,
-        "summaries": "exact (Gaussian marginals)" if summary.exact else "monte carlo",
-        "wall_seconds": time.perf_counter() - start,
-        "compile_seconds": result.compile_seconds,
-        "iterations_per_second": result.iterations_per_second,
-        "devices": mesh.size,
-        "processes": jax.process_count(),
-        "backend": jax.default_backend(),
-        "global_elasticity": {k: float(overall[k]) for k in ("mean", "sd", "q05", "q50", "q95")},
-        "guide_check": check,
-        "predictive_check": predictive,
-        "hbjax_version": __version__,
-        "jax_version": jax.__version__,
-        "python_version": platform.python_version(),
-    }
-    try:
-        (staging / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
-        if args.plots:
-            write_plots(result, summary, staging / "plots", predictive=model_check)
-        folder.commit()
-    except OSError as exc:
-        raise UserError(f"cannot write the results to {args.out!r}: {exc.strerror}.") from None
-    print(
-        f"fitted {sizes.n_units} units x {sizes.n_periods} periods ({n_obs} rows) in "
-        f"{report['wall_seconds']:.1f} s; global elasticity {_interval(overall)}; "
-        f"wrote {out}/elasticities.csv, groups.csv, losses.csv, summary.json"
-        + (", plots/" if args.plots else "")
-        + f" and the fitted model (for `hbjax predict {shlex.quote(str(out))} PRICES.csv`)"
-    )
-    print(_convergence_line(result))
-    _print_checks(dispersion, verdict, model_check, args.likelihood)
-    return 0
-
-
 def run_predict(args: argparse.Namespace) -> int:
     """``hbjax predict``: expected units at new prices from a saved fit."""
     out = Path(args.out) if args.out is not None else Path(str(args.prices) + ".predictions.csv")
     check_file_destination(out)  # before the work
-    if saved_format(Path(args.fit_dir)) == COUNTS_FORMAT:
-        print(predict_saved_fit(args, out))
-        return 0
-    saved = load_fit(args.fit_dir)
-    # labels as the fit read them: text exactly as written, unless the fit's were numbers
-    text = [
-        saved.encoding.columns[role]
-        for role, labels in (("unit", saved.encoding.units), ("group", saved.encoding.groups))
-        if labels.dtype == object
-    ]
-    frame = read_table(args.prices, labels=text)
-    predictions = predict(
-        saved,
-        saved.encoding,
-        frame,
-        num_samples=args.samples,
-        key=jax.random.key(args.seed),
-    )
-    write_file_atomically(out, lambda path: predictions.to_csv(path, index=False))
-    print(
-        f"predicted expected units for {len(predictions)} rows "
-        f"({saved.info['guide']} guide, {args.samples} draws, 90% intervals); wrote {out}"
-    )
+    print(predict_saved_fit(args, out))
     return 0
 
 
@@ -869,39 +669,13 @@ def run_check(args: argparse.Namespace) -> int:
         )
     default = Path(args.fit_dir) / "check.csv"
     out = check_file_destination(args.out if args.out is not None else default)
-    if saved_format(Path(args.fit_dir)) == COUNTS_FORMAT:
-        try:
-            table, nuts, importance = check_saved_fit(args)
-        except (ValueError, ImportError) as exc:
-            if isinstance(exc, DataValidationError):
-                raise
-            raise UserError(str(exc)) from None
-        _report_check(table, nuts, importance, out)
-        return 0
-    saved = load_fit(args.fit_dir)
-    panel, encoding = from_file(args.file, **_columns(args))
-    for name in ("units", "groups", "periods"):
-        if not getattr(encoding, name).equals(getattr(saved.encoding, name)):
-            raise UserError(
-                f"{args.file!r} is not the table {args.fit_dir!r} was fitted to (its {name} "
-                "differ); pass the same file and column flags as to `hbjax fit`."
-            )
-    key = jax.random.key(args.seed)
-    importance = unit_importance(saved.model, saved.guide, panel, key=jax.random.fold_in(key, 0))
     try:
-        nuts = nuts_check(
-            saved.model,
-            saved.guide,
-            panel,
-            key=jax.random.fold_in(key, 1),
-            num_units=args.products,
-            num_shared=args.chains,
-            warmup=args.warmup,
-            draws=args.draws,
-        )
-    except ImportError as exc:
+        table, nuts, importance = check_saved_fit(args)
+    except (ValueError, ImportError) as exc:
+        if isinstance(exc, DataValidationError):
+            raise
         raise UserError(str(exc)) from None
-    _report_check(_elasticity_table(saved, nuts.table, encoding), nuts, importance, out)
+    _report_check(table, nuts, importance, out)
     return 0
 
 
@@ -931,17 +705,6 @@ def _report_check(
     print(f"\nintervals against NUTS: {nuts.verdict}")
     print(f"per-product k-hat: {importance.verdict}")
     print(f"wrote {out}")
-
-
-def _elasticity_table(saved: SavedFit, table: pd.DataFrame, encoding: Encoding) -> pd.DataFrame:
-    """The check's table on the elasticity scale (an affine map of the centred latent)."""
-    table = table.copy()
-    table.insert(0, "product", encoding.units[table.pop("unit").to_numpy()])
-    model = saved.model
-    if saved.info["hierarchy"] == "centred":  # beta_i = beta_0 + scale u_i
-        loc, scale = float(model.global_elasticity.loc), float(model.unit_elasticity.scale)
-        return on_value_scale(table, loc, scale, "elasticity")
-    return table
 
 
 def _show_warning(

@@ -32,23 +32,30 @@ def _names(text: str, flag: str) -> tuple[str, ...]:
     return names
 
 
+def column_arguments(args: argparse.Namespace) -> dict[str, object]:
+    """:func:`hbjax.counts.elasticity_data`'s column arguments from the column flags."""
+    return {
+        "unit": args.unit,
+        "groups": _names(args.group, "--group"),
+        "period": args.period,
+        "price": args.price,
+        "counts": args.units,
+        "covariates": _names(args.covariates, "--covariates"),
+    }
+
+
 def count_data(args: argparse.Namespace) -> CountData:
     """The table of ``hbjax fit`` (its column flags and model options) as count data.
+
+    A folder from ``hbjax prepare`` keeps the columns it was prepared with.
 
     Raises:
         DataValidationError: anything :func:`hbjax.counts.elasticity_data` refuses (named,
             with the fix).
     """
-    groups = _names(args.group, "--group")
-    covariates = _names(args.covariates, "--covariates")
     return elasticity_data(
         args.file,
-        unit=args.unit,
-        groups=groups,
-        period=args.period,
-        price=args.price,
-        counts=args.units,
-        covariates=covariates,
+        **column_arguments(args),
         likelihood=args.likelihood,
         hierarchy=args.hierarchy,
         intercept_prior=args.intercept_prior,
@@ -136,4 +143,4 @@ def check_saved_fit(args: argparse.Namespace) -> tuple[pd.DataFrame, NutsCheck, 
     return pd.concat(parts, ignore_index=True), nuts, importance
 
 
-__all__ = ["check_saved_fit", "count_data", "predict_saved_fit"]
+__all__ = ["check_saved_fit", "column_arguments", "count_data", "predict_saved_fit"]

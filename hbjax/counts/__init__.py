@@ -20,7 +20,7 @@ _EXPORTS = {
         ["CountData", "Effect", "Slope", "elasticity_terms", "from_file", "from_frame"], "frame"
     ),
     "FitReport": "report",
-    "elasticity_data": "article",
+    **dict.fromkeys(["elasticity_data", "prepare"], "article"),
     **dict.fromkeys(["CountLatents", "CountRegression", "UnitTable"], "regression"),
     **dict.fromkeys(["CountGrid", "GridError", "place_grid"], "grid"),
     "fit_counts": "fit",

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 import pandas as pd
 
 from ..data import DataValidationError
-from .frame import CountData, elasticity_terms, from_file, from_frame
+from .frame import CountData, CountSpec, elasticity_terms, from_file, from_frame
+from .reader import is_rows_folder, read_rows, write_rows
 
 
 def elasticity_data(
@@ -36,7 +37,8 @@ def elasticity_data(
     Args:
         table: one row per unit and period; a file is read with its label columns as text
             exactly as written and its periods as integers or dates
-            (:func:`~hbjax.counts.from_file`).
+            (:func:`~hbjax.counts.from_file`); a folder written by :func:`prepare` is opened
+            with its rows on disk (its columns are the ones it was prepared with).
         unit: the unit (product) column.
         groups: the group columns, finest first (the article: one, ``"category"``).
         period: the period column.
@@ -50,6 +52,56 @@ def elasticity_data(
         DataValidationError: a column given two roles, a bad table (named, with the fix),
             a unit twice in a period.
     """
+    if not isinstance(table, pd.DataFrame) and is_rows_folder(table):
+        return read_rows(table, **options)
+    arguments = _arguments(unit, groups, period, price, counts, covariates)
+    if isinstance(table, pd.DataFrame):
+        return from_frame(table, **arguments, one_row_per_period=True, **options)
+    return from_file(table, **arguments, one_row_per_period=True, **options)
+
+
+def prepare(
+    path: str | os.PathLike[str],
+    directory: str | os.PathLike[str],
+    *,
+    unit: str = "product",
+    groups: Sequence[str] = ("category",),
+    period: str = "period",
+    price: str = "price",
+    counts: str = "units_sold",
+    covariates: Sequence[str] = (),
+    chunk_rows: int = 1_000_000,
+    progress: bool = True,
+) -> CountData:
+    """Stream a file too large for memory into a folder for :func:`elasticity_data`.
+
+    ``hbjax prepare``: the file is read twice in chunks of ``chunk_rows`` rows, checked as
+    :func:`elasticity_data` checks a table, and its rows written to memory-mapped files
+    (:func:`hbjax.counts.reader.write_rows`). ``elasticity_data(directory, **options)``
+    then opens it with any model options, its rows staying on disk (fit it with
+    ``batch_size``). Arguments: as :func:`elasticity_data`'s.
+    """
+    arguments = _arguments(unit, groups, period, price, counts, covariates)
+    spec = CountSpec(**arguments)
+    return write_rows(
+        path,
+        directory,
+        spec,
+        one_row_per_period=True,
+        chunk_rows=chunk_rows,
+        progress=progress,
+    )
+
+
+def _arguments(
+    unit: str,
+    groups: Sequence[str],
+    period: str,
+    price: str,
+    counts: str,
+    covariates: Sequence[str],
+) -> dict[str, object]:
+    """The vocabulary's arguments of the article's model; every column in one role."""
     roles = {"unit": [unit], "groups": list(groups), "period": [period], "price": [price]}
     roles |= {"counts": [counts], "covariates": list(covariates)}
     seen: dict[str, str] = {}
@@ -62,19 +114,14 @@ def elasticity_data(
                 )
             seen[column] = role
     slopes, effects = elasticity_terms(price, groups, period, covariates)
-    arguments = {
+    return {
         "unit": unit,
         "counts": counts,
         "groups": tuple(groups),
-        "slopes": slopes,
-        "effects": effects,
+        "slopes": tuple(slopes),
+        "effects": tuple(effects),
         "period": period,
-        "one_row_per_period": True,
-        **options,
     }
-    if isinstance(table, pd.DataFrame):
-        return from_frame(table, **arguments)
-    return from_file(table, **arguments)
 
 
-__all__ = ["elasticity_data"]
+__all__ = ["elasticity_data", "prepare"]

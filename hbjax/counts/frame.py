@@ -20,27 +20,18 @@ from collections.abc import Sequence
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
-from jax.scipy.special import gammaln
 from jax.sharding import Mesh
 
 from ..data import (
     DataValidationError,
-    _check_spaces,
     _factorize,
     _numeric,
     _period_values,
     _rows,
     _show,
-    check_counts,
-    constant_units,
-    duplicate_pair_error,
     read_table,
-    warn_constant_units,
-    warn_lone_groups,
-    warn_no_sales,
 )
 from ..families import AbstractCountLikelihood, checked_clip, make_likelihood
 from ..guide import GaussianGuide, linear_moments
@@ -220,6 +211,11 @@ class CountData:
             n_blocks=n_blocks,
             cell_chunk=cell_chunk,
         )
+
+    @property
+    def on_disk(self) -> bool:
+        """Whether the rows are memory-mapped files (:func:`hbjax.counts.prepare`)."""
+        return self.rows is not None and isinstance(self.rows.unit, np.memmap)
 
     @property
     def grid_fill(self) -> float:
@@ -439,8 +435,51 @@ def from_frame(
             two units (or periods), a unit twice in a period with ``one_row_per_period``:
             each named, with the fix.
     """
-    groups, slopes, effects = tuple(groups), tuple(slopes), tuple(effects)
-    _check_arguments(frame, unit, counts, groups, slopes, effects, offset, period, dispersion_by)
+    from .reader import read_chunks, warn_weak
+
+    options, likelihood = checked_model_options(
+        likelihood=likelihood,
+        dispersion_by=dispersion_by,
+        zero_inflation=zero_inflation,
+        hierarchy=hierarchy,
+        intercept=intercept,
+        intercept_prior=intercept_prior,
+        centre=centre,
+        clip_log_rate=clip_log_rate,
+    )
+    spec = CountSpec(
+        unit=unit,
+        counts=counts,
+        groups=tuple(groups),
+        slopes=tuple(slopes),
+        effects=tuple(effects),
+        offset=offset,
+        period=period,
+        **options,
+    )
+    data, labels = read_chunks(
+        lambda: [frame], spec, one_row_per_period=one_row_per_period, likelihood=likelihood
+    )
+    warn_weak(spec, labels)  # the table is sound: now what it says little about
+    return data
+
+
+def checked_model_options(
+    *,
+    likelihood: str | AbstractCountLikelihood = "poisson",
+    dispersion_by: str | None = None,
+    zero_inflation: bool | tuple[float, float] | None = False,
+    hierarchy: str | AbstractHierarchy = "centred",
+    intercept: tuple[float, float] = (0.0, 3.0),
+    intercept_prior: str = "reference",
+    centre: bool = True,
+    clip_log_rate: tuple[float, float] | None = None,
+) -> tuple[dict[str, object], AbstractCountLikelihood]:
+    """:func:`from_frame`'s model options checked: the spec's fields and the likelihood.
+
+    Raises:
+        ValueError: an unknown hierarchy, intercept prior or likelihood, or a bad clip.
+    """
     hierarchy = as_hierarchy(hierarchy).name
     if hierarchy not in HIERARCHIES:  # the spec records a name it can rebuild from
         raise ValueError(f"hierarchy must be one of {', '.join(HIERARCHIES)}; got {hierarchy!r}.")
@@ -449,82 +488,17 @@ def from_frame(
     likelihood = make_likelihood(likelihood)
     if zero_inflation is True:
         zero_inflation = (-2.0, 2.0)
-    spec = CountSpec(
-        unit=unit,
-        counts=counts,
-        groups=groups,
-        slopes=slopes,
-        effects=effects,
-        offset=offset,
-        period=period,
-        likelihood=likelihood.name,
-        dispersion_by=dispersion_by,
-        zero_inflation=tuple(zero_inflation) if zero_inflation else None,
-        hierarchy=hierarchy,
-        intercept=tuple(intercept),
-        intercept_prior=intercept_prior,
-        centre=bool(centre),
-        clip_log_rate=checked_clip(clip_log_rate),
-    )
-    y = check_counts(frame, counts)
-    unit_codes, units = _factorize(frame[unit])
-    n_units = len(units)
-    _check_spaces(units, unit)
-    levels, unit_level = _levels(frame, unit, unit_codes, n_units, groups)
-    for group in groups:
-        _check_spaces(levels[group], group)
-    if n_units < 2:
-        raise DataValidationError(
-            f"the table has a single unit ({_show(units[0])} in column {unit!r}); a "
-            "hierarchical model pools several units: fit at least 2."
-        )
-    weight = y + 0.5
-    per_unit_weight = np.bincount(unit_codes, weight, n_units)
-    x, centre, reference = {}, {}, {}
-    for slope in slopes:
-        values = _covariate(frame, slope)
-        x[slope.name] = values.astype(np.float32)
-        mean = np.bincount(unit_codes, weight * values, n_units) / per_unit_weight
-        centre[slope.name] = mean.astype(np.float32)
-        reference[slope.name] = (mean if intercept_prior == "reference" else 0 * mean).astype(
-            np.float32
-        )
-    cells, cell_labels = {}, {}
-    for effect in effects:
-        codes, labels = _cells(frame, effect)
-        cells[effect.name], cell_labels[effect.name] = codes, labels
-    columns = {
-        "counts": y.astype(np.float32),
-        "log_factorial": np.asarray(gammaln(jnp.asarray(y + 1.0, jnp.float32))),
-        "x": x,
-        "cells": cells,
+    fields = {
+        "likelihood": likelihood.name,
+        "dispersion_by": dispersion_by,
+        "zero_inflation": tuple(zero_inflation) if zero_inflation else None,
+        "hierarchy": hierarchy,
+        "intercept": tuple(intercept),
+        "intercept_prior": intercept_prior,
+        "centre": bool(centre),
+        "clip_log_rate": checked_clip(clip_log_rate),
     }
-    if offset is not None:
-        columns["offset"] = _finite(frame, offset).astype(np.float32)
-    rows = UnitRows.build(unit_codes, columns, n_units=n_units)
-    table = UnitTable(
-        levels={g: jnp.asarray(unit_level[g]) for g in groups},
-        centre={k: jnp.asarray(v) for k, v in centre.items()},
-        reference={k: jnp.asarray(v) for k, v in reference.items()},
-    )
-    cell_sizes = {name: len(labels) for name, labels in cell_labels.items()}
-    model = build_model(spec, table, {g: len(levels[g]) for g in groups}, cell_sizes, likelihood)
-    period_codes, periods = None, None
-    if period is not None:
-        period_codes, periods = _factorize(frame[period])
-        _check_periods(frame, unit, period, unit_codes, period_codes, periods, one_row_per_period)
-        period_codes = period_codes[np.argsort(unit_codes, kind="stable")]  # rows' order
-    # the table is sound: now what it says little about
-    for slope in slopes:
-        if UNIT in slope.over:
-            constant = constant_units(unit_codes, np.asarray(x[slope.name]), n_units)
-            what = f"slopes of {slope.name!r}"
-            warn_constant_units(constant, units, unit, slope.column, what)
-    if groups:
-        warn_lone_groups(unit_level[groups[0]], levels[groups[0]], groups[0], "slope")
-    if not np.any(y > 0):
-        warn_no_sales(counts)
-    return CountData(model, rows, units, levels, cell_labels, period_codes, periods, spec)
+    return fields, likelihood
 
 
 def from_file(
@@ -556,32 +530,6 @@ def read_frame(
     if period is not None and period in frame.columns:
         frame[period] = _period_values(frame, period)
     return frame
-
-
-def _check_periods(
-    frame: pd.DataFrame,
-    unit: str,
-    period: str,
-    unit_codes: np.ndarray,
-    period_codes: np.ndarray,
-    periods: pd.Index,
-    one_row_per_period: bool,  # noqa: FBT001
-) -> None:
-    """At least two periods; with ``one_row_per_period``, no unit twice in one."""
-    if len(periods) < 2:
-        raise DataValidationError(
-            f"the table has a single period ({_show(periods[0])} in column {period!r}); "
-            "slopes are identified from covariates changing over time: give at least 2 periods."
-        )
-    if not one_row_per_period:
-        return
-    key = unit_codes.astype(np.int64) * len(periods) + period_codes
-    if len(np.unique(key)) < len(key):  # the error path may take its time
-        twice = pd.Series(key).duplicated(keep=False).to_numpy()
-        first = frame[twice].iloc[0]
-        roles = {"unit": unit, "period": period}
-        where = f"{_rows(frame, twice)} are duplicates"
-        raise duplicate_pair_error(roles, first[unit], first[period], where)
 
 
 def _check_arguments(

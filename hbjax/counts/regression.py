@@ -39,6 +39,8 @@ from ..parallel.rows import AbstractRowModel, UnitRows
 from .grid import CountGrid, grid_log_likelihood
 from .slopes import UNIT, HierarchicalSlope
 
+_SUM_ROWS = 1 << 24  # rows summed at once by init_latents
+
 
 class CountLatents(eqx.Module):
     """Latents (or natural values) of a :class:`CountRegression`.
@@ -390,15 +392,16 @@ class CountRegression(AbstractRowModel):
         (``centre_covariates=False``), less the starting slopes times the unit's typical
         covariates: the start's log rate at those is the same either way.
         """
-        unit = np.asarray(rows.unit)
-        weight = np.asarray(rows.weight, np.float64)
-        counts = np.asarray(rows.columns["counts"], np.float64)
-        n = np.bincount(unit, weight, self.n_units)
-        total = np.bincount(unit, weight * counts, self.n_units)
-        level = np.log((total + 0.5) / (n + 0.5))
-        if "offset" in rows.columns:
-            offset = np.asarray(rows.columns["offset"], np.float64)
-            level -= np.bincount(unit, weight * offset, self.n_units) / np.maximum(n, 1)
+        n, total, offset = (np.zeros(self.n_units) for _ in range(3))
+        for lo in range(0, len(rows.unit), _SUM_ROWS):  # rows on disk are read in pieces
+            part = slice(lo, lo + _SUM_ROWS)
+            unit = np.asarray(rows.unit[part])
+            weight = np.asarray(rows.weight[part], np.float64)
+            n += np.bincount(unit, weight, self.n_units)
+            total += np.bincount(unit, weight * rows.columns["counts"][part], self.n_units)
+            if "offset" in rows.columns:
+                offset += np.bincount(unit, weight * rows.columns["offset"][part], self.n_units)
+        level = np.log((total + 0.5) / (n + 0.5)) - offset / np.maximum(n, 1)
         start = super().init_latents(rows)
         if not self.centre_covariates:
             for name, b in self.unit_slopes(start).items():

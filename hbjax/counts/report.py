@@ -92,7 +92,7 @@ class FitReport:
         tables = data.summary(result.guide, draws=samples, key=key)
         spec, levels = data.spec, list(data.levels)
         level = levels[-1] if levels else None
-        rows_here = data.rows is not None  # every process holds the table's rows
+        rows_here = data.rows is not None and not data.on_disk  # the checks read every row
         predictive = importance = None
         if rows_here:
             predictive = predictive_check(
@@ -262,7 +262,7 @@ class FitReport:
 
 
 #: What a check says where the rows are not at hand (a saved fit's data).
-_ELSEWHERE = "the rows are not at hand"
+_ELSEWHERE = "the rows are not at hand, or on disk (a folder from hbjax prepare)"
 
 
 def _skipped(draws: int, rows_here: bool, guide: object) -> dict[str, str]:  # noqa: FBT001

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import equinox as eqx
 import jax.numpy as jnp
+import pandas as pd
 
 from .. import __version__
 from ..data import read_labels, write_labels
@@ -64,7 +65,7 @@ def save_fit(data: CountData, result: FitResult, directory: str | os.PathLike[st
         )
     folder = Path(directory)
     (folder / "labels").mkdir(parents=True, exist_ok=True)
-    labels = _named_labels(data)
+    labels = named_labels(data)
     kinds = {name: write_labels(index, folder / "labels", name) for name, index in labels.items()}
     info = {
         "format": COUNTS_FORMAT,
@@ -92,7 +93,7 @@ def load_fit(directory: str | os.PathLike[str]) -> SavedCountFit:
     return rebuilt(folder, read_info(folder, COUNTS_FORMAT), _rebuild)
 
 
-def _named_labels(data: CountData) -> dict:
+def named_labels(data: CountData) -> dict:
     """Every label index under a file-safe name (levels and effects by position)."""
     labels = {"units": data.units}
     labels.update({f"level_{i}": data.levels[g] for i, g in enumerate(data.levels)})
@@ -100,6 +101,20 @@ def _named_labels(data: CountData) -> dict:
     if data.periods is not None:
         labels["periods"] = data.periods
     return labels
+
+
+def read_named_labels(folder: Path, spec: CountSpec, kinds: dict) -> dict:
+    """The labels :func:`named_labels` named, read back: units, levels, cells, periods."""
+
+    def read(name: str, column: str | None = None) -> pd.Index:
+        return read_labels(folder, name, kinds[name], column)
+
+    return {
+        "units": read("units", spec.unit),
+        "levels": {g: read(f"level_{i}", g) for i, g in enumerate(spec.groups)},
+        "cells": {e.name: read(f"effect_{i}", e.name) for i, e in enumerate(spec.effects)},
+        "periods": read("periods", spec.period) if "periods" in kinds else None,
+    }
 
 
 def _rebuild(folder: Path, info: dict) -> SavedCountFit:
@@ -118,19 +133,15 @@ def _rebuild(folder: Path, info: dict) -> SavedCountFit:
     model = build_model(spec, table, levels, cells)
     guide = make_guide(info["guide"], model, rank=info["rank"] or 8)
     model, guide = eqx.tree_deserialise_leaves(folder / "fit.eqx", (model, guide))
-    kinds = info["labels"]
-
-    def read(name: str, column: str | None = None) -> object:
-        return read_labels(folder / "labels", name, kinds[name], column)
-
+    named = read_named_labels(folder / "labels", spec, info["labels"])
     data = CountData(
         model,
         None,
-        read("units", spec.unit),
-        {g: read(f"level_{i}", g) for i, g in enumerate(levels)},
-        {e: read(f"effect_{i}", e) for i, e in enumerate(cells)},
+        named["units"],
+        named["levels"],
+        named["cells"],
         None,
-        read("periods", spec.period) if "periods" in kinds else None,
+        named["periods"],
         spec,
     )
     bad = [g for g, n in levels.items() if len(data.levels[g]) != n]
