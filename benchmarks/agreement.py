@@ -30,8 +30,8 @@ def one_fit(args: argparse.Namespace) -> None:
     sim = hbjax.simulate(
         n_units=args.products, n_periods=args.periods, n_groups=10, seed=args.panel_seed
     )
-    panel, encoding = hbjax.from_frame(sim.frame)
-    model = hbjax.ElasticityModel.from_panel(panel)
+    data = hbjax.counts.elasticity_data(sim.frame)
+    model, panel = data.model, data.rows
     guide = hbjax.make_guide("unitblock", model, loc=model.init_latents(panel))
     start = time.perf_counter()
     with jax.numpy_dtype_promotion("standard"):
@@ -44,7 +44,7 @@ def one_fit(args: argparse.Namespace) -> None:
             mesh=hbjax.make_mesh(args.devices),
             progress=False,
         )
-    units = hbjax.summarize(result, encoding).units
+    units = data.summary(result.guide)["log_price/unit"]
     print(
         json.dumps(
             {
@@ -55,7 +55,7 @@ def one_fit(args: argparse.Namespace) -> None:
                 "status": result.convergence.to_dict(),
                 "mean": units["mean"].tolist(),
                 "sd": units["sd"].tolist(),
-                "truth": sim.truth["elasticity"].tolist(),
+                "truth": sim.truth.set_index("product").loc[data.units, "elasticity"].tolist(),
             }
         )
     )

@@ -2,15 +2,16 @@
 
 ``python -m benchmarks.gpu`` (about 8 minutes on one H100): simulated panels of 10k, 100k
 and 1M products x 156 weeks; for each size one process per framework, so that peak memory
-is each framework's own. hbjax reports its host set-up in phases (``from_frame``,
-``from_panel``, placement, start), then for the mean-field and the default (unit-block)
-guide: compile seconds, the first chunk, steady iterations/s (median of timed chunks),
-peak device memory; and the time to a converged fit (10k and 1M: seconds of fitting,
-compile included, until the RMSE of the product elasticities to the truth is within 5% of
-its value at the end of the budget). NumPyro: set-up, compile, steady it/s, peak memory,
-the same convergence figure. ``--hlo`` adds :func:`hbjax.perf.program_report` of the step;
-``--variants`` times the CPU-shaped kernels on the accelerator too (sequential particles,
-unchunked cell sums), so a run says which choice mattered.
+is each framework's own. hbjax reports its host set-up in phases (``from_frame``: the
+article's model of the table, ``grid``: placement, ``init_latents``: the start), then for
+the mean-field and the default (unit-block) guide: compile seconds, the first chunk, steady
+iterations/s (median of timed chunks), peak device memory; and the time to a converged fit
+(10k and 1M: seconds of fitting, compile included, until the RMSE of the product
+elasticities to the truth is within 5% of its value at the end of the budget). NumPyro:
+set-up, compile, steady it/s, peak memory, the same convergence figure. ``--hlo`` adds
+:func:`hbjax.perf.program_report` of the step; ``--variants`` times the CPU-shaped kernels
+on the accelerator too (sequential particles, unchunked cell sums), so a run says which
+choice mattered.
 
 Every figure is printed as a JSON line the moment it exists and appended to ``--out``
 (default ``benchmarks/results/gpu.jsonl``): a run cut off early still reports. A run that
@@ -97,20 +98,18 @@ def hbjax_child(args: argparse.Namespace, base: dict) -> None:
     frame = pd.read_parquet(table)
     record = {**base, "phase": "read_parquet", "seconds": clock.lap(), "rows": len(frame)}
     emit(record, out)
-    panel, encoding = hbjax.from_frame(frame)
+    data = hbjax.counts.elasticity_data(frame)
     del frame
     emit({**base, "phase": "from_frame", "seconds": clock.lap()}, out)
-    model = hbjax.ElasticityModel.from_panel(panel)
-    emit({**base, "phase": "from_panel", "seconds": clock.lap()}, out)
-    placed = jax.block_until_ready(hbjax.shard_panel(panel, hbjax.make_mesh()))
-    layout = type(placed).__name__
-    chunk = getattr(placed, "cell_chunk", None)
-    emit({**base, "phase": "shard_panel", "seconds": clock.lap(), "layout": layout,
-          "cell_chunk": chunk, "blocks": placed.n_blocks}, out)  # fmt: skip
-    start = jax.block_until_ready(model.init_latents(placed))
+    model = data.model
+    placed = jax.block_until_ready(data.grid(hbjax.make_mesh()))
+    chunk = max(placed.cell_chunk.values(), default=1)
+    emit({**base, "phase": "grid", "seconds": clock.lap(), "cell_chunk": placed.cell_chunk,
+          "blocks": placed.n_blocks}, out)  # fmt: skip
+    start = jax.block_until_ready(model.init_latents(data.rows))
     emit({**base, "phase": "init_latents", "seconds": clock.lap()}, out)
     truth = pd.read_csv(truth_file).set_index("product")
-    truth = truth.loc[list(encoding.units), "elasticity"].to_numpy()
+    truth = truth.loc[list(data.units), "elasticity"].to_numpy()
     key = jax.random.key(0)
     if args.hlo:
         guide = hbjax.make_guide("unitblock", model, loc=start)
@@ -124,16 +123,16 @@ def hbjax_child(args: argparse.Namespace, base: dict) -> None:
         if chunk not in (None, 1):
             variants += [("unitblock", {"cell_chunk": 1})]
     for guide_name, variant in variants:
-        data = placed
+        fitted = placed
         if "cell_chunk" in variant:
-            data = hbjax.shard_panel(panel, hbjax.make_mesh(), cell_chunk=variant["cell_chunk"])
+            fitted = data.grid(hbjax.make_mesh(), cell_chunk=variant["cell_chunk"])
         objective = None
         if "particle_map" in variant:
             objective = _with_particle_map(hbjax, variant["particle_map"])
         guide = hbjax.make_guide(guide_name, model, loc=start)
         steps = args.block * (args.blocks + 1)
         clock.lap()
-        result = hbjax.fit(model, guide, data, key=key, steps=steps, chunk_size=args.block,
+        result = hbjax.fit(model, guide, fitted, key=key, steps=steps, chunk_size=args.block,
                            progress=False, objective=objective, convergence=None)  # fmt: skip
         chunks = np.asarray(result.chunk_seconds)
         emit({**base, "phase": "speed", "guide": guide_name, "variant": variant,
@@ -141,47 +140,21 @@ def hbjax_child(args: argparse.Namespace, base: dict) -> None:
               "iterations_per_second": args.block / float(np.median(chunks[1:])),
               "chunk_seconds": chunks.tolist(), "wall_seconds": clock.lap(),
               "peak_device_bytes": peak_device_bytes()}, out)  # fmt: skip
-    if args.vocabulary:
-        _vocabulary_speed(hbjax, table, args, base, clock)
     if args.converge:
         _converge(hbjax, model, placed, start, truth, key, args, base)
 
 
-def _vocabulary_speed(hbjax, table, args, base, clock) -> None:  # noqa: ANN001
-    """The article's model through hbjax.counts on its grid: steps/s of both guides."""
-    import jax
-    import numpy as np
-    import pandas as pd
-
-    from hbjax.counts import elasticity_data
-
-    data = elasticity_data(pd.read_parquet(table))
-    grid = jax.block_until_ready(data.grid(hbjax.make_mesh()))
-    emit({**base, "phase": "vocabulary_grid", "cell_chunk": grid.cell_chunk,
-          "seconds": clock.lap()}, args.out)  # fmt: skip
-    start = data.model.init_latents(data.rows)
-    for guide_name in ("meanfield", "unitblock"):
-        guide = hbjax.make_guide(guide_name, data.model, loc=start)
-        clock.lap()
-        result = hbjax.fit(data.model, guide, grid, key=jax.random.key(0),
-                           steps=args.block * (args.blocks + 1), chunk_size=args.block,
-                           progress=False, convergence=None)  # fmt: skip
-        chunks = np.asarray(result.chunk_seconds)
-        emit({**base, "phase": "vocabulary_speed", "guide": guide_name,
-              "compile_seconds": result.compile_seconds,
-              "iterations_per_second": args.block / float(np.median(chunks[1:])),
-              "wall_seconds": clock.lap()}, args.out)  # fmt: skip
-
-
 def _with_particle_map(hbjax: object, how: str):  # noqa: ANN202
     def objective(model, guide, panel, *, key):  # noqa: ANN001, ANN202
-        return hbjax.renyi_elbo(model, guide, panel, key=key, particle_map=how)
+        return hbjax.objectives.renyi_elbo(model, guide, panel, key=key, particle_map=how)
 
     return objective
 
 
 def _converge(hbjax, model, placed, start, truth, key, args, base) -> None:  # noqa: ANN001
     """Fit the default guide for ``--budget`` seconds; time to within 5% of the last RMSE."""
+    import jax
+    import jax.numpy as jnp
     import numpy as np
 
     guide = hbjax.make_guide("unitblock", model, loc=start)
@@ -189,7 +162,8 @@ def _converge(hbjax, model, placed, start, truth, key, args, base) -> None:  # n
 
     def record(steps: int, fitted: object) -> None:
         t = time.perf_counter()
-        elasticity = np.asarray(model.natural(fitted.loc).unit_elasticity)
+        loc = jax.tree.map(jnp.asarray, fitted.loc)
+        elasticity = np.asarray(model.unit_slopes(loc)["log_price"])
         rmse = float(np.sqrt(np.mean((elasticity - truth) ** 2)))
         trace.append([steps, t - begun - waited[0], rmse])
         waited[0] += time.perf_counter() - t
@@ -271,7 +245,6 @@ def _child_command(args: argparse.Namespace, framework: str, products: int) -> l
     if str(products) in args.converge_sizes.split(","):
         command.append("--converge")
     command += ["--hlo"] * args.hlo + ["--variants"] * args.variants
-    command += ["--vocabulary"] * args.vocabulary
     return command
 
 
@@ -308,9 +281,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hlo", action="store_true", help="report the step's program")
     parser.add_argument("--variants", action="store_true", help="also time the CPU shapes")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script")
-    parser.add_argument(
-        "--vocabulary", action="store_true", help="also time the article's model via hbjax.counts"
-    )
     parser.add_argument("--child", choices=["hbjax", "numpyro"], help=argparse.SUPPRESS)
     parser.add_argument("--products", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--converge", action="store_true", help=argparse.SUPPRESS)

@@ -17,7 +17,7 @@ categories and truth, integer product labels), never held whole; the truth goes 
 ``FILE.truth.npy`` (elasticity by product label).
 
 ``minibatch``: ``hbjax prepare`` (streamed, two passes) then a minibatch fit with the
-Python API on the memory-mapped grid; reports time, speed, epochs, peak anonymous
+Python API on the memory-mapped rows; reports time, speed, epochs, peak anonymous
 memory (sampled every 0.2 s; the grid's pages are file-backed and reclaimable) and the
 RMSE of the fitted elasticities (guide means on the natural scale) to the truth.
 
@@ -35,9 +35,18 @@ import sys
 import threading
 import time
 
-from benchmarks.minibatch_memory import _status_mib
-
 PERIODS = 156
+
+
+def _status_mib(field: str) -> float:
+    """A field of ``/proc/self/status`` in MiB (``RssAnon``, ``RssFile``)."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 CHUNK_PRODUCTS = 100_000
 
 
@@ -205,44 +214,34 @@ def minibatch(args: argparse.Namespace) -> None:
 
 def fit_child(args: argparse.Namespace) -> None:
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
     import hbjax
-    from hbjax.minibatch import seed_from_key
 
     peak = PeakAnon()
     start = time.perf_counter()
-    store = hbjax.read_grid(args.grid)
-    model = hbjax.ElasticityModel.from_panel(store.stats)
-    guide = hbjax.make_guide(args.guide, model, loc=model.init_latents(store.stats))
-    key = jax.random.key(0)
-    sampler = store.sampler(args.batch_size, seed=seed_from_key(key))
-    steps = round(args.epochs * sampler.steps_per_epoch)
-    optimizer = hbjax.default_optimizer(
-        0.01, transition_steps=round(1000 * sampler.steps_per_epoch)
+    data = hbjax.counts.elasticity_data(args.grid)  # the prepared folder: rows on disk
+    config = hbjax.counts.FitConfig(
+        batch_size=args.batch_size,
+        steps=round(args.epochs * len(data.units) / args.batch_size),
+        guide=args.guide,
+        progress=False,
     )
-    with jax.numpy_dtype_promotion("standard"):
-        result = hbjax.fit(
-            model,
-            guide,
-            sampler,
-            key=key,
-            steps=steps,
-            optimizer=optimizer,
-            progress=False,
-            convergence=None,
-        )
-    beta = np.asarray(model.natural(result.guide.loc).unit_elasticity)
-    labels = store.encoding.units.to_numpy()
+    result = hbjax.counts.fit_counts(data, config)
+    loc = jax.tree.map(jnp.asarray, result.guide.loc)
+    beta = np.asarray(data.model.unit_slopes(loc)["log_price"])
+    labels = data.units.to_numpy().astype(np.int64)
     truth = np.load(args.file + ".truth.npy")[labels]
+    on_disk = sum(np.asarray(x).nbytes for x in jax.tree.leaves(data.rows))
     _record(
         args,
         {
-            "step": "minibatch fit (memory-mapped grid)",
+            "step": "minibatch fit (memory-mapped rows)",
             "guide": args.guide,
-            "products": store.stats.n_units,
-            "observations": store.n_obs,
-            "grid_gib": sampler.host_bytes() / 2**30,
+            "products": len(data.units),
+            "observations": len(data.rows.unit),
+            "rows_gib": on_disk / 2**30,
             "batch_size": result.batch_size,
             "steps": result.steps,
             "epochs": result.epochs,

@@ -6,7 +6,7 @@ Usage (``pip install -e ".[bench]"``, which brings BlackJAX and NumPyro)::
     python -m benchmarks.nuts_validation compare     # guides + NumPyro baseline -> table
 
 ``reference`` runs BlackJAX NUTS (window adaptation) on exactly hbjax's model density
-(:class:`hbjax.ElasticityModel`, ``log_joint`` of the non-centred latents) for the panel
+(:func:`hbjax.counts.elasticity_data`'s model, ``log_joint`` of its latents) for the panel
 ``PANEL`` (200 products x 52 weeks, 10 categories), 4 chains, and stores the posterior
 mean, sd and 90% interval of every product and category elasticity with the truth and
 convergence figures. The test suite compares the default guide against this file
@@ -39,11 +39,8 @@ STEPS = 20_000
 
 def panel_and_model(*, centre_prices: bool = True, hierarchy: str = "centred"):  # noqa: ANN201
     sim = hbjax.simulate(**PANEL)
-    panel, encoding = hbjax.from_frame(sim.frame)
-    model = hbjax.ElasticityModel.from_panel(
-        panel, centre_prices=centre_prices, hierarchy=hierarchy
-    )
-    return sim, panel, encoding, model
+    data = hbjax.counts.elasticity_data(sim.frame, centre=centre_prices, hierarchy=hierarchy)
+    return sim, data.rows, data, data.model
 
 
 def _split_rhat(draws: np.ndarray) -> np.ndarray:
@@ -61,7 +58,7 @@ def reference(args: argparse.Namespace) -> None:
     from jax.flatten_util import ravel_pytree
 
     sim, panel, _, model = panel_and_model()
-    placed = hbjax.shard_panel(panel, hbjax.make_mesh(1), layout=model.panel_layout())
+    placed = jax.device_put(panel)
     start, unravel = ravel_pytree(model.init_latents(panel))
 
     def logdensity(flat):  # noqa: ANN001, ANN202
@@ -86,8 +83,8 @@ def reference(args: argparse.Namespace) -> None:
         natural = jax.vmap(lambda f: model.natural(unravel(f)))(positions)
         chains.append(
             {
-                "unit": np.asarray(natural.unit_elasticity),
-                "group": np.asarray(natural.group_elasticity),
+                "unit": np.asarray(natural.slopes["log_price"]["unit"]),
+                "group": np.asarray(natural.slopes["log_price"]["category"]),
             }
         )
         info.append((float(np.mean(steps)), int(np.sum(divergent))))
@@ -140,11 +137,11 @@ def compare_guide(
     hierarchy: str = "centred",
 ) -> dict:
     """Fit one guide as the CLI does; its figures against the NUTS reference."""
-    _, panel, encoding, model = panel_and_model(centre_prices=centre, hierarchy=hierarchy)
+    _, panel, data, model = panel_and_model(centre_prices=centre, hierarchy=hierarchy)
     guide = hbjax.make_guide(kind, model, loc=model.init_latents(panel))
 
     def objective(model, guide, panel, *, key):  # noqa: ANN001, ANN202
-        return hbjax.renyi_elbo(model, guide, panel, key=key, gradient=gradient)
+        return hbjax.objectives.renyi_elbo(model, guide, panel, key=key, gradient=gradient)
 
     with jax.numpy_dtype_promotion("standard"):
         result = hbjax.fit(
@@ -159,7 +156,7 @@ def compare_guide(
         check = hbjax.guide_check.unit_importance(
             result.model, result.guide, panel, key=jax.random.key(2)
         )
-    summary = hbjax.summarize(result, encoding, num_samples=4000, key=jax.random.key(1))
+    tables = data.summary(result.guide, draws=4000, key=jax.random.key(1))
     notes = [
         n
         for n in (
@@ -171,7 +168,7 @@ def compare_guide(
     ]
     return {
         "method": f"hbjax {kind}" + (f" ({', '.join(notes)})" if notes else ""),
-        **score(summary.units, reference, summary.groups),
+        **score(tables["log_price/unit"], reference, tables["log_price/category"]),
         "it_per_s": result.iterations_per_second,
         "unit_k_share": check.share_poor,
     }

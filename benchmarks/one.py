@@ -8,7 +8,7 @@ prints one JSON line. Called by :mod:`benchmarks.run`; see ``benchmarks/README.m
 * ``converge``: fit in chunks, after each chunk the RMSE of the posterior-median product
   elasticities to the truth (evaluation time not counted), until ``--max-steps`` or
   ``--budget`` seconds of fitting.
-* ``converged`` (hbjax only): the default fit (:func:`hbjax.fit_elasticities`, all
+* ``converged`` (hbjax only): the default fit (:func:`hbjax.counts.fit_counts`, all
   devices), which stops by itself once converged: its seconds (compile included), steps
   and the RMSE of its exact posterior means.
 """
@@ -21,9 +21,11 @@ import resource
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import hbjax
+from hbjax.simulate import SimulatedPanel
 
 
 def peak_rss_mib() -> float:
@@ -35,13 +37,15 @@ def rmse(estimate: np.ndarray, truth: np.ndarray) -> float:
     return float(np.sqrt(np.mean((estimate - truth) ** 2)))
 
 
-def hbjax_converged(sim: hbjax.SimulatedPanel) -> dict:
+def hbjax_converged(sim: SimulatedPanel) -> dict:
     """``hbjax fit``'s fit with its defaults, to convergence."""
-    panel, encoding = hbjax.from_frame(sim.frame)
+    data = hbjax.counts.elasticity_data(sim.frame)
     start = time.perf_counter()
-    result = hbjax.fit_elasticities(panel, hbjax.FitConfig(progress=False), mesh=hbjax.make_mesh())
+    config = hbjax.counts.FitConfig(progress=False)
+    result = hbjax.counts.fit_counts(data, config, mesh=hbjax.make_mesh())
     seconds = time.perf_counter() - start
-    units = hbjax.summarize(result, encoding).units.merge(sim.truth, on=["product", "category"])
+    units = data.summary(result.guide)["log_price/unit"].reset_index(names="product")
+    units = units.merge(sim.truth, on="product")
     return {
         "seconds": seconds,
         "steps": result.steps,
@@ -51,19 +55,19 @@ def hbjax_converged(sim: hbjax.SimulatedPanel) -> dict:
     }
 
 
-def hbjax_run(sim: hbjax.SimulatedPanel, args: argparse.Namespace) -> dict:
+def hbjax_run(sim: SimulatedPanel, args: argparse.Namespace) -> dict:
     """The CLI's default path: all devices, default layout, data-informed start."""
     if args.mode == "converged":
         return hbjax_converged(sim)
     start = time.perf_counter()
-    panel, encoding = hbjax.from_frame(sim.frame)
-    model = hbjax.ElasticityModel.from_panel(panel)
+    data = hbjax.counts.elasticity_data(sim.frame)
+    model, panel = data.model, data.rows
     batch = {"batch_size": args.batch_size} if args.batch_size else {}
-    if not batch:  # full batch: placed once; minibatch: the panel stays on the host
-        panel = hbjax.shard_panel(panel, hbjax.make_mesh())
     guide = hbjax.make_guide(args.guide, model, loc=model.init_latents(panel))
+    if not batch:  # full batch: placed once on the grid; minibatch: rows stay on the host
+        panel = data.grid(hbjax.make_mesh())
     setup = time.perf_counter() - start
-    truth = sim.truth.set_index("product").loc[list(encoding.units), "elasticity"].to_numpy()
+    truth = sim.truth.set_index("product").loc[list(data.units), "elasticity"].to_numpy()
     key = jax.random.key(0)
     if args.mode == "speed":
         steps = args.block * (args.blocks + 1)
@@ -87,7 +91,9 @@ def hbjax_run(sim: hbjax.SimulatedPanel, args: argparse.Namespace) -> dict:
     trace = []
 
     def record(steps: int, fitted: hbjax.AbstractGuide) -> None:
-        elasticity = np.asarray(model.natural(fitted.loc).unit_elasticity)
+        elasticity = np.asarray(
+            model.unit_slopes(jax.tree.map(jnp.asarray, fitted.loc))["log_price"]
+        )
         trace.append([steps, time.perf_counter() - clock[0] - waited[0], rmse(elasticity, truth)])
 
     clock, waited = [time.perf_counter()], [0.0]
@@ -122,7 +128,7 @@ def hbjax_run(sim: hbjax.SimulatedPanel, args: argparse.Namespace) -> dict:
     return {"setup_seconds": setup, "trace": trace}
 
 
-def numpyro_run(sim: hbjax.SimulatedPanel, args: argparse.Namespace) -> dict:
+def numpyro_run(sim: SimulatedPanel, args: argparse.Namespace) -> dict:
     """The article's NumPyro set-up (see benchmarks/article_numpyro.py)."""
     from benchmarks import article_numpyro as article
 

@@ -34,11 +34,13 @@ def main() -> None:
     args = parser.parse_args()
 
     sim = hbjax.simulate(n_units=args.products, n_periods=args.periods, seed=0)
-    panel, _ = hbjax.from_frame(sim.frame)
-    model = hbjax.ElasticityModel.from_panel(panel)
-    if args.devices:
-        panel = hbjax.shard_panel(panel, hbjax.make_mesh(args.devices), layout=args.layout)
+    data = hbjax.counts.elasticity_data(sim.frame)
+    model, panel = data.model, data.rows
     guide = hbjax.MeanFieldNormal.from_shapes(model.latent_shapes(), loc=model.init_latents(panel))
+    if args.devices:
+        mesh = hbjax.make_mesh(args.devices)
+        grid = args.layout in ("auto", "dense")
+        panel = data.grid(mesh) if grid else hbjax.shard_rows(panel, mesh)
     key = jax.random.key(0)
     warm = hbjax.fit(
         model,

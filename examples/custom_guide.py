@@ -3,7 +3,7 @@
 A guide subclasses :class:`hbjax.AbstractGuide` and implements ``sample`` and ``log_prob``
 (``sample_and_log_prob`` comes for free). Heavier tails than a normal are a cheap hedge
 against a posterior whose tails the normal guides miss. Its ``loc`` mirrors the model's
-latents, so ``hbjax.summarize`` and the model's ``natural`` work unchanged.
+latents, so ``CountData.summary`` and the model's ``natural`` work unchanged.
 
 Run: ``python examples/custom_guide.py`` (``--short`` for a quick check).
 """
@@ -56,10 +56,10 @@ class StudentTGuide(hbjax.AbstractGuide):
 
 def main(short: bool) -> None:
     sim = hbjax.simulate(n_units=60 if short else 500, n_periods=52, n_groups=4, seed=4)
-    panel, encoding = hbjax.from_frame(sim.frame)
-    model = hbjax.ElasticityModel.from_panel(panel)
+    data = hbjax.counts.elasticity_data(sim.frame)
+    model, panel = data.model, data.rows
     start = model.init_latents(panel)
-    truth = sim.truth["elasticity"].to_numpy()
+    truth = sim.truth.set_index("product").loc[data.units, "elasticity"].to_numpy()
     steps = 150 if short else 3000
     for name, guide in (
         ("Student-t (ours)", StudentTGuide.from_model(model, start)),
@@ -69,7 +69,7 @@ def main(short: bool) -> None:
             result = hbjax.fit(
                 model, guide, panel, key=jax.random.key(0), steps=steps, progress=False
             )
-        units = hbjax.summarize(result, encoding, num_samples=500).units
+        units = data.summary(result.guide, draws=500)["log_price/unit"]
         rmse = np.sqrt(np.mean((units["mean"] - truth) ** 2))
         covered = np.mean((units["q05"] <= truth) & (truth <= units["q95"]))
         print(

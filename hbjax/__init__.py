@@ -13,22 +13,20 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ._lazy import lazy_module
 
-#: Submodules reachable as attributes (``hbjax.guide_check``, ...).
+#: Submodules reachable as attributes (``hbjax.counts``, ``hbjax.layers``, ...).
 _SUBMODULES = frozenset(
     {
-        "checkpoint", "cli", "convergence", "data", "diagnostics", "extras", "families",
-        "guide", "guide_check", "layers", "likelihood", "loop", "minibatch", "model",
-        "objectives", "outputs", "panel", "perf", "pipeline", "plots", "posterior", "saved",
-        "counts", "parallel", "sharding", "step", "stream", "vi",
+        "checkpoint", "cli", "convergence", "counts", "data", "diagnostics", "extras",
+        "families", "guide", "guide_check", "layers", "loop", "objectives", "outputs",
+        "parallel", "perf", "plots", "simulate", "step", "vi",
     }
 )  # fmt: skip
 
-#: Public names and the submodule each comes from.
+#: Public names and the submodule each comes from: the core a researcher extends (models,
+#: layers' families, guides, objectives, the step and ``fit``), the data any model is fitted
+#: to, and simulation. The count application is :mod:`hbjax.counts`.
 _EXPORTS = {
-    **dict.fromkeys(
-        ["DataValidationError", "DataWarning", "Encoding", "from_file", "from_frame",
-         "read_table"], "data"),
-    **dict.fromkeys(["DensePanel", "Panel"], "panel"),
+    **dict.fromkeys(["DataValidationError", "DataWarning"], "data"),
     **dict.fromkeys(["AbstractCountLikelihood", "NegativeBinomial", "Poisson"], "families"),
     **dict.fromkeys(
         ["ConvergenceWarning", "FitResult", "NonFiniteLossError", "default_optimizer", "fit"],
@@ -36,22 +34,13 @@ _EXPORTS = {
     **dict.fromkeys(
         ["AbstractGuide", "AbstractMinibatchGuide", "GaussianGuide", "LowRankNormal",
          "MeanFieldNormal", "UnitBlockNormal", "make_guide"], "guide"),
-    **dict.fromkeys(["elasticity_log_likelihood", "poisson_log_likelihood"], "likelihood"),
-    **dict.fromkeys(["UnitBatch", "UnitSampler", "UnitStats"], "minibatch"),
-    **dict.fromkeys(["ElasticityLatents", "ElasticityModel"], "model"),
     **dict.fromkeys(["AbstractModel", "AbstractUnitBatch", "AbstractUnitModel"], "vi.model"),
     **dict.fromkeys(
         ["AbstractRowModel", "RowBatch", "RowSampler", "UnitRows", "shard_rows"], "parallel.rows"),
-    **dict.fromkeys(
-        ["RenyiBound", "elbo", "log_weights", "renyi_bound", "renyi_elbo"], "objectives"),
-    **dict.fromkeys(["FitConfig", "fit_elasticities"], "pipeline"),
-    **dict.fromkeys(
-        ["Summary", "predict", "sample_posterior", "summarize", "to_arviz"], "posterior"),
-    **dict.fromkeys(["SavedFit", "load_fit", "save_fit"], "saved"),
-    **dict.fromkeys(["make_mesh", "shard_panel"], "sharding"),
-    **dict.fromkeys(["SimulatedPanel", "SimulationConfig", "simulate"], "simulate"),
+    "make_mesh": "parallel.blocks",
+    **dict.fromkeys(["RenyiBound", "elbo", "log_weights"], "objectives"),
+    **dict.fromkeys(["SimulationConfig", "simulate"], "simulate"),
     **dict.fromkeys(["SVI", "SVIState", "lazy_units"], "step"),
-    **dict.fromkeys(["read_grid", "write_grid"], "stream"),
 }  # fmt: skip
 
 __all__ = sorted(_EXPORTS)

@@ -15,7 +15,7 @@ import numpy as np
 from jax import Array
 from jaxtyping import Bool, Float, Int, PRNGKeyArray, PyTree, Scalar
 
-#: Host (numpy) or device (jax) array: a Panel starts on the host and moves to devices.
+#: Host (numpy) or device (jax) array: data starts on the host and moves to devices.
 AnyArray = Array | np.ndarray
 
 #: What a latent pytree's leaves may hold: device or host values, or just shapes.

@@ -3,7 +3,7 @@
 A likelihood here is an Equinox module that knows the log-probability of a count given the
 log of its mean, ``log_rate``, and its own global parameter (none for the Poisson; the log
 dispersion for the negative binomial), with the prior of that parameter's latent. The
-kernels (:mod:`hbjax.likelihood`, :mod:`hbjax.minibatch`) compute the log-rate of every row
+kernels (:mod:`hbjax.counts.regression`, :mod:`hbjax.counts.grid`) compute the log-rate of every row
 and call :meth:`AbstractCountLikelihood.log_kernel`; the ``log y!`` term, a constant of the
 data, is added by the kernels (precomputed where they can).
 

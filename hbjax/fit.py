@@ -133,8 +133,8 @@ def _check_fit_arguments(
     leaves = jax.tree.leaves(panel)
     if not leaves or not all(isinstance(x, jax.Array | np.ndarray) for x in leaves):
         raise TypeError(
-            "panel must be an hbjax Panel (from hbjax.from_frame) or a pytree of arrays for a "
-            f"model of your own; got {type(panel).__name__}."
+            "the data must be hbjax.UnitRows (e.g. hbjax.counts.from_frame(...).rows), placed "
+            f"data, or a pytree of arrays for a model of your own; got {type(panel).__name__}."
         )
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer; got {steps!r}.")
@@ -176,34 +176,34 @@ def fit(
     Args:
         model: the model.
         guide: the starting guide (e.g. ``MeanFieldNormal.from_shapes(...)``).
-        panel: the data: a :class:`~hbjax.Panel` (the elasticity model), host
-            :class:`~hbjax.UnitRows` (an :class:`~hbjax.AbstractRowModel` of your own:
-            sharded and minibatched like a panel), or any pytree of arrays (one device).
+        panel: the data: host :class:`~hbjax.UnitRows` (an :class:`~hbjax.AbstractRowModel`:
+            sharded and minibatched; e.g. ``hbjax.counts.from_frame(...).rows``), placed
+            data (e.g. :meth:`hbjax.counts.CountData.grid`), or any pytree of arrays (one
+            device).
         key: PRNG key; step ``i`` uses ``jax.random.fold_in(key, i)``.
         steps: the most optimisation steps (the fit stops earlier once converged).
         optimizer: any ``optax.GradientTransformation``; default :func:`default_optimizer`.
         objective: ``(model, guide, panel, *, key) -> loss``; default
-            :func:`hbjax.objectives.default_objective` (:func:`hbjax.renyi_elbo`, alpha 0,
+            :func:`hbjax.objectives.default_objective` (:class:`hbjax.RenyiBound`, alpha 0,
             4 particles, the DReG gradient).
         chunk_size: steps per compiled ``lax.scan`` call (the progress bar's granularity).
         progress: show a tqdm progress bar with iterations/s and the running loss.
-        mesh: split a host panel over this mesh (:func:`hbjax.make_mesh`; default: one
-            device) with :func:`hbjax.shard_panel`, in the model's ``panel_layout()``, or
-            host rows with :func:`hbjax.shard_rows`; placed data keeps its mesh and layout.
+        mesh: split host rows over this mesh (:func:`hbjax.make_mesh`; default: one
+            device) with :func:`hbjax.shard_rows`; placed data keeps its mesh and layout.
             Parameters are replicated; the result does not depend on the number of devices.
         callback: called after each chunk as ``callback(steps_done, guide)`` with a host
             copy of the reported guide (averaged once averaging began; e.g. to track
             recovery); its time is not counted in the fit's timings.
-        batch_size: minibatch SVI, units per step (see :mod:`hbjax.minibatch`). Each step
+        batch_size: minibatch SVI, units per step (:class:`hbjax.RowSampler`). Each step
             draws units in every block of the sharding plan (rounded up to a multiple of the
             block count, itself a multiple of the device count; the result reports it),
             weights them so that log weights are unbiased, and updates the drawn units'
             guide parameters and every shared one; the optimiser state of units not drawn
-            is left as it was (lazy Adam). ``panel`` must be a host :class:`~hbjax.Panel`
-            or host :class:`~hbjax.UnitRows` with an :class:`~hbjax.AbstractUnitModel`
-            (:class:`~hbjax.AbstractRowModel` for rows), or a
-            :class:`hbjax.minibatch.UnitSampler` (e.g. a memory-mapped grid from
-            ``UnitSampler.load``, with ``batch_size`` left out): it stays on the host and
+            is left as it was (lazy Adam). ``panel`` must be host :class:`~hbjax.UnitRows`
+            with an :class:`~hbjax.AbstractRowModel` (memory-mapped ones too: a folder from
+            ``hbjax prepare``), or a sampler of your own (an
+            :class:`hbjax.parallel.host.AbstractSampler`, with ``batch_size`` left out): it
+            stays on the host and
             chunks of batches go to the devices, each prepared while the previous one
             runs. The default optimiser's decay is then per epoch (``transition_steps =
             1000 x steps per epoch``).
@@ -227,7 +227,8 @@ def fit(
             cannot read off its arguments (JSON-able values): the data's content
             (:func:`hbjax.checkpoint.content_hash`), the optimiser's hyperparameters, the
             objective's settings. Stored with the checkpoint; a resume with other values is
-            refused. :func:`hbjax.fit_elasticities` passes the data's hash and its config.
+            refused. :func:`hbjax.counts.fit_counts` passes the rows' hash, the model's
+            spec and its config.
 
     Returns:
         A :class:`FitResult`.
@@ -240,11 +241,11 @@ def fit(
     Example:
         >>> import jax, hbjax
         >>> sim = hbjax.simulate(n_units=30, n_periods=10, n_groups=3)
-        >>> panel, encoding = hbjax.from_frame(sim.frame)
-        >>> model = hbjax.ElasticityModel.from_panel(panel)
+        >>> data = hbjax.counts.elasticity_data(sim.frame)
+        >>> model = data.model
         >>> guide = hbjax.MeanFieldNormal.from_shapes(
-        ...     model.latent_shapes(), loc=model.init_latents(panel))
-        >>> result = hbjax.fit(model, guide, panel, key=jax.random.key(0), steps=50,
+        ...     model.latent_shapes(), loc=model.init_latents(data.rows))
+        >>> result = hbjax.fit(model, guide, data.rows, key=jax.random.key(0), steps=50,
         ...                    progress=False)
         >>> result.losses.shape
         (50,)
@@ -371,20 +372,20 @@ _CHUNK_BYTES = 64 * 2**20
 
 
 def _place(model: AbstractModel, panel: PyTree, mesh: Mesh | None) -> tuple[PyTree, Mesh | None]:
-    """Host data split over ``mesh``: a panel in the model's layout, rows in blocks of units.
+    """Host data split over ``mesh`` (rows in blocks of units); placed data keeps its mesh.
 
-    A host :class:`~hbjax.Panel` goes to one device without a mesh; host
-    :class:`~hbjax.UnitRows` and other data go to the default device without one (summed
-    plainly, not per block). Placed data keeps its mesh.
+    Without a mesh, host :class:`~hbjax.UnitRows` and other data go to the default device
+    (summed plainly, not per block).
     """
+    del model
     if isinstance(panel, AbstractHostData) and panel.mesh is None:
-        return panel.place(mesh, model.panel_layout())
+        return panel.place(mesh)
     placed_on = getattr(panel, "mesh", None)
     if placed_on is not None:
         return panel, placed_on
     if mesh is not None:
         raise TypeError(
-            "fit(..., mesh=...) splits an hbjax Panel or UnitRows over the devices; got "
+            "fit(..., mesh=...) splits hbjax.UnitRows over the devices; got "
             f"{type(panel).__name__}. Put your data in hbjax.UnitRows (rows of whole units) "
             "and write the model as an hbjax.AbstractRowModel."
         )
@@ -402,20 +403,20 @@ def _sampler(
     chunk_size: int,
 ) -> AbstractSampler:
     """The minibatch sampler of host data (or the one given), checked."""
-    if isinstance(panel, AbstractSampler):  # e.g. UnitSampler.load: a memory-mapped grid
+    if isinstance(panel, AbstractSampler):  # a sampler of the user's own
         if batch_size is not None and batch_size != panel.batch_size:
             raise ValueError(
                 f"batch_size {batch_size} differs from the sampler's ({panel.batch_size}); "
-                "leave it out when passing a UnitSampler."
+                "leave it out when passing a sampler."
             )
         stand_in = (np.zeros(1, np.float32),)  # for the argument checks
         _check_fit_arguments(model, guide, stand_in, steps, chunk_size)
         sampler = panel
     elif not isinstance(panel, AbstractHostData) or panel.mesh is not None:
         raise TypeError(
-            "fit(..., batch_size=...) takes a host Panel (from hbjax.from_frame or "
-            "read_process_panel) or host hbjax.UnitRows, not placed ones: the full data "
-            "stays on the host."
+            "fit(..., batch_size=...) takes host hbjax.UnitRows (e.g. "
+            "hbjax.counts.from_frame(...).rows), not placed ones: the full data stays on the "
+            "host."
         )
     else:
         _check_fit_arguments(model, guide, panel, steps, chunk_size)

@@ -212,8 +212,7 @@ class MeanFieldNormal(GaussianGuide, AbstractMinibatchGuide):
     Example:
         >>> import jax, hbjax
         >>> sim = hbjax.simulate(n_units=20, n_periods=8, n_groups=2)
-        >>> panel, _ = hbjax.from_frame(sim.frame)
-        >>> model = hbjax.ElasticityModel.from_panel(panel)
+        >>> model = hbjax.counts.elasticity_data(sim.frame).model
         >>> guide = hbjax.MeanFieldNormal.from_shapes(model.latent_shapes())
         >>> z, log_q = guide.sample_and_log_prob(4, key=jax.random.key(0))
         >>> log_q.shape
@@ -388,8 +387,7 @@ class UnitBlockNormal(GaussianGuide, AbstractMinibatchGuide):
     Example:
         >>> import jax, hbjax
         >>> sim = hbjax.simulate(n_units=20, n_periods=8, n_groups=2)
-        >>> panel, _ = hbjax.from_frame(sim.frame)
-        >>> model = hbjax.ElasticityModel.from_panel(panel)
+        >>> model = hbjax.counts.elasticity_data(sim.frame).model
         >>> guide = hbjax.UnitBlockNormal.from_shapes(model.latent_shapes(), model.unit_leaves())
         >>> guide.unit_covariance().shape
         (20, 2, 2)

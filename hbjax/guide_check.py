@@ -24,9 +24,10 @@ Both need a :class:`~hbjax.guide.GaussianGuide` (the block's marginal in closed 
 model with :meth:`~hbjax.AbstractModel.unit_leaves` and
 :meth:`~hbjax.AbstractModel.slot_log_joint`, and a host panel.
 
-* :func:`predictive_check` checks the *model*: counts replicated from the fit against the
-  observed ones on a subsample of units (dispersion index, share of zeros; overall and per
-  group). A Poisson fit of overdispersed sales fails it; a negative binomial passes.
+* :class:`PredictiveCheck` (made by :func:`hbjax.counts.predictive_check`) checks the
+  *model*: counts replicated from the fit against the observed ones on a subsample of
+  units (dispersion index, share of zeros; overall and per group). A Poisson fit of
+  overdispersed sales fails it; a negative binomial passes.
 """
 
 from __future__ import annotations
@@ -42,12 +43,10 @@ import numpy as np
 import pandas as pd
 
 from ._types import Bool, Float, Int, PRNGKeyArray, PyTree
-from .data import Panel
 from .diagnostics import K_OK, psis
 from .extras import optional_import
 from .guide import GaussianGuide, linear_moments
-from .minibatch import seed_from_key, unit_batch
-from .model import ElasticityModel
+from .parallel.blocks import seed_from_key
 from .parallel.host import AbstractHostData
 from .vi.model import AbstractModel, AbstractUnitModel
 
@@ -68,8 +67,8 @@ def _check_inputs(model: AbstractModel, guide: object, panel: object) -> list[in
         )
     if not isinstance(panel, AbstractHostData) or panel.mesh is not None:
         raise TypeError(
-            "the unit checks take host data: the Panel from hbjax.from_frame, or host "
-            "UnitRows (hbjax.counts.from_frame(...).rows)."
+            "the unit checks take host data: host "
+            "UnitRows (e.g. hbjax.counts.from_frame(...).rows)."
         )
     if not isinstance(model, AbstractUnitModel):
         raise ValueError(f"{type(model).__name__} declares no unit latents: nothing per unit.")
@@ -446,7 +445,7 @@ ZERO_SHARE_FACTOR = 1.5
 
 @dataclasses.dataclass(frozen=True)
 class PredictiveCheck:
-    """Observed counts against counts replicated from the fit (:func:`predictive_check`).
+    """Observed counts against replicas from the fit (:func:`hbjax.counts.predictive_check`).
 
     Attributes:
         table: one row per statistic and scope: ``statistic`` (``dispersion_index``:
@@ -541,72 +540,6 @@ class PredictiveCheck:
         }
 
 
-def predictive_check(
-    model: AbstractModel,
-    guide: GaussianGuide,
-    panel: Panel,
-    *,
-    key: PRNGKeyArray,
-    num_units: int = 500,
-    num_draws: int = 30,
-) -> PredictiveCheck:
-    """A posterior predictive check of the count likelihood on a subsample of units.
-
-    For each of ``num_draws`` draws of the units' blocks from the guide (shared latents at
-    the guide's mean, as in :func:`unit_importance`), the expected units ``mu`` of every
-    observed cell and a replicated data set drawn from the model's likelihood give two
-    statistics, observed and replicated: the dispersion index ``sum (y - mu)^2 / sum mu``
-    (about ``1 + phi mu`` for negative-binomial counts, 1 for Poisson ones) and the share
-    of zero counts; overall and per group. A statistic whose observed value lies in the
-    outer 1% of its replicated values (either side) and far from them (a dispersion index
-    1.5x off, a zero share 2 points and 1.5x off: :data:`DISPERSION_FACTOR`,
-    :data:`ZERO_SHARE_GAP`, :data:`ZERO_SHARE_FACTOR`) contradicts the likelihood: with
-    overdispersed sales a Poisson fit's dispersion index is several times its replicas'.
-
-    Args:
-        model: the fitted model (an :class:`hbjax.ElasticityModel`).
-        guide: the fitted guide.
-        panel: the host panel it was fitted to.
-        key: PRNG key (the subsample, the draws, the replicated counts).
-        num_units: units to check (all when the panel has fewer).
-        num_draws: replicated data sets (at least 20).
-    """
-    ids = _check_inputs(model, guide, panel)
-    if not isinstance(model, ElasticityModel):
-        raise TypeError(
-            f"{type(model).__name__} is not an ElasticityModel: the predictive check is for "
-            "its count regression (rates and a count likelihood)."
-        )
-    if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 20:
-        raise ValueError(f"num_draws must be an int >= 20; got {num_draws!r}.")
-    rng = np.random.default_rng(seed_from_key(key))
-    units, _, _, _, blocks = _block_draws(guide, ids, panel, num_units, num_draws, rng)
-    batch = unit_batch(panel, units)
-    shared = guide.mean()
-
-    @eqx.filter_jit
-    def rates(model: AbstractModel, shared: PyTree, batch: object, blocks: jax.Array):  # noqa: ANN202
-        def one(block: jax.Array) -> jax.Array:
-            return jnp.exp(model.slot_log_rate(_with_blocks(shared, ids, block), batch))
-
-        return jax.lax.map(one, blocks, batch_size=8)
-
-    mu = np.asarray(rates(model, shared, batch, jnp.asarray(blocks, jnp.float32)), np.float64)
-    parameter = model.likelihood.parameter(shared.dispersion)
-    parameter = None if parameter is None else float(parameter)
-    observed = np.asarray(batch.observed)
-    group = np.broadcast_to(np.asarray(batch.group)[:, None], observed.shape)
-    table = predictive_table(
-        mu.reshape(num_draws, -1),
-        np.asarray(batch.counts, np.float64).ravel(),
-        observed.ravel(),
-        group.ravel(),
-        int(model.group_elasticity.shape[0]),
-        lambda draw, m: model.likelihood.sample(rng, m, parameter),
-    )
-    return PredictiveCheck(table, model.likelihood.name, len(units), num_draws)
-
-
 def predictive_table(
     mu: Float[np.ndarray, "draw cell"],
     counts: Float[np.ndarray, " cell"],
@@ -678,7 +611,6 @@ __all__ = [
     "PredictiveCheck",
     "UnitImportance",
     "nuts_check",
-    "predictive_check",
     "on_value_scale",
     "predictive_table",
     "unit_block_moments",

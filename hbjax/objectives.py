@@ -314,7 +314,7 @@ def renyi_elbo(
 
     Example:
         >>> import functools, hbjax
-        >>> objective = functools.partial(hbjax.renyi_elbo, alpha=0.5, num_particles=8)
+        >>> objective = functools.partial(hbjax.objectives.renyi_elbo, alpha=0.5, num_particles=8)
         >>> # hbjax.fit(model, guide, panel, key=key, steps=1000, objective=objective)
     """
     bound = RenyiBound(alpha, num_particles, gradient, particle_map)

@@ -5,15 +5,38 @@ Written by ``hbjax fit --plots`` to ``OUT/plots/``; each function also returns i
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from .extras import optional_import
 from .fit import FitResult
 from .guide_check import PredictiveCheck
-from .posterior import Summary
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """Posterior summaries of the elasticities on the original labels.
+
+    Each table has ``mean, sd, q05, q50, q95`` (a 90% interval and the median).
+
+    Attributes:
+        units: one row per unit: the unit and group columns named as in the input.
+        groups: one row per group.
+        overall: one row: the global elasticity.
+        num_samples: draws the summaries are based on (0: exact, no draws).
+        exact: whether the summaries are the guide's exact Gaussian marginals (the
+            elasticities are linear in the latents) rather than Monte Carlo estimates.
+    """
+
+    units: pd.DataFrame
+    groups: pd.DataFrame
+    overall: pd.DataFrame
+    num_samples: int
+    exact: bool = False
 
 
 def _pyplot():  # noqa: ANN202
@@ -126,29 +149,6 @@ def predictive_plot(check: PredictiveCheck, groups: list[str] | None = None):  #
     return fig
 
 
-def write_plots(
-    result: FitResult,
-    summary: Summary,
-    directory: str | os.PathLike[str],
-    *,
-    predictive: PredictiveCheck | None = None,
-) -> list[Path]:
-    """Write ``loss.png``, ``shrinkage.png``, ``categories.png`` (``predictive.png``).
-
-    ``predictive``: a predictive check to plot as well. Returns the paths written.
-    """
-    figures = [
-        ("loss.png", lambda: loss_trace(result)),
-        ("shrinkage.png", lambda: shrinkage(summary)),
-        ("categories.png", lambda: category_forest(summary)),
-    ]
-    if predictive is not None:
-        group_col = summary.groups.columns[0]
-        names = list(map(str, summary.groups[group_col]))
-        figures.append(("predictive.png", lambda: predictive_plot(predictive, names)))
-    return save_figures(figures, directory)
-
-
 def write_hierarchy_plots(
     result: FitResult,
     units: Summary,
@@ -202,5 +202,4 @@ __all__ = [
     "save_figures",
     "shrinkage",
     "write_hierarchy_plots",
-    "write_plots",
 ]

@@ -51,24 +51,33 @@ def small_sim():
 
 
 @pytest.fixture(scope="session")
-def small_panel(small_sim):
-    """``(panel, encoding)`` of :func:`small_sim`."""
-    return hbjax.from_frame(small_sim.frame)
+def small_data(small_sim):
+    """The article's model of :func:`small_sim` and its rows (``elasticity_data``)."""
+    return hbjax.counts.elasticity_data(small_sim.frame)
 
 
 @pytest.fixture(scope="session")
-def small_model(small_panel):
-    """The elasticity model of :func:`small_panel`."""
-    return hbjax.ElasticityModel.from_panel(small_panel[0])
+def small_model(small_data):
+    """The article's model of :func:`small_sim`."""
+    return small_data.model
 
 
 @pytest.fixture(scope="session")
 def recovery_fit():
     """A fit of a few hundred products, shared by the recovery and posterior tests."""
     sim = hbjax.simulate(n_units=300, n_periods=52, n_groups=6, seed=5)
-    panel, encoding = hbjax.from_frame(sim.frame)
-    model = hbjax.ElasticityModel.from_panel(panel)
-    guide = hbjax.MeanFieldNormal.from_shapes(model.latent_shapes(), loc=model.init_latents(panel))
+    data = hbjax.counts.elasticity_data(sim.frame)
+    model = data.model
+    guide = hbjax.MeanFieldNormal.from_shapes(
+        model.latent_shapes(), loc=model.init_latents(data.rows)
+    )
     with jax.numpy_dtype_promotion("standard"):
-        result = hbjax.fit(model, guide, panel, key=jax.random.key(0), steps=4000, progress=False)
-    return sim, panel, encoding, result
+        result = hbjax.fit(
+            model, guide, data.rows, key=jax.random.key(0), steps=4000, progress=False
+        )
+    return sim, data, result
+
+
+def elasticities(model, latents):
+    """``[..., unit]`` the price elasticities of the article's model at ``latents``."""
+    return model.unit_slopes(latents)["log_price"]

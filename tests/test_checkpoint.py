@@ -1,4 +1,3 @@
-import functools
 import os
 import time
 
@@ -11,13 +10,14 @@ import pytest
 import hbjax
 from hbjax import checkpoint
 from hbjax.checkpoint import CheckpointError
+from hbjax.counts import FitConfig
 
 pytestmark = pytest.mark.usefixtures("standard_promotion")
 
 
-def _start(panel):
-    model = hbjax.ElasticityModel.from_panel(panel)
-    return model, hbjax.make_guide("unitblock", model, loc=model.init_latents(panel))
+def _start(data):
+    model = data.model
+    return model, hbjax.make_guide("unitblock", model, loc=model.init_latents(data.rows))
 
 
 def _leaves(guide):
@@ -25,9 +25,9 @@ def _leaves(guide):
 
 
 @pytest.mark.parametrize("batch_size", [None, 24])
-def test_resumed_fit_equals_the_uninterrupted_one(small_panel, tmp_path, batch_size):
-    panel, _ = small_panel
-    model, guide = _start(panel)
+def test_resumed_fit_equals_the_uninterrupted_one(small_data, tmp_path, batch_size):
+    panel = small_data.rows
+    model, guide = _start(small_data)
     options = {"key": jax.random.key(3), "progress": False, "batch_size": batch_size}
     whole = hbjax.fit(model, guide, panel, steps=120, chunk_size=40, **options)
     folder = tmp_path / "ckpt"
@@ -53,13 +53,13 @@ def test_resumed_fit_equals_the_uninterrupted_one(small_panel, tmp_path, batch_s
 
 @pytest.mark.parametrize("batch_size", [None, 24])
 def test_resume_keeps_the_average_and_stops_where_the_whole_fit_stops(
-    small_panel, tmp_path, batch_size
+    small_data, tmp_path, batch_size
 ):
     # averaging starts at the first check with 40 iterates to look at (R-hat < 100 always),
     # and the fit stops once it has averaged long enough (any MCSE < 10): the run is cut
     # after averaging began and before the stop, and resumed with room to spare.
-    panel, _ = small_panel
-    model, guide = _start(panel)
+    panel = small_data.rows
+    model, guide = _start(small_data)
     quick = hbjax.convergence.Convergence(rhat=100.0, mcse=10.0, check_every=20, min_average=60)
     options = {
         "key": jax.random.key(4),
@@ -93,9 +93,9 @@ def test_resume_keeps_the_average_and_stops_where_the_whole_fit_stops(
         np.testing.assert_array_equal(a, b)
 
 
-def test_checkpoints_that_do_not_fit_are_refused(small_panel, tmp_path):
-    panel, _ = small_panel
-    model, guide = _start(panel)
+def test_checkpoints_that_do_not_fit_are_refused(small_data, tmp_path):
+    panel = small_data.rows
+    model, guide = _start(small_data)
     folder = tmp_path / "ckpt"
     fit = lambda model, guide, panel, **kw: hbjax.fit(  # noqa: E731
         model, guide, panel, steps=20, progress=False, checkpoint_dir=folder, **kw
@@ -116,10 +116,11 @@ def test_checkpoints_that_do_not_fit_are_refused(small_panel, tmp_path):
         )
     with pytest.raises(CheckpointError, match="another key"):
         fit(model, guide, panel, key=jax.random.key(1), resume=True)
-    other = hbjax.from_frame(hbjax.simulate(n_units=50, n_periods=20, n_groups=4).frame)[0]
+    frame = hbjax.simulate(n_units=50, n_periods=20, n_groups=4).frame
+    other = hbjax.counts.elasticity_data(frame)
     other_model, other_guide = _start(other)
     with pytest.raises(CheckpointError, match="another fit: its state"):
-        fit(other_model, other_guide, other, key=jax.random.key(0), resume=True)
+        fit(other_model, other_guide, other.rows, key=jax.random.key(0), resume=True)
     mean_field = hbjax.make_guide("meanfield", model, loc=model.init_latents(panel))
     with pytest.raises(CheckpointError, match="another fit: its guide"):
         fit(model, mean_field, panel, key=jax.random.key(0), resume=True)
@@ -129,9 +130,9 @@ def test_checkpoints_that_do_not_fit_are_refused(small_panel, tmp_path):
         hbjax.fit(model, guide, panel, key=jax.random.key(0), steps=5, resume=True)
 
 
-def test_a_kill_while_writing_leaves_the_last_checkpoint(small_panel, tmp_path):
-    panel, _ = small_panel
-    model, guide = _start(panel)
+def test_a_kill_while_writing_leaves_the_last_checkpoint(small_data, tmp_path):
+    panel = small_data.rows
+    model, guide = _start(small_data)
     folder = tmp_path / "ckpt"
     hbjax.fit(
         model, guide, panel, key=jax.random.key(0), steps=20, progress=False, checkpoint_dir=folder
@@ -218,14 +219,14 @@ def test_a_failed_write_leaves_the_last_checkpoint_and_no_temporary_file(tmp_pat
     np.testing.assert_array_equal(loaded["a"], np.arange(5.0))
 
 
-def test_non_finite_step_saves_the_last_good_state(small_panel, tmp_path):
-    panel, _ = small_panel
-    model, guide = _start(panel)
+def test_non_finite_step_saves_the_last_good_state(small_data, tmp_path):
+    panel = small_data.rows
+    model, guide = _start(small_data)
     key = jax.random.key(5)
 
     def flaky(model, guide, panel, *, key):
         # NaN on the steps whose own key draws below 0.02: deterministic given the key
-        loss = hbjax.renyi_elbo(model, guide, panel, key=key)
+        loss = hbjax.objectives.renyi_elbo(model, guide, panel, key=key)
         return loss + jnp.where(jax.random.uniform(key) < 0.02, jnp.nan, 0.0)
 
     draws = [float(jax.random.uniform(jax.random.fold_in(key, i))) for i in range(400)]
@@ -247,7 +248,7 @@ def test_non_finite_step_saves_the_last_good_state(small_panel, tmp_path):
     assert checkpoint.saved_step(folder) == bad
     good = info.value.result
     assert good.steps == bad and len(good.losses) == bad
-    svi = hbjax.SVI(model, hbjax.renyi_elbo, hbjax.default_optimizer())
+    svi = hbjax.SVI(model, hbjax.objectives.renyi_elbo, hbjax.default_optimizer())
     arrays, static = eqx.partition(svi.init(guide), eqx.is_array)
 
     def like(header):
@@ -271,42 +272,44 @@ def test_non_finite_step_saves_the_last_good_state(small_panel, tmp_path):
 def test_a_resume_of_another_fit_is_refused_naming_what_differs(small_sim, tmp_path):
     """Data of the same shape but other content, another model option, optimiser setting
     or objective: each refused with what differs (issue: honest checkpoints)."""
-    panel, _ = hbjax.from_frame(small_sim.frame)
+    elasticity_data, fit_counts = hbjax.counts.elasticity_data, hbjax.counts.fit_counts
+    data = elasticity_data(small_sim.frame)
     folder = tmp_path / "ckpt"
     base = {"steps": 20, "progress": False, "checkpoint_dir": str(folder)}
-    hbjax.fit_elasticities(panel, hbjax.FitConfig(**base))
+    fit_counts(data, FitConfig(**base))
     resume = {**base, "steps": 40, "resume": True}
     changed = small_sim.frame.copy()
     changed.loc[7, "units_sold"] += 1  # one count of one row
-    other_data, _ = hbjax.from_frame(changed)
+    other_data = elasticity_data(changed)
     refusals = [
         (other_data, {}, "its fit data \\(content hash\\)"),
-        (panel, {"learning_rate": 0.02}, "its fit learning_rate is 0.01, this fit's is 0.02"),
-        (panel, {"particles": 8}, "its fit particles"),
-        (panel, {"alpha": 0.5}, "its fit gradient"),  # alpha 0.5 takes the total gradient
-        (panel, {"centre_prices": False}, "its fit centre_prices"),
-        (panel, {"intercept_prior": "zero"}, "its fit intercept_prior"),
-        (panel, {"mcse": 0.05}, "its fit mcse"),
+        (data, {"learning_rate": 0.02}, "its fit learning_rate is 0.01, this fit's is 0.02"),
+        (data, {"particles": 8}, "its fit particles"),
+        (data, {"alpha": 0.5}, "its fit gradient"),  # alpha 0.5 takes the total gradient
+        (data, {"mcse": 0.05}, "its fit mcse"),
+        (elasticity_data(small_sim.frame, centre=False), {}, "its fit model"),
+        (elasticity_data(small_sim.frame, intercept_prior="zero"), {}, "its fit model"),
     ]
-    for data, change, words in refusals:
+    for other, change, words in refusals:
         with pytest.raises(CheckpointError, match=words):
-            hbjax.fit_elasticities(data, hbjax.FitConfig(**resume, **change))
+            fit_counts(other, FitConfig(**resume, **change))
     missing = {**resume, "checkpoint_dir": str(tmp_path / "ckpt-typo")}
     with pytest.raises(CheckpointError, match="no checkpoint to resume"):
-        hbjax.fit_elasticities(panel, hbjax.FitConfig(**missing))
+        fit_counts(data, FitConfig(**missing))
     # the same fit resumes; and fit() refuses another objective or caller fingerprint
-    assert hbjax.fit_elasticities(panel, hbjax.FitConfig(**resume)).steps == 40
-    model, guide = _start(panel)
+    assert fit_counts(data, FitConfig(**resume)).steps == 40
+    model, guide = _start(data)
+    panel = data.rows
     direct = tmp_path / "direct"
     options = {"key": jax.random.key(0), "progress": False, "checkpoint_dir": direct}
     hbjax.fit(model, guide, panel, steps=10, fingerprint={"optimiser": "adam 1e-2"}, **options)
-    eight = functools.partial(hbjax.renyi_elbo, num_particles=8)
+    eight = hbjax.RenyiBound(alpha=0.0, num_particles=8)
     again = {"steps": 20, "resume": True, **options}
     with pytest.raises(CheckpointError, match="its objective"):
         hbjax.fit(
             model, guide, panel, objective=eight, fingerprint={"optimiser": "adam 1e-2"}, **again
         )
-    article = hbjax.ElasticityModel.from_panel(panel, intercept_prior="zero")
+    article = elasticity_data(small_sim.frame, intercept_prior="zero").model
     with pytest.raises(CheckpointError, match="its model"):  # same shapes, another prior
         hbjax.fit(article, guide, panel, fingerprint={"optimiser": "adam 1e-2"}, **again)
     with pytest.raises(CheckpointError, match="its fit optimiser is 'adam 1e-2'"):

@@ -43,56 +43,53 @@ def _random_latents(shapes, seed: int, scale: float = 1.0):
     )
 
 
-def _as_count_latents(z: hbjax.ElasticityLatents, data) -> hbjax.counts.CountLatents:
-    return hbjax.counts.CountLatents(
-        slopes={
-            "log_price": {
-                "global": z.global_elasticity,
-                "category": z.group_elasticity,
-                "unit": z.unit_elasticity,
-            }
-        },
-        intercept=z.unit_effect,
-        effects={"category:period": z.group_period_effect},
-    )
-
-
 @pytest.mark.parametrize(
     ("hierarchy", "intercept_prior"), [("centred", "reference"), ("noncentred", "zero")]
 )
-def test_the_article_model_is_one_instance(small_sim, small_panel, hierarchy, intercept_prior):
-    """Same log joint and natural values as ElasticityModel, at random latents."""
-    panel, encoding = small_panel
+def test_the_article_model_is_its_formula(small_sim, hierarchy, intercept_prior):
+    """The article's log joint written out on the natural scale with scipy, at random latents.
+
+    beta_g ~ N(-2, 1), beta_c ~ N(beta_g, 1), beta_i ~ N(beta_c, 2), gamma_ct ~ N(0, 3), the
+    intercept at its prior's log price r_i (the reference price, or 0) ~ N(0, 3), and
+    Poisson counts of rate exp(beta_i log p + gamma_ct + delta_i). The latents are affine in
+    the natural values, so their log joint is this density plus log|Jacobian|: log 2 per
+    product elasticity, log 3 per intercept and per (category, week) effect.
+    """
     frame = small_sim.frame
-    reference = hbjax.ElasticityModel.from_panel(
-        panel, hierarchy=hierarchy, intercept_prior=intercept_prior
-    )
     data = _article(frame, hierarchy, intercept_prior)
-    # every (category, period) cell is observed, so both models have the same cells
-    assert len(data.cells["category:period"]) == panel.n_groups * panel.n_periods
-    assert list(data.units) == list(encoding.units)
-    shapes = reference.latent_shapes()
+    model = data.model
+    units = data.units.get_indexer(frame["product"])
+    first = frame.groupby("product")["category"].first()
+    groups = data.levels["category"].get_indexer(first.loc[data.units])
+    # the centre is each unit's mean log price weighted by counts + 1/2
+    log_p, y = np.log(frame["price"].to_numpy()), frame["units_sold"].to_numpy()
+    centre = np.bincount(units, (y + 0.5) * log_p) / np.bincount(units, y + 0.5)
+    assert_f32_close(model.centre("log_price"), centre, terms=2 * 20, magnitude=5.0)
+    reference = centre if intercept_prior == "reference" else 0.0
+    cell_of = data.cells["category:period"]
+    cells = cell_of.get_indexer(pd.MultiIndex.from_frame(frame[["category", "period"]]))
     for seed in range(3):
-        z = _random_latents(shapes, seed, 0.5)
-        mine = _as_count_latents(z, data)
-        expected = reference.log_joint(z, panel)
-        got = data.model.log_joint(mine, data.rows)
-        # two float32 sums of every row's term (and the priors'), in other orders
-        rows = np.asarray(data.model.row_log_likelihood(mine, data.rows))
-        terms = len(rows) + sum(x.size for x in jax.tree.leaves(z))
-        assert_f32_close(got, expected, terms=terms, magnitude=np.abs(rows).max())
-        natural, theirs = data.model.natural(mine), reference.natural(z)
-        # slopes: a product of two and a sum of three terms per level
-        for level, value in (
-            ("unit", theirs.unit_elasticity),
-            ("category", theirs.group_elasticity),
-        ):
-            assert_f32_close(natural.slopes["log_price"][level], value, terms=8)
-        # intercepts at price 0: a - b c, c ~ log price (a few units), so terms of size |b c|
-        size = np.abs(
-            np.asarray(theirs.unit_elasticity) * np.asarray(data.model.centre("log_price"))
+        z = _random_latents(model.latent_shapes(), seed, 0.7)
+        v = jax.tree.map(lambda x: np.asarray(x, np.float64), model.natural(z))
+        beta = v.slopes["log_price"]
+        b_g, b_c, b_i, delta = beta["global"], beta["category"], beta["unit"], v.intercept
+        gamma = v.effects["category:period"]
+        rate = np.exp(b_i[units] * log_p + gamma[cells] + delta[units])
+        natural = (
+            stats.norm.logpdf(b_g, -2.0, 1.0)
+            + stats.norm.logpdf(b_c, b_g, 1.0).sum()
+            + stats.norm.logpdf(b_i, b_c[groups], 2.0).sum()
+            + stats.norm.logpdf(delta + b_i * reference, 0.0, 3.0).sum()
+            + stats.norm.logpdf(gamma, 0.0, 3.0).sum()
+            + stats.poisson.logpmf(y, rate).sum()
         )
-        assert_f32_close(natural.intercept, theirs.unit_effect, terms=8, magnitude=size.max() + 3)
+        jacobian = len(data.units) * np.log(2.0 * 3.0) + len(cell_of) * np.log(3.0)
+        got = float(model.log_joint(z, data.rows))
+        # a float32 sum of every row's and latent's term: eps x terms x the largest term
+        # (with the natural values' own float32 rounding); a 0.1-nat error in any term fails
+        rows = np.asarray(model.row_log_likelihood(z, data.rows))
+        terms = len(rows) + sum(x.size for x in jax.tree.leaves(z))
+        assert_f32_close(got, natural + jacobian, terms=terms, magnitude=np.abs(rows).max() + 10)
 
 
 def _rows_frame(rng, n_units=30, n_rows=12):
@@ -245,7 +242,7 @@ def test_a_three_level_negbin_fit_stops_by_itself():
     watched = data.model.reported_leaves()
     assert not watched.intercept and not any(watched.effects.values())
     assert watched.slopes["log_price"]["unit"] and watched.dispersion
-    result = hbjax.counts.fit_counts(data, hbjax.FitConfig(steps=8000, progress=False))
+    result = hbjax.counts.fit_counts(data, hbjax.counts.FitConfig(steps=8000, progress=False))
     assert result.converged and result.steps < 8000, result.convergence
 
 
@@ -385,7 +382,7 @@ def test_rows_that_do_not_fit_the_grid_are_named_and_fitted_as_rows():
         hbjax.counts.GridError, match="unit 's001' has more than one row in period 1"
     ):
         twice.grid(hbjax.make_mesh())
-    config = hbjax.FitConfig(steps=20, progress=False)
+    config = hbjax.counts.FitConfig(steps=20, progress=False)
     for grid in ("grid", Dense()):  # asked for by name or module: refused with the reason
         with pytest.raises(hbjax.counts.GridError, match="more than one row"):
             hbjax.counts.fit_counts(twice, config, layout=grid)
@@ -393,7 +390,9 @@ def test_rows_that_do_not_fit_the_grid_are_named_and_fitted_as_rows():
     once = from_frame(frame, period="week", **terms)  # a GPU's chunked grid, asked for
     assert hbjax.counts.fit_counts(once, config, layout=Dense(cell_chunk=4)).steps == 20
     with pytest.raises(ValueError, match="full-batch"):
-        hbjax.counts.fit_counts(twice, hbjax.FitConfig(steps=20, batch_size=8), layout="grid")
+        hbjax.counts.fit_counts(
+            twice, hbjax.counts.FitConfig(steps=20, batch_size=8), layout="grid"
+        )
 
 
 def test_centring_is_a_reparametrisation_and_the_clip_clips():
@@ -551,7 +550,7 @@ def test_hbjax_check_of_a_vocabulary_fit_tells_good_from_bad(tmp_path, capsys):
     assert nuts.sd_ratio < 0.3 and importance.share_poor > 0.4
     no_price = _skus(frame, slopes=[Slope("promo", over=("cat",))], period="week")
     with jax.numpy_dtype_promotion("standard"):
-        fitted = hbjax.counts.fit_counts(no_price, hbjax.FitConfig(steps=20, progress=False))
+        fitted = hbjax.counts.fit_counts(no_price, hbjax.counts.FitConfig(steps=20, progress=False))
     hbjax.counts.save_fit(no_price, fitted, tmp_path / "no_price")
     assert main(["check", str(tmp_path / "no_price"), str(tmp_path / "sales.csv")]) == 2
     assert "no per-product log slope" in capsys.readouterr().err
@@ -564,7 +563,7 @@ def test_hbjax_check_of_a_vocabulary_fit_tells_good_from_bad(tmp_path, capsys):
     two = _skus(frame, slopes=slopes, period="week")
     hbjax.counts.save_fit(
         two,
-        hbjax.counts.fit_counts(two, hbjax.FitConfig(steps=20, progress=False)),
+        hbjax.counts.fit_counts(two, hbjax.counts.FitConfig(steps=20, progress=False)),
         tmp_path / "two",
     )
     check_two = ["check", str(tmp_path / "two"), str(tmp_path / "sales.csv"), "--products", "3"]
@@ -604,7 +603,7 @@ def test_the_predictive_check_sees_structural_zeros():
             period="week",
             zero_inflation=inflated,
         )
-        result = hbjax.counts.fit_counts(data, hbjax.FitConfig(steps=600, progress=False))
+        result = hbjax.counts.fit_counts(data, hbjax.counts.FitConfig(steps=600, progress=False))
         check = hbjax.counts.predictive_check(data, result.guide, key=jax.random.key(1))
         flagged[inflated] = check.flagged
         assert len(check.to_dict()["groups"]) == 4
@@ -631,7 +630,7 @@ def test_summaries_are_exact_for_a_gaussian_guide():
         dispersion_by="cat",
         zero_inflation=True,
     )
-    config = hbjax.FitConfig(steps=200, progress=False, guide="lowrank")
+    config = hbjax.counts.FitConfig(steps=200, progress=False, guide="lowrank")
     guide = hbjax.counts.fit_counts(data, config).guide
     # more correlated and wider than the fit's, so that the transforms' curvature shows
     guide = eqx.tree_at(lambda g: g.factor, guide, replace_fn=lambda w: 0.1 + 3.0 * w)
@@ -695,17 +694,19 @@ def test_a_resumed_vocabulary_fit_equals_the_uninterrupted_one(tmp_path):
     data = _skus(frame, **terms)
     folder = str(tmp_path / "ckpt")
     common = {"progress": False, "checkpoint_every": 50}
-    hbjax.counts.fit_counts(data, hbjax.FitConfig(steps=100, checkpoint_dir=folder, **common))
-    resumed = hbjax.counts.fit_counts(
-        data, hbjax.FitConfig(steps=150, checkpoint_dir=folder, resume=True, **common)
+    hbjax.counts.fit_counts(
+        data, hbjax.counts.FitConfig(steps=100, checkpoint_dir=folder, **common)
     )
-    whole = hbjax.counts.fit_counts(data, hbjax.FitConfig(steps=150, **common))
+    resumed = hbjax.counts.fit_counts(
+        data, hbjax.counts.FitConfig(steps=150, checkpoint_dir=folder, resume=True, **common)
+    )
+    whole = hbjax.counts.fit_counts(data, hbjax.counts.FitConfig(steps=150, **common))
     assert resumed.steps == whole.steps == 150
     np.testing.assert_array_equal(resumed.losses, whole.losses)
     for a, b in zip(jax.tree.leaves(resumed.guide), jax.tree.leaves(whole.guide), strict=True):
         np.testing.assert_array_equal(a, b)
     other = _skus(frame.assign(qty=frame["qty"] + 1), **terms)
-    config = hbjax.FitConfig(steps=200, checkpoint_dir=folder, resume=True, **common)
+    config = hbjax.counts.FitConfig(steps=200, checkpoint_dir=folder, resume=True, **common)
     with pytest.raises(hbjax.checkpoint.CheckpointError, match="data"):
         hbjax.counts.fit_counts(other, config)
 

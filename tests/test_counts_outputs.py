@@ -1,5 +1,6 @@
 """A vocabulary fit's outputs: saved fits, what-if predictions, ArviZ export."""
 
+import json
 import warnings
 
 import equinox as eqx
@@ -54,7 +55,7 @@ def everything():
         dispersion_by="cat",
         zero_inflation=True,
     )
-    config = hbjax.FitConfig(steps=150, progress=False, guide="lowrank", rank=3)
+    config = hbjax.counts.FitConfig(steps=150, progress=False, guide="lowrank", rank=3)
     # optax needs standard promotion (conftest.standard_promotion; this fixture is per module)
     with pytest.warns(ConvergenceWarning), jax.numpy_dtype_promotion("standard"):
         result = hbjax.counts.fit_counts(data, config)
@@ -93,8 +94,12 @@ def test_a_folder_without_a_vocabulary_fit_is_one_clear_line(everything, tmp_pat
     with pytest.raises(hbjax.DataValidationError, match="holds no saved fit"):
         load_fit(tmp_path)
     save_fit(data, result, tmp_path / "fit")
-    with pytest.raises(hbjax.DataValidationError, match="vocabulary fit.*hbjax.counts.load_fit"):
-        hbjax.load_fit(tmp_path / "fit")
+    info = json.loads((tmp_path / "fit" / "fit.json").read_text())
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "fit.json").write_text(json.dumps({**info, "format": "hbjax-fit-1"}))
+    with pytest.raises(hbjax.DataValidationError, match="former own stack.*fit the table again"):
+        load_fit(old)
     (tmp_path / "fit" / "fit.eqx").write_bytes(b"truncated")
     with pytest.raises(hbjax.DataValidationError, match="damaged saved fit"):
         load_fit(tmp_path / "fit")

@@ -4,7 +4,9 @@ import pytest
 from tolerances import f32_atol
 
 import hbjax
-from hbjax import DataValidationError, from_frame
+from hbjax import DataValidationError
+from hbjax.counts import elasticity_data
+from hbjax.data import read_table
 
 
 def frame(**changes):
@@ -24,42 +26,52 @@ def frame(**changes):
     return df
 
 
-def test_valid_frame_is_encoded_sorted_and_round_trips():
-    df = frame()
-    panel, enc = from_frame(df)
-    assert (panel.n_units, panel.n_groups, panel.n_periods) == (3, 2, 3)
-    assert panel.n_rows == len(df)
-    # rows sorted by unit then period
-    key = panel.unit_idx.astype(int) * 3 + (panel.cell_idx % 3)
-    assert np.all(np.diff(key) > 0)
-    # decoded labels round-trip exactly
-    decoded = pd.DataFrame(
+def decoded(data, unit="product", counts="units_sold"):
+    """The table's rows back from the count data's codes (rows in the data's order)."""
+    rows, model = data.rows, data.model
+    unit_codes = np.asarray(rows.unit)
+    group = np.asarray(model.table.levels["category"])[unit_codes]
+    return pd.DataFrame(
         {
-            "product": enc.units[panel.unit_idx],
-            "category": enc.groups[panel.cell_idx // panel.n_periods],
-            "period": enc.periods[panel.cell_idx % panel.n_periods],
-            "price": np.exp(panel.log_price.astype(np.float64)),
-            "units_sold": panel.counts.astype(int),
+            unit: np.asarray(data.units)[unit_codes],
+            "category": np.asarray(data.levels["category"])[group],
+            "period": np.asarray(data.periods)[np.asarray(data.period)],
+            "price": np.exp(np.asarray(rows.columns["x"]["log_price"], np.float64)),
+            counts: np.asarray(rows.columns["counts"], np.float64),
         }
     )
-    expected = df.sort_values(["product", "period"]).reset_index(drop=True)
+
+
+def test_valid_frame_is_encoded_sorted_and_round_trips():
+    df = frame()
+    data = elasticity_data(df)
+    assert (len(data.units), len(data.levels["category"]), len(data.periods)) == (3, 2, 3)
+    assert len(data.rows.unit) == len(df)
+    # rows sorted by unit, each unit's in the table's order
+    assert np.all(np.diff(np.asarray(data.rows.unit)) >= 0)
+    expected = df.sort_values("product", kind="stable").reset_index(drop=True)
     # prices come back through a float32 log: relative error = its rounding, eps |log p|
     rtol = f32_atol(terms=1, magnitude=np.abs(np.log(df["price"])).max() + 1)
-    pd.testing.assert_frame_equal(decoded, expected, check_dtype=False, rtol=rtol)
-    assert list(enc.groups[panel.unit_group]) == ["x", "y", "x"]
-    assert np.all(panel.weight == 1.0)
-    assert panel.log_price.dtype == np.float32 and panel.unit_idx.dtype == np.int32
+    pd.testing.assert_frame_equal(decoded(data), expected, check_dtype=False, rtol=rtol)
+    group_of_unit = np.asarray(data.levels["category"])[
+        np.asarray(data.model.table.levels["category"])
+    ]
+    assert list(group_of_unit) == ["x", "y", "x"]
+    assert np.all(np.asarray(data.rows.weight) == 1.0)
+    assert data.rows.columns["counts"].dtype == np.float32 and data.rows.unit.dtype == np.int32
 
 
-def test_custom_column_names_and_dates():
+def test_custom_column_names_and_dates(tmp_path):
     df = frame().rename(columns={"product": "sku", "units_sold": "qty"})
     df["period"] = pd.to_datetime("2024-01-01") + pd.to_timedelta(df["period"] * 7, unit="D")
-    panel, enc = from_frame(df, unit="sku", units="qty")
-    assert enc.unit_column == "sku" and panel.n_periods == 3
-    assert enc.periods[0] == pd.Timestamp("2024-01-08")
-    df["period"] = df["period"].dt.strftime("%Y-%m-%d")  # ISO text dates, as read from CSV
-    panel2, enc2 = from_frame(df, unit="sku", units="qty")
-    np.testing.assert_array_equal(panel.cell_idx, panel2.cell_idx)
+    data = elasticity_data(df, unit="sku", counts="qty")
+    assert data.spec.unit == "sku" and len(data.periods) == 3
+    assert data.periods[0] == pd.Timestamp("2024-01-08")
+    # ISO text dates, as in a CSV, are read as dates
+    df.assign(period=df["period"].dt.strftime("%Y-%m-%d")).to_csv(tmp_path / "t.csv", index=False)
+    again = elasticity_data(tmp_path / "t.csv", unit="sku", counts="qty")
+    assert again.periods.equals(data.periods)
+    np.testing.assert_array_equal(data.period, again.period)
 
 
 # (changes to the valid frame or a replacement frame, words the message must contain)
@@ -78,14 +90,12 @@ BAD_INPUTS = {
     "duplicated unit-period": (lambda: frame(period=(1, 3)), ["more than once", "Aggregate"]),
     "column given twice": (None, ["given for both"]),
     "huge counts": (lambda: frame(units_sold=(0, 2**25)), ["float32"]),
-    "bad period": (lambda: frame(period=(0, 1.5)), ["'period'", "integer periods or dates"]),
     "infinite units": (lambda: frame(units_sold=(2, np.inf)), ["'units_sold'", "infinite"]),
     "single unit": (lambda: frame().iloc[:3], ["single unit", "'a'", "at least 2"]),
     "single period": (
         lambda: frame().drop_duplicates("product").assign(period=1),
         ["single period", "at least 2 periods"],
     ),
-    "text period": (lambda: frame(period=(3, "soon")), ["'period'", "integer periods or dates"]),
 }
 
 
@@ -94,23 +104,33 @@ def test_validation_errors_name_the_problem(case):
     make, words = BAD_INPUTS[case]
     with pytest.raises(DataValidationError) as info:
         if case == "column given twice":
-            from_frame(frame(), group="product")
+            elasticity_data(frame(), groups=("product",))
         else:
-            from_frame(make())
+            elasticity_data(make())
     message = str(info.value)
     for word in words:
         assert word in message, (word, message)
     assert isinstance(info.value, ValueError)
 
 
+@pytest.mark.parametrize(
+    ("period", "words"), [((0, 1.5), "integer periods or dates"), ((3, "soon"), "2024-01-31")]
+)
+def test_bad_periods_in_a_file_are_named(tmp_path, period, words):
+    path = tmp_path / "t.csv"
+    frame(period=period).to_csv(path, index=False)
+    with pytest.raises(DataValidationError, match=f"'period'.*{words}"):
+        elasticity_data(path)
+
+
 def test_weak_units_and_groups_warn_but_fit():
     # product c is seen once (one price) and category y holds only product b
     with pytest.warns(hbjax.DataWarning) as caught:
-        panel, _ = from_frame(frame())
+        data = elasticity_data(frame())
     messages = [str(w.message) for w in caught]
     assert any("never change price" in m and "'c'" in m for m in messages), messages
     assert any("single unit" in m and "'y'" in m for m in messages), messages
-    assert panel.n_units == 3
+    assert len(data.units) == 3
     varied = frame().assign(category="x")  # one group of three units
     extra_c = varied.iloc[[5]].assign(period=3, price=1.2)  # c's price now changes
     varied = pd.concat([varied, extra_c], ignore_index=True)
@@ -118,7 +138,7 @@ def test_weak_units_and_groups_warn_but_fit():
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", hbjax.DataWarning)
-        from_frame(varied)  # every unit's price varies, one group of three: no warning
+        elasticity_data(varied)  # every unit's price varies, one group of three: no warning
 
 
 def test_two_columns_with_one_name():
@@ -127,33 +147,34 @@ def test_two_columns_with_one_name():
     df.insert(4, "price", df.pop("price"), allow_duplicates=True)
     df.insert(5, "price", df["units_sold"], allow_duplicates=True)
     with pytest.raises(DataValidationError, match="two columns named 'price'"):
-        from_frame(df)
+        elasticity_data(df)
 
 
 def test_not_a_dataframe():
     # The test-time type checker would reject the call first; users without it get this error.
+    from_frame = hbjax.counts.from_frame
     unchecked = getattr(from_frame, "__wrapped__", from_frame)
     with pytest.raises(DataValidationError, match="read_table"):
-        unchecked({"product": [1]})
+        unchecked({"product": [1]}, unit="product", counts="units_sold")
 
 
 def test_read_table_csv_parquet_and_errors(tmp_path):
     df = frame()
     df.to_csv(tmp_path / "p.csv", index=False)
     df.to_parquet(tmp_path / "p.parquet", index=False)
-    a, _ = hbjax.from_file(tmp_path / "p.csv")
-    b, _ = hbjax.from_file(tmp_path / "p.parquet")
-    np.testing.assert_array_equal(a.counts, b.counts)
+    a = elasticity_data(tmp_path / "p.csv")
+    b = elasticity_data(tmp_path / "p.parquet")
+    np.testing.assert_array_equal(a.rows.columns["counts"], b.rows.columns["counts"])
     with pytest.raises(DataValidationError, match="no such file"):
-        hbjax.read_table(tmp_path / "nope.csv")
+        read_table(tmp_path / "nope.csv")
     with pytest.raises(DataValidationError, match=r"\.csv or \.parquet"):
-        hbjax.read_table(tmp_path / "p.xlsx")
+        read_table(tmp_path / "p.xlsx")
     (tmp_path / "broken.parquet").write_text("not parquet")
     with pytest.raises(DataValidationError, match="as Parquet"):
-        hbjax.read_table(tmp_path / "broken.parquet")
+        read_table(tmp_path / "broken.parquet")
 
 
-# Property-based: random small tables either encode to a panel whose decoded rows equal the
+# Property-based: random small tables either become count data whose decoded rows equal the
 # input, or raise the documented DataValidationError; never another exception.
 from hypothesis import event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -196,38 +217,30 @@ def _tables(draw):
 
 @settings(max_examples=200, deadline=None)
 @given(_tables())
-def test_from_frame_on_random_tables_round_trips_or_refuses(df):
+def test_random_tables_round_trip_or_are_refused(df):
     import warnings
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", hbjax.DataWarning)
-            panel, enc = from_frame(df)
+            data = elasticity_data(df)
     except DataValidationError as error:
         assert str(error)  # a message, one of the documented checks
         event("refused")
         return
-    decoded = pd.DataFrame(
-        {
-            "product": enc.units[panel.unit_idx],
-            "category": enc.groups[panel.cell_idx // panel.n_periods],
-            "period": enc.periods[panel.cell_idx % panel.n_periods],
-            "price": np.exp(panel.log_price.astype(np.float64)),
-            "units_sold": panel.counts.astype(np.float64),
-        }
-    )
+    got = decoded(data)
     expected = df.assign(
         price=df["price"].astype(np.float64), units_sold=df["units_sold"].astype(np.float64)
     )
     key = lambda frame: frame.assign(product=frame["product"].map(repr))  # noqa: E731
     expected = key(expected).sort_values(["product", "period"]).reset_index(drop=True)
-    decoded = key(decoded).sort_values(["product", "period"]).reset_index(drop=True)
-    assert list(decoded["product"]) == list(expected["product"])  # labels exactly, with types
-    assert list(decoded["category"]) == list(expected["category"])
-    assert list(decoded["period"]) == list(expected["period"])
+    got = key(got).sort_values(["product", "period"]).reset_index(drop=True)
+    assert list(got["product"]) == list(expected["product"])  # labels exactly, with types
+    assert list(got["category"]) == list(expected["category"])
+    assert list(got["period"]) == list(expected["period"])
     # through a float32 log: relative error = its rounding, eps |log p|
     rtol = f32_atol(terms=1, magnitude=np.abs(np.log(expected["price"])).max() + 1)
-    np.testing.assert_allclose(decoded["price"], expected["price"], rtol=rtol)
-    np.testing.assert_array_equal(decoded["units_sold"], expected["units_sold"])
-    assert panel.n_units >= 2 and panel.n_periods >= 2
+    np.testing.assert_allclose(got["price"], expected["price"], rtol=rtol)
+    np.testing.assert_array_equal(got["units_sold"], expected["units_sold"])
+    assert len(data.units) >= 2 and len(data.periods) >= 2
     event("valid panel")  # hypothesis statistics: how many examples got this far

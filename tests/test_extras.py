@@ -37,8 +37,8 @@ def test_import_fit_minibatch_checkpoint_and_demo_without_distrax(tmp_path):
     from hbjax.cli import main
     assert "distrax" not in [m.split(".")[0] for m in sys.modules if sys.modules[m]]
     sim = hbjax.simulate(n_units=24, n_periods=8, n_groups=3, seed=1)
-    panel, encoding = hbjax.from_frame(sim.frame)
-    model = hbjax.ElasticityModel.from_panel(panel)
+    data = hbjax.counts.elasticity_data(sim.frame)
+    model, panel = data.model, data.rows
     # the low-rank guide here; the unit-block guide minibatched below, the default in the demo
     guide = hbjax.make_guide("lowrank", model, loc=model.init_latents(panel))
     result = hbjax.fit(model, guide, panel, key=jax.random.key(0), steps=5, progress=False)
@@ -77,10 +77,10 @@ def test_distrax_brought_by_the_user_is_returned(monkeypatch):
 
 
 def test_to_arviz_without_arviz_is_one_line(monkeypatch, recovery_fit):
-    _, _, encoding, result = recovery_fit
+    _, data, result = recovery_fit
     monkeypatch.setitem(sys.modules, "arviz", None)
     with pytest.raises(ImportError, match=r"to_arviz needs arviz.*hbjax\[arviz\]"):
-        hbjax.to_arviz(result, encoding)
+        hbjax.counts.to_arviz(data, result.guide)
 
 
 def test_installed_versions_names_only_installed_distributions():
@@ -96,14 +96,13 @@ def test_the_layers_fitting_core_and_rows_import_without_pandas_and_every_name_r
     assert not heavy, heavy
     import hbjax.fit, hbjax.step, hbjax.objectives  # the fitting core: no pandas, no files
     import hbjax.parallel.layouts
-    application = ("pandas", "pyarrow", "hbjax.data", "hbjax.model", "hbjax.sharding")
-    application += ("hbjax.minibatch", "hbjax.counts.frame")
+    application = ("pandas", "pyarrow", "hbjax.data", "hbjax.counts.frame")
     loaded = [m for m in application if m in sys.modules]
     assert not loaded, loaded
-    import hbjax.model, hbjax.minibatch, hbjax.sharding, hbjax.counts.grid  # the applications
+    import hbjax.parallel.hosts, hbjax.counts.grid  # many hosts, the count kernel
     assert not [m for m in ("pandas", "pyarrow", "hbjax.data") if m in sys.modules]
     import types
-    import hbjax.posterior  # imports the submodules hbjax.fit and hbjax.simulate's users
+    import hbjax.counts.report  # imports the submodules hbjax.fit and hbjax.simulate's users
     import hbjax
     assert callable(hbjax.fit) and not isinstance(hbjax.fit, types.ModuleType)
     assert callable(hbjax.simulate) and not isinstance(hbjax.simulate, types.ModuleType)
@@ -112,7 +111,7 @@ def test_the_layers_fitting_core_and_rows_import_without_pandas_and_every_name_r
     assert set(hbjax.__all__) <= set(dir(hbjax))
     for name in hbjax.counts.__all__:
         assert getattr(hbjax.counts, name) is not None, name
-    assert hbjax.guide_check.predictive_check and hbjax.stream.write_grid
+    assert hbjax.guide_check.unit_importance and hbjax.counts.prepare
     try:
         hbjax.no_such_name
     except AttributeError as exc:

@@ -3,6 +3,7 @@ minibatch), the model, the pipeline and the CLI; recovery of a known dispersion.
 
 import json
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,10 +13,8 @@ from tolerances import assert_f32_close, f32_rtol
 
 import hbjax
 from hbjax.cli import main
+from hbjax.counts import FitConfig, elasticity_data, fit_counts, predictive_check
 from hbjax.families import NegativeBinomial, Poisson, make_likelihood
-from hbjax.guide_check import predictive_check
-from hbjax.likelihood import elasticity_log_likelihood, panel_log_likelihood
-from hbjax.minibatch import unit_batch
 
 pytestmark = pytest.mark.usefixtures("standard_promotion")
 
@@ -60,58 +59,50 @@ def overdispersed():
     return hbjax.simulate(n_units=40, n_periods=16, n_groups=3, seed=2, dispersion=1 / 3)
 
 
-def _params(panel, seed):
+def _latents(model, seed):
+    """Latents of the model's shapes, each entry N(0, 0.3)."""
     rng = np.random.default_rng(seed)
-    return (
-        jnp.asarray(rng.normal(-2.0, 0.5, panel.n_units), jnp.float32),
-        jnp.asarray(rng.normal(2.0, 0.5, panel.n_units), jnp.float32),
-        jnp.asarray(rng.normal(0.0, 0.3, panel.n_cells), jnp.float32),
-        jnp.asarray(rng.normal(-1.0, 0.3), jnp.float32),
+    return jax.tree.map(
+        lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape), jnp.float32), model.latent_shapes()
     )
 
 
-def test_sharded_negative_binomial_kernel_equals_the_plain_one(overdispersed):
-    """Value and every gradient (the custom VJP's, the dispersion's included) of the rows
-    kernel on 4 devices equal autodiff of the plain per-row formula."""
-    panel, _ = hbjax.from_frame(overdispersed.frame)
-    family = NegativeBinomial()
-    rows = (panel.unit_idx, panel.cell_idx, panel.log_price, panel.counts, panel.weight)
-    centre = jnp.asarray(np.random.default_rng(1).normal(2.0, 0.1, panel.n_units), jnp.float32)
+@pytest.mark.parametrize("layout", ["rows", "grid"])
+def test_sharded_negative_binomial_kernel_equals_the_plain_one(overdispersed, layout):
+    """Value and every gradient (the custom VJP's, the dispersion's included) of the
+    placed kernels on 4 devices equal autodiff of the plain per-row formula."""
+    data = elasticity_data(overdispersed.frame, likelihood="negbin")
+    model, rows = data.model, data.rows
+    n_rows = len(rows.unit)
+    host = jax.device_put(rows)
 
-    def plain(beta, delta, gamma, theta):
-        return elasticity_log_likelihood(
-            beta, delta, gamma, *rows, price_centre=centre, family=family, parameter=theta
-        )
+    def plain(z):
+        return jnp.sum(model.row_log_likelihood(z, host))
 
-    placed = hbjax.shard_panel(panel, hbjax.make_mesh(4), layout="rows")
+    mesh = hbjax.make_mesh(4)
+    placed = hbjax.shard_rows(rows, mesh) if layout == "rows" else data.grid(mesh)
 
-    def sharded(beta, delta, gamma, theta):
-        return panel_log_likelihood(
-            beta, delta, gamma, placed, price_centre=centre, family=family, parameter=theta
-        )
+    def sharded(z):
+        return model.log_likelihood(z, placed)
 
-    params = _params(panel, 0)
-    value, grads = jax.value_and_grad(plain, argnums=(0, 1, 2, 3))(*params)
-    got, got_grads = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1, 2, 3)))(*params)
+    z = _latents(model, 0)
+    value, grads = jax.value_and_grad(plain)(z)
+    got, got_grads = jax.jit(jax.value_and_grad(sharded))(z)
     # float32 sums of n_rows log-probabilities (each <= 0) in block order vs one sum
-    np.testing.assert_allclose(float(got), float(value), rtol=f32_rtol(terms=panel.n_rows))
-    for g, e in zip(got_grads, grads, strict=True):
-        assert_f32_close(g, e, terms=panel.n_rows, magnitude=np.abs(e).max())
-    assert abs(float(grads[3])) > 1.0  # the dispersion's gradient is there to compare
+    np.testing.assert_allclose(float(got), float(value), rtol=f32_rtol(terms=n_rows))
+    for g, e in zip(jax.tree.leaves(got_grads), jax.tree.leaves(grads), strict=True):
+        assert_f32_close(g, e, terms=n_rows, magnitude=np.abs(e).max())
+    assert abs(float(grads.dispersion)) > 1.0  # the dispersion's gradient is there to compare
 
 
-def test_negative_binomial_model_minibatch_and_dense_layout(overdispersed):
-    panel, _ = hbjax.from_frame(overdispersed.frame)
-    model = hbjax.ElasticityModel.from_panel(panel, likelihood="negbin")
-    assert model.panel_layout().name == "rows"
+def test_negative_binomial_model_minibatch(overdispersed):
+    data = elasticity_data(overdispersed.frame, likelihood="negbin")
+    model, panel = data.model, data.rows
     assert model.latent_shapes().dispersion.shape == ()
-    assert hbjax.ElasticityModel.from_panel(panel).latent_shapes().dispersion is None
-    latents = jax.tree.map(
-        lambda s: jnp.asarray(np.random.default_rng(3).normal(0, 0.3, s.shape), jnp.float32),
-        model.latent_shapes(),
-    )
+    assert elasticity_data(overdispersed.frame).model.latent_shapes().dispersion is None
+    latents = _latents(model, 3)
     # the prior holds the dispersion's, the likelihood depends on it
-    other = hbjax.ElasticityLatents(*jax.tree.leaves(latents)[:5], dispersion=jnp.float32(1.5))
+    other = eqx.tree_at(lambda z: z.dispersion, latents, jnp.float32(1.5))
     prior_gap = float(model.log_prior(other) - model.log_prior(latents))
     z = float(latents.dispersion)
     # a difference of two float32 sums over every latent: absolute rounding of their size
@@ -120,17 +111,15 @@ def test_negative_binomial_model_minibatch_and_dense_layout(overdispersed):
     assert_f32_close(prior_gap, -0.5 * (1.5**2 - z**2), terms=latent_count, magnitude=size)
     assert float(model.log_likelihood(other, panel)) != float(model.log_likelihood(latents, panel))
     # a batch of every unit with weight 1 is the whole log joint
-    batch = unit_batch(panel, np.arange(panel.n_units))
+    batch = panel.unit_batch(np.arange(model.n_units))
     total = float(model.log_joint(latents, panel))
     np.testing.assert_allclose(
-        float(model.batch_log_joint(latents, batch)), total, rtol=f32_rtol(terms=panel.n_rows)
+        float(model.batch_log_joint(latents, batch)), total, rtol=f32_rtol(terms=len(panel.unit))
     )
-    with pytest.raises(ValueError, match="needs the rows layout"):
-        model.log_likelihood(latents, hbjax.shard_panel(panel, hbjax.make_mesh(1), layout="dense"))
 
 
-def _coverage(summary, truth):
-    units = summary.units.set_index("product").loc[truth["product"]]
+def _coverage(tables, truth):
+    units = tables["log_price/unit"].loc[truth["product"]]
     inside = (units["q05"].to_numpy() <= truth["elasticity"].to_numpy()) & (
         truth["elasticity"].to_numpy() <= units["q95"].to_numpy()
     )
@@ -147,19 +136,19 @@ def test_negative_binomial_fit_recovers_the_dispersion_and_honest_intervals(seed
     intervals are the guide's, slightly narrower than the posterior's); the Poisson fit
     covers ~40%."""
     sim = hbjax.simulate(n_units=200, n_periods=52, n_groups=4, seed=seed, dispersion=1 / 3)
-    panel, encoding = hbjax.from_frame(sim.frame)
     results, flagged = {}, {}
     for likelihood in ("poisson", "negbin"):
-        config = hbjax.FitConfig(likelihood=likelihood, progress=False, seed=seed)
-        result = hbjax.fit_elasticities(panel, config)
-        results[likelihood] = _coverage(hbjax.summarize(result, encoding), sim.truth)
-        check = predictive_check(result.model, result.guide, panel, key=jax.random.key(seed))
+        data = elasticity_data(sim.frame, likelihood=likelihood)
+        result = fit_counts(data, FitConfig(progress=False, seed=seed))
+        tables = data.summary(result.guide)
+        results[likelihood] = _coverage(tables, sim.truth)
+        check = predictive_check(data, result.guide, key=jax.random.key(seed))
         flagged[likelihood] = check.flagged
     # the predictive check flags the Poisson fit (its dispersion index is ~20x its
     # replicas') and passes the negative binomial
     assert "dispersion_index" in flagged["poisson"] and flagged["negbin"] == [], flagged
     # the truth within 4 posterior sds (a 90% interval misses it for 1 seed in 10)
-    dispersion = hbjax.posterior.summarize_dispersion(result)
+    dispersion = tables["dispersion"].iloc[0]
     assert abs(dispersion["mean"] - 1 / 3) <= 4 * dispersion["sd"], dispersion
     assert dispersion["sd"] < 0.03  # and it is pinned down: 10,000 rows
     (poisson_cover, poisson_rmse), (cover, rmse) = results["poisson"], results["negbin"]
@@ -191,25 +180,24 @@ def test_cli_poisson_fit_of_overdispersed_counts_is_flagged(overdispersed, tmp_p
 
 @pytest.mark.filterwarnings("ignore::hbjax.fit.ConvergenceWarning")
 def test_negative_binomial_minibatch_fit_runs_on_four_devices(overdispersed):
-    panel, _ = hbjax.from_frame(overdispersed.frame)
-    config = hbjax.FitConfig(likelihood="negbin", batch_size=10, steps=80, progress=False)
-    result = hbjax.fit_elasticities(panel, config, mesh=hbjax.make_mesh(4))
-    d = hbjax.posterior.summarize_dispersion(result)
+    data = elasticity_data(overdispersed.frame, likelihood="negbin")
+    config = FitConfig(batch_size=10, steps=80, progress=False)
+    result = fit_counts(data, config, mesh=hbjax.make_mesh(4))
+    d = data.summary(result.guide)["dispersion"].iloc[0]
     assert np.isfinite(result.final_loss) and 0.05 < d["q50"] < 2.0, d
-    _, encoding = hbjax.from_frame(overdispersed.frame)
-    idata = hbjax.to_arviz(result, encoding, num_samples=50)
+    idata = hbjax.counts.to_arviz(data, result.guide, num_samples=50)
     assert idata.posterior["dispersion"].shape == (1, 50)
 
 
 def test_the_predictive_check_passes_a_poisson_fit_of_poisson_counts(recovery_fit):
-    sim, panel, encoding, result = recovery_fit
-    check = predictive_check(result.model, result.guide, panel, key=jax.random.key(1))
+    _, data, result = recovery_fit
+    check = predictive_check(data, result.guide, key=jax.random.key(1))
     assert check.flagged == [] and check.verdict.startswith("consistent"), check.verdict
     row = check.table[
         (check.table["statistic"] == "dispersion_index") & (check.table["group"] == -1)
     ]
     assert 0.8 < float(row["observed"].iloc[0]) < 1.25  # Poisson counts: about 1
-    groups = check.to_dict(encoding.groups)["groups"]
-    assert [g["group"] for g in groups] == list(map(str, encoding.groups))
+    groups = check.to_dict(data.levels["category"])["groups"]
+    assert [g["group"] for g in groups] == list(map(str, data.levels["category"]))
     with pytest.raises(ValueError, match="num_draws"):
-        predictive_check(result.model, result.guide, panel, key=jax.random.key(1), num_draws=5)
+        predictive_check(data, result.guide, key=jax.random.key(1), num_draws=5)

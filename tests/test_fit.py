@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from tolerances import assert_f32_close, f32_rtol
+from conftest import elasticities
+from tolerances import f32_rtol
 
 import hbjax
 from hbjax import MeanFieldNormal, fit
@@ -17,8 +18,8 @@ def start(model, panel):
     return MeanFieldNormal.from_shapes(model.latent_shapes(), loc=model.init_latents(panel))
 
 
-def test_step_traces_once_across_chunks_and_remainder(small_panel, small_model):
-    panel, _ = small_panel
+def test_step_traces_once_across_chunks_and_remainder(small_data, small_model):
+    panel = small_data.rows
     result = fit(
         small_model,
         start(small_model, panel),
@@ -33,8 +34,8 @@ def test_step_traces_once_across_chunks_and_remainder(small_panel, small_model):
     assert np.all(np.isfinite(result.losses))
 
 
-def test_result_does_not_depend_on_chunk_size(small_panel, small_model):
-    panel, _ = small_panel
+def test_result_does_not_depend_on_chunk_size(small_data, small_model):
+    panel = small_data.rows
     runs = [
         fit(
             small_model,
@@ -49,7 +50,7 @@ def test_result_does_not_depend_on_chunk_size(small_panel, small_model):
     ]
     # the same steps and keys; only the compiled program (scan length) differs, and with it
     # the order of float32 sums over the rows: each loss is a sum of n_rows terms
-    rtol = f32_rtol(terms=panel.n_rows)
+    rtol = f32_rtol(terms=len(panel.unit))
     np.testing.assert_allclose(runs[0].losses, runs[1].losses, rtol=rtol)
     # Adam's step is normalised, so a relative rounding of the gradient moves a parameter by
     # at most that fraction of the learning rate each step (30 steps, lr 0.01)
@@ -57,8 +58,8 @@ def test_result_does_not_depend_on_chunk_size(small_panel, small_model):
         np.testing.assert_allclose(a, b, rtol=rtol, atol=30 * 0.01 * rtol)
 
 
-def test_loss_decreases_and_custom_objective_and_optimizer_plug_in(small_panel, small_model):
-    panel, _ = small_panel
+def test_loss_decreases_and_custom_objective_and_optimizer_plug_in(small_data, small_model):
+    panel = small_data.rows
     objective = functools.partial(hbjax.elbo, num_particles=2)
     result = fit(
         small_model,
@@ -75,8 +76,8 @@ def test_loss_decreases_and_custom_objective_and_optimizer_plug_in(small_panel, 
     assert result.iterations_per_second > 0 and result.compile_seconds > 0
 
 
-def test_non_finite_loss_names_the_step_and_keeps_last_good_state(small_panel, small_model):
-    panel, _ = small_panel
+def test_non_finite_loss_names_the_step_and_keeps_last_good_state(small_data, small_model):
+    panel = small_data.rows
 
     def poison_at_step(step):
         def update(updates, state, params=None):
@@ -107,12 +108,14 @@ def test_non_finite_loss_names_the_step_and_keeps_last_good_state(small_panel, s
     assert "learning rate" in str(error)
 
 
-def test_fit_validates_arguments(small_panel, small_model):
-    panel, _ = small_panel
+def test_fit_validates_arguments(small_sim, small_data, small_model):
+    panel = small_data.rows
     guide = start(small_model, panel)
     with pytest.raises(ValueError, match="steps"):
         fit(small_model, guide, panel, key=jax.random.key(0), steps=0, progress=False)
-    other = hbjax.ElasticityModel(np.zeros(3, np.int32), 1, 2)
+    frame = small_sim.frame
+    fewer = frame[frame["product"].isin(frame["product"].unique()[:30])]
+    other = hbjax.counts.elasticity_data(fewer).model
     with pytest.raises(ValueError, match="does not match"):
         fit(other, guide, panel, key=jax.random.key(0), steps=1, progress=False)
     unchecked = getattr(fit, "__wrapped__", fit)
@@ -121,9 +124,9 @@ def test_fit_validates_arguments(small_panel, small_model):
 
 
 def test_recovery_beats_pooling_and_approaches_the_information_bound(recovery_fit):
-    sim, panel, encoding, result = recovery_fit
-    summary = hbjax.summarize(result, encoding, num_samples=200)
-    units = summary.units.merge(sim.truth, on=["product", "category"])
+    sim, data, result = recovery_fit
+    units = data.summary(result.guide)["log_price/unit"].reset_index(names="product")
+    units = units.merge(sim.truth, on="product")
     rmse = float(np.sqrt(np.mean((units["mean"] - units["elasticity"]) ** 2)))
     # Complete pooling (one elasticity for all) errs by the spread of the truth.
     pooled = float(np.sqrt(np.mean((units["elasticity"] - units["elasticity"].mean()) ** 2)))
@@ -143,33 +146,26 @@ def test_recovery_beats_pooling_and_approaches_the_information_bound(recovery_fi
     assert 0.85 * oracle < rmse < 1.5 * oracle
 
 
-def test_loop_moves_nothing_from_host_to_device(small_panel, small_model, monkeypatch):
-    # fit places the panel once, before the loop; the loop runs under a transfer guard.
-    # Were the panel left on the host, every chunk would copy it up, and the guard says so.
-    panel, _ = small_panel
+def test_loop_moves_nothing_from_host_to_device(small_data, small_model, monkeypatch):
+    # fit places the rows once, before the loop; the loop runs under a transfer guard.
+    # Were the rows left on the host, every chunk would copy them up, and the guard says so.
+    panel = small_data.rows
     guide = start(small_model, panel)
-    left_on_host = lambda data, mesh, layout: (data, hbjax.make_mesh(1))  # noqa: E731
-    monkeypatch.setattr(hbjax.Panel, "place", left_on_host)
+    left_on_host = lambda data, mesh: (data, hbjax.make_mesh(1))  # noqa: E731
+    monkeypatch.setattr(hbjax.UnitRows, "place", left_on_host)
     with pytest.raises(Exception, match="host-to-device transfer"):
         fit(small_model, guide, panel, key=jax.random.key(0), steps=3, progress=False)
 
 
-def test_layout_does_not_change_the_fit(small_panel, small_model):
-    panel, encoding = small_panel
-    means, starts, sds = {}, {}, {}
-    for layout in ("rows", "dense"):
-        placed = hbjax.shard_panel(panel, hbjax.make_mesh(1), layout=layout)
-        starts[layout] = small_model.init_latents(placed)
-        guide = MeanFieldNormal.from_shapes(small_model.latent_shapes(), loc=starts[layout])
+def test_layout_does_not_change_the_fit(small_data, small_model):
+    panel = small_data.rows
+    means, sds = {}, {}
+    start_at = small_model.init_latents(panel)
+    for layout, placed in (("rows", panel), ("dense", small_data.grid(hbjax.make_mesh(1)))):
+        guide = MeanFieldNormal.from_shapes(small_model.latent_shapes(), loc=start_at)
         result = fit(small_model, guide, placed, key=jax.random.key(5), steps=300, progress=False)
-        means[layout] = np.asarray(small_model.natural(result.guide.loc).unit_elasticity)
-        sds[layout] = hbjax.summarize(result, encoding, num_samples=200).units["sd"].to_numpy()
-    # the data-informed start is the same from either layout, and from the host panel
-    # per-unit sums over its rows in another order: float32 rounding of n_periods terms
-    for a, b in zip(jax.tree.leaves(starts["rows"]), jax.tree.leaves(starts["dense"]), strict=True):
-        assert_f32_close(a, b, terms=panel.n_periods, magnitude=np.abs(b).max() + 1)
-    host = small_model.init_latents(panel)
-    np.testing.assert_array_equal(host.unit_effect, small_model.init_latents(panel).unit_effect)
+        means[layout] = np.asarray(elasticities(small_model, result.guide.loc))
+        sds[layout] = small_data.summary(result.guide)["log_price/unit"]["sd"].to_numpy()
     # Per step the layouts differ by float rounding only (~1e-7 of elasticities ~2); Adam's
     # per-coordinate normalisation amplifies it where a gradient is near zero (any change
     # of summation order moves some units by ~1% of their sd after 300 steps), so allow
@@ -179,23 +175,22 @@ def test_layout_does_not_change_the_fit(small_panel, small_model):
     assert np.median(moved) < 0.005, np.median(moved)
 
 
-def test_a_clipped_model_gets_the_row_layout(small_panel):
-    panel, _ = small_panel
-    clipped = hbjax.ElasticityModel.from_panel(panel, clip_log_rate=(-4.0, 20.0))
-    assert clipped.panel_layout().name == "rows"
-    result = fit(
-        clipped, start(clipped, panel), panel, key=jax.random.key(0), steps=20, progress=False
-    )
+def test_a_clipped_model_gets_the_row_layout(small_sim):
+    clipped = hbjax.counts.elasticity_data(small_sim.frame, clip_log_rate=(-4.0, 20.0))
+    with pytest.raises(hbjax.counts.GridError, match="clipped"):
+        clipped.grid(hbjax.make_mesh(1))
+    config = hbjax.counts.FitConfig(steps=20, progress=False)
+    result = hbjax.counts.fit_counts(clipped, config, mesh=hbjax.make_mesh(1))
     assert np.all(np.isfinite(result.losses))
 
 
-def test_callback_sees_each_chunk_and_may_use_jax(small_panel, small_model):
-    panel, _ = small_panel
+def test_callback_sees_each_chunk_and_may_use_jax(small_data, small_model):
+    panel = small_data.rows
     seen = []
 
     def callback(step, guide):  # noqa: ANN001, ANN202
         # the user's code may compute with JAX (here: natural values, via the model's arrays)
-        beta = small_model.natural(guide.loc).unit_elasticity
+        beta = elasticities(small_model, jax.tree.map(jnp.asarray, guide.loc))
         seen.append((step, float(jnp.mean(beta))))
 
     result = fit(
@@ -209,9 +204,9 @@ def test_callback_sees_each_chunk_and_may_use_jax(small_panel, small_model):
         callback=callback,
     )
     assert [s for s, _ in seen] == [10, 20, 25]
-    final = float(jnp.mean(small_model.natural(result.guide.loc).unit_elasticity))
+    final = float(jnp.mean(elasticities(small_model, result.guide.loc)))
     # a float32 mean over the units, on device vs here: n_units roundings of terms up to
     # the largest elasticity in size
-    values = np.asarray(small_model.natural(result.guide.loc).unit_elasticity)
+    values = np.asarray(elasticities(small_model, result.guide.loc))
     rel = f32_rtol(terms=len(values), condition=np.abs(values).max() / abs(final))
     assert seen[-1][1] == pytest.approx(final, rel=rel)

@@ -7,14 +7,13 @@ import pytest
 
 import hbjax
 from hbjax.guide_check import nuts_check, unit_block_moments, unit_importance
-from hbjax.minibatch import unit_batch
 
 pytestmark = pytest.mark.usefixtures("standard_promotion")
 
 
-def small_panel(n_units=12, n_periods=10, seed=0):
+def small_data(n_units=12, n_periods=10, seed=0, **options):
     sim = hbjax.simulate(n_units=n_units, n_periods=n_periods, n_groups=3, seed=seed)
-    return hbjax.from_frame(sim.frame)[0]
+    return hbjax.counts.elasticity_data(sim.frame, **options)
 
 
 def perturbed(guide, key):
@@ -27,8 +26,7 @@ def perturbed(guide, key):
 
 @pytest.mark.parametrize("kind", ["meanfield", "unitblock", "lowrank"])
 def test_block_moments_are_the_guides_covariance(kind):
-    panel = small_panel()
-    model = hbjax.ElasticityModel.from_panel(panel)
+    model = small_data().model
     guide = perturbed(hbjax.make_guide(kind, model, rank=3), jax.random.key(1))
     flags = jax.tree.leaves(model.unit_leaves())
     latent = [i for i, flag in enumerate(flags) if flag]
@@ -54,9 +52,9 @@ def test_block_moments_are_the_guides_covariance(kind):
 @pytest.mark.parametrize("hierarchy", ["centred", "noncentred"])
 def test_slot_terms_are_the_units_share_of_the_log_joint(hierarchy):
     """log_joint - sum of every unit's slot terms depends on the shared latents only."""
-    panel = small_panel()
-    model = hbjax.ElasticityModel.from_panel(panel, hierarchy=hierarchy)
-    batch = unit_batch(panel, np.arange(panel.n_units))
+    data = small_data(hierarchy=hierarchy)
+    model, panel = data.model, data.rows
+    batch = panel.unit_batch(np.arange(model.n_units))
     base = hbjax.MeanFieldNormal.from_shapes(model.latent_shapes()).sample(2, key=jax.random.key(0))
     latents = [jax.tree.map(lambda x, i=i: x[i], base) for i in range(2)]
     # the second set: the first one's shared latents, other unit latents
@@ -76,30 +74,32 @@ def test_slot_terms_are_the_units_share_of_the_log_joint(hierarchy):
 
 
 def test_unit_batch_holds_each_units_rows():
-    panel = small_panel()
+    rows = small_data().rows
     units = np.array([2, 5, 9])
-    batch = unit_batch(panel, units)
-    unit_idx = np.asarray(panel.unit_idx)
+    batch = rows.unit_batch(units)
+    unit_of_row, slot_of_row = np.asarray(rows.unit), np.asarray(batch.rows.unit)
+    np.testing.assert_array_equal(np.asarray(batch.unit), units)
     for slot, unit in enumerate(units):
-        rows = np.flatnonzero(unit_idx == unit)
-        periods = np.asarray(panel.cell_idx)[rows] % panel.n_periods
-        assert np.asarray(batch.observed)[slot].sum() == len(rows)
-        np.testing.assert_array_equal(
-            np.asarray(batch.counts)[slot, periods], np.asarray(panel.counts)[rows]
-        )
+        mine = slot_of_row == slot
+        for name in ("counts", "log_factorial"):
+            np.testing.assert_array_equal(
+                np.asarray(batch.rows.columns[name])[mine],
+                np.asarray(rows.columns[name])[unit_of_row == unit],
+            )
+    assert len(slot_of_row) == np.isin(unit_of_row, units).sum()
 
 
 @pytest.fixture(scope="module")
 def good_and_bad_fits():
     """A converged unit-block fit with price centring, and mean-field on raw log prices."""
     sim = hbjax.simulate(n_units=100, n_periods=52, n_groups=5, seed=3)
-    panel, _ = hbjax.from_frame(sim.frame)
     fits = {}
     for name, centre, kind, steps in (
         ("good", True, "unitblock", 20_000),
         ("bad", False, "meanfield", 2000),
     ):
-        model = hbjax.ElasticityModel.from_panel(panel, centre_prices=centre)
+        data = hbjax.counts.elasticity_data(sim.frame, centre=centre)
+        model, panel = data.model, data.rows
         guide = hbjax.make_guide(kind, model, loc=model.init_latents(panel))
         with jax.numpy_dtype_promotion("standard"):  # optax's Adam (see conftest.py)
             fits[name] = hbjax.fit(
@@ -138,7 +138,8 @@ def test_nuts_check_tells_a_good_fit_from_a_bad_one(good_and_bad_fits):
         for name, r in fits.items()
     }
     good, bad = checks["good"], checks["bad"]
-    assert len(good.table) == 15 and set(good.table["leaf"]) == {"unit_elasticity"}
+    price = good.table[good.table["leaf"] == "slopes['log_price']['unit']"]
+    assert price["unit"].nunique() == 15
     # measured: good sd ratio 0.97-1.00 and coverage 100%; bad 0.07-0.08 and 33-35%
     assert 0.85 <= good.sd_ratio <= 1.15 and good.coverage >= 0.9 and good.good
     assert bad.sd_ratio <= 0.3 and bad.coverage <= 0.7 and not bad.good
@@ -148,7 +149,7 @@ def test_nuts_check_tells_a_good_fit_from_a_bad_one(good_and_bad_fits):
 def test_checks_refuse_what_they_cannot_check(good_and_bad_fits):
     panel, fits = good_and_bad_fits
     result = fits["good"]
-    placed = hbjax.shard_panel(panel, hbjax.make_mesh(1), layout="rows")
+    placed = hbjax.shard_rows(panel, hbjax.make_mesh(1))
     with pytest.raises(TypeError, match="take host data"):
         unit_importance(result.model, result.guide, placed, key=jax.random.key(0))
     with pytest.raises(ValueError, match="num_draws"):

@@ -2,11 +2,13 @@
 
 import warnings
 
+import jax
 import numpy as np
 import pytest
 
 import hbjax
 from hbjax.cli import main
+from hbjax.counts import elasticity_data, prepare
 
 
 @pytest.fixture(scope="module")
@@ -26,15 +28,15 @@ def test_labels_are_read_as_text_exactly_as_written(table, tmp_path):
     frame["category"] = frame["category"].map({"C0": "NA", "C1": "null", "C2": "2"})
     path = tmp_path / "labels.csv"
     frame.to_csv(path, index=False)
-    grid = hbjax.write_grid(path, tmp_path / "grid", chunk_rows=17, progress=False)
-    for encoding in (hbjax.from_file(path)[1], grid.encoding):
-        assert sorted(encoding.units) == sorted(names)  # 12 products, not fewer
-        assert sorted(encoding.groups) == ["2", "NA", "null"]
+    streamed = prepare(path, tmp_path / "rows", chunk_rows=17, progress=False)
+    for data in (elasticity_data(path), streamed):
+        assert sorted(data.units) == sorted(names)  # 12 products, not fewer
+        assert sorted(data.levels["category"]) == ["2", "NA", "null"]
     # an empty label is still a missing one
     frame.loc[3, "product"] = ""
     frame.to_csv(path, index=False)
     with pytest.raises(hbjax.DataValidationError, match="missing labels"):
-        hbjax.from_file(path)
+        elasticity_data(path)
 
 
 def test_spaces_around_labels_are_an_error_when_they_split_a_product(table, tmp_path):
@@ -43,21 +45,21 @@ def test_spaces_around_labels_are_an_error_when_they_split_a_product(table, tmp_
     split.loc[split.index[::2], "product"] = split["product"] + " "
     split.to_csv(path, index=False)
     with pytest.raises(hbjax.DataValidationError, match="differ only by spaces"):
-        hbjax.from_file(path)
+        elasticity_data(path)
     with pytest.raises(hbjax.DataValidationError, match="differ only by spaces"):
-        hbjax.write_grid(path, tmp_path / "grid", progress=False)
+        prepare(path, tmp_path / "rows", progress=False)
     # two spaced spellings and no bare one: still one error naming both
     both = table.copy()
     both.loc[both.index[::2], "product"] = both["product"] + " "
     both.loc[both.index[1::2], "product"] = " " + both["product"]
     both.to_csv(path, index=False)
     with pytest.raises(hbjax.DataValidationError, match="differ only by spaces \\(' P00' and"):
-        hbjax.from_file(path)
+        elasticity_data(path)
     lone = table.assign(product=table["product"].where(table["product"] != "P00", " P00"))
     lone.to_csv(path, index=False)
     with pytest.warns(hbjax.DataWarning, match="spaces around them"):
-        _, encoding = hbjax.from_file(path)
-    assert " P00" in encoding.units and len(encoding.units) == 12
+        data = elasticity_data(path)
+    assert " P00" in data.units and len(data.units) == 12
 
 
 @pytest.mark.parametrize(
@@ -89,21 +91,21 @@ def test_tables_pandas_would_misread_are_refused_with_the_fix(table, tmp_path, w
     path = tmp_path / "table.csv"
     write(table, path)
     with pytest.raises(hbjax.DataValidationError, match=words):
-        hbjax.from_file(path)
+        elasticity_data(path)
     with pytest.raises(hbjax.DataValidationError, match=words):
-        hbjax.write_grid(path, tmp_path / "grid", progress=False)
+        prepare(path, tmp_path / "rows", progress=False)
 
 
 def test_a_table_without_sales_warns(table, tmp_path):
     with pytest.warns(hbjax.DataWarning, match="0 in every row"):
-        hbjax.from_frame(table.assign(units_sold=0))
+        elasticity_data(table.assign(units_sold=0))
     path = tmp_path / "nothing.csv"
     table.assign(units_sold=0).to_csv(path, index=False)
     with pytest.warns(hbjax.DataWarning, match="'units_sold' is 0 in every row"):
-        hbjax.write_grid(path, tmp_path / "grid", chunk_rows=20, progress=False)
+        prepare(path, tmp_path / "rows", chunk_rows=20, progress=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        hbjax.from_frame(table)  # the normal table: no such warning
+        elasticity_data(table)  # the normal table: no such warning
     assert not [w for w in caught if "0 in every row" in str(w.message)]
 
 
@@ -126,9 +128,9 @@ def test_a_named_pipe_is_read_once(table, tmp_path):
     text = table.to_csv(index=False)
     writer = threading.Thread(target=path.write_text, args=(text,))
     writer.start()
-    panel, encoding = hbjax.from_file(path)
+    data = elasticity_data(path)
     writer.join(timeout=30)
-    assert panel.n_rows == len(table) and len(encoding.units) == table["product"].nunique()
+    assert len(data.rows.unit) == len(table) and len(data.units) == table["product"].nunique()
 
 
 def test_a_named_pipe_without_a_writer_is_refused_not_waited_on_for_ever(
@@ -144,12 +146,12 @@ def test_a_named_pipe_without_a_writer_is_refused_not_waited_on_for_ever(
     os.mkfifo(path)
     start = time.monotonic()
     with pytest.raises(hbjax.DataValidationError, match="nothing writes into the named pipe"):
-        hbjax.from_file(path)
+        elasticity_data(path)
     assert time.monotonic() - start < 10
     # prepare reads a table twice: a pipe is refused before anything is read
-    with pytest.raises(hbjax.DataValidationError, match="reads the table twice"):
-        hbjax.write_grid(path, tmp_path / "grid", progress=False)
-    assert not (tmp_path / "grid").exists()
+    with pytest.raises(hbjax.DataValidationError, match="the table is read twice"):
+        prepare(path, tmp_path / "rows", progress=False)
+    assert not (tmp_path / "rows").exists()
 
 
 def _save(frame, path, how):
@@ -179,17 +181,19 @@ def test_tables_as_people_save_them_read_like_the_table_itself(table, tmp_path, 
                   "ß", "😀😀", "東京", "é"]  # fmt: skip
         table = _relabel(table, dict(zip(table["product"].unique(), labels, strict=True)))
         table = table.assign(category=table["category"].map({"C0": "👟", "C1": "Café", "C2": "C2"}))
-    expected, reference = hbjax.from_frame(table)
+    expected = elasticity_data(table)
     path = _save(table, tmp_path / "t.csv", how)
-    panel, encoding = hbjax.from_file(path)
-    grid = hbjax.write_grid(path, tmp_path / "grid", chunk_rows=25, progress=False)
-    for codes in (encoding, grid.encoding):
-        assert list(codes.units) == list(reference.units)
-        assert list(codes.groups) == list(reference.groups)
-    np.testing.assert_array_equal(panel.counts, expected.counts)
-    np.testing.assert_array_equal(panel.log_price, expected.log_price)
-    np.testing.assert_array_equal(panel.unit_idx, expected.unit_idx)
-    np.testing.assert_array_equal(panel.cell_idx, expected.cell_idx)
+    read = elasticity_data(path)
+    streamed = prepare(path, tmp_path / "rows", chunk_rows=25, progress=False)
+    for data in (read, streamed):
+        assert list(data.units) == list(expected.units)
+        assert list(data.levels["category"]) == list(expected.levels["category"])
+        for got, want in zip(
+            jax.tree.leaves((data.rows, data.period)),
+            jax.tree.leaves((expected.rows, expected.period)),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("zone", [None, "Europe/Paris", "UTC"])
@@ -203,16 +207,16 @@ def test_dates_as_iso_text_or_in_one_time_zone_are_periods(table, tmp_path, zone
         column = dates.dt.tz_localize(zone)
     path = tmp_path / "dated.csv"
     table.assign(period=column).to_csv(path, index=False)
-    expected, _ = hbjax.from_frame(table)
-    panel, encoding = hbjax.from_file(path)
-    assert len(encoding.periods) == table["period"].nunique()
-    assert encoding.periods[0].strftime("%Y-%m-%d") == "2024-01-01"
-    assert encoding.periods.is_monotonic_increasing
-    np.testing.assert_array_equal(panel.cell_idx, expected.cell_idx)
+    expected = elasticity_data(table)
+    data = elasticity_data(path)
+    assert len(data.periods) == table["period"].nunique()
+    assert data.periods[0].strftime("%Y-%m-%d") == "2024-01-01"
+    assert data.periods.is_monotonic_increasing
+    np.testing.assert_array_equal(data.period, expected.period)
 
 
 def test_prices_with_a_currency_sign_name_the_value(table, tmp_path):
     path = tmp_path / "dollars.csv"
     table.assign(price="$" + table["price"].round(2).astype(str)).to_csv(path, index=False)
     with pytest.raises(hbjax.DataValidationError, match=r"column 'price'.*'\$10\.58'"):
-        hbjax.from_file(path)
+        elasticity_data(path)

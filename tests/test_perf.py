@@ -10,13 +10,13 @@ from hbjax import perf
 
 def report(n_units, layout, guide_name="unitblock", particle_map="auto"):
     sim = hbjax.simulate(n_units=n_units, n_periods=8, n_groups=3, seed=1)
-    panel, _ = hbjax.from_frame(sim.frame)
-    model = hbjax.ElasticityModel.from_panel(panel)
-    placed = hbjax.shard_panel(panel, hbjax.make_mesh(1), layout=layout)
-    guide = hbjax.make_guide(guide_name, model, loc=model.init_latents(placed))
+    data = hbjax.counts.elasticity_data(sim.frame)
+    model, mesh = data.model, hbjax.make_mesh(1)
+    placed = data.grid(mesh) if layout == "dense" else hbjax.shard_rows(data.rows, mesh)
+    guide = hbjax.make_guide(guide_name, model, loc=model.init_latents(data.rows))
 
     def objective(model, guide, panel, *, key):
-        return hbjax.renyi_elbo(model, guide, panel, key=key, particle_map=particle_map)
+        return hbjax.objectives.renyi_elbo(model, guide, panel, key=key, particle_map=particle_map)
 
     text = perf.step_program(model, guide, placed, key=jax.random.key(0), objective=objective)
     return perf.program_report(text)

@@ -201,8 +201,33 @@ def test_fits_sharded_and_minibatched_reach_the_exact_posterior_means():
     np.testing.assert_allclose(means["1 device"], means["4 devices"], atol=2e-3)
 
 
-def test_fit_refuses_to_minibatch_rows_with_a_model_that_is_not_a_row_model(small_model):
+class _UnitMeans(hbjax.AbstractUnitModel):
+    """A unit model that is not a row model: its likelihood is not written per row."""
+
+    n_units: int
+
+    def latent_shapes(self):
+        return {"mu": jax.ShapeDtypeStruct((self.n_units,), jnp.float32)}
+
+    def log_prior(self, latents):
+        return -0.5 * jnp.sum(latents["mu"] ** 2)
+
+    def log_likelihood(self, latents, panel):
+        return -0.5 * jnp.sum(latents["mu"] ** 2)
+
+    def unit_leaves(self):
+        return {"mu": True}
+
+    def batch_log_joint(self, latents, batch):
+        return self.log_prior(latents)
+
+    def slot_log_joint(self, latents, batch):
+        return -0.5 * latents["mu"] ** 2
+
+
+def test_fit_refuses_to_minibatch_rows_with_a_model_that_is_not_a_row_model():
     rows, _ = _data(0)
+    small_model = _UnitMeans(rows.n_units)
     guide = hbjax.make_guide("meanfield", small_model)
     with pytest.raises(TypeError, match="need an hbjax.AbstractRowModel"):
         hbjax.fit(

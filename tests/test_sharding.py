@@ -12,40 +12,36 @@ import pytest
 from tolerances import assert_f32_close, f32_rtol
 
 import hbjax
-from hbjax import sharding
 from hbjax.cli import main
+from hbjax.parallel import blocks, hosts
+from hbjax.parallel.layouts import Auto, Dense, Rows, as_layout
 
 
-def odd_panel():
-    """A panel whose row count is divisible by none of 2, 3, 4."""
+def odd_data():
+    """The article's model of a panel whose row count is divisible by none of 2, 3, 4."""
     sim = hbjax.simulate(n_units=37, n_periods=9, n_groups=3, seed=8)
-    panel, encoding = hbjax.from_frame(sim.frame)
-    assert all(panel.n_rows % n for n in (2, 3, 4)), panel.n_rows
-    return panel, encoding
+    data = hbjax.counts.elasticity_data(sim.frame)
+    assert all(len(data.rows.unit) % n for n in (2, 3, 4)), len(data.rows.unit)
+    return data
 
 
 def test_layouts_are_modules_checked_when_built():
-    from hbjax.parallel.layouts import Auto, Dense, Rows
-
-    panel, _ = odd_panel()
-    mesh = hbjax.make_mesh(2)
-    by_name = hbjax.shard_panel(panel, mesh, layout="dense", cell_chunk=2)
-    by_module = hbjax.shard_panel(panel, mesh, layout=Dense(cell_chunk=2))
-    assert isinstance(by_module, hbjax.DensePanel) and by_module.cell_chunk == 2
-    for a, b in zip(jax.tree.leaves(by_name), jax.tree.leaves(by_module), strict=True):
-        np.testing.assert_array_equal(a, b)
-    sparse = panel.n_rows / (panel.n_units * panel.n_periods)
+    data = odd_data()
+    n_rows = len(data.rows.unit)
+    assert as_layout("dense", cell_chunk=2) == Dense(cell_chunk=2)
+    assert as_layout("rows") == Rows() and as_layout(Auto()) == Auto()
+    sparse = n_rows / (len(data.units) * len(data.periods))
+    assert data.grid_fill == pytest.approx(sparse)
     assert Auto(min_fill=sparse).choose(sparse) == Dense()
     assert Auto(min_fill=min(1.0, sparse + 0.01)).choose(sparse) == Rows()
-    assert isinstance(hbjax.shard_panel(panel, mesh, layout=Rows()), hbjax.Panel)
     for build, words in (
         (lambda: Dense(cell_chunk=0), "cell_chunk must be a positive int"),  # when built
         (lambda: Auto(min_fill=1.5), "min_fill must be from 0 to 1"),
-        (lambda: hbjax.shard_panel(panel, mesh, layout=Dense(), cell_chunk=2), "into the layout"),
-        (lambda: hbjax.shard_panel(panel, mesh, layout="grid"), "layout must be one of auto"),
-        (lambda: hbjax.shard_panel(panel, mesh, layout="rows", cell_chunk=2), "dense layout"),
+        (lambda: as_layout(Dense(), cell_chunk=2), "into the layout"),
+        (lambda: as_layout("grid"), "layout must be one of auto"),
+        (lambda: as_layout("rows", cell_chunk=2), "dense layout"),
     ):
-        with pytest.raises(sharding.ShardingError, match=words):
+        with pytest.raises(blocks.ShardingError, match=words):
             build()
 
 
@@ -53,7 +49,7 @@ def test_blocks_hold_whole_units_and_are_balanced():
     rng = np.random.default_rng(0)
     unit_rows = rng.integers(1, 30, 50)
     for n in (1, 2, 3, 4, 7):
-        units = sharding.plan_blocks(unit_rows, n)
+        units = blocks.plan_blocks(unit_rows, n)
         assert units[0] == 0 and units[-1] == 50 and np.all(np.diff(units) >= 0)
         rows = np.add.reduceat(np.r_[unit_rows, 0], units[:-1]) * (np.diff(units) > 0)
         assert rows.sum() == unit_rows.sum()
@@ -62,11 +58,11 @@ def test_blocks_hold_whole_units_and_are_balanced():
 
 
 def test_block_count_does_not_depend_on_the_device_count():
-    counts = {n: sharding.default_block_count(5000, 520, n) for n in (1, 2, 3, 4, 6, 8, 12)}
+    counts = {n: blocks.default_block_count(5000, 520, n) for n in (1, 2, 3, 4, 6, 8, 12)}
     assert set(counts.values()) == {24}
-    assert sharding.default_block_count(5000, 520, 5) == 120
-    assert sharding.default_block_count(60, 36, 1) == 12  # at least 4 units per block
-    assert sharding.default_block_count(60, 36, 7) == 7  # falls back to one per device
+    assert blocks.default_block_count(5000, 520, 5) == 120
+    assert blocks.default_block_count(60, 36, 1) == 12  # at least 4 units per block
+    assert blocks.default_block_count(60, 36, 7) == 7  # falls back to one per device
 
 
 @pytest.mark.parametrize(
@@ -81,38 +77,41 @@ def test_block_count_does_not_depend_on_the_device_count():
 @pytest.mark.parametrize("n_devices", [1, 2, 3, 4])
 def test_loss_and_gradients_match_unsharded(n_devices, layout, cell_chunk, particle_map):
     """Every kernel (CPU- and GPU-shaped) against the plain row kernel on one device."""
-    panel, _ = odd_panel()
-    model = hbjax.ElasticityModel.from_panel(panel)  # price-centred: the kernels get centres
-    guide = hbjax.MeanFieldNormal.from_shapes(model.latent_shapes(), loc=model.init_latents(panel))
+    data = odd_data()
+    model, rows = data.model, data.rows  # price-centred: the kernels get centres
+    n_rows = len(rows.unit)
+    guide = hbjax.MeanFieldNormal.from_shapes(model.latent_shapes(), loc=model.init_latents(rows))
     key = jax.random.key(2)
 
     @eqx.filter_jit
     def loss_and_grad(guide, panel):
         return eqx.filter_value_and_grad(
-            lambda g: hbjax.renyi_elbo(
+            lambda g: hbjax.objectives.renyi_elbo(
                 model, g, panel, key=key, num_particles=4, particle_map=particle_map
             )
         )(guide)
 
     reference = eqx.filter_jit(
         eqx.filter_value_and_grad(
-            lambda g, panel: hbjax.renyi_elbo(
+            lambda g, panel: hbjax.objectives.renyi_elbo(
                 model, g, panel, key=key, num_particles=4, particle_map="sequential"
             )
         )
     )
-    base_loss, base_grad = reference(guide, jax.device_put(panel))
-    chunk = {} if cell_chunk is None else {"cell_chunk": cell_chunk}
-    sharded = hbjax.shard_panel(panel, hbjax.make_mesh(n_devices), layout=layout, **chunk)
+    base_loss, base_grad = reference(guide, jax.device_put(rows))
+    mesh = hbjax.make_mesh(n_devices)
     if layout == "dense":
-        assert sharded.cell_chunk == cell_chunk
+        sharded = data.grid(mesh, cell_chunk=cell_chunk)
+        assert set(sharded.cell_chunk.values()) <= {cell_chunk, 1}
+    else:
+        sharded = hbjax.shard_rows(rows, mesh)
     loss, grad = loss_and_grad(guide, sharded)
     # float32: partial sums in another order differ by at most n_rows * eps * the sum of
     # sizes (log-probabilities, all <= 0: the sum's own size); a gradient entry's terms are
     # at most its largest entry in size
-    np.testing.assert_allclose(float(loss), float(base_loss), rtol=f32_rtol(terms=panel.n_rows))
+    np.testing.assert_allclose(float(loss), float(base_loss), rtol=f32_rtol(terms=n_rows))
     for g, b in zip(jax.tree.leaves(grad), jax.tree.leaves(base_grad), strict=True):
-        assert_f32_close(g, b, terms=panel.n_rows, magnitude=np.abs(b).max())
+        assert_f32_close(g, b, terms=n_rows, magnitude=np.abs(b).max())
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -121,12 +120,12 @@ def test_slot_plan_puts_every_unit_once_in_its_block_in_one_group_chunks(seed):
     for _ in range(25):
         n_units, n_groups, n_blocks = (int(rng.integers(1, k)) for k in (60, 6, 7))
         unit_group = rng.integers(0, n_groups, n_units)
-        units = sharding.plan_blocks(rng.integers(1, 10, n_units), n_blocks)
+        units = blocks.plan_blocks(rng.integers(1, 10, n_units), n_blocks)
         block_of = np.repeat(np.arange(n_blocks), np.diff(units))
         for chunk in (1, 2, 4, 8):
-            slots, slot_of_unit, slot_unit = sharding.slot_plan(unit_group, units, chunk)
+            slots, slot_of_unit, slot_unit = blocks.slot_plan(unit_group, units, chunk)
             assert slots % chunk == 0 and slot_unit.shape == (n_blocks, slots)
-            assert slots == sharding._block_slots(unit_group, units, chunk)
+            assert slots == blocks._block_slots(unit_group, units, chunk)
             assert np.all(slot_unit[block_of, slot_of_unit] == np.arange(n_units))
             assert len(set(zip(block_of, slot_of_unit, strict=True))) == n_units
             for b in np.flatnonzero(np.diff(units)):  # padding uses the block's own units
@@ -140,83 +139,53 @@ def test_slot_plan_puts_every_unit_once_in_its_block_in_one_group_chunks(seed):
 def test_cell_chunk_default_is_per_backend_and_bounds_the_padding():
     rng = np.random.default_rng(1)
     unit_group = np.r_[np.arange(10), np.sort(rng.integers(0, 10, 99_990))]
-    units = sharding.plan_blocks(np.full(len(unit_group), 156), 24)
-    assert sharding.default_cell_chunk(unit_group, units, "cpu") == 1
-    chunk = sharding.default_cell_chunk(unit_group, units, "gpu")
+    units = blocks.plan_blocks(np.full(len(unit_group), 156), 24)
+    assert blocks.default_cell_chunk(unit_group, units, "cpu") == 1
+    chunk = blocks.default_cell_chunk(unit_group, units, "gpu")
     assert chunk == 32  # 64 would pad the first block (all 10 groups) past 10%
-    assert sharding._block_slots(unit_group, units, chunk) <= 1.1 * sharding._block_slots(
+    assert blocks._block_slots(unit_group, units, chunk) <= 1.1 * blocks._block_slots(
         unit_group, units, 1
     )
-    assert sharding._block_slots(unit_group, units, 2 * chunk) > 1.1 * sharding._block_slots(
+    assert blocks._block_slots(unit_group, units, 2 * chunk) > 1.1 * blocks._block_slots(
         unit_group, units, 1
     )
-    with pytest.raises(sharding.ShardingError, match="cell_chunk must be a positive int"):
-        hbjax.shard_panel(odd_panel()[0], hbjax.make_mesh(1), layout="dense", cell_chunk=0)
-
-
-def test_placement_pads_with_zero_weight_and_splits_rows():
-    panel, _ = odd_panel()
-    mesh = hbjax.make_mesh(4)
-    sharded = hbjax.shard_panel(panel, mesh, layout="rows")
-    assert sharded.n_rows % sharded.n_blocks == 0 and sharded.n_blocks % 4 == 0
-    assert sharded.mesh is mesh
-    units_seen = []
-    for name in ("unit_idx", "cell_idx", "log_price", "counts", "weight"):
-        array = getattr(sharded, name)
-        assert array.sharding.spec == jax.P("data")
-        shards = array.addressable_shards
-        assert len(shards) == 4 and len({s.device for s in shards}) == 4
-        # no device holds the full observation arrays
-        assert all(s.data.shape[0] < panel.n_rows for s in shards)
-    for shard_w, shard_u in zip(
-        sharded.weight.addressable_shards, sharded.unit_idx.addressable_shards, strict=True
-    ):
-        w, u = np.asarray(shard_w.data), np.asarray(shard_u.data)
-        real = set(u[w > 0].tolist())
-        assert set(u[w == 0].tolist()) <= real  # padding points at one of the device's units
-        units_seen.append(real)
-    for a in range(4):  # whole units per device
-        for b in range(a + 1, 4):
-            assert not units_seen[a] & units_seen[b]
-    assert float(np.asarray(sharded.weight).sum()) == panel.n_rows
-    assert sharded.unit_group.sharding.is_fully_replicated
 
 
 def test_dense_placement_splits_whole_units_and_keeps_every_observation():
-    panel, _ = odd_panel()
-    sharded = hbjax.shard_panel(panel, hbjax.make_mesh(4), layout="dense")
-    assert isinstance(sharded, hbjax.DensePanel) and sharded.n_blocks % 4 == 0
-    assert int(np.asarray(sharded.observed).sum()) == panel.n_rows
-    for name in ("log_price", "observed", "slot_unit", "slot_group"):
-        shards = getattr(sharded, name).addressable_shards
+    data = odd_data()
+    grid = data.grid(hbjax.make_mesh(4))
+    assert grid.n_blocks % 4 == 0
+    assert int(np.asarray(grid.observed).sum()) == len(data.rows.unit)
+    for name in ("observed", "slot_unit"):
+        shards = getattr(grid, name).addressable_shards
         assert len({s.device for s in shards}) == 4
-        assert all(s.data.shape[0] < sharded.log_price.shape[0] for s in shards)
+        assert all(s.data.shape[0] < grid.observed.shape[0] for s in shards)
     units_per_device = []
     for obs, unit in zip(
-        sharded.observed.addressable_shards, sharded.slot_unit.addressable_shards, strict=True
+        grid.observed.addressable_shards, grid.slot_unit.addressable_shards, strict=True
     ):
         seen = np.asarray(obs.data).any(axis=1)
         units_per_device.append(set(np.asarray(unit.data)[seen].tolist()))
     for a in range(4):
         for b in range(a + 1, 4):
             assert not units_per_device[a] & units_per_device[b]
-    np.testing.assert_array_equal(np.asarray(sharded.unit_rows), panel.unit_rows)
+    counts = np.asarray(data.rows.columns["counts"], np.float64)
     np.testing.assert_allclose(
-        np.asarray(sharded.counts_by_unit), np.bincount(panel.unit_idx, panel.counts)
+        np.asarray(grid.counts_by_unit), np.bincount(np.asarray(data.rows.unit), counts)
     )
 
 
 def test_fit_gives_the_same_elasticities_on_1_and_4_devices():
-    panel, encoding = odd_panel()
-    model = hbjax.ElasticityModel.from_panel(panel)
-    guide = hbjax.MeanFieldNormal.from_shapes(model.latent_shapes(), loc=model.init_latents(panel))
+    data = odd_data()
+    model, rows = data.model, data.rows
+    guide = hbjax.MeanFieldNormal.from_shapes(model.latent_shapes(), loc=model.init_latents(rows))
     means = {}
     with jax.numpy_dtype_promotion("standard"):
         for n in (1, 4):
             result = hbjax.fit(
                 model,
                 guide,
-                panel,
+                rows,
                 key=jax.random.key(0),
                 steps=300,
                 chunk_size=70,
@@ -224,7 +193,7 @@ def test_fit_gives_the_same_elasticities_on_1_and_4_devices():
                 progress=False,
             )
             assert result.num_traces == 1
-            units = hbjax.summarize(result, encoding, num_samples=100).units
+            units = data.summary(result.guide)["log_price/unit"]
             means[n], sds = units["mean"].to_numpy(), units["sd"].to_numpy()
     # Per step the two differ by float rounding only (~1e-7). Adam's per-coordinate
     # normalisation amplifies such differences chaotically (x10 per ~150 steps here; over
@@ -235,9 +204,8 @@ def test_fit_gives_the_same_elasticities_on_1_and_4_devices():
 
 
 def test_bad_device_counts_are_clear_errors(tmp_path, capsys):
-    with pytest.raises(sharding.ShardingError, match="asked for 9 devices but 4"):
+    with pytest.raises(blocks.ShardingError, match="asked for 9 devices but 4"):
         hbjax.make_mesh(9)
-    panel, _ = odd_panel()
     path = tmp_path / "p.csv"
     hbjax.simulate(n_units=10, n_periods=4, n_groups=2).frame.to_csv(path, index=False)
     assert main(["fit", str(path), "--devices", "9", "--no-progress"]) == 2
@@ -246,11 +214,11 @@ def test_bad_device_counts_are_clear_errors(tmp_path, capsys):
 
 
 def test_process_id_out_of_range_is_refused_before_connecting():
-    config = sharding.DistributedConfig("127.0.0.1:1234", num_processes=2, process_id=2)
-    with pytest.raises(sharding.ShardingError, match=r"process-id must be in \[0, 1\]"):
-        sharding.initialize_distributed(config)
-    with pytest.raises(sharding.ShardingError, match="HOST:PORT"):
-        sharding.initialize_distributed(sharding.DistributedConfig("localhost", 2, 0))
+    config = hosts.DistributedConfig("127.0.0.1:1234", num_processes=2, process_id=2)
+    with pytest.raises(blocks.ShardingError, match=r"process-id must be in \[0, 1\]"):
+        hosts.initialize_distributed(config)
+    with pytest.raises(blocks.ShardingError, match="HOST:PORT"):
+        hosts.initialize_distributed(hosts.DistributedConfig("localhost", 2, 0))
 
 
 def free_port():

@@ -29,5 +29,5 @@ def test_panel_is_unbalanced_realistic_and_valid():
     t = sim.truth.merge(sim.group_truth, on="category", suffixes=("", "_group"))
     spread = (t["elasticity"] - t["elasticity_group"]).std()
     assert abs(spread - sim.config.unit_sd) < 4 * sim.config.unit_sd / np.sqrt(2 * 500)
-    panel, _ = hbjax.from_frame(sim.frame)  # passes validation
-    assert panel.n_units == 500
+    data = hbjax.counts.elasticity_data(sim.frame)  # passes validation
+    assert len(data.units) == 500

@@ -37,11 +37,11 @@ def test_lazy_units_leaves_masked_entries_and_their_state_alone():
         np.testing.assert_array_equal(a, b)
 
 
-def test_the_average_is_the_mean_of_the_iterates_since_it_began(small_panel, small_model):
-    panel, _ = small_panel
-    placed = hbjax.shard_panel(panel, hbjax.make_mesh(1), layout=small_model.panel_layout())
+def test_the_average_is_the_mean_of_the_iterates_since_it_began(small_data, small_model):
+    panel = small_data.rows
+    placed = small_data.grid(hbjax.make_mesh(1))
     guide = hbjax.make_guide("unitblock", small_model, loc=small_model.init_latents(panel))
-    svi = hbjax.SVI(small_model, hbjax.renyi_elbo, optax.adam(1e-2))
+    svi = hbjax.SVI(small_model, hbjax.objectives.renyi_elbo, optax.adam(1e-2))
     step = eqx.filter_jit(svi.step)  # the README's use
     state = svi.init(guide)
     assert int(state.average_from) == NEVER and svi.guide(state) is state.guide

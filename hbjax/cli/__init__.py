@@ -29,6 +29,8 @@ from .. import __version__
 from ..checkpoint import CheckpointError
 from ..convergence import Convergence
 from ..counts import elasticity_data, fit_counts, prepare
+from ..counts.fit import DEFAULT_GUIDE, SEEDS, FitConfig
+from ..counts.frame import INTERCEPT_PRIORS
 from ..counts.report import FitReport
 from ..data import (
     DataValidationError,
@@ -44,16 +46,10 @@ from ..guide_check import (
     UnitImportance,
 )
 from ..layers import HIERARCHIES
-from ..model import INTERCEPT_PRIORS
 from ..objectives import GRADIENTS
 from ..outputs import AtomicFolder, OutputError, check_file_destination, write_file_atomically
-from ..pipeline import DEFAULT_GUIDE, SEEDS, FitConfig
-from ..sharding import (
-    DistributedConfig,
-    ShardingError,
-    initialize_distributed,
-    make_mesh,
-)
+from ..parallel.blocks import ShardingError, make_mesh
+from ..parallel.hosts import DistributedConfig, initialize_distributed
 from ..simulate import simulate
 from .tables import check_saved_fit, column_arguments, count_data, predict_saved_fit
 
@@ -538,11 +534,6 @@ def _fit_config(args: argparse.Namespace) -> FitConfig:
             particles=args.particles,
             alpha=args.alpha,
             learning_rate=args.lr,
-            centre_prices=not args.no_centring,
-            hierarchy=args.hierarchy,
-            intercept_prior=args.intercept_prior,
-            clip=args.clip,
-            likelihood=args.likelihood,
             mcse=args.mcse,
             seed=args.seed,
             checkpoint_dir=args.checkpoint,

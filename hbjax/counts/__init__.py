@@ -23,7 +23,7 @@ _EXPORTS = {
     **dict.fromkeys(["elasticity_data", "prepare"], "article"),
     **dict.fromkeys(["CountLatents", "CountRegression", "UnitTable"], "regression"),
     **dict.fromkeys(["CountGrid", "GridError", "place_grid"], "grid"),
-    "fit_counts": "fit",
+    **dict.fromkeys(["FitConfig", "fit_counts"], "fit"),
     **dict.fromkeys(["SavedCountFit", "load_fit", "save_fit"], "saved"),
     "predict": "whatif",
     "to_arviz": "export",

@@ -6,7 +6,7 @@ group x period) effects (:func:`~hbjax.counts.elasticity_terms`); one row per un
 period. What ``hbjax fit`` and ``hbjax demo`` fit.
 
 >>> data = hbjax.counts.elasticity_data("sales.csv")          # doctest: +SKIP
->>> result = hbjax.counts.fit_counts(data, hbjax.FitConfig())  # doctest: +SKIP
+>>> result = hbjax.counts.fit_counts(data, hbjax.counts.FitConfig())  # doctest: +SKIP
 """
 
 from __future__ import annotations

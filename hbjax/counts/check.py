@@ -13,7 +13,7 @@ import numpy as np
 from .._types import PRNGKeyArray
 from ..guide import AbstractGuide
 from ..guide_check import PredictiveCheck, predictive_table
-from ..minibatch import seed_from_key
+from ..parallel.blocks import seed_from_key
 from .frame import CountData
 
 

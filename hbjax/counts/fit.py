@@ -1,21 +1,132 @@
-"""A vocabulary model fitted as a :class:`~hbjax.FitConfig` says.
-
-What ``hbjax fit`` runs for ``--group a,b`` or ``--covariates``.
-"""
+"""Count data fitted as a :class:`FitConfig` says: what ``hbjax fit`` and ``demo`` run."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
+import equinox as eqx
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
+from .. import checkpoint
+from .._types import PyTree
 from ..convergence import Convergence
+from ..families import AbstractCountLikelihood
 from ..fit import FitResult, default_optimizer, fit
-from ..guide import make_guide
+from ..guide import GUIDES, AbstractGuide, inverse_softplus, make_guide
+from ..objectives import RenyiBound
 from ..parallel.blocks import make_mesh
 from ..parallel.layouts import AbstractLayout, Auto, Dense, Rows, as_layout
-from ..pipeline import FitConfig, fit_identity, start_dispersion_scale
+from ..vi.model import AbstractModel
 from .frame import CountData
 from .grid import GridError
+
+#: The most steps of a full-batch fit, and the most epochs of a minibatch fit (minibatch
+#: fits converged in 40-80 epochs in our tests).
+DEFAULT_STEPS, DEFAULT_EPOCHS = 20_000, 250
+#: The default guide (benchmarks/README.md, "Intervals against NUTS").
+DEFAULT_GUIDE = "unitblock"
+#: Seeds are whole numbers below this (what every command and ``FitConfig`` accept).
+SEEDS = 2**32
+#: A whole number: Python's or NumPy's.
+IntLike = int | np.integer
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+    """Every choice of the standard fit of count data (the ``hbjax fit`` flags).
+
+    The model's own options (likelihood, hierarchy, centring, clip) belong to the data:
+    :func:`hbjax.counts.from_frame`, :func:`hbjax.counts.elasticity_data`.
+
+    Attributes:
+        steps: the most steps (the fit stops once converged); ``None``: 20,000, or 250
+            epochs with ``batch_size``.
+        batch_size: products per step (minibatch SVI); ``None``: full batch.
+        guide: ``"meanfield"``, ``"unitblock"`` or ``"lowrank"`` (:data:`hbjax.GUIDES`).
+        rank: the low-rank guide's rank.
+        gradient: ``"total"``, ``"dreg"`` or ``"stl"`` (:class:`hbjax.RenyiBound`);
+            ``None``: ``"dreg"`` for ``alpha = 0`` (fewer steps to converge), else
+            ``"total"``.
+        particles: importance particles ``K``.
+        alpha: Rényi alpha (0: importance-weighted bound).
+        learning_rate: Adam's initial rate (decayed per 1,000 steps, or per 1,000 epochs).
+        mcse: stop when the Monte Carlo error of the averaged means is at most this many
+            posterior sds (:class:`hbjax.convergence.Convergence`).
+        seed: the PRNG seed of the fit (and of the minibatch sampler).
+        checkpoint_dir: save the state there (``None``: no checkpoints).
+        checkpoint_every: steps between checkpoints.
+        resume: continue from ``checkpoint_dir``.
+        progress: show a progress bar.
+    """
+
+    steps: IntLike | None = None
+    batch_size: IntLike | None = None
+    guide: str = DEFAULT_GUIDE
+    rank: IntLike = 8
+    gradient: str | None = None
+    particles: IntLike = 4
+    alpha: float = 0.0
+    learning_rate: float = 0.01
+    mcse: float = Convergence.mcse
+    seed: IntLike = 0
+    checkpoint_dir: str | None = None
+    checkpoint_every: IntLike = 1000
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.gradient is None:
+            object.__setattr__(self, "gradient", "dreg" if self.alpha == 0 else "total")
+        if self.guide not in GUIDES:
+            raise ValueError(f"guide must be one of {', '.join(GUIDES)}; got {self.guide!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer):
+            raise ValueError(f"seed must be an int; got {self.seed!r}.")
+        if not 0 <= self.seed < SEEDS:
+            raise ValueError(f"seed must be from 0 to {SEEDS - 1}; got {self.seed}.")
+        object.__setattr__(self, "seed", int(self.seed))
+        if self.guide == "lowrank" and self.batch_size is not None:
+            raise ValueError(
+                "the lowrank guide couples all products and cannot be minibatched; use the "
+                "unitblock or meanfield guide with batch_size."
+            )
+        for name in ("particles", "rank", "checkpoint_every", "steps", "batch_size"):
+            value = getattr(self, name)
+            if value is None and name in ("steps", "batch_size"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+            object.__setattr__(self, name, int(value))  # a NumPy integer is welcome
+        for name in ("learning_rate", "mcse"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0; got {value!r}.")
+        if not (isinstance(self.alpha, int | float) and math.isfinite(self.alpha)):
+            raise ValueError(f"alpha must be a finite number; got {self.alpha!r}.")
+        self.bound()  # checks gradient, alpha and particles together
+
+    def max_steps(self, n_units: int) -> int:
+        """``steps``, or the default for a panel of ``n_units`` products."""
+        if self.steps is not None:
+            return self.steps
+        if self.batch_size is None:
+            return DEFAULT_STEPS
+        return round(DEFAULT_EPOCHS * n_units / self.batch_size)
+
+    def bound(self) -> RenyiBound:
+        """The configured Rényi bound (an objective for :func:`hbjax.fit`)."""
+        return RenyiBound(self.alpha, self.particles, self.gradient)
+
+    def objective(self, model: AbstractModel, guide: PyTree, data: PyTree, *, key: jax.Array):  # noqa: ANN201
+        """The configured Rényi bound's loss (an objective for :func:`hbjax.fit`)."""
+        return self.bound()(model, guide, data, key=key)
+
+
+#: FitConfig fields that do not change the fit (a resume may change them).
+_NOT_IDENTITY = ("steps", "checkpoint_dir", "checkpoint_every", "resume", "progress")
 
 
 def fit_counts(
@@ -88,7 +199,35 @@ def fit_counts(
         checkpoint_dir=config.checkpoint_dir,
         checkpoint_every=config.checkpoint_every,
         resume=config.resume,
-        fingerprint=None if config.checkpoint_dir is None else fit_identity(rows, config),
+        fingerprint=None if config.checkpoint_dir is None else fit_identity(data, config),
+    )
+
+
+def fit_identity(data: CountData, config: FitConfig) -> dict[str, object]:
+    """A checkpoint's ``fingerprint``: the rows' hash, the model's spec, the fit's settings."""
+    settings = {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if f.name not in _NOT_IDENTITY
+    }
+    spec = None if data.spec is None else data.spec.to_json()
+    return {"data (content hash)": checkpoint.content_hash(data.rows), "model": spec, **settings}
+
+
+def start_dispersion_scale(
+    guide: AbstractGuide, likelihood: AbstractCountLikelihood, n_obs: int
+) -> AbstractGuide:
+    """The guide with its ``dispersion`` latent's sd started at the likelihood's guess.
+
+    A likelihood parameter's posterior sd is far below the guides' usual starting 0.1
+    (:meth:`~hbjax.AbstractCountLikelihood.starting_scale`); from 0.1 Adam spends
+    thousands of steps shrinking it (benchmarks/README.md). Unchanged without one.
+    """
+    scale = likelihood.starting_scale(n_obs)
+    if scale is None:
+        return guide
+    return eqx.tree_at(
+        lambda g: g.raw_scale.dispersion, guide, inverse_softplus(jnp.asarray(scale, jnp.float32))
     )
 
 
@@ -111,4 +250,13 @@ def _placed(
         return data.rows
 
 
-__all__ = ["fit_counts"]
+__all__ = [
+    "DEFAULT_EPOCHS",
+    "DEFAULT_GUIDE",
+    "DEFAULT_STEPS",
+    "SEEDS",
+    "FitConfig",
+    "fit_counts",
+    "fit_identity",
+    "start_dispersion_scale",
+]

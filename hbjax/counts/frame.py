@@ -37,10 +37,13 @@ from ..families import AbstractCountLikelihood, checked_clip, make_likelihood
 from ..guide import GaussianGuide, linear_moments
 from ..layers import HIERARCHIES, AbstractHierarchy, Normal, as_hierarchy
 from ..parallel.rows import UnitRows
-from ..posterior import _describe, _gaussian
 from .grid import CountGrid, GridError, place_grid
 from .regression import CountLatents, CountRegression, UnitTable
 from .slopes import GLOBAL, UNIT, HierarchicalSlope
+from .stats import describe, gaussian
+
+#: Where the intercepts' prior sits: at each unit's mean covariates, or at covariates 0.
+INTERCEPT_PRIORS = ("reference", "zero")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,7 +258,7 @@ class CountData:
         key = jax.random.key(0) if key is None else key
         natural = self.natural_draws(guide, draws, key)
         return self._tables(
-            jax.tree.map(lambda v: _describe(v.reshape(draws, -1)), natural),
+            jax.tree.map(lambda v: describe(v.reshape(draws, -1)), natural),
             f"monte carlo ({draws} draws)",
         )
 
@@ -307,7 +310,7 @@ class CountData:
 
 def _exact_stats(mean: CountLatents, sd: CountLatents) -> CountLatents:
     """Per value: the summary of a normal, or of its exp or sigmoid (see ``summary``)."""
-    stats = jax.tree.map(_gaussian, mean, sd)
+    stats = jax.tree.map(gaussian, mean, sd)
     if mean.dispersion is not None:
         stats = eqx.tree_at(
             lambda s: s.dispersion, stats, _log_normal(mean.dispersion, sd.dispersion)
@@ -330,7 +333,7 @@ def _exact_stats(mean: CountLatents, sd: CountLatents) -> CountLatents:
 def _log_normal(m: np.ndarray, s: np.ndarray) -> dict[str, np.ndarray | np.floating]:
     """``exp(N(m, s^2))``: mean, sd, quantiles."""
     m, s = np.asarray(m, np.float64), np.asarray(s, np.float64)
-    out = {k: np.exp(v) for k, v in _gaussian(m, s).items() if k not in ("mean", "sd")}
+    out = {k: np.exp(v) for k, v in gaussian(m, s).items() if k not in ("mean", "sd")}
     mean = np.exp(m + 0.5 * s * s)
     return {"mean": mean, "sd": mean * np.sqrt(np.expm1(s * s)), **out}
 
@@ -339,7 +342,7 @@ def _logit_normal(m: np.ndarray, s: np.ndarray) -> dict[str, np.ndarray | np.flo
     """``sigmoid(N(m, s^2))``: quantiles exact, mean and sd by quadrature."""
     m, s = np.asarray(m, np.float64), np.asarray(s, np.float64)
     out = {
-        k: 1.0 / (1.0 + np.exp(-v)) for k, v in _gaussian(m, s).items() if k not in ("mean", "sd")
+        k: 1.0 / (1.0 + np.exp(-v)) for k, v in gaussian(m, s).items() if k not in ("mean", "sd")
     }
     # the trapezoid rule over +-12 sd: exact to float64 for this smooth, fast-decaying
     # integrand (Gauss-Hermite nodes converge slowly once sd is a few units)
@@ -358,8 +361,7 @@ def elasticity_terms(
     The log-price slope by unit and by every group level (prior ``N(-2, 1)`` globally, sd 1
     per level and 2 per unit, as the article's), each covariate's slope by the coarsest
     group, and (coarsest group x period) effects with sd 3. With ``groups=("category",)``
-    and no covariates this is the article's model (:class:`~hbjax.ElasticityModel`'s
-    numbers, tested).
+    and no covariates this is the article's model (its formula, tested against scipy).
     """
     groups = tuple(groups)
     top = groups[-1:]
@@ -437,6 +439,12 @@ def from_frame(
     """
     from .reader import read_chunks, warn_weak
 
+    if not isinstance(frame, pd.DataFrame):
+        raise DataValidationError(
+            f"expected a pandas DataFrame, got {type(frame).__name__}; use "
+            "hbjax.counts.from_file(path, ...) or hbjax.data.read_table(path) for CSV or Parquet "
+            "files."
+        )
     options, likelihood = checked_model_options(
         likelihood=likelihood,
         dispersion_by=dispersion_by,
@@ -483,7 +491,7 @@ def checked_model_options(
     hierarchy = as_hierarchy(hierarchy).name
     if hierarchy not in HIERARCHIES:  # the spec records a name it can rebuild from
         raise ValueError(f"hierarchy must be one of {', '.join(HIERARCHIES)}; got {hierarchy!r}.")
-    if intercept_prior not in ("reference", "zero"):
+    if intercept_prior not in INTERCEPT_PRIORS:
         raise ValueError(f"intercept_prior must be 'reference' or 'zero'; got {intercept_prior!r}.")
     likelihood = make_likelihood(likelihood)
     if zero_inflation is True:
@@ -533,7 +541,7 @@ def read_frame(
 
 
 def _check_arguments(
-    frame: object,
+    frame: pd.DataFrame,
     unit: str,
     counts: str,
     groups: tuple[str, ...],
@@ -544,13 +552,11 @@ def _check_arguments(
     dispersion_by: str | None,
 ) -> None:
     """A non-empty DataFrame with every named column; levels and names used consistently."""
-    if not isinstance(frame, pd.DataFrame):
-        raise DataValidationError(
-            f"expected a pandas DataFrame, got {type(frame).__name__}; "
-            "use hbjax.read_table(path) for CSV or Parquet files."
-        )
     if len(frame) == 0:
         raise DataValidationError("the table is empty; it needs at least one row.")
+    if frame.columns.duplicated().any():
+        twice = frame.columns[frame.columns.duplicated()][0]
+        raise DataValidationError(f"the table has two columns named {twice!r}; rename one of them.")
     named = {"unit": [unit], "counts": [counts], "groups": list(groups)}
     named["slopes"] = [s.column for s in slopes]
     named["effects"] = [c for e in effects for c in e.labels]

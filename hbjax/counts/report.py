@@ -23,9 +23,8 @@ from .. import __version__
 from ..fit import FitResult
 from ..guide import GaussianGuide
 from ..guide_check import PredictiveCheck, UnitImportance, unit_importance
-from ..pipeline import FitConfig
-from ..posterior import Summary
 from .check import predictive_check
+from .fit import FitConfig
 from .frame import CountData, Slope
 from .saved import save_fit
 from .slopes import GLOBAL, UNIT
@@ -233,7 +232,13 @@ class FitReport:
         Each unit's price elasticity around its finest group, a forest of every level's
         elasticities, the predictive check per group.
         """
-        from ..plots import loss_trace, predictive_plot, save_figures, write_hierarchy_plots
+        from ..plots import (
+            Summary,
+            loss_trace,
+            predictive_plot,
+            save_figures,
+            write_hierarchy_plots,
+        )
 
         price, levels = price_slope(self.data), list(self.data.levels)
         if price is None or not levels:

@@ -10,20 +10,29 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import equinox as eqx
 import jax.numpy as jnp
 import pandas as pd
 
 from .. import __version__
-from ..data import read_labels, write_labels
+from ..data import DataValidationError, read_labels, write_labels
 from ..families import LIKELIHOODS
 from ..fit import FitResult
-from ..guide import AbstractGuide, make_guide
-from ..saved import COUNTS_FORMAT, guide_info, read_info, rebuilt
+from ..guide import GUIDES, AbstractGuide, LowRankNormal, make_guide
 from .frame import CountData, CountSpec, build_model
 from .regression import UnitTable
+
+#: The format of a saved fit (``fit.json``).
+COUNTS_FORMAT = "hbjax-counts-fit-1"
+#: The format of the article's own stack's fits (before one path): refused, named.
+OLD_FORMAT = "hbjax-fit-1"
+_DAMAGED = "%r holds a damaged saved fit (%s); fit again."
+T = TypeVar("T")
+_KINDS = {cls: name for name, cls in GUIDES.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +157,69 @@ def _rebuild(folder: Path, info: dict) -> SavedCountFit:
     if len(data.units) != n_units or bad:
         raise ValueError(f"the labels do not match fit.json's sizes ({bad or 'units'})")
     return SavedCountFit(data, guide, info)
+
+
+def _fit_json(folder: Path) -> dict:
+    """``folder/fit.json``, read and parsed once; a missing or damaged one named."""
+    if not (folder / "fit.json").is_file():
+        raise DataValidationError(
+            f"{str(folder)!r} holds no saved fit (fit.json); pass the --out folder of `hbjax fit`."
+        )
+    try:
+        info = json.loads((folder / "fit.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataValidationError(
+            _DAMAGED % (str(folder), f"fit.json: {type(exc).__name__}")
+        ) from None
+    if not isinstance(info, dict):
+        raise DataValidationError(_DAMAGED % (str(folder), "fit.json is not an object"))
+    return info
+
+
+def read_info(folder: Path, expected: str) -> dict:
+    """``fit.json`` of a saved fit of format ``expected``.
+
+    Raises:
+        DataValidationError: no or a damaged ``fit.json``, or another format (named).
+    """
+    info = _fit_json(folder)
+    found = info.get("format")
+    if found != expected:
+        hint = {
+            OLD_FORMAT: "a fit by the article's former own stack, which this version no "
+            "longer reads: fit the table again",
+        }.get(found, "fit again with this version")
+        raise DataValidationError(
+            f"{str(folder)!r} holds a fit of format {found!r}; this reads {expected!r} ({hint})."
+        )
+    return info
+
+
+def rebuilt(folder: Path, info: dict, rebuild: Callable[[Path, dict], T]) -> T:
+    """``rebuild(folder, info)``, any failure of a truncated or edited fit named in one line."""
+    try:
+        return rebuild(folder, info)
+    except DataValidationError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a truncated or edited fit.eqx, a missing key
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        raise DataValidationError(_DAMAGED % (str(folder), reason)) from None
+
+
+def guide_info(guide: AbstractGuide) -> dict:
+    """``{"guide": kind, "rank": rank or None}`` of one of hbjax's Gaussian guides.
+
+    Raises:
+        TypeError: another guide (save it with ``equinox.tree_serialise_leaves``).
+    """
+    kind = _KINDS.get(type(guide))
+    if kind is None:
+        raise TypeError(
+            "saved fits hold MeanFieldNormal, UnitBlockNormal or LowRankNormal guides; got "
+            f"{type(guide).__name__} (serialise your own with equinox.tree_serialise_leaves)."
+        )
+    rank = int(guide.factor.shape[1]) if isinstance(guide, LowRankNormal) else None
+    return {"guide": kind, "rank": rank}
 
 
 __all__ = ["SavedCountFit", "load_fit", "save_fit"]

@@ -8,6 +8,9 @@ the fitted cells (a typical week) when the column is left out.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -16,9 +19,8 @@ import pandas as pd
 from jaxtyping import Float, Int
 
 from .._types import AnyArray, PRNGKeyArray
-from ..data import DataValidationError, _rows, _show
+from ..data import DataValidationError, DataWarning, _rows, _show
 from ..parallel.rows import UnitRows
-from ..posterior import fitted_units, warn_far_from_typical, with_expected_units
 from .frame import CountData, CountSpec, Effect, _covariate, _finite
 
 
@@ -194,6 +196,83 @@ def _averaging(
             f"{_rows(frame, row_group < 0)} name {present} the fit's effect cells never have."
         )
     return group.astype(np.int32), row_group.astype(np.int32), len(uniques)
+
+
+#: log(1e300): a larger log-rate overflows in float64.
+_MAX_LOG_RATE = 690.0
+#: predict warns for prices more than this factor above or below a unit's typical price.
+FAR_PRICE_FACTOR = 3.0
+
+
+def warn_far_from_typical(
+    typical_log: Float[np.ndarray, " row"],
+    values_log: Float[np.ndarray, " row"],
+    frame: pd.DataFrame,
+    unit: str,
+    what: str,
+) -> None:
+    """Warn when values lie :data:`FAR_PRICE_FACTOR` times above or below their unit's typical.
+
+    Both on the log scale, one per scenario row; one warning names the rows.
+    """
+    far = np.abs(np.asarray(values_log, np.float64) - typical_log) > np.log(FAR_PRICE_FACTOR)
+    if far.any():
+        first = int(np.flatnonzero(far)[0])
+        warnings.warn(
+            f"{what} more than {FAR_PRICE_FACTOR:g}x above or below the unit's typical {what} "
+            f"in {_rows(frame, far)} (e.g. {np.exp(values_log[first]):.4g} for "
+            f"{_show(frame[unit].iloc[first])}, typically {np.exp(typical_log[first]):.4g}): "
+            "those predictions extrapolate the fitted demand curve far from the data.",
+            DataWarning,
+            stacklevel=4,
+        )
+
+
+def fitted_units(units: pd.Index, frame: pd.DataFrame, column: str) -> np.ndarray:
+    """``[row]`` each row's unit code among the fitted ``units``.
+
+    Raises:
+        DataValidationError: rows that name units the fit has not seen (the first named).
+    """
+    codes = units.get_indexer(frame[column])
+    unknown = codes < 0
+    if unknown.any():
+        raise DataValidationError(
+            f"{int(unknown.sum())} row(s) name units the fit has not seen (e.g. "
+            f"{_show(frame[column][unknown].iloc[0])} in column {column!r}, "
+            f"{_rows(frame, unknown)}); predict covers fitted units only."
+        )
+    return codes
+
+
+def with_expected_units(
+    frame: pd.DataFrame,
+    log_rate: Float[np.ndarray, "draw row"],
+    interval: float,
+    example: Callable[[int], str],
+) -> pd.DataFrame:
+    """``frame`` with ``expected_units``, ``expected_units_lo`` and ``expected_units_hi``.
+
+    The mean of ``exp(log_rate)`` over draws and its central ``interval``.
+
+    Raises:
+        DataValidationError: a row's expected units pass 1e300 (its values are far from the
+            data); ``example(row)`` names what the row holds.
+    """
+    too_large = np.any(log_rate > _MAX_LOG_RATE, axis=0)
+    if too_large.any():  # exp would overflow: inf units and NaN intervals, not an answer
+        first = int(np.flatnonzero(too_large)[0])
+        raise DataValidationError(
+            f"the values in {_rows(frame, too_large)} {example(first)} give expected units "
+            "beyond 1e300: they are far outside what the fit has seen; check their units "
+            "(cents vs dollars?)."
+        )
+    rate = np.exp(np.asarray(log_rate, np.float64))
+    tail = (1 - interval) / 2
+    low, high = np.quantile(rate, [tail, 1 - tail], axis=0)
+    return frame.assign(
+        expected_units=rate.mean(axis=0), expected_units_lo=low, expected_units_hi=high
+    )
 
 
 __all__ = ["predict"]

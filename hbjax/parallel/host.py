@@ -5,9 +5,9 @@ imports neither pandas nor the elasticity application:
 
 * :class:`AbstractHostData`: host data that can place itself on a mesh
   (:meth:`~AbstractHostData.place`) and draw minibatches of whole units
-  (:meth:`~AbstractHostData.sampler`): :class:`hbjax.Panel`, :class:`hbjax.UnitRows`.
+  (:meth:`~AbstractHostData.sampler`): :class:`hbjax.UnitRows`.
 * :class:`AbstractSampler`: draws a chunk of steps' batches, placed on its mesh:
-  :class:`hbjax.UnitSampler`, :class:`hbjax.RowSampler`.
+  :class:`hbjax.RowSampler`.
 
 Any other pytree of arrays is fitted as it is (sent to the default device).
 """
@@ -51,8 +51,8 @@ class AbstractHostData(eqx.Module):
     """
 
     @abc.abstractmethod
-    def place(self, mesh: Mesh | None, layout: object) -> tuple[PyTree, Mesh | None]:
-        """The data split over ``mesh`` in ``layout`` (a model's ``panel_layout()``).
+    def place(self, mesh: Mesh | None) -> tuple[PyTree, Mesh | None]:
+        """The data split over ``mesh``.
 
         Returns the placed data and its mesh (``None``: on the default device, unsplit).
         """

@@ -1,8 +1,6 @@
 """Layouts: how a panel's rows are laid out on a mesh, as small modules checked when built.
 
-A layout is chosen once, before placement (:func:`hbjax.shard_panel`,
-:func:`hbjax.counts.fit_counts`), and a model says which it can take
-(:meth:`hbjax.AbstractModel.panel_layout`):
+A layout is chosen once, before placement (:func:`hbjax.counts.fit_counts`):
 
 * :class:`Rows`: the rows themselves, each block padded to its longest; any likelihood.
 * :class:`Dense`: a [unit slot, period] grid with a mask and sufficient statistics, the

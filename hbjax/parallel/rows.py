@@ -120,13 +120,11 @@ class UnitRows(AbstractHostData):
         bounds = np.searchsorted(self.unit, np.arange(self.n_units + 1), side="left")
         return np.diff(bounds)
 
-    def place(self, mesh: Mesh | None, layout: object = None) -> tuple[UnitRows, Mesh | None]:
+    def place(self, mesh: Mesh | None) -> tuple[UnitRows, Mesh | None]:
         """Blocks of whole units on ``mesh`` (:func:`shard_rows`), or unsplit without one.
 
         Without a mesh the rows go to the default device and are summed plainly.
-        ``layout``: rows are their own layout (unused).
         """
-        del layout
         if mesh is None:
             return jax.device_put(self), None
         return shard_rows(self, mesh), mesh

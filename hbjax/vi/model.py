@@ -24,9 +24,9 @@ from .._types import AnyArray
 class AbstractModel(eqx.Module):
     """Interface of a model: latent structure, prior, likelihood, natural-scale values.
 
-    The data argument (``panel``) is a :class:`~hbjax.Panel` for hbjax's elasticity model,
-    :class:`~hbjax.UnitRows` for an :class:`~hbjax.AbstractRowModel`, and any pytree of
-    arrays for a model of your own.
+    The data argument (``panel``) is :class:`~hbjax.UnitRows` for an
+    :class:`~hbjax.AbstractRowModel` (or its placed forms), and any pytree of arrays for a
+    model of your own.
     """
 
     @abc.abstractmethod
@@ -48,13 +48,6 @@ class AbstractModel(eqx.Module):
     def natural(self, latents: PyTree[Float[Array, "..."]]) -> PyTree[Float[Array, "..."]]:
         """Latents on the natural (reported) scale; the identity unless overridden."""
         return latents
-
-    def panel_layout(self) -> str:
-        """The layout :func:`hbjax.shard_panel` should give this model's panels.
-
-        A layout module (:mod:`hbjax.parallel.layouts`) or its name; default ``"auto"``.
-        """
-        return "auto"
 
     def init_latents(self, panel: PyTree) -> PyTree[Float[Array, "..."]]:
         """A starting point for a guide's location; zeros unless overridden."""

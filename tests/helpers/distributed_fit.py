@@ -13,7 +13,7 @@ import numpy as np
 
 import hbjax
 from hbjax.convergence import Convergence
-from hbjax.sharding import DistributedConfig, initialize_distributed
+from hbjax.parallel.hosts import DistributedConfig, initialize_distributed
 
 parser = argparse.ArgumentParser()
 parser.add_argument("out")
