@@ -9,7 +9,7 @@ iterations/s (median of timed chunks), peak device memory; and the time to a con
 (10k and 1M: seconds of fitting, compile included, until the RMSE of the product
 elasticities to the truth is within 5% of its value at the end of the budget). NumPyro:
 set-up, compile, steady it/s, peak memory, the same convergence figure. ``--hlo`` adds
-:func:`hbjax.perf.program_report` of the step; ``--variants`` times the CPU-shaped kernels
+:func:`hbjax.vi.perf.program_report` of the step; ``--variants`` times the CPU-shaped kernels
 on the accelerator too (sequential particles, unchunked cell sums), so a run says which
 choice mattered.
 
@@ -90,7 +90,7 @@ def hbjax_child(args: argparse.Namespace, base: dict) -> None:
     import pandas as pd
 
     import hbjax
-    from hbjax import perf
+    from hbjax.vi import perf
 
     warnings.simplefilter("ignore", hbjax.DataWarning)
     out, clock = args.out, _Clock()
@@ -146,7 +146,7 @@ def hbjax_child(args: argparse.Namespace, base: dict) -> None:
 
 def _with_particle_map(hbjax: object, how: str):  # noqa: ANN202
     def objective(model, guide, panel, *, key):  # noqa: ANN001, ANN202
-        return hbjax.objectives.renyi_elbo(model, guide, panel, key=key, particle_map=how)
+        return hbjax.vi.objectives.renyi_elbo(model, guide, panel, key=key, particle_map=how)
 
     return objective
 

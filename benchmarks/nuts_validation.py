@@ -141,7 +141,7 @@ def compare_guide(
     guide = hbjax.make_guide(kind, model, loc=model.init_latents(panel))
 
     def objective(model, guide, panel, *, key):  # noqa: ANN001, ANN202
-        return hbjax.objectives.renyi_elbo(model, guide, panel, key=key, gradient=gradient)
+        return hbjax.vi.objectives.renyi_elbo(model, guide, panel, key=key, gradient=gradient)
 
     with jax.numpy_dtype_promotion("standard"):
         result = hbjax.fit(
@@ -153,7 +153,7 @@ def compare_guide(
             objective=objective,
             progress=False,
         )
-        check = hbjax.guide_check.unit_importance(
+        check = hbjax.vi.checks.unit_importance(
             result.model, result.guide, panel, key=jax.random.key(2)
         )
     tables = data.summary(result.guide, draws=4000, key=jax.random.key(1))

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import hbjax
-from hbjax.simulate import SimulatedPanel
+from hbjax.counts.simulate import SimulatedPanel
 
 
 def peak_rss_mib() -> float:

@@ -27,7 +27,7 @@ class StudentTGuide(hbjax.AbstractGuide):
 
     @classmethod
     def from_model(cls, model, loc, *, df=5.0, scale=0.1):
-        raw = hbjax.guide.inverse_softplus(jnp.float32(scale))
+        raw = hbjax.vi.guide.inverse_softplus(jnp.float32(scale))
         raw_scale = jax.tree.map(lambda s: jnp.full(s.shape, raw), model.latent_shapes())
         return cls(loc=loc, raw_scale=raw_scale, df=df)
 

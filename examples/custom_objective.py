@@ -2,7 +2,7 @@
 
 An objective is a plain function ``(model, guide, panel, *, key) -> loss``. This one is the
 importance-weighted bound written out from :func:`hbjax.log_weights` (checked against
-:func:`hbjax.objectives.renyi_elbo`), and then a variant with a temperature on the log weights
+:func:`hbjax.vi.objectives.renyi_elbo`), and then a variant with a temperature on the log weights
 (``T > 1`` flattens them: between the IW bound at ``T = 1`` and the ELBO as ``T`` grows),
 fitted to the article's model and compared with the built-in objective.
 
@@ -39,11 +39,11 @@ def main(short: bool) -> None:
 
     ours = float(iw_bound(model, guide, panel, key=key))
     built_in = float(
-        hbjax.objectives.renyi_elbo(model, guide, panel, key=key, alpha=0.0, num_particles=4)
+        hbjax.vi.objectives.renyi_elbo(model, guide, panel, key=key, alpha=0.0, num_particles=4)
     )
     print(
         f"IW bound from log_weights: {ours:.3f}; "
-        f"hbjax.objectives.renyi_elbo(alpha=0): {built_in:.3f}"
+        f"hbjax.vi.objectives.renyi_elbo(alpha=0): {built_in:.3f}"
     )
     assert np.isclose(ours, built_in, rtol=1e-5)
 

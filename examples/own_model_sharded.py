@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import hbjax
-from hbjax import layers
+from hbjax.vi import layers
 
 
 class SchoolLatents(eqx.Module):

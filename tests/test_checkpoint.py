@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import hbjax
-from hbjax import checkpoint
-from hbjax.checkpoint import CheckpointError
 from hbjax.counts import FitConfig
+from hbjax.vi import checkpoint
+from hbjax.vi.checkpoint import CheckpointError
 
 pytestmark = pytest.mark.usefixtures("standard_promotion")
 
@@ -60,7 +60,7 @@ def test_resume_keeps_the_average_and_stops_where_the_whole_fit_stops(
     # after averaging began and before the stop, and resumed with room to spare.
     panel = small_data.rows
     model, guide = _start(small_data)
-    quick = hbjax.convergence.Convergence(rhat=100.0, mcse=10.0, check_every=20, min_average=60)
+    quick = hbjax.vi.convergence.Convergence(rhat=100.0, mcse=10.0, check_every=20, min_average=60)
     options = {
         "key": jax.random.key(4),
         "progress": False,
@@ -226,7 +226,7 @@ def test_non_finite_step_saves_the_last_good_state(small_data, tmp_path):
 
     def flaky(model, guide, panel, *, key):
         # NaN on the steps whose own key draws below 0.02: deterministic given the key
-        loss = hbjax.objectives.renyi_elbo(model, guide, panel, key=key)
+        loss = hbjax.vi.objectives.renyi_elbo(model, guide, panel, key=key)
         return loss + jnp.where(jax.random.uniform(key) < 0.02, jnp.nan, 0.0)
 
     draws = [float(jax.random.uniform(jax.random.fold_in(key, i))) for i in range(400)]
@@ -248,7 +248,7 @@ def test_non_finite_step_saves_the_last_good_state(small_data, tmp_path):
     assert checkpoint.saved_step(folder) == bad
     good = info.value.result
     assert good.steps == bad and len(good.losses) == bad
-    svi = hbjax.SVI(model, hbjax.objectives.renyi_elbo, hbjax.default_optimizer())
+    svi = hbjax.SVI(model, hbjax.vi.objectives.renyi_elbo, hbjax.default_optimizer())
     arrays, static = eqx.partition(svi.init(guide), eqx.is_array)
 
     def like(header):

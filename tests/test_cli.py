@@ -335,10 +335,11 @@ def test_console_script_gives_one_line_and_exit_2_without_traceback(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_the_cli_keeps_compiled_programs_in_the_user_cache_unless_told_not_to(tmp_path):
+def test_compiled_programs_are_kept_in_the_user_cache_unless_told_not_to(tmp_path):
+    """What ``hbjax fit`` turns on, and Python users with one call."""
     script = (
-        "import jax; from hbjax.cli import _use_compilation_cache; "
-        "_use_compilation_cache(); print(jax.config.jax_compilation_cache_dir)"
+        "import jax; from hbjax.vi.compilation import use_persistent_cache; "
+        "use_persistent_cache(); print(jax.config.jax_compilation_cache_dir)"
     )
     blocked = tmp_path / "a-file"
     blocked.write_text("")
@@ -417,7 +418,7 @@ def test_killed_fit_resumes_to_the_uninterrupted_result(simulated_csv, tmp_path,
     assert "Traceback" not in stderr
     assert not (tmp_path / "killed").exists()
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
-    from hbjax.checkpoint import saved_step
+    from hbjax.vi.checkpoint import saved_step
 
     assert 100 <= saved_step(folder) < 1500
     resume = [*common, "--checkpoint", str(folder), "--resume", "--out", str(tmp_path / "r")]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import hbjax
-from hbjax.convergence import Convergence, Monitor, effective_sample_size, split_rhat
+from hbjax.vi.convergence import Convergence, Monitor, effective_sample_size, split_rhat
 
 
 def ar1(rng, n, coords, phi):

@@ -16,7 +16,7 @@ from tolerances import assert_f32_close, f32_rtol
 
 import hbjax
 from hbjax.counts import Effect, Slope, from_frame
-from hbjax.data import DataValidationError
+from hbjax.io.tables import DataValidationError
 
 
 def _article(frame: pd.DataFrame, hierarchy: str, intercept_prior: str) -> hbjax.counts.CountData:
@@ -160,11 +160,14 @@ def test_negative_binomial_by_group_and_zero_inflation_match_scipy():
         ({"slopes": [Slope("x", log=True)]}, "must be > 0 (its log is used)"),
         ({"dispersion_by": "u"}, "dispersion_by='u' must be one of groups"),
         ({"offset": "g"}, "holds text that is not a number"),
+        ({"groups": ("unit",)}, "may not be named 'unit'"),
+        ({"groups": ("g", "global")}, "may not be named 'global'"),
     ],
 )
 def test_bad_arguments_get_one_clear_line(change, message):
     frame = _rows_frame(np.random.default_rng(0))
     frame.loc[3, "x"] = -1.0
+    frame["unit"] = frame["global"] = frame["g"]  # groups named as hbjax's own levels
     arguments = {"unit": "u", "counts": "y", "groups": ("g",), **change}
     with pytest.raises(DataValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
         from_frame(frame, **arguments)
@@ -519,7 +522,7 @@ def test_hbjax_check_of_a_vocabulary_fit_tells_good_from_bad(tmp_path, capsys):
     guide poor (measured, tables 5-6 x keys 0-2: good sd ratio 0.99-1.04, all covered,
     no unit at k-hat >= 0.7; narrow sd ratio 0.12-0.17, 70-75% of units at k-hat >= 0.7)."""
     from hbjax.cli import main
-    from hbjax.guide_check import nuts_check, unit_importance
+    from hbjax.vi.checks import nuts_check, unit_importance
 
     frame, _ = _three_levels(np.random.default_rng(5), n_units=40, n_weeks=16)
     frame.to_csv(tmp_path / "sales.csv", index=False)
@@ -528,7 +531,7 @@ def test_hbjax_check_of_a_vocabulary_fit_tells_good_from_bad(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["fit", str(tmp_path / "sales.csv"), *flags, "--out", str(out)]) == 0
     # the true likelihood is not flagged (this table once was, for 10.2% zeros against
-    # 14.2% replicated: see hbjax.guide_check.ZERO_SHARE_FACTOR)
+    # 14.2% replicated: see hbjax.counts.check.ZERO_SHARE_FACTOR)
     assert json.loads((out / "summary.json").read_text())["predictive_check"]["flagged"] == []
     check = ["check", str(out), str(tmp_path / "sales.csv"), "--products", "8"]
     assert main([*check, "--warmup", "100", "--draws", "100", "--chains", "2"]) == 0
@@ -682,7 +685,7 @@ def test_summaries_are_exact_for_a_gaussian_guide():
 
 
 @pytest.mark.usefixtures("standard_promotion")
-@pytest.mark.filterwarnings("ignore::hbjax.fit.ConvergenceWarning")
+@pytest.mark.filterwarnings("ignore::hbjax.ConvergenceWarning")
 def test_a_resumed_vocabulary_fit_equals_the_uninterrupted_one(tmp_path):
     frame, _ = _three_levels(np.random.default_rng(7), n_units=16, n_weeks=6)
     terms = {
@@ -707,7 +710,7 @@ def test_a_resumed_vocabulary_fit_equals_the_uninterrupted_one(tmp_path):
         np.testing.assert_array_equal(a, b)
     other = _skus(frame.assign(qty=frame["qty"] + 1), **terms)
     config = hbjax.counts.FitConfig(steps=200, checkpoint_dir=folder, resume=True, **common)
-    with pytest.raises(hbjax.checkpoint.CheckpointError, match="data"):
+    with pytest.raises(hbjax.vi.checkpoint.CheckpointError, match="data"):
         hbjax.counts.fit_counts(other, config)
 
 

@@ -11,8 +11,8 @@ import pytest
 from tolerances import f32_atol
 
 import hbjax
+from hbjax import ConvergenceWarning
 from hbjax.counts import Effect, Slope, from_frame, load_fit, predict, save_fit, to_arviz
-from hbjax.fit import ConvergenceWarning
 
 
 def _table(seed: int = 0, n_units: int = 24, n_weeks: int = 6) -> pd.DataFrame:

@@ -6,7 +6,7 @@ from tolerances import f32_atol
 import hbjax
 from hbjax import DataValidationError
 from hbjax.counts import elasticity_data
-from hbjax.data import read_table
+from hbjax.io.tables import read_table
 
 
 def frame(**changes):
@@ -139,6 +139,14 @@ def test_weak_units_and_groups_warn_but_fit():
     with warnings.catch_warnings():
         warnings.simplefilter("error", hbjax.DataWarning)
         elasticity_data(varied)  # every unit's price varies, one group of three: no warning
+
+
+def test_a_covariate_the_same_in_every_row_warns():
+    """The data say nothing about its slope: its estimates would be the prior's."""
+    with pytest.warns(hbjax.DataWarning, match="'promo' is 0 in every row.*the prior's"):
+        elasticity_data(frame().assign(promo=0), covariates=["promo"])
+    with pytest.warns(hbjax.DataWarning, match="'price' is 2 in every row"):
+        elasticity_data(frame().assign(price=2.0))
 
 
 def test_two_columns_with_one_name():

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 from test_objectives import MODEL, Y, exact_posterior_guide
 
-from hbjax.diagnostics import (
+from hbjax.vi.diagnostics import (
     ImportanceDiagnostics,
-    effective_sample_size,
     importance_diagnostics,
+    importance_sample_size,
     psis,
 )
-from hbjax.guide import inverse_softplus
+from hbjax.vi.guide import inverse_softplus
 
 
 @pytest.mark.parametrize("variance", [1.25, 4.0])
@@ -33,8 +33,8 @@ def test_equal_weights_are_perfect_and_validated():
     ulps = np.random.default_rng(0).integers(0, 4, 100) * np.finfo(np.float32).eps * 8.5
     assert psis(-8.5 + ulps)[1] == -np.inf
     assert np.isfinite(psis(-8.5 + 1e-3 * np.random.default_rng(0).standard_normal(100))[1])
-    assert effective_sample_size(np.zeros(100)) == pytest.approx(100)
-    assert effective_sample_size(np.r_[0.0, np.full(99, -50.0)]) == pytest.approx(1.0)
+    assert importance_sample_size(np.zeros(100)) == pytest.approx(100)
+    assert importance_sample_size(np.r_[0.0, np.full(99, -50.0)]) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="finite"):
         psis(np.array([0.0, np.nan, 1.0]))
 

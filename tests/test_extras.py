@@ -90,19 +90,19 @@ def test_installed_versions_names_only_installed_distributions():
 
 def test_the_layers_fitting_core_and_rows_import_without_pandas_and_every_name_resolves(tmp_path):
     code = """
-    import hbjax.layers, hbjax.families, hbjax.vi.model, hbjax.parallel.rows
+    import hbjax.vi.layers, hbjax.counts.families, hbjax.vi.model, hbjax.parallel.rows
     import hbjax.counts.regression, hbjax.counts.slopes
-    heavy = [m for m in ("pandas", "optax", "tqdm", "pyarrow", "hbjax.fit") if m in sys.modules]
+    heavy = [m for m in ("pandas", "optax", "tqdm", "pyarrow", "hbjax.vi.fit") if m in sys.modules]
     assert not heavy, heavy
-    import hbjax.fit, hbjax.step, hbjax.objectives  # the fitting core: no pandas, no files
+    import hbjax.vi.fit, hbjax.vi.step, hbjax.vi.objectives  # the fitting core: no pandas, no files
     import hbjax.parallel.layouts
-    application = ("pandas", "pyarrow", "hbjax.data", "hbjax.counts.frame")
+    application = ("pandas", "pyarrow", "hbjax.io.tables", "hbjax.counts.frame")
     loaded = [m for m in application if m in sys.modules]
     assert not loaded, loaded
     import hbjax.parallel.hosts, hbjax.counts.grid  # many hosts, the count kernel
-    assert not [m for m in ("pandas", "pyarrow", "hbjax.data") if m in sys.modules]
+    assert not [m for m in ("pandas", "pyarrow", "hbjax.io.tables") if m in sys.modules]
     import types
-    import hbjax.counts.report  # imports the submodules hbjax.fit and hbjax.simulate's users
+    import hbjax.counts.report, hbjax.counts.simulate  # the modules behind hbjax.fit, simulate
     import hbjax
     assert callable(hbjax.fit) and not isinstance(hbjax.fit, types.ModuleType)
     assert callable(hbjax.simulate) and not isinstance(hbjax.simulate, types.ModuleType)
@@ -111,7 +111,7 @@ def test_the_layers_fitting_core_and_rows_import_without_pandas_and_every_name_r
     assert set(hbjax.__all__) <= set(dir(hbjax))
     for name in hbjax.counts.__all__:
         assert getattr(hbjax.counts, name) is not None, name
-    assert hbjax.guide_check.unit_importance and hbjax.counts.prepare
+    assert hbjax.vi.checks.unit_importance and hbjax.counts.prepare
     try:
         hbjax.no_such_name
     except AttributeError as exc:

@@ -14,7 +14,7 @@ from tolerances import assert_f32_close, f32_rtol
 import hbjax
 from hbjax.cli import main
 from hbjax.counts import FitConfig, elasticity_data, fit_counts, predictive_check
-from hbjax.families import NegativeBinomial, Poisson, make_likelihood
+from hbjax.counts.families import NegativeBinomial, Poisson, make_likelihood
 
 pytestmark = pytest.mark.usefixtures("standard_promotion")
 
@@ -126,7 +126,7 @@ def _coverage(tables, truth):
     return inside.mean(), np.sqrt(np.mean((units["mean"].to_numpy() - truth["elasticity"]) ** 2))
 
 
-@pytest.mark.filterwarnings("ignore::hbjax.fit.ConvergenceWarning")
+@pytest.mark.filterwarnings("ignore::hbjax.ConvergenceWarning")
 @pytest.mark.parametrize("seed", [0])  # seeds 0-7 pass (benchmarks/README.md); one here
 def test_negative_binomial_fit_recovers_the_dispersion_and_honest_intervals(seed):
     """On an overdispersed panel (truth known) the Poisson fit's 90% intervals cover far too
@@ -178,7 +178,7 @@ def test_cli_poisson_fit_of_overdispersed_counts_is_flagged(overdispersed, tmp_p
     assert hbjax.counts.load_fit(tmp_path / "p").data.spec.likelihood == "poisson"
 
 
-@pytest.mark.filterwarnings("ignore::hbjax.fit.ConvergenceWarning")
+@pytest.mark.filterwarnings("ignore::hbjax.ConvergenceWarning")
 def test_negative_binomial_minibatch_fit_runs_on_four_devices(overdispersed):
     data = elasticity_data(overdispersed.frame, likelihood="negbin")
     config = FitConfig(batch_size=10, steps=80, progress=False)

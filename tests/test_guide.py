@@ -7,7 +7,7 @@ from tolerances import assert_f32_close, f32_rtol
 
 import hbjax
 from hbjax import LowRankNormal, MeanFieldNormal, UnitBlockNormal
-from hbjax.guide import make_guide
+from hbjax.vi.guide import make_guide
 
 
 @pytest.fixture

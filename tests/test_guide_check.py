@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import hbjax
-from hbjax.guide_check import nuts_check, unit_block_moments, unit_importance
+from hbjax.vi.checks import nuts_check, unit_block_moments, unit_importance
 
 pytestmark = pytest.mark.usefixtures("standard_promotion")
 
@@ -109,7 +109,7 @@ def good_and_bad_fits():
                 key=jax.random.key(0),
                 steps=steps,
                 progress=False,
-                convergence=hbjax.convergence.Convergence() if name == "good" else None,
+                convergence=hbjax.vi.convergence.Convergence() if name == "good" else None,
             )
     return panel, fits
 

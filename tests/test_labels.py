@@ -139,9 +139,9 @@ def test_a_named_pipe_without_a_writer_is_refused_not_waited_on_for_ever(
     import os
     import time
 
-    import hbjax.data
+    import hbjax.io.tables
 
-    monkeypatch.setattr(hbjax.data, "PIPE_WAIT_S", 0.3)
+    monkeypatch.setattr(hbjax.io.tables, "PIPE_WAIT_S", 0.3)
     path = tmp_path / "pipe.csv"
     os.mkfifo(path)
     start = time.monotonic()

@@ -11,8 +11,9 @@ from scipy import stats
 from tolerances import assert_f32_close, f32_rtol
 
 import hbjax
-from hbjax import MeanFieldNormal, elbo, layers, log_weights
-from hbjax.objectives import renyi_bound, renyi_elbo
+from hbjax import MeanFieldNormal, elbo, log_weights
+from hbjax.vi import layers
+from hbjax.vi.objectives import renyi_bound, renyi_elbo
 
 
 class NormalMean(hbjax.AbstractModel):
@@ -227,19 +228,19 @@ def test_objectives_and_gradient_estimators_are_modules_checked_when_built():
     key = jax.random.key(5)
     for gradient in ("total", "dreg"):  # the module is the function's objective
         bound = hbjax.RenyiBound(alpha=0.0, num_particles=4, gradient=gradient)
-        assert isinstance(bound.gradient, hbjax.objectives.GRADIENTS[gradient])
+        assert isinstance(bound.gradient, hbjax.vi.objectives.GRADIENTS[gradient])
         np.testing.assert_array_equal(
             bound(MODEL, guide, Y, key=key),
             renyi_elbo(MODEL, guide, Y, key=key, num_particles=4, gradient=gradient),
         )
     with pytest.raises(ValueError, match="alpha = 0"):  # at construction, before any data
-        hbjax.RenyiBound(alpha=0.5, gradient=hbjax.objectives.DReG())
+        hbjax.RenyiBound(alpha=0.5, gradient=hbjax.vi.objectives.DReG())
     with pytest.raises(ValueError, match="biased"):
         hbjax.RenyiBound(num_particles=2, gradient="stl")
     with pytest.raises(ValueError, match="num_particles must be an integer >= 1"):
         hbjax.RenyiBound(num_particles=0)
 
-    class Halved(hbjax.objectives.AbstractGradient):  # a researcher's own estimator
+    class Halved(hbjax.vi.objectives.AbstractGradient):  # a researcher's own estimator
         stop_score: ClassVar[bool] = False
 
         def loss(self, log_w, alpha):
@@ -258,10 +259,10 @@ def test_objectives_and_gradient_estimators_are_modules_checked_when_built():
     assert_f32_close(half_grad, 0.5 * total_grad, terms=4 * (len(Y) + 2))
     assert np.abs(total_grad).max() > 0.1  # away from the posterior: a gradient to halve
 
-    class NoLoss(hbjax.objectives.AbstractGradient):
+    class NoLoss(hbjax.vi.objectives.AbstractGradient):
         stop_score: ClassVar[bool] = True
 
-    class NoStopScore(hbjax.objectives.AbstractGradient):
+    class NoStopScore(hbjax.vi.objectives.AbstractGradient):
         def loss(self, log_w, alpha):
             return -renyi_bound(log_w, alpha)
 
@@ -269,6 +270,6 @@ def test_objectives_and_gradient_estimators_are_modules_checked_when_built():
         with pytest.raises(TypeError):
             incomplete()
     described = [
-        hbjax.checkpoint.describe(hbjax.RenyiBound(alpha=a, gradient="total")) for a in (0, 0.5)
+        hbjax.vi.checkpoint.describe(hbjax.RenyiBound(alpha=a, gradient="total")) for a in (0, 0.5)
     ]
     assert described[0] != described[1]  # a resume with another alpha is refused

@@ -7,7 +7,12 @@ import pytest
 
 import hbjax
 from hbjax.cli import main
-from hbjax.outputs import AtomicFolder, OutputError, check_file_destination, write_file_atomically
+from hbjax.io.outputs import (
+    AtomicFolder,
+    OutputError,
+    check_file_destination,
+    write_file_atomically,
+)
 
 pytestmark = pytest.mark.usefixtures("standard_promotion")
 
@@ -159,4 +164,36 @@ def test_a_failed_prepare_keeps_the_earlier_folder(small_sim, tmp_path, capsys):
     assert code == 2 and "more than once" in capsys.readouterr().err
     after = hbjax.counts.elasticity_data(folder).rows.columns["counts"]
     np.testing.assert_array_equal(after, before)
+    assert _leftovers(tmp_path) == []
+
+
+def test_outputs_that_would_eat_their_inputs_or_each_other_are_refused(
+    small_sim, tmp_path, capsys, monkeypatch
+):
+    """A checkpoint inside the results folder, predictions written over the saved fit or
+    the scenarios, a results folder that is this folder, one above it or a mount point:
+    each refused in one line before any work, nothing replaced (issue: nothing lost)."""
+    table = tmp_path / "t.csv"
+    small_sim.frame.to_csv(table, index=False)
+    fit = tmp_path / "fit"
+    quick = ["--steps", "20", "--samples", "50", "--no-progress", "--diagnostic-draws", "0"]
+    assert main(["fit", str(table), *quick, "--out", str(fit)]) == 0
+    saved = (fit / "fit.json").read_text()
+    capsys.readouterr()
+    refusals = [
+        (["fit", str(table), *quick, "--out", str(fit), "--checkpoint", str(fit / "c")], "lies in"),
+        (["fit", str(table), *quick, "--out", str(fit), "--checkpoint", str(fit)], "lies in"),
+        (["predict", str(fit), str(table), "--out", str(fit / "fit.json")], "would overwrite"),
+        (["predict", str(fit), str(table), "--out", str(table)], "would overwrite"),
+        (["fit", str(table), *quick, "--out", "."], "this folder or one above it"),
+        (["fit", str(table), *quick, "--out", ".."], "this folder or one above it"),
+    ]
+    monkeypatch.chdir(fit.parent)
+    for argv, words in refusals:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and words in err and "\n" not in err, (argv, err)
+    assert (fit / "fit.json").read_text() == saved and table.stat().st_size > 0
+    with pytest.raises(OutputError, match="a mount point"):
+        AtomicFolder("/", owns=["fit.json"])
     assert _leftovers(tmp_path) == []

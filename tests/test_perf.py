@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import hbjax
-from hbjax import perf
+from hbjax.vi import perf
 
 
 def report(n_units, layout, guide_name="unitblock", particle_map="auto"):
@@ -16,7 +16,9 @@ def report(n_units, layout, guide_name="unitblock", particle_map="auto"):
     guide = hbjax.make_guide(guide_name, model, loc=model.init_latents(data.rows))
 
     def objective(model, guide, panel, *, key):
-        return hbjax.objectives.renyi_elbo(model, guide, panel, key=key, particle_map=particle_map)
+        return hbjax.vi.objectives.renyi_elbo(
+            model, guide, panel, key=key, particle_map=particle_map
+        )
 
     text = perf.step_program(model, guide, placed, key=jax.random.key(0), objective=objective)
     return perf.program_report(text)

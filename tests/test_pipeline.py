@@ -70,7 +70,7 @@ def _elasticities_by_currency(frame, intercept_prior, factors, steps=None):
     return fits
 
 
-@pytest.mark.filterwarnings("ignore::hbjax.fit.ConvergenceWarning")
+@pytest.mark.filterwarnings("ignore::hbjax.ConvergenceWarning")
 def test_elasticities_do_not_depend_on_the_currency_unit():
     """The same panel with prices in dollars, cents and thousands: the same elasticities
     (to 0.1 posterior sd), where the article's intercept prior at a price of 1 moves them

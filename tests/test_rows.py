@@ -8,8 +8,8 @@ import pytest
 from tolerances import assert_f32_close, f32_rtol
 
 import hbjax
-from hbjax import layers
 from hbjax.parallel.rows import RowSampler, UnitRows, shard_rows
+from hbjax.vi import layers
 
 
 class Latents(eqx.Module):

@@ -86,14 +86,14 @@ def test_loss_and_gradients_match_unsharded(n_devices, layout, cell_chunk, parti
     @eqx.filter_jit
     def loss_and_grad(guide, panel):
         return eqx.filter_value_and_grad(
-            lambda g: hbjax.objectives.renyi_elbo(
+            lambda g: hbjax.vi.objectives.renyi_elbo(
                 model, g, panel, key=key, num_particles=4, particle_map=particle_map
             )
         )(guide)
 
     reference = eqx.filter_jit(
         eqx.filter_value_and_grad(
-            lambda g, panel: hbjax.objectives.renyi_elbo(
+            lambda g, panel: hbjax.vi.objectives.renyi_elbo(
                 model, g, panel, key=key, num_particles=4, particle_map="sequential"
             )
         )

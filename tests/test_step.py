@@ -9,7 +9,7 @@ import pytest
 from tolerances import assert_f32_close
 
 import hbjax
-from hbjax.step import NEVER, start_averaging
+from hbjax.vi.step import NEVER, start_averaging
 
 pytestmark = pytest.mark.usefixtures("standard_promotion")
 
@@ -41,7 +41,7 @@ def test_the_average_is_the_mean_of_the_iterates_since_it_began(small_data, smal
     panel = small_data.rows
     placed = small_data.grid(hbjax.make_mesh(1))
     guide = hbjax.make_guide("unitblock", small_model, loc=small_model.init_latents(panel))
-    svi = hbjax.SVI(small_model, hbjax.objectives.renyi_elbo, optax.adam(1e-2))
+    svi = hbjax.SVI(small_model, hbjax.vi.objectives.renyi_elbo, optax.adam(1e-2))
     step = eqx.filter_jit(svi.step)  # the README's use
     state = svi.init(guide)
     assert int(state.average_from) == NEVER and svi.guide(state) is state.guide

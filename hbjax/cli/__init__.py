@@ -9,7 +9,6 @@ and exits with status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import signal
 import sys
@@ -26,31 +25,32 @@ import pandas as pd
 from jax.sharding import Mesh
 
 from .. import __version__
-from ..checkpoint import CheckpointError
-from ..convergence import Convergence
 from ..counts import elasticity_data, fit_counts, prepare
+from ..counts.check import PredictiveCheck
+from ..counts.families import LIKELIHOODS
 from ..counts.fit import DEFAULT_GUIDE, SEEDS, FitConfig
 from ..counts.frame import INTERCEPT_PRIORS
 from ..counts.report import FitReport
-from ..data import (
-    DataValidationError,
-    DataWarning,
-)
+from ..counts.simulate import simulate
 from ..extras import optional_import
-from ..families import LIKELIHOODS
-from ..fit import ConvergenceWarning, FitResult, NonFiniteLossError
-from ..guide import GUIDES
-from ..guide_check import (
-    NutsCheck,
-    PredictiveCheck,
-    UnitImportance,
+from ..io.outputs import (
+    AtomicFolder,
+    OutputError,
+    check_file_destination,
+    is_within,
+    write_file_atomically,
 )
-from ..layers import HIERARCHIES
-from ..objectives import GRADIENTS
-from ..outputs import AtomicFolder, OutputError, check_file_destination, write_file_atomically
+from ..io.tables import DataValidationError, DataWarning
 from ..parallel.blocks import ShardingError, make_mesh
 from ..parallel.hosts import DistributedConfig, initialize_distributed
-from ..simulate import simulate
+from ..vi.checkpoint import CheckpointError
+from ..vi.checks import NutsCheck, UnitImportance
+from ..vi.compilation import use_persistent_cache
+from ..vi.convergence import Convergence
+from ..vi.fit import ConvergenceWarning, FitResult, NonFiniteLossError
+from ..vi.guide import GUIDES
+from ..vi.layers import HIERARCHIES
+from ..vi.objectives import GRADIENTS
 from .tables import check_saved_fit, column_arguments, count_data, predict_saved_fit
 
 USER_ERROR = 2
@@ -559,6 +559,12 @@ def run_fit(args: argparse.Namespace) -> int:
         except ImportError as exc:
             raise UserError(str(exc)) from None
     config = _fit_config(args)
+    if args.checkpoint is not None and is_within(args.checkpoint, args.out):
+        raise UserError(
+            f"--checkpoint {args.checkpoint!r} lies in --out {args.out!r}, which a finished fit "
+            "replaces whole; put the checkpoints beside it (e.g. --checkpoint "
+            f"{args.out.rstrip('/')}-checkpoint)."
+        )
     _join_hosts(args)
     # only process 0 writes; checked (and staged) before the fit, replaced only when complete
     folder = None
@@ -647,7 +653,8 @@ def _print_checks(
 def run_predict(args: argparse.Namespace) -> int:
     """``hbjax predict``: expected units at new prices from a saved fit."""
     out = Path(args.out) if args.out is not None else Path(str(args.prices) + ".predictions.csv")
-    check_file_destination(out)  # before the work
+    fitted = [Path(args.fit_dir) / name for name in FIT_FOLDER]  # the fit's own files
+    check_file_destination(out, inputs=(*fitted, args.prices))  # before the work
     print(predict_saved_fit(args, out))
     return 0
 
@@ -720,27 +727,6 @@ def _show_warning(
         print(f"warning: {text} ({category.__name__} in {where})", file=sys.stderr)
 
 
-def _use_compilation_cache() -> None:
-    """Keep compiled programs between runs (JAX's persistent compilation cache).
-
-    In ``$JAX_COMPILATION_CACHE_DIR`` when set, else ``$XDG_CACHE_HOME/hbjax/xla``
-    (``~/.cache/hbjax/xla``); ``HBJAX_COMPILATION_CACHE=0`` turns it off. A second fit of
-    the same shapes skips most of its compile (3 s of 15 s at 10k products on 2 cores).
-    """
-    if os.environ.get("HBJAX_COMPILATION_CACHE", "1") == "0":
-        return
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return  # JAX reads it itself
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    directory = os.path.join(root, "hbjax", "xla")
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError:
-        return  # a speed-up only: no cache where none can be written
-    if os.access(directory, os.W_OK):
-        jax.config.update("jax_compilation_cache_dir", directory)
-
-
 class _Terminated(Exception):
     """SIGTERM arrived (a job scheduler ending the run)."""
 
@@ -765,7 +751,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check": run_check,
     }
     if args.command in ("demo", "fit", "check"):
-        _use_compilation_cache()
+        use_persistent_cache()
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)  # unwinds: staging removed

@@ -14,13 +14,13 @@ import jax
 import pandas as pd
 
 from ..counts import CountData, elasticity_data, load_fit, predict
+from ..counts.families import ARTICLE_CLIP
 from ..counts.frame import read_frame
 from ..counts.report import price_slope
-from ..data import DataValidationError
-from ..families import ARTICLE_CLIP
-from ..guide_check import NutsCheck, UnitImportance, nuts_check, on_value_scale, unit_importance
-from ..layers import Centred
-from ..outputs import write_file_atomically
+from ..io.outputs import write_file_atomically
+from ..io.tables import DataValidationError
+from ..vi.checks import NutsCheck, UnitImportance, nuts_check, on_value_scale, unit_importance
+from ..vi.layers import Centred
 
 
 def _names(text: str, flag: str) -> tuple[str, ...]:

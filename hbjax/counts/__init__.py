@@ -35,4 +35,10 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-__getattr__, __dir__ = lazy_module(__name__, _EXPORTS)
+#: Submodules reachable as attributes (``hbjax.counts.families``, ...).
+_SUBMODULES = (
+    "article", "check", "export", "families", "fit", "frame", "grid", "plots", "reader",
+    "regression", "report", "saved", "simulate", "slopes", "stats", "whatif",
+)  # fmt: skip
+
+__getattr__, __dir__ = lazy_module(__name__, _EXPORTS, _SUBMODULES)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from ..data import DataValidationError
+from ..io.tables import DataValidationError
 from .frame import CountData, CountSpec, elasticity_terms, from_file, from_frame
 from .reader import is_rows_folder, read_rows, write_rows
 

@@ -11,16 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from .. import checkpoint
 from .._types import PyTree
-from ..convergence import Convergence
-from ..families import AbstractCountLikelihood
-from ..fit import FitResult, default_optimizer, fit
-from ..guide import GUIDES, AbstractGuide, inverse_softplus, make_guide
-from ..objectives import RenyiBound
 from ..parallel.blocks import make_mesh
 from ..parallel.layouts import AbstractLayout, Auto, Dense, Rows, as_layout
+from ..vi import checkpoint
+from ..vi.convergence import Convergence
+from ..vi.fit import FitResult, default_optimizer, fit
+from ..vi.guide import GUIDES, AbstractGuide, inverse_softplus, make_guide
 from ..vi.model import AbstractModel
+from ..vi.objectives import RenyiBound
+from .families import AbstractCountLikelihood
 from .frame import CountData
 from .grid import GridError
 
@@ -55,7 +55,7 @@ class FitConfig:
         alpha: Rényi alpha (0: importance-weighted bound).
         learning_rate: Adam's initial rate (decayed per 1,000 steps, or per 1,000 epochs).
         mcse: stop when the Monte Carlo error of the averaged means is at most this many
-            posterior sds (:class:`hbjax.convergence.Convergence`).
+            posterior sds (:class:`hbjax.vi.convergence.Convergence`).
         seed: the PRNG seed of the fit (and of the minibatch sampler).
         checkpoint_dir: save the state there (``None``: no checkpoints).
         checkpoint_every: steps between checkpoints.

@@ -24,23 +24,23 @@ import numpy as np
 import pandas as pd
 from jax.sharding import Mesh
 
-from ..data import (
+from ..io.tables import (
     DataValidationError,
-    _factorize,
-    _numeric,
-    _period_values,
-    _rows,
-    _show,
+    factorize,
+    numeric_column,
+    period_values,
     read_table,
+    shown,
+    which_rows,
 )
-from ..families import AbstractCountLikelihood, checked_clip, make_likelihood
-from ..guide import GaussianGuide, linear_moments
-from ..layers import HIERARCHIES, AbstractHierarchy, Normal, as_hierarchy
 from ..parallel.rows import UnitRows
+from ..vi.guide import GaussianGuide, linear_moments
+from ..vi.layers import HIERARCHIES, AbstractHierarchy, Normal, as_hierarchy
+from .families import AbstractCountLikelihood, checked_clip, make_likelihood
 from .grid import CountGrid, GridError, place_grid
 from .regression import CountLatents, CountRegression, UnitTable
 from .slopes import GLOBAL, UNIT, HierarchicalSlope
-from .stats import describe, gaussian
+from .stats import draw_summary, gaussian_summary
 
 #: Where the intercepts' prior sits: at each unit's mean covariates, or at covariates 0.
 INTERCEPT_PRIORS = ("reference", "zero")
@@ -201,8 +201,8 @@ class CountData:
             first = pair[twice[0]]
             u, t = divmod(int(first), len(self.periods))
             raise GridError(
-                f"unit {_show(self.units[u])} has more than one row in period "
-                f"{_show(self.periods[t])}; the grid holds one per unit and period (fit the "
+                f"unit {shown(self.units[u])} has more than one row in period "
+                f"{shown(self.periods[t])}; the grid holds one per unit and period (fit the "
                 "rows instead, or add the rows up)."
             )
         return place_grid(
@@ -258,7 +258,7 @@ class CountData:
         key = jax.random.key(0) if key is None else key
         natural = self.natural_draws(guide, draws, key)
         return self._tables(
-            jax.tree.map(lambda v: describe(v.reshape(draws, -1)), natural),
+            jax.tree.map(lambda v: draw_summary(v.reshape(draws, -1)), natural),
             f"monte carlo ({draws} draws)",
         )
 
@@ -310,7 +310,7 @@ class CountData:
 
 def _exact_stats(mean: CountLatents, sd: CountLatents) -> CountLatents:
     """Per value: the summary of a normal, or of its exp or sigmoid (see ``summary``)."""
-    stats = jax.tree.map(gaussian, mean, sd)
+    stats = jax.tree.map(gaussian_summary, mean, sd)
     if mean.dispersion is not None:
         stats = eqx.tree_at(
             lambda s: s.dispersion, stats, _log_normal(mean.dispersion, sd.dispersion)
@@ -333,7 +333,7 @@ def _exact_stats(mean: CountLatents, sd: CountLatents) -> CountLatents:
 def _log_normal(m: np.ndarray, s: np.ndarray) -> dict[str, np.ndarray | np.floating]:
     """``exp(N(m, s^2))``: mean, sd, quantiles."""
     m, s = np.asarray(m, np.float64), np.asarray(s, np.float64)
-    out = {k: np.exp(v) for k, v in gaussian(m, s).items() if k not in ("mean", "sd")}
+    out = {k: np.exp(v) for k, v in gaussian_summary(m, s).items() if k not in ("mean", "sd")}
     mean = np.exp(m + 0.5 * s * s)
     return {"mean": mean, "sd": mean * np.sqrt(np.expm1(s * s)), **out}
 
@@ -342,7 +342,9 @@ def _logit_normal(m: np.ndarray, s: np.ndarray) -> dict[str, np.ndarray | np.flo
     """``sigmoid(N(m, s^2))``: quantiles exact, mean and sd by quadrature."""
     m, s = np.asarray(m, np.float64), np.asarray(s, np.float64)
     out = {
-        k: 1.0 / (1.0 + np.exp(-v)) for k, v in gaussian(m, s).items() if k not in ("mean", "sd")
+        k: 1.0 / (1.0 + np.exp(-v))
+        for k, v in gaussian_summary(m, s).items()
+        if k not in ("mean", "sd")
     }
     # the trapezoid rule over +-12 sd: exact to float64 for this smooth, fast-decaying
     # integrand (Gauss-Hermite nodes converge slowly once sd is a few units)
@@ -414,7 +416,7 @@ def from_frame(
         zero_inflation: ``True`` (prior ``N(-2, 2)`` on the logit of the structural-zero
             share), ``(mean, sd)`` of that prior, or ``False``.
         hierarchy: ``"centred"`` (default: much data per value) or ``"noncentred"``, or
-            the :mod:`hbjax.layers` module itself.
+            the :mod:`hbjax.vi.layers` module itself.
         intercept: ``(mean, sd)`` of the intercepts' prior.
         intercept_prior: ``"reference"``: the prior sits on each unit's log rate at its
             mean covariates (weighted by ``counts + 1/2``), free of the covariates' units;
@@ -442,8 +444,8 @@ def from_frame(
     if not isinstance(frame, pd.DataFrame):
         raise DataValidationError(
             f"expected a pandas DataFrame, got {type(frame).__name__}; use "
-            "hbjax.counts.from_file(path, ...) or hbjax.data.read_table(path) for CSV or Parquet "
-            "files."
+            "hbjax.counts.from_file(path, ...) or hbjax.io.tables.read_table(path) for CSV or "
+            "Parquet files."
         )
     options, likelihood = checked_model_options(
         likelihood=likelihood,
@@ -536,7 +538,7 @@ def read_frame(
     """A table as :func:`from_file` reads it: ``labels`` as text, ``period`` parsed."""
     frame = read_table(path, labels=list(labels))
     if period is not None and period in frame.columns:
-        frame[period] = _period_values(frame, period)
+        frame[period] = period_values(frame, period)
     return frame
 
 
@@ -569,6 +571,13 @@ def _check_arguments(
                 f"missing column {missing[0]!r} ({role}); the table has columns "
                 f"{list(map(str, frame.columns))}."
             )
+    kept = [g for g in groups if g in (UNIT, GLOBAL)]
+    if kept:
+        raise DataValidationError(
+            f"a group column may not be named {kept[0]!r}: hbjax names its levels 'unit' (each "
+            f"unit) and 'global' (the top); rename the column, e.g. "
+            f"df.rename(columns={{{kept[0]!r}: {kept[0] + '_group'!r}}})."
+        )
     if len(set(groups)) != len(groups) or unit in groups:
         raise DataValidationError(
             f"groups must be distinct columns other than the unit; got {groups}."
@@ -603,7 +612,7 @@ def _check_arguments(
         missing = frame[column].isna().to_numpy()
         if missing.any():
             raise DataValidationError(
-                f"column {column!r} has missing labels in {_rows(frame, missing)}; fill or "
+                f"column {column!r} has missing labels in {which_rows(frame, missing)}; fill or "
                 "drop those rows."
             )
 
@@ -614,7 +623,7 @@ def _levels(
     """Each level's labels and each unit's code at every level; the nesting checked."""
     level_codes, labels, unit_level = {}, {}, {}
     for finer, group in zip((unit, *groups), groups, strict=False):
-        codes, labels[group] = _factorize(frame[group])
+        codes, labels[group] = factorize(frame[group])
         level_codes[group] = codes
         per_unit = np.full(n_units, -1, np.int32)
         per_unit[unit_codes] = codes
@@ -622,8 +631,8 @@ def _levels(
         if conflict.any():
             bad = frame[unit].to_numpy()[conflict][0]
             raise DataValidationError(
-                f"unit {_show(bad)} (column {unit!r}) appears in more than one group (column "
-                f"{group!r}) in {_rows(frame, conflict)}; each unit needs one {group!r}."
+                f"unit {shown(bad)} (column {unit!r}) appears in more than one group (column "
+                f"{group!r}) in {which_rows(frame, conflict)}; each unit needs one {group!r}."
             )
         unit_level[group] = per_unit
         if finer != unit:  # each finer group within one of this level's
@@ -633,19 +642,19 @@ def _levels(
             if broken.any():
                 bad = labels[finer][level_codes[finer][broken][0]]
                 raise DataValidationError(
-                    f"{finer!r} {_show(bad)} lies in more than one {group!r} "
-                    f"({_rows(frame, broken)}); groups= must nest, finest first."
+                    f"{finer!r} {shown(bad)} lies in more than one {group!r} "
+                    f"({which_rows(frame, broken)}); groups= must nest, finest first."
                 )
     return labels, unit_level
 
 
 def _finite(frame: pd.DataFrame, column: str) -> np.ndarray:
-    values = _numeric(frame, column)
+    values = numeric_column(frame, column)
     bad = ~np.isfinite(values)
     if bad.any():
         raise DataValidationError(
-            f"column {column!r} must be finite; found {_show(values[bad][0])} in "
-            f"{_rows(frame, bad)}. Drop or fill those rows."
+            f"column {column!r} must be finite; found {shown(values[bad][0])} in "
+            f"{which_rows(frame, bad)}. Drop or fill those rows."
         )
     return values
 
@@ -657,7 +666,7 @@ def _covariate(frame: pd.DataFrame, slope: Slope) -> np.ndarray:
         if bad.any():
             raise DataValidationError(
                 f"column {slope.column!r} must be > 0 (its log is used); found "
-                f"{_show(values[bad][0])} in {_rows(frame, bad)}."
+                f"{shown(values[bad][0])} in {which_rows(frame, bad)}."
             )
         values = np.log(values)
     return values
@@ -666,7 +675,7 @@ def _covariate(frame: pd.DataFrame, slope: Slope) -> np.ndarray:
 def _cells(frame: pd.DataFrame, effect: Effect) -> tuple[np.ndarray, pd.Index]:
     """Each row's cell of ``effect`` and the cells' labels (sorted where they can be)."""
     if len(effect.labels) == 1:
-        return _factorize(frame[effect.labels[0]])
+        return factorize(frame[effect.labels[0]])
     keys = frame[list(effect.labels)]
     try:
         grouped = keys.groupby(list(effect.labels), sort=True, observed=True)

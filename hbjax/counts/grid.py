@@ -32,21 +32,21 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
 from .._types import AnyArray
-from ..families import AbstractCountLikelihood, Poisson
 from ..parallel.blocks import (
     DATA_AXIS,
-    _local_blocks,
     checked_block_count,
     chunk_sums,
     default_block_count,
     default_cell_chunk,
+    local_blocks,
     per_block_segment_sum,
     plan_blocks,
-    replicate,
     slot_plan,
     sum_over_blocks,
 )
-from ..parallel.rows import UnitRows, _place
+from ..parallel.rows import UnitRows, place_stacked
+from ..vi.devices import replicate
+from .families import AbstractCountLikelihood, Poisson
 
 if TYPE_CHECKING:
     from .regression import CountLatents, CountRegression
@@ -177,7 +177,7 @@ def place_grid(
         cell_chunk = default_cell_chunk(first_key, units, mesh.devices.flat[0].platform)
     slots, slot_of_unit, block_slot_unit = slot_plan(first_key, units, cell_chunk)
     block_of_unit = np.repeat(np.arange(n_blocks), np.diff(units))
-    local = _local_blocks(mesh, n_blocks)
+    local = local_blocks(mesh, n_blocks)
     position = np.full(n_blocks, -1, np.int64)
     position[local] = np.arange(len(local))
     row_block = position[block_of_unit[unit]]
@@ -211,7 +211,7 @@ def place_grid(
     poisson = isinstance(model.likelihood, Poisson) and model.zero_inflation is None
     if not poisson:
         host["counts"] = on_grid(counts)
-    placed = _place(mesh, host, n_blocks * slots, stacked=False)
+    placed = place_stacked(mesh, host, n_blocks * slots, stacked=False)
     constant = -np.sum(np.asarray(columns["log_factorial"], np.float64))
     if poisson and "offset" in columns:
         constant += np.sum(counts * np.asarray(columns["offset"], np.float64))

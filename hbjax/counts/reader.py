@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -30,26 +31,27 @@ import pandas as pd
 from jax.scipy.special import gammaln
 from tqdm.auto import tqdm
 
-from ..data import (
+from ..io.outputs import AtomicFolder
+from ..io.tables import (
     DataValidationError,
-    _check_spaces,
-    _factorize,
-    _period_values,
-    _reader,
-    _rows,
-    _show,
+    DataWarning,
     check_counts,
+    check_spaces,
     csv_options,
     duplicate_pair_error,
+    factorize,
+    period_values,
     readable_kind,
+    reader_kind,
+    shown,
     warn_constant_units,
     warn_lone_groups,
     warn_no_sales,
+    which_rows,
     write_labels,
 )
-from ..families import AbstractCountLikelihood
-from ..outputs import AtomicFolder
 from ..parallel.rows import UnitRows
+from .families import AbstractCountLikelihood
 from .frame import (
     CountData,
     CountSpec,
@@ -82,6 +84,7 @@ class _Labels:
     unit_rows: np.ndarray
     mean: dict[str, np.ndarray]
     constant: dict[str, np.ndarray]
+    span: dict[str, tuple[float, float]]
     n_rows: int
     chunks: int
     sales: bool
@@ -191,15 +194,15 @@ def _scan(chunks: Iterable[pd.DataFrame], spec: CountSpec, bar: tqdm | None) -> 
     if n_rows == 0:
         raise DataValidationError("the table is empty; it needs at least one row.")
     table = pd.concat(units).drop_duplicates() if len(units) > 1 else units[0]
-    unit_codes, unit_labels = _factorize(table[spec.unit])
+    unit_codes, unit_labels = factorize(table[spec.unit])
     n_units = len(unit_labels)
-    _check_spaces(unit_labels, spec.unit)
+    check_spaces(unit_labels, spec.unit)
     levels, unit_level = _levels(table, spec.unit, unit_codes, n_units, spec.groups)
     for group in spec.groups:
-        _check_spaces(levels[group], group)
+        check_spaces(levels[group], group)
     if n_units < 2:
         raise DataValidationError(
-            f"the table has a single unit ({_show(unit_labels[0])} in column {spec.unit!r}); a "
+            f"the table has a single unit ({shown(unit_labels[0])} in column {spec.unit!r}); a "
             "hierarchical model pools several units: fit at least 2."
         )
     cells = {}
@@ -210,17 +213,19 @@ def _scan(chunks: Iterable[pd.DataFrame], spec: CountSpec, bar: tqdm | None) -> 
         )[1]
     period_labels = None
     if spec.period is not None:
-        _, period_labels = _factorize(pd.Series(pd.unique(pd.concat(periods)), name=spec.period))
+        _, period_labels = factorize(pd.Series(pd.unique(pd.concat(periods)), name=spec.period))
         if len(period_labels) < 2:
             raise DataValidationError(
-                f"the table has a single period ({_show(period_labels[0])} in column "
+                f"the table has a single period ({shown(period_labels[0])} in column "
                 f"{spec.period!r}); slopes are identified from covariates changing over time: "
                 "give at least 2 periods."
             )
     per_unit = _merge_sums(sums)
     per_unit = per_unit.iloc[np.argsort(unit_labels.get_indexer(per_unit.index), kind="stable")]
-    mean, constant = {}, {}
+    mean, constant, span = {}, {}, {}
     for slope in spec.slopes:
+        low, high = per_unit[f"low {slope.name}"], per_unit[f"high {slope.name}"]
+        span[slope.name] = (float(low.min()), float(high.max()))
         mean[slope.name] = per_unit[f"wx {slope.name}"].to_numpy() / per_unit["w"].to_numpy()
         same = per_unit[f"low {slope.name}"].to_numpy() == per_unit[f"high {slope.name}"].to_numpy()
         constant[slope.name] = np.flatnonzero(same)
@@ -233,6 +238,7 @@ def _scan(chunks: Iterable[pd.DataFrame], spec: CountSpec, bar: tqdm | None) -> 
         unit_rows=per_unit["rows"].to_numpy().astype(np.int64),
         mean=mean,
         constant=constant,
+        span=span,
         n_rows=n_rows,
         chunks=n_chunks,
         sales=sales,
@@ -321,7 +327,7 @@ def _check_chunk_pairs(chunk: pd.DataFrame, spec: CountSpec, key: np.ndarray) ->
     twice = pd.Series(key).duplicated(keep=False).to_numpy()
     first = chunk[twice].iloc[0]
     roles = {"unit": spec.unit, "period": spec.period}
-    where = f"{_rows(chunk, twice)} are duplicates"
+    where = f"{which_rows(chunk, twice)} are duplicates"
     raise duplicate_pair_error(roles, first[spec.unit], first[spec.period], where)
 
 
@@ -371,7 +377,17 @@ def _count_data(
 def warn_weak(spec: CountSpec, labels: _Labels) -> None:
     """Warn about what the table says little of: constant covariates, lone groups, no sales."""
     for slope in spec.slopes:
-        if UNIT in slope.over:
+        low, high = labels.span[slope.name]
+        if low == high:  # the table says nothing about this slope
+            value = f"{np.exp(low) if slope.log else low:g}"
+            warnings.warn(
+                f"column {slope.column!r} is {value} in every row: "
+                f"the data say nothing about its slope, so its estimates are the prior's. Drop "
+                "the column, or check that it is the one you meant.",
+                DataWarning,
+                stacklevel=4,
+            )
+        elif UNIT in slope.over:
             what = f"slopes of {slope.name!r}"
             warn_constant_units(
                 labels.constant[slope.name], labels.units, spec.unit, slope.column, what
@@ -388,7 +404,7 @@ def file_chunks(
 ) -> Callable[[], Iterator[pd.DataFrame]]:
     """A file's rows in chunks of ``chunk_rows``, indexed by position; labels as text.
 
-    Label columns are read from a CSV exactly as written (:func:`hbjax.data.csv_options`);
+    Label columns are read from a CSV exactly as written (:func:`hbjax.io.tables.csv_options`);
     periods parsed as integers or dates, one kind throughout the file.
     """
     kind = readable_kind(path)
@@ -418,7 +434,7 @@ def file_chunks(
                 chunk.index = pd.RangeIndex(offset, offset + len(chunk))
                 offset += len(chunk)
                 if spec.period is not None and spec.period in chunk.columns and len(chunk):
-                    chunk[spec.period] = _period_values(chunk, spec.period)
+                    chunk[spec.period] = period_values(chunk, spec.period)
                     is_date = pd.api.types.is_datetime64_any_dtype(chunk[spec.period])
                     now = "dates" if is_date else "integers"
                     if period_kind not in (None, now):
@@ -443,7 +459,7 @@ def file_chunks(
 
 def _row_count(path: Path) -> int | None:
     """Rows of a Parquet file from its metadata (a CSV's are unknown until read)."""
-    if _reader(path) != "Parquet" or not path.is_file():
+    if reader_kind(path) != "Parquet" or not path.is_file():
         return None
     try:
         import pyarrow.parquet as pq
@@ -488,7 +504,7 @@ def write_rows(
     Raises:
         DataValidationError: as :func:`~hbjax.counts.from_frame`, rows named by their
             0-based position in the file.
-        hbjax.outputs.OutputError: ``directory`` holds other files, or cannot be written.
+        hbjax.io.outputs.OutputError: ``directory`` holds other files, or cannot be written.
     """
     if (
         isinstance(chunk_rows, bool)
@@ -615,6 +631,7 @@ def read_rows(directory: str | os.PathLike[str], **options: object) -> CountData
         unit_rows=np.zeros(0, np.int64),
         mean={s.name: np.load(folder / f"mean_{i}.npy") for i, s in enumerate(spec.slopes)},
         constant={},
+        span={},
         n_rows=int(store["n_rows"]),
         chunks=0,
         sales=True,

@@ -33,9 +33,9 @@ import numpy as np
 from jaxtyping import Array, Float, Int, Scalar
 
 from .._types import LatentLeaf
-from ..families import AbstractCountLikelihood, checked_clip, make_likelihood
-from ..layers import HALF_LOG_2PI, Normal
 from ..parallel.rows import AbstractRowModel, UnitRows
+from ..vi.layers import HALF_LOG_2PI, Normal
+from .families import AbstractCountLikelihood, checked_clip, make_likelihood
 from .grid import CountGrid, grid_log_likelihood
 from .slopes import UNIT, HierarchicalSlope
 

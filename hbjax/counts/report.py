@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
-from ..fit import FitResult
-from ..guide import GaussianGuide
-from ..guide_check import PredictiveCheck, UnitImportance, unit_importance
-from .check import predictive_check
+from ..vi.checks import UnitImportance, unit_importance
+from ..vi.fit import FitResult
+from ..vi.guide import GaussianGuide
+from .check import PredictiveCheck, predictive_check
 from .fit import FitConfig
 from .frame import CountData, Slope
 from .saved import save_fit
@@ -232,13 +232,7 @@ class FitReport:
         Each unit's price elasticity around its finest group, a forest of every level's
         elasticities, the predictive check per group.
         """
-        from ..plots import (
-            Summary,
-            loss_trace,
-            predictive_plot,
-            save_figures,
-            write_hierarchy_plots,
-        )
+        from .plots import Summary, loss_trace, predictive_plot, save_figures, write_hierarchy_plots
 
         price, levels = price_slope(self.data), list(self.data.levels)
         if price is None or not levels:

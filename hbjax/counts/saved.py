@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import pandas as pd
 
 from .. import __version__
-from ..data import DataValidationError, read_labels, write_labels
-from ..families import LIKELIHOODS
-from ..fit import FitResult
-from ..guide import GUIDES, AbstractGuide, LowRankNormal, make_guide
+from ..io.tables import DataValidationError, read_labels, write_labels
+from ..vi.fit import FitResult
+from ..vi.guide import GUIDES, AbstractGuide, LowRankNormal, make_guide
+from .families import LIKELIHOODS
 from .frame import CountData, CountSpec, build_model
 from .regression import UnitTable
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, Scalar
 
-from ..layers import HALF_LOG_2PI, AbstractHierarchy, Centred, Normal
+from ..vi.layers import HALF_LOG_2PI, AbstractHierarchy, Centred, Normal
 
 #: The latent key of a slope's per-unit values.
 UNIT = "unit"
@@ -39,7 +39,7 @@ class HierarchicalSlope(eqx.Module):
         scales: prior sd of each level's values around their parents (``levels`` order).
         unit_scale: prior sd of each unit's value around its finest group; ``None``: the
             slope does not vary by unit.
-        hierarchy: :class:`~hbjax.layers.Centred` or :class:`~hbjax.layers.NonCentred`.
+        hierarchy: :class:`~hbjax.vi.layers.Centred` or :class:`~hbjax.vi.layers.NonCentred`.
     """
 
     top: Normal

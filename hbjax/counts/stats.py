@@ -10,7 +10,7 @@ import numpy as np
 QUANTILES = {"q05": 0.05, "q50": 0.5, "q95": 0.95}
 
 
-def describe(draws: np.ndarray) -> dict[str, np.ndarray]:
+def draw_summary(draws: np.ndarray) -> dict[str, np.ndarray]:
     """Mean, sd and quantiles over the leading (sample) axis."""
     draws = np.asarray(draws, dtype=np.float64)
     stats = {
@@ -22,7 +22,7 @@ def describe(draws: np.ndarray) -> dict[str, np.ndarray]:
     return stats
 
 
-def gaussian(mean: np.ndarray, sd: np.ndarray) -> dict[str, np.ndarray]:
+def gaussian_summary(mean: np.ndarray, sd: np.ndarray) -> dict[str, np.ndarray]:
     """Mean, sd and quantiles of normals (the exact summaries of a Gaussian marginal)."""
     mean, sd = np.asarray(mean, np.float64), np.asarray(sd, np.float64)
     stats = {"mean": mean, "sd": sd}
@@ -30,4 +30,4 @@ def gaussian(mean: np.ndarray, sd: np.ndarray) -> dict[str, np.ndarray]:
     return stats
 
 
-__all__ = ["QUANTILES", "describe", "gaussian"]
+__all__ = ["QUANTILES", "draw_summary", "gaussian_summary"]

@@ -19,7 +19,7 @@ import pandas as pd
 from jaxtyping import Float, Int
 
 from .._types import AnyArray, PRNGKeyArray
-from ..data import DataValidationError, DataWarning, _rows, _show
+from ..io.tables import DataValidationError, DataWarning, shown, which_rows
 from ..parallel.rows import UnitRows
 from .frame import CountData, CountSpec, Effect, _covariate, _finite
 
@@ -98,7 +98,7 @@ def predict(
     draws = guide.sample(num_samples, key=key)  # type: ignore[attr-defined]
     log_rate = np.asarray(_log_rates(model, draws, rows, averaged), np.float64)
     return with_expected_units(
-        frame, log_rate, interval, lambda i: f"(e.g. unit {_show(frame[spec.unit].iloc[i])})"
+        frame, log_rate, interval, lambda i: f"(e.g. unit {shown(frame[spec.unit].iloc[i])})"
     )
 
 
@@ -148,9 +148,10 @@ def _row_labels(
             if wrong.any():
                 first = int(np.flatnonzero(wrong)[0])
                 raise DataValidationError(
-                    f"column {group!r} says {_show(given[first])} for unit "
-                    f"{_show(frame[spec.unit].iloc[first])}, which the fit has in "
-                    f"{_show(implied[first])} ({_rows(frame, wrong)}); drop the column or fix it."
+                    f"column {group!r} says {shown(given[first])} for unit "
+                    f"{shown(frame[spec.unit].iloc[first])}, which the fit has in "
+                    f"{shown(implied[first])} ({which_rows(frame, wrong)}); drop the column or "
+                    "fix it."
                 )
         labels[group] = implied
     for effect in spec.effects:
@@ -172,8 +173,8 @@ def _cell_codes(
     if (codes < 0).any():
         first = int(np.flatnonzero(codes < 0)[0])
         raise DataValidationError(
-            f"effect {effect.name!r}: {_rows(frame, codes < 0)} lie in cells the fit has not "
-            f"seen (e.g. {_show(keys[first])}); leave out its column "
+            f"effect {effect.name!r}: {which_rows(frame, codes < 0)} lie in cells the fit has not "
+            f"seen (e.g. {shown(keys[first])}); leave out its column "
             f"{[c for c in effect.labels if c in frame.columns]} for the mean over fitted cells."
         )
     return jnp.asarray(codes, jnp.int32)
@@ -193,7 +194,7 @@ def _averaging(
     row_group = uniques.get_indexer(pd.MultiIndex.from_arrays([labels[c] for c in present]))
     if (row_group < 0).any():
         raise DataValidationError(
-            f"{_rows(frame, row_group < 0)} name {present} the fit's effect cells never have."
+            f"{which_rows(frame, row_group < 0)} name {present} the fit's effect cells never have."
         )
     return group.astype(np.int32), row_group.astype(np.int32), len(uniques)
 
@@ -220,8 +221,8 @@ def warn_far_from_typical(
         first = int(np.flatnonzero(far)[0])
         warnings.warn(
             f"{what} more than {FAR_PRICE_FACTOR:g}x above or below the unit's typical {what} "
-            f"in {_rows(frame, far)} (e.g. {np.exp(values_log[first]):.4g} for "
-            f"{_show(frame[unit].iloc[first])}, typically {np.exp(typical_log[first]):.4g}): "
+            f"in {which_rows(frame, far)} (e.g. {np.exp(values_log[first]):.4g} for "
+            f"{shown(frame[unit].iloc[first])}, typically {np.exp(typical_log[first]):.4g}): "
             "those predictions extrapolate the fitted demand curve far from the data.",
             DataWarning,
             stacklevel=4,
@@ -239,8 +240,8 @@ def fitted_units(units: pd.Index, frame: pd.DataFrame, column: str) -> np.ndarra
     if unknown.any():
         raise DataValidationError(
             f"{int(unknown.sum())} row(s) name units the fit has not seen (e.g. "
-            f"{_show(frame[column][unknown].iloc[0])} in column {column!r}, "
-            f"{_rows(frame, unknown)}); predict covers fitted units only."
+            f"{shown(frame[column][unknown].iloc[0])} in column {column!r}, "
+            f"{which_rows(frame, unknown)}); predict covers fitted units only."
         )
     return codes
 
@@ -263,7 +264,7 @@ def with_expected_units(
     if too_large.any():  # exp would overflow: inf units and NaN intervals, not an answer
         first = int(np.flatnonzero(too_large)[0])
         raise DataValidationError(
-            f"the values in {_rows(frame, too_large)} {example(first)} give expected units "
+            f"the values in {which_rows(frame, too_large)} {example(first)} give expected units "
             "beyond 1e300: they are far outside what the fit has seen; check their units "
             "(cents vs dollars?)."
         )

@@ -4,7 +4,7 @@ The mesh has one axis, ``"data"``. Units are cut into a fixed number of blocks o
 units (:func:`plan_blocks`); the block count depends on the data, not on the device count
 (:func:`default_block_count`), and each device holds an equal run of blocks. Per-block
 partial sums are combined in block order (:func:`sum_over_blocks`), so reductions are the
-same on 1, 2, 4 ... devices. Parameters are replicated (:func:`replicate`).
+same on 1, 2, 4 ... devices. Parameters are replicated (:func:`hbjax.vi.devices.replicate`).
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
-from jaxtyping import Array, Float, Int, PyTree
+from jax.sharding import AxisType, Mesh
+from jaxtyping import Array, Float, Int
 
 #: The mesh axis along which observation rows are split.
 DATA_AXIS = "data"
@@ -116,7 +115,7 @@ def _device_blocks(mesh: Mesh, n_blocks: int) -> list[range]:
     return [range(i * per_device, (i + 1) * per_device) for i in range(mesh.devices.size)]
 
 
-def _local_blocks(mesh: Mesh, n_blocks: int) -> list[int]:
+def local_blocks(mesh: Mesh, n_blocks: int) -> list[int]:
     """Blocks held by this process's devices, in mesh order."""
     blocks = _device_blocks(mesh, n_blocks)
     mine = [
@@ -126,42 +125,6 @@ def _local_blocks(mesh: Mesh, n_blocks: int) -> list[int]:
         for b in device_blocks
     ]
     return mine
-
-
-def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
-    """Place every array leaf of ``tree`` on every device of ``mesh`` (``P()``).
-
-    Each process passes the same values (e.g. a guide built from the same seed).
-    """
-    replicated = NamedSharding(mesh, P())
-
-    def place(x: object) -> object:
-        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            data = place(jax.random.key_data(x))
-            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already global
-            return jax.device_put(x, replicated)
-        if isinstance(x, jax.Array | np.ndarray | np.generic):
-            return jax.make_array_from_process_local_data(replicated, np.asarray(x))
-        return x
-
-    return jax.tree.map(place, tree)
-
-
-def to_host(tree: PyTree) -> PyTree:
-    """Replicated arrays → ordinary single-device arrays (this process's first copy).
-
-    Results then combine freely with other arrays, whatever mesh they were fitted on.
-    """
-
-    def local(x: object) -> object:
-        if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
-            if not x.sharding.is_fully_replicated:
-                raise ValueError("to_host takes replicated arrays; gather sharded ones first.")
-            return x.addressable_data(0)
-        return x
-
-    return jax.tree.map(local, tree)
 
 
 def checked_block_count(n_blocks: int, mesh: Mesh) -> int:
@@ -346,12 +309,6 @@ def draw_units(
     return np.concatenate(picks), np.concatenate(weights).astype(np.float32)
 
 
-def seed_from_key(key: jax.Array) -> int:
-    """The sampling seed :func:`hbjax.fit` derives from its PRNG key (host-side)."""
-    data = np.asarray(jax.random.key_data(key)).ravel()
-    return int(data[-1]) ^ (int(data[0]) << 32)
-
-
 __all__ = [
     "BLOCK_COUNTS",
     "checked_batch_size",
@@ -366,9 +323,6 @@ __all__ = [
     "make_mesh",
     "per_block_segment_sum",
     "plan_blocks",
-    "replicate",
-    "seed_from_key",
     "slot_plan",
     "sum_over_blocks",
-    "to_host",
 ]

@@ -31,20 +31,20 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int, PyTree, Scalar, Shaped
 
 from .._types import AnyArray
+from ..vi.host import AbstractHostData, AbstractSampler
 from ..vi.model import AbstractUnitBatch, AbstractUnitModel
 from .blocks import (
     DATA_AXIS,
     ShardingError,
-    _local_blocks,
     checked_batch_size,
     checked_block_count,
     default_block_count,
     draw_units,
+    local_blocks,
     make_mesh,
     plan_blocks,
     sum_over_blocks,
 )
-from .host import AbstractHostData, AbstractSampler
 
 
 class UnitRows(AbstractHostData):
@@ -129,6 +129,14 @@ class UnitRows(AbstractHostData):
             return jax.device_put(self), None
         return shard_rows(self, mesh), mesh
 
+    def check_model(self, model: object) -> None:
+        """Rows are read by an :class:`AbstractRowModel` only (``TypeError`` otherwise)."""
+        if not isinstance(model, AbstractRowModel):
+            raise TypeError(
+                f"minibatches of UnitRows need an hbjax.AbstractRowModel; "
+                f"{type(model).__name__} is not one."
+            )
+
     def sampler(self, batch_size: int, mesh: Mesh | None, seed: int) -> RowSampler:
         """A :class:`RowSampler` of ``batch_size`` units per step."""
         return RowSampler(self, batch_size, mesh=mesh, seed=seed)
@@ -165,7 +173,7 @@ def _gather_rows(rows: UnitRows, index: np.ndarray, weight: np.ndarray, unit: np
     }
 
 
-def _place(mesh: Mesh, host: dict, total: int, *, stacked: bool) -> dict:
+def place_stacked(mesh: Mesh, host: dict, total: int, *, stacked: bool) -> dict:
     """Global arrays split on ``"data"`` (after a leading step axis when ``stacked``)."""
     spec = NamedSharding(mesh, P(None, DATA_AXIS) if stacked else P(DATA_AXIS))
 
@@ -199,13 +207,13 @@ def shard_rows(rows: UnitRows, mesh: Mesh, *, n_blocks: int | None = None) -> Un
     starts = _unit_starts(unit_rows)
     length = int(max(np.diff(starts[units]).max(initial=0), 1))  # the longest block's rows
     parts = []
-    for b in _local_blocks(mesh, n_blocks):
+    for b in local_blocks(mesh, n_blocks):
         lo, hi = starts[units[b]], starts[units[b + 1]]
         index = np.r_[np.arange(lo, hi), np.full(length - (hi - lo), max(hi - 1, 0))]
         weight = np.r_[np.ones(hi - lo), np.zeros(length - (hi - lo))]
         parts.append(_gather_rows(rows, index, weight, np.asarray(rows.unit)[index]))
     host = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
-    placed = _place(mesh, host, n_blocks * length, stacked=False)
+    placed = place_stacked(mesh, host, n_blocks * length, stacked=False)
     return UnitRows(**placed, n_units=rows.n_units, n_blocks=n_blocks, mesh=mesh)
 
 
@@ -267,7 +275,7 @@ class RowSampler(AbstractSampler):
         self.per_block = math.ceil(batch_size / self.n_blocks)
         self.batch_size = self.per_block * self.n_blocks
         self.steps_per_epoch = rows.n_units / self.batch_size
-        self.seed, self.local = int(seed), _local_blocks(self.mesh, self.n_blocks)
+        self.seed, self.local = int(seed), local_blocks(self.mesh, self.n_blocks)
         self.starts = _unit_starts(unit_rows)
         largest = [
             np.sort(unit_rows[self.units[b] : self.units[b + 1]])[::-1][: self.per_block].sum()
@@ -304,10 +312,11 @@ class RowSampler(AbstractSampler):
         """Steps ``first_step .. first_step + count - 1``: a batch with a leading step axis."""
         hosts = [self.host_batch(first_step + i) for i in range(count)]
         stacked = jax.tree.map(lambda *xs: np.stack(xs), *hosts)
-        slots = _place(
+        slots = place_stacked(
             self.mesh, {k: stacked[k] for k in ("unit", "weight")}, self.batch_size, stacked=True
         )
-        rows = _place(self.mesh, stacked["rows"], self.n_blocks * self.capacity, stacked=True)
+        total = self.n_blocks * self.capacity
+        rows = place_stacked(self.mesh, stacked["rows"], total, stacked=True)
         return RowBatch(
             unit=slots["unit"],
             weight=slots["weight"],

@@ -123,7 +123,7 @@ class AbstractUnitModel(AbstractModel):
         """Each slot's own terms of the log joint, unweighted.
 
         ``log p(z_i | shared) + log p(data of unit i | z_i, shared)`` for the unit latents
-        ``z_i`` of each slot (the per-unit guide checks of :mod:`hbjax.guide_check`).
+        ``z_i`` of each slot (the per-unit guide checks of :mod:`hbjax.vi.checks`).
         """
 
 

@@ -12,8 +12,8 @@ import jax
 import numpy as np
 
 import hbjax
-from hbjax.convergence import Convergence
 from hbjax.parallel.hosts import DistributedConfig, initialize_distributed
+from hbjax.vi.convergence import Convergence
 
 parser = argparse.ArgumentParser()
 parser.add_argument("out")

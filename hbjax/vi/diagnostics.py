@@ -23,10 +23,10 @@ import equinox as eqx
 import jax
 import numpy as np
 
-from ._types import PRNGKeyArray, PyTree
+from .._types import PRNGKeyArray, PyTree
 from .guide import AbstractGuide
+from .model import AbstractModel
 from .objectives import log_weights
-from .vi.model import AbstractModel
 
 #: ``k`` thresholds of the verdict (Vehtari et al. 2024, section 3).
 K_GOOD, K_OK = 0.5, 0.7
@@ -101,7 +101,7 @@ def psis(log_w: np.ndarray) -> tuple[np.ndarray, float]:
     return x, float(k)
 
 
-def effective_sample_size(log_w: np.ndarray) -> float:
+def importance_sample_size(log_w: np.ndarray) -> float:
     """Kish's effective sample size ``(sum w)^2 / sum w^2`` of importance weights."""
     x = np.asarray(log_w, np.float64)
     w = np.exp(x - x.max())
@@ -181,12 +181,12 @@ def importance_diagnostics(
     if not np.all(np.isfinite(log_w)):
         return ImportanceDiagnostics(math.inf, 0.0, num_draws)
     _, k = psis(log_w)
-    return ImportanceDiagnostics(k, effective_sample_size(log_w), num_draws)
+    return ImportanceDiagnostics(k, importance_sample_size(log_w), num_draws)
 
 
 __all__ = [
     "ImportanceDiagnostics",
-    "effective_sample_size",
+    "importance_sample_size",
     "importance_diagnostics",
     "psis",
 ]

@@ -9,8 +9,8 @@ standard normal a priori, and the layer maps it to the natural scale:
 
 Layers are plain pytrees, usable inside any JAX/Equinox code::
 
-    category = hbjax.layers.Nested(scale=1.0, shape=(10,))
-    product = hbjax.layers.Nested(scale=2.0, index=product_to_category)
+    category = hbjax.vi.layers.Nested(scale=1.0, shape=(10,))
+    product = hbjax.vi.layers.Nested(scale=2.0, index=product_to_category)
     beta_c = category(z_c, beta_g)        # [10]
     beta_i = product(z_i, beta_c)         # [n_products]
     log_p = category.log_prior(z_c) + product.log_prior(z_i)

@@ -1,7 +1,7 @@
 """Fitting: :func:`fit` builds the step, places the data and runs the one loop.
 
-The step is :mod:`hbjax.step`, the loop :mod:`hbjax.loop`; it runs until the fit converges
-(:mod:`hbjax.convergence`) or ``steps`` are done, and :func:`fit` returns a
+The step is :mod:`hbjax.vi.step`, the loop :mod:`hbjax.vi.loop`; it runs until the fit converges
+(:mod:`hbjax.vi.convergence`) or ``steps`` are done, and :func:`fit` returns a
 :class:`FitResult`.
 """
 
@@ -22,17 +22,16 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from .._types import PRNGKeyArray, PyTree
 from . import checkpoint
-from ._types import PRNGKeyArray, PyTree
 from .convergence import Convergence, Status
+from .devices import seed_from_key, to_host
 from .guide import AbstractGuide, check_minibatch_guide
+from .host import AbstractHostData, AbstractSampler
 from .loop import Checkpoints, FullBatch, Minibatches, Outcome, run
+from .model import AbstractModel, AbstractUnitModel
 from .objectives import default_objective
-from .parallel.blocks import seed_from_key, to_host
-from .parallel.host import AbstractHostData, AbstractSampler
-from .parallel.rows import AbstractRowModel, UnitRows
 from .step import SVI, Objective
-from .vi.model import AbstractModel, AbstractUnitModel
 
 
 class ConvergenceWarning(UserWarning):
@@ -55,7 +54,7 @@ class FitResult:
     Attributes:
         model: the model that was fitted.
         guide: the fitted guide: the average of the iterates once averaging began
-            (Polyak–Ruppert, :mod:`hbjax.convergence`), else the last iterate.
+            (Polyak–Ruppert, :mod:`hbjax.vi.convergence`), else the last iterate.
         losses: ``[steps]`` loss of each step (before its update).
         opt_state: the optimiser state after the last step.
         steps: steps done (fewer than asked when the fit converged earlier).
@@ -66,7 +65,7 @@ class FitResult:
         chunk_seconds: wall time of each completed chunk of steps (for benchmarks).
         batch_size: units per step of a minibatch fit (``None``: full batch).
         epochs: passes over the units (``steps`` for a full-batch fit).
-        convergence: what the convergence check found (:class:`hbjax.convergence.Status`:
+        convergence: what the convergence check found (:class:`hbjax.vi.convergence.Status`:
             converged, the first and last averaged steps, the MCSE of the reported means
             in posterior-sd units); ``None`` for a fit run with ``convergence=None``.
     """
@@ -184,7 +183,7 @@ def fit(
         steps: the most optimisation steps (the fit stops earlier once converged).
         optimizer: any ``optax.GradientTransformation``; default :func:`default_optimizer`.
         objective: ``(model, guide, panel, *, key) -> loss``; default
-            :func:`hbjax.objectives.default_objective` (:class:`hbjax.RenyiBound`, alpha 0,
+            :func:`hbjax.vi.objectives.default_objective` (:class:`hbjax.RenyiBound`, alpha 0,
             4 particles, the DReG gradient).
         chunk_size: steps per compiled ``lax.scan`` call (the progress bar's granularity).
         progress: show a tqdm progress bar with iterations/s and the running loss.
@@ -210,7 +209,7 @@ def fit(
         checkpoint_dir: save the fit's state (guide, optimiser state, step, average), the
             key, the losses and the convergence trace there every ``checkpoint_every``
             steps, at the end, and at the last good step when a step goes non-finite
-            (:mod:`hbjax.checkpoint`: Equinox serialisation, written atomically). A folder
+            (:mod:`hbjax.vi.checkpoint`: Equinox serialisation, written atomically). A folder
             that already holds a checkpoint is refused unless ``resume``.
         checkpoint_every: steps between checkpoints (chunks are aligned to it).
         resume: continue from the checkpoint in ``checkpoint_dir`` up to ``steps`` in all
@@ -219,13 +218,13 @@ def fit(
             checkpoint of another model (its arrays, options and priors), objective, guide,
             state shape or key, or another ``fingerprint``, is refused, naming what differs.
         convergence: when to start averaging the iterates and when to stop
-            (:class:`hbjax.convergence.Convergence`; checked every ``check_every`` steps,
+            (:class:`hbjax.vi.convergence.Convergence`; checked every ``check_every`` steps,
             rounded up to whole epochs with ``batch_size``); ``None`` runs exactly ``steps`` steps
             and reports the last iterate. A fit that reaches ``steps`` unconverged warns
             (:class:`ConvergenceWarning`) and says so in ``result.convergence``.
         fingerprint: with ``checkpoint_dir``: what else identifies this fit, which hbjax
             cannot read off its arguments (JSON-able values): the data's content
-            (:func:`hbjax.checkpoint.content_hash`), the optimiser's hyperparameters, the
+            (:func:`hbjax.vi.checkpoint.content_hash`), the optimiser's hyperparameters, the
             objective's settings. Stored with the checkpoint; a resume with other values is
             refused. :func:`hbjax.counts.fit_counts` passes the rows' hash, the model's
             spec and its config.
@@ -236,7 +235,7 @@ def fit(
     Raises:
         NonFiniteLossError: a step's loss or gradient was NaN/inf (names the step; the
             error's ``result`` holds the last good guide, also saved with checkpoint_dir).
-        hbjax.checkpoint.CheckpointError: a checkpoint that cannot be used (see above).
+        hbjax.vi.checkpoint.CheckpointError: a checkpoint that cannot be used (see above).
 
     Example:
         >>> import jax, hbjax
@@ -252,7 +251,7 @@ def fit(
     """
     if convergence is not None and not isinstance(convergence, Convergence):
         raise TypeError(
-            f"convergence must be an hbjax.convergence.Convergence or None; got {convergence!r}."
+            f"convergence must be an hbjax.vi.convergence.Convergence or None; got {convergence!r}."
         )
     minibatch = isinstance(panel, AbstractSampler) or batch_size is not None
     start = time.perf_counter()
@@ -427,11 +426,7 @@ def _sampler(
             "latents (unit_leaves): it cannot be minibatched; fit it without batch_size."
         )
     check_minibatch_guide(guide)
-    if isinstance(panel, UnitRows) and not isinstance(model, AbstractRowModel):
-        raise TypeError(
-            f"minibatches of UnitRows need an hbjax.AbstractRowModel; "
-            f"{type(model).__name__} is not one."
-        )
     if sampler is None:
+        panel.check_model(model)
         sampler = panel.sampler(batch_size, mesh, seed_from_key(key))
     return sampler

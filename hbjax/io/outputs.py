@@ -57,6 +57,13 @@ class AtomicFolder:
             raise OutputError(f"{what} is empty; name the folder to write the results to.")
         self.path = Path(path)
         self.what = what
+        resolved, here = self.path.resolve(), Path.cwd().resolve()
+        if os.path.ismount(resolved) or resolved == here or resolved in here.parents:
+            where = "a mount point" if os.path.ismount(resolved) else "this folder or one above it"
+            raise OutputError(
+                f"{what} {str(path)!r} is {where}, which cannot be replaced as a whole; name a "
+                f"folder inside it (e.g. {what} {Path(path) / 'results'})."
+            )
         if self.path.exists():
             if not self.path.is_dir():
                 raise OutputError(f"{what} {str(path)!r} exists and is not a folder.")
@@ -103,11 +110,32 @@ class AtomicFolder:
             self.discard()
 
 
-def check_file_destination(path: str | os.PathLike[str], *, what: str = "--out") -> Path:
-    """``path`` as a file destination: its folder exists and is writable, it is no folder."""
+def is_within(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (links resolved)."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
+def check_file_destination(
+    path: str | os.PathLike[str],
+    *,
+    what: str = "--out",
+    inputs: Iterable[str | os.PathLike[str]] = (),
+) -> Path:
+    """``path`` as a file destination: its folder exists and is writable, it is no folder.
+
+    ``inputs``: files and folders the command reads, which ``path`` must not replace (or
+    lie in).
+    """
     path = Path(path)
     if str(path).strip() == "" or path.is_dir():
         raise OutputError(f"{what} {str(path)!r} is a folder or empty; name a file to write.")
+    for source in inputs:
+        if is_within(path, source):
+            raise OutputError(
+                f"{what} {str(path)!r} would overwrite {str(source)!r}, which this command "
+                "reads; name another file."
+            )
     folder = path.absolute().parent
     if not folder.is_dir():
         raise OutputError(f"{what}: folder {str(folder)!r} does not exist.")
@@ -134,4 +162,10 @@ def write_file_atomically(path: str | os.PathLike[str], write: Callable[[Path], 
         temporary.unlink(missing_ok=True)
 
 
-__all__ = ["AtomicFolder", "OutputError", "check_file_destination", "write_file_atomically"]
+__all__ = [
+    "AtomicFolder",
+    "OutputError",
+    "check_file_destination",
+    "is_within",
+    "write_file_atomically",
+]

@@ -1,6 +1,6 @@
 """Checks of a fit that can tell a good fit from a bad one, unit by unit.
 
-A global importance check (:func:`hbjax.diagnostics.importance_diagnostics`) weighs draws of
+A global importance check (:func:`hbjax.vi.diagnostics.importance_diagnostics`) weighs draws of
 *all* latents at once; with thousands of units its Pareto ``k`` is large for any Gaussian
 guide, so it alarms every user and informs none. These checks look at one unit's own
 latents at a time (a product's elasticity and intercept: two dimensions), given the shared
@@ -20,21 +20,18 @@ sampling and MCMC are informative:
   and period effects, so its intervals could not be compared); the shared part of the
   guide is what it takes from the fit.
 
-Both need a :class:`~hbjax.guide.GaussianGuide` (the block's marginal in closed form), a
+Both need a :class:`~hbjax.vi.guide.GaussianGuide` (the block's marginal in closed form), a
 model with :meth:`~hbjax.AbstractModel.unit_leaves` and
 :meth:`~hbjax.AbstractModel.slot_log_joint`, and a host panel.
 
-* :class:`PredictiveCheck` (made by :func:`hbjax.counts.predictive_check`) checks the
-  *model*: counts replicated from the fit against the observed ones on a subsample of
-  units (dispersion index, share of zeros; overall and per group). A Poisson fit of
-  overdispersed sales fails it; a negative binomial passes.
+The count application's check of the *model* (counts replicated from the fit against the
+observed ones) is :func:`hbjax.counts.predictive_check`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -42,13 +39,13 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from ._types import Bool, Float, Int, PRNGKeyArray, PyTree
+from .._types import PRNGKeyArray, PyTree
+from ..extras import optional_import
+from .devices import seed_from_key
 from .diagnostics import K_OK, psis
-from .extras import optional_import
 from .guide import GaussianGuide, linear_moments
-from .parallel.blocks import seed_from_key
-from .parallel.host import AbstractHostData
-from .vi.model import AbstractModel, AbstractUnitModel
+from .host import AbstractHostData
+from .model import AbstractModel, AbstractUnitModel
 
 #: A unit check is "good" when at most this share of units has ``k >= 0.7``.
 GOOD_SHARE = 0.05
@@ -92,7 +89,7 @@ def unit_block_moments(
 
     ``ids``: positions of the ``k`` unit leaves among the flattened latents.
 
-    Exact (:func:`hbjax.guide.linear_moments`): the variances of each unit leaf and of each
+    Exact (:func:`hbjax.vi.guide.linear_moments`): the variances of each unit leaf and of each
     pair's sum give the covariances, ``cov(a, b) = (var(a + b) - var(a) - var(b)) / 2``.
     """
     pairs = [(j, m) for j in range(len(ids)) for m in range(j)]
@@ -423,196 +420,11 @@ def on_value_scale(table: pd.DataFrame, loc: float, scale: float, leaf: str) -> 
     return table
 
 
-#: The predictive check flags a statistic whose observed value is beyond this tail
-#: probability of its replicated values (either side) ...
-PREDICTIVE_TAIL = 0.01
-#: ... and, for the dispersion index, this factor from the replicated median (either way);
-DISPERSION_FACTOR = 1.5
-#: for the share of zeros, this many points from it ...
-ZERO_SHARE_GAP = 0.02
-#: ... and this factor (either way). With thousands of cells the replicated statistics are
-#: so precise that a tail probability alone flags misfits too small to matter, and
-#: replicas from a fitted hierarchy are not quite the data's: the fitted means, made from
-#: the same data, sit a little closer to it than to replicas (a correct model's dispersion
-#: index is a few percent below its replicas'), and with few periods per unit the fitted
-#: log means spread a little wider than the true ones, which adds zeros (measured: three-
-#: level negative-binomial tables of 40 x 16 from the true model replicate 0.010-0.015 more
-#: zeros than the truth gives; a 2-point gap alone flagged the true likelihood in 3 of 6).
-#: A likelihood that misses structural zeros is off by a factor (30% observed, 10%
-#: replicated).
-ZERO_SHARE_FACTOR = 1.5
-
-
-@dataclasses.dataclass(frozen=True)
-class PredictiveCheck:
-    """Observed counts against replicas from the fit (:func:`hbjax.counts.predictive_check`).
-
-    Attributes:
-        table: one row per statistic and scope: ``statistic`` (``dispersion_index``:
-            ``sum (y - mu)^2 / sum mu`` over observed cells, 1 for Poisson counts around
-            their means; ``zero_share``: share of cells with no sales), ``group`` (index,
-            or -1 for all checked units), ``observed`` and ``replicated`` (medians over
-            draws), ``replicated_q05``, ``replicated_q95`` and ``p_value``
-            (``P(replicated >= observed)``).
-        likelihood: the fitted likelihood's name.
-        units_checked: units in the subsample.
-        draws: replicated data sets.
-    """
-
-    table: pd.DataFrame
-    likelihood: str
-    units_checked: int
-    draws: int
-
-    def _overall(self, statistic: str) -> pd.Series:
-        rows = self.table[(self.table["statistic"] == statistic) & (self.table["group"] == -1)]
-        return rows.iloc[0]
-
-    @property
-    def flagged(self) -> list[str]:
-        """The overall statistics the data contradict (empty: none)."""
-        out = []
-        for statistic in ("dispersion_index", "zero_share"):
-            row = self._overall(statistic)
-            tail = row["p_value"] < PREDICTIVE_TAIL or row["p_value"] > 1 - PREDICTIVE_TAIL
-            if statistic == "dispersion_index":
-                ratio = row["observed"] / max(row["replicated"], 1e-300)
-                large = not 1 / DISPERSION_FACTOR <= ratio <= DISPERSION_FACTOR
-            else:
-                observed, replicated = row["observed"], row["replicated"]
-                ratio = (observed + 1e-12) / (replicated + 1e-12)
-                large = abs(observed - replicated) >= ZERO_SHARE_GAP and not (
-                    1 / ZERO_SHARE_FACTOR <= ratio <= ZERO_SHARE_FACTOR
-                )
-            if tail and large:
-                out.append(statistic)
-        return out
-
-    @property
-    def verdict(self) -> str:
-        """``"consistent"`` or ``"contradicted"`` and the figures, in words."""
-        d, z = self._overall("dispersion_index"), self._overall("zero_share")
-        figures = (
-            f"dispersion index {d['observed']:.2f} observed vs {d['replicated']:.2f} "
-            f"replicated (90% {d['replicated_q05']:.2f}-{d['replicated_q95']:.2f}); zero "
-            f"share {z['observed']:.1%} vs {z['replicated']:.1%}"
-        )
-        if not self.flagged:
-            return f"consistent with the data ({figures})"
-        problems = []
-        if "dispersion_index" in self.flagged:
-            ratio = d["observed"] / d["replicated"]
-            if ratio > 1:
-                problems.append(
-                    f"the counts vary {ratio:.1f}x as much around the fitted means as the "
-                    f"{self.likelihood} likelihood allows, so its intervals are too narrow"
-                )
-            else:
-                problems.append(f"the counts vary less than the {self.likelihood} likelihood says")
-        if "zero_share" in self.flagged:
-            more = "more" if z["observed"] > z["replicated"] else "fewer"
-            problems.append(f"the data have {more} weeks without sales than it replicates")
-        advice = "; fit with --likelihood negbin" if self.likelihood == "poisson" else ""
-        return f"contradicted: {'; '.join(problems)} ({figures}){advice}"
-
-    def to_dict(self, groups: pd.Index | None = None) -> dict[str, object]:
-        """For JSON: the overall statistics, per-group ones (labelled), the verdict."""
-
-        def row(r: pd.Series) -> dict[str, float]:
-            keys = ("observed", "replicated", "replicated_q05", "replicated_q95", "p_value")
-            return {k: float(r[k]) for k in keys}
-
-        per_group = []
-        for g, rows in self.table[self.table["group"] >= 0].groupby("group", sort=True):
-            label = str(groups[g]) if groups is not None else int(g)
-            per_group.append(
-                {"group": label, **{r["statistic"]: row(r) for _, r in rows.iterrows()}}
-            )
-        return {
-            "likelihood": self.likelihood,
-            "units_checked": self.units_checked,
-            "draws": self.draws,
-            "dispersion_index": row(self._overall("dispersion_index")),
-            "zero_share": row(self._overall("zero_share")),
-            "groups": per_group,
-            "flagged": self.flagged,
-            "verdict": self.verdict,
-        }
-
-
-def predictive_table(
-    mu: Float[np.ndarray, "draw cell"],
-    counts: Float[np.ndarray, " cell"],
-    observed: Bool[np.ndarray, " cell"],
-    group: Int[np.ndarray, " cell"],
-    n_groups: int,
-    replicate: Callable[[int, np.ndarray], np.ndarray],
-) -> pd.DataFrame:
-    """:class:`PredictiveCheck`'s table from expected counts drawn from the fit.
-
-    Args:
-        mu: the expected count of every cell, per draw of the latents.
-        counts: the observed counts.
-        observed: which cells hold data (the others are ignored).
-        group: each cell's group (for the per-group rows).
-        n_groups: groups.
-        replicate: ``replicate(draw, mu[draw]) -> counts`` drawn from the likelihood.
-    """
-    num_draws = mu.shape[0]
-    y = np.where(observed, counts, 0.0)
-
-    def per_group(cells: np.ndarray) -> np.ndarray:
-        """``[group + 1]`` sums of cells: every group, then all."""
-        sums = np.bincount(group, weights=cells, minlength=n_groups)
-        return np.append(sums, sums.sum())
-
-    n_cells = per_group(observed.astype(np.float64))
-    zeros_observed = per_group((observed & (y == 0)).astype(np.float64)) / np.maximum(n_cells, 1)
-    stats: dict[str, list[np.ndarray]] = {k: [] for k in ("d_obs", "d_rep", "z_rep")}
-    for s in range(num_draws):
-        m = np.where(observed, mu[s], 0.0)
-        replica = np.where(observed, replicate(s, m), 0.0)
-        total = np.maximum(per_group(m), 1e-300)
-        stats["d_obs"].append(per_group((y - m) ** 2) / total)
-        stats["d_rep"].append(per_group((replica - m) ** 2) / total)
-        z = per_group((observed & (replica == 0)).astype(np.float64)) / np.maximum(n_cells, 1)
-        stats["z_rep"].append(z)
-    d_obs, d_rep, z_rep = (np.stack(stats[k]) for k in ("d_obs", "d_rep", "z_rep"))
-    z_obs = np.broadcast_to(zeros_observed, z_rep.shape)
-    rows = []
-    scopes = [*range(n_groups), -1]
-    for name, obs, rep in (("dispersion_index", d_obs, d_rep), ("zero_share", z_obs, z_rep)):
-        # ties (e.g. no zeros anywhere) count half: a statistic the data cannot move is no flag
-        p = np.mean(rep > obs, axis=0) + 0.5 * np.mean(rep == obs, axis=0)
-        q05, q50, q95 = np.quantile(rep, [0.05, 0.5, 0.95], axis=0)
-        for j, scope in enumerate(scopes):
-            if n_cells[j] == 0:
-                continue
-            rows.append(
-                {
-                    "statistic": name,
-                    "group": scope,
-                    "observed": float(np.median(obs[:, j])),
-                    "replicated": float(q50[j]),
-                    "replicated_q05": float(q05[j]),
-                    "replicated_q95": float(q95[j]),
-                    "p_value": float(p[j]),
-                }
-            )
-    return pd.DataFrame(rows)
-
-
 __all__ = [
-    "DISPERSION_FACTOR",
-    "PREDICTIVE_TAIL",
-    "ZERO_SHARE_FACTOR",
-    "ZERO_SHARE_GAP",
     "NutsCheck",
-    "PredictiveCheck",
     "UnitImportance",
     "nuts_check",
     "on_value_scale",
-    "predictive_table",
     "unit_block_moments",
     "unit_importance",
 ]

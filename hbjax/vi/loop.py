@@ -1,9 +1,9 @@
-"""The one fit loop: compiled chunks of :meth:`hbjax.step.SVI.step`, small host-side pieces.
+"""The one fit loop: compiled chunks of :meth:`hbjax.vi.step.SVI.step`, small host-side pieces.
 
 A chunk of steps runs under ``lax.scan``, compiled once ahead of time with its state
 donated. Step ``s`` uses ``fold_in(key, s)``, so the chunk length never changes results.
 Between chunks the host runs small pieces in turn: the record of losses and the
-non-finite guard (:class:`_Log`), the convergence check (:class:`~hbjax.convergence.Monitor`),
+non-finite guard (:class:`_Log`), the convergence check (:class:`~hbjax.vi.convergence.Monitor`),
 the user's callback, the checkpoint (:class:`Checkpoints`) and the progress bar. Data comes
 from a source: the same placed panel every step (:class:`FullBatch`) or chunks of
 minibatches prepared on the host while the devices run (:class:`Minibatches`).
@@ -28,12 +28,12 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from .._types import PRNGKeyArray, PyTree
 from . import checkpoint
-from ._types import PRNGKeyArray, PyTree
 from .convergence import Convergence, Monitor, Status, Watch
+from .devices import replicate, to_host
 from .guide import AbstractGuide
-from .parallel.blocks import replicate, to_host
-from .parallel.host import AbstractSampler
+from .host import AbstractSampler
 from .step import _TRUE, SVI, SVIState, start_averaging
 
 
@@ -84,7 +84,7 @@ class Minibatches:
 
 
 class Checkpoints:
-    """Checkpoints of one fit (:mod:`hbjax.checkpoint`); inert without a directory."""
+    """Checkpoints of one fit (:mod:`hbjax.vi.checkpoint`); inert without a directory."""
 
     def __init__(
         self,

@@ -10,7 +10,7 @@ black-box variational inference"):
    R-hat whatever its noise) falls below ``rhat``, the iterates are stationary and
    Polyak–Ruppert averaging begins.
 2. **Averaging.** The reported guide is the average of the iterates from then on
-   (:class:`hbjax.step.SVIState`). Its Monte Carlo standard error per watched coordinate
+   (:class:`hbjax.vi.step.SVIState`). Its Monte Carlo standard error per watched coordinate
    is ``sd / sqrt(ESS)`` of the averaged iterates (ESS by Geyer's initial monotone
    sequence); means are measured in units of the guide's marginal sd, log-sds as they are
    (a relative error). The fit stops when the median over coordinates is below ``mcse``
@@ -19,7 +19,7 @@ black-box variational inference"):
    at least ``min_average`` averaged steps.
 
 The watched coordinates (:class:`Watch`) are at most ``max_per_leaf`` evenly spaced entries
-of each leaf of the guide's mean and log marginal sd (:class:`hbjax.guide.GaussianGuide`)
+of each leaf of the guide's mean and log marginal sd (:class:`hbjax.vi.guide.GaussianGuide`)
 that the model reports (:meth:`hbjax.AbstractModel.reported_leaves`: for the elasticity
 model, the elasticities), or of its raw parameters for other guides (then the MCSE is in
 units of the iterates' own sd). A minibatch fit checks every ``check_every`` steps rounded
@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._types import Array, Float, PyTree
+from .._types import Array, Float, PyTree
 from .guide import AbstractGuide, GaussianGuide
 
 

@@ -44,10 +44,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._types import ParticleFloat, PRNGKeyArray, PyTree, Scalar
 from ._modes import from_name
-from ._types import ParticleFloat, PRNGKeyArray, PyTree, Scalar
 from .guide import AbstractGuide, check_minibatch_guide
-from .vi.model import AbstractModel, AbstractUnitBatch, AbstractUnitModel
+from .model import AbstractModel, AbstractUnitBatch, AbstractUnitModel
 
 #: How particles go through the model (:func:`map_particles`).
 PARTICLE_MAPS = ("auto", "sequential", "vectorized")
@@ -313,8 +313,9 @@ def renyi_elbo(
     The function form of :class:`RenyiBound` (the same arguments, see there).
 
     Example:
-        >>> import functools, hbjax
-        >>> objective = functools.partial(hbjax.objectives.renyi_elbo, alpha=0.5, num_particles=8)
+        >>> import functools
+        >>> from hbjax.vi.objectives import renyi_elbo
+        >>> objective = functools.partial(renyi_elbo, alpha=0.5, num_particles=8)
         >>> # hbjax.fit(model, guide, panel, key=key, steps=1000, objective=objective)
     """
     bound = RenyiBound(alpha, num_particles, gradient, particle_map)

@@ -10,7 +10,7 @@ minibatch, only the drawn units' parameters and their optimiser state move
 (:func:`lazy_units`, an optax-style wrapper); shared parameters move every step.
 
 The state also carries the Polyak–Ruppert average of the iterates from the step
-``average_from`` on (set by the loop's convergence check; :mod:`hbjax.convergence`):
+``average_from`` on (set by the loop's convergence check; :mod:`hbjax.vi.convergence`):
 :meth:`SVI.guide` returns the averaged guide once averaging has begun.
 """
 
@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._types import Bool, Int, PRNGKeyArray, PyTree, Scalar
+from .._types import Bool, Int, PRNGKeyArray, PyTree, Scalar
 from .guide import AbstractGuide
-from .vi.model import AbstractModel, AbstractUnitBatch, units_in_batch
+from .model import AbstractModel, AbstractUnitBatch, units_in_batch
 
 #: A loss to minimise: ``objective(model, guide, batch, *, key) -> scalar``.
 Objective = Callable[..., Scalar]

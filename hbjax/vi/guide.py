@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
-from ._types import ParticleFloat
+from .._types import ParticleFloat
 from .layers import HALF_LOG_2PI, normal_log_prob
 
 _TRUE = np.True_
@@ -109,7 +109,7 @@ class GaussianGuide(AbstractGuide):
     """A guide that is an affine map of standard normals: ``z = loc + L eps``.
 
     What it adds to :class:`AbstractGuide` lets hbjax report exact Gaussian summaries of
-    quantities linear in the latents (:func:`hbjax.convergence.gaussian_moments`) and
+    quantities linear in the latents (:func:`hbjax.vi.convergence.gaussian_moments`) and
     measure convergence in posterior-sd units.
     """
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .extras import optional_import
-from .fit import FitResult
-from .guide_check import PredictiveCheck
+from ..extras import optional_import
+from ..vi.fit import FitResult
+from .check import PredictiveCheck
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +40,7 @@ class Summary:
 
 
 def _pyplot():  # noqa: ANN202
-    matplotlib = optional_import("matplotlib", purpose="hbjax fit --plots (hbjax.plots)")
+    matplotlib = optional_import("matplotlib", purpose="hbjax fit --plots (hbjax.counts.plots)")
 
     if os.environ.get("MPLBACKEND") is None and matplotlib.get_backend().lower() != "agg":
         matplotlib.use("Agg")  # files only: no display needed

@@ -1,7 +1,7 @@
 """Data on the host, until a fit places it on devices or samples batches of it.
 
 :func:`hbjax.fit` knows data through these two interfaces only, so the fitting core
-imports neither pandas nor the elasticity application:
+imports neither pandas, the layouts (:mod:`hbjax.parallel`) nor the count application:
 
 * :class:`AbstractHostData`: host data that can place itself on a mesh
   (:meth:`~AbstractHostData.place`) and draw minibatches of whole units
@@ -57,6 +57,10 @@ class AbstractHostData(eqx.Module):
         Returns the placed data and its mesh (``None``: on the default device, unsplit).
         """
 
+    def check_model(self, model: object) -> None:
+        """Raise ``TypeError`` if ``model`` cannot read this data (default: any can)."""
+        del model
+
     @abc.abstractmethod
     def sampler(self, batch_size: int, mesh: Mesh | None, seed: int) -> AbstractSampler:
         """A sampler of ``batch_size`` units per step on ``mesh``, drawing with ``seed``."""
@@ -65,7 +69,7 @@ class AbstractHostData(eqx.Module):
     def unit_batch(self, units: np.ndarray) -> PyTree:
         """A batch of the given units with all their rows, weight 1, unplaced.
 
-        For checks on a subsample of units (:mod:`hbjax.guide_check`): the model's
+        For checks on a subsample of units (:mod:`hbjax.vi.checks`): the model's
         ``slot_log_joint`` of it gives each unit's own terms.
         """
 

@@ -17,10 +17,10 @@ import re
 
 import equinox as eqx
 
-from ._types import PRNGKeyArray, PyTree
+from .._types import PRNGKeyArray, PyTree
 from .guide import AbstractGuide
+from .model import AbstractModel
 from .objectives import renyi_elbo
-from .vi.model import AbstractModel
 
 _TENSOR = r"tensor<([0-9x]*)(?:[a-z]+[0-9]*)>"
 _CONSTANT = re.compile(r"stablehlo\.constant dense<.*?> : " + _TENSOR)

@@ -2,7 +2,7 @@
 
 One file, ``DIR/checkpoint.eqx``: a JSON header line (step, fingerprint, lengths, the
 convergence status) followed by the leaves of a pytree of arrays (the
-:class:`hbjax.step.SVIState`, the losses, the key and the watched trace), written with
+:class:`hbjax.vi.step.SVIState`, the losses, the key and the watched trace), written with
 :func:`equinox.tree_serialise_leaves` (no pickle). It is written to a temporary file in
 the same folder, flushed to disk and renamed over the old one: a kill at any moment
 leaves the last complete checkpoint, and a SIGTERM or Ctrl-C that arrives during the write

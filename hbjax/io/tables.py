@@ -34,20 +34,20 @@ class DataWarning(UserWarning):
     """A table that can be fitted but has units or groups whose estimates rest on the prior."""
 
 
-def _show(value: object) -> str:
+def shown(value: object) -> str:
     """``repr`` of a label or value as the user wrote it (NumPy scalars unwrapped)."""
     return repr(value.item() if isinstance(value, np.generic) else value)
 
 
-def _rows(frame: pd.DataFrame, mask: np.ndarray) -> str:
+def which_rows(frame: pd.DataFrame, mask: np.ndarray) -> str:
     """Describe the first offending rows of ``frame`` (by index label)."""
     labels = frame.index[np.asarray(mask)]
-    shown = ", ".join(_show(x) for x in labels[:_SHOW_ROWS].tolist())
+    first = ", ".join(shown(x) for x in labels[:_SHOW_ROWS].tolist())
     more = f" and {len(labels) - _SHOW_ROWS} more" if len(labels) > _SHOW_ROWS else ""
-    return f"{len(labels)} row(s), first at index {shown}{more}"
+    return f"{len(labels)} row(s), first at index {first}{more}"
 
 
-def _numeric(frame: pd.DataFrame, column: str) -> np.ndarray:
+def numeric_column(frame: pd.DataFrame, column: str) -> np.ndarray:
     """Column as float64, with a clear error for text that is not a number."""
     raw = frame[column]
     if pd.api.types.is_bool_dtype(raw):
@@ -57,18 +57,18 @@ def _numeric(frame: pd.DataFrame, column: str) -> np.ndarray:
     if bad.any():
         example = raw[bad].iloc[0]
         raise DataValidationError(
-            f"column {column!r} holds text that is not a number ({_show(example)}) in "
-            f"{_rows(frame, bad)}; clean or drop those rows."
+            f"column {column!r} holds text that is not a number ({shown(example)}) in "
+            f"{which_rows(frame, bad)}; clean or drop those rows."
         )
     return values.to_numpy(dtype=np.float64, na_value=np.nan)
 
 
-def _period_values(frame: pd.DataFrame, column: str) -> pd.Series:
+def period_values(frame: pd.DataFrame, column: str) -> pd.Series:
     """Periods as integers or datetimes; periods must be integers or dates."""
     raw = frame[column]
     if raw.isna().any():
         raise DataValidationError(
-            f"column {column!r} has missing periods in {_rows(frame, raw.isna().to_numpy())}; "
+            f"column {column!r} has missing periods in {which_rows(frame, raw.isna().to_numpy())}; "
             "every row needs a period."
         )
     if pd.api.types.is_datetime64_any_dtype(raw):
@@ -79,26 +79,26 @@ def _period_values(frame: pd.DataFrame, column: str) -> pd.Series:
         if bad.any():
             raise DataValidationError(
                 f"column {column!r} must hold integer periods or dates; found "
-                f"{_show(raw[bad].iloc[0])} in {_rows(frame, bad)}."
+                f"{shown(raw[bad].iloc[0])} in {which_rows(frame, bad)}."
             )
         return raw.astype(np.int64)
     try:
         parsed = pd.to_datetime(raw.astype(str), format="ISO8601", errors="coerce")
     except ValueError:  # pandas refuses to mix time-zone offsets in one column
         raise DataValidationError(
-            f"column {column!r} mixes time-zone offsets (e.g. {_show(raw.iloc[0])}); write "
+            f"column {column!r} mixes time-zone offsets (e.g. {shown(raw.iloc[0])}); write "
             "every period in one zone, or without offsets (dates only)."
         ) from None
     bad = parsed.isna().to_numpy()
     if bad.any():
         raise DataValidationError(
             f"column {column!r} must hold integer periods or dates (e.g. 2024-01-31); found "
-            f"{_show(raw[bad].iloc[0])} in {_rows(frame, bad)}."
+            f"{shown(raw[bad].iloc[0])} in {which_rows(frame, bad)}."
         )
     return parsed
 
 
-def _factorize(values: pd.Series) -> tuple[np.ndarray, pd.Index]:
+def factorize(values: pd.Series) -> tuple[np.ndarray, pd.Index]:
     """Integer codes for labels, sorted where the labels can be ordered."""
     try:
         codes, labels = pd.factorize(values, sort=True)
@@ -109,7 +109,7 @@ def _factorize(values: pd.Series) -> tuple[np.ndarray, pd.Index]:
 
 def check_counts(frame: pd.DataFrame, units: str) -> np.ndarray:
     """Column ``units`` as float64 counts: whole, finite, >= 0, exact in float32."""
-    count_values = _numeric(frame, units)
+    count_values = numeric_column(frame, units)
     checks = [
         (np.isnan(count_values), "missing (NaN)", "drop those rows or fill them"),
         (np.isinf(count_values), "infinite", "drop or fix those rows"),
@@ -129,7 +129,7 @@ def check_counts(frame: pd.DataFrame, units: str) -> np.ndarray:
         if mask.any():
             raise DataValidationError(
                 f"column {units!r} has values that are {what} "
-                f"({_show(count_values[mask][0])}) in {_rows(frame, mask)}; {fix}."
+                f"({shown(count_values[mask][0])}) in {which_rows(frame, mask)}; {fix}."
             )
     return count_values
 
@@ -140,13 +140,13 @@ def duplicate_pair_error(
     """The error for a (unit, period) pair given more than once; ``where``: the rows."""
     unit, period = roles["unit"], roles["period"]
     return DataValidationError(
-        f"({unit!r}, {period!r}) = ({_show(unit_label)}, {_show(period_label)}) appears more "
+        f"({unit!r}, {period!r}) = ({shown(unit_label)}, {shown(period_label)}) appears more "
         f"than once: {where}. Aggregate them to one row per unit and period (e.g. "
         "df.groupby([unit, period]).agg(...))."
     )
 
 
-def _check_spaces(labels: pd.Index, column: str) -> None:
+def check_spaces(labels: pd.Index, column: str) -> None:
     """Labels with spaces around them: an error when that is all that tells two apart."""
     text = [label for label in labels if isinstance(label, str) and label != label.strip()]
     if not text:
@@ -156,22 +156,22 @@ def _check_spaces(labels: pd.Index, column: str) -> None:
         # two labels that strip to the same text ("P00 " and "P00", or "P00 " and " P00")
         first, second = labels[stripped == stripped[stripped.duplicated()][0]][:2]
         raise DataValidationError(
-            f"column {column!r} has labels that differ only by spaces ({_show(first)} and "
-            f"{_show(second)}): one product or two? Strip them, e.g. "
+            f"column {column!r} has labels that differ only by spaces ({shown(first)} and "
+            f"{shown(second)}): one product or two? Strip them, e.g. "
             f"df[{column!r}] = df[{column!r}].str.strip(), or rename one."
         )
     warnings.warn(
         f"column {column!r} has {len(text)} label(s) with spaces around them (e.g. "
-        f"{_show(text[0])}); they are kept as written. Strip them if that is not meant.",
+        f"{shown(text[0])}); they are kept as written. Strip them if that is not meant.",
         DataWarning,
         stacklevel=4,
     )
 
 
 def _labels_of(labels: pd.Index, codes: np.ndarray) -> str:
-    shown = ", ".join(_show(x) for x in labels[codes[:_SHOW_ROWS]].tolist())
+    first = ", ".join(shown(x) for x in labels[codes[:_SHOW_ROWS]].tolist())
     more = f" and {len(codes) - _SHOW_ROWS} more" if len(codes) > _SHOW_ROWS else ""
-    return shown + more
+    return first + more
 
 
 def warn_no_sales(units: str) -> None:
@@ -216,7 +216,7 @@ def warn_lone_groups(unit_group: np.ndarray, groups: pd.Index, level: str, what:
 
 def readable_kind(path: Path) -> str:
     """``"CSV"`` or ``"Parquet"`` for an existing file; a clear error otherwise."""
-    kind = _reader(path)
+    kind = reader_kind(path)
     if not path.exists():
         raise DataValidationError(f"no such file: {str(path)!r}.")
     if path.is_dir():
@@ -224,7 +224,8 @@ def readable_kind(path: Path) -> str:
     return kind
 
 
-def _reader(path: Path) -> str:
+def reader_kind(path: Path) -> str:
+    """``"CSV"`` or ``"Parquet"`` by the file's suffix; another suffix is refused, named."""
     name = path.name.lower()
     if name.endswith((".csv", ".csv.gz", ".txt")):
         return "CSV"
@@ -440,3 +441,28 @@ def read_labels(folder: Path, name: str, kind: str, column: str | None = None) -
             [tuple(v) for v in stored["values"]], names=stored["names"]
         )
     return pd.Index(pd.Series(stored["values"], dtype=object), name=column)
+
+
+__all__ = [
+    "DataValidationError",
+    "DataWarning",
+    "MAX_COUNT",
+    "PIPE_WAIT_S",
+    "check_counts",
+    "check_spaces",
+    "csv_options",
+    "duplicate_pair_error",
+    "factorize",
+    "numeric_column",
+    "period_values",
+    "read_labels",
+    "read_table",
+    "readable_kind",
+    "reader_kind",
+    "shown",
+    "warn_constant_units",
+    "warn_lone_groups",
+    "warn_no_sales",
+    "which_rows",
+    "write_labels",
+]

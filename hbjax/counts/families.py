@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import gammaln
 
-from ._types import AnyArray, Array, Float, Scalar
-from .layers import Normal
+from .._types import AnyArray, Array, Float, Scalar
+from ..vi.layers import Normal
 
 
 class AbstractCountLikelihood(eqx.Module):
