@@ -154,6 +154,18 @@ def test_check_compares_a_saved_fit_with_nuts(simulated_csv, tmp_path, capsys):
     rows[rows["product"] != rows["product"].iloc[0]].to_csv(other, index=False)
     code, _, err = run(capsys, "check", str(out_dir), str(other), *small)
     assert_one_line_error(code, err, "not the table", "units")
+    # ... and so is one with the same labels and other counts (x3)
+    rows.assign(units_sold=3 * rows["units_sold"]).to_csv(other, index=False)
+    code, _, err = run(capsys, "check", str(out_dir), str(other), *small)
+    assert_one_line_error(code, err, "not the table", "rows differ")
+    # a fit whose fit.json was edited (its hierarchy flipped) is refused, not used
+    info = json.loads((out_dir / "fit.json").read_text())
+    info["spec"]["hierarchy"] = "noncentred"
+    (out_dir / "fit.json").write_text(json.dumps(info))
+    for command in (["check", str(out_dir), str(simulated_csv), *small],
+                    ["predict", str(out_dir), str(simulated_csv)]):  # fmt: skip
+        code, _, err = run(capsys, *command)
+        assert_one_line_error(code, err, "edited after the fit")
 
 
 @pytest.mark.parametrize(

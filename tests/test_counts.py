@@ -161,6 +161,14 @@ def test_negative_binomial_by_group_and_zero_inflation_match_scipy():
         ({"dispersion_by": "u"}, "dispersion_by='u' must be one of groups"),
         ({"offset": "g"}, "holds text that is not a number"),
         ({"groups": ("unit",)}, "may not be named 'unit'"),
+        (
+            {"slopes": [Slope("x", over=("g",)), Slope("x", over=("unit",))]},
+            "two slopes share a name",
+        ),
+        (
+            {"slopes": [Slope("x2", log=True, over=("g",)), Slope("log_x2", over=("g",))]},
+            "column 'log_x2' has the name hbjax gives the log of column 'x2'",
+        ),
         ({"groups": ("g", "global")}, "may not be named 'global'"),
     ],
 )
@@ -168,6 +176,7 @@ def test_bad_arguments_get_one_clear_line(change, message):
     frame = _rows_frame(np.random.default_rng(0))
     frame.loc[3, "x"] = -1.0
     frame["unit"] = frame["global"] = frame["g"]  # groups named as hbjax's own levels
+    frame["x2"], frame["log_x2"] = np.exp(frame["x"]), frame["x"]
     arguments = {"unit": "u", "counts": "y", "groups": ("g",), **change}
     with pytest.raises(DataValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
         from_frame(frame, **arguments)

@@ -162,7 +162,14 @@ def test_cli_poisson_fit_of_overdispersed_counts_is_flagged(overdispersed, tmp_p
     the data contradict it (the negative binomial's CLI fit: tests/test_counts.py)."""
     path = tmp_path / "panel.csv"
     overdispersed.frame.to_csv(path, index=False)
-    poisson = ["--steps", "40", "--no-progress", "--out", str(tmp_path / "p"), "--plots"]
+    # an unconverged fit's replicas say little about the likelihood: shown, not judged
+    assert (
+        main(["fit", str(path), "--steps", "40", "--no-progress", "--out", str(tmp_path / "u")])
+        == 0
+    )
+    out, err = capsys.readouterr()
+    assert "model check: not judged, the fit did not converge" in out and "contradict" not in err
+    poisson = ["--no-progress", "--out", str(tmp_path / "p"), "--plots"]  # stops converged
     assert main(["fit", str(path), *poisson]) == 0
     err = capsys.readouterr().err
     assert "warning: the data contradict the poisson model" in err and "--likelihood negbin" in err
@@ -187,6 +194,33 @@ def test_negative_binomial_minibatch_fit_runs_on_four_devices(overdispersed):
     assert np.isfinite(result.final_loss) and 0.05 < d["q50"] < 2.0, d
     idata = hbjax.counts.to_arviz(data, result.guide, num_samples=50)
     assert idata.posterior["dispersion"].shape == (1, 50)
+
+
+def test_underdispersed_counts_are_not_told_to_take_a_negative_binomial():
+    """A dispersion index far below its replicas' is flagged as underdispersion, and the
+    advice to add variance (--likelihood negbin) is not given; overdispersion gets it."""
+    import pandas as pd
+
+    from hbjax.counts.check import PredictiveCheck
+
+    def check(observed):
+        table = pd.DataFrame(
+            {
+                "statistic": ["dispersion_index", "zero_share"],
+                "group": [-1, -1],
+                "observed": [observed, 0.1],
+                "replicated": [1.0, 0.1],
+                "replicated_q05": [0.95, 0.09],
+                "replicated_q95": [1.05, 0.11],
+                "p_value": [1.0 if observed < 1 else 0.0, 0.5],
+            }
+        )
+        return PredictiveCheck(table, "poisson", 100, 30)
+
+    under, over = check(0.3), check(3.0)
+    assert under.flagged == over.flagged == ["dispersion_index"]
+    assert "underdispersed" in under.verdict and "negbin" not in under.verdict
+    assert "3.0x as much" in over.verdict and over.verdict.endswith("--likelihood negbin")
 
 
 def test_the_predictive_check_passes_a_poisson_fit_of_poisson_counts(recovery_fit):

@@ -197,3 +197,37 @@ def test_outputs_that_would_eat_their_inputs_or_each_other_are_refused(
     with pytest.raises(OutputError, match="a mount point"):
         AtomicFolder("/", owns=["fit.json"])
     assert _leftovers(tmp_path) == []
+
+
+def _no_space(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(
+    small_sim, tmp_path, capsys, monkeypatch
+):
+    """prepare (its memory maps' space is reserved up front: without it a full disk is a
+    SIGBUS), and a checkpoint (the last one kept), on a disk that is full."""
+    import os
+
+    from hbjax.vi import checkpoint
+
+    table = tmp_path / "t.csv"
+    small_sim.frame.to_csv(table, index=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "posix_fallocate", _no_space)
+        code = main(["prepare", str(table), "--out", str(tmp_path / "rows"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "No space left" in err and "\n" not in err
+    assert not (tmp_path / "rows").exists() and _leftovers(tmp_path) == []
+    folder = tmp_path / "ckpt"
+    checkpoint.save(folder, tree={"a": np.zeros(3)}, header={"step": 1})
+    before = (folder / checkpoint.FILENAME).read_bytes()
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", _no_space)
+        with pytest.raises(checkpoint.CheckpointError, match="No space left.*last one is kept"):
+            checkpoint.save(folder, tree={"a": np.ones(3)}, header={"step": 2})
+    assert (folder / checkpoint.FILENAME).read_bytes() == before
+    assert sorted(p.name for p in folder.iterdir()) == [checkpoint.FILENAME]

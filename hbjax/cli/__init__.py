@@ -376,7 +376,12 @@ def _convergence_line(result: FitResult) -> str:
     if status is None or status.average_from is None:
         return "not converged: the iterates never became stationary"
     state = "converged" if status.converged else "not converged"
-    error = "" if status.mcse is None else f"; Monte Carlo error of the means {status.mcse:.3f} sd"
+    error = ""
+    if status.mcse is not None:
+        error = (
+            f"; Monte Carlo error of the means {status.mcse:.3f} sd (median; the worst "
+            f"{status.mcse_max:.3f})"
+        )
     return (
         f"{state}: the reported guide averages the iterates of steps {status.average_from}-"
         f"{status.average_to}{error}"
@@ -625,7 +630,9 @@ def _fit_table(args: argparse.Namespace, config: FitConfig, folder: AtomicFolder
     )
     print(_convergence_line(result))
     verdict = None if report.importance is None else report.importance.verdict
-    _print_checks(summary["dispersion"], verdict, report.predictive, summary["likelihood"])
+    _print_checks(
+        summary["dispersion"], verdict, report.predictive, summary["likelihood"], result.converged
+    )
     return 0
 
 
@@ -634,8 +641,13 @@ def _print_checks(
     guide_verdict: str | None,
     model_check: PredictiveCheck | None,
     likelihood: str,
+    converged: bool,  # noqa: FBT001
 ) -> None:
-    """Print the dispersion, the guide check and the predictive check (a warning if flagged)."""
+    """Print the dispersion, the guide check and the predictive check (a warning if flagged).
+
+    An unconverged fit's replicas say little about the likelihood: its check is shown, not
+    judged.
+    """
     if dispersion is not None:
         print(
             f"dispersion phi {dispersion['q50']:.3g} (90% interval {dispersion['q05']:.3g} to "
@@ -643,7 +655,12 @@ def _print_checks(
         )
     if guide_verdict is not None:
         print(f"guide check: {guide_verdict}")
-    if model_check is not None and model_check.flagged:
+    if model_check is not None and model_check.flagged and not converged:
+        print(
+            f"model check: not judged, the fit did not converge (replicas from an unsettled "
+            f"fit say little about the likelihood): {model_check.figures}"
+        )
+    elif model_check is not None and model_check.flagged:
         problem = model_check.verdict.removeprefix("contradicted: ")
         print(f"warning: the data contradict the {likelihood} model: {problem}", file=sys.stderr)
     elif model_check is not None:

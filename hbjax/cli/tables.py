@@ -19,6 +19,7 @@ from ..counts.frame import read_frame
 from ..counts.report import price_slope
 from ..io.outputs import write_file_atomically
 from ..io.tables import DataValidationError
+from ..vi.checkpoint import content_hash
 from ..vi.checks import NutsCheck, UnitImportance, nuts_check, on_value_scale, unit_importance
 from ..vi.layers import Centred
 
@@ -116,6 +117,12 @@ def check_saved_fit(args: argparse.Namespace) -> tuple[pd.DataFrame, NutsCheck, 
                 f"{args.file!r} is not the table {args.fit_dir!r} was fitted to (its {name} "
                 "differ); pass the same file as to `hbjax fit`."
             )
+    fitted_rows = saved.info.get("rows_hash")
+    if fitted_rows is not None and content_hash(data.rows) != fitted_rows:
+        raise ValueError(
+            f"{args.file!r} is not the table {args.fit_dir!r} was fitted to (its labels match "
+            "but its rows differ); pass the same file as to `hbjax fit`."
+        )
     key = jax.random.key(args.seed)
     model = fitted.model
     importance = unit_importance(model, saved.guide, data.rows, key=jax.random.fold_in(key, 0))

@@ -164,14 +164,20 @@ class PredictiveCheck:
         return out
 
     @property
-    def verdict(self) -> str:
-        """``"consistent"`` or ``"contradicted"`` and the figures, in words."""
+    def figures(self) -> str:
+        """The overall statistics, observed against replicated, in words."""
         d, z = self._overall("dispersion_index"), self._overall("zero_share")
-        figures = (
+        return (
             f"dispersion index {d['observed']:.2f} observed vs {d['replicated']:.2f} "
             f"replicated (90% {d['replicated_q05']:.2f}-{d['replicated_q95']:.2f}); zero "
             f"share {z['observed']:.1%} vs {z['replicated']:.1%}"
         )
+
+    @property
+    def verdict(self) -> str:
+        """``"consistent"`` or ``"contradicted"`` and the figures, in words."""
+        d, z = self._overall("dispersion_index"), self._overall("zero_share")
+        figures = self.figures
         if not self.flagged:
             return f"consistent with the data ({figures})"
         problems = []
@@ -183,11 +189,18 @@ class PredictiveCheck:
                     f"{self.likelihood} likelihood allows, so its intervals are too narrow"
                 )
             else:
-                problems.append(f"the counts vary less than the {self.likelihood} likelihood says")
+                problems.append(
+                    f"the counts vary less than the {self.likelihood} likelihood says "
+                    "(underdispersed: its intervals are wider than they need be; a negative "
+                    "binomial can only add variance)"
+                )
         if "zero_share" in self.flagged:
             more = "more" if z["observed"] > z["replicated"] else "fewer"
             problems.append(f"the data have {more} weeks without sales than it replicates")
-        advice = "; fit with --likelihood negbin" if self.likelihood == "poisson" else ""
+        overdispersed = d["observed"] > d["replicated"]
+        advice = ""
+        if self.likelihood == "poisson" and overdispersed and "dispersion_index" in self.flagged:
+            advice = "; fit with --likelihood negbin"
         return f"contradicted: {'; '.join(problems)} ({figures}){advice}"
 
     def to_dict(self, groups: pd.Index | None = None) -> dict[str, object]:

@@ -584,6 +584,14 @@ def _check_arguments(
         )
     names = [s.name for s in slopes]
     if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        columns = [s.column for s in slopes if s.name == twice]
+        if len(set(columns)) > 1:  # a column named like another's log, e.g. log_price
+            raise DataValidationError(
+                f"column {twice!r} has the name hbjax gives the log of column "
+                f"{next(c for c in columns if c != twice)!r}; rename it (e.g. "
+                f"df.rename(columns={{{twice!r}: {twice + '_column'!r}}}))."
+            )
         raise DataValidationError(f"two slopes share a name ({names}); give each covariate once.")
     for slope in slopes:
         allowed = (UNIT, *groups)

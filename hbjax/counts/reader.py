@@ -31,7 +31,7 @@ import pandas as pd
 from jax.scipy.special import gammaln
 from tqdm.auto import tqdm
 
-from ..io.outputs import AtomicFolder
+from ..io.outputs import AtomicFolder, OutputError
 from ..io.tables import (
     DataValidationError,
     DataWarning,
@@ -519,34 +519,49 @@ def write_rows(
             "pipe only once. Write it to a file first."
         )
     total = _row_count(path)
-    with (
-        AtomicFolder(directory, owns=("store.json",), what="the rows folder") as staging,
-        tqdm(
-            total=None if total is None else 2 * total,
-            desc="reading (2 passes: labels and checks, then rows)",
-            unit="row",
-            unit_scale=True,
-            disable=not progress,
-        ) as bar,
-    ):
-
-        def allocate(name: str, dtype: type, n: int) -> np.ndarray:
-            return np.lib.format.open_memmap(staging / f"{name}.npy", "w+", dtype, (n,))
-
-        data, labels = read_chunks(
-            file_chunks(path, spec, int(chunk_rows)),
-            spec,
-            one_row_per_period=one_row_per_period,
-            allocate=allocate,
-            bar=bar,
-        )
-        jax_free = [data.rows.unit, data.rows.weight, data.period, *_leaves(data.rows.columns)]
-        for array in jax_free:
-            if array is not None:
-                array.flush()
-        _write_meta(staging, data, labels, str(path))
+    try:
+        with (
+            AtomicFolder(directory, owns=("store.json",), what="the rows folder") as staging,
+            tqdm(
+                total=None if total is None else 2 * total,
+                desc="reading (2 passes: labels and checks, then rows)",
+                unit="row",
+                unit_scale=True,
+                disable=not progress,
+            ) as bar,
+        ):
+            data, labels = read_chunks(
+                file_chunks(path, spec, int(chunk_rows)),
+                spec,
+                one_row_per_period=one_row_per_period,
+                allocate=lambda name, dtype, n: _on_disk(staging / f"{name}.npy", dtype, n),
+                bar=bar,
+            )
+            arrays = [data.rows.unit, data.rows.weight, data.period, *_leaves(data.rows.columns)]
+            for array in arrays:
+                if array is not None:
+                    array.flush()
+            _write_meta(staging, data, labels, str(path))
+    except OSError as exc:  # a full disk, a lost mount: nothing half-written is left
+        raise OutputError(
+            f"cannot write the rows folder {str(directory)!r}: {exc.strerror or exc}."
+        ) from None
     warn_weak(spec, labels)
     return read_rows(directory)
+
+
+def _on_disk(path: Path, dtype: type, n: int) -> np.memmap:
+    """A memory-mapped ``.npy`` of ``n`` entries, its disk space reserved now.
+
+    Without the reservation a full disk shows only when a page is written back, as a
+    ``SIGBUS`` that kills the process; reserved, it is an ``OSError`` here.
+    """
+    array = np.lib.format.open_memmap(path, "w+", dtype, (n,))
+    with open(path, "r+b") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if hasattr(os, "posix_fallocate") and size:
+            os.posix_fallocate(handle.fileno(), 0, size)
+    return array
 
 
 def _leaves(tree: dict) -> list[np.ndarray]:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -20,6 +21,7 @@ import pandas as pd
 
 from .. import __version__
 from ..io.tables import DataValidationError, read_labels, write_labels
+from ..vi.checkpoint import content_hash
 from ..vi.fit import FitResult
 from ..vi.guide import GUIDES, AbstractGuide, LowRankNormal, make_guide
 from .families import LIKELIHOODS
@@ -87,9 +89,23 @@ def save_fit(data: CountData, result: FitResult, directory: str | os.PathLike[st
         "steps": result.steps,
         "converged": result.converged,
         "hbjax_version": __version__,
+        # the rows' hash: `hbjax check` refuses another table (not kept for rows on disk,
+        # whose hash would read the whole folder)
+        "rows_hash": None if data.rows is None or data.on_disk else content_hash(data.rows),
     }
     eqx.tree_serialise_leaves(folder / "fit.eqx", (result.model, result.guide))
+    info["checksum"] = _checksum(folder, info)
     (folder / "fit.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _checksum(folder: Path, info: dict) -> str:
+    """A hash of ``fit.json``'s other entries and ``fit.eqx``: an edited fit is refused."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(
+        json.dumps({k: v for k, v in info.items() if k != "checksum"}, sort_keys=True).encode()
+    )
+    digest.update((folder / "fit.eqx").read_bytes())
+    return digest.hexdigest()
 
 
 def load_fit(directory: str | os.PathLike[str]) -> SavedCountFit:
@@ -99,7 +115,13 @@ def load_fit(directory: str | os.PathLike[str]) -> SavedCountFit:
         DataValidationError: the folder holds no complete vocabulary fit (named).
     """
     folder = Path(directory)
-    return rebuilt(folder, read_info(folder, COUNTS_FORMAT), _rebuild)
+    info = read_info(folder, COUNTS_FORMAT)
+    if "checksum" in info and (folder / "fit.eqx").is_file():  # fits saved before it: no check
+        if _checksum(folder, info) != info["checksum"]:
+            raise DataValidationError(
+                _DAMAGED % (str(folder), "fit.json or fit.eqx was edited after the fit")
+            )
+    return rebuilt(folder, info, _rebuild)
 
 
 def named_labels(data: CountData) -> dict:

@@ -91,18 +91,28 @@ def path_in(directory: str | os.PathLike[str]) -> Path:
 
 
 def save(directory: str | os.PathLike[str], *, tree: Any, header: dict[str, object]) -> Path:
-    """Write ``header`` and the arrays of ``tree`` atomically (temporary file, fsync, rename)."""
+    """Write ``header`` and the arrays of ``tree`` atomically (temporary file, fsync, rename).
+
+    Raises:
+        CheckpointError: the checkpoint could not be written (a full disk, no permission);
+            the last one stays as it was.
+    """
     folder = Path(directory)
-    folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{FILENAME}.{os.getpid()}.tmp"
     with _signals_deferred():
         try:
+            folder.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as handle:
                 handle.write((json.dumps({"format": FORMAT, **header}) + "\n").encode())
                 eqx.tree_serialise_leaves(handle, tree)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, folder / FILENAME)
+        except OSError as exc:
+            raise CheckpointError(
+                f"cannot write the checkpoint in {str(folder)!r}: {exc.strerror or exc}; the "
+                "last one is kept."
+            ) from None
         finally:
             tmp.unlink(missing_ok=True)
     return folder / FILENAME

@@ -349,7 +349,8 @@ def _not_converged_message(status: Status, steps: int) -> str:
     else:
         where = (
             f"averaging began at step {status.average_from}; the Monte Carlo error of the "
-            f"means is {status.mcse:.3f} posterior sd"
+            f"means is {status.mcse:.3f} posterior sd (median; the worst watched mean's "
+            f"{status.mcse_max:.3f})"
         )
     return (
         f"the fit did not converge in {steps} steps: {where}. Its answer still carries "
