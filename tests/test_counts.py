@@ -527,11 +527,10 @@ def test_cli_speaks_the_vocabulary(tmp_path, capsys):
 @pytest.mark.usefixtures("standard_promotion")
 def test_hbjax_check_of_a_vocabulary_fit_tells_good_from_bad(tmp_path, capsys):
     """`hbjax check OUT FILE` on a --group a,b fit: NUTS on a subsample of products and the
-    per-product k-hat, on the elasticity scale; the same checks call a deliberately narrow
-    guide poor (measured, tables 5-6 x keys 0-2: good sd ratio 0.99-1.04, all covered,
-    no unit at k-hat >= 0.7; narrow sd ratio 0.12-0.17, 70-75% of units at k-hat >= 0.7)."""
+    per-product k-hat, on the elasticity scale (measured, tables 5-6 x keys 0-2: sd ratio
+    0.99-1.04, all covered, no unit at k-hat >= 0.7)."""
     from hbjax.cli import main
-    from hbjax.vi.checks import nuts_check, unit_importance
+    from hbjax.vi.checks import nuts_check
 
     frame, _ = _three_levels(np.random.default_rng(5), n_units=40, n_weeks=16)
     frame.to_csv(tmp_path / "sales.csv", index=False)
@@ -550,16 +549,8 @@ def test_hbjax_check_of_a_vocabulary_fit_tells_good_from_bad(tmp_path, capsys):
     assert len(table) == 8 and set(table["leaf"]) == {"elasticity"}
     assert set(table["sku"]) <= set(frame["sku"]) and table["covered"].all()
     assert ((table["q05"] < table["nuts_median"]) & (table["nuts_median"] < table["q95"])).all()
-    saved = hbjax.counts.load_fit(out)
-    data = saved.data.spec.data(frame)
-    narrow = hbjax.make_guide("meanfield", data.model, loc=saved.guide.mean(), scale=0.02)
+    # (the same checks call a narrow guide poor: tests/test_guide_check.py)
     key = jax.random.key(0)
-    importance = unit_importance(saved.data.model, narrow, data.rows, key=key)
-    nuts = nuts_check(
-        saved.data.model, narrow, data.rows, key=key, num_units=8, warmup=100, draws=100
-    )
-    assert importance.verdict.startswith("poor") and nuts.verdict.startswith("poor")
-    assert nuts.sd_ratio < 0.3 and importance.share_poor > 0.4
     no_price = _skus(frame, slopes=[Slope("promo", over=("cat",))], period="week")
     with jax.numpy_dtype_promotion("standard"):
         fitted = hbjax.counts.fit_counts(no_price, hbjax.counts.FitConfig(steps=20, progress=False))

@@ -208,11 +208,9 @@ def _no_space(*args, **kwargs):
 def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(
     small_sim, tmp_path, capsys, monkeypatch
 ):
-    """prepare (its memory maps' space is reserved up front: without it a full disk is a
-    SIGBUS), and a checkpoint (the last one kept), on a disk that is full."""
+    """prepare on a disk that is full: its memory maps' space is reserved up front (without
+    it a full disk is a SIGBUS). (A checkpoint's: tests/test_checkpoint.py.)"""
     import os
-
-    from hbjax.vi import checkpoint
 
     table = tmp_path / "t.csv"
     small_sim.frame.to_csv(table, index=False)
@@ -222,12 +220,3 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and "No space left" in err and "\n" not in err
     assert not (tmp_path / "rows").exists() and _leftovers(tmp_path) == []
-    folder = tmp_path / "ckpt"
-    checkpoint.save(folder, tree={"a": np.zeros(3)}, header={"step": 1})
-    before = (folder / checkpoint.FILENAME).read_bytes()
-    with monkeypatch.context() as patch:
-        patch.setattr(os, "fsync", _no_space)
-        with pytest.raises(checkpoint.CheckpointError, match="No space left.*last one is kept"):
-            checkpoint.save(folder, tree={"a": np.ones(3)}, header={"step": 2})
-    assert (folder / checkpoint.FILENAME).read_bytes() == before
-    assert sorted(p.name for p in folder.iterdir()) == [checkpoint.FILENAME]
