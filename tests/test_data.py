@@ -91,6 +91,7 @@ BAD_INPUTS = {
     "column given twice": (None, ["given for both"]),
     "huge counts": (lambda: frame(units_sold=(0, 2**25)), ["float32"]),
     "infinite units": (lambda: frame(units_sold=(2, np.inf)), ["'units_sold'", "infinite"]),
+    "price beyond float32": (lambda: frame(price=(1, 1e39)), ["'price'", "float32", "index 1"]),
     "single unit": (lambda: frame().iloc[:3], ["single unit", "'a'", "at least 2"]),
     "single period": (
         lambda: frame().drop_duplicates("product").assign(period=1),

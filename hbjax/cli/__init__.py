@@ -51,7 +51,7 @@ from ..vi.fit import ConvergenceWarning, FitResult, NonFiniteLossError
 from ..vi.guide import GUIDES
 from ..vi.layers import HIERARCHIES
 from ..vi.objectives import GRADIENTS
-from .tables import check_saved_fit, column_arguments, count_data, predict_saved_fit
+from .tables import check_args, column_arguments, count_data, predict_saved_fit
 
 USER_ERROR = 2
 
@@ -685,7 +685,7 @@ def run_check(args: argparse.Namespace) -> int:
     default = Path(args.fit_dir) / "check.csv"
     out = check_file_destination(args.out if args.out is not None else default)
     try:
-        table, nuts, importance = check_saved_fit(args)
+        table, nuts, importance = check_args(args)
     except (ValueError, ImportError) as exc:
         if isinstance(exc, DataValidationError):
             raise

@@ -8,6 +8,7 @@ A Poisson fit of overdispersed sales fails it; a negative binomial passes.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 
 import jax
@@ -16,9 +17,12 @@ import pandas as pd
 from jaxtyping import Bool, Float, Int
 
 from .._types import PRNGKeyArray
+from ..vi.checks import NutsCheck, UnitImportance, nuts_check, on_value_scale, unit_importance
 from ..vi.devices import seed_from_key
 from ..vi.guide import AbstractGuide
-from .frame import CountData
+from ..vi.layers import Centred
+from .frame import CountData, price_slope
+from .saved import SavedCountFit
 
 
 def predictive_check(
@@ -290,7 +294,62 @@ def predictive_table(
     return pd.DataFrame(rows)
 
 
+def check_saved_fit(
+    saved: SavedCountFit,
+    path: str | os.PathLike[str],
+    *,
+    key: PRNGKeyArray,
+    num_units: int = 50,
+    num_shared: int = 4,
+    warmup: int = 300,
+    draws: int = 300,
+) -> tuple[pd.DataFrame, NutsCheck, UnitImportance]:
+    """A saved fit's per-unit slopes against NUTS, and the per-unit k-hat (``hbjax check``).
+
+    ``path`` is the fitted table, read as the fit read it and checked to be it
+    (:meth:`~hbjax.counts.SavedCountFit.fitted_table`). Returns the NUTS table of every
+    per-unit slope the verdict covers, price elasticities first (``leaf`` ``"elasticity"``,
+    then the covariate's name; on the slope's scale with the centred hierarchy, else their
+    latents), the NUTS check (:func:`hbjax.vi.checks.nuts_check`) and the per-unit k-hat.
+
+    Raises:
+        ValueError: the fit has no per-unit log slope (a price), or ``path`` is another table.
+    """
+    fitted = saved.data
+    price = price_slope(fitted)
+    if price is None:
+        raise ValueError(
+            "the fit has no per-product log slope (a price) to check; hbjax check compares "
+            "products' price elasticities with NUTS."
+        )
+    rows, model = saved.fitted_table(path).rows, fitted.model
+    importance = unit_importance(model, saved.guide, rows, key=jax.random.fold_in(key, 0))
+    nuts = nuts_check(
+        model,
+        saved.guide,
+        rows,
+        key=jax.random.fold_in(key, 1),
+        num_units=num_units,
+        num_shared=num_shared,
+        warmup=warmup,
+        draws=draws,
+    )
+    parts = []  # the price first, then every other per-unit slope the verdict covers
+    for slope in sorted(fitted.spec.slopes, key=lambda s: s is not price):
+        part = nuts.table[nuts.table["leaf"] == f"slopes['{slope.name}']['unit']"].copy()
+        if part.empty:
+            continue
+        part.insert(0, fitted.spec.unit, fitted.units[part.pop("unit").to_numpy()])
+        layer = model.slopes[slope.name]
+        name = "elasticity" if slope is price else slope.name
+        if isinstance(layer.hierarchy, Centred):  # b_i = loc + scale v_i: the slope itself
+            part = on_value_scale(part, float(layer.top.loc), float(layer.unit_scale), name)
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True), nuts, importance
+
+
 __all__ = [
+    "check_saved_fit",
     "DISPERSION_FACTOR",
     "PREDICTIVE_TAIL",
     "ZERO_SHARE_FACTOR",

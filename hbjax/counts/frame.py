@@ -355,6 +355,13 @@ def _logit_normal(m: np.ndarray, s: np.ndarray) -> dict[str, np.ndarray | np.flo
     return {"mean": mean, "sd": np.sqrt(np.maximum(second - mean * mean, 0.0)), **out}
 
 
+def price_slope(data: CountData) -> Slope | None:
+    """The first per-unit log slope (the price, whose slopes are elasticities), or ``None``."""
+    spec = data.spec
+    slopes = () if spec is None else spec.slopes
+    return next((s for s in slopes if s.log and UNIT in s.over), None)
+
+
 def elasticity_terms(
     price: str, groups: Sequence[str], period: str, covariates: Sequence[str] = ()
 ) -> tuple[list[Slope], list[Effect]]:
@@ -664,6 +671,13 @@ def _finite(frame: pd.DataFrame, column: str) -> np.ndarray:
             f"column {column!r} must be finite; found {shown(values[bad][0])} in "
             f"{which_rows(frame, bad)}. Drop or fill those rows."
         )
+    huge = np.abs(values) > np.finfo(np.float32).max
+    if huge.any():
+        raise DataValidationError(
+            f"column {column!r} holds values beyond float32, the fit's precision "
+            f"({shown(values[huge][0])} in {which_rows(frame, huge)}); rescale the column "
+            "(e.g. thousands) or fix those rows."
+        )
     return values
 
 
@@ -753,6 +767,7 @@ def _slope_layer(
 
 __all__ = [
     "HIERARCHIES",
+    "price_slope",
     "CountData",
     "CountSpec",
     "build_model",

@@ -117,7 +117,7 @@ def read_chunks(
     allocate = allocate or (lambda _name, dtype, n: np.empty(n, dtype))
     labels = _scan(chunks(), spec, bar)
     rows, period = _place_rows(chunks(), spec, labels, allocate, one_row_per_period, bar)
-    if one_row_per_period and labels.chunks > 1:  # pairs split across chunks
+    if one_row_per_period and period is not None and labels.chunks > 1:  # pairs across chunks
         _check_pairs(rows, period, spec, labels)
     return _count_data(spec, labels, rows, period, likelihood), labels
 

@@ -25,19 +25,12 @@ from ..vi.fit import FitResult
 from ..vi.guide import GaussianGuide
 from .check import PredictiveCheck, predictive_check
 from .fit import FitConfig
-from .frame import CountData, Slope
+from .frame import CountData, price_slope
 from .saved import save_fit
 from .slopes import GLOBAL, UNIT
 
 #: The statistics of every summary row.
 STATS = ("mean", "sd", "q05", "q50", "q95")
-
-
-def price_slope(data: CountData) -> Slope | None:
-    """The first per-unit log slope (the price, whose slopes are elasticities), or ``None``."""
-    spec = data.spec
-    slopes = () if spec is None else spec.slopes
-    return next((s for s in slopes if s.log and UNIT in s.over), None)
 
 
 @dataclasses.dataclass(frozen=True)

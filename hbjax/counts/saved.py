@@ -25,7 +25,7 @@ from ..vi.checkpoint import content_hash
 from ..vi.fit import FitResult
 from ..vi.guide import GUIDES, AbstractGuide, LowRankNormal, make_guide
 from .families import LIKELIHOODS
-from .frame import CountData, CountSpec, build_model
+from .frame import CountData, CountSpec, build_model, read_frame
 from .regression import UnitTable
 
 #: The format of a saved fit (``fit.json``).
@@ -51,6 +51,39 @@ class SavedCountFit:
     data: CountData
     guide: AbstractGuide
     info: dict
+
+    def read_table(self, path: str | os.PathLike[str]) -> pd.DataFrame:
+        """A file read as the fit read its table (the scenarios of ``predict``, or it again).
+
+        Label columns as text exactly as written (unless the fit's labels were numbers);
+        periods as integers or dates.
+        """
+        data = self.data
+        levels = {data.spec.unit: data.units, **data.levels}
+        text = [column for column, labels in levels.items() if labels.dtype == object]
+        return read_frame(path, labels=text, period=data.spec.period)
+
+    def fitted_table(self, path: str | os.PathLike[str]) -> CountData:
+        """The table the fit was fitted to, read again and checked to be it.
+
+        Raises:
+            ValueError: its labels or (when recorded) its rows differ from the fitted ones.
+        """
+        data, fitted = self.data.spec.data(self.read_table(path)), self.data
+        levels = ((f"{g} labels", data.levels[g], fitted.levels[g]) for g in data.levels)
+        for name, here, there in (("units", data.units, fitted.units), *levels):
+            if not here.equals(there):
+                raise ValueError(
+                    f"{str(path)!r} is not the table the fit was fitted to (its {name} "
+                    "differ); pass the same file as to `hbjax fit`."
+                )
+        rows_hash = self.info.get("rows_hash")
+        if rows_hash is not None and content_hash(data.rows) != rows_hash:
+            raise ValueError(
+                f"{str(path)!r} is not the table the fit was fitted to (its labels match but "
+                "its rows differ); pass the same file as to `hbjax fit`."
+            )
+        return data
 
 
 def save_fit(data: CountData, result: FitResult, directory: str | os.PathLike[str]) -> None:

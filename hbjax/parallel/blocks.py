@@ -103,12 +103,6 @@ def plan_blocks(unit_rows: np.ndarray, n_blocks: int) -> np.ndarray:
     return np.r_[0, cuts, len(unit_rows)].astype(np.int64)
 
 
-def _block_rows(unit_rows: np.ndarray, units: np.ndarray) -> np.ndarray:
-    """Rows of each block, from the unit offsets of :func:`plan_blocks`."""
-    starts = np.r_[0, np.cumsum(np.asarray(unit_rows, dtype=np.int64))]
-    return np.diff(starts[units])
-
-
 def _device_blocks(mesh: Mesh, n_blocks: int) -> list[range]:
     """Blocks held by each device of the mesh, in mesh order."""
     per_device = n_blocks // mesh.devices.size

@@ -12,17 +12,8 @@ import socket
 import time
 
 import jax
-import numpy as np
-from jax.experimental import multihost_utils
 
 from .blocks import ShardingError
-
-
-def all_processes_agree(ok: bool) -> bool:  # noqa: FBT001
-    """Whether ``ok`` holds in every process (``ok`` itself with a single process)."""
-    if jax.process_count() == 1:
-        return ok
-    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,4 +105,4 @@ def initialize_distributed(config: DistributedConfig) -> None:
         ) from None
 
 
-__all__ = ["DistributedConfig", "all_processes_agree", "initialize_distributed"]
+__all__ = ["DistributedConfig", "initialize_distributed"]
