@@ -21,7 +21,7 @@ import hbjax
 class StudentTGuide(hbjax.AbstractGuide):
     """z = loc + softplus(raw_scale) * t, t ~ Student-t(df), independently per latent."""
 
-    loc: jax.Array  # a pytree like the latents (here: ElasticityLatents)
+    loc: jax.Array  # a pytree like the latents (here: hbjax.counts.CountLatents)
     raw_scale: jax.Array
     df: float = eqx.field(static=True)
 

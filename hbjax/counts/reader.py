@@ -10,7 +10,7 @@ memory: ``hbjax prepare``) share every check, message and warning, and the encod
 2. write each row's columns at its place in unit order (rows of a unit in file order):
    what :meth:`hbjax.UnitRows.build` would give.
 
-Memory: one chunk plus about 100 bytes per unit and per cell; a folder holds 24 bytes per
+Memory: one chunk plus about 100 bytes per unit and per cell; a folder holds 28 bytes per
 row (the article's model) on disk. :func:`read_rows` opens a folder as
 :class:`~hbjax.counts.CountData` whose rows stay on disk (minibatches read the units they
 draw).
