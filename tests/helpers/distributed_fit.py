@@ -30,9 +30,9 @@ data = hbjax.counts.elasticity_data(
 mesh = hbjax.make_mesh()
 model = data.model
 guide = hbjax.make_guide("unitblock", model, loc=model.init_latents(data.rows))
-# averaging begins at the first check, the fit stops at the first one after 100 averaged
+# averaging begins at the first check, the fit stops at the first one after 50 averaged
 # steps: a few hundred steps that go through every part of the loop
-loose = Convergence(rhat=100.0, mcse=10.0, check_every=50, min_average=100)
+loose = Convergence(rhat=100.0, mcse=10.0, check_every=25, min_average=50)
 result = hbjax.fit(
     model,
     guide,
