@@ -139,3 +139,8 @@ def test_cli_prepare_then_fit_is_fitting_the_file(shuffled, tmp_path, capsys):
     assert main(["fit", str(rows), "--steps", "10"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "--batch-size" in err and len(err.splitlines()) == 1
+    # a column flag naming another column than the folder's is refused, not ignored
+    other = ["--group", "region", "--out", str(tmp_path / "c")]
+    assert main(["fit", str(rows), *common, *other]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--group 'region'" in err and "prepared with --group 'category'" in err

@@ -51,7 +51,7 @@ from ..vi.fit import ConvergenceWarning, FitResult, NonFiniteLossError
 from ..vi.guide import GUIDES
 from ..vi.layers import HIERARCHIES
 from ..vi.objectives import GRADIENTS
-from .tables import check_args, column_arguments, count_data, predict_saved_fit
+from .tables import COLUMN_FLAGS, check_args, column_arguments, count_data, predict_saved_fit
 
 USER_ERROR = 2
 
@@ -153,20 +153,16 @@ def _devices(text: str) -> str | int:
 
 
 def _column_flags(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--unit", default="product", help="unit column (default: product)")
-    command.add_argument(
-        "--group",
-        default="category",
-        help="group columns, finest first (default: category; e.g. subcategory,category)",
-    )
-    command.add_argument("--period", default="period", help="period column (integers or dates)")
-    command.add_argument("--price", default="price", help="price column (> 0)")
-    command.add_argument("--units", default="units_sold", help="counts column (integers >= 0)")
-    command.add_argument(
-        "--covariates",
-        default="",
-        help="more columns with a slope each, by the coarsest group (e.g. promo,feature)",
-    )
+    helps = {
+        "unit": "unit column (default: product)",
+        "group": "group columns, finest first (default: category; e.g. subcategory,category)",
+        "period": "period column (integers or dates)",
+        "price": "price column (> 0)",
+        "units": "counts column (integers >= 0)",
+        "covariates": "more columns with a slope each, by the coarsest group (e.g. promo,feature)",
+    }
+    for flag, default in COLUMN_FLAGS.items():
+        command.add_argument(f"--{flag}", default=default, help=helps[flag])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,7 @@ import pandas as pd
 from ..counts import CountData, elasticity_data, load_fit, predict
 from ..counts.check import check_saved_fit
 from ..counts.families import ARTICLE_CLIP
+from ..counts.frame import price_slope
 from ..io.outputs import write_file_atomically
 from ..io.tables import DataValidationError
 from ..vi.checks import NutsCheck, UnitImportance
@@ -28,6 +29,17 @@ def _names(text: str, flag: str) -> tuple[str, ...]:
             f"{flag} {text!r} has an empty name; write names separated by commas."
         )
     return names
+
+
+#: The column flags' defaults: the article's column names.
+COLUMN_FLAGS = {
+    "unit": "product",
+    "group": "category",
+    "period": "period",
+    "price": "price",
+    "units": "units_sold",
+    "covariates": "",
+}
 
 
 def column_arguments(args: argparse.Namespace) -> dict[str, object]:
@@ -51,7 +63,7 @@ def count_data(args: argparse.Namespace) -> CountData:
         DataValidationError: anything :func:`hbjax.counts.elasticity_data` refuses (named,
             with the fix).
     """
-    return elasticity_data(
+    data = elasticity_data(
         args.file,
         **column_arguments(args),
         likelihood=args.likelihood,
@@ -60,6 +72,30 @@ def count_data(args: argparse.Namespace) -> CountData:
         centre=not args.no_centring,
         clip_log_rate=ARTICLE_CLIP if args.clip else None,
     )
+    if data.on_disk:  # a prepared folder: flags given must be the ones it was prepared with
+        _check_prepared_columns(args, data)
+    return data
+
+
+def _check_prepared_columns(args: argparse.Namespace, data: CountData) -> None:
+    """A column flag given (not its default) that names another column than the folder's."""
+    spec, price = data.spec, price_slope(data)
+    prepared = {
+        "unit": spec.unit,
+        "group": ",".join(spec.groups),
+        "period": spec.period,
+        "price": None if price is None else price.column,
+        "units": spec.counts,
+        "covariates": ",".join(s.column for s in spec.slopes if s is not price),
+    }
+    for flag, default in COLUMN_FLAGS.items():
+        given = getattr(args, flag)
+        if given != default and given != prepared[flag]:
+            raise DataValidationError(
+                f"--{flag} {given!r}: {args.file!r} was prepared with --{flag} "
+                f"{prepared[flag]!r}; its columns are fixed when prepared (drop the flag, or "
+                "prepare the table again with it)."
+            )
 
 
 def predict_saved_fit(args: argparse.Namespace, out: Path) -> str:
@@ -92,4 +128,4 @@ def check_args(args: argparse.Namespace) -> tuple[pd.DataFrame, NutsCheck, UnitI
     )
 
 
-__all__ = ["check_args", "column_arguments", "count_data", "predict_saved_fit"]
+__all__ = ["COLUMN_FLAGS", "check_args", "column_arguments", "count_data", "predict_saved_fit"]
