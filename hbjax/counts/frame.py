@@ -549,35 +549,13 @@ def read_frame(
     return frame
 
 
-def _check_arguments(
-    frame: pd.DataFrame,
-    unit: str,
-    counts: str,
-    groups: tuple[str, ...],
-    slopes: tuple[Slope, ...],
-    effects: tuple[Effect, ...],
-    offset: str | None,
-    period: str | None,
-    dispersion_by: str | None,
-) -> None:
-    """A non-empty DataFrame with every named column; levels and names used consistently."""
-    if len(frame) == 0:
-        raise DataValidationError("the table is empty; it needs at least one row.")
-    if frame.columns.duplicated().any():
-        twice = frame.columns[frame.columns.duplicated()][0]
-        raise DataValidationError(f"the table has two columns named {twice!r}; rename one of them.")
-    named = {"unit": [unit], "counts": [counts], "groups": list(groups)}
-    named["slopes"] = [s.column for s in slopes]
-    named["effects"] = [c for e in effects for c in e.labels]
-    named["offset"] = [] if offset is None else [offset]
-    named["period"] = [] if period is None else [period]
-    for role, columns in named.items():
-        missing = [c for c in columns if c not in frame.columns]
-        if missing:
-            raise DataValidationError(
-                f"missing column {missing[0]!r} ({role}); the table has columns "
-                f"{list(map(str, frame.columns))}."
-            )
+def check_spec(spec: CountSpec) -> None:
+    """Levels, slopes and names used consistently: what no table can mend, checked once.
+
+    Raises:
+        DataValidationError: the first inconsistency, named, with the fix.
+    """
+    groups, unit = spec.groups, spec.unit
     kept = [g for g in groups if g in (UNIT, GLOBAL)]
     if kept:
         raise DataValidationError(
@@ -589,10 +567,10 @@ def _check_arguments(
         raise DataValidationError(
             f"groups must be distinct columns other than the unit; got {groups}."
         )
-    names = [s.name for s in slopes]
+    names = [s.name for s in spec.slopes]
     if len(set(names)) != len(names):
         twice = next(n for n in names if names.count(n) > 1)
-        columns = [s.column for s in slopes if s.name == twice]
+        columns = [s.column for s in spec.slopes if s.name == twice]
         if len(set(columns)) > 1:  # a column named like another's log, e.g. log_price
             raise DataValidationError(
                 f"column {twice!r} has the name hbjax gives the log of column "
@@ -600,8 +578,8 @@ def _check_arguments(
                 f"df.rename(columns={{{twice!r}: {twice + '_column'!r}}}))."
             )
         raise DataValidationError(f"two slopes share a name ({names}); give each covariate once.")
-    for slope in slopes:
-        allowed = (UNIT, *groups)
+    allowed = (UNIT, *groups)
+    for slope in spec.slopes:
         unknown = [level for level in slope.over if level not in allowed]
         if unknown:
             raise DataValidationError(
@@ -619,11 +597,38 @@ def _check_arguments(
                 f"slope of {slope.name!r}: scales= needs one sd per entry of over= "
                 f"({len(slope.over)}); got {len(slope.scales)}."
             )
-    if dispersion_by is not None and dispersion_by not in groups:
+    if spec.dispersion_by is not None and spec.dispersion_by not in groups:
         raise DataValidationError(
-            f"dispersion_by={dispersion_by!r} must be one of groups= {list(groups)}."
+            f"dispersion_by={spec.dispersion_by!r} must be one of groups= {list(groups)}."
         )
-    for column in (unit, *groups, *named["effects"], *named["period"]):
+
+
+def check_columns(frame: pd.DataFrame, spec: CountSpec) -> None:
+    """A non-empty chunk of the table with every column ``spec`` names, no label missing."""
+    if len(frame) == 0:
+        raise DataValidationError("the table is empty; it needs at least one row.")
+    if frame.columns.duplicated().any():
+        twice = frame.columns[frame.columns.duplicated()][0]
+        raise DataValidationError(f"the table has two columns named {twice!r}; rename one of them.")
+    effects = [c for e in spec.effects for c in e.labels]
+    period = [] if spec.period is None else [spec.period]
+    named = {
+        "unit": [spec.unit],
+        "counts": [spec.counts],
+        "groups": list(spec.groups),
+        "slopes": [s.column for s in spec.slopes],
+        "effects": effects,
+        "offset": [] if spec.offset is None else [spec.offset],
+        "period": period,
+    }
+    for role, columns in named.items():
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise DataValidationError(
+                f"missing column {missing[0]!r} ({role}); the table has columns "
+                f"{list(map(str, frame.columns))}."
+            )
+    for column in dict.fromkeys((spec.unit, *spec.groups, *effects, *period)):
         missing = frame[column].isna().to_numpy()
         if missing.any():
             raise DataValidationError(
@@ -767,6 +772,8 @@ def _slope_layer(
 
 __all__ = [
     "HIERARCHIES",
+    "check_columns",
+    "check_spec",
     "price_slope",
     "CountData",
     "CountSpec",

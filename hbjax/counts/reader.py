@@ -56,11 +56,12 @@ from .frame import (
     CountData,
     CountSpec,
     _cells,
-    _check_arguments,
     _covariate,
     _finite,
     _levels,
     build_model,
+    check_columns,
+    check_spec,
     checked_model_options,
 )
 from .regression import UnitTable
@@ -115,6 +116,7 @@ def read_chunks(
         The data and pass 1's labels.
     """
     allocate = allocate or (lambda _name, dtype, n: np.empty(n, dtype))
+    check_spec(spec)  # once: no chunk can mend it
     labels = _scan(chunks(), spec, bar)
     rows, period = _place_rows(chunks(), spec, labels, allocate, one_row_per_period, bar)
     if one_row_per_period and period is not None and labels.chunks > 1:  # pairs across chunks
@@ -172,7 +174,7 @@ def _scan(chunks: Iterable[pd.DataFrame], spec: CountSpec, bar: tqdm | None) -> 
     n_rows = n_chunks = 0
     sales = False
     for chunk in chunks:
-        _check_arguments(chunk, *_argument_columns(spec))
+        check_columns(chunk, spec)
         y, x, _ = _values(chunk, spec)
         sales = sales or bool(np.any(y > 0))
         units.append(chunk[label_columns].drop_duplicates())
@@ -227,8 +229,7 @@ def _scan(chunks: Iterable[pd.DataFrame], spec: CountSpec, bar: tqdm | None) -> 
         low, high = per_unit[f"low {slope.name}"], per_unit[f"high {slope.name}"]
         span[slope.name] = (float(low.min()), float(high.max()))
         mean[slope.name] = per_unit[f"wx {slope.name}"].to_numpy() / per_unit["w"].to_numpy()
-        same = per_unit[f"low {slope.name}"].to_numpy() == per_unit[f"high {slope.name}"].to_numpy()
-        constant[slope.name] = np.flatnonzero(same)
+        constant[slope.name] = np.flatnonzero((low == high).to_numpy())
     return _Labels(
         units=unit_labels,
         levels=levels,
@@ -242,20 +243,6 @@ def _scan(chunks: Iterable[pd.DataFrame], spec: CountSpec, bar: tqdm | None) -> 
         n_rows=n_rows,
         chunks=n_chunks,
         sales=sales,
-    )
-
-
-def _argument_columns(spec: CountSpec) -> tuple:
-    """:func:`~hbjax.counts.frame._check_arguments`' arguments after the frame."""
-    return (
-        spec.unit,
-        spec.counts,
-        spec.groups,
-        spec.slopes,
-        spec.effects,
-        spec.offset,
-        spec.period,
-        spec.dispersion_by,
     )
 
 
@@ -620,6 +607,7 @@ def read_rows(directory: str | os.PathLike[str], **options: object) -> CountData
     data_spec = CountSpec.from_json(store["spec"])
     fields, likelihood = checked_model_options(**options)
     spec = dataclasses.replace(data_spec, **fields)
+    check_spec(spec)  # e.g. dispersion_by, a model option, must name a prepared level
     named = read_named_labels(folder / "labels", spec, store["labels"])
 
     def load(name: str) -> np.ndarray:
