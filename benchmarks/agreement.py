@@ -38,10 +38,9 @@ def one_fit(args: argparse.Namespace) -> None:
         result = hbjax.fit(
             model,
             guide,
-            panel,
+            hbjax.FullBatch(panel, hbjax.make_mesh(args.devices)),
             key=jax.random.key(args.seed),
             steps=args.max_steps,
-            mesh=hbjax.make_mesh(args.devices),
             progress=False,
         )
     units = data.summary(result.guide)["log_price/unit"]

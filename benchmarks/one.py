@@ -62,10 +62,11 @@ def hbjax_run(sim: SimulatedPanel, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     data = hbjax.counts.elasticity_data(sim.frame)
     model, panel = data.model, data.rows
-    batch = {"batch_size": args.batch_size} if args.batch_size else {}
     guide = hbjax.make_guide(args.guide, model, loc=model.init_latents(panel))
-    if not batch:  # full batch: placed once on the grid; minibatch: rows stay on the host
-        panel = data.grid(hbjax.make_mesh())
+    if args.batch_size:  # minibatches: the rows stay on the host
+        panel = hbjax.Minibatches(panel, args.batch_size)
+    else:  # full batch: placed once on the grid
+        panel = hbjax.FullBatch(data.grid(hbjax.make_mesh()))
     setup = time.perf_counter() - start
     truth = sim.truth.set_index("product").loc[list(data.units), "elasticity"].to_numpy()
     key = jax.random.key(0)
@@ -80,7 +81,6 @@ def hbjax_run(sim: SimulatedPanel, args: argparse.Namespace) -> dict:
             chunk_size=args.block,
             progress=False,
             convergence=None,
-            **batch,
         )
         block_seconds = result.chunk_seconds[1:]
         return {
@@ -108,7 +108,6 @@ def hbjax_run(sim: SimulatedPanel, args: argparse.Namespace) -> dict:
             chunk_size=args.block,
             progress=False,
             convergence=None,
-            **batch,
         )
         rate = speed.iterations_per_second  # steps/s after compile (any chunk size)
         steps = int(min(steps, max(args.eval_every, rate * args.budget)))
@@ -123,7 +122,6 @@ def hbjax_run(sim: SimulatedPanel, args: argparse.Namespace) -> dict:
         progress=False,
         callback=record,
         convergence=None,
-        **batch,
     )
     return {"setup_seconds": setup, "trace": trace}
 

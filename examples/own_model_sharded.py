@@ -4,7 +4,8 @@ A hierarchical linear regression (not a count model): pupils' scores within scho
 districts, each school with its own intercept and slope on hours of homework. Schools are
 the units. The model says what its latents are, which of them are per school, its priors
 and each row's log density; ``hbjax.fit`` then splits the rows over devices in blocks of
-whole schools (``mesh=``) or draws whole schools each step (``batch_size=``).
+whole schools (``hbjax.FullBatch(rows, mesh)``) or draws whole schools each step
+(``hbjax.Minibatches(rows, batch_size, mesh=mesh)``).
 
 Run: ``python examples/own_model_sharded.py`` (``--short`` for a quick check). On a
 machine with one CPU device, set
@@ -123,13 +124,13 @@ def main(short: bool = False) -> None:
     model = SchoolModel(school_district, int(school_district.max()) + 1)
     mesh = hbjax.make_mesh()  # every device
     steps = 300 if short else 20_000
-    for label, options in (
-        (f"sharded over {mesh.size} device(s)", {"mesh": mesh}),
-        ("minibatches of 40 schools", {"mesh": mesh, "batch_size": 40}),
+    for label, source in (
+        (f"sharded over {mesh.size} device(s)", hbjax.FullBatch(rows, mesh)),
+        ("minibatches of 40 schools", hbjax.Minibatches(rows, batch_size=40, mesh=mesh)),
     ):
         guide = hbjax.make_guide("unitblock", model, loc=model.init_latents(rows))
         result = hbjax.fit(
-            model, guide, rows, key=jax.random.key(0), steps=steps, progress=not short, **options
+            model, guide, source, key=jax.random.key(0), steps=steps, progress=not short
         )
         slope = model.slope(result.guide.mean().slope)
         rmse = float(np.sqrt(np.mean((np.asarray(slope) - true_slope) ** 2)))

@@ -35,11 +35,13 @@ _EXPORTS = {
          "MeanFieldNormal", "UnitBlockNormal", "make_guide"], "vi.guide"),
     **dict.fromkeys(["AbstractModel", "AbstractUnitBatch", "AbstractUnitModel"], "vi.model"),
     **dict.fromkeys(
-        ["AbstractRowModel", "RowBatch", "RowSampler", "UnitRows", "shard_rows"], "parallel.rows"),
+        ["AbstractRowModel", "UnitRows", "shard_rows"], "parallel.rows"),
     "make_mesh": "parallel.blocks",
     **dict.fromkeys(["RenyiBound", "elbo", "log_weights"], "vi.objectives"),
     **dict.fromkeys(["SimulationConfig", "simulate"], "counts.simulate"),
-    **dict.fromkeys(["SVI", "SVIState", "lazy_units"], "vi.step"),
+    **dict.fromkeys(["SVI", "lazy_units"], "vi.step"),
+    **dict.fromkeys(["FullBatch", "Minibatches"], "vi.host"),
+    "Checkpoints": "vi.checkpoint",
 }  # fmt: skip
 
 __all__ = sorted(_EXPORTS)

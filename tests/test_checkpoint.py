@@ -24,27 +24,22 @@ def _leaves(guide):
     return [np.asarray(x) for x in jax.tree.leaves(guide)]
 
 
+def _source(rows, batch_size):
+    return hbjax.FullBatch(rows) if batch_size is None else hbjax.Minibatches(rows, batch_size)
+
+
 @pytest.mark.parametrize("batch_size", [None, 24])
 def test_resumed_fit_equals_the_uninterrupted_one(small_data, tmp_path, batch_size):
-    panel = small_data.rows
+    panel = _source(small_data.rows, batch_size)
     model, guide = _start(small_data)
-    options = {"key": jax.random.key(3), "progress": False, "batch_size": batch_size}
+    options = {"key": jax.random.key(3), "progress": False}
     whole = hbjax.fit(model, guide, panel, steps=120, chunk_size=40, **options)
     folder = tmp_path / "ckpt"
-    first = hbjax.fit(
-        model, guide, panel, steps=60, checkpoint_dir=folder, checkpoint_every=30, **options
-    )
+    every_30 = hbjax.Checkpoints(folder, every=30)
+    first = hbjax.fit(model, guide, panel, steps=60, checkpoints=every_30, **options)
     assert checkpoint.saved_step(folder) == 60 and first.steps == 60
-    resumed = hbjax.fit(
-        model,
-        guide,
-        panel,
-        steps=120,
-        checkpoint_dir=folder,
-        checkpoint_every=30,
-        resume=True,
-        **options,
-    )
+    resume = hbjax.Checkpoints(folder, every=30, resume=True)
+    resumed = hbjax.fit(model, guide, panel, steps=120, checkpoints=resume, **options)
     assert resumed.steps == 120 and checkpoint.saved_step(folder) == 120
     np.testing.assert_array_equal(resumed.losses, whole.losses)
     for a, b in zip(_leaves(resumed.guide), _leaves(whole.guide), strict=True):
@@ -58,13 +53,12 @@ def test_resume_keeps_the_average_and_stops_where_the_whole_fit_stops(
     # averaging starts at the first check with 40 iterates to look at (R-hat < 100 always),
     # and the fit stops once it has averaged long enough (any MCSE < 10): the run is cut
     # after averaging began and before the stop, and resumed with room to spare.
-    panel = small_data.rows
+    panel = _source(small_data.rows, batch_size)
     model, guide = _start(small_data)
     quick = hbjax.vi.convergence.Convergence(rhat=100.0, mcse=10.0, check_every=20, min_average=60)
     options = {
         "key": jax.random.key(4),
         "progress": False,
-        "batch_size": batch_size,
         "convergence": quick,
         "chunk_size": 20,
     }
@@ -73,20 +67,11 @@ def test_resume_keeps_the_average_and_stops_where_the_whole_fit_stops(
     assert status.converged and 0 < status.average_from < whole.steps < 400
     cut = status.average_from + 20  # averaging has begun, the stop is still ahead
     folder = tmp_path / "ckpt"
-    first = hbjax.fit(
-        model, guide, panel, steps=cut, checkpoint_dir=folder, checkpoint_every=20, **options
-    )
+    every_20 = hbjax.Checkpoints(folder, every=20)
+    first = hbjax.fit(model, guide, panel, steps=cut, checkpoints=every_20, **options)
     assert first.convergence.average_from == status.average_from and not first.converged
-    resumed = hbjax.fit(
-        model,
-        guide,
-        panel,
-        steps=400,
-        checkpoint_dir=folder,
-        checkpoint_every=20,
-        resume=True,
-        **options,
-    )
+    resume = hbjax.Checkpoints(folder, every=20, resume=True)
+    resumed = hbjax.fit(model, guide, panel, steps=400, checkpoints=resume, **options)
     assert resumed.steps == whole.steps and resumed.convergence == status
     np.testing.assert_array_equal(resumed.losses, whole.losses)
     for a, b in zip(_leaves(resumed.guide), _leaves(whole.guide), strict=True):
@@ -97,73 +82,50 @@ def test_checkpoints_that_do_not_fit_are_refused(small_data, tmp_path):
     panel = small_data.rows
     model, guide = _start(small_data)
     folder = tmp_path / "ckpt"
-    fit = lambda model, guide, panel, **kw: hbjax.fit(  # noqa: E731
-        model, guide, panel, steps=20, progress=False, checkpoint_dir=folder, **kw
+    resume = hbjax.Checkpoints(folder, resume=True)
+    fit = lambda model, guide, panel, key, checkpoints=resume: hbjax.fit(  # noqa: E731
+        model, guide, panel, key=key, steps=20, progress=False, checkpoints=checkpoints
     )
-    fit(model, guide, panel, key=jax.random.key(0))
+    fit(model, guide, panel, jax.random.key(0), hbjax.Checkpoints(folder))
     with pytest.raises(CheckpointError, match="already holds a checkpoint"):
-        fit(model, guide, panel, key=jax.random.key(0))
+        fit(model, guide, panel, jax.random.key(0), hbjax.Checkpoints(folder))
     with pytest.raises(CheckpointError, match="past steps=10"):
         hbjax.fit(
-            model,
-            guide,
-            panel,
-            key=jax.random.key(0),
-            steps=10,
-            progress=False,
-            checkpoint_dir=folder,
-            resume=True,
+            model, guide, panel, key=jax.random.key(0), steps=10, progress=False, checkpoints=resume
         )
     with pytest.raises(CheckpointError, match="another key"):
-        fit(model, guide, panel, key=jax.random.key(1), resume=True)
+        fit(model, guide, panel, jax.random.key(1))
     frame = hbjax.simulate(n_units=50, n_periods=20, n_groups=4).frame
     other = hbjax.counts.elasticity_data(frame)
     other_model, other_guide = _start(other)
     with pytest.raises(CheckpointError, match="another fit: its state"):
-        fit(other_model, other_guide, other.rows, key=jax.random.key(0), resume=True)
+        fit(other_model, other_guide, other.rows, jax.random.key(0))
     mean_field = hbjax.make_guide("meanfield", model, loc=model.init_latents(panel))
     with pytest.raises(CheckpointError, match="another fit: its guide"):
-        fit(model, mean_field, panel, key=jax.random.key(0), resume=True)
-    with pytest.raises(ValueError, match="checkpoint_every"):
-        fit(model, guide, panel, key=jax.random.key(0), checkpoint_every=0, resume=True)
-    with pytest.raises(ValueError, match="needs checkpoint_dir"):
-        hbjax.fit(model, guide, panel, key=jax.random.key(0), steps=5, resume=True)
+        fit(model, mean_field, panel, jax.random.key(0))
+    with pytest.raises(ValueError, match="every=.... must be a positive int; got 0"):
+        hbjax.Checkpoints(folder, every=0, resume=True)
+    # (in the tests the type hints are checked first, naming the parameter)
+    with pytest.raises(TypeError, match="Checkpoints needs a folder|parameter 'directory'"):
+        hbjax.Checkpoints(None, resume=True)
 
 
 def test_a_kill_while_writing_leaves_the_last_checkpoint(small_data, tmp_path):
     panel = small_data.rows
     model, guide = _start(small_data)
     folder = tmp_path / "ckpt"
-    hbjax.fit(
-        model, guide, panel, key=jax.random.key(0), steps=20, progress=False, checkpoint_dir=folder
-    )
+    options = {"key": jax.random.key(0), "progress": False}
+    hbjax.fit(model, guide, panel, steps=20, checkpoints=hbjax.Checkpoints(folder), **options)
     # a writer killed mid-way leaves only its temporary file; the checkpoint is intact
     (folder / ".checkpoint.eqx.999.tmp").write_bytes(b'{"format": "hbjax-checkpoint-1"}\n\x00')
-    resumed = hbjax.fit(
-        model,
-        guide,
-        panel,
-        key=jax.random.key(0),
-        steps=30,
-        progress=False,
-        checkpoint_dir=folder,
-        resume=True,
-    )
+    resume = hbjax.Checkpoints(folder, resume=True)
+    resumed = hbjax.fit(model, guide, panel, steps=30, checkpoints=resume, **options)
     assert resumed.steps == 30 and len(resumed.losses) == 30
     # a truncated checkpoint (e.g. copied half-way) is refused, not half-read
     data = checkpoint.path_in(folder).read_bytes()
     checkpoint.path_in(folder).write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="cannot read"):
-        hbjax.fit(
-            model,
-            guide,
-            panel,
-            key=jax.random.key(0),
-            steps=40,
-            progress=False,
-            checkpoint_dir=folder,
-            resume=True,
-        )
+        hbjax.fit(model, guide, panel, steps=40, checkpoints=resume, **options)
 
 
 class _Stop(Exception):
@@ -242,8 +204,7 @@ def test_non_finite_step_saves_the_last_good_state(small_data, tmp_path):
             steps=400,
             objective=flaky,
             progress=False,
-            checkpoint_dir=folder,
-            checkpoint_every=1000,
+            checkpoints=hbjax.Checkpoints(folder, every=1000),
         )
     assert str(folder) in str(info.value)
     assert checkpoint.saved_step(folder) == bad
@@ -302,16 +263,27 @@ def test_a_resume_of_another_fit_is_refused_naming_what_differs(small_sim, tmp_p
     model, guide = _start(data)
     panel = data.rows
     direct = tmp_path / "direct"
-    options = {"key": jax.random.key(0), "progress": False, "checkpoint_dir": direct}
-    hbjax.fit(model, guide, panel, steps=10, fingerprint={"optimiser": "adam 1e-2"}, **options)
+    options = {"key": jax.random.key(0), "progress": False}
+    adam = {"optimiser": "adam 1e-2"}
+    hbjax.fit(
+        model,
+        guide,
+        panel,
+        steps=10,
+        checkpoints=hbjax.Checkpoints(direct, fingerprint=adam),
+        **options,
+    )
     eight = hbjax.RenyiBound(alpha=0.0, num_particles=8)
-    again = {"steps": 20, "resume": True, **options}
+    again = {
+        "steps": 20,
+        "checkpoints": hbjax.Checkpoints(direct, resume=True, fingerprint=adam),
+        **options,
+    }
     with pytest.raises(CheckpointError, match="its objective"):
-        hbjax.fit(
-            model, guide, panel, objective=eight, fingerprint={"optimiser": "adam 1e-2"}, **again
-        )
+        hbjax.fit(model, guide, panel, objective=eight, **again)
     article = elasticity_data(small_sim.frame, intercept_prior="zero").model
     with pytest.raises(CheckpointError, match="its model"):  # same shapes, another prior
-        hbjax.fit(article, guide, panel, fingerprint={"optimiser": "adam 1e-2"}, **again)
+        hbjax.fit(article, guide, panel, **again)
+    other_adam = hbjax.Checkpoints(direct, resume=True, fingerprint={"optimiser": "adam 2e-2"})
     with pytest.raises(CheckpointError, match="its fit optimiser is 'adam 1e-2'"):
-        hbjax.fit(model, guide, panel, fingerprint={"optimiser": "adam 2e-2"}, **again)
+        hbjax.fit(model, guide, panel, **{**again, "checkpoints": other_adam})

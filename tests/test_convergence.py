@@ -77,10 +77,9 @@ def _default_fit(data, seed, devices):
         result = hbjax.fit(
             model,
             guide,
-            panel,
+            hbjax.FullBatch(panel, hbjax.make_mesh(devices)),
             key=jax.random.key(seed),
             steps=20_000,
-            mesh=hbjax.make_mesh(devices),
             progress=False,
         )
     assert result.converged and result.steps < 20_000

@@ -286,11 +286,11 @@ def test_three_levels_two_covariates_negbin_recovered_sharded(batch_size):
     result = hbjax.fit(
         model,
         guide,
-        data.rows if batch_size else data.grid(mesh),
+        hbjax.Minibatches(data.rows, batch_size, mesh=mesh)
+        if batch_size
+        else hbjax.FullBatch(data.grid(mesh)),
         key=jax.random.key(0),
         steps=1000,
-        mesh=mesh,
-        batch_size=batch_size,
         convergence=None,
         progress=False,
     )

@@ -44,8 +44,9 @@ def test_import_fit_minibatch_checkpoint_and_demo_without_distrax(tmp_path):
     result = hbjax.fit(model, guide, panel, key=jax.random.key(0), steps=5, progress=False)
     assert result.steps == 5
     guide = hbjax.make_guide("unitblock", model, loc=model.init_latents(panel))
-    result = hbjax.fit(model, guide, panel, key=jax.random.key(0), steps=6, progress=False,
-                       batch_size=8, checkpoint_dir="ckpt", checkpoint_every=3)
+    result = hbjax.fit(model, guide, hbjax.Minibatches(panel, batch_size=8),
+                       key=jax.random.key(0), steps=6, progress=False,
+                       checkpoints=hbjax.Checkpoints("ckpt", every=3))
     assert result.steps == 6
     code = main(["demo", "--products", "40", "--periods", "8", "--categories", "2",
                  "--steps", "20", "--no-progress"])

@@ -123,6 +123,37 @@ def test_fit_validates_arguments(small_sim, small_data, small_model):
         unchecked(small_model, guide, "data.csv", key=jax.random.key(0), steps=1)
 
 
+def test_data_sources_are_checked_when_built(small_data, small_model):
+    rows, mesh = small_data.rows, hbjax.make_mesh(2)
+    with pytest.raises(TypeError, match="the data must be hbjax.UnitRows"):
+        hbjax.FullBatch("data.csv")
+    with pytest.raises(TypeError, match="splits host hbjax.UnitRows"):
+        hbjax.FullBatch({"y": np.zeros(3)}, mesh)
+    placed = hbjax.shard_rows(rows, mesh)
+    with pytest.raises(TypeError, match="splits host hbjax.UnitRows"):
+        hbjax.FullBatch(placed, mesh)  # already placed: it keeps its own mesh
+    kept, on = hbjax.FullBatch(placed).place()
+    assert kept is placed and on is mesh
+    grid = small_data.grid(mesh)
+    kept, on = hbjax.FullBatch(grid).place()
+    assert kept is grid and on is mesh
+    with pytest.raises(TypeError, match="the full data stays on the host"):
+        hbjax.Minibatches(placed, 8)
+    with pytest.raises(ValueError, match="needs batch_size"):
+        hbjax.Minibatches(rows)
+    sampler = rows.sampler(8, mesh, seed=0)
+    with pytest.raises(ValueError, match="brings its own batch size"):
+        hbjax.Minibatches(sampler, 8)
+    with pytest.raises(ValueError, match="not smaller than the number of units"):
+        hbjax.Minibatches(rows, rows.n_units).sampler(small_model, seed=0)
+    low_rank = hbjax.make_guide("lowrank", small_model, key=jax.random.key(0))
+    with pytest.raises(TypeError, match="cannot be minibatched"):
+        fit(small_model, low_rank, hbjax.Minibatches(rows, 8), key=jax.random.key(0), steps=1)
+    unchecked = getattr(fit, "__wrapped__", fit)  # past the type hints' run-time check
+    with pytest.raises(TypeError, match="hbjax.Checkpoints"):
+        unchecked(small_model, low_rank, rows, key=jax.random.key(0), steps=1, checkpoints="ckpt")
+
+
 def test_recovery_beats_pooling_and_approaches_the_information_bound(recovery_fit):
     sim, data, result = recovery_fit
     units = data.summary(result.guide)["log_price/unit"].reset_index(names="product")

@@ -174,21 +174,21 @@ def test_fits_sharded_and_minibatched_reach_the_exact_posterior_means():
     raw = np.bincount(rows.unit, rows.columns["y"], rows.n_units) / rows.unit_rows
     start = Latents(jnp.float32(0.0), jnp.float32(0.0), jnp.asarray(raw, jnp.float32))
     means = {}
-    for label, options in (
-        ("1 device", {"mesh": hbjax.make_mesh(1)}),
-        ("4 devices", {"mesh": hbjax.make_mesh(4)}),
-        ("minibatch", {"mesh": hbjax.make_mesh(4), "batch_size": 24}),  # 3.3 steps an epoch
+    for label, source in (
+        ("1 device", hbjax.FullBatch(rows, hbjax.make_mesh(1))),
+        ("4 devices", hbjax.FullBatch(rows, hbjax.make_mesh(4))),
+        # 3.3 steps an epoch
+        ("minibatch", hbjax.Minibatches(rows, batch_size=24, mesh=hbjax.make_mesh(4))),
     ):
         guide = hbjax.make_guide("unitblock", model, loc=start)
         result = hbjax.fit(
             model,
             guide,
-            rows,
+            source,
             key=jax.random.key(0),
             steps=800,
             progress=False,
             convergence=None,
-            **options,
         )
         means[label] = np.asarray(result.guide.mean().unit)
         # the exact conditional posterior means given the fitted mu and noise sd
@@ -231,17 +231,12 @@ def test_fit_refuses_to_minibatch_rows_with_a_model_that_is_not_a_row_model():
     guide = hbjax.make_guide("meanfield", small_model)
     with pytest.raises(TypeError, match="need an hbjax.AbstractRowModel"):
         hbjax.fit(
-            small_model, guide, rows, key=jax.random.key(0), steps=10, batch_size=5, progress=False
-        )
-    with pytest.raises(
-        TypeError, match="put your data in hbjax.UnitRows|Put your data in hbjax.UnitRows"
-    ):
-        hbjax.fit(
             small_model,
             guide,
-            {"y": np.zeros(3)},
+            hbjax.Minibatches(rows, batch_size=5),
             key=jax.random.key(0),
             steps=10,
-            mesh=hbjax.make_mesh(2),
             progress=False,
         )
+    with pytest.raises(TypeError, match="Put your data in hbjax.UnitRows"):
+        hbjax.FullBatch({"y": np.zeros(3)}, hbjax.make_mesh(2))

@@ -185,11 +185,10 @@ def test_fit_gives_the_same_elasticities_on_1_and_4_devices():
             result = hbjax.fit(
                 model,
                 guide,
-                rows,
+                hbjax.FullBatch(rows, hbjax.make_mesh(n)),
                 key=jax.random.key(0),
                 steps=300,
                 chunk_size=70,
-                mesh=hbjax.make_mesh(n),
                 progress=False,
             )
             assert result.num_traces == 1

@@ -15,9 +15,11 @@ from .._types import PyTree
 from ..parallel.blocks import make_mesh
 from ..parallel.layouts import AbstractLayout, Auto, Dense, Rows, as_layout
 from ..vi import checkpoint
+from ..vi.checkpoint import Checkpoints
 from ..vi.convergence import Convergence
 from ..vi.fit import FitResult, default_optimizer, fit
 from ..vi.guide import GUIDES, AbstractGuide, inverse_softplus, make_guide
+from ..vi.host import FullBatch, Minibatches
 from ..vi.model import AbstractModel
 from ..vi.objectives import RenyiBound
 from .families import AbstractCountLikelihood
@@ -164,7 +166,7 @@ def fit_counts(
         )
     key = jax.random.key(config.seed)
     mesh = make_mesh() if mesh is None else mesh
-    placed = _placed(data, mesh, layout, config.batch_size)
+    source = _source(data, mesh, layout, config.batch_size)
     optimizer = default_optimizer(config.learning_rate)
     if config.batch_size is not None:
         if config.batch_size >= model.n_units:
@@ -187,19 +189,21 @@ def fit_counts(
     return fit(
         model,
         guide,
-        placed,
+        source,
         key=key,
         steps=config.max_steps(model.n_units),
         optimizer=optimizer,
         objective=config.objective,
         progress=config.progress,
-        mesh=mesh,
-        batch_size=config.batch_size,
         convergence=Convergence(mcse=config.mcse),
-        checkpoint_dir=config.checkpoint_dir,
-        checkpoint_every=config.checkpoint_every,
-        resume=config.resume,
-        fingerprint=None if config.checkpoint_dir is None else fit_identity(data, config),
+        checkpoints=None
+        if config.checkpoint_dir is None
+        else Checkpoints(
+            config.checkpoint_dir,
+            every=config.checkpoint_every,
+            resume=config.resume,
+            fingerprint=fit_identity(data, config),
+        ),
     )
 
 
@@ -231,23 +235,25 @@ def start_dispersion_scale(
     )
 
 
-def _placed(
+def _source(
     data: CountData, mesh: Mesh, layout: str | AbstractLayout, batch_size: int | None
-) -> object:
-    """The data ``fit`` gets: a placed grid, or the host rows (placed or sampled by ``fit``)."""
+) -> FullBatch | Minibatches:
+    """The data source ``fit`` gets: minibatches of the rows, the placed grid, or the rows."""
     layout = as_layout("dense" if layout == "grid" else layout)
-    if isinstance(layout, Dense) and batch_size is not None:
-        raise ValueError("the grid layout is for full-batch fits; minibatches draw rows.")
-    if isinstance(layout, Rows) or batch_size is not None:
-        return data.rows
+    if batch_size is not None:
+        if isinstance(layout, Dense):
+            raise ValueError("the grid layout is for full-batch fits; minibatches draw rows.")
+        return Minibatches(data.rows, batch_size, mesh=mesh)
+    if isinstance(layout, Rows):
+        return FullBatch(data.rows, mesh)
     if isinstance(layout, Auto) and isinstance(layout.choose(data.grid_fill), Rows):
-        return data.rows
+        return FullBatch(data.rows, mesh)
     try:
-        return data.grid(mesh, cell_chunk=layout.cell_chunk)
+        return FullBatch(data.grid(mesh, cell_chunk=layout.cell_chunk))
     except GridError:
         if isinstance(layout, Dense):  # asked for by name: say why not
             raise
-        return data.rows
+        return FullBatch(data.rows, mesh)
 
 
 __all__ = [

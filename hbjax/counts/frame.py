@@ -163,7 +163,8 @@ class CountData:
 
     Attributes:
         model: the model.
-        rows: host rows (pass to :func:`hbjax.fit`, with ``mesh=`` or ``batch_size=``).
+        rows: host rows (pass to :func:`hbjax.fit` in :class:`hbjax.FullBatch` or
+            :class:`hbjax.Minibatches`).
         units: the unit labels (unit ``i`` is ``units[i]``).
         levels: per group level, its labels.
         cells: per effect, its cells' labels.

@@ -46,6 +46,7 @@ from ..parallel.blocks import (
 )
 from ..parallel.rows import UnitRows, place_stacked
 from ..vi.devices import replicate
+from ..vi.host import AbstractPlacedData
 from .families import AbstractCountLikelihood, Poisson
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ class GridError(ValueError):
     """These rows do not fit the grid; the message says why (the rows layout still works)."""
 
 
-class CountGrid(eqx.Module):
+class CountGrid(AbstractPlacedData):
     """A count regression's rows placed on a ``[slot, period]`` grid (see the module doc).
 
     Attributes:

@@ -141,7 +141,7 @@ def checked_batch_size(batch_size: object, n_units: int) -> int:
     if batch_size >= n_units:
         raise ValueError(
             f"batch_size {batch_size} is not smaller than the number of units "
-            f"({n_units}): fit the full batch instead (leave batch_size out)."
+            f"({n_units}): fit the full batch instead (hbjax.FullBatch, or leave --batch-size out)."
         )
     return int(batch_size)
 

@@ -5,12 +5,12 @@ row (:class:`AbstractRowModel`) and handing :func:`hbjax.fit` its data as
 :class:`UnitRows`: every leaf of ``columns`` has one entry per row, and ``unit`` says
 which unit each row belongs to. Then
 
-- ``fit(..., mesh=mesh)`` places the rows with :func:`shard_rows`: the units are cut into
-  a fixed number of blocks of whole units (:func:`hbjax.parallel.blocks.plan_blocks`),
-  each device holds an equal run of blocks, and the log-likelihood and its gradient are
-  summed per block, then over blocks in block order (:func:`row_total`): the same sums on
-  1, 2, 4 ... devices;
-- ``fit(..., batch_size=n)`` draws whole units in every block each step
+- ``fit(..., FullBatch(rows, mesh))`` places the rows with :func:`shard_rows`: the units
+  are cut into a fixed number of blocks of whole units
+  (:func:`hbjax.parallel.blocks.plan_blocks`), each device holds an equal run of blocks,
+  and the log-likelihood and its gradient are summed per block, then over blocks in block
+  order (:func:`row_total`): the same sums on 1, 2, 4 ... devices;
+- ``fit(..., Minibatches(rows, n))`` draws whole units in every block each step
   (:class:`RowSampler`) and weighs their terms so that the log weights are unbiased.
 
 Padding rows (blocks made equal) repeat a real row (of their block, unless it has none)

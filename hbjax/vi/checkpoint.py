@@ -16,13 +16,14 @@ naming what differs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,43 @@ FILENAME = "checkpoint.eqx"
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be used for this fit; the message says why and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoints:
+    """Where and how often :func:`hbjax.fit` saves its state, and whether it resumes.
+
+    The fit's state (guide, optimiser state, step, average), the key, the losses and the
+    convergence trace are saved every ``every`` steps, at the end, and at the last good
+    step when a step goes non-finite. A folder that already holds a checkpoint is refused
+    unless ``resume``.
+
+    Args:
+        directory: the folder (created if needed).
+        every: steps between checkpoints (the fit's chunks are aligned to it).
+        resume: continue from the checkpoint there (a folder without one is refused); with
+            the same key and device count the result is the uninterrupted fit's, averaging
+            and stopping included. A checkpoint of another model (its arrays, options and
+            priors), objective, guide, state shape or key, or another ``fingerprint``, is
+            refused, naming what differs.
+        fingerprint: what else identifies the fit, which hbjax cannot read off its
+            arguments (JSON-able values): the data's content (:func:`content_hash`), the
+            optimiser's hyperparameters. Stored with the checkpoint; a resume with other
+            values is refused. :func:`hbjax.counts.fit_counts` passes the rows' hash, the
+            model's spec and its config.
+    """
+
+    directory: str | os.PathLike[str]
+    every: int = 1000
+    resume: bool = False
+    fingerprint: Mapping[str, object] | None = None
+
+    def __post_init__(self):
+        every = self.every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"Checkpoints(every=...) must be a positive int; got {every!r}.")
+        if not isinstance(self.directory, str | os.PathLike):
+            raise TypeError(f"Checkpoints needs a folder; got {self.directory!r}.")
 
 
 def fingerprint(state: Any, guide_static: Any) -> dict[str, object]:
@@ -210,6 +248,7 @@ def saved_step(directory: str | os.PathLike[str]) -> int | None:
 
 
 __all__ = [
+    "Checkpoints",
     "CheckpointError",
     "content_hash",
     "describe",

@@ -77,7 +77,7 @@ class AbstractGuide(eqx.Module):
 class AbstractMinibatchGuide(AbstractGuide):
     """A guide that factorises over units, so a step can see a batch of units only.
 
-    Minibatch fits (``fit(..., batch_size=)``) take only guides of this kind, checked
+    Minibatch fits (:class:`hbjax.Minibatches`) take only guides of this kind, checked
     before anything runs; a subclass that leaves out either method cannot be instantiated.
     """
 
@@ -101,7 +101,7 @@ def check_minibatch_guide(guide: AbstractGuide) -> None:
         raise TypeError(
             f"{type(guide).__name__} is not an hbjax.AbstractMinibatchGuide (a guide that "
             "factorises over units): it cannot be minibatched; use UnitBlockNormal or "
-            "MeanFieldNormal, or fit without batch_size."
+            "MeanFieldNormal, or fit the full batch (hbjax.FullBatch)."
         )
 
 

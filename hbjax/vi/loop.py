@@ -4,9 +4,9 @@ A chunk of steps runs under ``lax.scan``, compiled once ahead of time with its s
 donated. Step ``s`` uses ``fold_in(key, s)``, so the chunk length never changes results.
 Between chunks the host runs small pieces in turn: the record of losses and the
 non-finite guard (:class:`_Log`), the convergence check (:class:`~hbjax.vi.convergence.Monitor`),
-the user's callback, the checkpoint (:class:`Checkpoints`) and the progress bar. Data comes
-from a source: the same placed panel every step (:class:`FullBatch`) or chunks of
-minibatches prepared on the host while the devices run (:class:`Minibatches`).
+the user's callback, the checkpoint (:class:`Saver`) and the progress bar. Data comes
+from a feed: the same placed panel every step (:class:`FullBatchFeed`) or chunks of
+minibatches prepared on the host while the devices run (:class:`MinibatchFeed`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from .host import AbstractSampler
 from .step import _TRUE, SVI, SVIState, start_averaging
 
 
-class FullBatch:
+class FullBatchFeed:
     """Every step sees the same (placed) data."""
 
     def __init__(self, data: PyTree):
@@ -54,7 +54,7 @@ class FullBatch:
         """Nothing to release."""
 
 
-class Minibatches:
+class MinibatchFeed:
     """Chunks of a sampler's batches, the next drawn and sent while the current one runs."""
 
     def __init__(self, sampler: AbstractSampler):
@@ -83,26 +83,21 @@ class Minibatches:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-class Checkpoints:
-    """Checkpoints of one fit (:mod:`hbjax.vi.checkpoint`); inert without a directory."""
+class Saver:
+    """Checkpoints of one fit (:mod:`hbjax.vi.checkpoint`); inert without a configuration."""
 
     def __init__(
         self,
-        directory: str | os.PathLike[str] | None,
-        every: int,
-        resume: bool,  # noqa: FBT001
+        config: checkpoint.Checkpoints | None,
         key: PRNGKeyArray,
         identity: dict[str, object] | None = None,
     ):
-        if directory is not None and (
-            isinstance(every, bool) or not isinstance(every, int) or every < 1
-        ):
-            raise ValueError(f"checkpoint_every must be a positive int; got {every!r}.")
-        if resume and directory is None:
-            raise ValueError("resume=True needs checkpoint_dir (where the checkpoint is).")
-        if directory is not None and not resume:
+        directory = None if config is None else config.directory
+        self.every = 1 if config is None else config.every
+        self.resume = config is not None and config.resume
+        if directory is not None and not self.resume:
             _check_writable(directory)  # now, not after the first 1,000 steps
-        self.directory, self.every, self.resume = directory, every, resume
+        self.directory = directory
         self.key_data = np.asarray(jax.random.key_data(key))
         # as the JSON header gives them back (tuples become lists)
         self.identity = json.loads(json.dumps(identity or {}, default=str))
@@ -279,7 +274,7 @@ class _Log:
 def run(
     svi: SVI,
     state: SVIState,
-    source: FullBatch | Minibatches,
+    source: FullBatchFeed | MinibatchFeed,
     *,
     key: PRNGKeyArray,
     steps: int,
@@ -288,7 +283,7 @@ def run(
     convergence: Convergence | None,
     check_every: int,
     min_average: int,
-    saver: Checkpoints,
+    saver: Saver,
     callback: Callable[[int, AbstractGuide], None] | None,
     progress: bool,
     steps_per_epoch: float | None = None,
@@ -343,7 +338,7 @@ def run(
         return arrays, losses, finite, watched, scale
 
     source.start(first, chunk)
-    batches = source.peek() if isinstance(source, Minibatches) else None
+    batches = source.peek() if isinstance(source, MinibatchFeed) else None
     compiled = (
         jax.jit(run_chunk, donate_argnums=0)
         .lower(state_arrays, svi_arrays, key, full, source.data, batches)
@@ -411,4 +406,4 @@ def run(
     )
 
 
-__all__ = ["Checkpoints", "FullBatch", "Minibatches", "Outcome", "run"]
+__all__ = ["FullBatchFeed", "MinibatchFeed", "Outcome", "Saver", "run"]

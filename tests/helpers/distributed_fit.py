@@ -36,11 +36,11 @@ loose = Convergence(rhat=100.0, mcse=10.0, check_every=25, min_average=50)
 result = hbjax.fit(
     model,
     guide,
-    data.rows if args.batch_size else data.grid(mesh),
+    hbjax.Minibatches(data.rows, args.batch_size, mesh=mesh)
+    if args.batch_size
+    else hbjax.FullBatch(data.grid(mesh)),
     key=jax.random.key(0),
     steps=2000,
-    mesh=mesh,
-    batch_size=args.batch_size,
     convergence=loose,
     progress=False,
 )
