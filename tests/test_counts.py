@@ -407,6 +407,76 @@ def test_rows_that_do_not_fit_the_grid_are_named_and_fitted_as_rows():
         )
 
 
+def test_an_effects_group_levels_are_carried_by_the_intercepts():
+    """Each group's cells are an orthonormal map of their latents whose first coordinate
+    is the group's mean; the data see intercepts plus effects only, so moving a group's
+    level coordinate moves its intercepts and effects against each other and leaves every
+    rate (and the likelihood) as it was (issue "Honest at every level")."""
+    from hbjax.counts.regression import EffectLevels
+
+    key = np.array([0, 1, 0, 2, 0, 1, 1])  # groups of 3, 3 and 1 cells
+    split = EffectLevels("g", key, 3)
+    h = np.asarray(jax.vmap(split.reflect)(jnp.eye(7)), np.float64)  # row i: H e_i (H = H^T)
+    np.testing.assert_allclose(h @ h.T, np.eye(7), atol=f32_rtol(terms=8))
+    assert np.all(h[key[:, None] != key[None, :]] == 0)  # no cell reaches another group
+    z = np.asarray(jax.random.normal(jax.random.key(0), (7,)), np.float64)
+    means = [np.mean((h.T @ z)[key == g]) for g in range(3)]
+    assert_f32_close(split.mean(jnp.asarray(z, jnp.float32)), means, terms=8, magnitude=3.0)
+    assert_f32_close(h[3, 3], 1.0, terms=2)  # a lone cell is its own level
+
+    frame, _ = _three_levels(np.random.default_rng(3), n_units=30, n_weeks=8)
+    data = _skus(
+        frame,
+        slopes=[Slope("price", log=True, over=("unit", "cat"))],
+        effects=[Effect(("cat", "week"))],
+        period="week",
+    )
+    model = data.model
+    assert model.effect_levels["cat:week"].level == "cat"
+    z = _random_latents(model.latent_shapes(), 2, 0.3)
+    first = np.unique(np.asarray(model.effect_levels["cat:week"].key), return_index=True)[1]
+    moved = eqx.tree_at(
+        lambda v: v.effects["cat:week"], z, z.effects["cat:week"].at[first].add(1.0)
+    )
+    rate, moved_rate = (np.asarray(model.log_rate(v, data.rows)) for v in (z, moved))
+    assert_f32_close(moved_rate, rate, terms=16, magnitude=np.abs(rate).max() + 3)
+    shift = np.asarray(model.natural(moved).intercept - model.natural(z).intercept)
+    assert np.all(np.abs(shift) > 0.1)  # the intercepts did move (by 3 / sqrt(8) = 1.06)
+
+
+def test_effects_start_at_their_information():
+    """The guide's starting sd of each effect coordinate is 1 / sqrt(scale^2 D + 1), D the
+    diagonal of H^T diag(J) H for the cells' information J (sum of counts, Poisson); the
+    groups' levels at the prior's 1; the rest of the guide as it was."""
+    frame, _ = _three_levels(np.random.default_rng(4), n_units=30, n_weeks=8)
+    data = _skus(
+        frame,
+        slopes=[Slope("price", log=True, over=("unit", "cat"))],
+        effects=[Effect(("cat", "week"), scale=0.5)],
+        period="week",
+    )
+    model = data.model
+    scales = model.starting_scales(data.rows)
+    split = model.effect_levels["cat:week"]
+    cells = np.asarray(data.rows.columns["cells"]["cat:week"])
+    counts = np.asarray(data.rows.columns["counts"], np.float64)
+    info = np.bincount(cells, counts, len(split.key))
+    h = np.asarray(jax.vmap(split.reflect)(jnp.eye(len(info))), np.float64).T  # columns H e_j
+    diagonal = np.einsum("cj,c,cj->j", h, info, h)
+    levels = np.asarray(split.mean_weight) > 0
+    diagonal[levels] = 0.0
+    expected = 1.0 / np.sqrt(0.25 * diagonal + 1.0)
+    np.testing.assert_allclose(scales.effects["cat:week"], expected, rtol=1e-5)
+    assert np.all(scales.effects["cat:week"][levels] == 1.0) and levels.sum() == 3
+    assert np.all(np.isnan(scales.intercept)) and np.all(
+        np.isnan(scales.slopes["log_price"]["unit"])
+    )
+    guide = hbjax.make_guide("unitblock", model, loc=model.init_latents(data.rows))
+    started = hbjax.counts.fit.start_scales(guide, scales)
+    assert_f32_close(started.marginal_scale().effects["cat:week"], expected, terms=4)
+    np.testing.assert_array_equal(started.raw_scale.intercept, guide.raw_scale.intercept)
+
+
 def test_centring_is_a_reparametrisation_and_the_clip_clips():
     """`centre=False` takes the intercepts at covariates 0: at the same usual intercepts
     (a - b c) the log joint is the same, prior included. `clip_log_rate` clips every row's
@@ -428,11 +498,13 @@ def test_centring_is_a_reparametrisation_and_the_clip_clips():
     assert not np.allclose(typical, 0)
     z = _random_latents(centred.model.latent_shapes(), 1, 0.3)
     usual = centred.model.linear_values(z).intercept  # a - sum_k b_k c_k
-    z_raw = eqx.tree_at(
-        lambda v: v.intercept, z, (usual - raw.model.intercept.loc) / raw.model.intercept.scale
-    )
-    # (x - loc) / scale, then back: four roundings
-    assert_f32_close(raw.model.intercept(z_raw.intercept), usual, terms=4)
+    # the intercept latent carries the (cat, week) effect's level of the unit's category
+    level = centred.model.intercept(z.intercept) - centred.model.intercept_values(z)
+    latent = (usual + level - raw.model.intercept.loc) / raw.model.intercept.scale
+    z_raw = eqx.tree_at(lambda v: v.intercept, z, latent)
+    # the level added and taken away, (x - loc) / scale and back: six roundings
+    size = float(np.abs(usual).max() + np.abs(level).max())
+    assert_f32_close(raw.model.intercept_values(z_raw), usual, terms=6, magnitude=size)
     starts = [d.model.log_rate(d.model.init_latents(d.rows), d.rows) for d in (centred, raw)]
     # the same start either way: a, b (x - c) vs (a - b c) + b x, with terms of size |b x|
     size = np.abs(np.asarray(centred.rows.columns["x"]["log_price"])).max() * 3 + 3

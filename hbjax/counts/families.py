@@ -56,6 +56,13 @@ class AbstractCountLikelihood(eqx.Module):
         """A guide's starting sd for the parameter's latent (``None``: no parameter)."""
 
     @abc.abstractmethod
+    def information(self, counts: Float[np.ndarray, " row"]) -> Float[np.ndarray, " row"]:
+        """Each row's Fisher information about its log rate, at a mean equal to its count.
+
+        For a guide's starting scales (host arrays; a rough, data-only guess).
+        """
+
+    @abc.abstractmethod
     def sample(
         self, rng: np.random.Generator, mean: np.ndarray, parameter: float | np.ndarray | None
     ) -> np.ndarray:
@@ -92,6 +99,10 @@ class Poisson(AbstractCountLikelihood):
     def natural(self, z: None) -> None:
         """No parameter."""
         del z
+
+    def information(self, counts: Float[np.ndarray, " row"]) -> Float[np.ndarray, " row"]:
+        """``mu``: the Poisson's information about ``log mu``."""
+        return np.asarray(counts, np.float64)
 
     def starting_scale(self, n_obs: int) -> None:
         """No parameter."""
@@ -160,6 +171,11 @@ class NegativeBinomial(AbstractCountLikelihood):
         spends thousands of steps shrinking it.
         """
         return 3.0 / (self.log_dispersion.scale * max(n_obs, 1) ** 0.5)
+
+    def information(self, counts: Float[np.ndarray, " row"]) -> Float[np.ndarray, " row"]:
+        """``mu / (1 + phi mu)`` at the prior's centre ``phi``."""
+        mu = np.asarray(counts, np.float64)
+        return mu / (1.0 + np.exp(self.log_dispersion.loc) * mu)
 
     def parameter(self, z: Float[Array, "*p"]) -> Float[Array, "*p"]:
         """``log phi``."""

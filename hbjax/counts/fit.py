@@ -22,9 +22,9 @@ from ..vi.guide import GUIDES, AbstractGuide, inverse_softplus, make_guide
 from ..vi.host import FullBatch, Minibatches
 from ..vi.model import AbstractModel
 from ..vi.objectives import RenyiBound
-from .families import AbstractCountLikelihood
 from .frame import CountData
 from .grid import GridError
+from .regression import CountLatents
 
 #: The most steps of a full-batch fit, and the most epochs of a minibatch fit (minibatch
 #: fits converged in 40-80 epochs in our tests).
@@ -185,7 +185,7 @@ def fit_counts(
         rank=config.rank,
         key=jax.random.fold_in(key, 1),
     )
-    guide = start_dispersion_scale(guide, model.likelihood, len(rows.unit))
+    guide = start_scales(guide, model.starting_scales(rows))
     return fit(
         model,
         guide,
@@ -218,21 +218,22 @@ def fit_identity(data: CountData, config: FitConfig) -> dict[str, object]:
     return {"data (content hash)": checkpoint.content_hash(data.rows), "model": spec, **settings}
 
 
-def start_dispersion_scale(
-    guide: AbstractGuide, likelihood: AbstractCountLikelihood, n_obs: int
-) -> AbstractGuide:
-    """The guide with its ``dispersion`` latent's sd started at the likelihood's guess.
+def start_scales(guide: AbstractGuide, scales: CountLatents) -> AbstractGuide:
+    """The guide with each latent's sd started at ``scales`` (NaN: left as it was).
 
-    A likelihood parameter's posterior sd is far below the guides' usual starting 0.1
-    (:meth:`~hbjax.AbstractCountLikelihood.starting_scale`); from 0.1 Adam spends
-    thousands of steps shrinking it (benchmarks/README.md). Unchanged without one.
+    ``scales``: :meth:`~hbjax.counts.regression.CountRegression.starting_scales`, about
+    each latent's posterior sd. A best seller's intercept or a likelihood parameter has
+    a posterior sd far below the guides' usual starting 0.1; from there Adam spends
+    thousands of steps shrinking it (benchmarks/README.md), and a fit that stops once the
+    watched values settle reports those intervals too wide.
     """
-    scale = likelihood.starting_scale(n_obs)
-    if scale is None:
-        return guide
-    return eqx.tree_at(
-        lambda g: g.raw_scale.dispersion, guide, inverse_softplus(jnp.asarray(scale, jnp.float32))
-    )
+
+    def start(raw: jax.Array, scale: np.ndarray | np.floating) -> jax.Array:
+        scale = np.broadcast_to(np.asarray(scale, np.float64), np.shape(raw))
+        given = inverse_softplus(jnp.asarray(np.nan_to_num(scale, nan=1.0), raw.dtype))
+        return jnp.where(jnp.asarray(np.isnan(scale)), raw, given)
+
+    return eqx.tree_at(lambda g: g.raw_scale, guide, jax.tree.map(start, guide.raw_scale, scales))
 
 
 def _source(
@@ -264,5 +265,5 @@ __all__ = [
     "FitConfig",
     "fit_counts",
     "fit_identity",
-    "start_dispersion_scale",
+    "start_scales",
 ]

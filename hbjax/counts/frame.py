@@ -38,7 +38,7 @@ from ..vi.guide import GaussianGuide, linear_moments
 from ..vi.layers import HIERARCHIES, AbstractHierarchy, Normal, as_hierarchy
 from .families import AbstractCountLikelihood, checked_clip, make_likelihood
 from .grid import CountGrid, GridError, place_grid
-from .regression import CountLatents, CountRegression, UnitTable
+from .regression import CountLatents, CountRegression, EffectLevels, UnitTable
 from .slopes import GLOBAL, UNIT, HierarchicalSlope
 from .stats import draw_summary, gaussian_summary
 
@@ -715,26 +715,62 @@ def _cells(frame: pd.DataFrame, effect: Effect) -> tuple[np.ndarray, pd.Index]:
     return codes.astype(np.int32), labels
 
 
+def effect_level(spec: CountSpec, effect: Effect) -> str | None:
+    """The finest group level among ``effect``'s labels (``None``: none is a level).
+
+    A unit has rows only in cells of its own group there, so the group's mean effect and
+    its units' intercepts are one direction the data cannot tell apart
+    (:class:`~hbjax.counts.regression.EffectLevels`).
+    """
+    return next((g for g in spec.groups if g in effect.labels), None)
+
+
+def cell_groups(
+    spec: CountSpec, cells: dict[str, pd.Index], levels: dict[str, pd.Index]
+) -> dict[str, np.ndarray]:
+    """Per effect, ``[cell]`` each cell's group at :func:`effect_level` (0: one group)."""
+    out = {}
+    for effect in spec.effects:
+        level, labels = effect_level(spec, effect), cells[effect.name]
+        if level is None:
+            out[effect.name] = np.zeros(len(labels), np.int32)
+            continue
+        of_cell = labels.get_level_values(level) if labels.nlevels > 1 else labels
+        codes = levels[level].get_indexer(of_cell)
+        if len(codes) and codes.min() < 0:  # the reader makes both from one table
+            raise ValueError(f"a cell of {effect.name!r} has a {level!r} the table lacks.")
+        out[effect.name] = codes.astype(np.int32)
+    return out
+
+
 def build_model(
     spec: CountSpec,
     table: UnitTable,
     level_sizes: dict[str, int],
     cell_sizes: dict[str, int],
     likelihood: AbstractCountLikelihood | None = None,
+    groups: dict[str, np.ndarray] | None = None,
 ) -> CountRegression:
     """The model ``spec`` describes, over ``table``'s units.
 
-    Parent maps come from ``table.levels`` (each unit's code at every level). With zero
-    arrays this is the template a saved fit's arrays are read into.
+    Parent maps come from ``table.levels`` (each unit's code at every level); ``groups``:
+    each effect's cells' groups (:func:`cell_groups`). With zero arrays (and no
+    ``groups``) this is the template a saved fit's arrays are read into.
     """
     mode = as_hierarchy(spec.hierarchy)
     unit_level = {g: np.asarray(codes) for g, codes in table.levels.items()}
     layers = {s.name: _slope_layer(s, level_sizes, unit_level, mode) for s in spec.slopes}
+    splits = {}
+    for effect in spec.effects:
+        level = effect_level(spec, effect)
+        key = np.zeros(cell_sizes[effect.name], np.int32) if groups is None else groups[effect.name]
+        splits[effect.name] = EffectLevels(level, key, 1 if level is None else level_sizes[level])
     return CountRegression(
         table,
         level_sizes,
         slopes=layers,
         effects={e.name: Normal(0.0, float(e.scale), (cell_sizes[e.name],)) for e in spec.effects},
+        effect_levels=splits,
         intercept=spec.intercept,
         likelihood=likelihood if likelihood is not None else make_likelihood(spec.likelihood),
         dispersion_level=spec.dispersion_by,
@@ -779,7 +815,9 @@ __all__ = [
     "CountData",
     "CountSpec",
     "build_model",
+    "cell_groups",
     "Effect",
+    "effect_level",
     "Slope",
     "elasticity_terms",
     "from_file",

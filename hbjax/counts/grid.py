@@ -271,10 +271,10 @@ def _on_grid(values: Float[Array, " cell"], table: Array | None, n_periods: int)
 
 def grid_log_likelihood(model: CountRegression, latents: CountLatents, grid: CountGrid) -> Scalar:
     """The model's log-likelihood of the rows on ``grid`` (equal to the rows layout's)."""
-    effects = {e: layer(latents.effects[e]) for e, layer in model.effects.items()}
+    effects = model.effect_values(latents)
     n_periods = grid.observed.shape[1]
     params = {
-        "a": model.intercept(latents.intercept),
+        "a": model.intercept_values(latents),
         "b": model.unit_slopes(latents),
         "g": {e: _on_grid(g, grid.cell_table[e], n_periods) for e, g in effects.items()},
     }

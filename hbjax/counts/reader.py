@@ -60,6 +60,7 @@ from .frame import (
     _finite,
     _levels,
     build_model,
+    cell_groups,
     check_columns,
     check_spec,
     checked_model_options,
@@ -354,7 +355,12 @@ def _count_data(
     )
     sizes = {g: len(labels.levels[g]) for g in spec.groups}
     model = build_model(
-        spec, table, sizes, {e: len(c) for e, c in labels.cells.items()}, likelihood
+        spec,
+        table,
+        sizes,
+        {e: len(c) for e, c in labels.cells.items()},
+        likelihood,
+        cell_groups(spec, labels.cells, labels.levels),
     )
     return CountData(
         model, rows, labels.units, labels.levels, labels.cells, period, labels.periods, spec

@@ -110,14 +110,11 @@ def _log_rates(
     averaged: dict[str, tuple[Int[AnyArray, " cell"], Int[AnyArray, " row"], int]],
 ) -> Float[jax.Array, "draw row"]:
     """``[draw, row]`` log expected counts: known cells by the model, the rest averaged."""
-    partial = eqx.tree_at(
-        lambda m: m.effects, model, {k: model.effects[k] for k in rows.columns["cells"]}
-    )  # type: ignore[attr-defined]
 
     def one(z: object) -> jax.Array:
-        rate = partial.linear_log_rate(z, rows)
+        rate = model.linear_log_rate(z, rows)  # type: ignore[attr-defined]
         for name, (group, row_group, n_groups) in averaged.items():
-            values = model.effects[name](z.effects[name])  # type: ignore[attr-defined]
+            values = model.effect_values(z)[name]  # type: ignore[attr-defined]
             total = jax.ops.segment_sum(values, group, n_groups)
             count = jax.ops.segment_sum(jnp.ones_like(values), group, n_groups)
             rate = rate + jnp.take(total / count, row_group)

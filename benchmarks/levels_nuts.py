@@ -1,0 +1,228 @@
+"""Every level against NUTS: intercepts, period effects, group slopes and best sellers' predictions.
+
+Usage (``pip install -e ".[bench]"``, which brings BlackJAX)::
+
+    python -m benchmarks.levels_nuts nuts --out ref.npz        # NUTS of hbjax's model, once
+    python -m benchmarks.levels_nuts fit --ref ref.npz --seeds 0,1,2
+
+A Poisson panel with best sellers (issue "Honest at every level", panel B's shape, smaller
+so that NUTS runs on a laptop): ``--products`` products x ``--weeks`` weeks in
+``--categories`` categories, 10% best sellers at 500-5,500 units a week among products
+selling ~9, category x week effects, the article's model (:func:`hbjax.counts.
+elasticity_data`). ``nuts`` runs BlackJAX NUTS (window adaptation, target acceptance 0.9)
+on exactly that model's log joint and stores every natural value's posterior mean and sd
+and the best sellers' expected units' 90% intervals. ``fit`` fits it with ``hbjax fit``'s
+defaults (:func:`hbjax.counts.fit_counts`) for each seed and prints, per quantity, the
+median (5-95%) ratio of hbjax's sd to NUTS's and the RMS error of hbjax's means in NUTS
+sds; one JSON line per seed.
+
+NUTS's posterior is the model's, whatever the parameterisation of the latents: the
+reference holds natural values only, so one reference serves any version of hbjax (run
+``fit`` with another tree on ``PYTHONPATH`` to compare versions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+import hbjax
+
+
+def panel(products: int, weeks: int, categories: int, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """A Poisson panel with 10% best sellers; returns the table and the best sellers' ids."""
+    rng = np.random.default_rng(seed)
+    category = np.arange(products) % categories
+    b_cat = -2.0 + rng.normal(0, 0.4, categories)
+    beta = b_cat[category] + rng.normal(0, 0.3, products)
+    level = np.log(rng.uniform(3, 15, products))
+    best = rng.choice(products, max(1, products // 10), replace=False)
+    level[best] = np.log(rng.uniform(500, 5500, len(best)))
+    gamma = rng.normal(0, 0.15, (categories, weeks))
+    unit = np.repeat(np.arange(products), weeks)
+    week = np.tile(np.arange(weeks), products)
+    base_price = rng.uniform(2, 20, products)
+    price = base_price[unit] * np.exp(rng.normal(0, 0.15, len(unit)))
+    log_rate = level[unit] + beta[unit] * np.log(price / base_price[unit])
+    log_rate += gamma[category[unit], week]
+    frame = pd.DataFrame(
+        {
+            "product": [f"p{i:04d}" for i in unit],
+            "category": [f"c{c:02d}" for c in category[unit]],
+            "period": week,
+            "price": price,
+            "units_sold": rng.poisson(np.exp(log_rate)),
+        }
+    )
+    return frame, np.array([f"p{i:04d}" for i in best])
+
+
+def _data(args: argparse.Namespace) -> tuple[hbjax.counts.CountData, np.ndarray]:
+    frame, best = panel(args.products, args.weeks, args.categories, args.panel_seed)
+    return hbjax.counts.elasticity_data(frame), best
+
+
+def _values(data: hbjax.counts.CountData, natural, best_rows: np.ndarray) -> dict[str, np.ndarray]:  # noqa: ANN001
+    """``[draw, ...]`` per reported quantity."""
+    slopes = natural.slopes["log_price"]
+    return {
+        "product elasticities": slopes["unit"],
+        "category elasticities": slopes["category"],
+        "global elasticity": slopes["global"][:, None],
+        "intercepts": natural.intercept,
+        "category x week effects": natural.effects["category:period"],
+    }
+
+
+def _predictions(data: hbjax.counts.CountData, draws, rows: np.ndarray) -> np.ndarray:  # noqa: ANN001
+    """``[draw, row]`` expected units of the given rows."""
+    subset = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)[rows]), data.rows)
+    log_rate = jax.jit(jax.vmap(lambda z: data.model.log_rate(z, subset)))(draws)
+    return np.exp(np.asarray(log_rate, np.float64))
+
+
+def _best_rows(data: hbjax.counts.CountData, best: np.ndarray) -> np.ndarray:
+    codes = data.units.get_indexer(best)
+    return np.flatnonzero(np.isin(np.asarray(data.rows.unit), codes))
+
+
+def nuts(args: argparse.Namespace) -> None:
+    import blackjax
+    from jax.flatten_util import ravel_pytree
+
+    data, best = _data(args)
+    model, rows = data.model, jax.device_put(data.rows)
+    start, unravel = ravel_pytree(model.init_latents(data.rows))
+    logdensity = lambda flat: model.log_joint(unravel(flat), rows)  # noqa: E731
+    begin = time.perf_counter()
+    positions, divergent = [], 0
+    for chain in range(args.chains):
+        warm_key, sample_key, jitter = jax.random.split(jax.random.key(100 + chain), 3)
+        position = start + 0.1 * jax.random.normal(jitter, start.shape)
+        adapt = blackjax.window_adaptation(blackjax.nuts, logdensity, target_acceptance_rate=0.9)
+        (state, parameters), _ = adapt.run(warm_key, position, num_steps=args.warmup)
+        kernel = jax.jit(blackjax.nuts(logdensity, **parameters).step)
+
+        def one(state, key, kernel=kernel):  # noqa: ANN001, ANN202
+            state, info = kernel(key, state)
+            return state, (state.position, info.is_divergent)
+
+        _, (chain_positions, chain_divergent) = jax.lax.scan(
+            one, state, jax.random.split(sample_key, args.draws)
+        )
+        positions.append(chain_positions)
+        divergent += int(np.sum(chain_divergent))
+        print(f"chain {chain}: {time.perf_counter() - begin:.0f} s", flush=True)
+    flat = jnp.concatenate(positions)
+    draws = jax.vmap(unravel)(flat)
+    natural = jax.tree.map(np.asarray, jax.jit(jax.vmap(model.natural))(draws))
+    best_rows = _best_rows(data, best)
+    values = _values(data, natural, best_rows)
+    per_chain = np.asarray(values["product elasticities"]).reshape(args.chains, args.draws, -1)
+    rhat = _split_rhat(per_chain).max()
+    predictions = _predictions(data, draws, best_rows)
+    out = {f"{k}/mean": v.mean(0) for k, v in values.items()}
+    out |= {f"{k}/sd": v.std(0, ddof=1) for k, v in values.items()}
+    out["best/elasticity_index"] = data.units.get_indexer(best)
+    out["best/rows"] = best_rows
+    out["best/q05"], out["best/q95"] = np.quantile(predictions, [0.05, 0.95], axis=0)
+    out["best/mean"] = predictions.mean(0)
+    seconds = time.perf_counter() - begin
+    config = {**vars(args), "seconds": seconds, "divergent": divergent, "rhat_max": float(rhat)}
+    config["blackjax"], config["jax"] = blackjax.__version__, jax.__version__
+    np.savez_compressed(args.out, config=json.dumps(config), **out)
+    print(
+        f"NUTS {args.chains} x {args.draws} in {seconds:.0f} s, divergent {divergent}, "
+        f"max split R-hat (product elasticities) {rhat:.3f}; wrote {args.out}"
+    )
+
+
+def _split_rhat(draws: np.ndarray) -> np.ndarray:
+    """Split R-hat over ``[chain, draw, ...]`` (Gelman et al. BDA3, 11.4)."""
+    half = draws.shape[1] // 2
+    chains = np.concatenate([draws[:, :half], draws[:, half : 2 * half]], axis=0)
+    n = chains.shape[1]
+    within = chains.var(axis=1, ddof=1).mean(axis=0)
+    between = n * chains.mean(axis=1).var(axis=0, ddof=1)
+    return np.sqrt(((n - 1) / n * within + between / n) / within)
+
+
+def fit(args: argparse.Namespace) -> None:
+    reference = np.load(args.ref)
+    config = json.loads(str(reference["config"]))
+    for name in ("products", "weeks", "categories", "panel_seed"):
+        setattr(args, name, config[name])
+    data, best = _data(args)
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        start = time.perf_counter()
+        result = hbjax.counts.fit_counts(data, hbjax.counts.FitConfig(seed=seed, progress=False))
+        seconds = time.perf_counter() - start
+        draws = result.guide.sample(args.samples, key=jax.random.key(seed + 1))
+        natural = jax.tree.map(np.asarray, jax.jit(jax.vmap(data.model.natural))(draws))
+        values = _values(data, natural, reference["best/rows"])
+        index = reference["best/elasticity_index"]
+        values["best sellers' elasticities"] = values["product elasticities"][:, index]
+        reference_of = {k: k for k in values} | {
+            "best sellers' elasticities": "product elasticities"
+        }
+        line = {
+            "seed": seed,
+            "steps": result.steps,
+            "converged": result.converged,
+            "seconds": round(seconds, 1),
+        }
+        print(f"seed {seed}: {result.steps} steps, converged {result.converged}, {seconds:.0f} s")
+        for name, v in values.items():
+            ref = reference_of[name]
+            mean, sd = reference[f"{ref}/mean"], reference[f"{ref}/sd"]
+            if name == "best sellers' elasticities":
+                mean, sd = mean[index], sd[index]
+            ratio = v.std(0, ddof=1) / sd
+            error = (v.mean(0) - mean) / sd
+            q = np.quantile(ratio, [0.05, 0.5, 0.95])
+            rms = float(np.sqrt(np.mean(error**2)))
+            line[name] = {"sd_ratio": [round(float(x), 3) for x in q], "rms_error": round(rms, 3)}
+            print(
+                f"  {name:28s} sd ratio {q[1]:.2f} ({q[0]:.2f}-{q[2]:.2f}); mean error "
+                f"{rms:.2f} NUTS sd (rms)"
+            )
+        predictions = _predictions(data, draws, reference["best/rows"])
+        q05, q95 = np.quantile(predictions, [0.05, 0.95], axis=0)
+        width = (q95 - q05) / (reference["best/q95"] - reference["best/q05"])
+        q = np.quantile(width, [0.05, 0.5, 0.95])
+        line["best sellers' expected units"] = {"width_ratio": [round(float(x), 3) for x in q]}
+        print(
+            f"  {'best sellers expected units':28s} 90% width ratio {q[1]:.2f} "
+            f"({q[0]:.2f}-{q[2]:.2f})"
+        )
+        with open(args.results, "a") as handle:
+            handle.write(json.dumps({"hbjax": hbjax.__file__, **line}) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["nuts", "fit"])
+    parser.add_argument("--products", type=int, default=100)
+    parser.add_argument("--weeks", type=int, default=30)
+    parser.add_argument("--categories", type=int, default=5)
+    parser.add_argument("--panel-seed", type=int, default=0)
+    parser.add_argument("--chains", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=1000)
+    parser.add_argument("--draws", type=int, default=1000)
+    parser.add_argument("--out", default="benchmarks/results/levels-nuts-reference.npz")
+    parser.add_argument("--ref", default="benchmarks/results/levels-nuts-reference.npz")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--samples", type=int, default=4000)
+    parser.add_argument("--results", default="benchmarks/results/levels-nuts.jsonl")
+    args = parser.parse_args()
+    nuts(args) if args.mode == "nuts" else fit(args)
+
+
+if __name__ == "__main__":
+    main()
