@@ -306,18 +306,13 @@ class CountRegression(AbstractRowModel):
         return self._flags(intercept=True, unit_slopes=True, slope_groups=False, dispersion=False)
 
     def reported_leaves(self) -> CountLatents:
-        """Slopes and the likelihood's parameters: what the checks against NUTS compare."""
-        return self._flags(intercept=False, unit_slopes=True, slope_groups=True, dispersion=True)
+        """Slopes and the likelihood's parameters: what convergence watches, checks compare.
 
-    def watched_leaves(self) -> CountLatents:
-        """Every leaf: a fit stops once intercepts and effects have settled too.
-
-        Predictions rest on them. (Before the effects' levels went with the intercepts,
-        :class:`EffectLevels`, the two wandered along their shared level and could not be
-        watched; now a three-level negative-binomial table stops at 1,800-1,900 steps
-        watching everything, 2,900-3,200 watching the slopes alone.)
+        Intercepts and effects are nuisance: with an effect over a group and the period
+        they share a level along which the iterates wander slowly, as the elasticity
+        model's intercepts and (category, period) effects do.
         """
-        return jax.tree.map(lambda _: True, self.latent_shapes())
+        return self._flags(intercept=False, unit_slopes=True, slope_groups=True, dispersion=True)
 
     # --- values ------------------------------------------------------------------------
     def _unit_level(self, slope: HierarchicalSlope) -> Array | None:

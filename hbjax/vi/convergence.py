@@ -20,8 +20,8 @@ black-box variational inference"):
 
 The watched coordinates (:class:`Watch`) are at most ``max_per_leaf`` evenly spaced entries
 of each leaf of the guide's mean and log marginal sd (:class:`hbjax.vi.guide.GaussianGuide`)
-that the model watches (:meth:`hbjax.AbstractModel.watched_leaves`: for a count regression,
-every leaf), or of its raw parameters for other guides (then the MCSE is in
+that the model reports (:meth:`hbjax.AbstractModel.reported_leaves`: for the elasticity
+model, the elasticities), or of its raw parameters for other guides (then the MCSE is in
 units of the iterates' own sd). A minibatch fit checks every ``check_every`` steps rounded
 up to whole epochs (a unit moves only when drawn).
 """

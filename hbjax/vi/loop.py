@@ -295,7 +295,7 @@ def run(
     """
     start = time.perf_counter()
     per_leaf = 1 if convergence is None else convergence.max_per_leaf
-    watch = Watch(state.guide, per_leaf, svi.model.watched_leaves())
+    watch = Watch(state.guide, per_leaf, svi.model.reported_leaves())
     monitor = None
     if convergence is not None:
         monitor = Monitor(convergence, min_average, n_means=watch.n_means)

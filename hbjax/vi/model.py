@@ -62,18 +62,11 @@ class AbstractModel(eqx.Module):
         return None
 
     def reported_leaves(self) -> PyTree[bool]:
-        """Which latent leaves carry what a fit reports (the checks against NUTS compare them).
+        """Which latent leaves carry what a fit reports: the convergence check watches them.
 
         Every leaf by default; a model with nuisance latents narrows it.
         """
         return jax.tree.map(lambda _: True, self.latent_shapes())
-
-    def watched_leaves(self) -> PyTree[bool]:
-        """Which latent leaves the convergence check watches; :meth:`reported_leaves` by default.
-
-        A fit stops only once these have settled (:mod:`hbjax.vi.convergence`).
-        """
-        return self.reported_leaves()
 
 
 class AbstractUnitBatch(eqx.Module):
