@@ -40,7 +40,11 @@ def run_fit(table: Path, out: Path, tree: str | None) -> dict:
         env["PYTHONPATH"] = os.pathsep.join([tree, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     command = [sys.executable, "-m", "hbjax.cli", "fit", str(table), "--out", str(out)]
     start = time.perf_counter()
-    done = subprocess.run([*command, "--no-progress"], env=env, capture_output=True, text=True)
+    # run from the table's folder: ``python -m`` puts the working directory first on
+    # sys.path, which would shadow PYTHONPATH's tree with a checkout run from its root
+    done = subprocess.run(
+        [*command, "--no-progress"], env=env, capture_output=True, text=True, cwd=table.parent
+    )
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(done.stderr)

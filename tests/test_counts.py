@@ -694,8 +694,10 @@ def test_summaries_are_exact_for_a_gaussian_guide():
     (sd / 316), sds within 5 of theirs (sd / 447), quantiles within 5 of theirs (at most
     2.1 sd / 316). Dispersions and the zero share, monotone transforms of normals: their
     quantiles mapped back (log, logit) within 5 standard errors of the normal's quantiles,
-    and their means and sds equal to scipy's log-normal and to the logit-normal's integral."""
-    frame, _ = _three_levels(np.random.default_rng(6), n_units=30, n_weeks=10)
+    and their means and sds equal to scipy's log-normal and to the logit-normal's integral.
+    (90 category x week cells, mixed within each category by the effects' levels: probed
+    entry by entry in compiled chunks.)"""
+    frame, _ = _three_levels(np.random.default_rng(6), n_units=30, n_weeks=30)
     data = _skus(
         frame,
         slopes=[Slope("price", log=True, over=("unit", "cat")), Slope("promo", over=("cat",))],
@@ -710,6 +712,7 @@ def test_summaries_are_exact_for_a_gaussian_guide():
     # more correlated and wider than the fit's, so that the transforms' curvature shows
     guide = eqx.tree_at(lambda g: g.factor, guide, replace_fn=lambda w: 0.1 + 3.0 * w)
     linear_mean, linear_sd = data.exact_for(guide)
+    assert linear_sd.effects["cat:week"].shape == (90,)
     exact = data.summary(guide)
 
     class Draws:  # not a GaussianGuide: the summary draws

@@ -131,8 +131,11 @@ class GaussianGuide(AbstractGuide):
 
 
 #: Standard-normal leaves up to this size are probed one entry at a time when an output
-#: depends on several of their entries (e.g. a low-rank factor's columns).
-_PROBE_EACH = 64
+#: depends on several of their entries (e.g. a low-rank factor's columns, an effect's cells
+#: mixed within their groups); larger ones fall back to Monte Carlo draws.
+_PROBE_MAX = 1 << 14
+#: One-hot probes evaluated at once when a leaf is probed entry by entry.
+_PROBE_CHUNK = 128
 
 
 def linear_moments(
@@ -143,28 +146,47 @@ def linear_moments(
     ``fn(loc + L eps) = fn(loc) + A eps``; the variance of output ``j`` is ``sum_k A_jk^2``.
     Per standard-normal leaf, when each output depends on at most one of its entries (a
     unit's own latents, its group's: checked with two random-sign probes against the
-    all-ones probe), one evaluation gives that leaf's share exactly; small leaves that
-    fail the check are probed entry by entry. Returns ``None`` when neither applies (use
-    Monte Carlo draws then).
+    all-ones probe), one evaluation gives that leaf's share exactly; other leaves of up to
+    ``_PROBE_MAX`` entries are probed entry by entry, ``_PROBE_CHUNK`` one-hot probes at a
+    time in one compiled loop that sums the squares. Returns ``None`` when neither applies
+    (use Monte Carlo draws then).
     """
     shapes = jax.tree.leaves(guide.standard_shapes())
     treedef = jax.tree.structure(guide.standard_shapes())
 
-    @eqx.filter_jit
-    def probes(guide: GaussianGuide, values: list[Array | None]) -> tuple[PyTree, list]:
-        """``fn`` at ``loc`` and ``A v`` for each leaf's stack of probes ``v`` (or ``None``)."""
+    def response(guide: GaussianGuide, leaf: int, v: Array) -> PyTree:
+        """``A v`` for ``v`` in leaf ``leaf`` (``fn`` at ``loc + L v`` less ``fn`` at ``loc``)."""
         zeros = [jnp.zeros(s.shape, s.dtype) for s in shapes]
         base = fn(guide.from_standard(jax.tree.unflatten(treedef, zeros)))
+        eps = [v if i == leaf else z for i, z in enumerate(zeros)]
+        return jax.tree.map(
+            jnp.subtract, fn(guide.from_standard(jax.tree.unflatten(treedef, eps))), base
+        )
 
-        def moved(leaf: int, v: Array) -> PyTree:
-            eps = [v if i == leaf else z for i, z in enumerate(zeros)]
-            out = fn(guide.from_standard(jax.tree.unflatten(treedef, eps)))
-            return jax.tree.map(jnp.subtract, out, base)
-
+    @eqx.filter_jit
+    def probes(guide: GaussianGuide, values: list[Array]) -> tuple[PyTree, list]:
+        """``fn`` at ``loc`` and ``A v`` for each leaf's stack of probes ``v``."""
+        zeros = [jnp.zeros(s.shape, s.dtype) for s in shapes]
+        base = fn(guide.from_standard(jax.tree.unflatten(treedef, zeros)))
         return base, [
-            None if v is None else jax.vmap(functools.partial(moved, leaf))(v)
-            for leaf, v in enumerate(values)
+            jax.vmap(functools.partial(response, guide, leaf))(v) for leaf, v in enumerate(values)
         ]
+
+    @eqx.filter_jit
+    def squares(guide: GaussianGuide, leaf: int, size: int) -> PyTree:
+        """``sum_k (A e_k)^2`` over the leaf's entries, a chunk of one-hot probes at a time."""
+        shape = shapes[leaf]
+        chunks = -(-size // _PROBE_CHUNK)
+
+        def chunk(total: PyTree, c: Array) -> tuple[PyTree, None]:
+            index = c * _PROBE_CHUNK + jnp.arange(_PROBE_CHUNK)
+            hot = (index[:, None] == jnp.arange(size)[None, :]).astype(shape.dtype)
+            out = jax.vmap(lambda v: response(guide, leaf, v.reshape(shape.shape)))(hot)
+            return jax.tree.map(lambda t, o: t + jnp.sum(o * o, axis=0), total, out), None
+
+        like = jax.eval_shape(lambda: response(guide, leaf, jnp.zeros(shape.shape, shape.dtype)))
+        start = jax.tree.map(lambda o: jnp.zeros(o.shape, o.dtype), like)
+        return jax.lax.scan(chunk, start, jnp.arange(chunks))[0]
 
     # every leaf at once: the all-ones probe and two random-sign probes
     # built on the host: each eager jnp op would compile a small program of its own
@@ -178,26 +200,20 @@ def linear_moments(
         for leaf, s in enumerate(shapes)
     ]
     mean, outs = jax.device_get(probes(guide, first))  # the checks below run on the host
-    shares: list[PyTree | None] = []
-    entrywise: list[Array | None] = []
-    for shape, out in zip(shapes, outs, strict=True):
+    shares: list[PyTree] = []
+    for leaf, (shape, out) in enumerate(zip(shapes, outs, strict=True)):
         ones, signed = jax.tree.map(lambda x: x[0], out), jax.tree.map(lambda x: x[1:], out)
         separable = all(
             np.allclose(np.abs(o)[None], np.abs(s), rtol=1e-4, atol=1e-6)
             for o, s in zip(jax.tree.leaves(ones), jax.tree.leaves(signed), strict=True)
         )
         size = math.prod(shape.shape)
-        if not separable and size > _PROBE_EACH:
+        if separable:
+            shares.append(jax.tree.map(np.square, ones))
+        elif size <= _PROBE_MAX:
+            shares.append(jax.device_get(squares(guide, leaf, size)))
+        else:
             return None
-        shares.append(jax.tree.map(np.square, ones) if separable else None)
-        basis = None if separable else np.eye(size, dtype=shape.dtype).reshape(-1, *shape.shape)
-        entrywise.append(basis)
-    if any(v is not None for v in entrywise):  # e.g. a low-rank factor's columns
-        _, each = jax.device_get(probes(guide, entrywise))
-        shares = [
-            share if share is not None else jax.tree.map(lambda x: np.sum(x**2, axis=0), e)
-            for share, e in zip(shares, each, strict=True)
-        ]
     variance = functools.reduce(lambda a, b: jax.tree.map(np.add, a, b), shares)
     return mean, jax.tree.map(lambda v: np.asarray(np.sqrt(v)), variance)
 
