@@ -34,6 +34,8 @@ import pandas as pd
 
 import hbjax
 
+from .nuts_validation import _split_rhat
+
 
 def panel(products: int, weeks: int, categories: int, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
     """A Poisson panel with 10% best sellers; returns the table and the best sellers' ids."""
@@ -141,16 +143,6 @@ def nuts(args: argparse.Namespace) -> None:
         f"NUTS {args.chains} x {args.draws} in {seconds:.0f} s, divergent {divergent}, "
         f"max split R-hat (product elasticities) {rhat:.3f}; wrote {args.out}"
     )
-
-
-def _split_rhat(draws: np.ndarray) -> np.ndarray:
-    """Split R-hat over ``[chain, draw, ...]`` (Gelman et al. BDA3, 11.4)."""
-    half = draws.shape[1] // 2
-    chains = np.concatenate([draws[:, :half], draws[:, half : 2 * half]], axis=0)
-    n = chains.shape[1]
-    within = chains.var(axis=1, ddof=1).mean(axis=0)
-    between = n * chains.mean(axis=1).var(axis=0, ddof=1)
-    return np.sqrt(((n - 1) / n * within + between / n) / within)
 
 
 def fit(args: argparse.Namespace) -> None:
