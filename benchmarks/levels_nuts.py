@@ -34,7 +34,7 @@ import pandas as pd
 
 import hbjax
 
-from .nuts_validation import _split_rhat
+from .nuts_validation import _split_rhat, nuts_chain
 
 
 def panel(products: int, weeks: int, categories: int, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
@@ -105,18 +105,8 @@ def nuts(args: argparse.Namespace) -> None:
     begin = time.perf_counter()
     positions, divergent = [], 0
     for chain in range(args.chains):
-        warm_key, sample_key, jitter = jax.random.split(jax.random.key(100 + chain), 3)
-        position = start + 0.1 * jax.random.normal(jitter, start.shape)
-        adapt = blackjax.window_adaptation(blackjax.nuts, logdensity, target_acceptance_rate=0.9)
-        (state, parameters), _ = adapt.run(warm_key, position, num_steps=args.warmup)
-        kernel = jax.jit(blackjax.nuts(logdensity, **parameters).step)
-
-        def one(state, key, kernel=kernel):  # noqa: ANN001, ANN202
-            state, info = kernel(key, state)
-            return state, (state.position, info.is_divergent)
-
-        _, (chain_positions, chain_divergent) = jax.lax.scan(
-            one, state, jax.random.split(sample_key, args.draws)
+        chain_positions, _, chain_divergent = nuts_chain(
+            logdensity, start, chain, args.warmup, args.draws
         )
         positions.append(chain_positions)
         divergent += int(np.sum(chain_divergent))

@@ -53,6 +53,24 @@ def _split_rhat(draws: np.ndarray) -> np.ndarray:
     return np.sqrt(((n - 1) / n * within + between / n) / within)
 
 
+def nuts_chain(logdensity, start, chain: int, warmup: int, draws: int):  # noqa: ANN001, ANN201
+    """One BlackJAX NUTS chain (window adaptation, target acceptance 0.9) from ``start``
+    jittered by 0.1: ``[draw, dim]`` positions, leapfrog steps and divergences per draw."""
+    import blackjax
+
+    warm_key, sample_key, jitter = jax.random.split(jax.random.key(100 + chain), 3)
+    position = start + 0.1 * jax.random.normal(jitter, start.shape)
+    adapt = blackjax.window_adaptation(blackjax.nuts, logdensity, target_acceptance_rate=0.9)
+    (state, parameters), _ = adapt.run(warm_key, position, num_steps=warmup)
+    kernel = jax.jit(blackjax.nuts(logdensity, **parameters).step)
+
+    def one(state, key):  # noqa: ANN001, ANN202
+        state, info = kernel(key, state)
+        return state, (state.position, info.num_integration_steps, info.is_divergent)
+
+    return jax.lax.scan(one, state, jax.random.split(sample_key, draws))[1]
+
+
 def reference(args: argparse.Namespace) -> None:
     import blackjax
     from jax.flatten_util import ravel_pytree
@@ -67,19 +85,7 @@ def reference(args: argparse.Namespace) -> None:
     begin = time.perf_counter()
     chains, info = [], []
     for chain in range(args.chains):
-        key = jax.random.key(100 + chain)
-        warm_key, sample_key, jitter = jax.random.split(key, 3)
-        position = start + 0.1 * jax.random.normal(jitter, start.shape)
-        adapt = blackjax.window_adaptation(blackjax.nuts, logdensity, target_acceptance_rate=0.9)
-        (state, parameters), _ = adapt.run(warm_key, position, num_steps=args.warmup)
-        kernel = jax.jit(blackjax.nuts(logdensity, **parameters).step)
-
-        def one(state, key, kernel=kernel):  # noqa: ANN001, ANN202
-            state, step_info = kernel(key, state)
-            return state, (state.position, step_info.num_integration_steps, step_info.is_divergent)
-
-        keys = jax.random.split(sample_key, args.draws)
-        _, (positions, steps, divergent) = jax.lax.scan(one, state, keys)
+        positions, steps, divergent = nuts_chain(logdensity, start, chain, args.warmup, args.draws)
         natural = jax.vmap(lambda f: model.natural(unravel(f)))(positions)
         chains.append(
             {
