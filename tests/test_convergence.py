@@ -77,7 +77,7 @@ def _default_fit(data, seed, devices):
         result = hbjax.fit(
             model,
             guide,
-            hbjax.FullBatch(panel, hbjax.make_mesh(devices)),
+            hbjax.FullBatch(data.grid(hbjax.make_mesh(devices))),  # the fast layout
             key=jax.random.key(seed),
             steps=20_000,
             progress=False,
