@@ -219,11 +219,12 @@ def fit_identity(data: CountData, config: FitConfig) -> dict[str, object]:
 
 
 def start_scales(guide: AbstractGuide, scales: CountLatents) -> AbstractGuide:
-    """The guide with each latent's sd started at ``scales`` (NaN: left as it was).
+    """The guide (one of hbjax's, with ``raw_scale``) with sds started at ``scales``.
 
     ``scales``: :meth:`~hbjax.counts.regression.CountRegression.starting_scales`, about
-    each latent's posterior sd. A best seller's intercept or a likelihood parameter has
-    a posterior sd far below the guides' usual starting 0.1; from there Adam spends
+    the posterior sd of the latents it has a guess for (NaN elsewhere: left as it was). A
+    week's effect in a category with a best seller, or a likelihood parameter, has a
+    posterior sd far below the guides' usual starting 0.1; from there Adam spends
     thousands of steps shrinking it (benchmarks/README.md), and a fit that stops once the
     watched values settle reports those intervals too wide.
     """
