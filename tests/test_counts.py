@@ -463,7 +463,7 @@ def test_effects_start_at_their_information():
     info = np.bincount(cells, counts, len(split.key))
     h = np.asarray(jax.vmap(split.reflect)(jnp.eye(len(info))), np.float64).T  # columns H e_j
     diagonal = np.einsum("cj,c,cj->j", h, info, h)
-    levels = np.asarray(split.mean_weight) > 0
+    levels = np.isin(np.arange(len(info)), np.asarray(split.first))
     diagonal[levels] = 0.0
     expected = 1.0 / np.sqrt(0.25 * diagonal + 1.0)
     np.testing.assert_allclose(scales.effects["cat:week"], expected, rtol=1e-5)

@@ -80,14 +80,16 @@ class EffectLevels(eqx.Module):
     group's first cell with ``1 / sqrt(n)`` on each of its cells: orthonormal, so
     ``g = loc + scale x H z`` with ``z ~ N(0, 1)`` is the layer's ``N(loc, scale)`` prior
     cell by cell, and the group's mean effect is ``loc + scale x z[first] / sqrt(n)``.
-    ``O(cells)`` with segment sums; a group of one cell is its own level (``H = 1``).
+    ``O(cells)``: one segment sum for ``H z``, a gather for the means; a group of one cell
+    is its own level (``H = 1``).
 
     Attributes:
         level: the group level of the model's table the groups are (``None``: one group).
         key: ``[cell]`` each cell's group.
         v: ``[cell]`` the reflection's vector, ``[first] - 1 / sqrt(n)``.
         coef: ``[cell]`` ``2 v / (v . v)`` of the cell's group (0 for a lone cell).
-        mean_weight: ``[cell]`` ``1 / sqrt(n)`` at each group's first cell, 0 elsewhere.
+        first: ``[group]`` each group's first cell (0 for a group without cells).
+        inv_sqrt: ``[group]`` ``1 / sqrt(n)`` (0 for a group without cells).
         n_groups: groups.
     """
 
@@ -95,7 +97,8 @@ class EffectLevels(eqx.Module):
     key: Int[Array, " cell"]
     v: Float[Array, " cell"]
     coef: Float[Array, " cell"]
-    mean_weight: Float[Array, " cell"]
+    first: Int[Array, " group"]
+    inv_sqrt: Float[Array, " group"]
     n_groups: int = eqx.field(static=True)
 
     def __init__(self, level: str | None, key: Int[np.ndarray, " cell"], n_groups: int):
@@ -104,28 +107,43 @@ class EffectLevels(eqx.Module):
         if len(key) and (key.min() < 0 or key.max() >= n_groups):
             raise ValueError(f"cell groups must be 0..{n_groups - 1}; got {key.min()}..{key.max()}")
         size = np.bincount(key, minlength=n_groups).astype(np.float64)
-        inv_sqrt = 1.0 / np.sqrt(np.maximum(size[key], 1.0))
-        first = np.zeros(len(key))
-        first[np.unique(key, return_index=True)[1]] = 1.0
-        v = first - inv_sqrt
-        vv = 2.0 - 2.0 * inv_sqrt  # v . v of the cell's group
+        inv_sqrt = np.where(size > 0, 1.0 / np.sqrt(np.maximum(size, 1.0)), 0.0)
+        groups, first = np.unique(key, return_index=True)
+        is_first = np.zeros(len(key))
+        is_first[first] = 1.0
+        v = is_first - inv_sqrt[key]
+        vv = 2.0 - 2.0 * inv_sqrt[key]  # v . v of the cell's group
         coef = np.where(vv > 0, 2.0 * v / np.where(vv > 0, vv, 1.0), 0.0)
+        first_of = np.zeros(n_groups, np.int64)
+        first_of[groups] = first
         self.level, self.n_groups = level, int(n_groups)
         self.key = jnp.asarray(key, jnp.int32)
         self.v, self.coef = jnp.asarray(v, jnp.float32), jnp.asarray(coef, jnp.float32)
-        self.mean_weight = jnp.asarray(first * inv_sqrt, jnp.float32)
-
-    def _sum(self, values: Float[Array, "*p cell"]) -> Float[Array, "*p group"]:
-        moved = jnp.moveaxis(values, -1, 0)
-        return jnp.moveaxis(jax.ops.segment_sum(moved, self.key, self.n_groups), 0, -1)
+        self.first = jnp.asarray(first_of, jnp.int32)
+        self.inv_sqrt = jnp.asarray(inv_sqrt, jnp.float32)
 
     def reflect(self, z: Float[Array, "*p cell"]) -> Float[Array, "*p cell"]:
         """``H z``, group by group."""
-        return z - self.coef * jnp.take(self._sum(self.v * z), self.key, axis=-1)
+        moved = jnp.moveaxis(self.v * z, -1, 0)
+        dot = jnp.moveaxis(jax.ops.segment_sum(moved, self.key, self.n_groups), 0, -1)
+        return z - self.coef * jnp.take(dot, self.key, axis=-1)
 
     def mean(self, z: Float[Array, "*p cell"]) -> Float[Array, "*p group"]:
         """Each group's mean of ``H z``: ``z[first] / sqrt(n)``."""
-        return self._sum(self.mean_weight * z)
+        return jnp.take(z, self.first, axis=-1) * self.inv_sqrt
+
+    def diagonal(self, info: Float[np.ndarray, " cell"]) -> Float[np.ndarray, " cell"]:
+        """``diag(H^T diag(info) H)`` with the groups' levels at 0 (host, float64).
+
+        The Fisher information of each coordinate of ``z`` for cells of information
+        ``info``; a level's is 0, as the intercepts carry it and the data do not see it.
+        """
+        key = np.asarray(self.key)
+        v, coef = np.asarray(self.v, np.float64), np.asarray(self.coef, np.float64)
+        spread = np.bincount(key, v * v * info, self.n_groups)[key]
+        diagonal = info * (1.0 - 2.0 * coef * v) + coef * coef * spread
+        diagonal[np.asarray(self.first)[np.asarray(self.inv_sqrt) > 0]] = 0.0
+        return np.maximum(diagonal, 0.0)
 
 
 class UnitTable(eqx.Module):
@@ -517,14 +535,8 @@ class CountRegression(AbstractRowModel):
         start = jax.tree.map(lambda s: np.full(s.shape, np.nan), self.latent_shapes())
         effects = {}
         for name, info in cell_info.items():
-            split = self.effect_levels[name]
-            key = np.asarray(split.key)
-            v, coef = np.asarray(split.v, np.float64), np.asarray(split.coef, np.float64)
-            spread = np.bincount(key, v * v * info, split.n_groups)[key]
-            diagonal = info * (1.0 - 2.0 * coef * v) + coef * coef * spread
-            diagonal[np.asarray(split.mean_weight) > 0] = 0.0  # the levels: prior only
-            scale = self.effects[name].scale
-            effects[name] = 1.0 / np.sqrt(scale**2 * np.maximum(diagonal, 0.0) + 1.0)
+            diagonal = self.effect_levels[name].diagonal(info)  # the levels: prior only
+            effects[name] = 1.0 / np.sqrt(self.effects[name].scale ** 2 * diagonal + 1.0)
         dispersion = self.likelihood.starting_scale(len(rows.unit))
         return eqx.tree_at(
             lambda z: (z.effects, z.dispersion),

@@ -113,8 +113,9 @@ def _log_rates(
 
     def one(z: object) -> jax.Array:
         rate = model.linear_log_rate(z, rows)  # type: ignore[attr-defined]
+        effects = model.effect_values(z) if averaged else {}  # type: ignore[attr-defined]
         for name, (group, row_group, n_groups) in averaged.items():
-            values = model.effect_values(z)[name]  # type: ignore[attr-defined]
+            values = effects[name]
             total = jax.ops.segment_sum(values, group, n_groups)
             count = jax.ops.segment_sum(jnp.ones_like(values), group, n_groups)
             rate = rate + jnp.take(total / count, row_group)
