@@ -57,6 +57,11 @@ class Slope:
         prior: ``(mean, sd)`` of the global slope.
         scales: prior sd of each entry of ``over`` around its parent (default 1 each).
         log: use ``log(column)`` (e.g. prices; the column must be > 0).
+
+    Without ``log``, ``prior`` and ``scales`` are per sd of the column over the table's
+    rows (rstanarm's autoscaling: the slope times the column's sd has the prior), so a
+    column's units do not change the fit; slopes are reported per unit of the column.
+    With ``log`` they are on the log's own, unit-free scale (an elasticity).
     """
 
     column: str
@@ -431,7 +436,8 @@ def from_frame(
             ``"zero"``: at covariates 0 (the article's).
         centre: take each unit's intercept at its mean covariates (weighted as above;
             default), nearly uncorrelated with its slopes a posteriori, or at covariates 0
-            (``False``: the article's parametrisation). The same model either way.
+            (``False``: the article's parametrisation; a covariate that is not logged at
+            its mean over the rows). The same model either way.
         clip_log_rate: ``(lo, hi)`` to clip the log rate to (the article's ``(-4, 20)``),
             or ``None`` (default). A clipped model is fitted on rows, not the grid.
         one_row_per_period: refuse a unit with two rows in one period (a table of weekly
@@ -750,12 +756,15 @@ def build_model(
     cell_sizes: dict[str, int],
     likelihood: AbstractCountLikelihood | None = None,
     groups: dict[str, np.ndarray] | None = None,
+    standard: dict[str, tuple[float, float]] | None = None,
 ) -> CountRegression:
     """The model ``spec`` describes, over ``table``'s units.
 
     Parent maps come from ``table.levels`` (each unit's code at every level); ``groups``:
-    each effect's cells' groups (:func:`cell_groups`). With zero arrays (and no
-    ``groups``) this is the template a saved fit's arrays are read into.
+    each effect's cells' groups (:func:`cell_groups`); ``standard``: each covariate's
+    ``(mean, sd)`` over the rows (:class:`~hbjax.counts.CountRegression`'s ``standard``).
+    With zero arrays (and no ``groups``) this is the template a saved fit's arrays are
+    read into.
     """
     mode = as_hierarchy(spec.hierarchy)
     unit_level = {g: np.asarray(codes) for g, codes in table.levels.items()}
@@ -777,6 +786,7 @@ def build_model(
         zero_inflation=spec.zero_inflation,
         clip_log_rate=spec.clip_log_rate,
         centre_covariates=spec.centre,
+        standard=standard,
     )
 
 

@@ -61,7 +61,8 @@ class CountGrid(AbstractPlacedData):
     """A count regression's rows placed on a ``[slot, period]`` grid (see the module doc).
 
     Attributes:
-        x: per covariate, ``x - c_u`` (the unit's centre) where observed, 0 elsewhere.
+        x: per covariate, ``(x - c_u) / s`` (the unit's centre, the column's sd:
+            :meth:`~hbjax.counts.CountRegression.standardised`) where observed, 0 elsewhere.
         offset: the offset column on the grid, or ``None``.
         counts: the counts on the grid (``None`` for a Poisson likelihood, which needs
             only sufficient statistics).
@@ -71,7 +72,7 @@ class CountGrid(AbstractPlacedData):
         cell_table: per effect, ``[key, period]`` the effect's cell (``n_cells``: none);
             ``None`` where cell ``key * periods + period`` is the effect's own order.
         counts_by_unit: ``[unit]`` ``sum y`` per unit.
-        counts_x_by_unit: per covariate, ``[unit]`` ``sum y (x - c_u)``.
+        counts_x_by_unit: per covariate, ``[unit]`` ``sum y (x - c_u) / s``.
         counts_by_cell: per effect, ``[cell]`` ``sum y`` per cell.
         constant: ``sum y * offset - sum log y!`` (Poisson), ``- sum log y!`` (others).
         n_units: units.
@@ -193,8 +194,9 @@ def place_grid(
         return grid
 
     counts = np.asarray(columns["counts"], np.float64)
-    centred = {
-        k: np.asarray(columns["x"][k], np.float64) - np.asarray(model.centre(k))[unit]
+    centred = {  # CountRegression.standardised in float64 on the host
+        k: (np.asarray(columns["x"][k], np.float64) - np.asarray(model.centre(k))[unit])
+        / model.spread[k]
         for k in model.slopes
     }
     slot_unit = block_slot_unit[local].reshape(-1)
@@ -275,7 +277,7 @@ def grid_log_likelihood(model: CountRegression, latents: CountLatents, grid: Cou
     n_periods = grid.observed.shape[1]
     params = {
         "a": model.intercept_values(latents),
-        "b": model.unit_slopes(latents),
+        "b": model.standard_slopes(latents),
         "g": {e: _on_grid(g, grid.cell_table[e], n_periods) for e, g in effects.items()},
     }
     poisson = grid.counts is None

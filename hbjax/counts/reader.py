@@ -69,7 +69,7 @@ from .regression import UnitTable
 from .slopes import UNIT
 
 #: Format marker of a rows folder (``store.json``).
-ROWS_FORMAT = "hbjax-rows-1"
+ROWS_FORMAT = "hbjax-rows-2"  # 2: each covariate's mean and sd (``covariates``)
 _COMPACT_EVERY = 16  # chunks between merges of the collected labels and sums
 _CHECK_ROWS = 1 << 23  # rows per block of the final (unit, period) duplicate check
 
@@ -85,6 +85,7 @@ class _Labels:
     periods: pd.Index | None
     unit_rows: np.ndarray
     mean: dict[str, np.ndarray]
+    standard: dict[str, tuple[float, float]]
     constant: dict[str, np.ndarray]
     span: dict[str, tuple[float, float]]
     n_rows: int
@@ -172,12 +173,14 @@ def _scan(chunks: Iterable[pd.DataFrame], spec: CountSpec, bar: tqdm | None) -> 
     combos: dict[str, list[pd.DataFrame]] = {e.name: [] for e in spec.effects}
     periods: list[pd.Series] = []
     sums: list[pd.DataFrame] = []
+    moments = _Moments()
     n_rows = n_chunks = 0
     sales = False
     for chunk in chunks:
         check_columns(chunk, spec)
         y, x, _ = _values(chunk, spec)
         sales = sales or bool(np.any(y > 0))
+        moments.add(x)
         units.append(chunk[label_columns].drop_duplicates())
         for effect in spec.effects:
             combos[effect.name].append(chunk[list(effect.labels)].drop_duplicates())
@@ -239,12 +242,37 @@ def _scan(chunks: Iterable[pd.DataFrame], spec: CountSpec, bar: tqdm | None) -> 
         periods=period_labels,
         unit_rows=per_unit["rows"].to_numpy().astype(np.int64),
         mean=mean,
+        standard={s.name: (0.0, 1.0) if s.log else moments.standard(s.name) for s in spec.slopes},
         constant=constant,
         span=span,
         n_rows=n_rows,
         chunks=n_chunks,
         sales=sales,
     )
+
+
+class _Moments:
+    """Running count, mean and spread of each covariate over the rows (shifted sums)."""
+
+    def __init__(self) -> None:
+        self.shift: dict[str, float] = {}
+        self.sums: dict[str, np.ndarray] = {}
+
+    def add(self, x: dict[str, np.ndarray]) -> None:
+        """Add a chunk's covariates."""
+        for name, values in x.items():
+            if not len(values):
+                continue
+            shift = self.shift.setdefault(name, float(values[0]))
+            d = np.asarray(values, np.float64) - shift
+            self.sums[name] = self.sums.get(name, 0.0) + np.array([len(d), d.sum(), d @ d])
+
+    def standard(self, name: str) -> tuple[float, float]:
+        """``(mean, sd)`` of covariate ``name`` (sd 1 where the column is constant)."""
+        n, first, second = self.sums[name]
+        mean = first / n
+        sd = float(np.sqrt(max(second / n - mean * mean, 0.0)))
+        return float(self.shift[name] + mean), sd if np.isfinite(sd) and sd > 0 else 1.0
 
 
 def _place_rows(
@@ -361,6 +389,7 @@ def _count_data(
         {e: len(c) for e, c in labels.cells.items()},
         likelihood,
         cell_groups(spec, labels.cells, labels.levels),
+        labels.standard,
     )
     return CountData(
         model, rows, labels.units, labels.levels, labels.cells, period, labels.periods, spec
@@ -578,6 +607,7 @@ def _write_meta(folder: Path, data: CountData, labels: _Labels, source: str) -> 
         "format": ROWS_FORMAT,
         "spec": data.spec.to_json(),
         "n_rows": labels.n_rows,
+        "covariates": labels.standard,
         "labels": kinds,
         "source": source,
     }
@@ -639,6 +669,7 @@ def read_rows(directory: str | os.PathLike[str], **options: object) -> CountData
         periods=named["periods"],
         unit_rows=np.zeros(0, np.int64),
         mean={s.name: np.load(folder / f"mean_{i}.npy") for i, s in enumerate(spec.slopes)},
+        standard={k: (float(m), float(sd)) for k, (m, sd) in store["covariates"].items()},
         constant={},
         span={},
         n_rows=int(store["n_rows"]),

@@ -28,6 +28,14 @@ intercept latent is ``a_i`` plus the mean effect of its groups. A linear map wit
 constant Jacobian: the model, its posterior and every reported value (on the natural
 scale) are unchanged; what changes is which directions a guide's factors follow.
 
+Covariates are standardised inside the model (``standard``: each column's mean ``m_k``
+and sd ``s_k`` over the rows; a logged covariate keeps ``(0, 1)``): a slope's layer holds
+``s_k b_k``, the slope per sd of its column, so its prior and its levels' scales are per
+sd (rstanarm's autoscaling: a column in centimetres or metres gives one fit, and a
+shelf length of 1,000 cannot overflow the first step), and the log rate uses
+``(x - c_ik) / s_k``. Uncentred, the intercept latent sits at ``m_k`` (``0`` for a logged
+covariate, the article's). Slopes are reported per unit of the column.
+
 It is an :class:`~hbjax.AbstractRowModel` over :class:`~hbjax.UnitRows`, so it is
 sharded over devices and minibatched by whole units like any row model. Its rows'
 ``columns`` are ``{"counts": [row], "log_factorial": [row], "x": {name: [row]},
@@ -41,7 +49,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int, Scalar
+from jaxtyping import Array, ArrayLike, Float, Int, Scalar
 
 from .._types import LatentLeaf
 from ..parallel.rows import AbstractRowModel, UnitRows
@@ -178,7 +186,10 @@ class CountRegression(AbstractRowModel):
         clip_log_rate: ``(lo, hi)`` the log rate is clipped to (the article's
             ``(-4, 20)``), or ``None``. A clipped model is fitted on rows, not the grid.
         centre_covariates: whether the intercepts are taken at ``table.centre`` (default)
-            or at covariates 0 (the article's parametrisation; the same model).
+            or at each covariate's mean over the rows (0 for a logged covariate: the
+            article's parametrisation; the same model).
+        origin, spread: per covariate, its mean and sd over the rows (see the module
+            docstring; default 0 and 1: no standardisation).
         table: the per-unit arrays (:class:`UnitTable`).
         level_sizes: the number of groups at each level.
         n_units: units.
@@ -194,6 +205,8 @@ class CountRegression(AbstractRowModel):
     zero_inflation: Normal | None
     clip_log_rate: tuple[float, float] | None = eqx.field(static=True)
     centre_covariates: bool = eqx.field(static=True)
+    origin: dict[str, float]
+    spread: dict[str, float]
     table: UnitTable
     level_sizes: dict[str, int] = eqx.field(static=True)
     n_units: int = eqx.field(static=True)
@@ -213,6 +226,7 @@ class CountRegression(AbstractRowModel):
         zero_inflation: tuple[float, float] | None = None,
         clip_log_rate: tuple[float, float] | None = None,
         centre_covariates: bool = True,
+        standard: dict[str, tuple[float, float]] | None = None,
     ):
         """Assemble the model (:func:`hbjax.counts.from_frame` does it from a table).
 
@@ -234,6 +248,8 @@ class CountRegression(AbstractRowModel):
                 ``None`` (no zero inflation).
             clip_log_rate: ``(lo, hi)`` to clip the log rate to, or ``None``.
             centre_covariates: see the attributes.
+            standard: per covariate, ``(mean, sd)`` of its column over the rows (the
+                attributes ``origin`` and ``spread``); default ``(0, 1)``.
         """
         units = {int(np.shape(a)[0]) for a in jax.tree.leaves(table)}
         if len(units) != 1:
@@ -283,6 +299,15 @@ class CountRegression(AbstractRowModel):
         )
         self.clip_log_rate = checked_clip(clip_log_rate)
         self.centre_covariates = bool(centre_covariates)
+        standard = {k: (0.0, 1.0) for k in self.slopes} | dict(standard or {})
+        if set(standard) != set(self.slopes) or not all(
+            np.isfinite(m) and np.isfinite(s) and s > 0 for m, s in standard.values()
+        ):
+            raise ValueError(
+                f"standard needs a finite (mean, sd > 0) per covariate; got {standard}."
+            )
+        self.origin = {k: float(standard[k][0]) for k in self.slopes}
+        self.spread = {k: float(standard[k][1]) for k in self.slopes}
 
     # --- structure -------------------------------------------------------------------
     def latent_shapes(self) -> CountLatents:
@@ -336,8 +361,8 @@ class CountRegression(AbstractRowModel):
     def _unit_level(self, slope: HierarchicalSlope) -> Array | None:
         return self.table.levels[slope.levels[0]] if slope.levels else None
 
-    def unit_slopes(self, latents: CountLatents) -> dict[str, Float[Array, "*p unit"]]:
-        """Each covariate's slope for every unit (natural scale)."""
+    def standard_slopes(self, latents: CountLatents) -> dict[str, Float[Array, "*p unit"]]:
+        """Each covariate's slope for every unit, per sd of its column (the layers' values)."""
         n_units = jnp.shape(latents.intercept)[-1]
         out = {}
         for name, slope in self.slopes.items():
@@ -345,6 +370,16 @@ class CountRegression(AbstractRowModel):
             values = slope.group_values(z)
             out[name] = slope.unit_values(z, values, self._unit_level(slope), n_units)
         return out
+
+    def unit_slopes(self, latents: CountLatents) -> dict[str, Float[Array, "*p unit"]]:
+        """Each covariate's slope for every unit, per unit of its column (natural scale)."""
+        return {k: b / self.spread[k] for k, b in self.standard_slopes(latents).items()}
+
+    def standardised(
+        self, name: str, x: Float[ArrayLike, " row"], unit: Int[ArrayLike, " row"]
+    ) -> Float[Array, " row"]:
+        """``(x - c) / s``: covariate ``name`` of rows of ``unit``, as the log rate uses it."""
+        return (x - jnp.take(self.centre(name), unit)) / self.spread[name]
 
     def effect_values(self, latents: CountLatents) -> dict[str, Float[Array, "*p cell"]]:
         """Each effect's cell values (natural scale): ``loc + scale x H z``."""
@@ -400,7 +435,10 @@ class CountRegression(AbstractRowModel):
         unit_slopes = self.unit_slopes(latents)
         slopes = {}
         for name, slope in self.slopes.items():
-            values = dict(slope.group_values(latents.slopes[name]))
+            values = {
+                k: v / self.spread[name]
+                for k, v in slope.group_values(latents.slopes[name]).items()
+            }
             if slope.per_unit:
                 values[UNIT] = unit_slopes[name]
             slopes[name] = values
@@ -443,7 +481,7 @@ class CountRegression(AbstractRowModel):
             z = latents.slopes[name]
             values = slope.group_values(z)
             level = self._unit_level(slope)
-            b = slope.unit_values(z, values, level, n_units)
+            b = slope.unit_values(z, values, level, n_units) / self.spread[name]
             shift = self.centre(name) - self.table.reference[name]
             at_reference = at_reference - b * shift
             total = total + slope.unit_log_prior(z, values, level, n_units)
@@ -451,9 +489,9 @@ class CountRegression(AbstractRowModel):
         return total - 0.5 * u * u - HALF_LOG_2PI
 
     def centre(self, name: str) -> Float[Array, " unit"]:
-        """``[unit]`` where covariate ``name``'s intercepts are taken: ``c_i`` or 0."""
+        """``[unit]`` where covariate ``name``'s intercept latents sit: ``c_i`` or its mean."""
         centre = self.table.centre[name]
-        return centre if self.centre_covariates else jnp.zeros_like(centre)
+        return centre if self.centre_covariates else jnp.full_like(centre, self.origin[name])
 
     def log_rate(self, latents: CountLatents, rows: UnitRows) -> Float[Array, " row"]:
         """``[row]`` the log expected count of each row (clipped if the model says so)."""
@@ -473,9 +511,8 @@ class CountRegression(AbstractRowModel):
         """
         unit, columns = rows.unit, rows.columns
         rate = jnp.take(self.intercept_values(latents), unit)
-        for name, b in self.unit_slopes(latents).items():
-            x = columns["x"][name] - jnp.take(self.centre(name), unit)
-            rate = rate + jnp.take(b, unit) * x
+        for name, b in self.standard_slopes(latents).items():
+            rate = rate + jnp.take(b, unit) * self.standardised(name, columns["x"][name], unit)
         effects = self.effect_values(latents)
         for name, cells in columns["cells"].items():
             rate = rate + jnp.take(effects[name], cells)
@@ -550,7 +587,8 @@ class CountRegression(AbstractRowModel):
 
         Less the unit's mean offset; the rest at their priors' centres. Uncentred
         (``centre_covariates=False``), less the starting slopes times the unit's typical
-        covariates: the start's log rate at those is the same either way.
+        covariates' distance from :meth:`centre`: the start's log rate at those is the
+        same either way.
         """
         n, total, offset = (np.zeros(self.n_units) for _ in range(3))
         for lo in range(0, len(rows.unit), _SUM_ROWS):  # rows on disk are read in pieces
@@ -565,7 +603,8 @@ class CountRegression(AbstractRowModel):
         start = super().init_latents(rows)
         if not self.centre_covariates:
             for name, b in self.unit_slopes(start).items():
-                level -= np.asarray(b, np.float64) * np.asarray(self.table.centre[name])
+                shift = np.asarray(self.table.centre[name]) - np.asarray(self.centre(name))
+                level -= np.asarray(b, np.float64) * shift
         intercept = (level - self.intercept.loc) / self.intercept.scale
         return eqx.tree_at(lambda z: z.intercept, start, jnp.asarray(intercept, jnp.float32))
 

@@ -29,7 +29,8 @@ from .frame import CountData, CountSpec, build_model, read_frame
 from .regression import UnitTable
 
 #: The format of a saved fit (``fit.json``).
-COUNTS_FORMAT = "hbjax-counts-fit-2"  # 2: effects' levels carried by the intercepts
+#: 2: effects' levels carried by the intercepts; 3: covariates standardised in the model.
+COUNTS_FORMAT = "hbjax-counts-fit-3"
 #: The format of the article's own stack's fits (before one path): refused, named.
 OLD_FORMAT = "hbjax-fit-1"
 _DAMAGED = "%r holds a damaged saved fit (%s); fit again."
