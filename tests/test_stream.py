@@ -143,4 +143,6 @@ def test_cli_prepare_then_fit_is_fitting_the_file(shuffled, tmp_path, capsys):
     other = ["--group", "region", "--out", str(tmp_path / "c")]
     assert main(["fit", str(rows), *common, *other]) == 2
     err = capsys.readouterr().err.strip()
-    assert "--group 'region'" in err and "prepared with --group 'category'" in err
+    assert "groups ('region',)" in err and "prepared with groups ('category',)" in err
+    with pytest.raises(hbjax.DataValidationError, match="prepared with counts 'units_sold'"):
+        hbjax.counts.elasticity_data(rows, counts="qty")  # the API refuses it too

@@ -15,22 +15,22 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
 import jax
 import numpy as np
-import pandas as pd
 from jax.sharding import Mesh
 
 from .. import __version__
-from ..counts import elasticity_data, fit_counts, prepare
-from ..counts.check import PredictiveCheck
+from ..counts import fit_counts, load_fit, predict, prepare
+from ..counts.check import check_lines, check_saved_fit
+from ..counts.demo import demo as demo_lines
 from ..counts.families import LIKELIHOODS
 from ..counts.fit import DEFAULT_GUIDE, SEEDS, FitConfig
 from ..counts.frame import INTERCEPT_PRIORS
-from ..counts.report import FitReport
+from ..counts.report import FIT_FILES, FIT_FOLDER, FitReport
 from ..counts.simulate import simulate
 from ..extras import optional_import
 from ..io.outputs import (
@@ -44,25 +44,15 @@ from ..io.tables import DataValidationError, DataWarning
 from ..parallel.blocks import ShardingError, make_mesh
 from ..parallel.hosts import DistributedConfig, initialize_distributed
 from ..vi.checkpoint import CheckpointError
-from ..vi.checks import NutsCheck, UnitImportance
 from ..vi.compilation import use_persistent_cache
 from ..vi.convergence import Convergence
-from ..vi.fit import ConvergenceWarning, FitResult, NonFiniteLossError
+from ..vi.fit import ConvergenceWarning, NonFiniteLossError
 from ..vi.guide import GUIDES
 from ..vi.layers import HIERARCHIES
 from ..vi.objectives import GRADIENTS
-from .tables import COLUMN_FLAGS, check_args, column_arguments, count_data, predict_saved_fit
+from .tables import COLUMN_FLAGS, column_arguments, count_data
 
 USER_ERROR = 2
-
-
-#: What ``hbjax fit`` writes in its ``--out`` folder (a folder holding none is refused).
-FIT_FILES = (
-    *("fit.json", "fit.eqx", "summary.json", "elasticities.csv", "groups.csv", "losses.csv"),
-    "estimates.csv",  # --group a,b or --covariates (hbjax.cli.vocabulary)
-)
-#: All a fit folder may hold (``hbjax check`` adds check.csv); anything else is the user's.
-FIT_FOLDER = (*FIT_FILES, "encoding", "labels", "plots", "check.csv")
 
 
 class UserError(Exception):
@@ -77,79 +67,36 @@ class _Parser(argparse.ArgumentParser):
         self.exit(USER_ERROR, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def _draws(text: str) -> int:
-    """Posterior draws for 90% intervals: at least 20 (a 5% quantile of fewer is a minimum)."""
-    value = _positive_int(text)
-    if value < 20:
-        raise argparse.ArgumentTypeError(
-            f"needs at least 20 draws for 90% intervals (1000 by default); got {text!r}"
-        )
-    return value
+def _number(
+    kind: Callable[[str], object], accept: Callable[[object], bool], what: str
+) -> Callable[[str], object]:
+    """An argparse ``type``: ``kind(text)`` if ``accept`` takes it, else "expected ``what``"."""
+
+    def parse(text: str) -> object:
+        try:
+            value = kind(text)
+        except (ValueError, OverflowError):
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value < SEEDS:
-        raise argparse.ArgumentTypeError(
-            f"expected a whole number from 0 to {SEEDS - 1}, got {text!r}"
-        )
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not np.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = _finite_float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = _finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def _devices(text: str) -> str | int:
-    if text == "all":
-        return text
-    try:
-        return _positive_int(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected a number of devices or 'all', got {text!r}")
+_positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+#: posterior draws for 90% intervals: a 5% quantile of fewer than 20 is a minimum
+_draws = _number(int, lambda v: v >= 20, "a positive integer of at least 20 draws (90% intervals)")
+_seed = _number(int, lambda v: 0 <= v < SEEDS, f"a whole number from 0 to {SEEDS - 1}")
+_positive_float = _number(float, lambda v: np.isfinite(v) and v > 0, "a positive number")
+_finite_float = _number(float, np.isfinite, "a finite number")
+_fraction = _number(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+_non_negative = _number(float, lambda v: np.isfinite(v) and v >= 0, "a number >= 0")
+_devices = _number(
+    lambda t: t if t == "all" else int(t),
+    lambda v: v == "all" or v >= 1,
+    "a number of devices or 'all'",
+)
 
 
 def _column_flags(command: argparse.ArgumentParser) -> None:
@@ -367,80 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _convergence_line(result: FitResult) -> str:
-    status = result.convergence
-    if status is None or status.average_from is None:
-        return "not converged: the iterates never became stationary"
-    state = "converged" if status.converged else "not converged"
-    error = ""
-    if status.mcse is not None:
-        error = (
-            f"; Monte Carlo error of the means {status.mcse:.3f} sd (median; the worst "
-            f"{status.mcse_max:.3f})"
-        )
-    return (
-        f"{state}: the reported guide averages the iterates of steps {status.average_from}-"
-        f"{status.average_to}{error}"
-    )
-
-
-def _interval(row: pd.Series | dict[str, float]) -> str:
-    return f"{row['mean']:7.3f}  [{row['q05']:7.3f}, {row['q95']:7.3f}]"
-
-
 def run_demo(args: argparse.Namespace) -> int:
     """``hbjax demo``: simulate, fit, and report recovery of the known truth."""
-    sim = simulate(
-        n_units=args.products, n_periods=args.periods, n_groups=args.categories, seed=args.seed
-    )
-    data = elasticity_data(sim.frame)
-    mesh = _mesh(args.devices)
-    print(
-        f"hbjax {__version__} demo: {len(data.units)} products x {len(data.periods)} periods "
-        f"x {len(data.levels['category'])} categories = {len(data.rows.unit)} observations "
-        f"({mesh.size} {jax.default_backend()} device(s))"
-    )
-    config = FitConfig(steps=args.steps, seed=args.seed, progress=not args.no_progress)
-    result = fit_counts(data, config, mesh=mesh)
-    tables = data.summary(result.guide, key=jax.random.key(args.seed))
-    report = FitReport(data, result, tables, None, None, {})
-    units = report.elasticities().merge(sim.truth, on=["product", "category"])
-    error = units["mean"] - units["elasticity"]
-    covered = (units["q05"] <= units["elasticity"]) & (units["elasticity"] <= units["q95"])
-    print(
-        f"fit: {result.steps} steps in {result.wall_seconds:.1f} s "
-        f"(compile {result.compile_seconds:.1f} s, {result.iterations_per_second:.0f} it/s), "
-        f"final loss {result.final_loss:.6g}"
-    )
-    print(_convergence_line(result))
-    print(
-        f"recovery of product elasticities: RMSE {np.sqrt(np.mean(error**2)):.3f} "
-        f"(truth sd {units['elasticity'].std():.3f}), "
-        f"90% interval coverage {covered.mean():.1%}"
-    )
-    if covered.mean() < 0.75:
-        print(
-            "note: mean-field intervals are too narrow when a product's elasticity and "
-            "intercept are strongly correlated a posteriori (the article's second open problem; "
-            "price centring, on by default, removes most of it)."
-        )
-    print("\nelasticity          mean  [   5%,    95%]   truth")
-    overall = tables["log_price/global"].iloc[0]
-    print(f"global           {_interval(overall)}  {sim.global_elasticity:7.3f}")
-    groups = report.groups().merge(sim.group_truth, on="category")
-    for _, row in groups.iterrows():
-        print(f"  {row['category']:<14} {_interval(row)}  {row['elasticity']:7.3f}")
-    ranked = units.sort_values("mean")
-    for title, rows in (
-        ("most elastic products", ranked.head(5)),
-        ("least elastic products", ranked.tail(5).iloc[::-1]),
-    ):
-        print(f"\n{title}:")
-        for _, row in rows.iterrows():
-            print(
-                f"  {row['product']:<8} {row['category']:<6} {_interval(row)}  "
-                f"{row['elasticity']:7.3f}"
-            )
+    shape = {"products": args.products, "periods": args.periods, "categories": args.categories}
+    mesh, progress = _mesh(args.devices), not args.no_progress
+    for line in demo_lines(**shape, steps=args.steps, seed=args.seed, mesh=mesh, progress=progress):
+        print(line)
     return 0
 
 
@@ -458,13 +337,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         dispersion=args.dispersion,
         seed=args.seed,
     )
-    if out.name.lower().endswith(".csv"):
-        write_file_atomically(out, lambda path: sim.frame.to_csv(path, index=False))
-    else:
-        write_file_atomically(out, lambda path: sim.frame.to_parquet(path, index=False))
-    truth_path = out.with_name(out.name + ".truth.csv")
-    truth = sim.truth[["product", "category", "elasticity"]]
-    write_file_atomically(truth_path, lambda path: truth.to_csv(path, index=False))
+    truth_path = sim.write(out)
     print(f"wrote {len(sim.frame)} rows to {out} and the truth to {truth_path}")
     return 0
 
@@ -478,25 +351,16 @@ def _mesh(devices: str | int) -> Mesh:
 
 def _join_hosts(args: argparse.Namespace) -> None:
     """Join a multi-host run when --coordinator is given (before any other JAX work)."""
-    given = [
-        args.coordinator is not None,
-        args.num_processes is not None,
-        args.process_id is not None,
-    ]
-    if not any(given):
-        return
-    if not all(given):
-        raise UserError(
-            "a multi-host run needs all of --coordinator HOST:PORT, --num-processes N and "
-            "--process-id I."
-        )
-    if args.devices != "all":
-        raise UserError("with several hosts, rows are split over all devices: drop --devices.")
-    config = DistributedConfig(
-        args.coordinator, args.num_processes, args.process_id, timeout_seconds=args.timeout
-    )
     try:
-        initialize_distributed(config)
+        config = DistributedConfig.from_flags(
+            args.coordinator, args.num_processes, args.process_id, args.timeout
+        )
+        if config is not None and args.devices != "all":
+            raise ShardingError(
+                "with several hosts, rows are split over all devices: drop --devices."
+            )
+        if config is not None:
+            initialize_distributed(config)
     except ShardingError as exc:
         raise UserError(str(exc)) from None
 
@@ -615,52 +479,9 @@ def _fit_table(args: argparse.Namespace, config: FitConfig, folder: AtomicFolder
         folder.commit()
     except OSError as exc:
         raise UserError(f"cannot write the results to {args.out!r}: {exc.strerror}.") from None
-    summary = report.summary
-    periods = f" x {summary['n_periods']} periods" if summary["n_periods"] else ""
-    price = summary["global_elasticity"]
-    print(
-        f"fitted {summary['n_units']} units{periods} ({summary['n_obs']} rows) in "
-        f"{summary['wall_seconds']:.1f} s; global elasticity {_interval(price)}; wrote "
-        f"{args.out}/{', '.join(written)} and the fitted model (for `hbjax predict "
-        f"{shlex.quote(str(args.out))} PRICES.csv`)"
-    )
-    print(_convergence_line(result))
-    verdict = None if report.importance is None else report.importance.verdict
-    _print_checks(
-        summary["dispersion"], verdict, report.predictive, summary["likelihood"], result.converged
-    )
+    for line in report.lines(args.out, written):
+        print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout)
     return 0
-
-
-def _print_checks(
-    dispersion: dict | None,
-    guide_verdict: str | None,
-    model_check: PredictiveCheck | None,
-    likelihood: str,
-    converged: bool,  # noqa: FBT001
-) -> None:
-    """Print the dispersion, the guide check and the predictive check (a warning if flagged).
-
-    An unconverged fit's replicas say little about the likelihood: its check is shown, not
-    judged.
-    """
-    if dispersion is not None:
-        print(
-            f"dispersion phi {dispersion['q50']:.3g} (90% interval {dispersion['q05']:.3g} to "
-            f"{dispersion['q95']:.3g}): variance = mean + phi x mean^2"
-        )
-    if guide_verdict is not None:
-        print(f"guide check: {guide_verdict}")
-    if model_check is not None and model_check.flagged and not converged:
-        print(
-            f"model check: not judged, the fit did not converge (replicas from an unsettled "
-            f"fit say little about the likelihood): {model_check.figures}"
-        )
-    elif model_check is not None and model_check.flagged:
-        problem = model_check.verdict.removeprefix("contradicted: ")
-        print(f"warning: the data contradict the {likelihood} model: {problem}", file=sys.stderr)
-    elif model_check is not None:
-        print(f"model check: {model_check.verdict}")
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -668,7 +489,14 @@ def run_predict(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out is not None else Path(str(args.prices) + ".predictions.csv")
     fitted = [Path(args.fit_dir) / name for name in FIT_FOLDER]  # the fit's own files
     check_file_destination(out, inputs=(*fitted, args.prices))  # before the work
-    print(predict_saved_fit(args, out))
+    saved = load_fit(args.fit_dir)
+    scenarios, key = saved.read_table(args.prices), jax.random.key(args.seed)
+    found = predict(saved.data, saved.guide, scenarios, num_samples=args.samples, key=key)
+    write_file_atomically(out, lambda path: found.to_csv(path, index=False))
+    print(
+        f"predicted expected {saved.data.spec.counts} for {len(found)} rows "
+        f"({saved.info['guide']} guide, {args.samples} draws, 90% intervals); wrote {out}"
+    )
     return 0
 
 
@@ -681,41 +509,22 @@ def run_check(args: argparse.Namespace) -> int:
     default = Path(args.fit_dir) / "check.csv"
     out = check_file_destination(args.out if args.out is not None else default)
     try:
-        table, nuts, importance = check_args(args)
+        table, nuts, importance = check_saved_fit(
+            load_fit(args.fit_dir),
+            args.file,
+            key=jax.random.key(args.seed),
+            num_units=args.products,
+            num_shared=args.chains,
+            warmup=args.warmup,
+            draws=args.draws,
+        )
     except (ValueError, ImportError) as exc:
         if isinstance(exc, DataValidationError):
             raise
         raise UserError(str(exc)) from None
-    _report_check(table, nuts, importance, out)
-    return 0
-
-
-def _report_check(
-    table: pd.DataFrame, nuts: NutsCheck, importance: UnitImportance, out: Path
-) -> None:
-    """Write the check's table (its first column names the product) and print it."""
     write_file_atomically(out, lambda path: table.to_csv(path, index=False))
-    unit = table.columns[0]
-    print(
-        f"checked {table[unit].nunique()} random products with NUTS (BlackJAX; "
-        f"{nuts.num_shared} chains x {nuts.draws} draws, each chain given one draw of the "
-        f"shared latents from the fit; {nuts.divergences} divergent)"
-    )
-    leaves = table["leaf"].nunique() > 1  # several slopes per product: name each row's
-    head = f"{unit:<12} " + (f"{'slope':<12} " if leaves else "")
-    print(f"\n{head}{'fit mean [5%, 95%]':>28} {'NUTS median':>11} {'sd ratio':>8}")
-    for _, row in table.head(20).iterrows():
-        print(
-            f"{str(row[unit]):<12} "
-            + (f"{str(row['leaf']):<12} " if leaves else "")
-            + f"{_interval(row):>28} {row['nuts_median']:11.3f} "
-            f"{row['sd_ratio']:8.2f}" + ("" if row["covered"] else "  outside")
-        )
-    if len(table) > 20:
-        print(f"... ({len(table) - 20} more rows in {out})")
-    print(f"\nintervals against NUTS: {nuts.verdict}")
-    print(f"per-product k-hat: {importance.verdict}")
-    print(f"wrote {out}")
+    print("\n".join(check_lines(table, nuts, importance, str(out))))
+    return 0
 
 
 def _show_warning(

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import pandas as pd
 
 from ..io.tables import DataValidationError
-from .frame import CountData, CountSpec, elasticity_terms, from_file, from_frame
+from .frame import CountData, CountSpec, elasticity_terms, from_file, from_frame, price_slope
 from .reader import is_rows_folder, read_rows, write_rows
 
 
@@ -53,7 +53,10 @@ def elasticity_data(
             a unit twice in a period.
     """
     if not isinstance(table, pd.DataFrame) and is_rows_folder(table):
-        return read_rows(table, **options)
+        data = read_rows(table, **options)
+        given = {"unit": unit, "groups": tuple(groups), "period": period, "price": price}
+        _check_prepared(data, table, given | {"counts": counts, "covariates": tuple(covariates)})
+        return data
     arguments = _arguments(unit, groups, period, price, counts, covariates)
     if isinstance(table, pd.DataFrame):
         return from_frame(table, **arguments, one_row_per_period=True, **options)
@@ -91,6 +94,37 @@ def prepare(
         chunk_rows=chunk_rows,
         progress=progress,
     )
+
+
+#: The column arguments' defaults: a prepared folder's columns are taken when left at them.
+_DEFAULT_COLUMNS = {
+    "unit": "product",
+    "groups": ("category",),
+    "period": "period",
+    "price": "price",
+    "counts": "units_sold",
+    "covariates": (),
+}
+
+
+def _check_prepared(data: CountData, folder: object, given: dict[str, object]) -> None:
+    """No column argument given (not its default) that names another column than the folder's."""
+    spec, price = data.spec, price_slope(data)
+    prepared = {
+        "unit": spec.unit,
+        "groups": tuple(spec.groups),
+        "period": spec.period,
+        "price": None if price is None else price.column,
+        "counts": spec.counts,
+        "covariates": tuple(s.column for s in spec.slopes if s is not price),
+    }
+    for role, value in given.items():
+        if value != _DEFAULT_COLUMNS[role] and value != prepared[role]:
+            raise DataValidationError(
+                f"{role} {value!r}: {str(folder)!r} was prepared with {role} "
+                f"{prepared[role]!r}; its columns are fixed when prepared (leave {role} out, "
+                "or prepare the table again with it)."
+            )
 
 
 def _arguments(

@@ -343,13 +343,49 @@ def check_saved_fit(
         layer = model.slopes[slope.name]
         name = "elasticity" if slope is price else slope.name
         if isinstance(layer.hierarchy, Centred):  # b_i = loc + scale v_i: the slope itself
-            part = on_value_scale(part, float(layer.top.loc), float(layer.unit_scale), name)
+            spread = model.spread[slope.name]  # per unit of the column
+            loc, scale = float(layer.top.loc) / spread, float(layer.unit_scale) / spread
+            part = on_value_scale(part, loc, scale, name)
         parts.append(part)
     return pd.concat(parts, ignore_index=True), nuts, importance
 
 
+def check_lines(
+    table: pd.DataFrame, nuts: NutsCheck, importance: UnitImportance, out: str
+) -> list[str]:
+    """What ``hbjax check`` prints of :func:`check_saved_fit`'s results (written to ``out``)."""
+    unit = table.columns[0]
+    lines = [
+        f"checked {table[unit].nunique()} random products with NUTS (BlackJAX; "
+        f"{nuts.num_shared} chains x {nuts.draws} draws, each chain given one draw of the "
+        f"shared latents from the fit; {nuts.divergences} divergent)"
+    ]
+    leaves = table["leaf"].nunique() > 1  # several slopes per product: name each row's
+    head = f"{unit:<12} " + (f"{'slope':<12} " if leaves else "")
+    lines.append(f"\n{head}{'fit mean [5%, 95%]':>28} {'NUTS median':>11} {'sd ratio':>8}")
+    for _, row in table.head(20).iterrows():
+        lines.append(
+            f"{str(row[unit]):<12} "
+            + (f"{str(row['leaf']):<12} " if leaves else "")
+            + f"{interval(row):>28} {row['nuts_median']:11.3f} "
+            f"{row['sd_ratio']:8.2f}" + ("" if row["covered"] else "  outside")
+        )
+    if len(table) > 20:
+        lines.append(f"... ({len(table) - 20} more rows in {out})")
+    lines.append(f"\nintervals against NUTS: {nuts.verdict}")
+    lines.append(f"per-product k-hat: {importance.verdict}")
+    return [*lines, f"wrote {out}"]
+
+
+def interval(row: pd.Series | dict[str, float]) -> str:
+    """``mean [q05, q95]`` of a summary row, aligned."""
+    return f"{row['mean']:7.3f}  [{row['q05']:7.3f}, {row['q95']:7.3f}]"
+
+
 __all__ = [
+    "check_lines",
     "check_saved_fit",
+    "interval",
     "DISPERSION_FACTOR",
     "PREDICTIVE_TAIL",
     "ZERO_SHARE_FACTOR",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import shlex
 import time
 from pathlib import Path
 
@@ -23,12 +24,19 @@ from .. import __version__
 from ..vi.checks import UnitImportance, unit_importance
 from ..vi.fit import FitResult
 from ..vi.guide import GaussianGuide
-from .check import PredictiveCheck, predictive_check
+from .check import PredictiveCheck, interval, predictive_check
 from .fit import FitConfig
 from .frame import CountData, price_slope
 from .saved import save_fit
 from .slopes import GLOBAL, UNIT
 
+#: What ``hbjax fit`` writes in its ``--out`` folder (a folder holding none is refused).
+FIT_FILES = (
+    *("fit.json", "fit.eqx", "summary.json", "elasticities.csv", "groups.csv", "losses.csv"),
+    "estimates.csv",  # --group a,b or --covariates (every value on its labels)
+)
+#: All a fit folder may hold (``hbjax check`` adds check.csv); anything else is the user's.
+FIT_FOLDER = (*FIT_FILES, "encoding", "labels", "plots", "check.csv")
 #: The statistics of every summary row.
 STATS = ("mean", "sd", "q05", "q50", "q95")
 
@@ -192,6 +200,45 @@ class FitReport:
             parts.append(table.reset_index(drop=True).assign(quantity=name, label=labels))
         return pd.concat(parts, ignore_index=True)[["quantity", "label", *STATS]]
 
+    # --- text ----------------------------------------------------------------------------
+    def lines(self, out: str, written: list[str]) -> list[str]:
+        """What ``hbjax fit`` prints: the fit, its convergence and its checks.
+
+        A line of the predictive check that flags the model starts ``warning:``. An
+        unconverged fit's replicas say little about the likelihood: its check is shown,
+        not judged.
+        """
+        summary, check = self.summary, self.predictive
+        periods = f" x {summary['n_periods']} periods" if summary["n_periods"] else ""
+        out_arg = shlex.quote(str(out))
+        lines = [
+            f"fitted {summary['n_units']} units{periods} ({summary['n_obs']} rows) in "
+            f"{summary['wall_seconds']:.1f} s; global elasticity "
+            f"{interval(summary['global_elasticity'])}; wrote {out}/{', '.join(written)} and "
+            f"the fitted model (for `hbjax predict {out_arg} PRICES.csv`)",
+            convergence_line(self.result),
+        ]
+        if (phi := summary["dispersion"]) is not None:
+            lines.append(
+                f"dispersion phi {phi['q50']:.3g} (90% interval {phi['q05']:.3g} to "
+                f"{phi['q95']:.3g}): variance = mean + phi x mean^2"
+            )
+        if self.importance is not None:
+            lines.append(f"guide check: {self.importance.verdict}")
+        if check is not None and check.flagged and not self.result.converged:
+            lines.append(
+                "model check: not judged, the fit did not converge (replicas from an "
+                f"unsettled fit say little about the likelihood): {check.figures}"
+            )
+        elif check is not None and check.flagged:
+            problem = check.verdict.removeprefix("contradicted: ")
+            lines.append(
+                f"warning: the data contradict the {summary['likelihood']} model: {problem}"
+            )
+        elif check is not None:
+            lines.append(f"model check: {check.verdict}")
+        return lines
+
     # --- files ---------------------------------------------------------------------------
     def write(self, folder: str | Path, *, plots: bool = False) -> list[str]:
         """Write every output into ``folder`` (which must exist); returns the names written.
@@ -269,10 +316,28 @@ def _labels(data: CountData, level: str | None) -> pd.Index | None:
     return None if level is None else data.levels[level]
 
 
+def convergence_line(result: FitResult) -> str:
+    """Whether ``result`` converged, the steps its guide averages and its Monte Carlo error."""
+    status = result.convergence
+    if status is None or status.average_from is None:
+        return "not converged: the iterates never became stationary"
+    state = "converged" if status.converged else "not converged"
+    error = ""
+    if status.mcse is not None:
+        error = (
+            f"; Monte Carlo error of the means {status.mcse:.3f} sd (median; the worst "
+            f"{status.mcse_max:.3f})"
+        )
+    return (
+        f"{state}: the reported guide averages the iterates of steps {status.average_from}-"
+        f"{status.average_to}{error}"
+    )
+
+
 def _row(table: pd.DataFrame) -> dict[str, float]:
     """The one row of a table as ``{mean, sd, q05, q50, q95}``."""
     row = table.iloc[0]
     return {k: float(row[k]) for k in STATS}
 
 
-__all__ = ["FitReport", "price_slope"]
+__all__ = ["FIT_FILES", "FIT_FOLDER", "FitReport", "convergence_line", "price_slope"]

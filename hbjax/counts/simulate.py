@@ -15,9 +15,12 @@ probability ``missing`` and some products launch late.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from ..io.outputs import write_file_atomically
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +74,22 @@ class SimulatedPanel:
     group_truth: pd.DataFrame
     global_elasticity: float
     config: SimulationConfig
+
+    def write(self, path: str | Path) -> Path:
+        """Write the panel to ``path`` (.csv or .parquet) and the truth beside it.
+
+        ``PATH.truth.csv``: each product's category and elasticity. Each file is written
+        whole or not at all. Returns the truth's path.
+        """
+        path = Path(path)
+        if path.name.lower().endswith(".csv"):
+            write_file_atomically(path, lambda tmp: self.frame.to_csv(tmp, index=False))
+        else:
+            write_file_atomically(path, lambda tmp: self.frame.to_parquet(tmp, index=False))
+        truth_path = path.with_name(path.name + ".truth.csv")
+        truth = self.truth[["product", "category", "elasticity"]]
+        write_file_atomically(truth_path, lambda tmp: truth.to_csv(tmp, index=False))
+        return truth_path
 
 
 def simulate(config: SimulationConfig | None = None, **overrides: float | int) -> SimulatedPanel:

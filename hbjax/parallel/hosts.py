@@ -32,6 +32,29 @@ class DistributedConfig:
     process_id: int
     timeout_seconds: int = 60
 
+    @classmethod
+    def from_flags(
+        cls,
+        coordinator: str | None,
+        num_processes: int | None,
+        process_id: int | None,
+        timeout_seconds: int = 60,
+    ) -> DistributedConfig | None:
+        """From command-line flags: ``None`` when none is given.
+
+        Raises:
+            ShardingError: some of the three are given, not all (named).
+        """
+        given = (coordinator, num_processes, process_id)
+        if all(v is None for v in given):
+            return None
+        if any(v is None for v in given):
+            raise ShardingError(
+                "a multi-host run needs all of --coordinator HOST:PORT, --num-processes N and "
+                "--process-id I."
+            )
+        return cls(coordinator, num_processes, process_id, timeout_seconds=timeout_seconds)
+
 
 def _check_port_free(host: str, port: int) -> None:
     """Process 0 will serve on ``host:port``: refuse early when it cannot."""
