@@ -37,7 +37,8 @@ _EXPORTS = {
     **dict.fromkeys(
         ["AbstractRowModel", "UnitRows", "shard_rows"], "parallel.rows"),
     "make_mesh": "parallel.blocks",
-    **dict.fromkeys(["RenyiBound", "elbo", "log_weights"], "vi.objectives"),
+    **dict.fromkeys(
+        ["AbstractObjective", "RenyiBound", "elbo", "log_weights"], "vi.objectives"),
     **dict.fromkeys(["SimulationConfig", "simulate"], "counts.simulate"),
     **dict.fromkeys(["SVI", "lazy_units"], "vi.step"),
     **dict.fromkeys(["FullBatch", "Minibatches"], "vi.host"),

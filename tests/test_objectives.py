@@ -5,6 +5,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.scipy.special import logsumexp
 from scipy import stats
@@ -273,3 +274,50 @@ def test_objectives_and_gradient_estimators_are_modules_checked_when_built():
         hbjax.vi.checkpoint.describe(hbjax.RenyiBound(alpha=a, gradient="total")) for a in (0, 0.5)
     ]
     assert described[0] != described[1]  # a resume with another alpha is refused
+
+
+def test_alpha_may_be_an_array_a_traced_value_or_a_schedule():
+    """The bound at a traced alpha is the textbook's (the ELBO's mean exactly at 1, with the
+    ELBO's gradient); a RenyiBound's alpha may be an array (vmap over alphas) or a schedule
+    of the step, whose value at each step is the fixed-alpha bound's."""
+    log_w = jnp.array([-10.0, -12.5, -9.0, -11.0], jnp.float32)
+    wide = np.asarray(log_w, np.float64)
+    traced = jax.jit(renyi_bound)
+    for alpha in (0.0, 0.5, 1.0 - 1e-3, 1.0, 3.0):
+        textbook = (
+            wide.mean()
+            if alpha == 1.0
+            else (float(logsumexp((1 - alpha) * wide)) - np.log(4.0)) / (1 - alpha)
+        )
+        # a log-sum-exp of 4 terms of size ~12 in float32 (expm1 near alpha 1: a few more)
+        assert float(traced(log_w, jnp.float32(alpha))) == pytest.approx(textbook, abs=1e-4)
+    # d mean / d log w_k at s = 1 - alpha = 0, also where exp(log w - min) overflows (the
+    # branch where() drops must stay finite, or its gradient poisons the kept one)
+    spread = jnp.array([-1000.0, -1010.0, -900.0, -1005.0], jnp.float32)
+    np.testing.assert_allclose(jax.grad(renyi_bound)(spread, jnp.float32(1.0)), 0.25)
+
+    guide = exact_posterior_guide()
+    guide = eqx.tree_at(lambda g: g.loc["mu"], guide, guide.loc["mu"] + 0.8)
+    key = jax.random.key(6)
+    alphas = jnp.array([0.0, 0.5, 1.0])
+    vmapped = jax.vmap(
+        lambda a: hbjax.RenyiBound(alpha=a, num_particles=4)(MODEL, guide, Y, key=key)
+    )
+    fixed = [
+        hbjax.RenyiBound(alpha=float(a), num_particles=4)(MODEL, guide, Y, key=key) for a in alphas
+    ]
+    assert_f32_close(vmapped(alphas), np.array(fixed), terms=4 * (len(Y) + 2))
+    schedule = optax.linear_schedule(1.0, 0.0, 100)
+    scheduled = hbjax.RenyiBound(alpha=schedule, schedule_end=100, num_particles=4)
+    assert scheduled.settled_at == 100 and hbjax.RenyiBound().settled_at == 0
+    assert "schedule(1 -> 0 at step 100)" in repr(scheduled)  # in a checkpoint's fingerprint
+    for step, alpha in ((0, 1.0), (50, 0.5), (100, 0.0), (400, 0.0), (None, 0.0)):
+        got = scheduled(MODEL, guide, Y, key=key, step=step if step is None else jnp.int32(step))
+        want = hbjax.RenyiBound(alpha=alpha, num_particles=4)(MODEL, guide, Y, key=key)
+        assert_f32_close(got, want, terms=4 * (len(Y) + 2))
+    with pytest.raises(ValueError, match="needs schedule_end"):
+        hbjax.RenyiBound(alpha=schedule)
+    with pytest.raises(ValueError, match="got alpha = an array or a schedule"):
+        hbjax.RenyiBound(alpha=schedule, schedule_end=100, gradient="dreg")
+    with pytest.raises(ValueError, match="needs a scheduled alpha"):
+        hbjax.RenyiBound(alpha=0.0, schedule_end=100)

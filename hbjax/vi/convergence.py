@@ -204,13 +204,20 @@ class Monitor:
     ``record(values, first_step)`` takes the watched coordinates of each step (one row per
     step); ``check(step, scale)``, called by the loop every check interval, decides whether
     averaging starts (returns ``"average"``), the fit has converged (``"stop"``) or neither
-    (``None``). Averaging lasts at least ``min_average`` steps. The first ``n_means``
-    coordinates are means, the others log sds (default: all means); both medians must
-    reach the target.
+    (``None``). Averaging lasts at least ``min_average`` steps and starts no earlier than
+    ``settle`` (where the objective's schedules end), on iterates from there on. The first
+    ``n_means`` coordinates are means, the others log sds (default: all means); both
+    medians must reach the target.
     """
 
-    def __init__(self, config: Convergence, min_average: int, n_means: int | None = None):
-        self.config, self.min_average = config, min_average
+    def __init__(
+        self,
+        config: Convergence,
+        min_average: int,
+        n_means: int | None = None,
+        settle: int = 0,
+    ):
+        self.config, self.min_average, self.settle = config, min_average, settle
         self.n_means = n_means  # the first n_means coordinates are means, the rest log sds
         self.rows: list[np.ndarray] = []
         self.steps: list[int] = []
@@ -232,7 +239,9 @@ class Monitor:
         if status.converged:
             return "stop"
         if status.average_from is None:
-            trace = self._trace(step // 2)
+            if step < self.settle:
+                return None
+            trace = self._trace(max(step // 2, self.settle))
             if len(trace) < 40:
                 return None
             status.rhat = float(np.median(split_rhat(trace)))

@@ -34,6 +34,7 @@ from .convergence import Convergence, Monitor, Status, Watch
 from .devices import replicate, to_host
 from .guide import AbstractGuide
 from .host import AbstractSampler
+from .objectives import AbstractObjective
 from .step import _TRUE, SVI, SVIState, start_averaging
 
 
@@ -298,7 +299,8 @@ def run(
     watch = Watch(state.guide, per_leaf, svi.model.reported_leaves())
     monitor = None
     if convergence is not None:
-        monitor = Monitor(convergence, min_average, n_means=watch.n_means)
+        settle = svi.objective.settled_at if isinstance(svi.objective, AbstractObjective) else 0
+        monitor = Monitor(convergence, min_average, n_means=watch.n_means, settle=settle)
     state, first_losses = saver.restore(state, steps, monitor)
     first = int(state.step)
     state_arrays, state_static = eqx.partition(state, eqx.is_array)

@@ -17,6 +17,13 @@ With K particles :math:`z_k \sim q` and log importance weights
 Every objective returns a **loss to minimise**: the negative bound. An objective is any
 function ``(model, guide, panel, *, key) -> loss``; pass your own to :func:`hbjax.fit`.
 :class:`RenyiBound` is this bound as an Equinox module, its options checked when built.
+An :class:`AbstractObjective` is also given the step, so its options may follow a
+schedule (optax-style: a function of the step count), e.g. alpha from 1 (the ELBO) to 0::
+
+    RenyiBound(alpha=optax.linear_schedule(1.0, 0.0, 2000), schedule_end=2000)
+
+:func:`hbjax.fit` starts averaging, and so its convergence check, no earlier than the
+step where the schedule ends (:attr:`AbstractObjective.settled_at`).
 
 **Gradient estimators** (``gradient=``: an :class:`AbstractGradient` module or its name)
 change where ``stop_gradient`` goes, never the loss's value:
@@ -44,10 +51,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._types import ParticleFloat, PRNGKeyArray, PyTree, Scalar
+from .._types import Int, ParticleFloat, PRNGKeyArray, PyTree, Scalar
 from ._modes import from_name
 from .guide import AbstractGuide, check_minibatch_guide
 from .model import AbstractModel, AbstractUnitBatch, AbstractUnitModel
+
+#: An option's value at a step (optax-style, e.g. ``optax.linear_schedule(1.0, 0.0, 2000)``).
+Schedule = Callable[[Int[jax.Array, ""]], Scalar]
 
 #: How particles go through the model (:func:`map_particles`).
 PARTICLE_MAPS = ("auto", "sequential", "vectorized")
@@ -167,11 +177,14 @@ class AbstractGradient(eqx.Module):
     stop_score: eqx.AbstractClassVar[bool]
 
     @abc.abstractmethod
-    def loss(self, log_w: ParticleFloat, alpha: float) -> Scalar:
+    def loss(self, log_w: ParticleFloat, alpha: float | Scalar) -> Scalar:
         """The negative bound from log weights, differentiated as this estimator."""
 
-    def check(self, alpha: float, num_particles: int) -> None:
-        """Raise ``ValueError`` if the estimator is biased for this bound (default: never)."""
+    def check(self, alpha: float | None, num_particles: int) -> None:
+        """Raise ``ValueError`` if the estimator is biased for this bound (default: never).
+
+        ``alpha`` is ``None`` where it is an array or a schedule (not one number).
+        """
 
 
 class TotalGradient(AbstractGradient):
@@ -179,7 +192,7 @@ class TotalGradient(AbstractGradient):
 
     stop_score: ClassVar[bool] = False
 
-    def loss(self, log_w: ParticleFloat, alpha: float) -> Scalar:
+    def loss(self, log_w: ParticleFloat, alpha: float | Scalar) -> Scalar:
         """``-renyi_bound(log_w, alpha)``."""
         return -renyi_bound(log_w, alpha)
 
@@ -189,11 +202,11 @@ class StickingTheLanding(AbstractGradient):
 
     stop_score: ClassVar[bool] = True
 
-    def loss(self, log_w: ParticleFloat, alpha: float) -> Scalar:
+    def loss(self, log_w: ParticleFloat, alpha: float | Scalar) -> Scalar:
         """``-renyi_bound(log_w, alpha)`` of stop-score log weights."""
         return -renyi_bound(log_w, alpha)
 
-    def check(self, alpha: float, num_particles: int) -> None:
+    def check(self, alpha: float | None, num_particles: int) -> None:
         """Biased for an importance-weighted bound: the ELBO (alpha 1) or 1 particle only."""
         if alpha != 1.0 and num_particles > 1:
             raise ValueError(
@@ -208,16 +221,18 @@ class DReG(AbstractGradient):
 
     stop_score: ClassVar[bool] = True
 
-    def loss(self, log_w: ParticleFloat, alpha: float) -> Scalar:
+    def loss(self, log_w: ParticleFloat, alpha: float | Scalar) -> Scalar:
         """``-dreg_surrogate(log_w)``."""
         return -dreg_surrogate(log_w)
 
-    def check(self, alpha: float, num_particles: int) -> None:
+    def check(self, alpha: float | None, num_particles: int) -> None:
         """Derived for alpha 0 only."""
         if alpha != 0.0:
+            got = "an array or a schedule" if alpha is None else alpha
             raise ValueError(
                 f"the DReG gradient ('dreg') is derived for the importance-weighted bound "
-                f"(alpha = 0); got alpha = {alpha}. Use gradient 'stl' for other alphas."
+                f"(alpha = 0); got alpha = {got}. Use gradient 'total' (or 'stl' for the "
+                "ELBO) for other alphas."
             )
 
 
@@ -234,7 +249,41 @@ def as_gradient(gradient: str | AbstractGradient) -> AbstractGradient:
     return from_name(gradient, AbstractGradient, GRADIENTS, "gradient")
 
 
-class RenyiBound(eqx.Module):
+class AbstractObjective(eqx.Module):
+    """A loss to minimise that is told the step: its options may follow schedules.
+
+    ``objective(model, guide, batch, *, key, step)``: :class:`hbjax.SVI` (and so
+    :func:`hbjax.fit`) passes the steps done so far (a traced int32); ``step=None`` asks
+    for the options' final values. A plain function ``(model, guide, batch, *, key)``
+    remains an objective too, never told the step.
+    """
+
+    @abc.abstractmethod
+    def __call__(
+        self,
+        model: AbstractModel,
+        guide: AbstractGuide,
+        batch: PyTree,
+        *,
+        key: PRNGKeyArray,
+        step: Int[jax.Array, ""] | int | None = None,
+    ) -> Scalar:
+        """The loss at ``step``."""
+
+    @property
+    def settled_at(self) -> int:
+        """The first step from which the objective no longer changes (0: it never does)."""
+        return 0
+
+
+def _as_alpha(alpha: object) -> object:
+    """A number as a Python float; an array or a schedule as it is."""
+    if callable(alpha) or isinstance(alpha, jax.Array):
+        return alpha
+    return float(alpha)
+
+
+class RenyiBound(AbstractObjective):
     """The negative Rényi-α bound as an objective, its options checked once when built.
 
     ``RenyiBound(alpha, num_particles, gradient)(model, guide, panel, key=key)`` is the loss
@@ -242,11 +291,15 @@ class RenyiBound(eqx.Module):
 
     Attributes:
         alpha: the Rényi order; 0 is importance weighted (the article's choice), 1 the ELBO.
+            A number, an array (e.g. traced: vmap a loss over alphas) or a schedule, a
+            function of the step (then ``gradient="total"`` and ``schedule_end`` given).
         num_particles: K, the number of particles.
         gradient: an :class:`AbstractGradient` or its name, ``"total"``, ``"stl"`` or
             ``"dreg"`` (``alpha = 0`` only); the loss's value is the same for all three.
         particle_map: ``"auto"``, ``"sequential"`` or ``"vectorized"``
             (:func:`map_particles`); the same loss and gradient, a different speed.
+        schedule_end: with a scheduled ``alpha``, the step from which it stays at its last
+            value (:attr:`settled_at`); 0 otherwise.
 
     Example:
         >>> import hbjax
@@ -254,22 +307,65 @@ class RenyiBound(eqx.Module):
         >>> # hbjax.fit(model, guide, panel, key=key, steps=1000, objective=objective)
     """
 
-    alpha: float = eqx.field(static=True, default=0.0, converter=float)
+    alpha: float | jax.Array | Schedule = eqx.field(default=0.0, converter=_as_alpha)
     num_particles: int = eqx.field(static=True, default=4)
     gradient: AbstractGradient = eqx.field(static=True, default="total", converter=as_gradient)
     particle_map: str = eqx.field(static=True, default="auto")
+    schedule_end: int = eqx.field(static=True, default=0)
 
     def __check_init__(self) -> None:
         n = self.num_particles
         if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
             raise ValueError(f"num_particles must be an integer >= 1; got {n!r}.")
         _check_particle_map(self.particle_map)
-        self.gradient.check(self.alpha, n)
+        scheduled = callable(self.alpha)
+        end = self.schedule_end
+        if isinstance(end, bool) or not isinstance(end, int | np.integer) or end < 0:
+            raise ValueError(f"schedule_end must be an integer >= 0; got {end!r}.")
+        if scheduled and end < 1:
+            raise ValueError(
+                "a scheduled alpha needs schedule_end, the step from which it stays at its "
+                "last value (e.g. RenyiBound(alpha=optax.linear_schedule(1.0, 0.0, 2000), "
+                "schedule_end=2000)): fit averages and checks convergence only after it."
+            )
+        if end and not scheduled:
+            raise ValueError(
+                f"schedule_end={end} needs a scheduled alpha (a function of the step)."
+            )
+        self.gradient.check(self.alpha if isinstance(self.alpha, float) else None, n)
+
+    @property
+    def settled_at(self) -> int:
+        """``schedule_end``: where a scheduled alpha stops changing (0: a fixed alpha)."""
+        return int(self.schedule_end)
+
+    def alpha_at(self, step: Int[jax.Array, ""] | int | None) -> float | jax.Array:
+        """Alpha at ``step`` (a schedule's last value for ``None``)."""
+        if not callable(self.alpha):
+            return self.alpha
+        return self.alpha(self.schedule_end if step is None else step)
+
+    def __repr__(self) -> str:
+        """As Equinox prints it; a schedule by its values at 0 and where it ends."""
+        if not callable(self.alpha):
+            return super().__repr__()
+        ends = f"{float(self.alpha(0)):g} -> {float(self.alpha(self.schedule_end)):g}"
+        return (
+            f"RenyiBound(alpha=schedule({ends} at step {self.schedule_end}), num_particles="
+            f"{self.num_particles}, gradient={self.gradient!r}, particle_map="
+            f"{self.particle_map!r})"
+        )
 
     def __call__(
-        self, model: AbstractModel, guide: AbstractGuide, panel: PyTree, *, key: PRNGKeyArray
+        self,
+        model: AbstractModel,
+        guide: AbstractGuide,
+        panel: PyTree,
+        *,
+        key: PRNGKeyArray,
+        step: Int[jax.Array, ""] | int | None = None,
     ) -> Scalar:
-        """The loss: minus the bound, differentiated as :attr:`gradient` says."""
+        """The loss at ``step``: minus the bound, differentiated as :attr:`gradient` says."""
         log_w = log_weights(
             model,
             guide,
@@ -279,22 +375,23 @@ class RenyiBound(eqx.Module):
             stop_score=self.gradient.stop_score,
             particle_map=self.particle_map,
         )
-        return self.gradient.loss(log_w, self.alpha)
+        return self.gradient.loss(log_w, self.alpha_at(step))
 
 
-def renyi_bound(log_w: ParticleFloat, alpha: float) -> Scalar:
+def renyi_bound(log_w: ParticleFloat, alpha: float | Scalar) -> Scalar:
     r"""The Rényi-α bound from log weights (see the module docstring).
 
     Computed as :math:`m + \log(1 + \overline{\mathrm{expm1}(s(\log w - m))}) / s` with
     :math:`s = 1-\alpha` and :math:`m` the max (min for :math:`s<0`) log weight, which is exact,
-    overflow-free and stable as :math:`\alpha \to 1`.
+    overflow-free and stable as :math:`\alpha \to 1`; at ``alpha == 1`` the mean log weight.
+    ``alpha`` may be traced (a schedule's value).
     """
-    if alpha == 1.0:
-        return jnp.mean(log_w)
     s = 1.0 - alpha
-    m = jax.lax.stop_gradient(jnp.max(log_w) if s > 0 else jnp.min(log_w))
-    scaled = s * (log_w - m)  # <= 0
-    return m + jnp.log1p(jnp.mean(jnp.expm1(scaled))) / s
+    safe = jnp.where(s == 0, 1.0, s)  # the other branch must stay finite: where's gradient
+    m = jax.lax.stop_gradient(jnp.where(safe > 0, jnp.max(log_w), jnp.min(log_w)))
+    scaled = safe * (log_w - m)  # <= 0
+    bound = m + jnp.log1p(jnp.mean(jnp.expm1(scaled))) / safe
+    return jnp.where(s == 0, jnp.mean(log_w), bound)
 
 
 def renyi_elbo(

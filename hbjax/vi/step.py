@@ -1,8 +1,8 @@
 """One optimisation step for every kind of fit, in the optax/blackjax manner.
 
 >>> svi = SVI(model, objective, optimizer)
->>> state = svi.init(guide)
->>> state, info = svi.step(state, batch, key)
+>>> state = svi.init(guide, mesh)  # placed as the step returns it: one compile
+>>> state, info = eqx.filter_jit(svi.step)(state, batch, key)
 
 ``batch`` is whatever the objective takes: a placed panel (full batch, 1..N devices, many
 hosts) or a batch of whole units (:class:`~hbjax.AbstractUnitBatch`). For a
@@ -25,10 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from .._types import Bool, Int, PRNGKeyArray, PyTree, Scalar
+from .devices import replicate
 from .guide import AbstractGuide
 from .model import AbstractModel, AbstractUnitBatch, units_in_batch
+from .objectives import AbstractObjective
 
 #: A loss to minimise: ``objective(model, guide, batch, *, key) -> scalar``.
 Objective = Callable[..., Scalar]
@@ -113,12 +116,14 @@ class SVI(eqx.Module):
 
     Attributes:
         model: the model (its arrays are leaves: pass the ``SVI`` into ``jit``, not a closure).
-        objective: ``objective(model, guide, batch, *, key) -> loss`` to minimise.
+        objective: ``objective(model, guide, batch, *, key) -> loss`` to minimise; an
+            :class:`~hbjax.vi.objectives.AbstractObjective` is also given ``step=`` (the
+            steps done), so its options may follow schedules; its arrays are leaves.
         optimizer: the optimiser, wrapped in :func:`lazy_units`.
     """
 
     model: AbstractModel
-    objective: Objective = eqx.field(static=True)
+    objective: Objective
     optimizer: optax.GradientTransformationExtraArgs = eqx.field(static=True)
 
     def __init__(
@@ -132,16 +137,27 @@ class SVI(eqx.Module):
         self.objective = objective
         self.optimizer = lazy_units(optimizer)
 
-    def init(self, guide: AbstractGuide) -> SVIState:
-        """The state at step 0 for the starting ``guide``."""
+    def init(self, guide: AbstractGuide, mesh: Mesh | None = None) -> SVIState:
+        """The state at step 0 for the starting ``guide``.
+
+        With the ``mesh`` the batches are placed on, the state is replicated over it, as
+        :meth:`step` returns it: a jitted step then compiles once, not again at its second
+        call (unplaced arrays are another input placement). Without, on the default device.
+        """
         params = eqx.filter(guide, eqx.is_inexact_array)
-        return SVIState(
+        state = SVIState(
             guide=guide,
             opt_state=self.optimizer.init(params),
             step=jnp.int32(0),
             average=jax.tree.map(jnp.copy, params),  # its own buffers (the loop donates them)
             average_from=jnp.int32(NEVER),
         )
+        arrays, static = eqx.partition(state, eqx.is_array)
+        if mesh is None:
+            arrays = jax.device_put(arrays, jax.local_devices()[0])
+        else:
+            arrays = replicate(arrays, mesh)
+        return eqx.combine(arrays, static)
 
     def step(self, state: SVIState, batch: PyTree, key: PRNGKeyArray) -> tuple[SVIState, StepInfo]:
         """One step of the objective on ``batch`` with ``key``.
@@ -152,8 +168,10 @@ class SVI(eqx.Module):
         """
         model = self.model
 
+        told = {"step": state.step} if isinstance(self.objective, AbstractObjective) else {}
+
         def loss_fn(guide: AbstractGuide) -> Scalar:
-            return self.objective(model, guide, batch, key=key)
+            return self.objective(model, guide, batch, key=key, **told)
 
         loss, grads = eqx.filter_value_and_grad(loss_fn)(state.guide)
         params = eqx.filter(state.guide, eqx.is_inexact_array)
