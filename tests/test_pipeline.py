@@ -17,7 +17,8 @@ def test_defaults_and_derived_choices():
     assert FitConfig(steps=np.int64(7), seed=np.uint32(3)).steps == 7  # NumPy ints welcome
     assert FitConfig(alpha=0.5).gradient == "total"  # DReG is for alpha 0 only
     assert config.max_steps(1000) == 20_000
-    assert FitConfig(batch_size=10).max_steps(100) == 2_500  # 250 epochs
+    assert FitConfig(batch_size=10).max_steps(100) == 20_000  # the rule stops it, not 250 epochs
+    assert FitConfig(batch_size=10).max_steps(10_000) == 250_000  # 250 epochs: more
     assert FitConfig(steps=7, batch_size=10).max_steps(100) == 7
 
 

@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the most optimisation steps: the fit stops by itself once converged (averaged "
         "iterates, Monte Carlo error of the means <= 0.02 posterior sd); default 20000, with "
-        "--batch-size 250 epochs",
+        "--batch-size 250 epochs where those are more",
     )
     fit_cmd.add_argument(
         "--batch-size",
