@@ -11,9 +11,20 @@ Dimension names used across hbjax:
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import Array
 from jaxtyping import Bool, Float, Int, PRNGKeyArray, PyTree, Scalar
+
+
+def float_dtype() -> np.dtype:
+    """The floats of latents, guides, rows and kernels: float64 or float32.
+
+    float64 where JAX's x64 is on (``jax.config.update("jax_enable_x64", True)`` or
+    ``JAX_ENABLE_X64=1``), else float32.
+    """
+    return np.dtype(jnp.result_type(float))
+
 
 #: Host (numpy) or device (jax) array: data starts on the host and moves to devices.
 AnyArray = Array | np.ndarray

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import gammaln
 
-from .._types import AnyArray, Array, Float, Scalar
+from .._types import AnyArray, Array, Float, Scalar, float_dtype
 from ..vi.layers import Normal
 
 
@@ -90,7 +90,7 @@ class Poisson(AbstractCountLikelihood):
     def log_prior(self, z: None) -> Scalar:
         """0: no parameter."""
         del z
-        return jnp.zeros((), jnp.float32)
+        return jnp.zeros((), float_dtype())
 
     def parameter(self, z: None) -> None:
         """No parameter."""

@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
-from .._types import AnyArray
+from .._types import AnyArray, float_dtype
 from ..parallel.blocks import (
     DATA_AXIS,
     checked_block_count,
@@ -186,9 +186,9 @@ def place_grid(
     mine = row_block >= 0  # this process's rows
     slot = row_block[mine] * slots + slot_of_unit[unit[mine]]
     t = period[mine]
-    columns = rows.columns
+    columns, floats = rows.columns, float_dtype()
 
-    def on_grid(values: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+    def on_grid(values: np.ndarray, dtype: type | np.dtype = floats) -> np.ndarray:
         grid = np.zeros((len(local) * slots, n_periods), dtype)
         grid[slot, t] = np.asarray(values)[mine]
         return grid
@@ -222,17 +222,17 @@ def place_grid(
         "cell_table": {
             e: _table_or_none(t, model.effects[e].shape[0]) for e, (_, t) in keys.items()
         },
-        "counts_by_unit": np.bincount(unit, counts, n_units).astype(np.float32),
+        "counts_by_unit": np.bincount(unit, counts, n_units).astype(floats),
         "counts_x_by_unit": {
-            k: np.bincount(unit, counts * v, n_units).astype(np.float32) for k, v in centred.items()
+            k: np.bincount(unit, counts * v, n_units).astype(floats) for k, v in centred.items()
         },
         "counts_by_cell": {
             e: np.bincount(
                 np.asarray(columns["cells"][e]), counts, int(model.effects[e].shape[0])
-            ).astype(np.float32)
+            ).astype(floats)
             for e in model.effects
         },
-        "constant": np.asarray(constant, np.float32),
+        "constant": np.asarray(constant, floats),
     }
     return CountGrid(
         **{"offset": None, "counts": None, **placed},

@@ -31,6 +31,7 @@ import pandas as pd
 from jax.scipy.special import gammaln
 from tqdm.auto import tqdm
 
+from .._types import float_dtype
 from ..io.outputs import AtomicFolder, OutputError
 from ..io.tables import (
     DataValidationError,
@@ -98,7 +99,7 @@ def read_chunks(
     spec: CountSpec,
     *,
     one_row_per_period: bool = False,
-    allocate: Callable[[str, type, int], np.ndarray] | None = None,
+    allocate: Callable[[str, type | np.dtype, int], np.ndarray] | None = None,
     bar: tqdm | None = None,
     likelihood: AbstractCountLikelihood | None = None,
 ) -> tuple[CountData, _Labels]:
@@ -279,22 +280,23 @@ def _place_rows(
     chunks: Iterable[pd.DataFrame],
     spec: CountSpec,
     labels: _Labels,
-    allocate: Callable[[str, type, int], np.ndarray],
+    allocate: Callable[[str, type | np.dtype, int], np.ndarray],
     one_row_per_period: bool,  # noqa: FBT001
     bar: tqdm | None,
 ) -> tuple[UnitRows, np.ndarray | None]:
     """Pass 2: each row's columns at its place in unit order; the rows' periods."""
     n = labels.n_rows
     unit = allocate("unit", np.int32, n)
-    weight = allocate("weight", np.float32, n)
+    floats = float_dtype()
+    weight = allocate("weight", floats, n)
     columns: dict = {
-        "counts": allocate("counts", np.float32, n),
-        "log_factorial": allocate("log_factorial", np.float32, n),
-        "x": {s.name: allocate(f"x_{i}", np.float32, n) for i, s in enumerate(spec.slopes)},
+        "counts": allocate("counts", floats, n),
+        "log_factorial": allocate("log_factorial", floats, n),
+        "x": {s.name: allocate(f"x_{i}", floats, n) for i, s in enumerate(spec.slopes)},
         "cells": {e.name: allocate(f"cells_{i}", np.int32, n) for i, e in enumerate(spec.effects)},
     }
     if spec.offset is not None:
-        columns["offset"] = allocate("offset", np.float32, n)
+        columns["offset"] = allocate("offset", floats, n)
     period = None if spec.period is None else allocate("period", np.int32, n)
     starts = np.r_[0, np.cumsum(labels.unit_rows)][:-1]
     for chunk in chunks:
@@ -314,7 +316,7 @@ def _place_rows(
         unit[dest] = u
         weight[dest] = 1.0
         columns["counts"][dest] = y
-        columns["log_factorial"][dest] = np.asarray(gammaln(jnp.asarray(y + 1.0, jnp.float32)))
+        columns["log_factorial"][dest] = np.asarray(gammaln(jnp.asarray(y + 1.0, float_dtype())))
         for name, values in x.items():
             columns["x"][name][dest] = values
         for effect in spec.effects:
@@ -376,9 +378,9 @@ def _count_data(
     reference = spec.intercept_prior == "reference"
     table = UnitTable(
         levels={g: jnp.asarray(labels.unit_level[g]) for g in spec.groups},
-        centre={k: jnp.asarray(v, jnp.float32) for k, v in labels.mean.items()},
+        centre={k: jnp.asarray(v, float_dtype()) for k, v in labels.mean.items()},
         reference={
-            k: jnp.asarray(v if reference else 0 * v, jnp.float32) for k, v in labels.mean.items()
+            k: jnp.asarray(v if reference else 0 * v, float_dtype()) for k, v in labels.mean.items()
         },
     )
     sizes = {g: len(labels.levels[g]) for g in spec.groups}
@@ -572,7 +574,7 @@ def write_rows(
     return read_rows(directory)
 
 
-def _on_disk(path: Path, dtype: type, n: int) -> np.memmap:
+def _on_disk(path: Path, dtype: type | np.dtype, n: int) -> np.memmap:
     """A memory-mapped ``.npy`` of ``n`` entries, its disk space reserved now.
 
     Without the reservation a full disk shows only when a page is written back, as a

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, Scalar
 
-from .._types import LatentLeaf
+from .._types import LatentLeaf, float_dtype
 from ..parallel.rows import AbstractRowModel, UnitRows
 from ..vi.layers import HALF_LOG_2PI, Normal
 from .families import AbstractCountLikelihood, checked_clip, make_likelihood
@@ -126,9 +126,9 @@ class EffectLevels(eqx.Module):
         first_of[groups] = first
         self.level, self.n_groups = level, int(n_groups)
         self.key = jnp.asarray(key, jnp.int32)
-        self.v, self.coef = jnp.asarray(v, jnp.float32), jnp.asarray(coef, jnp.float32)
+        self.v, self.coef = jnp.asarray(v, float_dtype()), jnp.asarray(coef, float_dtype())
         self.first = jnp.asarray(first_of, jnp.int32)
-        self.inv_sqrt = jnp.asarray(inv_sqrt, jnp.float32)
+        self.inv_sqrt = jnp.asarray(inv_sqrt, float_dtype())
 
     def reflect(self, z: Float[Array, "*p cell"]) -> Float[Array, "*p cell"]:
         """``H z``, group by group."""
@@ -312,10 +312,10 @@ class CountRegression(AbstractRowModel):
     # --- structure -------------------------------------------------------------------
     def latent_shapes(self) -> CountLatents:
         """Shapes of the latents (see :class:`CountLatents`)."""
-        scalar = jax.ShapeDtypeStruct((), jnp.float32)
+        scalar = jax.ShapeDtypeStruct((), float_dtype())
         groups = None
         if self.dispersion_level is not None:
-            groups = jax.ShapeDtypeStruct((self.level_sizes[self.dispersion_level],), jnp.float32)
+            groups = jax.ShapeDtypeStruct((self.level_sizes[self.dispersion_level],), scalar.dtype)
         return CountLatents(
             slopes={k: s.latent_shapes(self.n_units) for k, s in self.slopes.items()},
             intercept=self.intercept.latent_shape(),
@@ -476,7 +476,7 @@ class CountRegression(AbstractRowModel):
         """``[unit]`` each unit's intercept and per-unit slopes' log priors."""
         n_units = jnp.shape(latents.intercept)[-1]
         at_reference = self.intercept_values(latents)
-        total = jnp.zeros(n_units, jnp.float32)
+        total = jnp.zeros(n_units, float_dtype())
         for name, slope in self.slopes.items():
             z = latents.slopes[name]
             values = slope.group_values(z)
@@ -606,7 +606,7 @@ class CountRegression(AbstractRowModel):
                 shift = np.asarray(self.table.centre[name]) - np.asarray(self.centre(name))
                 level -= np.asarray(b, np.float64) * shift
         intercept = (level - self.intercept.loc) / self.intercept.scale
-        return eqx.tree_at(lambda z: z.intercept, start, jnp.asarray(intercept, jnp.float32))
+        return eqx.tree_at(lambda z: z.intercept, start, jnp.asarray(intercept, float_dtype()))
 
 
 __all__ = ["CountLatents", "CountRegression", "EffectLevels", "UnitTable"]

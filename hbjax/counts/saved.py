@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import pandas as pd
 
 from .. import __version__
+from .._types import float_dtype
 from ..io.tables import DataValidationError, read_labels, write_labels
 from ..vi.checkpoint import content_hash
 from ..vi.fit import FitResult
@@ -189,7 +190,7 @@ def _rebuild(folder: Path, info: dict) -> SavedCountFit:
     levels = {g: int(n) for g, n in info["level_sizes"].items()}
     cells = {e: int(n) for e, n in info["cell_sizes"].items()}
     names = {s.name for s in spec.slopes}
-    zeros = jnp.zeros(n_units, jnp.float32)
+    zeros = jnp.zeros(n_units, float_dtype())
     table = UnitTable(
         levels={g: jnp.zeros(n_units, jnp.int32) for g in levels},
         centre=dict.fromkeys(names, zeros),

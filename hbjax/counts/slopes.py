@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, Scalar
 
+from .._types import float_dtype
 from ..vi.layers import HALF_LOG_2PI, AbstractHierarchy, Centred, Normal
 
 #: The latent key of a slope's per-unit values.
@@ -88,9 +89,9 @@ class HierarchicalSlope(eqx.Module):
         """``{"global": [], level: [size], ..., "unit": [n_units]}``."""
         shapes = {GLOBAL: self.top.latent_shape()}
         for name, size in zip(self.levels, self.sizes, strict=True):
-            shapes[name] = jax.ShapeDtypeStruct((size,), jnp.float32)
+            shapes[name] = jax.ShapeDtypeStruct((size,), float_dtype())
         if self.per_unit:
-            shapes[UNIT] = jax.ShapeDtypeStruct((n_units,), jnp.float32)
+            shapes[UNIT] = jax.ShapeDtypeStruct((n_units,), float_dtype())
         return shapes
 
     def group_values(self, z: dict[str, Array]) -> dict[str, Float[Array, "..."]]:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Float, Int
 
-from .._types import AnyArray, PRNGKeyArray
+from .._types import AnyArray, PRNGKeyArray, float_dtype
 from ..io.tables import DataValidationError, DataWarning, shown, which_rows
 from ..parallel.rows import UnitRows
 from .frame import CountData, CountSpec, Effect, _covariate, _finite
@@ -75,13 +75,14 @@ def predict(
         )
     units = fitted_units(data.units, frame, spec.unit)
     labels = _row_labels(data, spec, frame, units)
-    columns: dict = {"x": {s.name: _covariate(frame, s).astype(np.float32) for s in spec.slopes}}
+    floats = float_dtype()
+    columns: dict = {"x": {s.name: _covariate(frame, s).astype(floats) for s in spec.slopes}}
     for slope in spec.slopes:  # log covariates (prices) far from each unit's typical value
         if slope.log:
             typical = np.asarray(data.model.table.centre[slope.name], np.float64)[units]
             warn_far_from_typical(typical, columns["x"][slope.name], frame, spec.unit, slope.column)
     if spec.offset is not None:
-        columns["offset"] = _finite(frame, spec.offset).astype(np.float32)
+        columns["offset"] = _finite(frame, spec.offset).astype(floats)
     known, averaged = {}, {}
     for effect in spec.effects:
         present = [c for c in effect.labels if c in labels]
@@ -92,7 +93,7 @@ def predict(
     columns["cells"] = known
     model = data.model
     rows = UnitRows(
-        jnp.asarray(units, jnp.int32), jnp.ones(len(units), jnp.float32), columns, model.n_units
+        jnp.asarray(units, jnp.int32), jnp.ones(len(units), floats), columns, model.n_units
     )
     key = jax.random.key(0) if key is None else key
     draws = guide.sample(num_samples, key=key)  # type: ignore[attr-defined]

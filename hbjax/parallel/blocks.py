@@ -17,6 +17,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh
 from jaxtyping import Array, Float, Int
 
+from .._types import float_dtype
+
 #: The mesh axis along which observation rows are split.
 DATA_AXIS = "data"
 
@@ -300,7 +302,7 @@ def draw_units(
         pad = np.full(per_block - take, max(hi - 1, 0))
         picks.append(np.r_[chosen, pad].astype(np.int64))
         weights.append(np.r_[np.full(take, n / max(take, 1)), np.zeros(len(pad))])
-    return np.concatenate(picks), np.concatenate(weights).astype(np.float32)
+    return np.concatenate(picks), np.concatenate(weights).astype(float_dtype())
 
 
 __all__ = [

@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int, PyTree, Scalar, Shaped
 
-from .._types import AnyArray
+from .._types import AnyArray, float_dtype
 from ..vi.host import AbstractHostData, AbstractSampler
 from ..vi.model import AbstractUnitBatch, AbstractUnitModel
 from .blocks import (
@@ -109,7 +109,7 @@ class UnitRows(AbstractHostData):
         order = np.argsort(unit, kind="stable")
         return cls(
             unit=unit[order].astype(np.int32),
-            weight=np.ones(len(unit), np.float32),
+            weight=np.ones(len(unit), float_dtype()),
             columns=jax.tree.unflatten(treedef, [np.asarray(x)[order] for x in leaves]),
             n_units=n_units,
         )
@@ -153,7 +153,7 @@ class UnitRows(AbstractHostData):
         rows = jax.tree.map(jnp.asarray, host)
         return RowBatch(
             unit=jnp.asarray(units, jnp.int32),
-            weight=jnp.ones(len(units), jnp.float32),
+            weight=jnp.ones(len(units), float_dtype()),
             rows=UnitRows(**rows, n_units=len(units)),
             n_units=self.n_units,
         )
@@ -168,7 +168,7 @@ def _gather_rows(rows: UnitRows, index: np.ndarray, weight: np.ndarray, unit: np
     """Host arrays of the rows at ``index`` with the given weights and unit labels."""
     return {
         "unit": unit.astype(np.int32),
-        "weight": weight.astype(np.float32),
+        "weight": weight.astype(float_dtype()),
         "columns": jax.tree.map(lambda x: np.asarray(x)[index], rows.columns),
     }
 

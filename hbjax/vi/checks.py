@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from .._types import PRNGKeyArray, PyTree
+from .._types import PRNGKeyArray, PyTree, float_dtype
 from ..extras import optional_import
 from .devices import seed_from_key
 from .diagnostics import K_OK, psis
@@ -252,7 +252,7 @@ def _slot_log_joint(
 
         return jax.lax.map(one, blocks, batch_size=16)
 
-    values = evaluate(model, shared, batch, jnp.asarray(blocks, jnp.float32))
+    values = evaluate(model, shared, batch, jnp.asarray(blocks, float_dtype()))
     return np.asarray(values, np.float64)
 
 
@@ -348,7 +348,7 @@ def nuts_check(
     mean, cov = unit_block_moments(guide, ids, units)
     batch = panel.unit_batch(units)
     shared = guide.sample(num_shared, key=shared_key)
-    start = jnp.asarray(mean.ravel(), jnp.float32)
+    start = jnp.asarray(mean.ravel(), float_dtype())
 
     def chain(key: PRNGKeyArray, shared: PyTree) -> tuple[jax.Array, jax.Array]:
         def log_density(flat: jax.Array) -> jax.Array:

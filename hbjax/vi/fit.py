@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .._types import PRNGKeyArray, PyTree
+from .._types import PRNGKeyArray, PyTree, float_dtype
 from . import checkpoint
 from .convergence import Convergence, Status
 from .devices import seed_from_key, to_host
@@ -131,6 +131,14 @@ def _check_fit_arguments(
         raise ValueError(f"steps must be a positive integer; got {steps!r}.")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}.")
+    floats = float_dtype()
+    other = {str(x.dtype) for x in jax.tree.leaves(eqx.filter(guide, eqx.is_inexact_array))}
+    if other - {floats.name}:
+        raise ValueError(
+            f"the guide's parameters are {', '.join(sorted(other))}; hbjax fits in float32, or "
+            "float64 with JAX's x64 on (JAX_ENABLE_X64=1 before JAX starts): build the guide "
+            f"from model.latent_shapes(), which are {floats.name} now."
+        )
     if isinstance(guide, GaussianGuide):
         expected = jax.tree.map(lambda s: s.shape, model.latent_shapes())
         got = jax.tree.map(jnp.shape, guide.mean())

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
-from .._types import ParticleFloat
+from .._types import ParticleFloat, float_dtype
 from .layers import HALF_LOG_2PI, normal_log_prob
 
 _TRUE = np.True_
@@ -450,7 +450,7 @@ class UnitBlockNormal(GaussianGuide, AbstractMinibatchGuide):
         return cls(
             loc=_check_loc(shapes, loc),
             raw_scale=_starting_raw_scales(shapes, scale),
-            unit_tril=jnp.asarray(np.zeros((len(_pairs(len(ids))), n_units), np.float32)),
+            unit_tril=jnp.asarray(np.zeros((len(_pairs(len(ids))), n_units), float_dtype())),
             unit_leaf_ids=ids,
         )
 
@@ -512,7 +512,7 @@ class UnitBlockNormal(GaussianGuide, AbstractMinibatchGuide):
         k = len(self.unit_leaf_ids)
         scales = jax.tree.leaves(self.scale)
         n_units = scales[self.unit_leaf_ids[0]].shape[-1]
-        chol = jnp.zeros((n_units, k, k), jnp.float32)
+        chol = jnp.zeros((n_units, k, k), float_dtype())
         for j, leaf in enumerate(self.unit_leaf_ids):
             chol = chol.at[:, j, j].set(scales[leaf])
         for p, (j, m) in enumerate(_pairs(k)):
@@ -565,7 +565,7 @@ def _standard_log_q(
     eps: list[Array], scales: list[Array], weights: list[Array | float], num_particles: int
 ) -> ParticleFloat:
     """``sum(weight * (-eps^2 / 2 - log scale - log(2 pi) / 2))`` per particle."""
-    log_q = jnp.zeros(num_particles, jnp.float32)
+    log_q = jnp.zeros(num_particles, float_dtype())
     for e, scale, weight in zip(eps, scales, weights, strict=True):
         log_density = weight * (-0.5 * e**2 - jnp.log(scale) - HALF_LOG_2PI)
         log_q = log_q + jnp.sum(log_density.reshape(num_particles, -1), axis=1)
@@ -617,7 +617,7 @@ class LowRankNormal(GaussianGuide):
         return cls(
             loc=_check_loc(shapes, loc),
             raw_scale=_starting_raw_scales(shapes, scale),
-            factor=factor_scale * jax.random.normal(key, (n, rank), jnp.float32),
+            factor=factor_scale * jax.random.normal(key, (n, rank), float_dtype()),
         )
 
     def _flat(self, tree: PyTree) -> Float[Array, "*p latent"]:

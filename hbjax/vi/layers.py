@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, Scalar
 
+from .._types import float_dtype
 from ._modes import from_name
 
 #: ``log(2 pi) / 2``, the normal density's constant.
@@ -63,7 +64,7 @@ class AbstractEffect(eqx.Module):
 
     def latent_shape(self) -> jax.ShapeDtypeStruct:
         """Shape and dtype of ``z``, known before any data is seen."""
-        return jax.ShapeDtypeStruct(self.shape, jnp.float32)  # type: ignore[attr-defined]
+        return jax.ShapeDtypeStruct(self.shape, float_dtype())  # type: ignore[attr-defined]
 
     def log_prior(self, z: Float[ArrayLike, "*shape"]) -> Scalar:
         """Log density of ``z`` under its N(0, 1) prior."""

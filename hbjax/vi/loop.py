@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from .._types import PRNGKeyArray, PyTree
+from .._types import PRNGKeyArray, PyTree, float_dtype
 from . import checkpoint
 from .convergence import Convergence, Monitor, Status, Watch
 from .devices import replicate, to_host
@@ -108,7 +108,7 @@ class Saver:
         self, state: SVIState, steps: int, monitor: Monitor | None
     ) -> tuple[SVIState, np.ndarray]:
         """The starting state and losses: the checkpoint's when resuming from one."""
-        no_losses = np.zeros(0, np.float32)
+        no_losses = np.zeros(0, float_dtype())
         if self.directory is None:
             return state, no_losses
         arrays, static = eqx.partition(state, eqx.is_array)
@@ -132,7 +132,7 @@ class Saver:
             rows, width = header["trace"]
             return {
                 "state": arrays,
-                "losses": np.zeros(header["losses"], np.float32),
+                "losses": np.zeros(header["losses"], float_dtype()),
                 "key": np.zeros_like(self.key_data),
                 "trace": np.zeros((rows, width), np.float32),
                 "trace_steps": np.zeros(rows, np.int64),
@@ -167,7 +167,7 @@ class Saver:
             self.directory,
             tree={
                 "state": arrays,
-                "losses": np.asarray(losses, np.float32),
+                "losses": np.asarray(losses, float_dtype()),
                 "key": self.key_data,
                 "trace": rows,
                 "trace_steps": trace["steps"] if trace else np.zeros(0, np.int64),
@@ -328,7 +328,8 @@ def run(
             arrays = jax.tree.map(
                 lambda n, o: jnp.where(take, n, o), eqx.filter(new, eqx.is_array), arrays
             )
-            loss = jnp.where(active, info.loss.astype(jnp.float32), jnp.float32(jnp.nan))
+            floats = float_dtype()
+            loss = jnp.where(active, info.loss.astype(floats), jnp.asarray(jnp.nan, floats))
             finite = jnp.where(active, info.finite, _TRUE)
             watched = watch(new.guide)
             return (arrays, ok & finite), (loss, finite, watched)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
-from .._types import AnyArray
+from .._types import AnyArray, float_dtype
 
 
 class AbstractModel(eqx.Module):
@@ -88,8 +88,8 @@ class AbstractUnitBatch(eqx.Module):
 
 def units_in_batch(batch: AbstractUnitBatch) -> Bool[Array, " unit"]:
     """``[unit]`` whether each unit is in the batch (with a non-zero weight)."""
-    present = (jnp.asarray(batch.weight) > 0).astype(jnp.float32)
-    hits = jnp.zeros(batch.n_units, jnp.float32).at[batch.unit].max(present)
+    present = (jnp.asarray(batch.weight) > 0).astype(float_dtype())
+    hits = jnp.zeros(batch.n_units, present.dtype).at[batch.unit].max(present)
     return hits > 0
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from .._types import Bool, Int, PRNGKeyArray, PyTree, Scalar
+from .._types import Bool, Int, PRNGKeyArray, PyTree, Scalar, float_dtype
 from .devices import replicate
 from .guide import AbstractGuide
 from .model import AbstractModel, AbstractUnitBatch, units_in_batch
@@ -183,7 +183,7 @@ class SVI(eqx.Module):
         guide = eqx.apply_updates(state.guide, updates)
         new_params = eqx.filter(guide, eqx.is_inexact_array)
         averaged = state.step - state.average_from + 1  # iterates averaged after this one
-        weight = 1.0 / jnp.maximum(averaged, 1).astype(jnp.float32)
+        weight = 1.0 / jnp.maximum(averaged, 1).astype(float_dtype())
         average = jax.tree.map(
             lambda avg, new: jnp.where(averaged >= 1, avg + weight * (new - avg), new),
             state.average,
