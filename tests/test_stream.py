@@ -146,3 +146,41 @@ def test_cli_prepare_then_fit_is_fitting_the_file(shuffled, tmp_path, capsys):
     assert "groups ('region',)" in err and "prepared with groups ('category',)" in err
     with pytest.raises(hbjax.DataValidationError, match="prepared with counts 'units_sold'"):
         hbjax.counts.elasticity_data(rows, counts="qty")  # the API refuses it too
+
+
+def test_each_process_gathers_only_its_own_blocks_of_a_prepared_folder(
+    shuffled, tmp_path, monkeypatch
+):
+    """Many hosts: a process holds the blocks of its own devices, and every layout gathers
+    from the folder's memory maps the rows of those blocks' units only (full-batch rows, the
+    grid and minibatches). Here "process 0 of 2" on a 2-device mesh: block 0 of 2."""
+    import hbjax.counts.grid as grid_module
+    import hbjax.parallel.rows as rows_module
+
+    folder, _ = shuffled
+    write_rows(folder / "rows.parquet", tmp_path / "rows", RICH)
+    data = read_rows(tmp_path / "rows")
+    rows, mesh = data.rows, hbjax.make_mesh(2)
+    unit_rows = rows.unit_rows
+    assert isinstance(rows.columns["counts"], np.memmap)  # on disk
+    sent = []
+    for module in (rows_module, grid_module):
+        monkeypatch.setattr(module, "local_blocks", lambda mesh, n_blocks: [0])
+        monkeypatch.setattr(
+            module, "place_stacked", lambda mesh, host, total, stacked: sent.append(host) or {}
+        )
+    plan = rows_module.plan_blocks(unit_rows, 2)
+    mine = np.arange(plan[0], plan[1])  # block 0's units
+    with pytest.raises(TypeError):  # the placed result is a stub; the host arrays are caught
+        rows_module.shard_rows(rows, mesh, n_blocks=2)
+    real = sent[-1]["weight"] > 0
+    assert set(sent[-1]["unit"][real]) == set(mine) and real.sum() == unit_rows[mine].sum()
+    with pytest.raises((TypeError, KeyError)):
+        data.grid(mesh, n_blocks=2)
+    host = sent[-1]
+    assert set(host["slot_unit"][host["observed"].any(axis=1)]) <= set(mine)
+    assert host["observed"].sum() == unit_rows[mine].sum()
+    sampler = rows_module.RowSampler(rows, 8, mesh=mesh, n_blocks=2)
+    for step in range(3):
+        batch = sampler.host_batch(step)
+        assert set(np.asarray(batch["unit"]).ravel()) <= set(mine)
