@@ -282,6 +282,7 @@ def test_default_fit_stops_by_itself_converged(simulated_csv, tmp_path, capsys):
     assert summary["converged"] is True and summary["steps"] < 20000
     assert summary["averaged_from_step"] < summary["averaged_to_step"] == summary["steps"]
     assert summary["mcse_of_means_in_sd"] <= 0.04 and summary["rhat"] < 1.1
+    assert summary["worst_settled_mean"].startswith(".slopes['log_price']")  # named
 
 
 def test_plots_without_matplotlib_are_refused_before_the_fit(

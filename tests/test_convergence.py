@@ -64,6 +64,38 @@ def test_monitor_averages_after_the_drift_and_stops_at_the_target(seed):
     assert np.sqrt(np.mean(averaged.mean(axis=0) ** 2)) < 2 * 0.05
 
 
+def test_the_worst_settled_mean_is_named(small_data, small_model):
+    """The monitor names the coordinate with the largest MCSE (one drifting coordinate among
+    AR(1) noise), and an unconverged fit's warning names it as a path into the latents."""
+    rng = np.random.default_rng(0)
+    trace = ar1(rng, 2_000, 8, 0.5)
+    trace[:, 5] += np.linspace(0.0, 20.0, 2_000)  # never settles
+    names = [f"coord[{i}]" for i in range(8)]
+    monitor = Monitor(Convergence(rhat=100.0), min_average=100, names=names)
+    for step in range(0, 2_000, 100):
+        monitor.record(trace[step : step + 100], step)
+        monitor.check(step + 100, np.ones(8))
+    assert monitor.status.worst == "coord[5]" and not monitor.status.converged
+    guide = hbjax.make_guide(
+        "unitblock", small_model, loc=small_model.init_latents(small_data.rows)
+    )
+    watch = hbjax.vi.convergence.Watch(guide, 4, small_model.reported_leaves())
+    assert watch.names(guide)[0] == ".slopes['log_price']['category'][0]"
+    assert len(watch.names(guide)) == len(watch.scale(guide))
+    quick = Convergence(rhat=100.0, mcse=1e-6, check_every=20, min_average=40)
+    with (
+        jax.numpy_dtype_promotion("standard"),
+        pytest.warns(
+            hbjax.ConvergenceWarning, match=r"worst watched mean's [0-9.]+, \.slopes\['log_price'\]"
+        ),
+    ):
+        result = hbjax.fit(
+            small_model, guide, small_data.rows, key=jax.random.key(0), steps=200,
+            convergence=quick, progress=False,
+        )  # fmt: skip
+    assert result.convergence.worst.startswith(".slopes['log_price']")
+
+
 @pytest.fixture(scope="module")
 def validation_panel():
     sim = hbjax.simulate(n_units=200, n_periods=52, n_groups=10, seed=2026)  # the NUTS panel

@@ -139,6 +139,7 @@ class FitReport:
             "averaged_to_step": None if status is None else status.average_to,
             "mcse_of_means_in_sd": None if status is None else status.mcse,
             "mcse_of_means_in_sd_max": None if status is None else status.mcse_max,
+            "worst_settled_mean": None if status is None else status.worst,
             "rhat": None if status is None else status.rhat,
             "summaries": tables["intercept"].attrs["summary"],
             "wall_seconds": result.wall_seconds
@@ -326,7 +327,7 @@ def convergence_line(result: FitResult) -> str:
     if status.mcse is not None:
         error = (
             f"; Monte Carlo error of the means {status.mcse:.3f} sd (median; the worst "
-            f"{status.mcse_max:.3f})"
+            f"{status.mcse_max:.3f}" + (f", {status.worst}" if status.worst else "") + ")"
         )
     return (
         f"{state}: the reported guide averages the iterates of steps {status.average_from}-"

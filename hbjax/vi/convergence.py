@@ -131,6 +131,17 @@ class Watch:
             for x, k in zip(leaves, keep, strict=True)
         )
 
+    def names(self, guide: AbstractGuide) -> list[str]:
+        """``[coord]`` each watched coordinate as ``path[index]`` (a mean's, then a log sd's)."""
+        if isinstance(guide, GaussianGuide):
+            paths = [jax.tree_util.keystr(p) for p, _ in _paths(guide.mean())]
+            paths += [f"log sd {p}" for p in paths]
+        else:
+            paths = [
+                jax.tree_util.keystr(p) for p, _ in _paths(eqx.filter(guide, eqx.is_inexact_array))
+            ]
+        return [f"{p}[{i}]" for p, idx in zip(paths, self.indices, strict=True) for i in idx]
+
     @property
     def n_means(self) -> int:
         """How many watched coordinates are means (the rest are log sds)."""
@@ -161,6 +172,10 @@ class Watch:
         return jnp.concatenate(parts).astype(jnp.float32)
 
 
+def _paths(tree: PyTree) -> list:
+    return jax.tree_util.tree_flatten_with_path(tree)[0]
+
+
 def _watched_leaves(guide: AbstractGuide) -> list[Array]:
     if isinstance(guide, GaussianGuide):
         return [
@@ -183,6 +198,8 @@ class Status:
             units).
         mcse_max: the largest.
         mcse_sd: median MCSE of the averaged log sds (relative error of the sds).
+        worst: the mean with the largest MCSE, as a path into the guide's latents (e.g.
+            ``.slopes['log_price']['unit'][0]``), where the loop named its coordinates.
     """
 
     converged: bool = False
@@ -192,6 +209,7 @@ class Status:
     mcse: float | None = None
     mcse_max: float | None = None
     mcse_sd: float | None = None
+    worst: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready fields."""
@@ -216,8 +234,10 @@ class Monitor:
         min_average: int,
         n_means: int | None = None,
         settle: int = 0,
+        names: list[str] | None = None,
     ):
         self.config, self.min_average, self.settle = config, min_average, settle
+        self.names = names  # each coordinate's name (Watch.names)
         self.n_means = n_means  # the first n_means coordinates are means, the rest log sds
         self.rows: list[np.ndarray] = []
         self.steps: list[int] = []
@@ -263,6 +283,8 @@ class Monitor:
         n_means = len(relative) if self.n_means is None else self.n_means
         means, sds = relative[:n_means], relative[n_means:]
         status.mcse, status.mcse_max = float(np.median(means)), float(np.max(means))
+        if self.names is not None and len(means):
+            status.worst = self.names[int(np.argmax(means))]
         status.mcse_sd = float(np.median(sds)) if len(sds) else None
         typical = max(status.mcse, status.mcse_sd or 0.0)
         small = (

@@ -337,7 +337,7 @@ def _not_converged_message(status: Status, steps: int) -> str:
         where = (
             f"averaging began at step {status.average_from}; the Monte Carlo error of the "
             f"means is {status.mcse:.3f} posterior sd (median; the worst watched mean's "
-            f"{status.mcse_max:.3f})"
+            f"{status.mcse_max:.3f}" + (f", {status.worst}" if status.worst else "") + ")"
         )
     return (
         f"the fit did not converge in {steps} steps: {where}. Its answer still carries "

@@ -300,7 +300,10 @@ def run(
     monitor = None
     if convergence is not None:
         settle = svi.objective.settled_at if isinstance(svi.objective, AbstractObjective) else 0
-        monitor = Monitor(convergence, min_average, n_means=watch.n_means, settle=settle)
+        names = watch.names(state.guide)
+        monitor = Monitor(
+            convergence, min_average, n_means=watch.n_means, settle=settle, names=names
+        )
     state, first_losses = saver.restore(state, steps, monitor)
     first = int(state.step)
     state_arrays, state_static = eqx.partition(state, eqx.is_array)
