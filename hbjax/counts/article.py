@@ -11,6 +11,7 @@ period. What ``hbjax fit`` and ``hbjax demo`` fit.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Sequence
 
@@ -96,19 +97,13 @@ def prepare(
     )
 
 
-#: The column arguments' defaults: a prepared folder's columns are taken when left at them.
-_DEFAULT_COLUMNS = {
-    "unit": "product",
-    "groups": ("category",),
-    "period": "period",
-    "price": "price",
-    "counts": "units_sold",
-    "covariates": (),
-}
-
-
 def _check_prepared(data: CountData, folder: object, given: dict[str, object]) -> None:
-    """No column argument given (not its default) that names another column than the folder's."""
+    """No column argument given (not its default) that names another column than the folder's.
+
+    The defaults are :func:`elasticity_data`'s own: a prepared folder's columns are taken
+    where an argument is left at them.
+    """
+    defaults = inspect.signature(elasticity_data).parameters
     spec, price = data.spec, price_slope(data)
     prepared = {
         "unit": spec.unit,
@@ -119,7 +114,7 @@ def _check_prepared(data: CountData, folder: object, given: dict[str, object]) -
         "covariates": tuple(s.column for s in spec.slopes if s is not price),
     }
     for role, value in given.items():
-        if value != _DEFAULT_COLUMNS[role] and value != prepared[role]:
+        if value != defaults[role].default and value != prepared[role]:
             raise DataValidationError(
                 f"{role} {value!r}: {str(folder)!r} was prepared with {role} "
                 f"{prepared[role]!r}; its columns are fixed when prepared (leave {role} out, "

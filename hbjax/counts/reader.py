@@ -316,7 +316,7 @@ def _place_rows(
         unit[dest] = u
         weight[dest] = 1.0
         columns["counts"][dest] = y
-        columns["log_factorial"][dest] = np.asarray(gammaln(jnp.asarray(y + 1.0, float_dtype())))
+        columns["log_factorial"][dest] = np.asarray(gammaln(jnp.asarray(y + 1.0, floats)))
         for name, values in x.items():
             columns["x"][name][dest] = values
         for effect in spec.effects:

@@ -311,7 +311,7 @@ def run(
     put = (lambda x: replicate(x, mesh)) if mesh is not None else jax.device_put
     state_arrays, svi_arrays, key = put((state_arrays, svi_arrays, key))
     full, last = put((np.int32(chunk), np.int32((steps - first) % chunk or chunk)))
-    traces = 0
+    traces, floats = 0, float_dtype()
 
     def run_chunk(state_arrays, svi_arrays, key, num_active, data, batches):  # noqa: ANN001, ANN202
         nonlocal traces
@@ -331,7 +331,6 @@ def run(
             arrays = jax.tree.map(
                 lambda n, o: jnp.where(take, n, o), eqx.filter(new, eqx.is_array), arrays
             )
-            floats = float_dtype()
             loss = jnp.where(active, info.loss.astype(floats), jnp.asarray(jnp.nan, floats))
             finite = jnp.where(active, info.finite, _TRUE)
             watched = watch(new.guide)
