@@ -171,9 +171,18 @@ def test_check_compares_a_saved_fit_with_nuts(simulated_csv, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["--guide", "meanfield"], {"guide": "meanfield", "hierarchy": "centred"}),
-        (["--hierarchy", "noncentred"], {"hierarchy": "noncentred"}),
-        (["--guide", "lowrank", "--rank", "3"], {"guide": "lowrank", "rank": 3}),
+        (
+            ["--guide", "meanfield"],
+            {"guide": "meanfield", "hierarchy": "centred", "dependent": True},
+        ),
+        (
+            ["--hierarchy", "noncentred", "--no-dependent"],
+            {"hierarchy": "noncentred", "dependent": False},
+        ),
+        (
+            ["--guide", "lowrank", "--rank", "3"],
+            {"guide": "lowrank", "rank": 3, "dependent": False},
+        ),
         (["--gradient", "dreg"], {"guide": "unitblock", "gradient": "dreg"}),
         (["--gradient", "stl", "--alpha", "1"], {"gradient": "stl", "alpha": 1.0}),
     ],
@@ -193,6 +202,7 @@ def test_fit_guides_and_gradients(simulated_csv, tmp_path, capsys, argv, expecte
     ("argv", "words"),
     [
         (["--guide", "lowrank", "--batch-size", "8"], ["lowrank", "minibatch"]),
+        (["--guide", "lowrank", "--dependent"], ["dependent", "not lowrank"]),
         (["--gradient", "dreg", "--alpha", "0.5"], ["'dreg'", "alpha = 0"]),
         (["--gradient", "stl"], ["stl", "biased"]),
         (["--diagnostic-draws", "5"], ["--diagnostic-draws", "50"]),

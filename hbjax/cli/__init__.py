@@ -187,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit_cmd.add_argument("--rank", type=_positive_int, default=8, help="rank of --guide lowrank")
     fit_cmd.add_argument(
+        "--dependent",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="each group's and product's elasticity follows its parent's draw in the guide "
+        "(default: yes but for lowrank; --no-dependent: independent levels)",
+    )
+    fit_cmd.add_argument(
         "--gradient",
         choices=GRADIENTS,
         default=None,
@@ -395,6 +402,7 @@ def _fit_config(args: argparse.Namespace) -> FitConfig:
             batch_size=args.batch_size,
             guide=args.guide,
             rank=args.rank,
+            dependent=args.dependent,
             gradient=args.gradient,
             particles=args.particles,
             alpha=args.alpha,

@@ -18,7 +18,7 @@ from ..vi import checkpoint
 from ..vi.checkpoint import Checkpoints
 from ..vi.convergence import Convergence
 from ..vi.fit import FitResult, default_optimizer, fit
-from ..vi.guide import GUIDES, AbstractGuide, inverse_softplus, make_guide
+from ..vi.guide import GUIDES, AbstractGuide, DependentNormal, inverse_softplus, make_guide
 from ..vi.host import FullBatch, Minibatches
 from ..vi.model import AbstractModel
 from ..vi.objectives import RenyiBound
@@ -51,6 +51,9 @@ class FitConfig:
         batch_size: products per step (minibatch SVI); ``None``: full batch.
         guide: ``"meanfield"``, ``"unitblock"`` or ``"lowrank"`` (:data:`hbjax.GUIDES`).
         rank: the low-rank guide's rank.
+        dependent: each hierarchy's children follow their parents' draws
+            (:class:`hbjax.vi.guide.DependentNormal` over the mean-field or unit-block
+            guide); ``None``: yes but for ``"lowrank"``.
         gradient: ``"total"``, ``"dreg"`` or ``"stl"`` (:class:`hbjax.RenyiBound`);
             ``None``: ``"dreg"`` for ``alpha = 0`` (fewer steps to converge), else
             ``"total"``.
@@ -70,6 +73,7 @@ class FitConfig:
     batch_size: IntLike | None = None
     guide: str = DEFAULT_GUIDE
     rank: IntLike = 8
+    dependent: bool | None = None
     gradient: str | None = None
     particles: IntLike = 4
     alpha: float = 0.0
@@ -91,6 +95,10 @@ class FitConfig:
         if not 0 <= self.seed < SEEDS:
             raise ValueError(f"seed must be from 0 to {SEEDS - 1}; got {self.seed}.")
         object.__setattr__(self, "seed", int(self.seed))
+        if self.dependent is None:
+            object.__setattr__(self, "dependent", self.guide != "lowrank")
+        if self.guide == "lowrank" and self.dependent:
+            raise ValueError("a dependent guide moves a meanfield or unitblock guide, not lowrank.")
         if self.guide == "lowrank" and self.batch_size is not None:
             raise ValueError(
                 "the lowrank guide couples all products and cannot be minibatched; use the "
@@ -185,6 +193,7 @@ def fit_counts(
         loc=model.init_latents(rows),
         rank=config.rank,
         key=jax.random.fold_in(key, 1),
+        dependent=config.dependent,
     )
     guide = start_scales(guide, model.starting_scales(rows))
     return fit(
@@ -235,6 +244,8 @@ def start_scales(guide: AbstractGuide, scales: CountLatents) -> AbstractGuide:
         given = inverse_softplus(jnp.asarray(np.nan_to_num(scale, nan=1.0), raw.dtype))
         return jnp.where(jnp.asarray(np.isnan(scale)), raw, given)
 
+    if isinstance(guide, DependentNormal):
+        return eqx.tree_at(lambda g: g.base, guide, start_scales(guide.base, scales))
     return eqx.tree_at(lambda g: g.raw_scale, guide, jax.tree.map(start, guide.raw_scale, scales))
 
 

@@ -54,9 +54,10 @@ from jaxtyping import Array, ArrayLike, Float, Int, Scalar
 from .._types import LatentLeaf, float_dtype
 from ..parallel.rows import AbstractRowModel, UnitRows
 from ..vi.layers import HALF_LOG_2PI, Normal
+from ..vi.model import ParentLink
 from .families import AbstractCountLikelihood, checked_clip, make_likelihood
 from .grid import CountGrid, grid_log_likelihood
-from .slopes import UNIT, HierarchicalSlope
+from .slopes import GLOBAL, UNIT, HierarchicalSlope
 
 _SUM_ROWS = 1 << 24  # rows summed at once by init_latents
 
@@ -356,6 +357,31 @@ class CountRegression(AbstractRowModel):
         model's intercepts and (category, period) effects do.
         """
         return self._flags(intercept=False, unit_slopes=True, slope_groups=True, dispersion=True)
+
+    def parent_links(self) -> tuple[ParentLink, ...]:
+        """What :class:`~hbjax.vi.guide.DependentNormal` couples.
+
+        Each slope's levels under their parents, coarse to fine, its units under their
+        group, the units' intercepts under the same groups, group dispersions under the
+        global one.
+        """
+        paths = jax.tree_util.tree_flatten_with_path(self.latent_shapes())[0]
+        position = {jax.tree_util.keystr(p): i for i, (p, _) in enumerate(paths)}
+        intercept = position[".intercept"]
+        links = []
+        for name, slope in self.slopes.items():
+            at = {k: position[f".slopes[{name!r}][{k!r}]"] for k in (GLOBAL, *slope.levels)}
+            parent, index = at[GLOBAL], None
+            for j in reversed(range(len(slope.levels))):  # coarse to fine
+                links.append(ParentLink(at[slope.levels[j]], parent, index))
+                parent, index = at[slope.levels[j]], None if j == 0 else slope.parents[j - 1]
+            if slope.per_unit:
+                index = self._unit_level(slope)
+                links.append(ParentLink(position[f".slopes[{name!r}][{UNIT!r}]"], parent, index))
+                links.append(ParentLink(intercept, parent, index))
+        if self.dispersion_level is not None:
+            links.append(ParentLink(position[".group_dispersion"], position[".dispersion"]))
+        return tuple(links)
 
     # --- values ------------------------------------------------------------------------
     def _unit_level(self, slope: HierarchicalSlope) -> Array | None:

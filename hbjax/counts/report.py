@@ -121,6 +121,7 @@ class FitReport:
             "epochs": result.epochs,
             "guide": config.guide,
             "rank": config.rank if config.guide == "lowrank" else None,
+            "dependent": config.dependent,
             "gradient": config.gradient,
             "particles": config.particles,
             "alpha": config.alpha,

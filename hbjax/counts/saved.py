@@ -24,7 +24,7 @@ from .._types import float_dtype
 from ..io.tables import DataValidationError, read_labels, write_labels
 from ..vi.checkpoint import content_hash
 from ..vi.fit import FitResult
-from ..vi.guide import GUIDES, AbstractGuide, LowRankNormal, make_guide
+from ..vi.guide import GUIDES, AbstractGuide, DependentNormal, LowRankNormal, make_guide
 from .families import LIKELIHOODS
 from .frame import CountData, CountSpec, build_model, read_frame
 from .regression import UnitTable
@@ -197,7 +197,8 @@ def _rebuild(folder: Path, info: dict) -> SavedCountFit:
         reference=dict.fromkeys(names, zeros),
     )
     model = build_model(spec, table, levels, cells)
-    guide = make_guide(info["guide"], model, rank=info["rank"] or 8)
+    dependent = bool(info.get("dependent", False))
+    guide = make_guide(info["guide"], model, rank=info["rank"] or 8, dependent=dependent)
     model, guide = eqx.tree_deserialise_leaves(folder / "fit.eqx", (model, guide))
     named = read_named_labels(folder / "labels", spec, info["labels"])
     data = CountData(
@@ -264,19 +265,20 @@ def rebuilt(folder: Path, info: dict, rebuild: Callable[[Path, dict], T]) -> T:
 
 
 def guide_info(guide: AbstractGuide) -> dict:
-    """``{"guide": kind, "rank": rank or None}`` of one of hbjax's Gaussian guides.
+    """``{"guide": kind, "rank": rank or None, "dependent": bool}`` of one of hbjax's guides.
 
     Raises:
         TypeError: another guide (save it with ``equinox.tree_serialise_leaves``).
     """
-    kind = _KINDS.get(type(guide))
+    dependent = isinstance(guide, DependentNormal)
+    kind = _KINDS.get(type(guide.base if dependent else guide))
     if kind is None:
         raise TypeError(
             "saved fits hold MeanFieldNormal, UnitBlockNormal or LowRankNormal guides; got "
             f"{type(guide).__name__} (serialise your own with equinox.tree_serialise_leaves)."
         )
     rank = int(guide.factor.shape[1]) if isinstance(guide, LowRankNormal) else None
-    return {"guide": kind, "rank": rank}
+    return {"guide": kind, "rank": rank, "dependent": dependent}
 
 
 __all__ = ["SavedCountFit", "load_fit", "save_fit"]

@@ -24,6 +24,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from .._types import ParticleFloat, float_dtype
 from .layers import HALF_LOG_2PI, normal_log_prob
+from .model import ParentLink
 
 _TRUE = np.True_
 
@@ -705,6 +706,177 @@ class LowRankNormal(GaussianGuide):
         return jax.tree.map(lambda leaf: leaf[0], self._unflat(x[None]))
 
 
+class DependentNormal(GaussianGuide, AbstractMinibatchGuide):
+    """A guide whose children follow their parents' draws: a hierarchy's dependence.
+
+        Over a ``base`` guide (:class:`MeanFieldNormal` or :class:`UnitBlockNormal`), each
+        :class:`~hbjax.vi.model.ParentLink` of the model moves the child's draw by a learned
+        multiple of its parent's deviation from the parent's mean, parents first::
+
+            z_child = base_child + coef * s_child / s_parent[i] * (z_parent[i] - mean_parent[i])
+
+    with ``i`` the link's ``index`` and ``s`` the base's sds (so ``coef`` is in sds, like a
+    correlation).
+        A hierarchy's children are independent given their parent a posteriori, so with a
+        Gaussian posterior this family holds the exact one; a guide without ``coef`` gives a
+        parent only its spread *given* its children, too narrow where a group has few of
+        them or they are poorly known. The map is unit-triangular: ``log q`` is the base's
+        at the unmoved draw and the mean is the base's; O(entries) per link, one ``coef``
+        per child entry, so a unit's coefficients minibatch with it. ``coef`` starts at 0
+        (the base guide).
+
+    Attributes:
+            base: the guide of the unmoved draws.
+            coef: per link, ``[*child]`` the child's coefficients on its parent, in base sds.
+            links: the model's :meth:`~hbjax.AbstractModel.parent_links`.
+
+    Example:
+            >>> import hbjax
+            >>> data = hbjax.counts.elasticity_data(hbjax.simulate(n_units=20, n_periods=8).frame)
+            >>> guide = hbjax.make_guide("unitblock", data.model, dependent=True)
+            >>> type(guide).__name__, len(guide.links)
+            ('DependentNormal', 3)
+    """
+
+    base: MeanFieldNormal | UnitBlockNormal
+    coef: tuple[Float[Array, "..."], ...]
+    links: tuple[ParentLink, ...]
+
+    def __init__(
+        self,
+        base: MeanFieldNormal | UnitBlockNormal,
+        links: tuple[ParentLink, ...],
+        coef: tuple[Float[Array, "..."], ...] | None = None,
+    ):
+        """``base`` moved along ``links`` (each child after its parent's own link)."""
+        shapes = [s.shape for s in jax.tree.leaves(base.standard_shapes())]
+        children = [link.child for link in links]
+        for k, link in enumerate(links):
+            index = () if link.index is None else tuple(link.index.shape)
+            parent = shapes[link.parent][:-1] if index else shapes[link.parent]
+            if (index and index != shapes[link.child]) or parent != ():
+                raise ValueError(
+                    f"link {link.parent} -> {link.child}: the index must be shaped like the "
+                    f"child {shapes[link.child]} into a vector parent, or None under a scalar "
+                    f"parent; got index {index or None} and parent {shapes[link.parent]}."
+                )
+            if link.parent in children[k:]:
+                raise ValueError(
+                    f"link {link.parent} -> {link.child} comes before the parent's own link "
+                    "(or is a loop): order the links parents first."
+                )
+        self.base, self.links = base, tuple(links)
+        if coef is None:
+            coef = tuple(jnp.zeros(shapes[link.child], float_dtype()) for link in links)
+        self.coef = tuple(coef)
+
+    @staticmethod
+    def _under(parent: Array, link: ParentLink, ndim: int) -> Array:
+        """``parent`` at each entry of the child (``ndim`` axes), particles leading or not."""
+        if link.index is None:
+            return parent.reshape(parent.shape + (1,) * ndim)
+        return jnp.take(parent, link.index, axis=-1)
+
+    def _slopes(self) -> list[Array]:
+        """Per link, ``coef * s_child / s_parent`` (base sds): the child's move per parent unit.
+
+        ``coef`` is in sds, so Adam's steps are the same size
+        relative to every child: on raw slopes a step of a precise child's slope on a vague
+        parent moves it by many of its sds, and the fit shrinks the parent to stop it.
+        """
+        scales = jax.tree.leaves(self.base.marginal_scale())
+        return [
+            coef * scales[link.child] / self._under(scales[link.parent], link, coef.ndim)
+            for link, coef in zip(self.links, self.coef, strict=True)
+        ]
+
+    def _moved(self, tree: PyTree, sign: float) -> PyTree:
+        """The base's draws moved along the links; ``sign`` -1: back, from the final draws."""
+        final, treedef = jax.tree.flatten(tree)
+        mean = jax.tree.leaves(self.base.mean())
+        out = list(final)  # forward, a parent is final before its children move
+        for link, slope in zip(self.links, self._slopes(), strict=True):
+            parent = (out if sign > 0 else final)[link.parent] - mean[link.parent]
+            out[link.child] = out[link.child] + sign * slope * self._under(parent, link, slope.ndim)
+        return jax.tree.unflatten(treedef, out)
+
+    def sample_and_log_prob(
+        self, num_particles: int, *, key: PRNGKeyArray, weights: PyTree | None = None
+    ) -> tuple[PyTree[Float[Array, "..."]], ParticleFloat]:
+        """The base's particles moved along the links; ``log q`` the base's (unit Jacobian)."""
+        draws, log_q = self.base.sample_and_log_prob(num_particles, key=key, weights=weights)
+        return self._moved(draws, 1.0), log_q
+
+    def sample(self, num_particles: int, *, key: PRNGKeyArray) -> PyTree[Float[Array, "..."]]:
+        """The base's particles moved along the links."""
+        return self._moved(self.base.sample(num_particles, key=key), 1.0)
+
+    def log_prob(
+        self, particles: PyTree[Float[Array, "..."]], weights: PyTree | None = None
+    ) -> ParticleFloat:
+        """The base's log density of the unmoved particles."""
+        return self.base.log_prob(self._moved(particles, -1.0), weights)
+
+    def mean(self) -> PyTree[Float[Array, "..."]]:
+        """The base's mean (each move has mean zero)."""
+        return self.base.mean()
+
+    def marginal_scale(self) -> PyTree[Float[Array, "..."]]:
+        """``sqrt(var_base + coef^2 var_parent[index])``, parents first.
+
+        Exact where the base draws a link's child independently of its parent (the base
+        guides couple a unit's own leaves only, and a unit is no parent).
+        """
+        scales, treedef = jax.tree.flatten(self.base.marginal_scale())
+        variance = [s * s for s in scales]
+        for link, slope in zip(self.links, self._slopes(), strict=True):
+            under = self._under(variance[link.parent], link, slope.ndim)
+            variance[link.child] = variance[link.child] + slope * slope * under
+        return jax.tree.unflatten(treedef, [jnp.sqrt(v) for v in variance])
+
+    def standard_shapes(self) -> PyTree[jax.ShapeDtypeStruct]:
+        """The base's."""
+        return self.base.standard_shapes()
+
+    def from_standard(self, eps: PyTree[Float[Array, "..."]]) -> PyTree[Float[Array, "..."]]:
+        """The base's latents of ``eps`` moved along the links."""
+        return self._moved(self.base.from_standard(eps), 1.0)
+
+    def _unit_links(self, unit_leaves: PyTree[bool]) -> list[bool]:
+        flags = jax.tree.structure(self.base.mean()).flatten_up_to(unit_leaves)
+        for link in self.links:
+            if flags[link.parent]:
+                raise ValueError(f"a unit leaf ({link.parent}) cannot be a parent to minibatch.")
+        return [bool(flags[link.child]) for link in self.links]
+
+    def restrict(self, units: Int[Array, " slot"], unit_leaves: PyTree[bool]) -> DependentNormal:
+        """The batch's guide: the base restricted, unit children's links taken at ``units``."""
+        is_unit = self._unit_links(unit_leaves)
+        links = tuple(
+            ParentLink(link.child, link.parent, jnp.take(link.index, units, axis=-1))
+            if unit and link.index is not None
+            else link
+            for link, unit in zip(self.links, is_unit, strict=True)
+        )
+        coef = tuple(
+            jnp.take(c, units, axis=-1) if unit else c
+            for c, unit in zip(self.coef, is_unit, strict=True)
+        )
+        return DependentNormal(self.base.restrict(units, unit_leaves), links, coef)
+
+    def unit_update_mask(
+        self, in_batch: Bool[Array, " unit"], unit_leaves: PyTree[bool]
+    ) -> DependentNormal:
+        """The base's mask; ``in_batch`` for unit children's ``coef``, ``True`` elsewhere."""
+        is_unit = self._unit_links(unit_leaves)
+        mask = jax.tree.map(lambda _: _TRUE, eqx.filter(self, eqx.is_inexact_array))
+        mask = eqx.tree_at(
+            lambda m: m.base, mask, self.base.unit_update_mask(in_batch, unit_leaves)
+        )
+        coef = tuple(in_batch if unit else _TRUE for unit in is_unit)
+        return eqx.tree_at(lambda m: m.coef, mask, coef)
+
+
 #: Guide names for :func:`make_guide` and ``hbjax fit --guide``.
 GUIDES: dict[str, type[GaussianGuide]] = {
     "meanfield": MeanFieldNormal,
@@ -721,6 +893,7 @@ def make_guide(
     key: PRNGKeyArray | None = None,
     rank: int = 8,
     scale: float = 0.1,
+    dependent: bool = False,
 ) -> AbstractGuide:
     """A guide for ``model``: ``MeanFieldNormal``, ``UnitBlockNormal`` or ``LowRankNormal``.
 
@@ -732,13 +905,22 @@ def make_guide(
         key: PRNG key (``"lowrank"`` only: the factor's random start); default key 0.
         rank: the factor's rank (``"lowrank"``).
         scale: starting standard deviation.
+        dependent: the mean-field or unit-block guide in a :class:`DependentNormal` over
+            the model's :meth:`~hbjax.AbstractModel.parent_links` (the guide itself when
+            it has none).
     """
     cls = GUIDES.get(kind) if isinstance(kind, str) else kind
     shapes = model.latent_shapes()
+    if dependent and cls is LowRankNormal:
+        raise ValueError("dependent=True moves a meanfield or unitblock guide, not lowrank.")
+    base: MeanFieldNormal | UnitBlockNormal | None = None
     if cls is MeanFieldNormal:
-        return MeanFieldNormal.from_shapes(shapes, loc=loc, scale=scale)
+        base = MeanFieldNormal.from_shapes(shapes, loc=loc, scale=scale)
     if cls is UnitBlockNormal:
-        return UnitBlockNormal.from_shapes(shapes, model.unit_leaves(), loc=loc, scale=scale)
+        base = UnitBlockNormal.from_shapes(shapes, model.unit_leaves(), loc=loc, scale=scale)
+    if base is not None:
+        links = model.parent_links() if dependent else ()
+        return DependentNormal(base, links) if links else base
     if cls is LowRankNormal:
         key = jax.random.key(0) if key is None else key
         return LowRankNormal.from_shapes(shapes, rank=rank, key=key, loc=loc, scale=scale)

@@ -21,6 +21,21 @@ from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 from .._types import AnyArray, float_dtype
 
 
+class ParentLink(eqx.Module):
+    """A latent leaf whose entries each sit under one entry of another leaf (a hierarchy).
+
+    Attributes:
+        child: the child leaf's position among the flattened latents.
+        parent: the parent leaf's position.
+        index: ``[*child]`` each child entry's parent entry (its last axis); ``None``: the
+            parent is a scalar, every entry sits under it.
+    """
+
+    child: int = eqx.field(static=True)
+    parent: int = eqx.field(static=True)
+    index: Int[Array, "..."] | None = None
+
+
 class AbstractModel(eqx.Module):
     """Interface of a model: latent structure, prior, likelihood, natural-scale values.
 
@@ -60,6 +75,13 @@ class AbstractModel(eqx.Module):
         An :class:`AbstractUnitModel` must declare them (its minibatches subsample them).
         """
         return None
+
+    def parent_links(self) -> tuple[ParentLink, ...]:
+        """Which latent leaves sit under which, parents' links before their children's.
+
+        What :class:`~hbjax.vi.guide.DependentNormal` couples; none by default.
+        """
+        return ()
 
     def reported_leaves(self) -> PyTree[bool]:
         """Which latent leaves carry what a fit reports: the convergence check watches them.
@@ -127,4 +149,10 @@ class AbstractUnitModel(AbstractModel):
         """
 
 
-__all__ = ["AbstractModel", "AbstractUnitBatch", "AbstractUnitModel", "units_in_batch"]
+__all__ = [
+    "AbstractModel",
+    "AbstractUnitBatch",
+    "AbstractUnitModel",
+    "ParentLink",
+    "units_in_batch",
+]
