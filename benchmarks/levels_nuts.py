@@ -31,12 +31,14 @@ import argparse
 import json
 import time
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
 import hbjax
+from hbjax.counts.slopes import GLOBAL, UNIT
 
 from .nuts_validation import _split_rhat, nuts_chain
 
@@ -66,7 +68,12 @@ def panel(products: int, weeks: int, categories: int, seed: int) -> tuple[pd.Dat
             "units_sold": rng.poisson(np.exp(log_rate)),
         }
     )
-    return frame, np.array([f"p{i:04d}" for i in best])
+    return frame, np.array([f"p{i:04d}" for i in best]), _truth(beta)
+
+
+def _truth(beta: np.ndarray) -> pd.Series:
+    """The true product elasticities on their labels."""
+    return pd.Series(beta, index=[f"p{i:04d}" for i in range(len(beta))])
 
 
 def nested_panel(
@@ -113,18 +120,27 @@ def nested_panel(
             "units_sold": counts,
         }
     )[keep]
-    return frame, np.array([f"p{i:04d}" for i in best])
+    return frame, np.array([f"p{i:04d}" for i in best]), _truth(beta)
 
 
-def _data(args: argparse.Namespace) -> tuple[hbjax.counts.CountData, np.ndarray]:
+def _data(args: argparse.Namespace) -> tuple[hbjax.counts.CountData, np.ndarray, np.ndarray]:
+    """The panel's data (``--learn-spreads``: learned sds), best sellers, true elasticities."""
+    learn = getattr(args, "learn_spreads", False)
     if getattr(args, "shape", "B") == "A":
-        frame, best = nested_panel(args.products, args.weeks, args.categories, args.panel_seed)
-        data = hbjax.counts.elasticity_data(
-            frame, groups=("subcategory", "category"), covariates=("promo",), likelihood="negbin"
+        frame, best, truth = nested_panel(
+            args.products, args.weeks, args.categories, args.panel_seed
         )
-        return data, best
-    frame, best = panel(args.products, args.weeks, args.categories, args.panel_seed)
-    return hbjax.counts.elasticity_data(frame), best
+        data = hbjax.counts.elasticity_data(
+            frame,
+            groups=("subcategory", "category"),
+            covariates=("promo",),
+            likelihood="negbin",
+            learn_spreads=learn,
+        )
+    else:
+        frame, best, truth = panel(args.products, args.weeks, args.categories, args.panel_seed)
+        data = hbjax.counts.elasticity_data(frame, learn_spreads=learn)
+    return data, best, truth.loc[data.units].to_numpy()
 
 
 #: The article's names of the price slope's levels.
@@ -145,6 +161,8 @@ def _values(data: hbjax.counts.CountData, natural, best_rows: np.ndarray) -> dic
         values["category x week effects" if k == "category:period" else f"{k} effects"] = v
     if natural.dispersion is not None:
         values["dispersion"] = natural.dispersion[:, None]
+    for name, levels in (natural.spreads or {}).items():
+        values |= {f"{name} sd ({level})": v[:, None] for level, v in levels.items()}
     return values
 
 
@@ -160,14 +178,55 @@ def _best_rows(data: hbjax.counts.CountData, best: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.isin(np.asarray(data.rows.unit), codes))
 
 
+def _non_centred(model):  # noqa: ANN001, ANN202
+    """NUTS's coordinates for a model with learned sds: each slope value ``parent + sd xi``.
+
+    Returns ``to_latents(xi) -> (latents, log |Jacobian|)``: the same posterior (the model's
+    own log joint plus the Jacobian) without the centred funnel between a level's values
+    and its learned sd, which NUTS on the centred latents met (127 divergences).
+    """
+
+    def to_latents(xi):  # noqa: ANN001, ANN202
+        slopes, log_jacobian = {}, 0.0
+        for name, layer in model.slopes.items():
+            z, eta = dict(xi.slopes[name]), (xi.spreads or {}).get(name, {})
+            if not eta:
+                slopes[name] = z
+                continue
+            logs = layer.log_spreads(eta)
+            parent = layer.top(z[GLOBAL])[..., None]
+            for j in reversed(range(len(layer.levels))):  # coarse to fine
+                level = layer.levels[j]
+                centre = parent if j == len(layer.levels) - 1 else parent[layer.parents[j]]
+                value = centre + jnp.exp(logs[level]) * z[level]
+                z[level] = (value - layer.top.loc) / layer.scales[j]
+                log_jacobian += eta[level] * value.size  # d latent / d xi = sd / scale
+                parent = value
+            if layer.per_unit:
+                unit_parent = parent[model._unit_level(layer)] if layer.levels else parent
+                value = unit_parent + jnp.exp(logs[UNIT]) * z[UNIT]
+                z[UNIT] = (value - layer.top.loc) / layer.unit_scale
+                log_jacobian += eta[UNIT] * value.size
+            slopes[name] = z
+        return eqx.tree_at(lambda t: t.slopes, xi, slopes), log_jacobian
+
+    return to_latents
+
+
 def nuts(args: argparse.Namespace) -> None:
     import blackjax
     from jax.flatten_util import ravel_pytree
 
-    data, best = _data(args)
+    data, best, _ = _data(args)
     model, rows = data.model, jax.device_put(data.rows)
-    start, unravel = ravel_pytree(model.init_latents(data.rows))
-    logdensity = lambda flat: model.log_joint(unravel(flat), rows)  # noqa: E731
+    start, unravel_xi = ravel_pytree(model.init_latents(data.rows))
+    to_latents = _non_centred(model)
+    unravel = lambda flat: to_latents(unravel_xi(flat))[0]  # noqa: E731
+
+    def logdensity(flat):  # noqa: ANN001, ANN202
+        latents, log_jacobian = to_latents(unravel_xi(flat))
+        return model.log_joint(latents, rows) + log_jacobian
+
     begin = time.perf_counter()
     positions, divergent = [], 0
     for chain in range(args.chains):
@@ -204,9 +263,9 @@ def nuts(args: argparse.Namespace) -> None:
 def fit(args: argparse.Namespace) -> None:
     reference = np.load(args.ref)
     config = json.loads(str(reference["config"]))
-    for name in ("products", "weeks", "categories", "panel_seed", "shape"):
-        setattr(args, name, config.get(name, "B"))
-    data, best = _data(args)
+    for name in ("products", "weeks", "categories", "panel_seed", "shape", "learn_spreads"):
+        setattr(args, name, config.get(name, "B" if name == "shape" else False))
+    data, best, truth = _data(args)
     for seed in [int(s) for s in args.seeds.split(",")]:
         start = time.perf_counter()
         config = hbjax.counts.FitConfig(seed=seed, progress=False, dependent=args.dependent)
@@ -220,14 +279,20 @@ def fit(args: argparse.Namespace) -> None:
         reference_of = {k: k for k in values} | {
             "best sellers' elasticities": "product elasticities"
         }
+        products = values["product elasticities"].mean(0)
         line = {
+            "rmse_vs_truth": round(float(np.sqrt(np.mean((products - truth) ** 2))), 4),
+            "learn_spreads": args.learn_spreads,
             "seed": seed,
             "steps": result.steps,
             "converged": result.converged,
             "seconds": round(seconds, 1),
             "dependent": args.dependent,
         }
-        print(f"seed {seed}: {result.steps} steps, converged {result.converged}, {seconds:.0f} s")
+        print(
+            f"seed {seed}: {result.steps} steps, converged {result.converged}, {seconds:.0f} s; "
+            f"product elasticities' RMSE vs the truth {line['rmse_vs_truth']}"
+        )
         for name, v in values.items():
             ref = reference_of[name]
             mean, sd = reference[f"{ref}/mean"], reference[f"{ref}/sd"]
@@ -263,6 +328,9 @@ def main() -> None:
     parser.add_argument("--categories", type=int, default=5)
     parser.add_argument(
         "--shape", choices=["A", "B"], default="B", help="A: nested_panel; B: panel"
+    )
+    parser.add_argument(
+        "--learn-spreads", action="store_true", help="the model with learned sds (nuts only)"
     )
     parser.add_argument("--panel-seed", type=int, default=0)
     parser.add_argument("--chains", type=int, default=4)

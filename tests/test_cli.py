@@ -184,6 +184,7 @@ def test_check_compares_a_saved_fit_with_nuts(simulated_csv, tmp_path, capsys):
             {"guide": "lowrank", "rank": 3, "dependent": False},
         ),
         (["--gradient", "dreg"], {"guide": "unitblock", "gradient": "dreg"}),
+        (["--learn-spreads"], {"learn_spreads": True, "hierarchy": "centred"}),
         (["--gradient", "stl", "--alpha", "1"], {"gradient": "stl", "alpha": 1.0}),
     ],
 )

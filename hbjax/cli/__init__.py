@@ -234,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
         "intervals honest with a year of data per product; noncentred: the article's)",
     )
     fit_cmd.add_argument(
+        "--learn-spreads",
+        action="store_true",
+        help="learn the sd of products' and groups' elasticities around their parents "
+        "(half-normal priors at the fixed sds; centred only), reported in summary.json",
+    )
+    fit_cmd.add_argument(
         "--intercept-prior",
         choices=INTERCEPT_PRIORS,
         default="reference",

@@ -64,6 +64,7 @@ def count_data(args: argparse.Namespace) -> CountData:
         intercept_prior=args.intercept_prior,
         centre=not args.no_centring,
         clip_log_rate=ARTICLE_CLIP if args.clip else None,
+        learn_spreads=args.learn_spreads,
     )
 
 

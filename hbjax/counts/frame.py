@@ -129,6 +129,7 @@ class CountSpec:
     intercept_prior: str = "reference"
     centre: bool = True
     clip_log_rate: tuple[float, float] | None = None
+    learn_spreads: bool = False
 
     def data(self, frame: pd.DataFrame) -> CountData:
         """The table's data under this spec: :func:`from_frame` with these arguments."""
@@ -299,6 +300,9 @@ class CountData:
             out[f"dispersion/{level}"] = values.group_dispersion, self.levels[level]
         if values.zero_inflation is not None:
             out["zero_inflation"] = values.zero_inflation, pd.Index(["global"])
+        for covariate, levels in (values.spreads or {}).items():
+            for level, value in levels.items():
+                out[f"{covariate}/{level} sd"] = value, pd.Index(["sd"])
         return out
 
     def _tables(self, stats: CountLatents, method: str) -> dict[str, pd.DataFrame]:
@@ -333,6 +337,9 @@ def _exact_stats(mean: CountLatents, sd: CountLatents) -> CountLatents:
             stats,
             _logit_normal(mean.zero_inflation, sd.zero_inflation),
         )
+    if mean.spreads is not None:
+        spreads = jax.tree.map(_log_normal, mean.spreads, sd.spreads)
+        stats = eqx.tree_at(lambda s: s.spreads, stats, spreads)
     return stats
 
 
@@ -409,6 +416,7 @@ def from_frame(
     intercept_prior: str = "reference",
     centre: bool = True,
     clip_log_rate: tuple[float, float] | None = None,
+    learn_spreads: bool = False,
     one_row_per_period: bool = False,
 ) -> CountData:
     """A :class:`CountRegression` and its rows from a table of counts.
@@ -440,6 +448,9 @@ def from_frame(
             its mean over the rows). The same model either way.
         clip_log_rate: ``(lo, hi)`` to clip the log rate to (the article's ``(-4, 20)``),
             or ``None`` (default). A clipped model is fitted on rows, not the grid.
+        learn_spreads: learn each slope level's sd (its ``scales`` entry becomes the sd of
+            a half-normal prior on it; :mod:`hbjax.counts.slopes`), reported as
+            ``"<covariate>/<level> sd"``; centred hierarchy only. Default: fixed sds.
         one_row_per_period: refuse a unit with two rows in one period (a table of weekly
             sales), naming them.
 
@@ -470,6 +481,7 @@ def from_frame(
         intercept_prior=intercept_prior,
         centre=centre,
         clip_log_rate=clip_log_rate,
+        learn_spreads=learn_spreads,
     )
     spec = CountSpec(
         unit=unit,
@@ -498,6 +510,7 @@ def checked_model_options(
     intercept_prior: str = "reference",
     centre: bool = True,
     clip_log_rate: tuple[float, float] | None = None,
+    learn_spreads: bool = False,
 ) -> tuple[dict[str, object], AbstractCountLikelihood]:
     """:func:`from_frame`'s model options checked: the spec's fields and the likelihood.
 
@@ -510,6 +523,11 @@ def checked_model_options(
     if intercept_prior not in INTERCEPT_PRIORS:
         raise ValueError(f"intercept_prior must be 'reference' or 'zero'; got {intercept_prior!r}.")
     likelihood = make_likelihood(likelihood)
+    if learn_spreads and hierarchy != "centred":
+        raise ValueError(
+            "learn_spreads needs hierarchy='centred' (a non-centred value, parent + sd x "
+            "latent, is no longer affine in the latents once the sd is one)."
+        )
     if zero_inflation is True:
         zero_inflation = (-2.0, 2.0)
     fields = {
@@ -521,6 +539,7 @@ def checked_model_options(
         "intercept_prior": intercept_prior,
         "centre": bool(centre),
         "clip_log_rate": checked_clip(clip_log_rate),
+        "learn_spreads": bool(learn_spreads),
     }
     return fields, likelihood
 
@@ -768,7 +787,10 @@ def build_model(
     """
     mode = as_hierarchy(spec.hierarchy)
     unit_level = {g: np.asarray(codes) for g, codes in table.levels.items()}
-    layers = {s.name: _slope_layer(s, level_sizes, unit_level, mode) for s in spec.slopes}
+    layers = {
+        s.name: _slope_layer(s, level_sizes, unit_level, mode, learned=spec.learn_spreads)
+        for s in spec.slopes
+    }
     splits = {}
     for effect in spec.effects:
         level = effect_level(spec, effect)
@@ -795,8 +817,10 @@ def _slope_layer(
     level_sizes: dict[str, int],
     unit_level: dict[str, np.ndarray],
     mode: AbstractHierarchy,
+    *,
+    learned: bool = False,
 ) -> HierarchicalSlope:
-    """The slope's layer: its group levels' sizes, parent maps and scales."""
+    """The slope's layer: its group levels' sizes, parent maps and scales (or priors)."""
     scales = tuple(slope.scales) if slope.scales is not None else (1.0,) * len(slope.over)
     per_unit = bool(slope.over) and slope.over[0] == UNIT
     group_levels = slope.over[1:] if per_unit else slope.over
@@ -814,6 +838,7 @@ def _slope_layer(
         scales=group_scales,
         unit_scale=scales[0] if per_unit else None,
         hierarchy=mode,
+        learned=learned and bool(slope.over),
     )
 
 

@@ -130,6 +130,7 @@ class FitReport:
             "checkpoint": config.checkpoint_dir,
             "price_centring": None if spec is None else spec.centre,
             "hierarchy": None if spec is None else spec.hierarchy,
+            "learn_spreads": None if spec is None else spec.learn_spreads,
             "intercept_prior": None if spec is None else spec.intercept_prior,
             "likelihood": data.model.likelihood.name,
             "clip_log_rate": data.model.clip_log_rate,

@@ -7,11 +7,19 @@ With no levels and no unit values it is a fixed slope. Its latents are a dict:
 ``"global"`` ``[]``, one ``[n_level]`` entry per group level, and ``"unit"`` ``[unit]``
 when it varies by unit.
 
+With ``learned`` spreads each level's sd is a latent too, ``s_l = scale_l exp(eta_l)``
+with a half-normal prior of sd ``scale_l`` (``eta_l = 0``: the fixed-scale model); its
+latents are the model's, a dict ``{level: [], ..., "unit": []}`` passed beside ``z``.
+The values keep their axes (``scale_l``), so they stay affine in the latents (centred
+only: a non-centred value ``parent + s_l z`` would not be).
+
 A slope holds the maps between its group levels, not the units' map: the caller passes
 each unit's finest-level index, so the same layer serves all units or a batch of them.
 """
 
 from __future__ import annotations
+
+import math
 
 import equinox as eqx
 import jax
@@ -26,6 +34,7 @@ from ..vi.layers import HALF_LOG_2PI, AbstractHierarchy, Centred, Normal
 UNIT = "unit"
 #: The latent key of a slope's global value.
 GLOBAL = "global"
+_LOG_2 = math.log(2.0)
 
 
 class HierarchicalSlope(eqx.Module):
@@ -41,6 +50,7 @@ class HierarchicalSlope(eqx.Module):
         unit_scale: prior sd of each unit's value around its finest group; ``None``: the
             slope does not vary by unit.
         hierarchy: :class:`~hbjax.vi.layers.Centred` or :class:`~hbjax.vi.layers.NonCentred`.
+        learned: whether each level's sd is learned (see the module docstring).
     """
 
     top: Normal
@@ -50,6 +60,7 @@ class HierarchicalSlope(eqx.Module):
     scales: tuple[float, ...] = eqx.field(static=True)
     unit_scale: float | None = eqx.field(static=True)
     hierarchy: AbstractHierarchy
+    learned: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -61,6 +72,7 @@ class HierarchicalSlope(eqx.Module):
         scales: tuple[float, ...] = (),
         unit_scale: float | None = None,
         hierarchy: AbstractHierarchy | None = None,
+        learned: bool = False,
     ):
         """See the class attributes; ``parents`` has one entry per level but the coarsest."""
         loc, scale = (float(v) for v in prior)
@@ -79,6 +91,12 @@ class HierarchicalSlope(eqx.Module):
         self.scales = tuple(float(s) for s in scales)
         self.unit_scale = None if unit_scale is None else float(unit_scale)
         self.hierarchy = Centred() if hierarchy is None else hierarchy
+        self.learned = bool(learned)
+        if self.learned and not isinstance(self.hierarchy, Centred):
+            raise ValueError(
+                "learned spreads need the centred hierarchy (a non-centred value, parent + "
+                "sd x latent, is not affine in the latents once the sd is one)."
+            )
 
     @property
     def per_unit(self) -> bool:
@@ -93,6 +111,35 @@ class HierarchicalSlope(eqx.Module):
         if self.per_unit:
             shapes[UNIT] = jax.ShapeDtypeStruct((n_units,), float_dtype())
         return shapes
+
+    def spread_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """``{level: [], ..., "unit": []}``: the learned spreads' latents (none if fixed)."""
+        if not self.learned:
+            return {}
+        levels = (*self.levels, UNIT) if self.per_unit else self.levels
+        return {k: jax.ShapeDtypeStruct((), float_dtype()) for k in levels}
+
+    def log_spreads(self, eta: dict[str, Array]) -> dict[str, Float[Array, "*p"]]:
+        """Each level's log sd, ``log(scale) + eta`` (per sd of the column)."""
+        fixed = dict(zip(self.levels, self.scales, strict=True)) | {UNIT: self.unit_scale}
+        return {k: math.log(fixed[k]) + v for k, v in eta.items()}
+
+    def spread_log_prior(self, eta: dict[str, Array]) -> Scalar:
+        """Half-normal priors of the learned sds, as densities of ``eta = log(sd / scale)``."""
+        total = jnp.zeros((), float_dtype())
+        for v in eta.values():
+            total = total + _LOG_2 - HALF_LOG_2PI - 0.5 * jnp.exp(2 * v) + v
+        return total
+
+    def _level_log_prior(
+        self, latent: Array, parent: Array, scale: float, eta: Array | None
+    ) -> Float[Array, "..."]:
+        """Each value's log prior ``N(parent, scale exp(eta))`` as a density of its latent."""
+        u = self.hierarchy.standardised(latent, parent, self.top.loc, scale)
+        if eta is None:
+            return -0.5 * u * u - HALF_LOG_2PI
+        u = u * jnp.exp(-eta)
+        return -0.5 * u * u - HALF_LOG_2PI - eta
 
     def group_values(self, z: dict[str, Array]) -> dict[str, Float[Array, "..."]]:
         """Natural values of the global value and every group level (no units)."""
@@ -126,17 +173,20 @@ class HierarchicalSlope(eqx.Module):
             return parent
         return self.hierarchy.value(z[UNIT], parent, self.top.loc, self.unit_scale)
 
-    def shared_log_prior(self, z: dict[str, Array], values: dict[str, Array]) -> Scalar:
-        """Log prior of the global value and the group levels (standard normal ``z``)."""
-        total = self.top.log_prior(z[GLOBAL])
+    def shared_log_prior(
+        self, z: dict[str, Array], values: dict[str, Array], eta: dict[str, Array] | None = None
+    ) -> Scalar:
+        """Log prior of the global value, the group levels and the learned sds (``eta``)."""
+        eta = eta or {}
+        total = self.top.log_prior(z[GLOBAL]) + self.spread_log_prior(eta)
         for j, name in enumerate(self.levels):
             parent = (
                 values[GLOBAL]
                 if j == len(self.levels) - 1
                 else jnp.take(values[self.levels[j + 1]], self.parents[j])
             )
-            u = self.hierarchy.standardised(z[name], parent, self.top.loc, self.scales[j])
-            total = total + jnp.sum(-0.5 * u * u) - u.size * HALF_LOG_2PI
+            terms = self._level_log_prior(z[name], parent, self.scales[j], eta.get(name))
+            total = total + jnp.sum(terms)
         return total
 
     def unit_log_prior(
@@ -145,13 +195,13 @@ class HierarchicalSlope(eqx.Module):
         values: dict[str, Array],
         unit_level: Int[Array, " unit"] | None,
         n_units: int,
+        eta: dict[str, Array] | None = None,
     ) -> Float[Array, " unit"] | float:
         """``[unit]`` each unit's value's log prior; 0 when it has none."""
         if not self.per_unit:
             return 0.0
         parent = self._unit_parent(values, unit_level, n_units)
-        u = self.hierarchy.standardised(z[UNIT], parent, self.top.loc, self.unit_scale)
-        return -0.5 * u * u - HALF_LOG_2PI
+        return self._level_log_prior(z[UNIT], parent, self.unit_scale, (eta or {}).get(UNIT))
 
 
 __all__ = ["GLOBAL", "UNIT", "HierarchicalSlope"]
