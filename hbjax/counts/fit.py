@@ -18,16 +18,9 @@ from ..vi import checkpoint
 from ..vi.checkpoint import Checkpoints
 from ..vi.convergence import Convergence
 from ..vi.fit import FitResult, default_optimizer, fit
-from ..vi.guide import (
-    GUIDES,
-    AbstractGuide,
-    DependentNormal,
-    batch_links,
-    inverse_softplus,
-    make_guide,
-)
+from ..vi.guide import GUIDES, AbstractGuide, DependentNormal, inverse_softplus, make_guide
 from ..vi.host import FullBatch, Minibatches
-from ..vi.model import AbstractModel, ParentLink
+from ..vi.model import AbstractModel
 from ..vi.objectives import RenyiBound
 from .frame import CountData
 from .grid import GridError
@@ -200,7 +193,7 @@ def fit_counts(
         loc=model.init_latents(rows),
         rank=config.rank,
         key=jax.random.fold_in(key, 1),
-        dependent=guide_links(model, config),
+        dependent=config.dependent,
     )
     guide = start_scales(guide, model.starting_scales(rows))
     return fit(
@@ -222,14 +215,6 @@ def fit_counts(
             fingerprint=fit_identity(data, config),
         ),
     )
-
-
-def guide_links(model: AbstractModel, config: FitConfig) -> tuple[ParentLink, ...]:
-    """The links of ``config``'s guide: the model's, less a minibatch's unit parents."""
-    if not config.dependent:
-        return ()
-    links = model.parent_links()
-    return links if config.batch_size is None else batch_links(links, model)
 
 
 def fit_identity(data: CountData, config: FitConfig) -> dict[str, object]:

@@ -776,13 +776,11 @@ def build_model(
     likelihood: AbstractCountLikelihood | None = None,
     groups: dict[str, np.ndarray] | None = None,
     standard: dict[str, tuple[float, float]] | None = None,
-    sales: np.ndarray | None = None,
 ) -> CountRegression:
     """The model ``spec`` describes, over ``table``'s units.
 
     Parent maps come from ``table.levels`` (each unit's code at every level); ``groups``:
-    each effect's cells' groups (:func:`cell_groups`); ``sales``: ``[unit]`` each unit's
-    counts (each effect group's best seller anchors its cells); ``standard``: each covariate's
+    each effect's cells' groups (:func:`cell_groups`); ``standard``: each covariate's
     ``(mean, sd)`` over the rows (:class:`~hbjax.counts.CountRegression`'s ``standard``).
     With zero arrays (and no ``groups``) this is the template a saved fit's arrays are
     read into.
@@ -797,9 +795,7 @@ def build_model(
     for effect in spec.effects:
         level = effect_level(spec, effect)
         key = np.zeros(cell_sizes[effect.name], np.int32) if groups is None else groups[effect.name]
-        n_groups = 1 if level is None else level_sizes[level]
-        anchor = None if sales is None else best_sellers(sales, table, level, n_groups)
-        splits[effect.name] = EffectLevels(level, key, n_groups, anchor)
+        splits[effect.name] = EffectLevels(level, key, 1 if level is None else level_sizes[level])
     return CountRegression(
         table,
         level_sizes,
@@ -814,18 +810,6 @@ def build_model(
         centre_covariates=spec.centre,
         standard=standard,
     )
-
-
-def best_sellers(
-    sales: np.ndarray, table: UnitTable, level: str | None, n_groups: int
-) -> np.ndarray:
-    """``[group]`` each group's unit with the most counts (``level`` None: one group)."""
-    group = np.zeros(len(sales), np.int64) if level is None else np.asarray(table.levels[level])
-    order = np.lexsort((-np.asarray(sales), group))  # by group, best first
-    best = np.zeros(n_groups, np.int32)
-    first = np.r_[True, np.diff(group[order]) != 0]
-    best[group[order][first]] = order[first]
-    return best
 
 
 def _slope_layer(

@@ -367,16 +367,6 @@ def _check_pairs(rows: UnitRows, period: np.ndarray, spec: CountSpec, labels: _L
         lo = hi
 
 
-def _unit_sales(rows: UnitRows, n_units: int) -> np.ndarray:
-    """``[unit]`` each unit's weighted counts, summed in pieces (rows may be on disk)."""
-    total = np.zeros(n_units)
-    for lo in range(0, len(rows.unit), 1 << 24):
-        part = slice(lo, lo + (1 << 24))
-        weight = np.asarray(rows.weight[part], np.float64)
-        total += np.bincount(rows.unit[part], weight * rows.columns["counts"][part], n_units)
-    return total
-
-
 def _count_data(
     spec: CountSpec,
     labels: _Labels,
@@ -402,7 +392,6 @@ def _count_data(
         likelihood,
         cell_groups(spec, labels.cells, labels.levels),
         labels.standard,
-        _unit_sales(rows, len(labels.units)),
     )
     return CountData(
         model, rows, labels.units, labels.levels, labels.cells, period, labels.periods, spec

@@ -104,8 +104,6 @@ class EffectLevels(eqx.Module):
         coef: ``[cell]`` ``2 v / (v . v)`` of the cell's group (0 for a lone cell).
         first: ``[group]`` each group's first cell (0 for a group without cells).
         inv_sqrt: ``[group]`` ``1 / sqrt(n)`` (0 for a group without cells).
-        anchor: ``[group]`` the group's unit with the most counts, whose rows pin the
-            group's cells (its best seller; 0 where unknown).
         n_groups: groups.
     """
 
@@ -115,16 +113,9 @@ class EffectLevels(eqx.Module):
     coef: Float[Array, " cell"]
     first: Int[Array, " group"]
     inv_sqrt: Float[Array, " group"]
-    anchor: Int[Array, " group"]
     n_groups: int = eqx.field(static=True)
 
-    def __init__(
-        self,
-        level: str | None,
-        key: Int[np.ndarray, " cell"],
-        n_groups: int,
-        anchor: Int[np.ndarray, " group"] | None = None,
-    ):
+    def __init__(self, level: str | None, key: Int[np.ndarray, " cell"], n_groups: int):
         """Groups of cells: ``key[c]`` is cell ``c``'s group, ``0 .. n_groups - 1``."""
         key = np.asarray(key, np.int64)
         if len(key) and (key.min() < 0 or key.max() >= n_groups):
@@ -144,10 +135,6 @@ class EffectLevels(eqx.Module):
         self.v, self.coef = jnp.asarray(v, float_dtype()), jnp.asarray(coef, float_dtype())
         self.first = jnp.asarray(first_of, jnp.int32)
         self.inv_sqrt = jnp.asarray(inv_sqrt, float_dtype())
-        anchor = np.zeros(n_groups, np.int32) if anchor is None else np.asarray(anchor, np.int32)
-        if anchor.shape != (n_groups,):
-            raise ValueError(f"anchor needs one unit per group ({n_groups}); got {anchor.shape}.")
-        self.anchor = jnp.asarray(anchor)
 
     def reflect(self, z: Float[Array, "*p cell"]) -> Float[Array, "*p cell"]:
         """``H z``, group by group."""
@@ -382,14 +369,9 @@ class CountRegression(AbstractRowModel):
         """What :class:`~hbjax.vi.guide.DependentNormal` couples.
 
         Each slope's levels under their parents, coarse to fine, its units under their
-        group, the units' intercepts under the same groups; each effect's cells under their
-        group's best seller's slope (the first slope with unit values: the cells absorb its
-        week-to-week variation, so they move with its slope; without the link a best
-        seller's slope came out 0.5x NUTS's sd and the fit never settled); group
-        dispersions under the global one. The cells' link has a unit for parent: a
-        minibatch guide leaves it out (:func:`hbjax.vi.guide.batch_links`). Learned sds are
-        no parents: a value's dependence on its level's sd is not linear (linking them left
-        the sds' intervals as narrow, 0.21x NUTS's).
+        group, the units' intercepts under the same groups, group dispersions under the
+        global one. (Learned sds are no parents: a value's dependence on its level's sd is
+        not linear, and linking them left the sds' intervals as narrow: 0.21x NUTS's.)
         """
         paths = jax.tree_util.tree_flatten_with_path(self.latent_shapes())[0]
         position = {jax.tree_util.keystr(p): i for i, (p, _) in enumerate(paths)}
@@ -405,11 +387,6 @@ class CountRegression(AbstractRowModel):
                 index = self._unit_level(slope)
                 links.append(ParentLink(position[f".slopes[{name!r}][{UNIT!r}]"], parent, index))
                 links.append(ParentLink(intercept, parent, index))
-        per_unit = [name for name, slope in self.slopes.items() if slope.per_unit]
-        for name, split in self.effect_levels.items() if per_unit else ():
-            anchor = jnp.take(split.anchor, split.key)  # each cell's group's best seller
-            slope = position[f".slopes[{per_unit[0]!r}][{UNIT!r}]"]
-            links.append(ParentLink(position[f".effects[{name!r}]"], slope, anchor))
         if self.dispersion_level is not None:
             links.append(ParentLink(position[".group_dispersion"], position[".dispersion"]))
         return tuple(links)

@@ -24,22 +24,14 @@ from .._types import float_dtype
 from ..io.tables import DataValidationError, read_labels, write_labels
 from ..vi.checkpoint import content_hash
 from ..vi.fit import FitResult
-from ..vi.guide import (
-    GUIDES,
-    AbstractGuide,
-    DependentNormal,
-    LowRankNormal,
-    batch_links,
-    make_guide,
-)
+from ..vi.guide import GUIDES, AbstractGuide, DependentNormal, LowRankNormal, make_guide
 from .families import LIKELIHOODS
 from .frame import CountData, CountSpec, build_model, read_frame
-from .regression import CountRegression, UnitTable
+from .regression import UnitTable
 
 #: The format of a saved fit (``fit.json``).
-#: 2: effects' levels carried by the intercepts; 3: covariates standardised in the model;
-#: 4: the dependent guide, effects anchored at their groups' best sellers.
-COUNTS_FORMAT = "hbjax-counts-fit-4"
+#: 2: effects' levels carried by the intercepts; 3: covariates standardised in the model.
+COUNTS_FORMAT = "hbjax-counts-fit-3"
 #: The format of the article's own stack's fits (before one path): refused, named.
 OLD_FORMAT = "hbjax-fit-1"
 _DAMAGED = "%r holds a damaged saved fit (%s); fit again."
@@ -124,7 +116,7 @@ def save_fit(data: CountData, result: FitResult, directory: str | os.PathLike[st
     info = {
         "format": COUNTS_FORMAT,
         "spec": data.spec.to_json(),
-        **guide_info(result.guide, data.model),
+        **guide_info(result.guide),
         "n_units": len(data.units),
         "level_sizes": {g: len(v) for g, v in data.levels.items()},
         "cell_sizes": {e: len(v) for e, v in data.cells.items()},
@@ -205,10 +197,8 @@ def _rebuild(folder: Path, info: dict) -> SavedCountFit:
         reference=dict.fromkeys(names, zeros),
     )
     model = build_model(spec, table, levels, cells)
-    links = model.parent_links() if info["dependent"] else ()
-    if not info["unit_parents"]:
-        links = batch_links(links, model)
-    guide = make_guide(info["guide"], model, rank=info["rank"] or 8, dependent=links)
+    dependent = bool(info.get("dependent", False))
+    guide = make_guide(info["guide"], model, rank=info["rank"] or 8, dependent=dependent)
     model, guide = eqx.tree_deserialise_leaves(folder / "fit.eqx", (model, guide))
     named = read_named_labels(folder / "labels", spec, info["labels"])
     data = CountData(
@@ -274,7 +264,7 @@ def rebuilt(folder: Path, info: dict, rebuild: Callable[[Path, dict], T]) -> T:
         raise DataValidationError(_DAMAGED % (str(folder), reason)) from None
 
 
-def guide_info(guide: AbstractGuide, model: CountRegression) -> dict:
+def guide_info(guide: AbstractGuide) -> dict:
     """``{"guide": kind, "rank": rank or None, "dependent": bool}`` of one of hbjax's guides.
 
     Raises:
@@ -288,9 +278,7 @@ def guide_info(guide: AbstractGuide, model: CountRegression) -> dict:
             f"{type(guide).__name__} (serialise your own with equinox.tree_serialise_leaves)."
         )
     rank = int(guide.factor.shape[1]) if isinstance(guide, LowRankNormal) else None
-    links = guide.links if dependent else ()
-    unit_parents = len(batch_links(links, model)) < len(links)
-    return {"guide": kind, "rank": rank, "dependent": dependent, "unit_parents": unit_parents}
+    return {"guide": kind, "rank": rank, "dependent": dependent}
 
 
 __all__ = ["SavedCountFit", "load_fit", "save_fit"]

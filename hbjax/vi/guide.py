@@ -735,7 +735,7 @@ class DependentNormal(GaussianGuide, AbstractMinibatchGuide):
             >>> data = hbjax.counts.elasticity_data(hbjax.simulate(n_units=20, n_periods=8).frame)
             >>> guide = hbjax.make_guide("unitblock", data.model, dependent=True)
             >>> type(guide).__name__, len(guide.links)
-            ('DependentNormal', 4)
+            ('DependentNormal', 3)
     """
 
     base: MeanFieldNormal | UnitBlockNormal
@@ -877,17 +877,6 @@ class DependentNormal(GaussianGuide, AbstractMinibatchGuide):
         return eqx.tree_at(lambda m: m.coef, mask, coef)
 
 
-def batch_links(links: tuple[ParentLink, ...], model: eqx.Module) -> tuple[ParentLink, ...]:
-    """The links a minibatch guide keeps: those whose parent is not one of ``model``'s units.
-
-    A batch draws its own units only; a child of a unit (an effect's cells under their
-    group's best seller) would need that unit in every batch.
-    """
-    shapes = model.latent_shapes()
-    flags = jax.tree.structure(shapes).flatten_up_to(model.unit_leaves())
-    return tuple(link for link in links if not flags[link.parent])
-
-
 #: Guide names for :func:`make_guide` and ``hbjax fit --guide``.
 GUIDES: dict[str, type[GaussianGuide]] = {
     "meanfield": MeanFieldNormal,
@@ -904,7 +893,7 @@ def make_guide(
     key: PRNGKeyArray | None = None,
     rank: int = 8,
     scale: float = 0.1,
-    dependent: bool | tuple[ParentLink, ...] = False,
+    dependent: bool = False,
 ) -> AbstractGuide:
     """A guide for ``model``: ``MeanFieldNormal``, ``UnitBlockNormal`` or ``LowRankNormal``.
 
@@ -917,8 +906,8 @@ def make_guide(
         rank: the factor's rank (``"lowrank"``).
         scale: starting standard deviation.
         dependent: the mean-field or unit-block guide in a :class:`DependentNormal` over
-            the model's :meth:`~hbjax.AbstractModel.parent_links` (``True``) or the links
-            given (e.g. :func:`batch_links`); the guide itself where there are none.
+            the model's :meth:`~hbjax.AbstractModel.parent_links` (the guide itself when
+            it has none).
     """
     cls = GUIDES.get(kind) if isinstance(kind, str) else kind
     shapes = model.latent_shapes()
@@ -930,7 +919,7 @@ def make_guide(
     if cls is UnitBlockNormal:
         base = UnitBlockNormal.from_shapes(shapes, model.unit_leaves(), loc=loc, scale=scale)
     if base is not None:
-        links = model.parent_links() if dependent is True else tuple(dependent or ())
+        links = model.parent_links() if dependent else ()
         return DependentNormal(base, links) if links else base
     if cls is LowRankNormal:
         key = jax.random.key(0) if key is None else key
