@@ -43,22 +43,39 @@ from hbjax.counts.slopes import GLOBAL, UNIT
 from .nuts_validation import _split_rhat, nuts_chain
 
 
+def _sales(
+    rng: np.random.Generator,
+    products: int,
+    weeks: int,
+    categories: int,
+    best_every: int,
+    low: float,
+    high: float,
+) -> tuple[np.ndarray, ...]:
+    """Log sales levels (one best seller in ``best_every`` at ``low``-``high`` a week, the
+    rest 3-15), the best sellers, category x week effects, each row's unit and week, log
+    price over the unit's base price, and price."""
+    level = np.log(rng.uniform(3, 15, products))
+    best = rng.choice(products, max(1, products // best_every), replace=False)
+    level[best] = np.log(rng.uniform(low, high, len(best)))
+    gamma = rng.normal(0, 0.15, (categories, weeks))
+    unit = np.repeat(np.arange(products), weeks)
+    week = np.tile(np.arange(weeks), products)
+    base_price = rng.uniform(2, 20, products)
+    price = base_price[unit] * np.exp(rng.normal(0, 0.15, len(unit)))
+    return level, best, gamma, unit, week, np.log(price / base_price[unit]), price
+
+
 def panel(products: int, weeks: int, categories: int, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
     """A Poisson panel with 10% best sellers; returns the table and the best sellers' ids."""
     rng = np.random.default_rng(seed)
     category = np.arange(products) % categories
     b_cat = -2.0 + rng.normal(0, 0.4, categories)
     beta = b_cat[category] + rng.normal(0, 0.3, products)
-    level = np.log(rng.uniform(3, 15, products))
-    best = rng.choice(products, max(1, products // 10), replace=False)
-    level[best] = np.log(rng.uniform(500, 5500, len(best)))
-    gamma = rng.normal(0, 0.15, (categories, weeks))
-    unit = np.repeat(np.arange(products), weeks)
-    week = np.tile(np.arange(weeks), products)
-    base_price = rng.uniform(2, 20, products)
-    price = base_price[unit] * np.exp(rng.normal(0, 0.15, len(unit)))
-    log_rate = level[unit] + beta[unit] * np.log(price / base_price[unit])
-    log_rate += gamma[category[unit], week]
+    level, best, gamma, unit, week, x, price = _sales(
+        rng, products, weeks, categories, 10, 500, 5500
+    )
+    log_rate = level[unit] + beta[unit] * x + gamma[category[unit], week]
     frame = pd.DataFrame(
         {
             "product": [f"p{i:04d}" for i in unit],
@@ -92,20 +109,12 @@ def nested_panel(
     b_sub = b_cat[np.arange(3 * categories) % categories] + rng.normal(0, 0.3, 3 * categories)
     beta = b_sub[sub] + rng.normal(0, 0.3, products)
     lift = 0.4 + rng.normal(0, 0.2, categories)
-    level = np.log(rng.uniform(3, 15, products))
-    best = rng.choice(products, max(1, products // 20), replace=False)
-    level[best] = np.log(rng.uniform(300, 1500, len(best)))
-    gamma = rng.normal(0, 0.15, (categories, weeks))
-    unit = np.repeat(np.arange(products), weeks)
-    week = np.tile(np.arange(weeks), products)
-    base_price = rng.uniform(2, 20, products)
-    price = base_price[unit] * np.exp(rng.normal(0, 0.15, len(unit)))
+    level, best, gamma, unit, week, x, price = _sales(
+        rng, products, weeks, categories, 20, 300, 1500
+    )
     promo = (rng.uniform(size=len(unit)) < 0.15).astype(float)
     mu = np.exp(
-        level[unit]
-        + beta[unit] * np.log(price / base_price[unit])
-        + lift[category[unit]] * promo
-        + gamma[category[unit], week]
+        level[unit] + beta[unit] * x + lift[category[unit]] * promo + gamma[category[unit], week]
     )
     counts = rng.poisson(mu * rng.gamma(1 / 0.3, 0.3, len(unit)))
     keep = rng.uniform(size=len(unit)) >= 0.2
