@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--learn-spreads",
         action="store_true",
         help="learn the sd of products' and groups' elasticities around their parents "
-        "(half-normal priors at the fixed sds; centred only), reported in summary.json",
+        "(half-normal priors at the fixed sds; centred only), reported in estimates.csv",
     )
     fit_cmd.add_argument(
         "--intercept-prior",
