@@ -877,6 +877,146 @@ class DependentNormal(GaussianGuide, AbstractMinibatchGuide):
         return eqx.tree_at(lambda m: m.coef, mask, coef)
 
 
+class ComposedGuide(GaussianGuide, AbstractMinibatchGuide):
+    """A guide made of parts, each a Gaussian guide over its own latent leaves.
+
+    NumPyro's ``AutoGuideList`` as one Equinox module: ``parts[name]`` is a guide built
+    over the latents ``owns[name]`` selects (the latent pytree with ``None`` at the other
+    leaves, as :func:`equinox.filter` leaves it), e.g. a :class:`LowRankNormal` of full rank
+    over the shared latents and a :class:`UnitBlockNormal` over the units. The parts are
+    independent: draws and means are the parts' combined, ``log q`` their sum. A minibatch
+    restricts the parts that own unit leaves (each must be an
+    :class:`AbstractMinibatchGuide`). :func:`part_labels` gives ``optax.multi_transform``
+    each part's parameters, for a learning rate per part.
+
+    Attributes:
+        parts: per name, a Gaussian guide over that part's latents.
+        owns: per name, whether it owns each latent leaf (in the latents' flattening order).
+    """
+
+    parts: dict[str, GaussianGuide]
+    owns: tuple[tuple[str, tuple[bool, ...]], ...] = eqx.field(static=True)
+
+    def __init__(self, parts: dict[str, GaussianGuide], owns: dict[str, PyTree[bool]]):
+        """``parts`` over the leaves ``owns`` selects; each leaf owned by exactly one part.
+
+        ``owns``: per part, booleans shaped like the latents (or their flattened tuple).
+        """
+        if set(parts) != set(owns):
+            raise ValueError(f"parts {sorted(parts)} and owns {sorted(owns)} name other parts.")
+        flags = {k: tuple(bool(f) for f in jax.tree.leaves(owns[k])) for k in parts}
+        counts = np.sum(np.asarray(list(flags.values()), np.int64), axis=0)
+        if len({len(f) for f in flags.values()}) != 1 or not np.all(counts == 1):
+            raise ValueError(
+                "every latent leaf must be owned by exactly one part; owners per leaf: "
+                f"{np.atleast_1d(counts).tolist()}."
+            )
+        self.parts, self.owns = dict(parts), tuple(flags.items())
+
+    def _mask(self, name: str, tree: PyTree) -> PyTree[bool]:
+        """Part ``name``'s leaves of a latent-shaped ``tree``."""
+        return jax.tree.unflatten(jax.tree.structure(tree), dict(self.owns)[name])
+
+    def _split(self, tree: PyTree) -> dict[str, PyTree]:
+        """Each part's share of a latent-shaped tree (particles leading or not)."""
+        return {k: eqx.filter(tree, self._mask(k, tree)) for k in self.parts}
+
+    def _joined(self, shares: dict[str, PyTree]) -> PyTree:
+        return eqx.combine(*shares.values())
+
+    def sample_and_log_prob(
+        self, num_particles: int, *, key: PRNGKeyArray, weights: PyTree | None = None
+    ) -> tuple[PyTree[Float[Array, "..."]], ParticleFloat]:
+        """Each part's particles (its own key) combined; ``log q`` the parts' sum."""
+        keys = dict(zip(self.parts, jax.random.split(key, len(self.parts)), strict=True))
+        shares = self._split(weights) if weights is not None else dict.fromkeys(self.parts)
+        drawn = {
+            k: part.sample_and_log_prob(num_particles, key=keys[k], weights=shares[k])
+            for k, part in self.parts.items()
+        }
+        log_q = sum(log_q for _, log_q in drawn.values())
+        return self._joined({k: z for k, (z, _) in drawn.items()}), log_q
+
+    def sample(self, num_particles: int, *, key: PRNGKeyArray) -> PyTree[Float[Array, "..."]]:
+        """Each part's particles combined."""
+        return self.sample_and_log_prob(num_particles, key=key)[0]
+
+    def log_prob(
+        self, particles: PyTree[Float[Array, "..."]], weights: PyTree | None = None
+    ) -> ParticleFloat:
+        """The parts' log densities of their own latents, summed."""
+        shares = self._split(particles)
+        weight = self._split(weights) if weights is not None else dict.fromkeys(self.parts)
+        return sum(part.log_prob(shares[k], weight[k]) for k, part in self.parts.items())
+
+    def mean(self) -> PyTree[Float[Array, "..."]]:
+        """The parts' means combined."""
+        return self._joined({k: part.mean() for k, part in self.parts.items()})
+
+    def marginal_scale(self) -> PyTree[Float[Array, "..."]]:
+        """The parts' marginal sds combined."""
+        return self._joined({k: part.marginal_scale() for k, part in self.parts.items()})
+
+    def standard_shapes(self) -> dict[str, PyTree[jax.ShapeDtypeStruct]]:
+        """Per part, its standard normals."""
+        return {k: part.standard_shapes() for k, part in self.parts.items()}
+
+    def from_standard(self, eps: dict[str, PyTree]) -> PyTree[Float[Array, "..."]]:
+        """Each part's latents of its standard normals, combined."""
+        return self._joined({k: part.from_standard(eps[k]) for k, part in self.parts.items()})
+
+    def _unit_parts(self, unit_leaves: PyTree[bool]) -> dict[str, PyTree[bool] | None]:
+        """Each part's unit leaves (``None``: it owns none); a unit owner must minibatch."""
+        out: dict[str, PyTree[bool] | None] = {}
+        for k, part in self.parts.items():
+            owned = self._mask(k, unit_leaves)
+            mine = eqx.filter(unit_leaves, owned)
+            out[k] = mine if any(jax.tree.leaves(mine)) else None
+            if out[k] is not None and not isinstance(part, AbstractMinibatchGuide):
+                raise TypeError(
+                    f"part {k!r} ({type(part).__name__}) owns unit latents but cannot be "
+                    "minibatched; give the units a UnitBlockNormal or MeanFieldNormal part."
+                )
+        return out
+
+    def restrict(self, units: Int[Array, " slot"], unit_leaves: PyTree[bool]) -> ComposedGuide:
+        """The batch's guide: the parts that own unit latents restricted."""
+        owners = self._unit_parts(unit_leaves)
+        parts = {
+            k: part if owners[k] is None else part.restrict(units, owners[k])  # type: ignore[attr-defined]
+            for k, part in self.parts.items()
+        }
+        return eqx.tree_at(lambda g: g.parts, self, parts)
+
+    def unit_update_mask(
+        self, in_batch: Bool[Array, " unit"], unit_leaves: PyTree[bool]
+    ) -> ComposedGuide:
+        """Each unit-owning part's mask; ``True`` for the other parts' parameters."""
+        owners = self._unit_parts(unit_leaves)
+        parts = {
+            k: jax.tree.map(lambda _: _TRUE, eqx.filter(part, eqx.is_inexact_array))
+            if owners[k] is None
+            else part.unit_update_mask(in_batch, owners[k])  # type: ignore[attr-defined]
+            for k, part in self.parts.items()
+        }
+        return eqx.tree_at(lambda g: g.parts, self, parts)
+
+
+def part_labels(guide: ComposedGuide) -> PyTree[str]:
+    """Each parameter's part name, shaped like the guide's parameters.
+
+    ``optax.multi_transform``'s labels, for a learning rate per part::
+
+        rates = {"shared": optax.adam(5e-4), "units": optax.adam(1e-2)}
+        optimizer = optax.multi_transform(rates, hbjax.vi.guide.part_labels(guide))
+    """
+    parts = {
+        k: jax.tree.map(lambda _, k=k: k, eqx.filter(part, eqx.is_inexact_array))
+        for k, part in guide.parts.items()
+    }
+    return eqx.tree_at(lambda g: g.parts, eqx.filter(guide, eqx.is_inexact_array), parts)
+
+
 #: Guide names for :func:`make_guide` and ``hbjax fit --guide``.
 GUIDES: dict[str, type[GaussianGuide]] = {
     "meanfield": MeanFieldNormal,

@@ -96,12 +96,14 @@ def lazy_units(
         if update_mask is None:
             return new_updates, new_state
         new_updates = jax.tree.map(lambda u, m: jnp.where(m, u, 0.0), new_updates, update_mask)
+        masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731 - multi_transform's
         state_mask = optax.tree_utils.tree_map_params(
             optimizer,
-            lambda _, m: m,
+            lambda s, m: s if masked(s) else m,  # another part's slot: no state here
             state,
             update_mask,
             transform_non_params=lambda v: jax.tree.map(lambda _: _TRUE, v),
+            is_leaf=masked,
         )
         new_state = jax.tree.map(
             lambda m, new, old: jnp.where(m, new, old), state_mask, new_state, state
