@@ -928,7 +928,9 @@ class ComposedGuide(GaussianGuide, AbstractMinibatchGuide):
         self, num_particles: int, *, key: PRNGKeyArray, weights: PyTree | None = None
     ) -> tuple[PyTree[Float[Array, "..."]], ParticleFloat]:
         """Each part's particles (its own key) combined; ``log q`` the parts' sum."""
-        keys = dict(zip(self.parts, jax.random.split(key, len(self.parts)), strict=True))
+        # by sorted name: a dict rebuilt from the pytree (after jit) is in sorted order
+        names = sorted(self.parts)
+        keys = dict(zip(names, jax.random.split(key, len(names)), strict=True))
         shares = self._split(weights) if weights is not None else dict.fromkeys(self.parts)
         drawn = {
             k: part.sample_and_log_prob(num_particles, key=keys[k], weights=shares[k])
