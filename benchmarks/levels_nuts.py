@@ -208,13 +208,15 @@ def _non_centred(model):  # noqa: ANN001, ANN202
                 level = layer.levels[j]
                 centre = parent if j == len(layer.levels) - 1 else parent[layer.parents[j]]
                 value = centre + jnp.exp(logs[level]) * z[level]
-                z[level] = (value - layer.top.loc) / layer.scales[j]
+                z[level] = layer.hierarchy.latent(value, centre, layer.top.loc, layer.scales[j])
                 log_jacobian += eta[level] * value.size  # d latent / d xi = sd / scale
                 parent = value
             if layer.per_unit:
                 unit_parent = parent[model._unit_level(layer)] if layer.levels else parent
                 value = unit_parent + jnp.exp(logs[UNIT]) * z[UNIT]
-                z[UNIT] = (value - layer.top.loc) / layer.unit_scale
+                z[UNIT] = layer.hierarchy.latent(
+                    value, unit_parent, layer.top.loc, layer.unit_scale
+                )
                 log_jacobian += eta[UNIT] * value.size
             slopes[name] = z
         return eqx.tree_at(lambda t: t.slopes, xi, slopes), log_jacobian
