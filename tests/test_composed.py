@@ -38,6 +38,20 @@ def pieces(small_data):
     return model, whole, guide
 
 
+def test_each_part_steps_in_the_sds_of_the_guide_it_splits(pieces):
+    _, whole, guide = pieces
+    scales, expected = guide.step_scales(), whole.step_scales()
+    for name, owns in guide.owns:
+        flags = jax.tree.unflatten(jax.tree.structure(whole.loc), owns)
+        for got, want in zip(
+            jax.tree.leaves(scales.parts[name].loc),
+            jax.tree.leaves(eqx.filter(expected.loc, flags)),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(scales.parts["units"].unit_tril, expected.unit_tril)
+
+
 def test_parts_make_the_guide_they_split(pieces):
     model, whole, guide = pieces
     z = whole.sample(8, key=jax.random.key(0))

@@ -59,7 +59,10 @@ class FitConfig:
             ``"total"``.
         particles: importance particles ``K``.
         alpha: Rényi alpha (0: importance-weighted bound).
-        learning_rate: Adam's initial rate (decayed per 1,000 steps, or per 1,000 epochs).
+        learning_rate: Adam's initial rate (decayed per 1,000 steps, or per 1,000 epochs;
+            :func:`hbjax.default_optimizer`).
+        precondition: no mean moves more than half its posterior sd a step
+            (:func:`hbjax.vi.step.scale_by_sd`); ``False``: the article's AdamW.
         mcse: stop when the Monte Carlo error of the averaged means is at most this many
             posterior sds (:class:`hbjax.vi.convergence.Convergence`).
         seed: the PRNG seed of the fit (and of the minibatch sampler).
@@ -78,6 +81,7 @@ class FitConfig:
     particles: IntLike = 4
     alpha: float = 0.0
     learning_rate: float = 0.01
+    precondition: bool = True
     mcse: float = Convergence.mcse
     seed: IntLike = 0
     checkpoint_dir: str | None = None
@@ -176,7 +180,7 @@ def fit_counts(
     key = jax.random.key(config.seed)
     mesh = make_mesh() if mesh is None else mesh
     source = _source(data, mesh, layout, config.batch_size)
-    optimizer = default_optimizer(config.learning_rate)
+    optimizer = default_optimizer(config.learning_rate, precondition=config.precondition)
     if config.batch_size is not None:
         if config.batch_size >= model.n_units:
             raise ValueError(
@@ -185,7 +189,9 @@ def fit_counts(
             )
         per_epoch = model.n_units / config.batch_size
         optimizer = default_optimizer(
-            config.learning_rate, transition_steps=round(1000 * per_epoch)
+            config.learning_rate,
+            transition_steps=round(1000 * per_epoch),
+            precondition=config.precondition,
         )
     guide = make_guide(
         config.guide,

@@ -123,7 +123,9 @@ class Watch:
         keep = [True] * len(leaves)
         if isinstance(guide, GaussianGuide) and reported is not None:
             flags = jax.tree.structure(guide.mean()).flatten_up_to(reported)
-            keep = [bool(f) for f in flags] * 2  # the means, then the log sds
+            # the reported means, then every log sd: a prediction sums reported and
+            # nuisance latents, and is as wide as their sds say
+            keep = [bool(f) for f in flags] + [True] * len(flags)
         self.indices = tuple(
             np.unique(np.linspace(0, x.size - 1, min(x.size, max_per_leaf)).round().astype(int))
             if k
@@ -198,6 +200,7 @@ class Status:
             units).
         mcse_max: the largest.
         mcse_sd: median MCSE of the averaged log sds (relative error of the sds).
+        mcse_sd_max: the largest.
         worst: the mean with the largest MCSE, as a path into the guide's latents (e.g.
             ``.slopes['log_price']['unit'][0]``), where the loop named its coordinates.
     """
@@ -209,6 +212,7 @@ class Status:
     mcse: float | None = None
     mcse_max: float | None = None
     mcse_sd: float | None = None
+    mcse_sd_max: float | None = None
     worst: str | None = None
 
     def to_dict(self) -> dict[str, object]:
@@ -286,10 +290,10 @@ class Monitor:
         if self.names is not None and len(means):
             status.worst = self.names[int(np.argmax(means))]
         status.mcse_sd = float(np.median(sds)) if len(sds) else None
+        status.mcse_sd_max = float(np.max(sds)) if len(sds) else None
         typical = max(status.mcse, status.mcse_sd or 0.0)
-        small = (
-            typical <= self.config.mcse and status.mcse_max <= self.config.tail * self.config.mcse
-        )
+        largest = max(status.mcse_max, status.mcse_sd_max or 0.0)
+        small = typical <= self.config.mcse and largest <= self.config.tail * self.config.mcse
         if small and step - status.average_from >= self.min_average:
             status.converged = True
             return "stop"

@@ -29,7 +29,7 @@ from .host import AbstractSampler, FullBatch, Minibatches
 from .loop import FullBatchFeed, MinibatchFeed, Outcome, Saver, run
 from .model import AbstractModel, AbstractUnitModel
 from .objectives import default_objective
-from .step import SVI, Objective
+from .step import SVI, Objective, scale_by_sd
 
 
 class ConvergenceWarning(UserWarning):
@@ -95,10 +95,17 @@ class FitResult:
 
 
 def default_optimizer(
-    learning_rate: float = 0.01, *, transition_steps: int = 1000
+    learning_rate: float = 0.01,
+    *,
+    transition_steps: int = 1000,
+    precondition: bool = True,
+    max_step_sds: float = 0.5,
 ) -> optax.GradientTransformation:
-    """The article's optimiser: AdamW with ``exponential_decay(lr, 1000, 0.99, end_value=1e-5)``.
+    """AdamW with ``exponential_decay(lr, 1000, 0.99, end_value=1e-5)``, then :func:`scale_by_sd`.
 
+    With ``precondition`` (the default) no mean moves more than ``max_step_sds`` of its
+    current posterior sd a step (``scale_by_sd(learning_rate / max_step_sds)``), so narrow
+    posteriors (best sellers) settle; ``precondition=False`` is the article's optimiser.
     ``transition_steps``: steps per decay by 0.99. A minibatch fit scales it by the steps
     per epoch, so that the rate decays per pass over the data as in a full-batch fit.
     """
@@ -110,7 +117,12 @@ def default_optimizer(
         decay_rate=0.99,
         end_value=1e-5,
     )
-    return optax.adamw(learning_rate=schedule)
+    adam = optax.adamw(learning_rate=schedule)
+    if not precondition:
+        return adam
+    if not max_step_sds > 0:
+        raise ValueError(f"max_step_sds must be > 0; got {max_step_sds}.")
+    return optax.chain(adam, scale_by_sd(learning_rate / max_step_sds))
 
 
 def _typed_key(key: PRNGKeyArray) -> PRNGKeyArray:

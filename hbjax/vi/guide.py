@@ -130,6 +130,19 @@ class GaussianGuide(AbstractGuide):
     def from_standard(self, eps: PyTree[Float[Array, "..."]]) -> PyTree[Float[Array, "..."]]:
         """The latents ``loc + L eps`` of one set of standard normals (affine in ``eps``)."""
 
+    def step_scales(self) -> PyTree[Float[Array, "..."]]:
+        """Per parameter entry, the sd of the latent it moves (see :func:`scale_by_sd`).
+
+        Shaped like ``eqx.filter(self, eqx.is_inexact_array)``: a mean's entries get the
+        latent's current marginal sd, entries in absolute units of a latent (a Cholesky
+        or low-rank factor's) that latent's sd, entries in relative units (log scales,
+        coefficients in sds) ``inf``: no sd bounds their steps. This default is all
+        ``inf``.
+        """
+        return jax.tree.map(
+            lambda x: jnp.full_like(x, jnp.inf), eqx.filter(self, eqx.is_inexact_array)
+        )
+
 
 #: Standard-normal leaves up to this size are probed one entry at a time when an output
 #: depends on several of their entries (e.g. a low-rank factor's columns, an effect's cells
@@ -342,6 +355,19 @@ class MeanFieldNormal(GaussianGuide, AbstractMinibatchGuide):
     def from_standard(self, eps: PyTree[Float[Array, "..."]]) -> PyTree[Float[Array, "..."]]:
         """``loc + scale * eps``."""
         return jax.tree.map(lambda m, s, e: m + s * e, self.loc, self.scale, eps)
+
+    def step_scales(self) -> PyTree[Float[Array, "..."]]:
+        """The means' sds (:meth:`GaussianGuide.step_scales`)."""
+        return _means_in_sds(self, super().step_scales())
+
+
+def _means_in_sds(guide: GaussianGuide, scales: PyTree) -> PyTree:
+    """``scales`` with ``guide.loc``'s entries at the latents' current marginal sds (constant).
+
+    No gradient flows through a step's size (:meth:`GaussianGuide.step_scales`).
+    """
+    sds = jax.lax.stop_gradient(guide.marginal_scale())
+    return eqx.tree_at(lambda g: g.loc, scales, sds)
 
 
 def _shapes_of(tree: PyTree) -> PyTree[jax.ShapeDtypeStruct]:
@@ -561,6 +587,14 @@ class UnitBlockNormal(GaussianGuide, AbstractMinibatchGuide):
         mixed = self._mix(treedef.flatten_up_to(eps), jax.tree.leaves(self.scale))
         return jax.tree.unflatten(treedef, [m + x for m, x in zip(leaves, mixed, strict=True)])
 
+    def step_scales(self) -> PyTree[Float[Array, "..."]]:
+        """The means' sds, and ``unit_tril``'s rows' (its entries are absolute)."""
+        scales = _means_in_sds(self, super().step_scales())
+        sds = jax.tree.leaves(scales.loc)
+        rows = [sds[self.unit_leaf_ids[j]] for j, _ in _pairs(len(self.unit_leaf_ids))]
+        rows = jnp.stack(rows) if rows else jnp.full_like(self.unit_tril, jnp.inf)
+        return eqx.tree_at(lambda g: g.unit_tril, scales, rows)
+
 
 def _standard_log_q(
     eps: list[Array], scales: list[Array], weights: list[Array | float], num_particles: int
@@ -705,6 +739,12 @@ class LowRankNormal(GaussianGuide):
         x = self._flat(self.loc) + d * self._flat(per_latent) + self.factor @ eta
         return jax.tree.map(lambda leaf: leaf[0], self._unflat(x[None]))
 
+    def step_scales(self) -> PyTree[Float[Array, "..."]]:
+        """The means' sds, and each factor row's latent's (its entries are absolute)."""
+        scales = _means_in_sds(self, super().step_scales())
+        rows = jnp.broadcast_to(self._flat(scales.loc)[:, None], self.factor.shape)
+        return eqx.tree_at(lambda g: g.factor, scales, rows)
+
 
 class DependentNormal(GaussianGuide, AbstractMinibatchGuide):
     """A guide whose children follow their parents' draws: a hierarchy's dependence.
@@ -841,6 +881,10 @@ class DependentNormal(GaussianGuide, AbstractMinibatchGuide):
         """The base's latents of ``eps`` moved along the links."""
         return self._moved(self.base.from_standard(eps), 1.0)
 
+    def step_scales(self) -> PyTree[Float[Array, "..."]]:
+        """The base's; ``inf`` for ``coef`` (in sds already)."""
+        return eqx.tree_at(lambda g: g.base, super().step_scales(), self.base.step_scales())
+
     def _unit_links(self, unit_leaves: PyTree[bool]) -> list[bool]:
         """Whether each link's child is a unit leaf (a unit parent: one-line ValueError)."""
         flags = jax.tree.structure(self.base.mean()).flatten_up_to(unit_leaves)
@@ -966,6 +1010,11 @@ class ComposedGuide(GaussianGuide, AbstractMinibatchGuide):
     def from_standard(self, eps: dict[str, PyTree]) -> PyTree[Float[Array, "..."]]:
         """Each part's latents of its standard normals, combined."""
         return self._joined({k: part.from_standard(eps[k]) for k, part in self.parts.items()})
+
+    def step_scales(self) -> PyTree[Float[Array, "..."]]:
+        """Each part's."""
+        parts = {k: part.step_scales() for k, part in self.parts.items()}
+        return eqx.tree_at(lambda g: g.parts, super().step_scales(), parts)
 
     def _unit_parts(self, unit_leaves: PyTree[bool]) -> dict[str, PyTree[bool] | None]:
         """Each part's unit leaves (``None``: it owns none); a unit owner must minibatch."""
