@@ -108,6 +108,7 @@ def test_fit_end_to_end_writes_outputs(simulated_csv, tmp_path, capsys):
     assert summary["converged"] is False and summary["summaries"].startswith("exact")
     assert summary["price_centring"] is True
     assert summary["guide"] == "unitblock" and summary["gradient"] == "dreg"
+    assert summary["precondition"] is True and summary["learning_rate"] == 0.01
     check = summary["guide_check"]
     assert check["units_checked"] == 40 and check["draws_per_unit"] == 200
     assert len(check["worst"]) == 5 and check["worst"][0]["unit"].startswith("P")

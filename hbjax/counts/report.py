@@ -126,6 +126,7 @@ class FitReport:
             "particles": config.particles,
             "alpha": config.alpha,
             "learning_rate": config.learning_rate,
+            "precondition": config.precondition,
             "seed": config.seed,
             "checkpoint": config.checkpoint_dir,
             "price_centring": None if spec is None else spec.centre,
