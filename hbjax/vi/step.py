@@ -83,7 +83,9 @@ def scale_by_sd(sd_unit: float) -> optax.GradientTransformation:
     (sd ~0.005) otherwise jitters by two sds a step and the fit cannot stop; means wider
     than ``sd_unit`` (group means, a dispersion: their gradients are noisy sums over many
     units, and larger steps average the noise out sooner) keep Adam's steps. ``params``
-    that are not a Gaussian guide pass through unchanged.
+    that are not a Gaussian guide pass through unchanged. With ``optax.multi_transform``
+    (:func:`hbjax.vi.guide.part_labels`) chain it after the multi-transform, where the
+    whole guide is ``params``: inside, a part sees the others as ``MaskedNode``.
     """
     if not sd_unit > 0:
         raise ValueError(f"sd_unit must be > 0; got {sd_unit}.")
