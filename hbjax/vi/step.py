@@ -84,8 +84,8 @@ def scale_by_sd(sd_unit: float) -> optax.GradientTransformation:
     than ``sd_unit`` (group means, a dispersion: their gradients are noisy sums over many
     units, and larger steps average the noise out sooner) keep Adam's steps. ``params``
     that are not a Gaussian guide pass through unchanged. With ``optax.multi_transform``
-    (:func:`hbjax.vi.guide.part_labels`) chain it after the multi-transform, where the
-    whole guide is ``params``: inside, a part sees the others as ``MaskedNode``.
+    (:func:`hbjax.vi.guide.part_labels`) it may go after the multi-transform or inside
+    a part's chain: there the other parts' leaves are optax's empty ``MaskedNode``.
     """
     if not sd_unit > 0:
         raise ValueError(f"sd_unit must be > 0; got {sd_unit}.")
