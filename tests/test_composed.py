@@ -10,6 +10,7 @@ from tolerances import assert_f32_close
 
 import hbjax
 from hbjax.vi.guide import ComposedGuide, linear_moments, part_labels
+from hbjax.vi.step import scale_by_sd
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +109,32 @@ def test_a_rate_per_part_in_a_minibatch_fit(pieces, small_data):
         np.testing.assert_array_equal(got, start)
     moved = np.asarray(fitted["units"].unit_tril != guide.parts["units"].unit_tril).any(axis=0)
     assert 0 < moved.sum() < model.n_units  # 3 batches of 4 units: some, not all
+
+
+@pytest.mark.usefixtures("standard_promotion")
+def test_steps_bounded_in_sds_inside_a_part_or_after_the_parts(pieces):
+    """scale_by_sd in one part's chain of optax.multi_transform (the other parts masked)
+    gives that part the updates it gets chained after the whole multi-transform."""
+    _, _, guide = pieces
+    params = eqx.filter(guide, eqx.is_inexact_array)
+    grads = jax.tree.map(jnp.ones_like, params)
+    unit = 10.0  # above every sd here: every mean's step shrinks
+    inside = optax.multi_transform(
+        {"shared": optax.sgd(1.0), "units": optax.chain(optax.sgd(1.0), scale_by_sd(unit))},
+        part_labels(guide),
+    )
+    after = optax.chain(
+        optax.multi_transform(
+            {"shared": optax.sgd(1.0), "units": optax.sgd(1.0)}, part_labels(guide)
+        ),
+        scale_by_sd(unit),
+    )
+    got, _ = inside.update(grads, inside.init(params), params)
+    want, _ = after.update(grads, after.init(params), params)
+    for a, b in zip(
+        jax.tree.leaves(got.parts["units"]), jax.tree.leaves(want.parts["units"]), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    sds = jax.tree.leaves(guide.parts["units"].marginal_scale())
+    for step, sd in zip(jax.tree.leaves(got.parts["units"].loc), sds, strict=True):
+        np.testing.assert_allclose(step, -sd / unit, rtol=1e-6)
