@@ -180,7 +180,7 @@ def fit_counts(
     key = jax.random.key(config.seed)
     mesh = make_mesh() if mesh is None else mesh
     source = _source(data, mesh, layout, config.batch_size)
-    optimizer = default_optimizer(config.learning_rate, precondition=config.precondition)
+    per_epoch = 1.0  # steps per pass over the data: the rate decays per 1,000 passes
     if config.batch_size is not None:
         if config.batch_size >= model.n_units:
             raise ValueError(
@@ -188,11 +188,11 @@ def fit_counts(
                 f"({model.n_units}); leave it out to fit the full batch."
             )
         per_epoch = model.n_units / config.batch_size
-        optimizer = default_optimizer(
-            config.learning_rate,
-            transition_steps=round(1000 * per_epoch),
-            precondition=config.precondition,
-        )
+    optimizer = default_optimizer(
+        config.learning_rate,
+        transition_steps=round(1000 * per_epoch),
+        precondition=config.precondition,
+    )
     guide = make_guide(
         config.guide,
         model,
