@@ -19,7 +19,7 @@ from jaxtyping import Bool, Float, Int
 from .._types import PRNGKeyArray
 from ..vi.checks import NutsCheck, UnitImportance, nuts_check, on_value_scale, unit_importance
 from ..vi.devices import seed_from_key
-from ..vi.guide import AbstractGuide
+from ..vi.guide import AbstractGuide, sample_once
 from ..vi.layers import Centred
 from .frame import CountData, price_slope
 from .saved import SavedCountFit
@@ -62,7 +62,7 @@ def predictive_check(
     units = rng.choice(model.n_units, min(num_units, model.n_units), replace=False)
     picked = np.isin(np.asarray(rows.unit), units)
     subset = jax.tree.map(lambda x: np.asarray(x)[picked], rows)
-    draws = guide.sample(num_draws, key=jax.random.fold_in(key, 1))  # type: ignore[attr-defined]
+    draws = sample_once(guide, num_draws, jax.random.fold_in(key, 1))
     log_rate, parameter, inflation = jax.jit(jax.vmap(lambda z: _per_row(model, z, subset)))(draws)
     mu = np.exp(np.asarray(log_rate, np.float64))
     if inflation is not None:

@@ -34,7 +34,7 @@ from ..io.tables import (
     which_rows,
 )
 from ..parallel.rows import UnitRows
-from ..vi.guide import GaussianGuide, linear_moments
+from ..vi.guide import GaussianGuide, linear_moments, sample_once
 from ..vi.layers import HIERARCHIES, AbstractHierarchy, Normal, as_hierarchy
 from .families import AbstractCountLikelihood, checked_clip, make_likelihood
 from .grid import CountGrid, GridError, place_grid
@@ -281,7 +281,7 @@ class CountData:
 
     def natural_draws(self, guide: object, draws: int, key: jax.Array) -> CountLatents:
         """``draws`` guide draws of every natural value (leading axis ``draw``; host arrays)."""
-        natural = jax.jit(jax.vmap(self.model.natural))(guide.sample(draws, key=key))  # type: ignore[attr-defined]
+        natural = jax.jit(jax.vmap(self.model.natural))(sample_once(guide, draws, key))
         return jax.tree.map(np.asarray, natural)
 
     def labelled(self, values: CountLatents) -> dict[str, tuple[object, pd.Index]]:

@@ -21,6 +21,7 @@ from jaxtyping import Float, Int
 from .._types import AnyArray, PRNGKeyArray, float_dtype
 from ..io.tables import DataValidationError, DataWarning, shown, which_rows
 from ..parallel.rows import UnitRows
+from ..vi.guide import sample_once
 from .frame import CountData, CountSpec, Effect, _covariate, _finite
 
 
@@ -96,7 +97,7 @@ def predict(
         jnp.asarray(units, jnp.int32), jnp.ones(len(units), floats), columns, model.n_units
     )
     key = jax.random.key(0) if key is None else key
-    draws = guide.sample(num_samples, key=key)  # type: ignore[attr-defined]
+    draws = sample_once(guide, num_samples, key)
     log_rate = np.asarray(_log_rates(model, draws, rows, averaged), np.float64)
     return with_expected_units(
         frame, log_rate, interval, lambda i: f"(e.g. unit {shown(frame[spec.unit].iloc[i])})"

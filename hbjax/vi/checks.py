@@ -43,7 +43,7 @@ from .._types import PRNGKeyArray, PyTree, float_dtype
 from ..extras import optional_import
 from .devices import seed_from_key
 from .diagnostics import K_OK, psis
-from .guide import GaussianGuide, linear_moments
+from .guide import GaussianGuide, linear_moments, sample_once
 from .host import AbstractHostData
 from .model import AbstractModel, AbstractUnitModel
 
@@ -347,7 +347,7 @@ def nuts_check(
     units = _choose_units(panel.n_units, num_units, np.random.default_rng(seed_from_key(unit_key)))
     mean, cov = unit_block_moments(guide, ids, units)
     batch = panel.unit_batch(units)
-    shared = guide.sample(num_shared, key=shared_key)
+    shared = sample_once(guide, num_shared, shared_key)
     start = jnp.asarray(mean.ravel(), float_dtype())
 
     def chain(key: PRNGKeyArray, shared: PyTree) -> tuple[jax.Array, jax.Array]:

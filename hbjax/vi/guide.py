@@ -75,6 +75,15 @@ class AbstractGuide(eqx.Module):
         return particles, self.log_prob(particles, weights)
 
 
+@eqx.filter_jit
+def sample_once(guide: AbstractGuide, num: int, key: PRNGKeyArray) -> PyTree[Float[Array, "..."]]:
+    """``guide.sample(num, key=key)`` as one compiled program.
+
+    For host code: called eagerly, each of a guide's operations compiles a program of its own.
+    """
+    return guide.sample(num, key=key)
+
+
 class AbstractMinibatchGuide(AbstractGuide):
     """A guide that factorises over units, so a step can see a batch of units only.
 
@@ -168,37 +177,42 @@ def linear_moments(
     shapes = jax.tree.leaves(guide.standard_shapes())
     treedef = jax.tree.structure(guide.standard_shapes())
 
-    def response(guide: GaussianGuide, leaf: int, v: Array) -> PyTree:
-        """``A v`` for ``v`` in leaf ``leaf`` (``fn`` at ``loc + L v`` less ``fn`` at ``loc``)."""
+    def linearised(guide: GaussianGuide) -> tuple[PyTree, Callable[[list[Array]], PyTree]]:
+        """``fn`` at ``loc`` and ``eps -> A eps`` (one linear program for every probe)."""
         zeros = [jnp.zeros(s.shape, s.dtype) for s in shapes]
-        base = fn(guide.from_standard(jax.tree.unflatten(treedef, zeros)))
-        eps = [v if i == leaf else z for i, z in enumerate(zeros)]
-        return jax.tree.map(
-            jnp.subtract, fn(guide.from_standard(jax.tree.unflatten(treedef, eps))), base
-        )
+        at = lambda eps: fn(guide.from_standard(jax.tree.unflatten(treedef, eps)))  # noqa: E731
+        return jax.linearize(at, zeros)
+
+    def in_leaf(leaf: int, v: Array) -> list[Array]:
+        """The probe ``v`` in leaf ``leaf``, zeros elsewhere."""
+        return [v if i == leaf else jnp.zeros(s.shape, s.dtype) for i, s in enumerate(shapes)]
 
     @eqx.filter_jit
     def probes(guide: GaussianGuide, values: list[Array]) -> tuple[PyTree, list]:
-        """``fn`` at ``loc`` and ``A v`` for each leaf's stack of probes ``v``."""
-        zeros = [jnp.zeros(s.shape, s.dtype) for s in shapes]
-        base = fn(guide.from_standard(jax.tree.unflatten(treedef, zeros)))
-        return base, [
-            jax.vmap(functools.partial(response, guide, leaf))(v) for leaf, v in enumerate(values)
-        ]
+        """``fn`` at ``loc`` and ``A v`` for each leaf's three probes ``v`` (one at a time)."""
+        base, linear = linearised(guide)
+
+        def one(index: Array) -> PyTree:
+            leaf, which = index // 3, index % 3
+            return linear([v[which] * (leaf == i).astype(v.dtype) for i, v in enumerate(values)])
+
+        out = jax.lax.map(one, jnp.arange(3 * len(values)))
+        return base, [jax.tree.map(lambda o: o[3 * i : 3 * i + 3], out) for i in range(len(values))]
 
     @eqx.filter_jit
     def squares(guide: GaussianGuide, leaf: int, size: int) -> PyTree:
         """``sum_k (A e_k)^2`` over the leaf's entries, a chunk of one-hot probes at a time."""
         shape = shapes[leaf]
         chunks = -(-size // _PROBE_CHUNK)
+        _, linear = linearised(guide)
 
         def chunk(total: PyTree, c: Array) -> tuple[PyTree, None]:
             index = c * _PROBE_CHUNK + jnp.arange(_PROBE_CHUNK)
             hot = (index[:, None] == jnp.arange(size)[None, :]).astype(shape.dtype)
-            out = jax.vmap(lambda v: response(guide, leaf, v.reshape(shape.shape)))(hot)
+            out = jax.vmap(lambda v: linear(in_leaf(leaf, v.reshape(shape.shape))))(hot)
             return jax.tree.map(lambda t, o: t + jnp.sum(o * o, axis=0), total, out), None
 
-        like = jax.eval_shape(lambda: response(guide, leaf, jnp.zeros(shape.shape, shape.dtype)))
+        like = jax.eval_shape(lambda: linear(in_leaf(leaf, jnp.zeros(shape.shape, shape.dtype))))
         start = jax.tree.map(lambda o: jnp.zeros(o.shape, o.dtype), like)
         return jax.lax.scan(chunk, start, jnp.arange(chunks))[0]
 
@@ -275,14 +289,11 @@ class MeanFieldNormal(GaussianGuide, AbstractMinibatchGuide):
         return jax.tree.map(jax.nn.softplus, self.raw_scale)
 
     def sample(self, num_particles: int, *, key: PRNGKeyArray) -> PyTree[Float[Array, "..."]]:
-        """``loc + scale * eps`` with ``eps ~ N(0, I)``, one key per leaf."""
+        """``loc + scale * eps`` with ``eps ~ N(0, I)``."""
         leaves, treedef = jax.tree.flatten(self.loc)
+        eps = _standard_normals(leaves, num_particles, key)
         scales = jax.tree.leaves(self.scale)
-        keys = jax.random.split(key, len(leaves))
-        draws = [
-            loc + scale * jax.random.normal(k, (num_particles, *loc.shape), loc.dtype)
-            for loc, scale, k in zip(leaves, scales, keys, strict=True)
-        ]
+        draws = [loc + scale * e for loc, scale, e in zip(leaves, scales, eps, strict=True)]
         return jax.tree.unflatten(treedef, draws)
 
     def sample_and_log_prob(
@@ -382,11 +393,19 @@ def _leaf_weights(treedef: Any, weights: PyTree | None) -> list:
 
 
 def _standard_normals(leaves: list[Array], num_particles: int, key: PRNGKeyArray) -> list[Array]:
-    """``eps ~ N(0, I)`` shaped ``[particle, *leaf]`` for each leaf, one key per leaf."""
-    keys = jax.random.split(key, len(leaves))
+    """``eps ~ N(0, I)`` shaped ``[particle, *leaf]`` for each leaf, cut from one draw.
+
+    One ``jax.random.normal`` for every leaf: each call is a copy of the generator in the
+    compiled program, and a guide of many leaves compiled several times slower.
+    """
+    if not leaves:
+        return []
+    sizes = [math.prod(leaf.shape) for leaf in leaves]
+    flat = jax.random.normal(key, (num_particles, sum(sizes)), leaves[0].dtype)
+    ends = np.cumsum(sizes)
     return [
-        jax.random.normal(k, (num_particles, *leaf.shape), leaf.dtype)
-        for leaf, k in zip(leaves, keys, strict=True)
+        flat[:, end - size : end].reshape(num_particles, *leaf.shape)
+        for leaf, size, end in zip(leaves, sizes, ends, strict=True)
     ]
 
 
@@ -693,9 +712,7 @@ class LowRankNormal(GaussianGuide):
                 "UnitBlockNormal or MeanFieldNormal with batch_size."
             )
         d = self._flat(jax.tree.map(jax.nn.softplus, self.raw_scale))
-        eps_key, eta_key = jax.random.split(key)
-        eps = jax.random.normal(eps_key, (num_particles, d.shape[0]), d.dtype)
-        eta = jax.random.normal(eta_key, (num_particles, self.factor.shape[1]), d.dtype)
+        eps, eta = _standard_normals([d, self.factor[0]], num_particles, key)
         x = d * eps + eta @ self.factor.T
         particles = self._unflat(self._flat(self.loc)[None] + x)
         return particles, self._log_q(x)

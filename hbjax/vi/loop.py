@@ -25,7 +25,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from .._types import PRNGKeyArray, PyTree, float_dtype
@@ -344,8 +345,12 @@ def run(
 
     source.start(first, chunk)
     batches = source.peek() if isinstance(source, MinibatchFeed) else None
+    # the state stays where it was placed (XLA would choose by propagation otherwise, and
+    # could shard a replicated state); the records are replicated, for the host
+    where = jax.tree.map(lambda x: x.sharding, state_arrays)
+    record = NamedSharding(mesh, P()) if mesh is not None else jax.tree.leaves(where)[0]
     compiled = (
-        jax.jit(run_chunk, donate_argnums=0)
+        jax.jit(run_chunk, donate_argnums=0, out_shardings=(where, *[record] * 4))
         .lower(state_arrays, svi_arrays, key, full, source.data, batches)
         .compile()
     )
