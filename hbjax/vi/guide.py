@@ -76,8 +76,8 @@ class AbstractGuide(eqx.Module):
 
 
 @eqx.filter_jit
-def sample_once(guide: AbstractGuide, num: int, key: PRNGKeyArray) -> PyTree[Float[Array, "..."]]:
-    """``guide.sample(num, key=key)`` as one compiled program.
+def sample_once(guide: Any, num: int, key: PRNGKeyArray) -> PyTree[Float[Array, "..."]]:
+    """``guide.sample(num, key=key)`` as one compiled program (any object with that method).
 
     For host code: called eagerly, each of a guide's operations compiles a program of its own.
     """
