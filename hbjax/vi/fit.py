@@ -105,7 +105,10 @@ def default_optimizer(
 
     With ``precondition`` (the default) no mean moves more than ``max_step_sds`` of its
     current posterior sd a step (``scale_by_sd(learning_rate / max_step_sds)``), so narrow
-    posteriors (best sellers) settle; ``precondition=False`` is the article's optimiser.
+    posteriors (best sellers) settle, and Adam's second moment forgets in ~100 steps
+    (``b2=0.99``): a scale started too wide gets early gradients thousands of times its
+    final ones, whose memory under ``b2=0.999`` held its later steps back for ~10,000
+    steps (benchmarks/README.md). ``precondition=False`` is the article's optimiser.
     ``transition_steps``: steps per decay by 0.99. A minibatch fit scales it by the steps
     per epoch, so that the rate decays per pass over the data as in a full-batch fit.
     """
@@ -117,11 +120,11 @@ def default_optimizer(
         decay_rate=0.99,
         end_value=1e-5,
     )
-    adam = optax.adamw(learning_rate=schedule)
     if not precondition:
-        return adam
+        return optax.adamw(learning_rate=schedule)
     if not max_step_sds > 0:
         raise ValueError(f"max_step_sds must be > 0; got {max_step_sds}.")
+    adam = optax.adamw(learning_rate=schedule, b2=0.99)
     return optax.chain(adam, scale_by_sd(learning_rate / max_step_sds))
 
 
