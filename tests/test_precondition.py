@@ -136,7 +136,7 @@ class Narrow(hbjax.AbstractModel):
 @pytest.mark.usefixtures("standard_promotion")
 def test_a_scale_started_100x_too_wide_is_not_held_back_by_adams_memory():
     """The default optimiser's second moment forgets in ~100 steps (b2 = 0.99): sds started
-    100x too wide come within 3x in 1,500 steps (measured, keys 0-3: 2.4-2.9x). The
+    100x too wide come within 4x in 1,500 steps (measured, keys 0-3: 2.4-2.9x). The
     article's AdamW (b2 = 0.999; the same step on log scales, which no sd bounds) remembers
     the early gradients, thousands of times the late ones, and is still 11-15x too wide."""
     model = Narrow(0.005)
