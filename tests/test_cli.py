@@ -219,7 +219,7 @@ def test_refused_guide_and_gradient_combinations(simulated_csv, tmp_path, capsys
 def test_fit_with_custom_column_names(simulated_csv, tmp_path, capsys):
     df = pd.read_csv(simulated_csv).rename(columns={"product": "sku", "units_sold": "qty"})
     df.to_csv(tmp_path / "renamed.csv", index=False)
-    code, _, err = run(
+    code, out, err = run(
         capsys,
         "fit",
         str(tmp_path / "renamed.csv"),
@@ -240,6 +240,10 @@ def test_fit_with_custom_column_names(simulated_csv, tmp_path, capsys):
     assert pd.read_csv(tmp_path / "o" / "elasticities.csv").columns[0] == "sku"
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["price_centring"] is False and summary["clip_log_rate"] is None
+    # 20 steps of the article's raw prices: a poor guide check, which names the centring
+    guide_check = next(line for line in out.splitlines() if line.startswith("guide check:"))
+    assert guide_check.startswith("guide check: poor"), guide_check
+    assert "drop --no-centring" in guide_check and "unit-block guide" not in guide_check
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))

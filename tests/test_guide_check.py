@@ -124,6 +124,9 @@ def test_unit_importance_tells_a_good_fit_from_a_bad_one(good_and_bad_fits, seed
     # measured over keys 0-4: good 0-3% of units at k >= 0.7, bad 55-70%
     assert checks["good"].share_poor <= 0.05 and checks["good"].verdict.startswith("good")
     assert checks["bad"].share_poor >= 0.3 and checks["bad"].verdict.startswith("poor")
+    # the advice names the guide to try only to a fit that does not use it
+    assert "try the unit-block guide" in checks["bad"].verdict
+    assert "unit-block" not in checks["good"].advice
     worst = checks["bad"].worst(5)
     k_of = dict(zip(checks["bad"].units, checks["bad"].k_hat, strict=True))
     assert [k_of[u] for u in worst] == sorted(checks["bad"].k_hat, reverse=True)[:5]

@@ -43,7 +43,7 @@ from .._types import PRNGKeyArray, PyTree, float_dtype
 from ..extras import optional_import
 from .devices import seed_from_key
 from .diagnostics import K_OK, psis
-from .guide import GaussianGuide, linear_moments, sample_once
+from .guide import DependentNormal, GaussianGuide, MeanFieldNormal, linear_moments, sample_once
 from .host import AbstractHostData
 from .model import AbstractModel, AbstractUnitModel
 
@@ -152,12 +152,14 @@ class UnitImportance:
         k_hat: ``[n]`` each unit's Pareto ``k`` (``inf`` when its weights are not finite).
         num_draws: draws per unit.
         n_units: units in the panel.
+        advice: what to try when the check is poor (it depends on the guide checked).
     """
 
     units: np.ndarray
     k_hat: np.ndarray
     num_draws: int
     n_units: int
+    advice: str = "compare with NUTS (hbjax check)"
 
     @property
     def share_poor(self) -> float:
@@ -177,8 +179,7 @@ class UnitImportance:
             return f"good ({share}; {median})"
         return (
             f"poor ({share}; {median}): the guide misses the shape of these units' "
-            "posteriors; try the unit-block guide or price centring, and compare with NUTS "
-            "(hbjax check)"
+            f"posteriors; {self.advice}"
         )
 
     def to_dict(self, labels: pd.Index | None = None) -> dict[str, object]:
@@ -237,7 +238,11 @@ def unit_importance(
     k_hat = np.array(
         [psis(w)[1] if np.all(np.isfinite(w)) else math.inf for w in log_w.T], np.float64
     )
-    return UnitImportance(units, k_hat, num_draws, panel.n_units)
+    inner = guide.base if isinstance(guide, DependentNormal) else guide
+    advice = UnitImportance.advice
+    if isinstance(inner, MeanFieldNormal):  # each unit's latents independent: couple them
+        advice = f"try the unit-block guide, and {advice}"
+    return UnitImportance(units, k_hat, num_draws, panel.n_units, advice)
 
 
 def _slot_log_joint(
