@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
-from ..vi.checks import GOOD_SHARE, UnitImportance, unit_importance
+from ..vi.checks import UnitImportance, unit_importance
 from ..vi.fit import FitResult
 from ..vi.guide import GaussianGuide
 from .check import PredictiveCheck, interval, predictive_check
@@ -229,7 +229,7 @@ class FitReport:
             )
         if self.importance is not None:
             hint = ""
-            if self.importance.share_poor > GOOD_SHARE and summary["price_centring"] is False:
+            if not self.importance.good and summary["price_centring"] is False:
                 hint = "; price centring (drop --no-centring) often makes them normal"
             lines.append(f"guide check: {self.importance.verdict}{hint}")
         if check is not None and check.flagged and not self.result.converged:

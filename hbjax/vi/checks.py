@@ -166,6 +166,11 @@ class UnitImportance:
         """Share of checked units with ``k >= 0.7``."""
         return float(np.mean(self.k_hat >= K_OK))
 
+    @property
+    def good(self) -> bool:
+        """At most :data:`GOOD_SHARE` of the checked units have ``k >= 0.7``."""
+        return self.share_poor <= GOOD_SHARE
+
     def worst(self, n: int = 5) -> np.ndarray:
         """Indices of the ``n`` units with the largest ``k``, worst first."""
         return self.units[np.argsort(-self.k_hat, kind="stable")[:n]]
@@ -175,7 +180,7 @@ class UnitImportance:
         """``"good"`` or ``"poor"`` and the figures, in words."""
         share = f"{self.share_poor:.1%} of {len(self.units)} units checked have k-hat >= {K_OK}"
         median = f"median k-hat {np.median(self.k_hat):.2f}"
-        if self.share_poor <= GOOD_SHARE:
+        if self.good:
             return f"good ({share}; {median})"
         return (
             f"poor ({share}; {median}): the guide misses the shape of these units' "
