@@ -16,7 +16,6 @@ The state also carries the Polyak–Ruppert average of the iterates from the ste
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -71,7 +70,12 @@ class StepInfo(NamedTuple):
 def all_finite(tree: PyTree) -> Bool[jax.Array, ""]:
     """Whether every inexact array in ``tree`` is finite (a scalar bool)."""
     arrays = jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))
-    return functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(x)) for x in arrays], _TRUE)
+    if not arrays:
+        return jnp.asarray(_TRUE)
+    # one reduction over every entry: per-leaf scalars would be cheap enough for XLA to
+    # recompute in each of their consumers (every leaf's update), a compile-time cost
+    # quadratic in the number of leaves
+    return jnp.all(jnp.concatenate([jnp.isfinite(x).ravel() for x in arrays]))
 
 
 def scale_by_sd(sd_unit: float) -> optax.GradientTransformation:
