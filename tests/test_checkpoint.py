@@ -33,7 +33,10 @@ def test_resumed_fit_equals_the_uninterrupted_one(small_data, tmp_path, batch_si
     panel = _source(small_data.rows, batch_size)
     model, guide = _start(small_data)
     options = {"key": jax.random.key(3), "progress": False}
-    whole = hbjax.fit(model, guide, panel, steps=120, chunk_size=40, **options)
+    # chunks of 10 steps (dividing 30 and the 100-step checks), as the checkpointed fits
+    # run them: one compiled program for the three (chunk lengths do not change results:
+    # tests/test_fit.py)
+    whole = hbjax.fit(model, guide, panel, steps=120, chunk_size=30, **options)
     folder = tmp_path / "ckpt"
     every_30 = hbjax.Checkpoints(folder, every=30)
     first = hbjax.fit(model, guide, panel, steps=60, checkpoints=every_30, **options)

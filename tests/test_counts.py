@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import integrate, special, stats
+from starts import unfitted
 from tolerances import assert_f32_close, f32_rtol
 
 import hbjax
@@ -714,8 +715,7 @@ def test_hbjax_check_of_a_vocabulary_fit_tells_good_from_bad(tmp_path, capsys):
     # (the same checks call a narrow guide poor: tests/test_guide_check.py)
     key = jax.random.key(0)
     no_price = _skus(frame, slopes=[Slope("promo", over=("cat",))], period="week")
-    with jax.numpy_dtype_promotion("standard"):
-        fitted = hbjax.counts.fit_counts(no_price, hbjax.counts.FitConfig(steps=20, progress=False))
+    fitted = unfitted(no_price)  # what is saved, not how well it fits, is checked here
     hbjax.counts.save_fit(no_price, fitted, tmp_path / "no_price")
     assert main(["check", str(tmp_path / "no_price"), str(tmp_path / "sales.csv")]) == 2
     assert "no per-product log slope" in capsys.readouterr().err
@@ -726,11 +726,7 @@ def test_hbjax_check_of_a_vocabulary_fit_tells_good_from_bad(tmp_path, capsys):
     # every per-product slope the verdict covers is in the table, the price first
     slopes = [Slope("price", log=True, over=("unit", "sub")), Slope("promo", over=("unit",))]
     two = _skus(frame, slopes=slopes, period="week")
-    hbjax.counts.save_fit(
-        two,
-        hbjax.counts.fit_counts(two, hbjax.counts.FitConfig(steps=20, progress=False)),
-        tmp_path / "two",
-    )
+    hbjax.counts.save_fit(two, unfitted(two), tmp_path / "two")
     check_two = ["check", str(tmp_path / "two"), str(tmp_path / "sales.csv"), "--products", "3"]
     assert main([*check_two, "--warmup", "20", "--draws", "20", "--chains", "1"]) == 0
     assert " slope " in capsys.readouterr().out
@@ -797,9 +793,10 @@ def test_summaries_are_exact_for_a_gaussian_guide():
         dispersion_by="cat",
         zero_inflation=True,
     )
-    config = hbjax.counts.FitConfig(steps=200, progress=False, guide="lowrank")
-    guide = hbjax.counts.fit_counts(data, config).guide
-    # more correlated and wider than the fit's, so that the transforms' curvature shows
+    # a low-rank guide at the regression start (no fit: a summary of any Gaussian guide is
+    # exact), correlated and wide, so that the transforms' curvature shows
+    model, key = data.model, jax.random.key(0)
+    guide = hbjax.make_guide("lowrank", model, loc=model.init_latents(data.rows), key=key)
     guide = eqx.tree_at(lambda g: g.factor, guide, replace_fn=lambda w: 0.1 + 3.0 * w)
     linear_mean, linear_sd = data.exact_for(guide)
     assert linear_sd.effects["cat:week"].shape == (90,)
@@ -868,7 +865,12 @@ def test_a_resumed_vocabulary_fit_equals_the_uninterrupted_one(tmp_path):
     resumed = hbjax.counts.fit_counts(
         data, hbjax.counts.FitConfig(steps=150, checkpoint_dir=folder, resume=True, **common)
     )
-    whole = hbjax.counts.fit_counts(data, hbjax.counts.FitConfig(steps=150, **common))
+    # checkpointed elsewhere: chunks of 50 steps, the program compiled for the fits above
+    # (chunk lengths do not change results: tests/test_fit.py)
+    elsewhere = str(tmp_path / "whole")
+    whole = hbjax.counts.fit_counts(
+        data, hbjax.counts.FitConfig(steps=150, checkpoint_dir=elsewhere, **common)
+    )
     assert resumed.steps == whole.steps == 150
     np.testing.assert_array_equal(resumed.losses, whole.losses)
     for a, b in zip(jax.tree.leaves(resumed.guide), jax.tree.leaves(whole.guide), strict=True):

@@ -1,3 +1,4 @@
+import functools
 import os
 import socket
 import subprocess
@@ -65,6 +66,30 @@ def test_block_count_does_not_depend_on_the_device_count():
     assert blocks.default_block_count(60, 36, 7) == 7  # falls back to one per device
 
 
+@functools.cache
+def _renyi(particle_map):
+    """The objective's value and gradient with the guide's particles mapped as told."""
+    return eqx.filter_jit(
+        eqx.filter_value_and_grad(
+            lambda guide, model, panel, key: hbjax.vi.objectives.renyi_elbo(
+                model, guide, panel, key=key, num_particles=4, particle_map=particle_map
+            )
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def unsharded():
+    """``odd_data()``, a guide, a key and the plain row kernel's loss and gradient on one
+    device: the reference of every kernel below, computed (and compiled) once."""
+    data = odd_data()  # price-centred: the kernels get centres
+    model, rows = data.model, data.rows
+    guide = hbjax.MeanFieldNormal.from_shapes(model.latent_shapes(), loc=model.init_latents(rows))
+    key = jax.random.key(2)
+    loss, grad = _renyi("sequential")(guide, model, jax.device_put(rows), key)
+    return data, guide, key, loss, grad
+
+
 @pytest.mark.parametrize(
     ("layout", "cell_chunk", "particle_map"),
     [
@@ -75,37 +100,17 @@ def test_block_count_does_not_depend_on_the_device_count():
     ],
 )
 @pytest.mark.parametrize("n_devices", [1, 2, 3, 4])
-def test_loss_and_gradients_match_unsharded(n_devices, layout, cell_chunk, particle_map):
+def test_loss_and_gradients_match_unsharded(n_devices, layout, cell_chunk, particle_map, unsharded):
     """Every kernel (CPU- and GPU-shaped) against the plain row kernel on one device."""
-    data = odd_data()
-    model, rows = data.model, data.rows  # price-centred: the kernels get centres
-    n_rows = len(rows.unit)
-    guide = hbjax.MeanFieldNormal.from_shapes(model.latent_shapes(), loc=model.init_latents(rows))
-    key = jax.random.key(2)
-
-    @eqx.filter_jit
-    def loss_and_grad(guide, panel):
-        return eqx.filter_value_and_grad(
-            lambda g: hbjax.vi.objectives.renyi_elbo(
-                model, g, panel, key=key, num_particles=4, particle_map=particle_map
-            )
-        )(guide)
-
-    reference = eqx.filter_jit(
-        eqx.filter_value_and_grad(
-            lambda g, panel: hbjax.vi.objectives.renyi_elbo(
-                model, g, panel, key=key, num_particles=4, particle_map="sequential"
-            )
-        )
-    )
-    base_loss, base_grad = reference(guide, jax.device_put(rows))
+    data, guide, key, base_loss, base_grad = unsharded
+    n_rows = len(data.rows.unit)
     mesh = hbjax.make_mesh(n_devices)
     if layout == "dense":
         sharded = data.grid(mesh, cell_chunk=cell_chunk)
         assert set(sharded.cell_chunk.values()) <= {cell_chunk, 1}
     else:
-        sharded = hbjax.shard_rows(rows, mesh)
-    loss, grad = loss_and_grad(guide, sharded)
+        sharded = hbjax.shard_rows(data.rows, mesh)
+    loss, grad = _renyi(particle_map)(guide, data.model, sharded, key)
     # float32: partial sums in another order differ by at most n_rows * eps * the sum of
     # sizes (log-probabilities, all <= 0: the sum's own size); a gradient entry's terms are
     # at most its largest entry in size

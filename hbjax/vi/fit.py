@@ -287,8 +287,7 @@ def fit(
         default_objective if objective is None else objective,
         default_optimizer() if optimizer is None else optimizer,
     )
-    # the loop donates the state's buffers: keep the caller's guide
-    state = svi.init(jax.tree.map(lambda x: jnp.copy(x) if eqx.is_array(x) else x, guide))
+    state = svi.init(guide)
     outcome = run(
         svi,
         state,

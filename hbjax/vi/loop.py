@@ -1,7 +1,8 @@
 """The one fit loop: compiled chunks of :meth:`hbjax.vi.step.SVI.step`, small host-side pieces.
 
-A chunk of steps runs under ``lax.scan``, compiled once ahead of time with its state
-donated. Step ``s`` uses ``fold_in(key, s)``, so the chunk length never changes results.
+A chunk of steps runs under ``lax.scan``, compiled once ahead of time. Step ``s`` uses
+``fold_in(key, s)``, so the chunk length never changes results (and a chunk run again
+from its start, up to a non-finite step, gives the last good state).
 Between chunks the host runs small pieces in turn: the record of losses and the
 non-finite guard (:class:`_Log`), the convergence check (:class:`~hbjax.vi.convergence.Monitor`),
 the user's callback, the checkpoint (:class:`Saver`) and the progress bar. Data comes
@@ -319,26 +320,27 @@ def run(
         traces += 1
         svi = eqx.combine(svi_arrays, svi_static)
 
-        def body(carry, xs):  # noqa: ANN001, ANN202
-            arrays, ok = carry
+        def body(arrays, xs):  # noqa: ANN001, ANN202
             i, batch = xs
             state = eqx.combine(arrays, state_static)
             new, info = svi.step(
                 state, data if batch is None else batch, jax.random.fold_in(key, state.step)
             )
-            active = (i < num_active) & ok
-            take = active & info.finite
-            # computed and selected, never branched on: a lax.cond waits for the host on a GPU
+            active = i < num_active
+            # computed and selected, never branched on: a lax.cond waits for the host on a
+            # GPU. Only on `active`: selecting on `info.finite` (a chain over every leaf)
+            # had XLA recompute that chain inside each leaf's update. A chunk with a
+            # non-finite step is run again up to that step instead (`run`).
             arrays = jax.tree.map(
-                lambda n, o: jnp.where(take, n, o), eqx.filter(new, eqx.is_array), arrays
+                lambda n, o: jnp.where(active, n, o), eqx.filter(new, eqx.is_array), arrays
             )
             loss = jnp.where(active, info.loss.astype(floats), jnp.asarray(jnp.nan, floats))
             finite = jnp.where(active, info.finite, _TRUE)
             watched = watch(new.guide)
-            return (arrays, ok & finite), (loss, finite, watched)
+            return arrays, (loss, finite, watched)
 
-        (arrays, _), (losses, finite, watched) = jax.lax.scan(
-            body, (state_arrays, _TRUE), (jnp.arange(chunk), batches)
+        arrays, (losses, finite, watched) = jax.lax.scan(
+            body, state_arrays, (jnp.arange(chunk), batches)
         )
         scale = watch.scale(eqx.combine(arrays, state_static).guide)
         return arrays, losses, finite, watched, scale
@@ -349,8 +351,10 @@ def run(
     # could shard a replicated state); the records are replicated, for the host
     where = jax.tree.map(lambda x: x.sharding, state_arrays)
     record = NamedSharding(mesh, P()) if mesh is not None else jax.tree.leaves(where)[0]
+    # not donated: a chunk's starting state is kept until it ends, to run it again up to a
+    # non-finite step
     compiled = (
-        jax.jit(run_chunk, donate_argnums=0, out_shardings=(where, *[record] * 4))
+        jax.jit(run_chunk, out_shardings=(where, *[record] * 4))
         .lower(state_arrays, svi_arrays, key, full, source.data, batches)
         .compile()
     )
@@ -362,9 +366,9 @@ def run(
             while log.done < steps and not stop:
                 n = min(chunk, steps - log.done)
                 batches = source.next(log.done, n, steps)
-                before = log.done
+                before, start_arrays = log.done, state_arrays
                 state_arrays, losses, finite, watched, scale = compiled(
-                    state_arrays,
+                    start_arrays,
                     svi_arrays,
                     key,
                     full if n == chunk else last,
@@ -373,6 +377,12 @@ def run(
                 )
                 losses, finite, watched = jax.device_get(to_host((losses, finite, watched)))
                 good = log.record(losses, finite, n)
+                if good < n:  # the last good state: the chunk again, up to the bad step
+                    with jax.transfer_guard_host_to_device("allow"):
+                        count = put(np.int32(good))
+                    state_arrays = compiled(
+                        start_arrays, svi_arrays, key, count, source.data, batches
+                    )[0]
                 if monitor is not None:
                     monitor.record(watched[:good], before)
                 if log.failed_at is not None:

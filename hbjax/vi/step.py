@@ -180,7 +180,7 @@ class SVI(eqx.Module):
             guide=guide,
             opt_state=self.optimizer.init(params),
             step=jnp.int32(0),
-            average=jax.tree.map(jnp.copy, params),  # its own buffers (the loop donates them)
+            average=params,
             average_from=jnp.int32(NEVER),
         )
         arrays, static = eqx.partition(state, eqx.is_array)
