@@ -32,21 +32,20 @@ z = model.init_latents(rows)
 by_rows = float(model.log_likelihood(z, rows))
 by_grid = float(model.log_likelihood(z, data.grid(hbjax.make_mesh(2))))
 assert abs(by_grid - by_rows) < 1e-11 * abs(by_rows), (by_grid, by_rows)
-# a fit, cut and resumed from its checkpoint, in float64 bit for bit
-guide = hbjax.make_guide("unitblock", model, loc=z)
-options = dict(key=jax.random.key(0), progress=False, chunk_size=50)
-whole = hbjax.fit(model, guide, rows, steps=200, **options)
-hbjax.fit(model, guide, rows, steps=100, checkpoints=hbjax.Checkpoints("ckpt", every=50), **options)
-resumed = hbjax.fit(model, guide, rows, steps=200,
-                    checkpoints=hbjax.Checkpoints("ckpt", every=50, resume=True), **options)
+# the pipeline's fit, cut and resumed from its checkpoint, in float64 bit for bit (all
+# three checkpointed, in chunks of 50 steps: one compiled program)
+fit = lambda steps, folder, resume=False: hbjax.counts.fit_counts(data, hbjax.counts.FitConfig(
+    steps=steps, progress=False, checkpoint_dir=folder, checkpoint_every=50, resume=resume))
+whole = fit(200, "whole")
+fit(100, "ckpt")
+resumed = fit(200, "ckpt", resume=True)
 assert whole.losses.dtype == f64 and np.array_equal(resumed.losses, whole.losses)
 floats = lambda t: {x.dtype for x in jax.tree.leaves(t) if np.issubdtype(x.dtype, np.inexact)}
 assert floats(resumed.guide) == {f64}
 table = data.summary(resumed.guide)["log_price/unit"]
 assert np.all(np.isfinite(table[["mean", "sd"]].to_numpy()))
-# the pipeline: fit, report, save and load in float64
-result = hbjax.counts.fit_counts(data, hbjax.counts.FitConfig(steps=100, progress=False))
-hbjax.counts.save_fit(data, result, "fit")
+# saved and loaded in float64
+hbjax.counts.save_fit(data, resumed, "fit")
 loaded = hbjax.counts.load_fit("fit")
 assert floats(loaded.guide) == {f64} and loaded.info["dependent"]
 print("float64 ok")
