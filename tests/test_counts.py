@@ -550,7 +550,8 @@ def test_effects_start_at_their_information():
     levels = np.isin(np.arange(len(info)), np.asarray(split.first))
     diagonal[levels] = 0.0
     expected = 1.0 / np.sqrt(0.25 * diagonal + 1.0)
-    np.testing.assert_allclose(scales.effects["cat:week"], expected, rtol=1e-5)
+    # float32 sums over the cells (the reflection's columns span one category's weeks)
+    np.testing.assert_allclose(scales.effects["cat:week"], expected, rtol=f32_rtol(len(info)))
     assert np.all(scales.effects["cat:week"][levels] == 1.0) and levels.sum() == 3
     assert np.all(np.isnan(scales.intercept)) and np.all(
         np.isnan(scales.slopes["log_price"]["unit"])
