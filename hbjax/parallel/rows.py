@@ -425,6 +425,21 @@ def _per_block(model: AbstractRowModel, latents: PyTree, rows: UnitRows, slot_we
     return jnp.sum(terms.reshape(per_device, -1), axis=1)
 
 
+def _joined(arrays: list[Array], keep: int) -> Array:
+    """``arrays`` raveled past their first ``keep`` axes and joined along the next one."""
+    return jnp.concatenate([x.reshape(*x.shape[:keep], -1) for x in arrays], axis=keep)
+
+
+def _cut(joined: Array, like: list[Array], keep: int) -> list[Array]:
+    """:func:`_joined`'s inverse, less the first ``keep`` axes: arrays shaped as ``like``'s."""
+    out, at = [], 0
+    for x in like:
+        size = math.prod(x.shape[keep:])
+        out.append(joined[at : at + size].reshape(x.shape[keep:]))
+        at += size
+    return out
+
+
 @eqx.filter_custom_vjp
 def _blocked_total(latents, model, rows, slot_weight):  # noqa: ANN001, ANN202
     return _blocked_forward(latents, model, rows, slot_weight)
@@ -485,9 +500,13 @@ def _blocked_bwd(residuals, cotangent, perturbed, latents, model, rows, slot_wei
 
         start = [jnp.zeros_like(x) for x, f in zip(leaves, flags, strict=True) if f]
         units_sum, shared = jax.lax.scan(one_block, start, blocks)
+        # one collective for every leaf of a kind (joined, then cut): a collective per
+        # leaf was a kernel per leaf to compile and, across processes, a round trip each
         # unit leaves: each unit's rows lie in one block, so adding devices is exact
-        units_sum = [jax.lax.psum(s, DATA_AXIS) for s in units_sum]
-        shared = [sum_over_blocks(s) for s in shared]
+        if units_sum:
+            units_sum = _cut(jax.lax.psum(_joined(units_sum, 0), DATA_AXIS), units_sum, 0)
+        if shared:
+            shared = _cut(sum_over_blocks(_joined(shared, 1)), shared, 1)
         it_units, it_shared = iter(units_sum), iter(shared)
         grads = [next(it_units) if f else next(it_shared) for f in flags]
         return jax.tree.unflatten(treedef, grads)
