@@ -91,33 +91,16 @@ def test_non_finite_loss_names_the_step_and_keeps_last_good_state(small_data, sm
         )
 
     guide = start(small_model, panel)
+    options = {"key": jax.random.key(3), "chunk_size": 4, "progress": False}
     with pytest.raises(hbjax.NonFiniteLossError, match="step 6") as info:
-        fit(
-            small_model,
-            guide,
-            panel,
-            key=jax.random.key(3),
-            steps=20,
-            chunk_size=4,
-            optimizer=poison_at_step(6),
-            progress=False,
-        )
+        fit(small_model, guide, panel, steps=20, optimizer=poison_at_step(6), **options)
     error = info.value
     assert error.step == 6 and error.result.steps == 6 and len(error.result.losses) == 6
     assert "learning rate" in str(error)
     # the guide after the 6 good steps, exactly: step 6 fell in the chunk of steps 4-7,
     # which the loop ran again up to it
     with pytest.warns(hbjax.ConvergenceWarning):
-        six = fit(
-            small_model,
-            guide,
-            panel,
-            key=jax.random.key(3),
-            steps=6,
-            chunk_size=4,
-            optimizer=poison_at_step(-1),
-            progress=False,
-        )
+        six = fit(small_model, guide, panel, steps=6, optimizer=poison_at_step(-1), **options)
     np.testing.assert_array_equal(error.result.losses, six.losses)
     for bad, good in zip(
         jax.tree.leaves(error.result.guide), jax.tree.leaves(six.guide), strict=True
