@@ -62,3 +62,33 @@ def test_the_average_is_the_mean_of_the_iterates_since_it_began(small_data, smal
     # the iterates did move: the average is not the last iterate
     last = jax.tree.leaves(eqx.filter(state.guide, eqx.is_inexact_array))
     assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(reported), last, strict=True))
+
+
+def test_an_optimizer_made_by_fit_decays_per_pass_over_the_data(
+    small_data, small_model, monkeypatch
+):
+    """``fit(optimizer=make)`` calls ``make(transition_steps=...)``: 1,000 steps for a full
+    batch, 1,000 times the sampler's steps per epoch for minibatches (the one place the
+    decay is set: ``fit_counts`` passes its rate and preconditioning this way)."""
+    made = []
+
+    def make(transition_steps):
+        made.append(transition_steps)
+        return hbjax.default_optimizer(transition_steps=transition_steps)
+
+    class Stop(Exception):
+        pass
+
+    def no_loop(svi, *args, **kwargs):
+        raise Stop  # the optimiser is made; nothing needs compiling
+
+    monkeypatch.setattr(hbjax.vi.fit, "run", no_loop)
+    rows = small_data.rows
+    guide = hbjax.make_guide("meanfield", small_model, loc=small_model.init_latents(rows))
+    for data in (hbjax.FullBatch(rows), hbjax.Minibatches(rows, 30)):
+        with pytest.raises(Stop):
+            hbjax.fit(small_model, guide, data, key=jax.random.key(0), steps=10, optimizer=make)
+    sampler = hbjax.Minibatches(rows, 30).sampler(small_model, 0)
+    # the sampler's epoch: 30 units a step are rounded up to whole blocks (48 of 120)
+    assert sampler.batch_size == 48 and sampler.steps_per_epoch == 2.5
+    assert made == [1000, 2500], made

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import equinox as eqx
@@ -180,18 +181,14 @@ def fit_counts(
     key = jax.random.key(config.seed)
     mesh = make_mesh() if mesh is None else mesh
     source = _source(data, mesh, layout, config.batch_size)
-    per_epoch = 1.0  # steps per pass over the data: the rate decays per 1,000 passes
-    if config.batch_size is not None:
-        if config.batch_size >= model.n_units:
-            raise ValueError(
-                f"batch_size {config.batch_size} is not smaller than the number of units "
-                f"({model.n_units}); leave it out to fit the full batch."
-            )
-        per_epoch = model.n_units / config.batch_size
-    optimizer = default_optimizer(
-        config.learning_rate,
-        transition_steps=round(1000 * per_epoch),
-        precondition=config.precondition,
+    if config.batch_size is not None and config.batch_size >= model.n_units:
+        raise ValueError(
+            f"batch_size {config.batch_size} is not smaller than the number of units "
+            f"({model.n_units}); leave it out to fit the full batch."
+        )
+    # `fit` sets its decay: per 1,000 passes over the data
+    optimizer = functools.partial(
+        default_optimizer, config.learning_rate, precondition=config.precondition
     )
     guide = make_guide(
         config.guide,

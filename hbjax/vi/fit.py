@@ -180,7 +180,9 @@ def fit(
     *,
     key: PRNGKeyArray,
     steps: int,
-    optimizer: optax.GradientTransformation | None = None,
+    optimizer: optax.GradientTransformation
+    | Callable[..., optax.GradientTransformation]
+    | None = None,
     objective: Objective | None = None,
     convergence: Convergence | None = Convergence(),  # noqa: B008 - frozen
     checkpoints: checkpoint.Checkpoints | None = None,
@@ -200,9 +202,10 @@ def fit(
             or any pytree of arrays.
         key: PRNG key; step ``i`` uses ``jax.random.fold_in(key, i)``.
         steps: the most optimisation steps (the fit stops earlier once converged).
-        optimizer: any ``optax.GradientTransformation``; default :func:`default_optimizer`
-            (with minibatches its decay is per epoch: ``transition_steps = 1000 x steps
-            per epoch``).
+        optimizer: any ``optax.GradientTransformation``, or a function that makes one
+            from ``transition_steps=`` (e.g. ``functools.partial(hbjax.default_optimizer,
+            0.02)``): called with 1,000, times the steps per epoch with minibatches, so
+            that a rate decays per pass over the data. Default :func:`default_optimizer`.
         objective: ``(model, guide, panel, *, key) -> loss``; default
             :func:`hbjax.vi.objectives.default_objective` (:class:`hbjax.RenyiBound`, alpha 0,
             4 particles, the DReG gradient).
@@ -267,8 +270,6 @@ def fit(
         # once per epoch, and no more often than a full-batch fit checks
         every = max(per_epoch, convergence.check_every if convergence is not None else 1)
         check_every = chunk * math.ceil(every / chunk)
-        if optimizer is None:  # the article's decay, per epoch
-            optimizer = default_optimizer(transition_steps=round(1000 * per_epoch))
     else:
         placed, mesh = source.place()
         feed, per_epoch = FullBatchFeed(placed), None
@@ -282,11 +283,11 @@ def fit(
             "objective": checkpoint.describe(default_objective if objective is None else objective),
         }
     saver = Saver(checkpoints, key, identity)
-    svi = SVI(
-        model,
-        default_objective if objective is None else objective,
-        default_optimizer() if optimizer is None else optimizer,
-    )
+    if optimizer is None:
+        optimizer = default_optimizer
+    if not isinstance(optimizer, optax.GradientTransformation):  # decays per 1,000 epochs
+        optimizer = optimizer(transition_steps=round(1000 * (per_epoch or 1.0)))
+    svi = SVI(model, default_objective if objective is None else objective, optimizer)
     state = svi.init(guide)
     outcome = run(
         svi,
