@@ -72,9 +72,9 @@ def all_finite(tree: PyTree) -> Bool[jax.Array, ""]:
     arrays = jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))
     if not arrays:
         return jnp.asarray(_TRUE)
-    # one reduction over every entry: per-leaf scalars would be cheap enough for XLA to
-    # recompute in each of their consumers (every leaf's update), a compile-time cost
-    # quadratic in the number of leaves
+    # one reduction over every entry, not a chain of per-leaf scalars: XLA copies cheap
+    # scalar chains into each consumer (it may still split this one; the loop keeps the
+    # result away from the leaves' updates: hbjax.vi.loop)
     return jnp.all(jnp.concatenate([jnp.isfinite(x).ravel() for x in arrays]))
 
 
