@@ -146,6 +146,9 @@ def test_data_sources_are_checked_when_built(small_data, small_model):
         hbjax.Minibatches(sampler, 8)
     with pytest.raises(ValueError, match="not smaller than the number of units"):
         hbjax.Minibatches(rows, rows.n_units).sampler(small_model, seed=0)
+    too_many = hbjax.counts.FitConfig(batch_size=rows.n_units, progress=False)
+    with pytest.raises(ValueError, match="not smaller than the number of units"):
+        hbjax.counts.fit_counts(small_data, too_many)  # the sampler's own check
     low_rank = hbjax.make_guide("lowrank", small_model, key=jax.random.key(0))
     with pytest.raises(TypeError, match="cannot be minibatched"):
         fit(small_model, low_rank, hbjax.Minibatches(rows, 8), key=jax.random.key(0), steps=1)

@@ -181,11 +181,6 @@ def fit_counts(
     key = jax.random.key(config.seed)
     mesh = make_mesh() if mesh is None else mesh
     source = _source(data, mesh, layout, config.batch_size)
-    if config.batch_size is not None and config.batch_size >= model.n_units:
-        raise ValueError(
-            f"batch_size {config.batch_size} is not smaller than the number of units "
-            f"({model.n_units}); leave it out to fit the full batch."
-        )
     # `fit` sets its decay: per 1,000 passes over the data
     optimizer = functools.partial(
         default_optimizer, config.learning_rate, precondition=config.precondition

@@ -26,6 +26,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int, PyTree, Scalar, Shaped
@@ -425,21 +426,6 @@ def _per_block(model: AbstractRowModel, latents: PyTree, rows: UnitRows, slot_we
     return jnp.sum(terms.reshape(per_device, -1), axis=1)
 
 
-def _joined(arrays: list[Array], keep: int) -> Array:
-    """``arrays`` raveled past their first ``keep`` axes and joined along the next one."""
-    return jnp.concatenate([x.reshape(*x.shape[:keep], -1) for x in arrays], axis=keep)
-
-
-def _cut(joined: Array, like: list[Array], keep: int) -> list[Array]:
-    """:func:`_joined`'s inverse, less the first ``keep`` axes: arrays shaped as ``like``'s."""
-    out, at = [], 0
-    for x in like:
-        size = math.prod(x.shape[keep:])
-        out.append(joined[at : at + size].reshape(x.shape[keep:]))
-        at += size
-    return out
-
-
 @eqx.filter_custom_vjp
 def _blocked_total(latents, model, rows, slot_weight):  # noqa: ANN001, ANN202
     return _blocked_forward(latents, model, rows, slot_weight)
@@ -504,9 +490,11 @@ def _blocked_bwd(residuals, cotangent, perturbed, latents, model, rows, slot_wei
         # leaf was a kernel per leaf to compile and, across processes, a round trip each
         # unit leaves: each unit's rows lie in one block, so adding devices is exact
         if units_sum:
-            units_sum = _cut(jax.lax.psum(_joined(units_sum, 0), DATA_AXIS), units_sum, 0)
-        if shared:
-            shared = _cut(sum_over_blocks(_joined(shared, 1)), shared, 1)
+            flat, unravel = ravel_pytree(units_sum)
+            units_sum = unravel(jax.lax.psum(flat, DATA_AXIS))
+        if shared:  # [block, ...] each: raveled per block, summed over blocks in order
+            unravel = ravel_pytree([s[0] for s in shared])[1]
+            shared = unravel(sum_over_blocks(jax.vmap(lambda t: ravel_pytree(t)[0])(shared)))
         it_units, it_shared = iter(units_sum), iter(shared)
         grads = [next(it_units) if f else next(it_shared) for f in flags]
         return jax.tree.unflatten(treedef, grads)
